@@ -1,0 +1,66 @@
+// aio_handle: the DeepNVMe-compatible Python-facing handle (config, worker threads, locked tensors).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aio_config.h"
+#include "aio_file.h"
+#include "aio_thread.h"
+#include "locked_tensor_mgr.h"
+
+struct aio_handle {
+    // Throws aio_error (ValueError) on a non-positive setting, (OSError) when io_setup fails.
+    aio_handle(int64_t block_size, int queue_depth, bool single_submit, bool overlap_events,
+               int intra_op_parallelism);
+    aio_handle(const aio_handle&) = delete;
+    aio_handle& operator=(const aio_handle&) = delete;
+    ~aio_handle();  // waits for requests still in flight (their errors are dropped), joins the threads
+
+    int64_t get_block_size() const { return _config._block_size; }
+    int get_queue_depth() const { return _config._queue_depth; }
+    bool get_single_submit() const { return _config._single_submit; }
+    bool get_overlap_events() const { return _config._overlap_events; }
+    int get_intra_op_parallelism() const { return _config._intra_op_parallelism; }
+
+    // Reads buffer.nbytes() bytes at file_offset of `filename` into `buffer` (or writes them).
+    // async=false waits for every pending request and returns wait()'s count; async=true returns 0.
+    // These release the GIL while they open files, move bytes and wait.
+    int pread(const torch::Tensor& buffer, const std::string& filename, bool validate, bool async,
+              int64_t file_offset);
+    int pwrite(const torch::Tensor& buffer, const std::string& filename, bool validate, bool async,
+               int64_t file_offset);
+    int read(const torch::Tensor& buffer, const std::string& filename, bool validate);
+    int write(const torch::Tensor& buffer, const std::string& filename, bool validate);
+    int sync_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int sync_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int async_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int async_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
+
+    // Waits for every pending request; returns how many completed (0 when none was pending).
+    // After all of them completed, rethrows the first failure among them.
+    int wait();
+
+    torch::Tensor new_cpu_locked_tensor(int64_t num_elem, const torch::Tensor& example_tensor);
+    bool free_cpu_locked_tensor(const torch::Tensor& tensor);
+
+    const aio_config _config;
+    std::vector<std::unique_ptr<aio_thread>> _thread_contexts;
+    std::vector<std::thread> _threads;
+    int _num_pending_ops = 0;  // guarded by _api_mutex
+    std::mutex _api_mutex;     // one submit or wait at a time (always taken with the GIL released)
+    locked_tensor_mgr _locked_tensors;
+    bool _warned_buffered = false;
+    bool _warned_unlocked = false;
+
+private:
+    int submit(bool read_op, const torch::Tensor& buffer, const std::string& filename, bool validate,
+               bool async, int64_t file_offset);
+    int wait_locked();  // wait() with _api_mutex held and the GIL released
+    void warn_once(bool* warned, const std::string& message);  // Python RuntimeWarning (takes the GIL)
+};

@@ -1,0 +1,90 @@
+// One aio request: tensor checks, the per-thread split, and completion (CUDA copy-back, validate).
+#include "aio_op_desc.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+#include "aio_error.h"
+#include "aio_slice.h"
+#include "aio_transfer.h"
+
+namespace {
+
+constexpr int64_t k_split_align = 4096;  // thread slices start on page boundaries of the file range
+
+std::string describe(const torch::Tensor& t)
+{
+    std::ostringstream s;
+    s << "tensor of shape " << t.sizes() << ", dtype " << t.scalar_type() << " on " << t.device();
+    return s.str();
+}
+
+}  // namespace
+
+aio_op_desc::aio_op_desc(bool read_op, const torch::Tensor& buffer, std::shared_ptr<aio_file> file,
+                         int64_t file_offset, bool validate, int num_threads)
+    : _read_op(read_op),
+      _buffer(buffer),
+      _file(std::move(file)),
+      _file_offset(file_offset),
+      _num_bytes(static_cast<int64_t>(buffer.nbytes())),
+      _validate(validate),
+      _num_threads(num_threads)
+{
+    if (buffer.is_cuda()) {
+        // Pinned host staging: the device copy is one DMA, and the file side stays plain CPU memory.
+        _cpu_buffer = torch::empty({_num_bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+        if (!read_op) {
+            _cpu_buffer.copy_(buffer.contiguous().view({-1}).view(torch::kUInt8));
+        }
+    } else {
+        _cpu_buffer = buffer;
+    }
+}
+
+void aio_op_desc::run(int tid, aio_context& ctx, const aio_config& config, std::unique_ptr<aligned_buffer>& bounce)
+{
+    try {
+        const int64_t per_thread = (_num_bytes + _num_threads - 1) / _num_threads;
+        const int64_t share = (per_thread + k_split_align - 1) / k_split_align * k_split_align;
+        const int64_t begin = std::min(_num_bytes, share * tid);
+        const int64_t end = std::min(_num_bytes, begin + share);
+        char* base = static_cast<char*>(_cpu_buffer.data_ptr());
+        const aio_slice slice{base + begin, _file_offset + begin, end - begin, _file_offset, _num_bytes};
+        transfer_slice(_read_op, slice, *_file, config, ctx, bounce);
+    } catch (...) {
+        std::lock_guard<std::mutex> lock(_error_mutex);
+        if (!_error) { _error = std::current_exception(); }
+    }
+}
+
+void aio_op_desc::finish()
+{
+    if (_error) { std::rethrow_exception(_error); }
+    if (_validate) {
+        // Read the range back through the page cache (which direct writes keep coherent) and compare.
+        std::vector<char> file_bytes(static_cast<size_t>(_num_bytes));
+        int64_t done = 0;
+        while (done < _num_bytes) {
+            const ssize_t rc = ::pread(_file->_buffered_fd, file_bytes.data() + done,
+                                       static_cast<size_t>(_num_bytes - done), _file_offset + done);
+            if (rc < 0 && errno == EINTR) { continue; }
+            if (rc <= 0) {
+                throw make_os_error(rc < 0 ? errno : EIO, "validating (reading back)", _file->_path,
+                                    _file_offset, _num_bytes);
+            }
+            done += rc;
+        }
+        if (std::memcmp(file_bytes.data(), _cpu_buffer.data_ptr(), static_cast<size_t>(_num_bytes)) != 0) {
+            throw make_os_error(EIO, "validation: file bytes differ from the tensor after", _file->_path,
+                                _file_offset, _num_bytes);
+        }
+    }
+    if (_read_op && _buffer.is_cuda()) {
+        _buffer.view({-1}).view(torch::kUInt8).copy_(_cpu_buffer);
+    }
+}

@@ -1,0 +1,323 @@
+"""Megatron-layout checkpoints: atomic save/load of dense state per TP rank and one file per (MoE layer, expert).
+
+Layout (DESIGN.md §5):
+    SAVE/latest_checkpointed_iteration.txt
+    SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt            dense model + optimizer + scheduler + RNG + counters
+    SAVE/iter_0000100/layer_{L}_expert_{E}_mp_rank_00_model_states.pt   expert E of MoE layer L (+ its Adam state)
+Expert files are indexed by *global* expert id, so a checkpoint written at one EP size loads at another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import shutil
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+DENSE_FILE = "model_optim_rng.pt"
+
+
+class CheckpointError(ValueError):
+    """An unreadable checkpoint or one that does not match the running flags; CLIs exit 2 with the message."""
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def dense_path(ckpt_dir: str, tp_rank: int = 0) -> str:
+    return os.path.join(ckpt_dir, f"mp_rank_{tp_rank:02d}", DENSE_FILE)
+
+
+def expert_path(ckpt_dir: str, moe_layer: int, expert_id: int, tp_rank: int = 0) -> str:
+    return os.path.join(ckpt_dir, f"layer_{moe_layer}_expert_{expert_id}_mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+# ----------------------------------------------------------------------------------------------- experts
+def _moe_layers(model: torch.nn.Module):
+    """(moe_layer_index, module_prefix, layer) for every MoE layer, in model order."""
+    out = []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_rank") and hasattr(mod, "layer_index"):
+            out.append((mod.layer_index, name, mod))
+    return out
+
+
+def _expert_param_names(model: torch.nn.Module, prefix: str) -> List[str]:
+    return [n for n, p in model.named_parameters() if n.startswith(prefix + ".") and getattr(p, "expert_parallel", False)]
+
+
+def is_expert_param_name(model: torch.nn.Module) -> Dict[str, bool]:
+    return {n: bool(getattr(p, "expert_parallel", False)) for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+def get_rng_state() -> dict:
+    st = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return _to_plain(st)
+
+
+def set_rng_state(st: dict) -> None:
+    r = st["random"]
+    random.setstate((r[0], tuple(r[1]), r[2]))
+    n = st["np"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _to_plain(obj):
+    """Turns numpy/tuple state into types torch.load(weights_only=True) accepts."""
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- save
+def _atomic_torch_save(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _named_optimizer_state(model, optimizer) -> Dict[str, dict]:
+    """Adam state keyed by parameter name (index-free, so it survives resharding)."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p)
+        if st:
+            out[name] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+    return out
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss_scaler, counters: dict,
+                    configs: dict, groups=None) -> str:
+    """Writes iter_{iteration} atomically (tmp dir, fsync, rename, then the tracker by rename).
+
+    Dense state is written by DP rank 0 of each TP rank; each expert file by expert-DP rank 0 of the EP
+    group that owns it. All ranks call this (collective barriers when distributed).
+    """
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    final = iter_dir(root, iteration)
+    tmp = os.path.join(root, f".tmp_iter_{iteration:07d}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if distributed:
+        dist.barrier()
+    is_expert = is_expert_param_name(model)
+    opt_state = _named_optimizer_state(model, optimizer) if optimizer is not None else {}
+    dp_rank = groups.dp_rank if groups is not None else 0
+    if dp_rank == 0:
+        sd = {k: v for k, v in model.state_dict().items() if not is_expert.get(k, False)}
+        payload = {
+            "iteration": iteration,
+            "model": sd,
+            "optimizer": {k: v for k, v in opt_state.items() if not is_expert.get(k, False)},
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+            "rng": get_rng_state(),
+            "counters": dict(counters),
+            "configs": configs,
+            "checkpoint_version": 1,
+        }
+        _atomic_torch_save(payload, dense_path(tmp))
+    _save_experts(tmp, model, opt_state, groups)
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        for dirpath, _, _ in os.walk(tmp):
+            _fsync_dir(dirpath)
+        old = None
+        if os.path.exists(final):  # re-saving the same iteration: keep the old one until the new is in place
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _fsync_dir(root)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
+    for moe_idx, prefix, layer in _moe_layers(model):
+        edp_group = getattr(layer, "expert_dp_group", None)
+        if edp_group is not None and dist.get_rank(edp_group) != 0:
+            continue
+        names = _expert_param_names(model, prefix)
+        params = dict(model.named_parameters())
+        e = layer.num_local_experts
+        for i in range(e):
+            gid = layer.ep_rank * e + i
+            weights = {n[len(prefix) + 1:]: params[n].detach()[i].clone() for n in names}
+            optim = {}
+            for n in names:
+                if n in opt_state:
+                    optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+                                                  for k, v in opt_state[n].items()}
+            _atomic_torch_save({"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size,
+                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid))
+
+
+# ----------------------------------------------------------------------------------------------- load
+def read_tracker(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not re.fullmatch(r"\d+", text):
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve_checkpoint_dir(load: str) -> Tuple[str, int]:
+    """--load may name the root (tracker inside) or an iter_XXXXXXX directory."""
+    if not os.path.exists(load):
+        raise CheckpointError(f"--load {load}: no such directory")
+    m = re.search(r"iter_(\d+)/?$", load)
+    if m and os.path.isdir(load):
+        return load, int(m.group(1))
+    it = read_tracker(load)
+    if it is None:
+        raise CheckpointError(f"--load {load}: no {TRACKER} and not an iter_XXXXXXX directory")
+    d = iter_dir(load, it)
+    if not os.path.isdir(d):
+        raise CheckpointError(f"--load {load}: {TRACKER} names iteration {it} but {d} is missing")
+    return d, it
+
+
+def _torch_load(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def load_dense(load: str, tp_rank: int = 0) -> Tuple[dict, str]:
+    ckpt_dir, _ = resolve_checkpoint_dir(load)
+    return _torch_load(dense_path(ckpt_dir, tp_rank)), ckpt_dir
+
+
+# Fields of ModelConfig/MoEConfig that must match between a checkpoint and the running flags.
+_FLAG_OF_FIELD = {
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
+    "ffn_hidden_size": "--ffn-hidden-size", "padded_vocab_size": "vocabulary size (--vocab-file/--tokenizer-model)",
+    "max_position_embeddings": "--max-position-embeddings", "position_embedding_type": "--position-embedding-type",
+    "num_experts": "--num-experts", "expert_interval": "--expert-interval", "mlp_type": "--mlp-type",
+}
+
+
+def check_config_match(saved: dict, running: dict, what: str, ckpt: str) -> None:
+    for field, flag in _FLAG_OF_FIELD.items():
+        if field in saved and field in running and _norm(saved[field]) != _norm(running[field]):
+            raise CheckpointError(f"{flag} mismatch: checkpoint {ckpt} has {field}={_norm(saved[field])}, "
+                                  f"the {what} flags give {_norm(running[field])}")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True) -> None:
+    """Loads dense weights, then each local expert's slice from its per-expert file."""
+    is_expert = is_expert_param_name(model)
+    own = model.state_dict()
+    dense_sd = payload["model"]
+    for k, v in dense_sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{ckpt_dir}: parameter {k} has shape {tuple(v.shape)} in the checkpoint but "
+                                  f"{tuple(own[k].shape)} in the model built from the flags")
+    missing = [k for k in own if k not in dense_sd and not is_expert.get(k, False)]
+    unexpected = [k for k in dense_sd if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{ckpt_dir}: state does not match the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); check the architecture flags")
+    model.load_state_dict(dense_sd, strict=False)
+    _load_experts(model, ckpt_dir, optimizer_state=None)
+
+
+def _load_experts(model, ckpt_dir: str, optimizer_state: Optional[dict]) -> Dict[str, dict]:
+    """Fills local expert slices; returns per-parameter Adam state stacked for the local experts."""
+    stacked_opt: Dict[str, dict] = {}
+    params = dict(model.named_parameters())
+    for moe_idx, prefix, layer in _moe_layers(model):
+        e = layer.num_local_experts
+        names = _expert_param_names(model, prefix)
+        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i)) for i in range(e)]
+        total = per_expert[0].get("num_experts")
+        if total is not None and total != e * layer.ep_size:
+            raise CheckpointError(f"--num-experts mismatch: checkpoint {ckpt_dir} MoE layer {moe_idx} has {total} "
+                                  f"experts, the flags give {e * layer.ep_size}")
+        with torch.no_grad():
+            for n in names:
+                short = n[len(prefix) + 1:]
+                for i, ex in enumerate(per_expert):
+                    if short not in ex["model"]:
+                        raise CheckpointError(f"{ckpt_dir}: expert file for layer {moe_idx} lacks {short}")
+                    src = ex["model"][short]
+                    if tuple(src.shape) != tuple(params[n].shape[1:]):
+                        raise CheckpointError(f"{ckpt_dir}: expert parameter {short} has shape {tuple(src.shape)}"
+                                              f", the model expects {tuple(params[n].shape[1:])}")
+                    params[n][i].copy_(src)
+                if all(short in ex["optimizer"] for ex in per_expert):
+                    keys = per_expert[0]["optimizer"][short].keys()
+                    stacked_opt[n] = {k: (torch.stack([ex["optimizer"][short][k] for ex in per_expert])
+                                          if torch.is_tensor(per_expert[0]["optimizer"][short][k])
+                                          and per_expert[0]["optimizer"][short][k].dim() > 0
+                                          else per_expert[0]["optimizer"][short][k]) for k in keys}
+    return stacked_opt
+
+
+def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str) -> None:
+    state = dict(payload.get("optimizer", {}))
+    state.update(_load_experts_optimizer_only(model, ckpt_dir))
+    for name, p in model.named_parameters():
+        if name in state:
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
+
+
+def _load_experts_optimizer_only(model, ckpt_dir: str) -> Dict[str, dict]:
+    # Re-reads expert files; expert weights were already loaded, copying them again is harmless and keeps
+    # a single reader for the expert layout.
+    return _load_experts(model, ckpt_dir, optimizer_state=None)

@@ -1,0 +1,82 @@
+"""Resumable pretraining batch sampler and the DataLoader built on it."""
+
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+import torch
+
+
+class MegatronPretrainingSampler:
+    """Yields this data-parallel rank's micro-batch indices, in order, from ``consumed_samples`` on.
+
+    The dataset is already shuffled, so sampling is sequential: global batch j (of
+    ``micro_batch_size * data_parallel_size`` indices) is ``consumed_samples + j*gb .. + gb``, and rank r
+    takes its ``[r*mbs, (r+1)*mbs)`` slice. Resuming at any ``consumed_samples`` (checkpointed by the
+    trainer) therefore continues exactly where the previous run stopped, no state needed.
+
+    Args:
+        total_samples: length of the dataset.
+        consumed_samples: samples already used by all ranks together.
+        micro_batch_size: samples per rank per micro-batch.
+        data_parallel_rank, data_parallel_size: this rank's place in the DP group.
+        drop_last: drop a final incomplete global batch (otherwise each rank gets its part of it,
+            possibly short or empty).
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True):
+        if total_samples <= 0:
+            raise ValueError(f"no samples to train on (dataset length {total_samples})")
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed samples ({consumed_samples}) must be in [0, dataset length {total_samples}]")
+        if micro_batch_size <= 0:
+            raise ValueError(f"--micro-batch-size ({micro_batch_size}) must be positive")
+        if data_parallel_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data parallel rank {data_parallel_rank} is not in [0, {data_parallel_size})")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.global_micro_batch = micro_batch_size * data_parallel_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        """Micro-batches this rank will yield."""
+        remaining = self.total_samples - self.consumed_samples
+        full, rest = divmod(remaining, self.global_micro_batch)
+        reaches_rank = rest > self.data_parallel_rank * self.micro_batch_size
+        return full + (1 if reaches_rank and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start = self.data_parallel_rank * self.micro_batch_size
+        for batch_start in range(self.consumed_samples, self.total_samples, self.global_micro_batch):
+            batch_end = batch_start + self.global_micro_batch
+            if batch_end > self.total_samples and self.drop_last:
+                return
+            lo = batch_start + start
+            hi = min(lo + self.micro_batch_size, self.total_samples)
+            if lo >= hi:  # a short last global batch may not reach this rank
+                return
+            yield list(range(lo, hi))
+
+
+def collate_text(samples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:
+    """Stack ``{"text": int64[s+1]}`` items into ``{"text": LongTensor[b, s+1]}``."""
+    return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64))}
+
+
+def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                                  dp_size: int, num_workers: int = 2, drop_last: bool = True):
+    """DataLoader over ``dataset`` yielding ``{"text": LongTensor[micro_batch_size, s+1]}`` for this DP rank,
+    resumed at ``consumed_samples``; None when ``dataset`` is None."""
+    if dataset is None:
+        return None
+    sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_text,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        # a private generator: creating an iterator must not draw from the global torch RNG, or dropout
+        # after a resume would differ from an uninterrupted run
+        generator=torch.Generator(),
+    )

@@ -1,0 +1,96 @@
+"""Inference helpers: rebuild a model and tokenizer from a checkpoint, and sample with a KV cache."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron import checkpointing
+from megatron.config import ModelConfig
+from megatron.model import GPTModel
+
+
+def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
+                             moe_overrides: Optional[dict] = None) -> Tuple[GPTModel, object, dict]:
+    """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
+
+    Dropout is disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
+    recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
+    """
+    from megatron.tokenizer import build_tokenizer
+
+    payload, ckpt_dir = checkpointing.load_dense(load)
+    configs = payload.get("configs") or {}
+    if "model" not in configs:
+        raise checkpointing.CheckpointError(f"{ckpt_dir}: no model configuration recorded; not a megatron-moe "
+                                            f"checkpoint")
+    mcfg = ModelConfig(**configs["model"])
+    moe_cfg = None
+    if configs.get("moe"):
+        from moe.config import MoEConfig
+
+        fields = dict(configs["moe"])
+        for k, v in fields.items():
+            if isinstance(v, list):
+                fields[k] = tuple(v)
+        fields.update(moe_overrides or {})
+        fields["ep_size"] = 1  # inference runs all experts in one process
+        moe_cfg = MoEConfig(**fields)
+    model = GPTModel(mcfg, moe_cfg, None)
+    checkpointing.load_model_state(model, payload, ckpt_dir)
+    model.to(device or torch.device("cpu")).eval()
+    tcfg = dict(configs.get("tokenizer") or {})
+    tcfg.update({k: v for k, v in (tokenizer_overrides or {}).items() if v is not None})
+    if not tcfg.get("tokenizer_type"):
+        raise checkpointing.CheckpointError(f"{ckpt_dir}: no tokenizer recorded; pass --tokenizer-type and files")
+    tokenizer = build_tokenizer(tcfg["tokenizer_type"], vocab_file=tcfg.get("vocab_file"),
+                                merge_file=tcfg.get("merge_file"), tokenizer_model=tcfg.get("tokenizer_model"))
+    return model, tokenizer, configs
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits [b, V] -> next token ids [b]; greedy when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop tokens once the mass before them already exceeds top_p (the first token is always kept)
+        remove = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
+             use_cache: bool = True) -> List[int]:
+    """Autoregressive sampling with a KV cache; stops at `eod` or the model's window."""
+    if not prompt_ids:
+        raise ValueError("--prompt encodes to no tokens; give a non-empty prompt")
+    device = next(model.parameters()).device
+    window = model.cfg.max_position_embeddings if model.position_embeddings is not None else 1 << 30
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = list(prompt_ids[-window:])
+    cache = model.new_kv_cache() if use_cache else None
+    x = torch.tensor([ids], device=device)
+    out: List[int] = []
+    for _ in range(max_new_tokens):
+        if len(ids) >= window:
+            break
+        logits = model(x, kv_cache=cache).logits[:, -1]
+        nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
+        out.append(nxt)
+        ids.append(nxt)
+        if eod is not None and nxt == eod:
+            break
+        x = torch.tensor([[nxt]], device=device) if use_cache else torch.tensor([ids], device=device)
+    return out

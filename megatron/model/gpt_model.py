@@ -1,0 +1,86 @@
+"""GPTModel: embeddings, L transformer layers, final LayerNorm, tied LM head and per-token cross entropy."""
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.config import ModelConfig
+from megatron.model.attention import KVCache
+from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
+from megatron.model.rope import RotaryEmbedding
+from megatron.model.transformer import TransformerLayer
+
+
+class ModelOutput(NamedTuple):
+    logits: Optional[torch.Tensor]  # [b, s, V] (None when labels were given and logits not requested)
+    loss: Optional[torch.Tensor]  # per-token cross entropy [b, s] in fp32 (None without labels)
+    moe_stats: List  # one entry per MoE layer (moe.MoEStats), empty for a dense model
+
+
+class GPTModel(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg=None, groups=None):
+        super().__init__()
+        self.cfg = cfg
+        init = init_method_normal(cfg.init_method_std)
+        out_init = scaled_init_method_normal(cfg.init_method_std, cfg.num_layers)
+        self.word_embeddings = torch.nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        init(self.word_embeddings.weight)
+        self.position_embeddings = None
+        self.rotary = None
+        if cfg.position_embedding_type == "learned_absolute":
+            self.position_embeddings = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            init(self.position_embeddings.weight)
+        else:
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
+        self.layers = torch.nn.ModuleList(
+            TransformerLayer(cfg, i, init, out_init, moe_cfg, groups) for i in range(cfg.num_layers))
+        self.final_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            if int(position_ids.max()) >= self.cfg.max_position_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} exceeds --max-position-embeddings "
+                                 f"({self.cfg.max_position_embeddings})")
+            x = x + self.position_embeddings(position_ids)
+        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                return_logits: Optional[bool] = None) -> ModelOutput:
+        """tokens [b, s] int64; labels [b, s] (optional) -> ModelOutput.
+
+        With a kv_cache, positions continue from the cached length and the cache grows by s.
+        """
+        b, s = tokens.shape
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
+        x = self.embed(tokens, position_ids)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        stats = []
+        for layer in self.layers:
+            x, st = layer(x, rotary, kv_cache)
+            if st is not None:
+                stats.append(st)
+        if kv_cache is not None:
+            kv_cache.length += s
+        x = self.final_layernorm(x)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = loss = None
+        if labels is not None:
+            loss = lm_cross_entropy(x, self.word_embeddings.weight, labels)
+        if return_logits:
+            logits = F.linear(x, self.word_embeddings.weight)
+        return ModelOutput(logits, loss, stats)
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.cfg.num_layers)
+
+
+def lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token CE of the tied LM head: hidden [b, s, h], weight [V, h], labels [b, s] -> [b, s] fp32."""
+    logits = F.linear(hidden, weight)  # [b, s, V]
+    b, s, v = logits.shape
+    return F.cross_entropy(logits.float().view(b * s, v), labels.reshape(b * s), reduction="none").view(b, s)

@@ -1,0 +1,28 @@
+"""Rotary position embedding (RoPE) tables and their application to query/key heads."""
+import torch
+
+
+class RotaryEmbedding(torch.nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"--position-embedding-type rope needs an even head dim (got {head_dim})")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        """position_ids [b, s] -> (cos, sin) each [b, 1, s, head_dim] in fp32."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [b, s, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
+        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, s, d]; rotation computed in fp32 then cast back."""
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)

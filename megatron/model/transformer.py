@@ -1,0 +1,50 @@
+"""Pre-LayerNorm transformer block and the per-layer MLP factory (dense MLP or MoE layer)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.config import ModelConfig, is_moe_layer
+from megatron.model.attention import SelfAttention
+from megatron.model.mlp import ParallelMLP
+
+
+def moe_layer_index(layer_idx: int, expert_interval: int) -> int:
+    """Position of a MoE layer among MoE layers (index into per-layer lists such as --num-experts)."""
+    return (layer_idx + 1) // expert_interval - 1
+
+
+def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, output_init_method):
+    """The one place the model calls into moe/: a dense MLP, or a MoELayer on every expert_interval-th layer."""
+    if moe_cfg is None or not is_moe_layer(layer_idx, moe_cfg.expert_interval):
+        return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method)
+    from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
+
+    i = moe_layer_index(layer_idx, moe_cfg.expert_interval)
+    num_experts = moe_cfg.num_experts_for_layer(i)
+    ep_size = moe_cfg.ep_size_for_layer(i)
+    ep_group = groups.ep_group(ep_size) if groups is not None else None
+    return MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
+                    init_method=init_method, output_layer_init_method=output_init_method,
+                    layer_index=i)
+
+
+class TransformerLayer(torch.nn.Module):
+    """x + drop(attn(LN(x))), then x + drop(mlp(LN(x))); forward returns (x, moe_stats or None)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, init_method, output_init_method,
+                 moe_cfg=None, groups=None):
+        super().__init__()
+        self.hidden_dropout = cfg.hidden_dropout
+        self.input_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout,
+                                            init_method, output_init_method, layer_idx)
+        self.post_attention_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
+
+    def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, kv_cache=None):
+        attn = self.self_attention(self.input_layernorm(x), rotary, kv_cache)
+        x = x + F.dropout(attn, self.hidden_dropout, self.training)
+        mlp_out, stats = self.mlp(self.post_attention_layernorm(x))
+        x = x + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        return x, stats

@@ -1,0 +1,132 @@
+"""Builds every process group once (TP, DP, EP, expert-DP) and returns them as one frozen ParallelGroups."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    world_size: int
+    rank: int
+    tp_size: int
+    dp_size: int
+    tp_group: Optional[object]  # None when world is one process
+    dp_group: Optional[object]
+    # keyed by EP size: this rank's expert-parallel group and expert-data-parallel group
+    ep_groups: Dict[int, Optional[object]] = field(default_factory=dict)
+    expert_dp_groups: Dict[int, Optional[object]] = field(default_factory=dict)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    def ep_group(self, ep_size: int):
+        return self.ep_groups.get(ep_size)
+
+    def expert_dp_group(self, ep_size: int):
+        return self.expert_dp_groups.get(ep_size)
+
+
+def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int]) -> int:
+    """Checks the degrees multiply out; returns the data-parallel size."""
+    if world_size % tp_size != 0:
+        raise ValueError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp_size})")
+    dp_size = world_size // tp_size
+    for ep in ep_sizes:
+        if dp_size % ep != 0:
+            raise ValueError(
+                f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp_size} = world "
+                f"{world_size} / tensor-parallel {tp_size})")
+    return dp_size
+
+
+def init_distributed(backend: str = "auto") -> tuple:
+    """Initialises torch.distributed from torchrun's env vars when present; returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def _build_dp_groups(world_size: int, tp_size: int, rank: int):
+    """DP groups: ranks sharing a TP rank (stride tp_size). Every rank creates every group (collective)."""
+    mine = None
+    for tp_rank in range(tp_size):
+        ranks = list(range(tp_rank, world_size, tp_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def _build_tp_groups(world_size: int, tp_size: int, rank: int):
+    mine = None
+    for start in range(0, world_size, tp_size):
+        ranks = list(range(start, start + tp_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def _build_expert_groups(world_size: int, tp_size: int, ep_size: int, rank: int):
+    """EP groups: consecutive chunks of ep_size within each DP group; expert-DP: same slot across chunks.
+
+    Example world 8, tp 1, ep 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}.
+    """
+    dp_size = world_size // tp_size
+    ep_mine = edp_mine = None
+    for tp_rank in range(tp_size):
+        dp_ranks = list(range(tp_rank, world_size, tp_size))
+        for c in range(0, dp_size, ep_size):
+            ranks = dp_ranks[c:c + ep_size]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ep_mine = g
+        for slot in range(ep_size):
+            ranks = dp_ranks[slot::ep_size]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                edp_mine = g
+    return ep_mine, edp_mine
+
+
+def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,)) -> ParallelGroups:
+    """Builds all groups for the current world (call once, after init_distributed)."""
+    if not dist.is_initialized():
+        validate_sizes(1, tp_size, ep_sizes)
+        return ParallelGroups(1, 0, tp_size, 1, None, None,
+                              {e: None for e in ep_sizes}, {e: None for e in ep_sizes})
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    dp_size = validate_sizes(world_size, tp_size, ep_sizes)
+    tp_group = _build_tp_groups(world_size, tp_size, rank)
+    dp_group = _build_dp_groups(world_size, tp_size, rank)
+    ep_groups, edp_groups = {}, {}
+    for ep in sorted(set(ep_sizes)):
+        ep_groups[ep], edp_groups[ep] = _build_expert_groups(world_size, tp_size, ep, rank)
+    return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups)
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)

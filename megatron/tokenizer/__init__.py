@@ -1,0 +1,11 @@
+"""Tokenizers behind one small interface: GPT-2 byte-level BPE and SentencePiece."""
+
+from megatron.tokenizer.tokenizer import (
+    AbstractTokenizer,
+    GPT2BPETokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+    pad_vocab_size,
+)
+
+__all__ = ["AbstractTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer", "build_tokenizer", "pad_vocab_size"]

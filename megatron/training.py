@@ -1,0 +1,490 @@
+"""Training loop: setup from TrainConfig, the train step, evaluation, logging and checkpoint cadence."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron import checkpointing, parallel_state
+from megatron.arguments import (ArgumentError, parse_args, train_config_from_args, validate)
+from megatron.config import TrainConfig
+from megatron.flops import flops_per_token, measure_gemm_peak
+from megatron.model import GPTModel
+from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
+                                clip_grad_norm)
+from megatron.optimizer.grad_scaler import unscale_and_check
+
+log = logging.getLogger("megatron")
+
+
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class TrainState:
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: OptimizerParamScheduler
+    loss_scaler: Optional[object]
+    groups: parallel_state.ParallelGroups
+    device: torch.device
+    tokenizer: Optional[object] = None
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    dense_params: List[torch.nn.Parameter] = field(default_factory=list)
+    expert_params: List[torch.nn.Parameter] = field(default_factory=list)
+    writer: Optional[object] = None
+    peak_flops: Optional[float] = None
+
+    @property
+    def num_micro_batches(self) -> int:
+        d = self.cfg.data
+        return d.global_batch_size // (d.micro_batch_size * self.groups.dp_size)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(msg: str) -> None:
+    if is_rank0():
+        print(msg, flush=True)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    if cfg.optimizer.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.optimizer.fp16:
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
+    model = GPTModel(cfg.model, cfg.moe, groups)
+    for mod in model.modules():
+        if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_size"):
+            # the expert-DP group picks which replica writes each expert file; ep_size on each expert
+            # parameter picks the group its gradient is reduced over
+            mod.expert_dp_group = groups.expert_dp_group(mod.ep_size)
+            for p in mod.parameters():
+                if getattr(p, "expert_parallel", False):
+                    p.ep_size = mod.ep_size
+    return model.to(device)
+
+
+def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:
+    """Model, optimizer, scheduler and scaler from the config; loads --load when given."""
+    set_seed(cfg.data.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    model = build_model(cfg, groups, device)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
+    scaler = None
+    if cfg.optimizer.fp16:
+        scaler = (ConstantLossScaler(cfg.optimizer.loss_scale) if cfg.optimizer.loss_scale else
+                  DynamicLossScaler(cfg.optimizer.initial_loss_scale, cfg.optimizer.min_loss_scale,
+                                    cfg.optimizer.loss_scale_window, cfg.optimizer.hysteresis))
+    st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
+    st.expert_params = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
+    st.dense_params = [p for p in model.parameters() if not getattr(p, "expert_parallel", False)]
+    if cfg.checkpoint.load:
+        load_into_state(st)
+    if cfg.compile:
+        st.model = torch.compile(model)
+    return st
+
+
+def configs_for_checkpoint(cfg: TrainConfig) -> dict:
+    return {"model": dataclasses.asdict(cfg.model),
+            "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None,
+            "tokenizer": {k: (os.path.abspath(v) if k in ("vocab_file", "merge_file", "tokenizer_model") and v
+                              else v) for k, v in dataclasses.asdict(cfg.tokenizer).items()},
+            "data": {"seq_length": cfg.data.seq_length, "global_batch_size": cfg.data.global_batch_size,
+                     "micro_batch_size": cfg.data.micro_batch_size, "seed": cfg.data.seed}}
+
+
+def load_into_state(st: TrainState) -> None:
+    ck = st.cfg.checkpoint
+    payload, ckpt_dir = checkpointing.load_dense(ck.load, st.groups.tp_rank)
+    saved = payload.get("configs", {})
+    checkpointing.check_config_match(saved.get("model", {}), dataclasses.asdict(st.cfg.model), "training", ckpt_dir)
+    if saved.get("moe") or st.cfg.moe:
+        checkpointing.check_config_match(saved.get("moe") or {"num_experts": [1]},
+                                         dataclasses.asdict(st.cfg.moe) if st.cfg.moe else {"num_experts": [1]},
+                                         "training", ckpt_dir)
+    checkpointing.load_model_state(st.model, payload, ckpt_dir)
+    if ck.finetune:
+        return
+    st.iteration = int(payload["iteration"])
+    st.consumed_samples = int(payload["counters"]["consumed_samples"])
+    st.consumed_tokens = int(payload["counters"]["consumed_tokens"])
+    if not ck.no_load_optim:
+        checkpointing.load_optimizer_state(st.model, st.optimizer, payload, ckpt_dir)
+        if payload.get("scheduler"):
+            st.scheduler.load_state_dict(payload["scheduler"])
+        if st.loss_scaler is not None and payload.get("loss_scaler"):
+            st.loss_scaler.load_state_dict(payload["loss_scaler"])
+    if not ck.no_load_rng and payload.get("rng"):
+        checkpointing.set_rng_state(payload["rng"])
+    print_rank0(f"loaded checkpoint {ckpt_dir} at iteration {st.iteration} "
+                f"(consumed samples {st.consumed_samples})")
+
+
+def save(st: TrainState) -> None:
+    counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
+    model = getattr(st.model, "_orig_mod", st.model)
+    path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
+                                         st.loss_scaler, counters, configs_for_checkpoint(st.cfg), st.groups)
+    print_rank0(f"saved checkpoint {path}")
+
+
+# ------------------------------------------------------------------------------------------------ step
+def get_batch(data: dict, device, eod: Optional[int], eod_mask_loss: bool):
+    """text [b, s+1] -> tokens [b, s], labels [b, s], loss_mask [b, s] (fp32)."""
+    text = data["text"].to(device, non_blocking=True).long()
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=device)
+    if eod_mask_loss and eod is not None:
+        loss_mask[tokens == eod] = 0.0
+    return tokens, labels, loss_mask
+
+
+def forward_loss(st: TrainState, tokens, labels, loss_mask):
+    """Returns (total loss, lm loss, moe stats list); total = lm + coeff·Σ aux (+ z-loss)."""
+    with autocast_context(st.cfg, st.device):
+        out = st.model(tokens, labels)
+    lm_loss = (out.loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    total = lm_loss
+    moe = st.cfg.moe
+    if moe is not None and out.moe_stats:
+        total = total + moe.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
+        if moe.z_loss_coeff:
+            total = total + moe.z_loss_coeff * sum(s.z_loss for s in out.moe_stats)
+    return total, lm_loss, out.moe_stats
+
+
+def _allreduce_grads(params: List[torch.nn.Parameter], group, divisor: int) -> None:
+    """Sums grads over `group` in one flat buffer per dtype, then divides by `divisor`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if group is not None and dist.get_world_size(group) > 1:
+        by_dtype: Dict[torch.dtype, list] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors(gs)
+            dist.all_reduce(flat, group=group)
+            for g, synced in zip(gs, torch._utils._unflatten_dense_tensors(flat, gs)):
+                g.copy_(synced)
+    if divisor != 1:
+        torch._foreach_div_(grads, float(divisor))
+
+
+def reduce_gradients(st: TrainState) -> None:
+    """Dense grads: mean over DP. Expert grads: sum over expert-DP, divided by DP size.
+
+    Each rank's loss is the mean over its own tokens, so the global loss is the mean over DP ranks. An
+    expert's grad on its owner rank already sums the contributions of every EP peer's tokens (the
+    all-to-all backward brings them); summing over the expert-DP replicas then covers all DP ranks, and
+    dividing by DP turns the sum of per-rank means into the global mean (DESIGN.md §2).
+    """
+    g = st.groups
+    _allreduce_grads(st.dense_params, g.dp_group, g.dp_size)
+    if st.expert_params:
+        by_ep: Dict[int, list] = {}
+        for p in st.expert_params:
+            by_ep.setdefault(getattr(p, "ep_size", 1), []).append(p)
+        for ep, ps in by_ep.items():
+            _allreduce_grads(ps, g.expert_dp_group(ep) if g.dp_size > 1 else None, g.dp_size)
+
+
+def train_step(st: TrainState, data_iter: Iterator) -> dict:
+    cfg = st.cfg
+    st.model.train()
+    st.optimizer.zero_grad(set_to_none=True)
+    n_micro = st.num_micro_batches
+    scale = st.loss_scaler.scale if st.loss_scaler is not None else 1.0
+    lm_sum = torch.zeros((), device=st.device)
+    moe_logs: List[List] = []
+    for _ in range(n_micro):
+        tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
+        total, lm_loss, stats = forward_loss(st, tokens, labels, mask)
+        (total * (scale / n_micro)).backward()
+        lm_sum += lm_loss.detach()
+        moe_logs.append(stats)
+    reduce_gradients(st)
+    found_inf = False
+    if st.loss_scaler is not None:
+        found_inf = unscale_and_check(st.model.parameters(), scale)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if found_inf else 0.0], device=st.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            found_inf = bool(flag.item())
+        st.loss_scaler.update(found_inf)
+    grad_norm = float("nan")
+    if not found_inf:
+        grad_norm = clip_grad_norm(st.dense_params, st.expert_params, cfg.optimizer.clip_grad,
+                                   _expert_norm_group(st))
+        st.optimizer.step()
+    lr = st.scheduler.step(1)
+    gbs = cfg.data.global_batch_size
+    st.iteration += 1
+    st.consumed_samples += gbs
+    st.consumed_tokens += gbs * cfg.data.seq_length
+    lm = lm_sum / n_micro
+    if st.groups.dp_size > 1:
+        dist.all_reduce(lm, group=st.groups.dp_group)
+        lm /= st.groups.dp_size
+    return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
+            "loss_scale": scale, "moe": summarize_moe(moe_logs)}
+
+
+def _expert_norm_group(st: TrainState):
+    if not st.expert_params or st.groups.dp_size == 1:
+        return None
+    eps = {getattr(p, "ep_size", 1) for p in st.expert_params}
+    return st.groups.ep_group(max(eps))
+
+
+def _eod(st: TrainState) -> Optional[int]:
+    return getattr(st.tokenizer, "eod", None)
+
+
+def summarize_moe(per_micro: List[List]) -> List[dict]:
+    """Per MoE layer: aux loss, tokens-per-expert min/max/CV, fraction dropped (averaged over micro-batches)."""
+    if not per_micro or not per_micro[0]:
+        return []
+    out = []
+    for layer in range(len(per_micro[0])):
+        stats = [m[layer] for m in per_micro]
+        counts = torch.stack([s.tokens_per_expert.float() for s in stats]).sum(0)
+        mean = counts.mean()
+        out.append({"aux_loss": float(sum(float(s.aux_loss) for s in stats) / len(stats)),
+                    "tokens_min": float(counts.min()), "tokens_max": float(counts.max()),
+                    "tokens_cv": float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
+                    "dropped": float(sum(float(s.dropped_fraction) for s in stats) / len(stats))})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@torch.no_grad()
+def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int) -> Optional[float]:
+    """Mean lm loss over the first `eval_iters` validation micro-batches per rank (the same ones each time)."""
+    if eval_iters <= 0:
+        return None
+    st.model.eval()
+    it = make_iter()
+    total, n = torch.zeros((), device=st.device), 0
+    for _ in range(eval_iters):
+        try:
+            data = next(it)
+        except StopIteration:
+            break
+        tokens, labels, mask = get_batch(data, st.device, _eod(st), st.cfg.data.eod_mask_loss)
+        _, lm_loss, _ = forward_loss(st, tokens, labels, mask)
+        total += lm_loss.float()
+        n += 1
+    st.model.train()
+    if n == 0:
+        return None
+    loss = total / n
+    if st.groups.dp_size > 1:
+        dist.all_reduce(loss, group=st.groups.dp_group)
+        loss /= st.groups.dp_size
+    return float(loss)
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
+    cfg = st.cfg
+    tokens = cfg.data.global_batch_size * cfg.data.seq_length
+    ms = 1000.0 * elapsed / max(iters, 1)
+    tok_s = tokens / (ms / 1000.0)
+    flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(st.groups.world_size, 1)
+    line = (f" iteration {st.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
+            f"{st.consumed_samples:10d} | consumed tokens: {st.consumed_tokens:12d} | elapsed time per iteration "
+            f"(ms): {ms:.1f} | learning rate: {m['lr']:.3E} | lm loss: {m['lm_loss']:.6E} | grad norm: "
+            f"{m['grad_norm']:.3f} | loss scale: {m['loss_scale']:.1f} | tokens/s: {tok_s:.0f} | "
+            f"TFLOP/s/device: {flops / 1e12:.3f}")
+    if st.peak_flops:
+        line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
+    if m.get("skipped"):
+        line += " | skipped (overflow)"
+    for i, s in enumerate(m.get("moe", [])):
+        line += (f"\n   moe layer {i}: aux {s['aux_loss']:.4f} | tokens/expert min {s['tokens_min']:.0f} max "
+                 f"{s['tokens_max']:.0f} cv {s['tokens_cv']:.3f} | dropped {100 * s['dropped']:.2f}%")
+    return line
+
+
+def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) -> None:
+    if st.writer is None:
+        return
+    w, it = st.writer, st.iteration
+    w.add_scalar("lm-loss", m["lm_loss"], it)
+    w.add_scalar("lm-loss vs tokens", m["lm_loss"], st.consumed_tokens)
+    w.add_scalar("learning-rate", m["lr"], it)
+    if not math.isnan(m["grad_norm"]):
+        w.add_scalar("grad-norm", m["grad_norm"], it)
+    w.add_scalar("loss-scale", m["loss_scale"], it)
+    if tok_s:
+        w.add_scalar("tokens-per-second", tok_s, it)
+    for i, s in enumerate(m.get("moe", [])):
+        for k, v in s.items():
+            w.add_scalar(f"moe/layer{i}/{k}", v, it)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callable[[], Iterator]]) -> dict:
+    cfg, lg = st.cfg, st.cfg.logging
+    t0, last_logged = time.perf_counter(), st.iteration
+    losses: List[float] = []
+    last_val = None
+    while st.iteration < cfg.scheduler.train_iters:
+        m = train_step(st, train_iter)
+        losses.append(m["lm_loss"])
+        if st.iteration % lg.log_interval == 0:
+            elapsed = time.perf_counter() - t0
+            print_rank0(format_log(st, m, elapsed, st.iteration - last_logged))
+            tokens = cfg.data.global_batch_size * cfg.data.seq_length * (st.iteration - last_logged)
+            write_tensorboard(st, m, tokens / elapsed if elapsed > 0 else None)
+            t0, last_logged = time.perf_counter(), st.iteration
+        if make_valid_iter is not None and st.iteration % lg.eval_interval == 0:
+            last_val = report_validation(st, make_valid_iter, f"iteration {st.iteration}")
+        if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
+            save(st)
+        if lg.exit_interval and st.iteration % lg.exit_interval == 0:
+            if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and
+                                            st.iteration % cfg.checkpoint.save_interval == 0):
+                save(st)
+            print_rank0(f"exiting at iteration {st.iteration} (--exit-interval {lg.exit_interval})")
+            return {"losses": losses, "val_loss": last_val, "exited": True}
+    return {"losses": losses, "val_loss": last_val, "exited": False}
+
+
+def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
+    loss = evaluate(st, make_iter, st.cfg.logging.eval_iters)
+    if loss is not None:
+        ppl = math.exp(min(20.0, loss))
+        print_rank0(f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E}")
+        if st.writer is not None:
+            st.writer.add_scalar("validation/lm-loss", loss, st.iteration)
+            st.writer.add_scalar("validation/lm-ppl", ppl, st.iteration)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def build_data_iterators(st: TrainState):
+    """(train iterator from consumed_samples, factory for a fresh validation iterator, test factory)."""
+    from megatron.data import build_pretraining_data_loader, build_train_valid_test_datasets
+
+    cfg, g = st.cfg, st.groups
+    if not cfg.data.data_path:
+        raise ArgumentError("--data-path is required for training")
+    gbs = cfg.data.global_batch_size
+    eval_samples = cfg.logging.eval_iters * cfg.data.micro_batch_size * g.dp_size
+    num_samples = (cfg.scheduler.train_iters * gbs, eval_samples, eval_samples)
+    barrier = (lambda: dist.barrier()) if dist.is_initialized() and dist.get_world_size() > 1 else None
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
+        cache_dir=cfg.data.data_cache_path, barrier=barrier)
+    if train_ds is None:
+        raise ArgumentError(f"--split {cfg.data.split} leaves no training documents")
+
+    def loader(ds, consumed):
+        return build_pretraining_data_loader(ds, consumed, cfg.data.micro_batch_size, g.dp_rank, g.dp_size,
+                                             cfg.data.num_workers)
+
+    train_iter = iter(loader(train_ds, st.consumed_samples))
+    valid = (lambda: iter(loader(valid_ds, 0))) if valid_ds is not None and len(valid_ds) > 0 else None
+    test = (lambda: iter(loader(test_ds, 0))) if test_ds is not None and len(test_ds) > 0 else None
+    return train_iter, valid, test
+
+
+def _open_writer(cfg: TrainConfig):
+    if not cfg.logging.tensorboard_dir or not is_rank0():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
+
+
+def pretrain(argv=None) -> dict:
+    """pretrain_gpt.py's body: flags -> config -> groups -> model/optimizer -> data -> train -> eval."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    rank, world_size, device = parallel_state.init_distributed(args.distributed_backend)
+    from megatron.tokenizer import pad_vocab_size
+
+    tokenizer = build_tokenizer_from_config_args(args)
+    padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                            args.tensor_model_parallel_size)
+    dp_size = world_size // max(args.tensor_model_parallel_size, 1)
+    cfg = train_config_from_args(args, padded, dp_size)
+    validate(cfg, world_size)
+    groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
+                                       cfg.parallel.expert_model_parallel_size if cfg.moe else (1,))
+    st = setup_train_state(cfg, groups, device, tokenizer)
+    n_params = sum(p.numel() for p in st.model.parameters())
+    print_rank0(f"> model: {n_params / 1e6:.2f}M parameters on rank 0 | world {world_size} | dp {groups.dp_size} "
+                f"| global batch {cfg.data.global_batch_size} = micro {cfg.data.micro_batch_size} x dp "
+                f"{groups.dp_size} x accumulation {st.num_micro_batches}")
+    st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
+    print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
+    st.writer = _open_writer(cfg)
+    train_iter, make_valid, make_test = build_data_iterators(st)
+    result = train(st, train_iter, make_valid)
+    if not result["exited"]:
+        if cfg.checkpoint.save and st.iteration > 0 and not (
+                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
+            save(st)
+        if make_valid is not None:
+            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+        if make_test is not None:
+            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+    if st.writer is not None:
+        st.writer.close()
+    result["state"] = st
+    return result
+
+
+def build_tokenizer_from_config_args(args):
+    from megatron.tokenizer import build_tokenizer
+
+    if args.tokenizer_type is None:
+        raise ArgumentError("--tokenizer-type is required (GPT2BPETokenizer or SentencePieceTokenizer)")
+    return build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                           tokenizer_model=args.tokenizer_model)
+
+
+def main(argv=None) -> int:
+    """CLI wrapper: configuration/data/checkpoint problems print one line and exit 2."""
+    try:
+        pretrain(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

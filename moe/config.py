@@ -1,0 +1,66 @@
+"""`MoEConfig`: the frozen settings of every MoE layer, checked once before any module is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+MLP_TYPES = ("standard", "residual")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts settings (Megatron-DeepSpeed flag spellings in the error messages)."""
+
+    num_experts: Union[int, Tuple[int, ...]] = (1,)  # experts per MoE layer: one value for all, or one per MoE layer (Pyramid-MoE)
+    expert_interval: int = 2  # an MoE layer replaces the MLP every this many transformer layers
+    topk: int = 1  # experts chosen per token (k)
+    ep_size: int = 1  # expert-parallel group size (ranks that split one layer's experts)
+    train_capacity_factor: float = 1.0  # capacity multiplier in training (slots per expert = k*T/E * cf)
+    eval_capacity_factor: float = 1.0  # capacity multiplier in eval()
+    min_capacity: int = 4  # lower bound on slots per expert (tokens)
+    loss_coeff: float = 0.01  # weight of the aux (load-balancing) loss in the total loss
+    drop_tokens: bool = True  # False = dropless: every routed token is computed, no capacity
+    z_loss_coeff: float = 0.0  # weight of the router z-loss (ST-MoE); 0 disables it
+    noisy_gate_policy: Optional[str] = None  # router noise in training: 'Jitter', 'RSample' or None
+    use_rts: bool = True  # random token selection: random (not probability) priority when dropping
+    mlp_type: str = "standard"  # 'standard' MoE or 'residual' (Residual-MoE: dense MLP beside the MoE)
+
+    def __post_init__(self):
+        num_experts = (self.num_experts,) if isinstance(self.num_experts, int) else tuple(self.num_experts)
+        object.__setattr__(self, "num_experts", num_experts)
+        if not num_experts or any((not isinstance(n, int)) or n < 1 for n in num_experts):
+            raise ValueError(f"--num-experts ({list(num_experts)}) must be one or more positive integers")
+        if self.expert_interval < 1:
+            raise ValueError(f"--expert-interval ({self.expert_interval}) must be >= 1")
+        if self.ep_size < 1:
+            raise ValueError(f"--moe-expert-parallel-size ({self.ep_size}) must be >= 1")
+        for n in num_experts:
+            if n % self.ep_size != 0:
+                raise ValueError(
+                    f"--num-experts ({n}) must be divisible by --moe-expert-parallel-size ({self.ep_size}); "
+                    f"use an expert count that is a multiple of {self.ep_size} or a smaller EP size")
+        if self.topk < 1 or self.topk > min(num_experts):
+            raise ValueError(f"--topk ({self.topk}) must be between 1 and the smallest --num-experts "
+                             f"({min(num_experts)})")
+        if not self.train_capacity_factor > 0:
+            raise ValueError(f"--moe-train-capacity-factor ({self.train_capacity_factor}) must be > 0")
+        if not self.eval_capacity_factor > 0:
+            raise ValueError(f"--moe-eval-capacity-factor ({self.eval_capacity_factor}) must be > 0")
+        if self.min_capacity < 0:
+            raise ValueError(f"--moe-min-capacity ({self.min_capacity}) must be >= 0")
+        if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
+            raise ValueError(f"--moe-noisy-gate-policy ({self.noisy_gate_policy!r}) must be one of "
+                             f"'Jitter', 'RSample' or None")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"--mlp-type ({self.mlp_type!r}) must be one of {MLP_TYPES}")
+        if self.loss_coeff < 0:
+            raise ValueError(f"--moe-loss-coeff ({self.loss_coeff}) must be >= 0")
+        if self.z_loss_coeff < 0:
+            raise ValueError(f"--moe-z-loss-coeff ({self.z_loss_coeff}) must be >= 0")
+
+    def num_experts_for_layer(self, moe_layer_index: int) -> int:
+        """Experts in the `moe_layer_index`-th MoE layer (0-based); a single value applies to all layers."""
+        if len(self.num_experts) == 1:
+            return self.num_experts[0]
+        return self.num_experts[moe_layer_index]

@@ -1,0 +1,108 @@
+"""Token permutation to and from experts: the local path and the expert-parallel all-to-all path.
+
+Shape legend: T local tokens, D hidden, K top-k, E experts (global), e local experts (E / ep_size),
+N kept (token, choice) pairs this rank sends, R rows this rank's experts receive (from all EP ranks),
+P ep_size. Everything is index based (sort by expert + gather/scatter), never a one-hot [T, E, C] einsum,
+and only real tokens move: empty capacity slots are neither sent nor computed.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from moe.gating import Routing
+
+
+# ---- local prep / local post (both paths) -------------------------------------------------------------
+
+def permute_tokens(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Gather the kept pairs' token rows, grouped by expert (expert order = routing.pair_idx_N order)."""
+    k = routing.expert_TK.shape[1]
+    token_idx_N = routing.pair_idx_N // k if k > 1 else routing.pair_idx_N
+    return x_TD.index_select(0, token_idx_N)
+
+
+def unpermute_tokens(y_ND: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    """Weight each expert output by its gate and sum a token's K outputs; dropped pairs contribute 0."""
+    k = routing.expert_TK.shape[1]
+    token_idx_N = routing.pair_idx_N // k if k > 1 else routing.pair_idx_N
+    gate_N = routing.gates_TK.reshape(-1).index_select(0, routing.pair_idx_N).to(y_ND.dtype)
+    y_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
+    return y_TD.index_add(0, token_idx_N, y_ND * gate_N.unsqueeze(1))
+
+
+# ---- expert-parallel path -----------------------------------------------------------------------------
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; backward sends gradients back along the reverse splits."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits: List[int], input_splits: List[int], group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(input_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
+    """Differentiable variable-size all_to_all_single over `group` (gloo and NCCL alike)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
+    """Tell every EP rank how many rows it will receive; returns recv_counts_Pe.
+
+    recv_counts_Pe[p, j] = rows that rank p sends to this rank's local expert j. Only these counts are
+    exchanged: no capacity or maximum is agreed globally, so ranks routing differently cannot hang.
+    """
+    ep_size = group.size()
+    send_E = counts_E.to(torch.int64).contiguous()
+    recv_E = torch.empty_like(send_E)
+    dist.all_to_all_single(recv_E, send_E, group=group)
+    return recv_E.view(ep_size, -1)
+
+
+def dispatch_ep(tokens_ND: torch.Tensor, counts_E: torch.Tensor, recv_counts_Pe: torch.Tensor, group
+                ) -> Tuple[torch.Tensor, List[int], List[int]]:
+    """Send each rank the rows for its experts; returns (recv_RD, send_splits, recv_splits).
+
+    tokens_ND is grouped by global expert, and experts of rank p are ids [p*e, (p+1)*e), so the rows for
+    rank p are one contiguous block. recv_RD is ordered by (source rank, local expert).
+    """
+    ep_size = group.size()
+    send_splits = counts_E.view(ep_size, -1).sum(dim=1).tolist()
+    recv_splits = recv_counts_Pe.sum(dim=1).tolist()
+    return all_to_all(tokens_ND, recv_splits, send_splits, group), send_splits, recv_splits
+
+
+def group_by_local_expert(recv_counts_Pe: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """Permutation from (source rank, local expert) order to (local expert, source rank) order.
+
+    Returns (order_R, counts_e): rows_by_expert = recv_RD[order_R]; counts_e as a Python list.
+    """
+    ep_size, num_local = recv_counts_Pe.shape
+    block_expert_B = torch.arange(num_local, device=recv_counts_Pe.device).repeat(ep_size)
+    expert_R = torch.repeat_interleave(block_expert_B, recv_counts_Pe.reshape(-1))
+    order_R = torch.argsort(expert_R, stable=True)
+    return order_R, recv_counts_Pe.sum(dim=0).tolist()
+
+
+def regroup_by_source_rank(y_RD: torch.Tensor, order_R: torch.Tensor) -> torch.Tensor:
+    """Inverse of group_by_local_expert: put rows back in (source rank, local expert) order."""
+    inverse_R = torch.empty_like(order_R)
+    inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+    return y_RD.index_select(0, inverse_R)
+
+
+def combine_ep(y_RD: torch.Tensor, send_splits: List[int], recv_splits: List[int], group) -> torch.Tensor:
+    """Return expert outputs to the ranks that own the tokens (reverse of dispatch_ep)."""
+    return all_to_all(y_RD, send_splits, recv_splits, group)

@@ -1,0 +1,174 @@
+"""`MoELayer` (router + dispatch + experts, local and expert-parallel paths) and the DeepSpeed-compatible
+`MoE` wrapper.
+
+Shape legend: B batch, S sequence, T = tokens on this rank, D hidden, E experts (global), e local experts,
+N kept (token, choice) pairs sent, R rows received by this rank's experts, P ep_size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe import dispatch
+from moe.config import MoEConfig
+from moe.experts import GroupedMLPExperts, ModuleExperts
+from moe.gating import Routing, TopKRouter
+
+
+class MoEStats(NamedTuple):
+    """Per-call router statistics of one MoE layer.
+
+    aux_loss: differentiable fp32 scalar, GShard load-balancing loss, NOT multiplied by loss_coeff.
+    z_loss: differentiable fp32 scalar (0 when cfg.z_loss_coeff == 0), NOT multiplied by z_loss_coeff.
+    tokens_per_expert: int64 [E], pairs this rank routed to each (global) expert before dropping; detached.
+    dropped_fraction: fp32 scalar, fraction of this rank's (token, choice) pairs dropped; detached.
+    """
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts MLP: y = Σ_k gate_k · expert_{e_k}(x) per token (0 for dropped choices).
+
+    Args:
+        hidden_size, ffn_hidden_size: D and F of the built-in GELU MLP experts.
+        num_experts: E, experts in this layer (global); each EP rank holds e = E / ep_size of them,
+            global ids [ep_rank*e, (ep_rank+1)*e).
+        cfg: MoEConfig (topk, capacity factors, dropping, noise, z-loss).
+        ep_group: expert-parallel process group; None means ep_size 1. Its size must equal cfg.ep_size.
+        init_method / output_layer_init_method: fill a weight in place; applied to the router weight
+            and each expert's fc1 (init_method) and fc2 (output_layer_init_method) slice.
+        expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
+    Communication: with ep_size > 1, forward and backward each run one all_to_all of counts and two
+    variable-size all_to_all_single of tokens over ep_group. The layer never all-reduces gradients.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
+                 ep_group=None, init_method: Optional[Callable] = None,
+                 output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None):
+        super().__init__()
+        ep_size = 1 if ep_group is None else ep_group.size()
+        if ep_size != cfg.ep_size:
+            raise ValueError(f"--moe-expert-parallel-size ({cfg.ep_size}) does not match the size of the "
+                             f"ep_group passed to MoELayer ({ep_size}); ep_group=None means size 1")
+        if num_experts % ep_size != 0:
+            raise ValueError(f"--num-experts ({num_experts}) must be divisible by --moe-expert-parallel-size "
+                             f"({ep_size})")
+        if not 1 <= cfg.topk <= num_experts:
+            raise ValueError(f"--topk ({cfg.topk}) must be between 1 and --num-experts ({num_experts})")
+        if cfg.mlp_type != "standard":
+            raise NotImplementedError("--mlp-type residual (Residual-MoE) is not implemented yet")
+        self.hidden_size, self.num_experts, self.cfg = hidden_size, num_experts, cfg
+        self.ep_group, self.ep_size = ep_group, ep_size
+        self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+        self.num_local_experts = num_experts // ep_size
+        self.router = TopKRouter(
+            hidden_size, num_experts, cfg.topk, cfg.train_capacity_factor, cfg.eval_capacity_factor,
+            cfg.min_capacity, cfg.drop_tokens, cfg.use_rts, cfg.noisy_gate_policy,
+            compute_z_loss=cfg.z_loss_coeff > 0, init_method=init_method)
+        if expert is None:
+            self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
+                                             init_method, output_layer_init_method)
+        else:
+            self.experts = ModuleExperts(expert, self.num_local_experts)
+
+    def forward(self, x: torch.Tensor):
+        """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape and dtype, MoEStats)."""
+        x_TD = x.reshape(-1, self.hidden_size)
+        routing = self.router(x_TD)
+        if self.ep_size == 1:
+            y_TD = self.forward_local(x_TD, routing)
+        else:
+            y_TD = self.forward_ep(x_TD, routing)
+        stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
+                         routing.dropped_fraction)
+        return y_TD.view(x.shape), stats
+
+    def forward_local(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Single-rank path: permute -> experts -> unpermute/combine."""
+        tokens_ND = dispatch.permute_tokens(x_TD, routing)
+        y_ND = self.experts(tokens_ND, routing.counts_E.tolist())
+        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
+
+    def forward_ep(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Expert-parallel path over ep_group.
+
+        1. local prep: gather kept pairs grouped by global expert (experts of rank p are contiguous);
+        2. all_to_all the per-expert counts, so each rank knows its receive sizes (no global capacity);
+        3. all_to_all_single the rows (variable splits);
+        4. regroup received rows from (source rank, local expert) to (local expert, source rank) order;
+        5. expert compute;
+        6. undo step 4, all_to_all_single the outputs back, and combine with the gates.
+        Backward mirrors steps 3 and 6 with the reversed splits.
+        """
+        group = self.ep_group
+        tokens_ND = dispatch.permute_tokens(x_TD, routing)
+        recv_counts_Pe = dispatch.exchange_counts(routing.counts_E, group)
+        recv_RD, send_splits, recv_splits = dispatch.dispatch_ep(tokens_ND, routing.counts_E,
+                                                                 recv_counts_Pe, group)
+        order_R, counts_e = dispatch.group_by_local_expert(recv_counts_Pe)
+        y_RD = self.experts(recv_RD.index_select(0, order_R), counts_e)
+        y_RD = dispatch.regroup_by_source_rank(y_RD, order_R)
+        y_ND = dispatch.combine_ep(y_RD, send_splits, recv_splits, group)
+        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
+
+
+_DEFAULT_EP_GROUPS: Dict[int, object] = {}  # ep_size -> this rank's group, built once per process
+
+
+def _default_ep_group(ep_size: int):
+    """Groups of consecutive ranks of size ep_size (DeepSpeed's default layout), built collectively once."""
+    if ep_size == 1:
+        return None
+    if ep_size not in _DEFAULT_EP_GROUPS:
+        if not dist.is_initialized():
+            raise ValueError(f"ep_size={ep_size} needs torch.distributed to be initialised (or pass ep_group)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % ep_size != 0:
+            raise ValueError(f"--moe-expert-parallel-size ({ep_size}) must divide the world size ({world})")
+        for start in range(0, world, ep_size):
+            group = dist.new_group(list(range(start, start + ep_size)))
+            if start <= rank < start + ep_size:
+                _DEFAULT_EP_GROUPS[ep_size] = group
+    return _DEFAULT_EP_GROUPS[ep_size]
+
+
+class MoE(nn.Module):
+    """Drop-in for deepspeed.moe.layer.MoE: same constructor arguments, call and return.
+
+    forward(hidden_states [..., D]) -> (output [..., D], l_aux (scalar, unscaled), exp_counts [E] int64).
+    expert=None builds GELU MLP experts of width ffn_hidden_size (default 4*hidden_size) as stacked
+    weights; a user `expert` module is deep-copied per local expert. ep_group=None with ep_size > 1
+    builds groups of consecutive ranks, like DeepSpeed.
+    """
+
+    def __init__(self, hidden_size: int, expert: Optional[nn.Module] = None, num_experts: int = 8,
+                 ep_size: int = 1, k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True, use_rts: bool = True, ffn_hidden_size: Optional[int] = None,
+                 ep_group=None, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True):
+        super().__init__()
+        if use_residual:
+            raise NotImplementedError("use_residual=True (Residual-MoE) is not implemented yet")
+        if use_tutel or enable_expert_tensor_parallelism:
+            raise NotImplementedError("use_tutel / enable_expert_tensor_parallelism are not supported")
+        cfg = MoEConfig(num_experts=num_experts, topk=k, ep_size=ep_size, train_capacity_factor=capacity_factor,
+                        eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                        drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy, use_rts=use_rts)
+        if ep_group is None:
+            ep_group = _default_ep_group(ep_size)
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.moe = MoELayer(hidden_size, ffn_hidden_size or 4 * hidden_size, num_experts, cfg,
+                            ep_group=ep_group, expert=expert)
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        if used_token is not None:
+            raise NotImplementedError("used_token masking is not supported")
+        output, stats = self.moe(hidden_states)
+        return output, stats.aux_loss, stats.tokens_per_expert

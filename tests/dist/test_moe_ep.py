@@ -1,0 +1,120 @@
+"""Expert parallelism on 2 gloo processes equals the single-process layer: outputs, aux loss, gradients."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe import MoEConfig, MoELayer
+from tests.dist.launcher import run_distributed
+
+D, FF, E = 6, 10, 4
+
+
+def _build(cfg, ep_group, seed=0):
+    """Full single-process reference layer and this rank's EP layer holding experts [r*e, (r+1)*e)."""
+    torch.manual_seed(seed)
+    ref = MoELayer(D, FF, E, MoEConfig(**{**cfg, "ep_size": 1})).double()
+    with torch.no_grad():
+        for p in (ref.experts.b1_eF, ref.experts.b2_eD):
+            p.normal_(0, 0.1)
+        ref.router.weight.normal_(0, 1.0)
+    ep_size = ep_group.size()
+    ep = MoELayer(D, FF, E, MoEConfig(**{**cfg, "ep_size": ep_size}), ep_group=ep_group).double()
+    e, r = E // ep_size, dist.get_rank(ep_group)
+    with torch.no_grad():
+        ep.router.weight.copy_(ref.router.weight)
+        for name, p in ep.experts.named_parameters():
+            p.copy_(getattr(ref.experts, name)[r * e:(r + 1) * e])
+    return ref, ep
+
+
+def _shards(world_size, tokens_per_rank, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, D, dtype=torch.float64, generator=g) for t in tokens_per_rank[:world_size]]
+
+
+def _task_loss(y, target):
+    return ((y - target) ** 2).sum(dim=-1).mean()  # mean over local tokens
+
+
+def _worker(rank, world_size, cfg, tokens_per_rank, aux_coeff):
+    """Returns max abs errors of EP vs reference (each rank compares its own pieces)."""
+    group = dist.group.WORLD
+    ref, ep = _build(cfg, group)
+    xs = _shards(world_size, tokens_per_rank)
+    targets = _shards(world_size, tokens_per_rank, seed=2)
+
+    # EP: each rank runs its shard; per-rank loss = task loss (mean over local tokens) + coeff * aux.
+    x = xs[rank].clone().requires_grad_(True)
+    y, stats = ep(x)
+    (_task_loss(y, targets[rank]) + aux_coeff * stats.aux_loss).backward()
+
+    # Reference: the same layer on one process, loss = Σ_r loss_r / N (each shard routed on its own, so
+    # capacity and aux loss see the same local T as on the EP rank).
+    ref_xs = [xi.clone().requires_grad_(True) for xi in xs]
+    total, ref_out = 0.0, []
+    for xi, ti in zip(ref_xs, targets):
+        yi, si = ref(xi)
+        ref_out.append((yi.detach(), si))
+        total = total + (_task_loss(yi, ti) + aux_coeff * si.aux_loss) / world_size
+    total.backward()
+
+    # Scaling the lead applies: expert grads are sums over all EP peers' tokens of d(loss_r) -> divide by
+    # N (here expert-DP size 1); dense (router) grads -> all-reduce SUM then divide by N (= DP average).
+    e = E // world_size
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    errs = {
+        "y": (y.detach() - ref_out[rank][0]).abs().max().item(),
+        "aux": (stats.aux_loss.detach() - ref_out[rank][1].aux_loss.detach()).abs().item(),
+        "counts": (stats.tokens_per_expert - ref_out[rank][1].tokens_per_expert).abs().max().item(),
+        "x_grad": (x.grad / world_size - ref_xs[rank].grad).abs().max().item(),
+        "router_grad": (router_grad / world_size - ref.router.weight.grad).abs().max().item(),
+    }
+    for name, p in ep.experts.named_parameters():
+        ref_grad = getattr(ref.experts, name).grad[rank * e:(rank + 1) * e]
+        errs[name] = (p.grad / world_size - ref_grad).abs().max().item()
+    return errs
+
+
+def _full_batch_worker(rank, world_size, cfg, tokens_per_rank):
+    """Dropless, no aux: Σ_r loss_r / N on EP ranks equals the full-batch loss on one process."""
+    group = dist.group.WORLD
+    ref, ep = _build(cfg, group)
+    xs = _shards(world_size, tokens_per_rank)
+    targets = _shards(world_size, tokens_per_rank, seed=2)
+    y, _ = ep(xs[rank])
+    (_task_loss(y, targets[rank])).backward()
+    yf, _ = ref(torch.cat(xs))
+    _task_loss(yf, torch.cat(targets)).backward()  # mean over all tokens = mean of the equal-size shard means
+    e = E // world_size
+    errs = {}
+    for name, p in ep.experts.named_parameters():
+        errs[name] = (p.grad / world_size - getattr(ref.experts, name).grad[rank * e:(rank + 1) * e]).abs().max().item()
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    errs["router_grad"] = (router_grad / world_size - ref.router.weight.grad).abs().max().item()
+    return errs
+
+
+# float64 end to end: differences are summation order only, so 1e-10 is loose.
+TOL = 1e-10
+
+
+@pytest.mark.parametrize("cfg, tokens_per_rank, aux_coeff", [
+    (dict(num_experts=E, topk=1, drop_tokens=False), (9, 9), 0.01),
+    (dict(num_experts=E, topk=2, drop_tokens=False), (7, 13), 0.01),  # ranks with different T: no hang
+    (dict(num_experts=E, topk=1, train_capacity_factor=0.75, min_capacity=1, use_rts=False), (16, 16), 0.1),
+    (dict(num_experts=E, topk=2, train_capacity_factor=1.0, min_capacity=1, use_rts=False, z_loss_coeff=1e-3),
+     (12, 5), 0.1),
+])
+def test_ep2_equals_single_process(cfg, tokens_per_rank, aux_coeff):
+    for rank, errs in enumerate(run_distributed(_worker, 2, cfg, tokens_per_rank, aux_coeff)):
+        for name, err in errs.items():
+            assert err <= TOL, f"rank {rank}: {name} differs by {err}"
+
+
+def test_ep2_grads_equal_full_batch_training():
+    cfg = dict(num_experts=E, topk=2, drop_tokens=False)
+    for rank, errs in enumerate(run_distributed(_full_batch_worker, 2, cfg, (10, 10))):
+        for name, err in errs.items():
+            assert err <= TOL, f"rank {rank}: {name} differs by {err}"

@@ -1,0 +1,47 @@
+"""Bad MoE settings fail early with a ValueError that names the CLI flag."""
+import pytest
+
+from moe import MoE, MoEConfig, MoELayer
+
+
+def test_defaults_and_single_value_num_experts():
+    cfg = MoEConfig(num_experts=8)
+    assert cfg.num_experts == (8,) and cfg.num_experts_for_layer(3) == 8
+    assert cfg.expert_interval == 2 and cfg.topk == 1 and cfg.min_capacity == 4 and cfg.drop_tokens
+    assert MoEConfig(num_experts=(4, 8)).num_experts_for_layer(1) == 8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_experts=6, ep_size=4), r"--num-experts \(6\) must be divisible by --moe-expert-parallel-size \(4\)"),
+    (dict(num_experts=(8, 6), ep_size=4), r"--num-experts \(6\)"),
+    (dict(num_experts=4, topk=5), r"--topk \(5\)"),
+    (dict(num_experts=4, topk=0), r"--topk \(0\)"),
+    (dict(num_experts=4, train_capacity_factor=0.0), r"--moe-train-capacity-factor \(0.0\) must be > 0"),
+    (dict(num_experts=4, eval_capacity_factor=-1.0), r"--moe-eval-capacity-factor \(-1.0\)"),
+    (dict(num_experts=4, min_capacity=-1), r"--moe-min-capacity \(-1\)"),
+    (dict(num_experts=4, ep_size=0), r"--moe-expert-parallel-size \(0\)"),
+    (dict(num_experts=4, noisy_gate_policy="Gumbel"), r"--moe-noisy-gate-policy"),
+    (dict(num_experts=0), r"--num-experts"),
+])
+def test_config_errors_name_the_flag(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kwargs)
+
+
+def test_layer_checks_its_own_expert_count():
+    cfg = MoEConfig(num_experts=4, topk=2)
+    with pytest.raises(ValueError, match=r"--topk \(2\) must be between 1 and --num-experts \(1\)"):
+        MoELayer(8, 16, 1, cfg)
+    with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(2\) does not match"):
+        MoELayer(8, 16, 4, MoEConfig(num_experts=4, ep_size=2))
+
+
+def test_deepspeed_wrapper_errors():
+    with pytest.raises(ValueError, match="--topk"):
+        MoE(8, num_experts=2, k=3)
+    with pytest.raises(ValueError, match="--moe-train-capacity-factor"):
+        MoE(8, num_experts=2, capacity_factor=0)
+    with pytest.raises(NotImplementedError, match="use_residual"):
+        MoE(8, num_experts=2, use_residual=True)
+    with pytest.raises(ValueError, match="--num-experts"):
+        MoE(8, num_experts=3, ep_size=2)

@@ -1,0 +1,211 @@
+"""MoELayer against an independent token-by-token float64 reference (tests/unit/moe_reference.py)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe import MoE, MoEConfig, MoELayer
+from moe.experts import grouped_mlp, is_expert_param
+from tests.unit.moe_reference import capacity_formula, params_of, reference_moe
+
+D, FF = 6, 10
+
+
+def make_layer(E, k, seed=0, **cfg_kwargs):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=E, topk=k, **cfg_kwargs)
+    layer = MoELayer(D, FF, E, cfg).double()
+    with torch.no_grad():  # non-zero biases so their gradients are exercised
+        for p in (layer.experts.b1_eF, layer.experts.b2_eD):
+            p.normal_(0, 0.1)
+        layer.router.weight.normal_(0, 1.0)  # spread-out router probabilities: no near-ties
+    return layer
+
+
+def reference_clone(layer):
+    return [p.detach().clone().requires_grad_(True) for p in params_of(layer)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["dropless", "huge_capacity"])
+def test_no_drop_equals_reference_outputs_and_grads(k, mode):
+    E, T = 5, 13
+    kwargs = dict(drop_tokens=False) if mode == "dropless" else dict(train_capacity_factor=100.0)
+    layer = make_layer(E, k, **kwargs)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    y, stats = layer(x)
+    assert float(stats.dropped_fraction) == 0.0
+
+    ref = reference_clone(layer)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref, *_ = reference_moe(x_ref, *ref, k=k)
+    # float64 on both sides: only summation-order differences remain.
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for p, p_ref in zip(params_of(layer), ref):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, cf", [(1, 1.0), (1, 0.5), (2, 1.0), (2, 0.75)])
+def test_dropping_per_expert_counts_and_zero_output(k, cf):
+    E, T = 4, 24
+    layer = make_layer(E, k, train_capacity_factor=cf, min_capacity=1, use_rts=False)
+    x = torch.randn(T, D, dtype=torch.float64)
+    routing = layer.router(x)
+    C = capacity_formula(T, E, k, cf, 1)
+    assert routing.capacity == C
+    routed = torch.bincount(routing.expert_TK.reshape(-1), minlength=E)
+    assert torch.equal(routing.tokens_per_expert_E, routed)
+    assert torch.equal(routing.counts_E, routed.clamp(max=C))  # exactly max(0, routed - C) dropped
+    dropped = float((routed - routed.clamp(max=C)).sum()) / (T * k)
+    assert math.isclose(float(routing.dropped_fraction), dropped, rel_tol=1e-6)  # fp32 scalar
+
+    y, _ = layer(x)
+    y_ref, _, chosen, kept = reference_moe(x, *[p.detach() for p in params_of(layer)], k=k, capacity=C)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)  # includes "kept = highest-probability"
+    assert len(kept) < T * k, "test data should drop some pairs"
+    fully_dropped = [t for t in range(T) if not any((t, j) in kept for j in range(k))]
+    if k == 1:
+        assert fully_dropped, "test data should drop some tokens entirely"
+    assert torch.all(y[fully_dropped] == 0)  # a token dropped by all its experts gets exactly 0
+
+
+def test_rts_drops_exact_counts_and_is_random():
+    E, T, k = 4, 32, 1
+    layer = make_layer(E, k, train_capacity_factor=0.5, min_capacity=1, use_rts=True)
+    x = torch.randn(T, D, dtype=torch.float64)
+    torch.manual_seed(1)
+    r1 = layer.router(x)
+    torch.manual_seed(2)
+    r2 = layer.router(x)
+    C = capacity_formula(T, E, k, 0.5, 1)
+    routed = torch.bincount(r1.expert_TK[:, 0], minlength=E)
+    assert torch.equal(r1.counts_E, routed.clamp(max=C)) and torch.equal(r2.counts_E, r1.counts_E)
+    assert not torch.equal(r1.pair_idx_N, r2.pair_idx_N)
+
+
+def test_eval_capacity_factor_and_min_capacity():
+    E, T, k = 4, 16, 1
+    layer = make_layer(E, k, train_capacity_factor=0.5, eval_capacity_factor=2.0, min_capacity=1)
+    x = torch.randn(T, D, dtype=torch.float64)
+    assert layer.router(x).capacity == capacity_formula(T, E, k, 0.5, 1) == 2
+    layer.eval()
+    assert layer.router(x).capacity == capacity_formula(T, E, k, 2.0, 1) == 8
+    layer.train()
+    layer_min = make_layer(E, k, train_capacity_factor=0.5, min_capacity=7)
+    assert layer_min.router(x).capacity == 7
+
+
+def test_aux_and_z_loss_by_hand():
+    E, T, k = 4, 10, 2
+    layer = make_layer(E, k, drop_tokens=False, z_loss_coeff=1e-3)
+    x = torch.randn(T, D, dtype=torch.float64)
+    _, stats = layer(x)
+    logits = x @ layer.router.weight.detach().t()
+    probs = torch.softmax(logits, dim=-1)
+    top1 = probs.argmax(dim=-1)
+    aux = 0.0
+    for e in range(E):  # GShard: E * Σ_e mean prob_e * fraction of tokens whose top-1 choice is e
+        aux += probs[:, e].mean() * (top1 == e).double().mean()
+    torch.testing.assert_close(stats.aux_loss, E * aux, rtol=1e-12, atol=0)
+    z = sum(math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits) / T
+    torch.testing.assert_close(stats.z_loss, torch.tensor(z, dtype=torch.float64), rtol=1e-10, atol=0)
+    routed = torch.bincount(torch.topk(probs, k).indices.reshape(-1), minlength=E)
+    assert torch.equal(stats.tokens_per_expert, routed)
+
+
+def test_one_expert_equals_dense_mlp():
+    layer = make_layer(1, 1)  # softmax over one expert = 1 and C = ceil(T) >= T: nothing dropped
+    x = torch.randn(2, 7, D, dtype=torch.float64, requires_grad=True)
+    y, stats = layer(x)
+    ex = layer.experts
+    dense = F.gelu(x @ ex.w1_eFD[0].t() + ex.b1_eF[0]) @ ex.w2_eDF[0].t() + ex.b2_eD[0]
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, dense, rtol=1e-12, atol=1e-12)
+    assert float(stats.aux_loss.detach()) == pytest.approx(1.0)
+
+
+def test_user_expert_module_equals_builtin():
+    E, k, T = 3, 2, 11
+    layer = make_layer(E, k, drop_tokens=False)
+    user = MoELayer(D, FF, E, layer.cfg, expert=nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D)))
+    user = user.double()
+    with torch.no_grad():
+        user.router.weight.copy_(layer.router.weight)
+        for i, seq in enumerate(user.experts.experts):
+            seq[0].weight.copy_(layer.experts.w1_eFD[i]); seq[0].bias.copy_(layer.experts.b1_eF[i])
+            seq[2].weight.copy_(layer.experts.w2_eDF[i]); seq[2].bias.copy_(layer.experts.b2_eD[i])
+    x = torch.randn(T, D, dtype=torch.float64)
+    torch.testing.assert_close(user(x)[0], layer(x)[0], rtol=1e-12, atol=1e-12)
+    tagged = [p for p in user.parameters() if is_expert_param(p)]
+    assert len(tagged) == 4 * E and {p.local_expert_index for p in tagged} == {0, 1, 2}
+    assert not is_expert_param(user.router.weight)
+
+
+def test_expert_param_tags_and_init_per_slice():
+    calls = []
+
+    def init(w):
+        calls.append(tuple(w.shape))
+        w.normal_(0, 0.02)
+
+    def out_init(w):
+        calls.append(("out",) + tuple(w.shape))
+        w.normal_(0, 0.002)
+
+    layer = MoELayer(8, 32, 4, MoEConfig(num_experts=4), init_method=init, output_layer_init_method=out_init)
+    assert calls.count((32, 8)) == 4 and calls.count(("out", 8, 32)) == 4 and calls.count((4, 8)) == 1
+    for p in layer.experts.parameters():
+        assert is_expert_param(p) and p.num_local_experts == 4 and p.shape[0] == 4
+    assert not is_expert_param(layer.router.weight)
+
+
+def test_grouped_mlp_gradcheck_with_empty_experts():
+    torch.manual_seed(0)
+    counts = (3, 0, 2, 0)
+    dd = dict(dtype=torch.float64, requires_grad=True)
+    args = (torch.randn(5, 3, **dd), counts, torch.randn(4, 4, 3, **dd), torch.randn(4, 4, **dd),
+            torch.randn(4, 3, 4, **dd), torch.randn(4, 3, **dd))
+    assert torch.autograd.gradcheck(grouped_mlp, args)
+
+
+@pytest.mark.parametrize("policy", ["Jitter", "RSample"])
+def test_noise_only_in_training(policy):
+    layer = make_layer(4, 2, drop_tokens=False, noisy_gate_policy=policy)
+    x = torch.randn(64, D, dtype=torch.float64)
+    clean = make_layer(4, 2, drop_tokens=False)
+    layer.eval(), clean.eval()
+    torch.testing.assert_close(layer(x)[0], clean(x)[0])
+    layer.train()
+    torch.manual_seed(0)
+    r1 = layer.router(x).expert_TK
+    torch.manual_seed(1)
+    r2 = layer.router(x).expert_TK
+    if policy == "RSample":  # Gumbel noise changes choices; Jitter (±1%) rarely does, so only run it
+        assert not torch.equal(r1, r2)
+
+
+def test_deepspeed_style_wrapper():
+    torch.manual_seed(0)
+    layer = MoE(hidden_size=8, expert=None, num_experts=4, ep_size=1, k=2, capacity_factor=1.25,
+                eval_capacity_factor=2.0, min_capacity=4, noisy_gate_policy="RSample", drop_tokens=True,
+                use_rts=True, ffn_hidden_size=16)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    out, l_aux, exp_counts = layer(x)
+    assert out.shape == x.shape and l_aux.dim() == 0 and exp_counts.shape == (4,)
+    assert int(exp_counts.sum()) == 3 * 5 * 2
+    (out.sum() + l_aux).backward()
+    assert x.grad is not None and layer.moe.router.weight.grad is not None
+
+
+def test_bf16_input_keeps_fp32_router():
+    layer = MoELayer(8, 16, 4, MoEConfig(num_experts=4, topk=2)).to(torch.bfloat16)
+    x = torch.randn(10, 8, dtype=torch.bfloat16)
+    y, stats = layer(x)
+    assert y.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32

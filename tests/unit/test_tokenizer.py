@@ -1,0 +1,184 @@
+"""Tokenizers: GPT-2 BPE ids against published values and a naive BPE, SentencePiece round trips, vocab padding."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from megatron.data.data_files import DataFileError, default_data_dir, resolve
+from megatron.tokenizer import GPT2BPETokenizer, SentencePieceTokenizer, build_tokenizer, pad_vocab_size
+from megatron.tokenizer.tokenizer import GPT2_PRETOKENIZE_PATTERN, bytes_to_unicode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpt2_files():
+    try:
+        # verify=False: hashing is covered by test_data_files; here only presence matters.
+        return resolve("gpt2-vocab", verify=False), resolve("gpt2-merges", verify=False)
+    except DataFileError as e:
+        pytest.skip(f"GPT-2 BPE files not found under {default_data_dir()} ({e}); set DATA_DIR or run tools/download_data.py")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    vocab, merges = _gpt2_files()
+    return GPT2BPETokenizer(str(vocab), str(merges))
+
+
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        # Published values: Hugging Face GPT2Tokenizer docs and the tiktoken README ("gpt2" encoding).
+        ("Hello world", [15496, 995]),
+        (" Hello world", [18435, 995]),
+        (" Hello", [18435]),
+        ("hello world", [31373, 995]),
+        ("\n\n", [628]),
+    ],
+)
+def test_gpt2_known_ids(gpt2, text, ids):
+    assert gpt2.tokenize(text) == ids
+    assert gpt2.detokenize(ids) == text
+
+
+def test_gpt2_special_ids_and_sizes(gpt2):
+    assert gpt2.eod == 50256
+    assert gpt2.vocab["<|endoftext|>"] == 50256
+    assert gpt2.vocab_size == 50257
+    assert gpt2.inv_vocab[50256] == "<|endoftext|>"
+    assert gpt2.name == "GPT2BPETokenizer"
+    # Decision: special-token text is encoded as plain text (OpenAI encoder / Megatron behaviour);
+    # EOD enters the data only via --append-eod.
+    ids = gpt2.tokenize("a<|endoftext|>b")
+    assert 50256 not in ids
+    assert gpt2.detokenize(ids) == "a<|endoftext|>b"
+    assert gpt2.detokenize([50256]) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("text", ["😀 naïve café, 日本語!", "tabs\tand  spaces \n\n end ", "I'm sure you'll've", "", "1234567 3.14159"])
+def test_gpt2_round_trip(gpt2, text):
+    assert gpt2.detokenize(gpt2.tokenize(text)) == text
+
+
+def _naive_bpe_ids(vocab, ranks, text):
+    """Reference encoder written from the algorithm's definition: repeatedly merge every occurrence of the
+    lowest-ranked adjacent pair, scanning left to right; no cache, no translate table."""
+    import regex
+
+    byte_enc = bytes_to_unicode()
+    out = []
+    for word in regex.findall(GPT2_PRETOKENIZE_PATTERN, text):
+        symbols = [byte_enc[b] for b in word.encode("utf-8")]
+        while len(symbols) > 1:
+            ranked = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+            if not ranked:
+                break
+            pair = min(ranked)[1]
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        out.extend(vocab[s] for s in symbols)
+    return out
+
+
+def test_gpt2_matches_naive_bpe(gpt2):
+    rng = random.Random(0)
+    words = ["tokenization", " Megatron", "-style", " ÄÖÜ", " don't", " 2026", "\n", "  ", "!!?", " qwxz", " antidisestablishment"]
+    text = "".join(rng.choice(words) for _ in range(300))
+    try:  # real prose too, when the eval data is present
+        with open(resolve("lambada", verify=False), encoding="utf-8") as f:
+            text += "".join(json.loads(next(f))["text"] for _ in range(5))
+    except DataFileError:
+        pass
+    assert gpt2.tokenize(text) == _naive_bpe_ids(gpt2.vocab, gpt2.bpe_ranks, text)
+    assert gpt2.tokenize(text) == gpt2.tokenize(text)  # second pass is served from the word cache
+
+
+def test_build_tokenizer_gpt2_and_errors(tmp_path):
+    vocab, merges = _gpt2_files()
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
+    assert tok.tokenize("Hello world") == [15496, 995]
+    with pytest.raises(ValueError, match=r"--vocab-file .*nope\.json"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "nope.json"), merge_file=str(merges))
+    with pytest.raises(ValueError, match=r"--merge-file .*nope\.txt"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="--merge-file is required"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab))
+
+
+def test_build_tokenizer_errors_without_data(tmp_path):
+    with pytest.raises(ValueError, match=r"--tokenizer-model .*missing\.model"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "missing.model"))
+    with pytest.raises(ValueError, match="--tokenizer-type 'BertWordPiece'"):
+        build_tokenizer("BertWordPiece")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"--tokenizer-model .*junk\.model"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(junk))
+
+
+@pytest.mark.parametrize(
+    "orig, divisible_by, tp, expected",
+    [(50257, 128, 1, 50304), (50257, 128, 2, 50432), (50257, 128, 4, 50688), (50257, 128, 8, 51200),
+     (50304, 128, 1, 50304), (32000, 128, 1, 32000), (100, 1, 1, 100), (7, 4, 3, 12)],
+)
+def test_pad_vocab_size(orig, divisible_by, tp, expected):
+    assert pad_vocab_size(orig, divisible_by, tp) == expected
+
+
+def test_pad_vocab_size_rejects_bad_multiple():
+    with pytest.raises(ValueError, match="--make-vocab-size-divisible-by"):
+        pad_vocab_size(100, 0)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A 400-piece BPE model trained by tools/train_tokenizer.py on ~20 KB of generated text."""
+    tmp = tmp_path_factory.mktemp("sp")
+    rng = random.Random(1)
+    words = "the a of and to in was he she it that his her had with for as at on by time little house said old".split()
+    with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(40):
+            paragraphs = [" ".join(rng.choice(words) for _ in range(40)).capitalize() + "." for _ in range(3)]
+            f.write(json.dumps({"text": "\n".join(paragraphs), "title": "x"}) + "\n")
+    tool = _load_tool("train_tokenizer")
+    prefix = tmp / "tok"
+    assert tool.main(["--input", str(tmp / "corpus.jsonl"), "--json-keys", "text", "--vocab-size", "400",
+                      "--output-prefix", str(prefix)]) == 0
+    return prefix
+
+
+def test_sentencepiece_round_trip(sp_model):
+    assert Path(f"{sp_model}.model").is_file() and Path(f"{sp_model}.vocab").is_file()
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=f"{sp_model}.model")
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert tok.vocab_size == 400 and len(tok.vocab) == 400
+    assert tok.eod == tok.sp.eos_id() == 2  # no <|endoftext|> piece, so EOS is the EOD
+    for text in ["The old house said little.", "Unseen wörds and 😀 fall back to bytes."]:
+        ids = tok.tokenize(text)
+        assert all(0 <= i < 400 for i in ids)
+        assert tok.detokenize(ids) == text
+    assert len(tok.tokenize("the house")) < len("the house")  # merges were learned
+
+
+def test_train_tokenizer_bad_input(tmp_path, capsys):
+    tool = _load_tool("train_tokenizer")
+    assert tool.main(["--input", str(tmp_path / "none.jsonl"), "--vocab-size", "100", "--output-prefix", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--input" in err and "none.jsonl" in err and len(err.splitlines()) == 1

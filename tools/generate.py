@@ -1,0 +1,49 @@
+"""Sample text from a checkpoint: tools/generate.py --load CKPT --prompt "..." --max-new-tokens N."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron.inference import generate, load_model_for_inference  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--load", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt) or iter dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (for checks)")
+    args = p.parse_args(argv)
+    try:
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
+        if not 0.0 < args.top_p <= 1.0:
+            raise ValueError(f"--top-p ({args.top_p}) must be in (0, 1]")
+        if args.top_k < 0 or args.temperature < 0:
+            raise ValueError("--top-k and --temperature must be >= 0")
+        model, tok, _ = load_model_for_inference(
+            args.load, tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
+                                            "tokenizer_model": args.tokenizer_model})
+        ids = tok.tokenize(args.prompt)
+        new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       eod=tok.eod, use_cache=not args.no_kv_cache)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(args.prompt + tok.detokenize(new))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
