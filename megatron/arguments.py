@@ -177,7 +177,7 @@ def moe_config_from_args(args):
         num_experts=tuple(args.num_experts),
         expert_interval=args.expert_interval,
         topk=args.topk,
-        ep_size=tuple(args.moe_expert_parallel_size),
+        ep_size=_single_ep_size(args.moe_expert_parallel_size),
         train_capacity_factor=args.moe_train_capacity_factor,
         eval_capacity_factor=args.moe_eval_capacity_factor,
         min_capacity=args.moe_min_capacity,
@@ -188,6 +188,14 @@ def moe_config_from_args(args):
         use_rts=args.moe_use_rts,
         mlp_type=args.mlp_type,
     )
+
+
+def _single_ep_size(values) -> int:
+    # TODO(issue 6): per-MoE-layer EP sizes; until then one size for every MoE layer.
+    if len(set(values)) != 1:
+        raise ArgumentError(f"--moe-expert-parallel-size {list(values)}: per-layer EP sizes are not supported yet; "
+                            f"give one value")
+    return int(values[0])
 
 
 def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> TrainConfig:

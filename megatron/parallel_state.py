@@ -51,9 +51,12 @@ def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int]) -> in
 
 def init_distributed(backend: str = "auto") -> tuple:
     """Initialises torch.distributed from torchrun's env vars when present; returns (rank, world_size, device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():  # already set up by the caller (tests, a user's own launcher)
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1))))
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"

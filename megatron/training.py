@@ -407,7 +407,7 @@ def build_data_iterators(st: TrainState):
     barrier = (lambda: dist.barrier()) if dist.is_initialized() and dist.get_world_size() > 1 else None
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
-        cache_dir=cfg.data.data_cache_path, barrier=barrier)
+        cache_dir=cfg.data.data_cache_path, barrier=barrier, rank=g.rank)
     if train_ds is None:
         raise ArgumentError(f"--split {cfg.data.split} leaves no training documents")
 

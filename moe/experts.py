@@ -7,7 +7,9 @@ D hidden, F ffn hidden, e local experts.
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -32,65 +34,142 @@ def _offsets(counts: Sequence[int]) -> List[int]:
     return offsets
 
 
+class _MklBatch:
+    """cblas_{s,d}gemm_batch from the MKL already linked into libtorch_cpu, called through ctypes.
+
+    Why: per-expert torch.mm calls each open their own OpenMP region, and at ~64 rows per expert the
+    fork/join cost (much worse when other processes share the cores) dominates; one batched call lets
+    MKL run whole small GEMMs per thread. Used for fp32/fp64 CPU tensors when the symbols are exported;
+    otherwise (CUDA, bf16, other builds) `batched_mm` falls back to a loop of torch.mm.
+    """
+    ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+    def __init__(self):
+        self.fns = {}
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        try:
+            lib = ctypes.CDLL(path)
+            for dtype, name in ((torch.float32, "cblas_sgemm_batch"), (torch.float64, "cblas_dgemm_batch")):
+                fn = getattr(lib, name)
+                fn.restype = None
+                self.fns[dtype] = fn
+        except (OSError, AttributeError):
+            self.fns = {}
+
+    def supports(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.dtype in self.fns
+
+    def __call__(self, a_list, b_list, c_list, trans_a: bool, trans_b: bool, beta: float) -> None:
+        g = len(c_list)
+        ints, ptrs = ctypes.c_int * g, ctypes.c_void_p * g
+        scal = (ctypes.c_float if c_list[0].dtype == torch.float32 else ctypes.c_double) * g
+        m = [c.shape[0] for c in c_list]
+        n = [c.shape[1] for c in c_list]
+        k = [a.shape[0] if trans_a else a.shape[1] for a in a_list]
+        self.fns[c_list[0].dtype](
+            ctypes.c_int(self.ROW_MAJOR), ints(*[self.TRANS if trans_a else self.NO_TRANS] * g),
+            ints(*[self.TRANS if trans_b else self.NO_TRANS] * g), ints(*m), ints(*n), ints(*k),
+            scal(*[1.0] * g), ptrs(*[a.data_ptr() for a in a_list]), ints(*[a.stride(0) for a in a_list]),
+            ptrs(*[b.data_ptr() for b in b_list]), ints(*[b.stride(0) for b in b_list]), scal(*[beta] * g),
+            ptrs(*[c.data_ptr() for c in c_list]), ints(*[c.stride(0) for c in c_list]),
+            ctypes.c_int(g), ints(*[1] * g))
+
+
+_MKL_BATCH = _MklBatch()
+
+
+def batched_mm(a_list, b_list, c_list, trans_a: bool = False, trans_b: bool = False, beta: float = 0.0,
+               use_mkl: Optional[bool] = None) -> None:
+    """c_i = op(a_i) @ op(b_i) + beta * c_i for every i, in place (op = transpose when trans_*).
+
+    All operands are row-major 2-D views (stride(1) == 1, e.g. row slices of one buffer) of one dtype.
+    Groups with an empty dimension are skipped (c_i is zeroed when the reduction is empty and beta == 0).
+    `use_mkl=None` picks the MKL batch call when it applies; False forces the torch.mm loop.
+    """
+    run = [i for i, (a, c) in enumerate(zip(a_list, c_list)) if c.numel() and a.numel()]
+    for i, (a, c) in enumerate(zip(a_list, c_list)):
+        if c.numel() and not a.numel() and beta == 0.0:
+            c.zero_()
+    if not run:
+        return
+    a_list, b_list, c_list = [a_list[i] for i in run], [b_list[i] for i in run], [c_list[i] for i in run]
+    if use_mkl is None:
+        use_mkl = _MKL_BATCH.supports(c_list[0])
+    if use_mkl:
+        assert all(t.stride(1) == 1 for t in a_list + b_list + c_list), "batched_mm needs row-major operands"
+        _MKL_BATCH(a_list, b_list, c_list, trans_a, trans_b, beta)
+        return
+    for a, b, c in zip(a_list, b_list, c_list):
+        a, b = (a.t() if trans_a else a), (b.t() if trans_b else b)
+        if beta == 0.0:
+            torch.mm(a, b, out=c)
+        else:
+            c.addmm_(a, b, beta=beta)
+
+
 class _GroupedMLP(torch.autograd.Function):
     """y_i = gelu(x_i W1_i^T + b1_i) W2_i^T + b2_i for every local expert i, forward and backward.
 
-    One Function instead of per-expert autograd ops: each GEMM writes straight into a slice of one
-    output buffer (no per-expert graph nodes, no W[i] indexing inside autograd, which would make
-    backward materialise a full-size [e, ...] gradient per expert), experts with no rows are skipped
-    (empty capacity costs nothing), and backward handles one expert at a time (dW2, dA, GELU', dW1, dX)
-    so that expert's weights and activations stay in cache across its four GEMMs.
+    One Function instead of per-expert autograd ops: each of the six GEMM stages (2 forward, 4 backward)
+    is one batched call over all experts writing straight into slices of one buffer (no per-expert
+    graph nodes, no W[i] indexing inside autograd, which would make backward materialise a full-size
+    [e, ...] gradient per expert). Only real rows are computed: an expert's GEMMs have exactly its
+    row count, so empty capacity costs nothing. Biases: gathered per row and used as the GEMM's C
+    (beta = 1) in forward; their gradients are [1, n_i] x [n_i, D] GEMMs with a ones row.
     """
 
     @staticmethod
     def forward(ctx, x_ND, counts, w1_eFD, b1_eF, w2_eDF, b2_eD):
         offsets = _offsets(counts)
-        h_NF = x_ND.new_empty(x_ND.shape[0], w1_eFD.shape[1])
-        y_ND = x_ND.new_empty(x_ND.shape[0], w2_eDF.shape[1])
-        for i, n in enumerate(counts):
-            if n:
-                s = slice(offsets[i], offsets[i + 1])
-                torch.addmm(b1_eF[i], x_ND[s], w1_eFD[i].t(), out=h_NF[s])
+        e = len(counts)
+        x_ND = x_ND.contiguous()
+        expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
+                                           torch.tensor(counts, device=x_ND.device), output_size=x_ND.shape[0])
+        rows = [slice(offsets[i], offsets[i + 1]) for i in range(e)]
+        h_NF = b1_eF.index_select(0, expert_N)
+        batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0)
         a_NF = F.gelu(h_NF)
-        for i, n in enumerate(counts):
-            if n:
-                s = slice(offsets[i], offsets[i + 1])
-                torch.addmm(b2_eD[i], a_NF[s], w2_eDF[i].t(), out=y_ND[s])
-        ctx.counts, ctx.offsets = counts, offsets
+        y_ND = b2_eD.index_select(0, expert_N)
+        batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0)
+        ctx.rows = rows
         ctx.save_for_backward(x_ND, h_NF, a_NF, w1_eFD, w2_eDF)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, h_NF, a_NF, w1_eFD, w2_eDF = ctx.saved_tensors
-        counts, offsets = ctx.counts, ctx.offsets
+        rows = ctx.rows
         dy_ND = dy_ND.contiguous()
         need_dx, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        dx_ND = torch.empty_like(x_ND) if need_dx else None
         dw1 = torch.empty_like(w1_eFD) if need_w1 else None
         dw2 = torch.empty_like(w2_eDF) if need_w2 else None
-        db1 = dy_ND.new_empty(w1_eFD.shape[:2]) if need_b1 else None
-        db2 = dy_ND.new_empty(w2_eDF.shape[:2]) if need_b2 else None
-        for i, n in enumerate(counts):
-            if n == 0:
-                for g in (dw1, dw2, db1, db2):
-                    if g is not None:
-                        g[i].zero_()
-                continue
-            s = slice(offsets[i], offsets[i + 1])
-            dy, a = dy_ND[s], a_NF[s]
-            if dw2 is not None:
-                torch.mm(dy.t(), a, out=dw2[i])
-            if db2 is not None:
-                torch.sum(dy, dim=0, out=db2[i])
-            dh = torch.ops.aten.gelu_backward(torch.mm(dy, w2_eDF[i]), h_NF[s])
-            if dw1 is not None:
-                torch.mm(dh.t(), x_ND[s], out=dw1[i])
-            if db1 is not None:
-                torch.sum(dh, dim=0, out=db1[i])
-            if dx_ND is not None:
-                torch.mm(dh, w1_eFD[i], out=dx_ND[s])
+        db1 = db2 = dx_ND = None
+        dys = [dy_ND[r] for r in rows]
+        if need_w2:
+            batched_mm(dys, [a_NF[r] for r in rows], list(dw2), trans_a=True)
+        if need_b2:
+            db2 = _row_sums(dys, dy_ND)
+        da_NF = torch.empty_like(h_NF)
+        batched_mm(dys, list(w2_eDF), [da_NF[r] for r in rows])
+        dh_NF = torch.ops.aten.gelu_backward(da_NF, h_NF)
+        del da_NF
+        dhs = [dh_NF[r] for r in rows]
+        if need_w1:
+            batched_mm(dhs, [x_ND[r] for r in rows], list(dw1), trans_a=True)
+        if need_b1:
+            db1 = _row_sums(dhs, dh_NF)
+        if need_dx:
+            dx_ND = torch.empty_like(x_ND)
+            batched_mm(dhs, list(w1_eFD), [dx_ND[r] for r in rows])
         return dx_ND, None, dw1, db1, dw2, db2
+
+
+def _row_sums(blocks, like_ND: torch.Tensor) -> torch.Tensor:
+    """[e, D] column sums of each block (bias gradients) as one batched [1, n_i] x [n_i, D] GEMM."""
+    ones_1N = like_ND.new_ones(1, max(max(b.shape[0] for b in blocks), 1))
+    out_eD = like_ND.new_empty(len(blocks), like_ND.shape[1])
+    batched_mm([ones_1N[:, :b.shape[0]] for b in blocks], blocks, [out_eD[i:i + 1] for i in range(len(blocks))])
+    return out_eD
 
 
 def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD) -> torch.Tensor:

@@ -59,10 +59,13 @@ def get_args(argv=None):
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    g.add_argument("--log-interval", type=int, default=100, help="documents between progress-bar updates")
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="documents between progress lines (progress bar updates on a terminal)")
     args = p.parse_args(argv)
     if args.workers < 1:
         raise UsageError(f"--workers ({args.workers}) must be >= 1")
+    if args.log_interval < 1:
+        raise UsageError(f"--log-interval ({args.log_interval}) must be >= 1")
     if args.max_documents is not None and args.max_documents < 1:
         raise UsageError(f"--max-documents ({args.max_documents}) must be >= 1")
     if not os.path.isfile(args.input):
@@ -121,6 +124,8 @@ def load_documents(args, cache_dir):
         if ds.features[key].dtype != "string":
             raise UsageError(f"--json-keys {key}: values in {args.input} are {ds.features[key].dtype}, not text")
     ds = ds.select_columns(args.json_keys)
+    if args.log_interval < 1:
+        raise UsageError(f"--log-interval ({args.log_interval}) must be >= 1")
     if args.max_documents is not None:
         ds = ds.select(range(min(args.max_documents, len(ds))))
     return ds
@@ -162,7 +167,7 @@ def run(args):
             skipped = {k: 0 for k in args.json_keys}
             with tqdm(total=n_docs, unit="doc", miniters=args.log_interval, file=sys.stderr,
                       disable=None, desc="tokenizing") as bar:
-                for doc, chars in encoded:
+                for n_done, (doc, chars) in enumerate(encoded, start=1):
                     n_chars += chars
                     for key, ids in doc.items():
                         if ids.size == 0:
@@ -172,6 +177,10 @@ def run(args):
                         builders[key].end_document()
                         n_tokens += ids.size
                     bar.update(1)
+                    if bar.disable and n_done % args.log_interval == 0:  # no terminal: Megatron-style lines
+                        dt = max(time.time() - start, 1e-9)
+                        print(f"processed {n_done}/{n_docs} documents ({n_done / dt:.1f} docs/s, "
+                              f"{n_chars / dt / 1e6:.2f} M chars/s)", file=sys.stderr, flush=True)
             for k, b in builders.items():
                 b.finalize(tmp[k] + ".idx")
             for k in args.json_keys:

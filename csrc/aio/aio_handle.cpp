@@ -19,7 +19,7 @@ void check_positive(int64_t value, const char* name)
     }
 }
 
-void check_tensor(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset)
+void check_tensor(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
 {
     if (!buffer.defined()) { throw make_value_error("aio: the buffer tensor is undefined", filename); }
     if (!(buffer.device().is_cpu() || buffer.device().is_cuda())) {
@@ -71,7 +71,7 @@ void aio_handle::warn_once(bool* warned, const std::string& message)
     if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) { throw py::error_already_set(); }
 }
 
-int aio_handle::submit(bool read_op, const torch::Tensor& buffer, const std::string& filename,
+int aio_handle::submit(bool read_op, const at::Tensor& buffer, const std::string& filename,
                        bool validate, bool async, int64_t file_offset)
 {
     check_tensor(buffer, filename, file_offset);
@@ -128,55 +128,55 @@ int aio_handle::wait_locked()
     return completed;
 }
 
-int aio_handle::pread(const torch::Tensor& buffer, const std::string& filename, bool validate,
+int aio_handle::pread(const at::Tensor& buffer, const std::string& filename, bool validate,
                       bool async, int64_t file_offset)
 {
     return submit(/*read_op=*/true, buffer, filename, validate, async, file_offset);
 }
 
-int aio_handle::pwrite(const torch::Tensor& buffer, const std::string& filename, bool validate,
+int aio_handle::pwrite(const at::Tensor& buffer, const std::string& filename, bool validate,
                        bool async, int64_t file_offset)
 {
     return submit(/*read_op=*/false, buffer, filename, validate, async, file_offset);
 }
 
-int aio_handle::read(const torch::Tensor& buffer, const std::string& filename, bool validate)
+int aio_handle::read(const at::Tensor& buffer, const std::string& filename, bool validate)
 {
     return pread(buffer, filename, validate, /*async=*/false, 0);
 }
 
-int aio_handle::write(const torch::Tensor& buffer, const std::string& filename, bool validate)
+int aio_handle::write(const at::Tensor& buffer, const std::string& filename, bool validate)
 {
     return pwrite(buffer, filename, validate, /*async=*/false, 0);
 }
 
-int aio_handle::sync_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset)
+int aio_handle::sync_pread(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
 {
     return pread(buffer, filename, false, false, file_offset);
 }
 
-int aio_handle::sync_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset)
+int aio_handle::sync_pwrite(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
 {
     return pwrite(buffer, filename, false, false, file_offset);
 }
 
-int aio_handle::async_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset)
+int aio_handle::async_pread(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
 {
     return pread(buffer, filename, false, true, file_offset);
 }
 
-int aio_handle::async_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset)
+int aio_handle::async_pwrite(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
 {
     return pwrite(buffer, filename, false, true, file_offset);
 }
 
-torch::Tensor aio_handle::new_cpu_locked_tensor(int64_t num_elem, const torch::Tensor& example_tensor)
+at::Tensor aio_handle::new_cpu_locked_tensor(int64_t num_elem, const at::Tensor& example_tensor)
 {
     if (num_elem < 0) {
         throw make_value_error("new_cpu_locked_tensor: num_elem must be >= 0, got " + std::to_string(num_elem), "");
     }
     bool locked = false;
-    torch::Tensor tensor;
+    at::Tensor tensor;
     {
         py::gil_scoped_release no_gil;  // mlock faults every page in: seconds for large tensors
         tensor = _locked_tensors.alloc(num_elem, example_tensor.scalar_type(), &locked);
@@ -189,7 +189,7 @@ torch::Tensor aio_handle::new_cpu_locked_tensor(int64_t num_elem, const torch::T
     return tensor;
 }
 
-bool aio_handle::free_cpu_locked_tensor(const torch::Tensor& tensor)
+bool aio_handle::free_cpu_locked_tensor(const at::Tensor& tensor)
 {
     return _locked_tensors.free(tensor);
 }

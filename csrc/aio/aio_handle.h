@@ -1,7 +1,7 @@
 // aio_handle: the DeepNVMe-compatible Python-facing handle (config, worker threads, locked tensors).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <memory>
 #include <mutex>
@@ -31,23 +31,23 @@ struct aio_handle {
     // Reads buffer.nbytes() bytes at file_offset of `filename` into `buffer` (or writes them).
     // async=false waits for every pending request and returns wait()'s count; async=true returns 0.
     // These release the GIL while they open files, move bytes and wait.
-    int pread(const torch::Tensor& buffer, const std::string& filename, bool validate, bool async,
+    int pread(const at::Tensor& buffer, const std::string& filename, bool validate, bool async,
               int64_t file_offset);
-    int pwrite(const torch::Tensor& buffer, const std::string& filename, bool validate, bool async,
+    int pwrite(const at::Tensor& buffer, const std::string& filename, bool validate, bool async,
                int64_t file_offset);
-    int read(const torch::Tensor& buffer, const std::string& filename, bool validate);
-    int write(const torch::Tensor& buffer, const std::string& filename, bool validate);
-    int sync_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
-    int sync_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
-    int async_pread(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
-    int async_pwrite(const torch::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int read(const at::Tensor& buffer, const std::string& filename, bool validate);
+    int write(const at::Tensor& buffer, const std::string& filename, bool validate);
+    int sync_pread(const at::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int sync_pwrite(const at::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int async_pread(const at::Tensor& buffer, const std::string& filename, int64_t file_offset);
+    int async_pwrite(const at::Tensor& buffer, const std::string& filename, int64_t file_offset);
 
     // Waits for every pending request; returns how many completed (0 when none was pending).
     // After all of them completed, rethrows the first failure among them.
     int wait();
 
-    torch::Tensor new_cpu_locked_tensor(int64_t num_elem, const torch::Tensor& example_tensor);
-    bool free_cpu_locked_tensor(const torch::Tensor& tensor);
+    at::Tensor new_cpu_locked_tensor(int64_t num_elem, const at::Tensor& example_tensor);
+    bool free_cpu_locked_tensor(const at::Tensor& tensor);
 
     const aio_config _config;
     std::vector<std::unique_ptr<aio_thread>> _thread_contexts;
@@ -59,7 +59,7 @@ struct aio_handle {
     bool _warned_unlocked = false;
 
 private:
-    int submit(bool read_op, const torch::Tensor& buffer, const std::string& filename, bool validate,
+    int submit(bool read_op, const at::Tensor& buffer, const std::string& filename, bool validate,
                bool async, int64_t file_offset);
     int wait_locked();  // wait() with _api_mutex held and the GIL released
     void warn_once(bool* warned, const std::string& message);  // Python RuntimeWarning (takes the GIL)

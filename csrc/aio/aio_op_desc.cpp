@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <sstream>
 
 #include "aio_error.h"
 #include "aio_slice.h"
@@ -16,16 +15,9 @@ namespace {
 
 constexpr int64_t k_split_align = 4096;  // thread slices start on page boundaries of the file range
 
-std::string describe(const torch::Tensor& t)
-{
-    std::ostringstream s;
-    s << "tensor of shape " << t.sizes() << ", dtype " << t.scalar_type() << " on " << t.device();
-    return s.str();
-}
-
 }  // namespace
 
-aio_op_desc::aio_op_desc(bool read_op, const torch::Tensor& buffer, std::shared_ptr<aio_file> file,
+aio_op_desc::aio_op_desc(bool read_op, const at::Tensor& buffer, std::shared_ptr<aio_file> file,
                          int64_t file_offset, bool validate, int num_threads)
     : _read_op(read_op),
       _buffer(buffer),
@@ -37,9 +29,9 @@ aio_op_desc::aio_op_desc(bool read_op, const torch::Tensor& buffer, std::shared_
 {
     if (buffer.is_cuda()) {
         // Pinned host staging: the device copy is one DMA, and the file side stays plain CPU memory.
-        _cpu_buffer = torch::empty({_num_bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+        _cpu_buffer = at::empty({_num_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
         if (!read_op) {
-            _cpu_buffer.copy_(buffer.contiguous().view({-1}).view(torch::kUInt8));
+            _cpu_buffer.copy_(buffer.contiguous().view({-1}).view(at::kByte));
         }
     } else {
         _cpu_buffer = buffer;
@@ -68,9 +60,11 @@ void aio_op_desc::finish()
     if (_validate) {
         // Read the range back through the page cache (which direct writes keep coherent) and compare.
         std::vector<char> file_bytes(static_cast<size_t>(_num_bytes));
+        // A fresh read-only descriptor: a write request's own descriptors are write-only.
+        std::shared_ptr<aio_file> reader = aio_file::open(_file->_path, /*read_op=*/true, _file_offset, _num_bytes);
         int64_t done = 0;
         while (done < _num_bytes) {
-            const ssize_t rc = ::pread(_file->_buffered_fd, file_bytes.data() + done,
+            const ssize_t rc = ::pread(reader->_buffered_fd, file_bytes.data() + done,
                                        static_cast<size_t>(_num_bytes - done), _file_offset + done);
             if (rc < 0 && errno == EINTR) { continue; }
             if (rc <= 0) {
@@ -85,6 +79,6 @@ void aio_op_desc::finish()
         }
     }
     if (_read_op && _buffer.is_cuda()) {
-        _buffer.view({-1}).view(torch::kUInt8).copy_(_cpu_buffer);
+        _buffer.view({-1}).view(at::kByte).copy_(_cpu_buffer);
     }
 }

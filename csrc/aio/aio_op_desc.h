@@ -1,7 +1,7 @@
 // aio_op_desc: one read or write request (tensor, file, offset, bytes) shared by the worker threads.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <exception>
 #include <memory>
@@ -17,7 +17,7 @@
 struct aio_op_desc {
     // Checks the tensor (contiguous; CPU, or CUDA through a pinned bounce tensor) and, for a CUDA
     // write, stages it to host memory. Throws aio_error (ValueError) on a bad tensor.
-    aio_op_desc(bool read_op, const torch::Tensor& buffer, std::shared_ptr<aio_file> file,
+    aio_op_desc(bool read_op, const at::Tensor& buffer, std::shared_ptr<aio_file> file,
                 int64_t file_offset, bool validate, int num_threads);
 
     // Worker thread `tid` moves its slice (about num_bytes / num_threads, page-aligned boundaries).
@@ -29,8 +29,8 @@ struct aio_op_desc {
     void finish();
 
     bool _read_op;
-    torch::Tensor _buffer;      // the caller's tensor, kept alive until finish()
-    torch::Tensor _cpu_buffer;  // what the workers move: _buffer itself, or its pinned host copy
+    at::Tensor _buffer;      // the caller's tensor, kept alive until finish()
+    at::Tensor _cpu_buffer;  // what the workers move: _buffer itself, or its pinned host copy
     std::shared_ptr<aio_file> _file;
     int64_t _file_offset;
     int64_t _num_bytes;

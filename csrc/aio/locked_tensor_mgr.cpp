@@ -3,20 +3,20 @@
 
 #include "aligned_buffer.h"
 
-torch::Tensor locked_tensor_mgr::alloc(int64_t num_elem, torch::ScalarType dtype, bool* locked)
+at::Tensor locked_tensor_mgr::alloc(int64_t num_elem, at::ScalarType dtype, bool* locked)
 {
     const size_t num_bytes = static_cast<size_t>(num_elem) * c10::elementSize(dtype);
     aligned_buffer* memory = new aligned_buffer(num_bytes, /*lock=*/true);
     *locked = memory->_locked;
-    torch::Tensor tensor = torch::from_blob(
+    at::Tensor tensor = at::from_blob(
         memory->_ptr, {num_elem}, [memory](void*) { delete memory; },
-        torch::TensorOptions().dtype(dtype).device(torch::kCPU));
+        at::TensorOptions().dtype(dtype).device(at::kCPU));
     std::lock_guard<std::mutex> lock(_mutex);
     _live.insert(memory->_ptr);
     return tensor;
 }
 
-bool locked_tensor_mgr::free(const torch::Tensor& tensor)
+bool locked_tensor_mgr::free(const at::Tensor& tensor)
 {
     std::lock_guard<std::mutex> lock(_mutex);
     return _live.erase(tensor.data_ptr()) > 0;

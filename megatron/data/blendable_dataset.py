@@ -2,7 +2,7 @@
 
 import logging
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 

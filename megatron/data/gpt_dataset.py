@@ -209,10 +209,20 @@ class GPTDataset:
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"{name}: index cache {missing[0]} missing after rank 0 built it; is --data-cache-path shared by all ranks?")
-        self.doc_idx = np.load(paths["doc_idx"], mmap_mode="r", allow_pickle=False)
-        self.sample_idx = np.load(paths["sample_idx"], mmap_mode="r", allow_pickle=False)
-        self.shuffle_idx = np.load(paths["shuffle_idx"], mmap_mode="r", allow_pickle=False)
+        self._load_cache()
         logger.info("%s: %d samples (%d documents, %d doc_idx entries) from %s", name, len(self), len(documents), len(self.doc_idx), indexed_dataset.prefix)
+
+    def _load_cache(self) -> None:
+        for k in ("doc_idx", "sample_idx", "shuffle_idx"):
+            setattr(self, k, np.load(self.cache_paths[k], mmap_mode="r", allow_pickle=False))
+
+    # Pickle without the memory-mapped arrays (DataLoader workers under spawn); they are reopened.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("doc_idx", "sample_idx", "shuffle_idx")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load_cache()
 
     def _build_cache(self, cache_dir, paths, documents, num_samples, seed) -> None:
         try:

@@ -17,7 +17,7 @@ The ``.bin`` file is the sequences' tokens back to back in the index's dtype.
 import os
 import shutil
 import struct
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
@@ -125,6 +125,13 @@ class MMapIndexedDataset:
         off += 8 * n_seq
         self._doc_idx = np.frombuffer(buf, dtype=np.int64, count=n_doc, offset=off)
         self._idx_buf = buf
+
+    # Pickle by prefix (DataLoader workers under spawn) instead of copying the mapped files.
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"])
 
     def __len__(self) -> int:
         return len(self._sizes)

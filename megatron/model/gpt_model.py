@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from megatron.config import ModelConfig
 from megatron.model.attention import KVCache
+from megatron.model.fused_lm_loss import fused_lm_cross_entropy
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.rope import RotaryEmbedding
 from megatron.model.transformer import TransformerLayer
@@ -69,18 +70,17 @@ class GPTModel(torch.nn.Module):
         if return_logits is None:
             return_logits = labels is None
         logits = loss = None
-        if labels is not None:
-            loss = lm_cross_entropy(x, self.word_embeddings.weight, labels)
         if return_logits:
             logits = F.linear(x, self.word_embeddings.weight)
+        if labels is not None:
+            if logits is None:  # training: never materialise log-probs (megatron/model/fused_lm_loss.py)
+                loss = fused_lm_cross_entropy(x, self.word_embeddings.weight, labels)
+            else:
+                b, s, v = logits.shape
+                loss = F.cross_entropy(logits.float().view(b * s, v), labels.reshape(b * s),
+                                       reduction="none").view(b, s)
         return ModelOutput(logits, loss, stats)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers)
 
-
-def lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token CE of the tied LM head: hidden [b, s, h], weight [V, h], labels [b, s] -> [b, s] fp32."""
-    logits = F.linear(hidden, weight)  # [b, s, V]
-    b, s, v = logits.shape
-    return F.cross_entropy(logits.float().view(b * s, v), labels.reshape(b * s), reduction="none").view(b, s)

@@ -96,25 +96,41 @@ def _full_batch_worker(rank, world_size, cfg, tokens_per_rank):
     return errs
 
 
-# float64 end to end: differences are summation order only, so 1e-10 is loose.
-TOL = 1e-10
+def _all_cases(rank, world_size, cases):
+    """One spawn for every case (process start-up dominates the run time)."""
+    out = [_worker(rank, world_size, *case) for case in cases]
+    out.append(_full_batch_worker(rank, world_size, dict(num_experts=E, topk=2, drop_tokens=False), (10, 10)))
+    return out
 
 
-@pytest.mark.parametrize("cfg, tokens_per_rank, aux_coeff", [
+CASES = [  # (cfg, tokens per rank, aux coeff)
     (dict(num_experts=E, topk=1, drop_tokens=False), (9, 9), 0.01),
     (dict(num_experts=E, topk=2, drop_tokens=False), (7, 13), 0.01),  # ranks with different T: no hang
     (dict(num_experts=E, topk=1, train_capacity_factor=0.75, min_capacity=1, use_rts=False), (16, 16), 0.1),
     (dict(num_experts=E, topk=2, train_capacity_factor=1.0, min_capacity=1, use_rts=False, z_loss_coeff=1e-3),
      (12, 5), 0.1),
-])
-def test_ep2_equals_single_process(cfg, tokens_per_rank, aux_coeff):
-    for rank, errs in enumerate(run_distributed(_worker, 2, cfg, tokens_per_rank, aux_coeff)):
+]
+FULL_BATCH = len(CASES)
+# float64 end to end: differences are summation order only, so 1e-10 is loose.
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def ep_results():
+    return run_distributed(_all_cases, 2, CASES)
+
+
+def _check(per_rank_errs):
+    for rank, errs in enumerate(per_rank_errs):
         for name, err in errs.items():
             assert err <= TOL, f"rank {rank}: {name} differs by {err}"
 
 
-def test_ep2_grads_equal_full_batch_training():
-    cfg = dict(num_experts=E, topk=2, drop_tokens=False)
-    for rank, errs in enumerate(run_distributed(_full_batch_worker, 2, cfg, (10, 10))):
-        for name, err in errs.items():
-            assert err <= TOL, f"rank {rank}: {name} differs by {err}"
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["top1-dropless", "top2-dropless-uneven-T",
+                                                         "top1-dropping", "top2-dropping-zloss"])
+def test_ep2_equals_single_process(ep_results, case):
+    _check([rank_results[case] for rank_results in ep_results])
+
+
+def test_ep2_grads_equal_full_batch_training(ep_results):
+    _check([rank_results[FULL_BATCH] for rank_results in ep_results])

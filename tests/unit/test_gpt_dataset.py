@@ -265,3 +265,16 @@ def test_blended_train_valid_test(tmp_path):
     assert len(train.datasets[0]) >= 31 and len(train.datasets[1]) >= 11
     with pytest.raises(ValueError, match="blend needs"):
         BlendableDataset([list(range(3)), list(range(3))], [0.5, 0.5], 10)
+
+
+def test_pickles_by_reference(tmp_path):
+    """DataLoader workers started with spawn receive the dataset pickled: paths, not copied arrays."""
+    import pickle
+
+    prefix = str(tmp_path / "ds")
+    write_dataset(prefix)
+    ds = GPTDataset("train", MMapIndexedDataset(prefix), np.arange(12), 10, 5, seed=0, cache_dir=str(tmp_path / "c"))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000
+    clone = pickle.loads(blob)
+    assert [clone[i]["text"].tolist() for i in range(len(ds))] == [ds[i]["text"].tolist() for i in range(len(ds))]

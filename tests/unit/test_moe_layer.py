@@ -209,3 +209,31 @@ def test_bf16_input_keeps_fp32_router():
     x = torch.randn(10, 8, dtype=torch.bfloat16)
     y, stats = layer(x)
     assert y.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (False, True), (True, False)])
+def test_batched_mm_backends_agree(dtype, trans_a, trans_b):
+    from moe.experts import _MKL_BATCH, batched_mm
+    if not _MKL_BATCH.fns:
+        pytest.skip("this torch build does not export cblas_?gemm_batch; only the torch.mm loop runs")
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 1]
+    off = [0, 3, 3, 8, 9]
+    A = torch.randn(9, 4, dtype=dtype)
+    if trans_a:  # C_i = A_i^T @ B_i  ([4, n_i] x [n_i, 6] -> [4, 6])
+        B, shapes = torch.randn(9, 6, dtype=dtype), [(4, 6)] * 4
+        a = [A[off[i]:off[i + 1]] for i in range(4)]
+        b = [B[off[i]:off[i + 1]] for i in range(4)]
+    else:  # C_i = A_i @ op(B_i)  ([n_i, 4] x [4, 6] -> [n_i, 6])
+        W = torch.randn(4, 6, 4, dtype=dtype) if trans_b else torch.randn(4, 4, 6, dtype=dtype)
+        a, b, shapes = [A[off[i]:off[i + 1]] for i in range(4)], list(W), [(n, 6) for n in counts]
+    outs = []
+    for use_mkl in (True, False):
+        C = [torch.full(s, 7.0, dtype=dtype) for s in shapes]
+        batched_mm(a, b, C, trans_a=trans_a, trans_b=trans_b, beta=0.0, use_mkl=use_mkl)
+        outs.append(C)
+    for c_mkl, c_loop, ai, bi in zip(*outs, a, b):
+        ref = (ai.t() if trans_a else ai) @ (bi.t() if trans_b else bi)
+        torch.testing.assert_close(c_mkl, ref)  # an empty reduction gives zeros, not the old 7s
+        torch.testing.assert_close(c_loop, ref)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make demo`: verify data -> tokenize the novel corpus (GPT-2 BPE) -> train a small GPT -> validation
+# perplexity -> a generated sample. Every knob below can be overridden from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+DATA_DIR=${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo ./data)}
+OUT=${OUT:-outputs/demo}
+WORKERS=${WORKERS:-2}
+# model (dense GPT; MoE knobs in examples_moe/pretrain_gpt_moe.sh)
+NUM_LAYERS=${NUM_LAYERS:-4}
+HIDDEN=${HIDDEN:-256}
+HEADS=${HEADS:-4}
+SEQ=${SEQ:-256}
+MICRO_BATCH=${MICRO_BATCH:-8}
+GLOBAL_BATCH=${GLOBAL_BATCH:-16}
+TRAIN_ITERS=${TRAIN_ITERS:-120}
+LR=${LR:-1e-3}
+PROMPT=${PROMPT:-"It was a dark and stormy night, and"}
+
+VOCAB="$DATA_DIR/gpt2/gpt2-vocab.json"
+MERGES="$DATA_DIR/gpt2/gpt2-merges.txt"
+CORPUS="$DATA_DIR/corpus/gutenberg_novels.jsonl"
+PREFIX="$OUT/data/novels"
+
+echo "== 1/4 data: checking sha256 of the files in $DATA_DIR"
+if ! "$PYTHON" -c "import sys; from megatron.data.data_files import resolve
+for n in ('gpt2-vocab', 'gpt2-merges'): resolve(n, sys.argv[1])" "$DATA_DIR" 2>/dev/null; then
+  echo "   GPT-2 vocab missing here: downloading it (tools/download_data.py)"
+  "$PYTHON" tools/download_data.py --data-dir "$DATA_DIR" --only gpt2
+fi
+"$PYTHON" -c "import sys; from megatron.data.data_files import resolve, DataFileError
+try: resolve('corpus', sys.argv[1])
+except DataFileError as e: sys.exit(f'error: {e} (the demo needs a jsonl corpus; set CORPUS=... to use another)')" "$DATA_DIR"
+
+if [ ! -f "${PREFIX}_text_document.idx" ]; then
+  echo "== 2/4 tokenizing $CORPUS with GPT-2 BPE ($WORKERS workers)"
+  mkdir -p "$OUT/data"
+  "$PYTHON" tools/preprocess_data.py --input "$CORPUS" --json-keys text --output-prefix "$PREFIX" \
+      --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
+      --workers "$WORKERS" --append-eod
+else
+  echo "== 2/4 reusing ${PREFIX}_text_document.{bin,idx}"
+fi
+
+echo "== 3/4 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN) for $TRAIN_ITERS iterations"
+rm -rf "$OUT/checkpoints"
+"$PYTHON" pretrain_gpt.py \
+    --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
+    --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
+    --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
+    --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 \
+    --adam-beta2 0.95 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 \
+    --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
+    --data-path "${PREFIX}_text_document" --split 969,30,1 --num-workers 1 \
+    --log-interval 10 --eval-interval 60 --eval-iters 8 \
+    --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@"
+
+echo "== 4/4 sample (greedy-ish: temperature 0.7, top-k 40)"
+"$PYTHON" tools/generate.py --load "$OUT/checkpoints" --prompt "$PROMPT" --max-new-tokens 40 \
+    --temperature 0.7 --top-k 40 --seed 1

@@ -1,0 +1,215 @@
+"""Runs zero-shot tasks on a checkpoint: data checks, model loading, scoring, aggregation, JSON and markdown output.
+
+Order of a run (`run_zeroshot`), so that every user mistake is reported before minutes of work:
+1. build the tasks (unknown name -> ValueError naming --tasks);
+2. check the sha256 of every data file the tasks read (DataFileError naming the file and tools/download_data.py);
+3. load the checkpoint (CheckpointError naming --load);
+4. per task: load documents, encode requests, score them in micro-batches, aggregate metrics with stderr.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.data.data_files import default_data_dir, resolve
+from megatron.eval.metrics import AGGREGATIONS, perplexity_stderr
+from megatron.eval.scorer import LoglikelihoodScorer
+from megatron.eval.tasks import Task, build_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    load: str  # checkpoint root or iter_XXXXXXX directory
+    tasks: Tuple[str, ...] = ("lambada", "piqa")  # task names (megatron.eval.tasks registry)
+    data_dir: Optional[str] = None  # root of lambada/, piqa/ (default: megatron.data.data_files.default_data_dir())
+    micro_batch_size: int = 8  # requests per forward
+    lambada_last_token: bool = False  # Megatron non-strict LAMBADA: score only the last BPE token
+    eval_fp32: bool = False  # fp32 weights, no autocast, log_softmax in fp64
+    autocast_dtype: Optional[str] = None  # "bf16" or "fp16": forward under autocast (ignored with eval_fp32)
+    drop_tokens: Optional[bool] = None  # False = dropless MoE (--disable-moe-token-dropping); None = checkpoint's
+    eval_capacity_factor: Optional[float] = None  # override of --moe-eval-capacity-factor; None = checkpoint's
+    seq_length: Optional[int] = None  # model window in tokens; None = checkpoint's --seq-length
+    pad_multiple: int = 16  # right-pad rows to a multiple of this many tokens
+    limit: Optional[int] = None  # score only the first N documents of each task (smoke runs)
+    bootstrap_iters: int = 10000  # resamples for the perplexity stderr
+    seed: int = 1234  # torch seed (MoE random token selection) and bootstrap seed
+    device: Optional[str] = None  # default cuda when available, else cpu
+    tokenizer_overrides: Dict[str, Optional[str]] = field(default_factory=dict)  # vocab_file/merge_file/...
+    progress: bool = True  # tqdm bar on stderr
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
+        if self.pad_multiple < 1:
+            raise ValueError(f"--pad-to-multiple ({self.pad_multiple}) must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit ({self.limit}) must be >= 1")
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ValueError(f"--seq-length ({self.seq_length}) must be >= 1")
+        if self.eval_capacity_factor is not None and not self.eval_capacity_factor > 0:
+            raise ValueError(f"--moe-eval-capacity-factor ({self.eval_capacity_factor}) must be > 0")
+        if self.autocast_dtype not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast dtype ({self.autocast_dtype}) must be bf16, fp16 or None")
+        if not self.tasks:
+            raise ValueError("--tasks is empty; give e.g. --tasks lambada,piqa")
+
+
+@dataclass
+class MetricResult:
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    num_examples: int
+    seconds: float  # wall time of the whole task (encode + score + aggregate)
+    variant: str = ""
+    higher_is_better: bool = True
+
+
+def task_options(cfg: EvalConfig) -> Dict[str, dict]:
+    """Constructor options per task name (only tasks that take options appear)."""
+    return {"lambada": {"last_token": cfg.lambada_last_token}}
+
+
+def verify_data(tasks: Sequence[Task], data_dir) -> Dict[str, Dict[str, Path]]:
+    """{task name: {data file name: verified path}}; raises DataFileError on the first missing/bad file."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    return {t.name: {f: resolve(f, data_dir) for f in t.data_files} for t in tasks}
+
+
+def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_iters: int = 10000, seed: int = 1234,
+                  progress: Optional[Callable[[int], None]] = None) -> Tuple[List[MetricResult], List[dict]]:
+    """Scores every request of `docs` in one pass, then aggregates; returns (one row per metric, per-doc values).
+
+    `scorer` is anything with `score(requests, progress) -> answers` (a LoglikelihoodScorer, or a stub in tests).
+    """
+    start = time.perf_counter()
+    per_doc_requests = [task.encode(doc, tokenizer) for doc in docs]
+    window = getattr(scorer, "window", None)
+    for k, reqs in enumerate(per_doc_requests):
+        longest = max((len(r.continuation) for r in reqs), default=0)
+        if window is not None and longest > window:
+            # the harness fails on these too (its logits slice comes out shorter than the continuation)
+            raise ValueError(f"{task.name} document {k}: a continuation of {longest} tokens does not fit the "
+                             f"model window ({window} tokens, --seq-length); evaluate with a longer window")
+    flat = [r for reqs in per_doc_requests for r in reqs]
+    answers = scorer.score(flat, progress=progress)
+    per_doc, pos = [], 0
+    for doc, reqs in zip(docs, per_doc_requests):
+        per_doc.append(task.process_results(doc, answers[pos:pos + len(reqs)]))
+        pos += len(reqs)
+    seconds = time.perf_counter() - start
+    rows = []
+    for metric, agg_name in task.aggregations.items():
+        agg, stderr = AGGREGATIONS[agg_name]
+        if stderr is perplexity_stderr:
+            stderr = functools.partial(perplexity_stderr, iters=bootstrap_iters, seed=seed)
+        values = [d[metric] for d in per_doc]
+        rows.append(MetricResult(task.name, metric, agg(values), stderr(values), len(values), seconds,
+                                 task.describe(), task.higher_is_better[metric]))
+    return rows, per_doc
+
+
+def _load_model(cfg: EvalConfig):
+    """(model, tokenizer, configs, window, scorer dtype settings) for the checkpoint and overrides."""
+    from megatron.inference import load_model_for_inference
+
+    moe_overrides = {}
+    if cfg.drop_tokens is not None:
+        moe_overrides["drop_tokens"] = cfg.drop_tokens
+    if cfg.eval_capacity_factor is not None:
+        moe_overrides["eval_capacity_factor"] = cfg.eval_capacity_factor
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, configs = load_model_for_inference(cfg.load, device=device,
+                                                         tokenizer_overrides=cfg.tokenizer_overrides,
+                                                         moe_overrides=moe_overrides)
+    mcfg = model.cfg
+    window = cfg.seq_length or mcfg.seq_length
+    if mcfg.position_embedding_type == "learned_absolute" and window > mcfg.max_position_embeddings:
+        raise ValueError(f"--seq-length ({window}) must be <= the checkpoint's --max-position-embeddings "
+                         f"({mcfg.max_position_embeddings})")
+    if cfg.eval_fp32:
+        model.float()
+    return model, tokenizer, configs, window
+
+
+def run_zeroshot(cfg: EvalConfig) -> dict:
+    """Evaluates `cfg.tasks` on `cfg.load`; returns the JSON-ready report (see tools/eval_zeroshot.py)."""
+    tasks = [build_task(name, **task_options(cfg).get(name, {})) for name in cfg.tasks]
+    paths = verify_data(tasks, cfg.data_dir)
+    model, tokenizer, configs, window = _load_model(cfg)
+    autocast = None if cfg.eval_fp32 else {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.autocast_dtype]
+    scorer = LoglikelihoodScorer(model, window, cfg.micro_batch_size, cfg.pad_multiple,
+                                 logprob_dtype=torch.float64 if cfg.eval_fp32 else torch.float32,
+                                 autocast_dtype=autocast)
+    rows: List[MetricResult] = []
+    timings = []
+    for task in tasks:
+        torch.manual_seed(cfg.seed)  # MoE random token selection draws from it: same numbers on every run
+        docs = task.load_docs(paths[task.name])[:cfg.limit]
+        n_requests = sum(len(task.requests(d)) for d in docs)
+        bar = _progress_bar(task.name, n_requests, cfg.progress)
+        task_rows, _ = evaluate_task(task, docs, tokenizer, scorer, cfg.bootstrap_iters, cfg.seed,
+                                     progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        secs = task_rows[0].seconds
+        timings.append({"task": task.name, "seconds": secs, "num_examples": len(docs), "num_requests": n_requests,
+                        "examples_per_second": len(docs) / secs if secs > 0 else math.inf})
+        logger.info("%s: %d examples in %.1f s (%.1f examples/s)", task.name, len(docs), secs, len(docs) / secs)
+        rows.extend(task_rows)
+    moe = configs.get("moe")
+    return {
+        "checkpoint": os.path.abspath(cfg.load),
+        "results": [dataclasses.asdict(r) for r in rows],
+        "timings": timings,
+        "settings": {
+            "window": window, "micro_batch_size": cfg.micro_batch_size, "pad_multiple": cfg.pad_multiple,
+            "precision": "fp32 (fp64 log_softmax)" if cfg.eval_fp32 else (cfg.autocast_dtype or "fp32"),
+            "device": str(next(model.parameters()).device), "limit": cfg.limit, "seed": cfg.seed,
+            "bootstrap_iters": cfg.bootstrap_iters,
+            "moe": None if not moe else {
+                "drop_tokens": moe["drop_tokens"] if cfg.drop_tokens is None else cfg.drop_tokens,
+                "eval_capacity_factor": cfg.eval_capacity_factor or moe["eval_capacity_factor"]},
+            "tokenizer": type(tokenizer).__name__,
+        },
+    }
+
+
+def _progress_bar(name: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="req", dynamic_ncols=True, leave=False)
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a markdown table (harness layout: Task | Metric | Value | ± | Stderr | n)."""
+    lines = ["| Task | Variant | Metric | Value | | Stderr | n | seconds |",
+             "|------|---------|--------|------:|---|------:|--:|--------:|"]
+    for r in report["results"]:
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        lines.append(f"| {r['task']} | {r['variant']} | {r['metric']} {arrow} | {r['value']:.4f} | ± | "
+                     f"{r['stderr']:.4f} | {r['num_examples']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,135 @@
+"""Every CLI flag maps to exactly one TrainConfig field; cross-concern validation names the flags."""
+import pytest
+
+from megatron.arguments import ArgumentError, build_parser, parse_args, train_config_from_args, validate
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--train-iters", "100"]
+
+# flag -> (argv value(s), config field path, expected value). Adding a flag means adding it here on purpose.
+MAPPING = {
+    "--num-layers": (["6"], "model.num_layers", 6),
+    "--hidden-size": (["128"], "model.hidden_size", 128),
+    "--ffn-hidden-size": (["300"], "model.ffn_hidden_size", 300),
+    "--num-attention-heads": (["8"], "model.num_attention_heads", 8),
+    "--seq-length": (["48"], "model.seq_length", 48),
+    "--max-position-embeddings": (["96"], "model.max_position_embeddings", 96),
+    "--position-embedding-type": (["rope"], "model.position_embedding_type", "rope"),
+    "--rotary-base": (["500"], "model.rotary_base", 500.0),
+    "--hidden-dropout": (["0.2"], "model.hidden_dropout", 0.2),
+    "--attention-dropout": (["0.3"], "model.attention_dropout", 0.3),
+    "--init-method-std": (["0.006"], "model.init_method_std", 0.006),
+    "--layernorm-epsilon": (["1e-6"], "model.layernorm_epsilon", 1e-6),
+    "--make-vocab-size-divisible-by": (["64"], "tokenizer.make_vocab_size_divisible_by", 64),
+    "--num-experts": (["8"], "moe.num_experts", (8,)),
+    "--expert-interval": (["1", "--num-experts", "4"], "moe.expert_interval", 1),
+    "--topk": (["2", "--num-experts", "4"], "moe.topk", 2),
+    "--moe-expert-parallel-size": (["1", "--num-experts", "4"], "parallel.expert_model_parallel_size", (1,)),
+    "--moe-train-capacity-factor": (["1.25", "--num-experts", "4"], "moe.train_capacity_factor", 1.25),
+    "--moe-eval-capacity-factor": (["2.0", "--num-experts", "4"], "moe.eval_capacity_factor", 2.0),
+    "--moe-min-capacity": (["8", "--num-experts", "4"], "moe.min_capacity", 8),
+    "--moe-loss-coeff": (["0.02", "--num-experts", "4"], "moe.loss_coeff", 0.02),
+    "--disable-moe-token-dropping": (["--num-experts", "4"], "moe.drop_tokens", False),
+    "--moe-z-loss-coeff": (["0.001", "--num-experts", "4"], "moe.z_loss_coeff", 0.001),
+    "--moe-noisy-gate-policy": (["RSample", "--num-experts", "4"], "moe.noisy_gate_policy", "RSample"),
+    "--moe-use-rts": (["--num-experts", "4"], "moe.use_rts", True),
+    "--no-moe-use-rts": (["--num-experts", "4"], "moe.use_rts", False),
+    "--mlp-type": (["standard", "--num-experts", "4"], "moe.mlp_type", "standard"),
+    "--micro-batch-size": (["2"], "data.micro_batch_size", 2),
+    "--global-batch-size": (["16"], "data.global_batch_size", 16),
+    "--train-iters": (["77"], "scheduler.train_iters", 77),
+    "--train-tokens": (["3200"], "scheduler.train_iters", 100),  # 3200 tokens / (1 sample x 32 tokens)
+    "--lr": (["0.5"], "optimizer.lr", 0.5),
+    "--min-lr": (["1e-5"], "optimizer.min_lr", 1e-5),
+    "--lr-decay-style": (["cosine"], "scheduler.lr_decay_style", "cosine"),
+    "--lr-warmup-iters": (["7"], "scheduler.lr_warmup_iters", 7),
+    "--lr-warmup-tokens": (["320"], "scheduler.lr_warmup_iters", 10),
+    "--lr-decay-iters": (["90"], "scheduler.lr_decay_iters", 90),
+    "--lr-decay-tokens": (["640"], "scheduler.lr_decay_iters", 20),
+    "--weight-decay": (["0.1"], "optimizer.weight_decay", 0.1),
+    "--adam-beta1": (["0.8"], "optimizer.adam_beta1", 0.8),
+    "--adam-beta2": (["0.95"], "optimizer.adam_beta2", 0.95),
+    "--adam-eps": (["1e-6"], "optimizer.adam_eps", 1e-6),
+    "--clip-grad": (["0.5"], "optimizer.clip_grad", 0.5),
+    "--bf16": ([], "optimizer.bf16", True),
+    "--fp16": ([], "optimizer.fp16", True),
+    "--loss-scale": (["128"], "optimizer.loss_scale", 128.0),
+    "--initial-loss-scale": (["1024"], "optimizer.initial_loss_scale", 1024.0),
+    "--min-loss-scale": (["2"], "optimizer.min_loss_scale", 2.0),
+    "--loss-scale-window": (["50"], "optimizer.loss_scale_window", 50),
+    "--hysteresis": (["3"], "optimizer.hysteresis", 3),
+    "--seed": (["42"], "data.seed", 42),
+    "--tensor-model-parallel-size": (["1"], "parallel.tensor_model_parallel_size", 1),
+    "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
+    "--compile": ([], "compile", True),
+    "--deterministic": ([], "deterministic", True),
+    "--data-path": (["0.3", "A", "0.7", "B"], "data.data_path", ("0.3", "A", "0.7", "B")),
+    "--split": (["98,2,0"], "data.split", "98,2,0"),
+    "--data-cache-path": (["/tmp/c"], "data.data_cache_path", "/tmp/c"),
+    "--num-workers": (["0"], "data.num_workers", 0),
+    "--eod-mask-loss": ([], "data.eod_mask_loss", True),
+    "--tokenizer-type": (["SentencePieceTokenizer"], "tokenizer.tokenizer_type", "SentencePieceTokenizer"),
+    "--vocab-file": (["v.json"], "tokenizer.vocab_file", "v.json"),
+    "--merge-file": (["m.txt"], "tokenizer.merge_file", "m.txt"),
+    "--tokenizer-model": (["t.model"], "tokenizer.tokenizer_model", "t.model"),
+    "--save": (["/tmp/s"], "checkpoint.save", "/tmp/s"),
+    "--load": (["/tmp/l"], "checkpoint.load", "/tmp/l"),
+    "--save-interval": (["5"], "checkpoint.save_interval", 5),
+    "--no-load-optim": ([], "checkpoint.no_load_optim", True),
+    "--no-load-rng": ([], "checkpoint.no_load_rng", True),
+    "--finetune": ([], "checkpoint.finetune", True),
+    "--log-interval": (["3"], "logging.log_interval", 3),
+    "--eval-interval": (["9"], "logging.eval_interval", 9),
+    "--eval-iters": (["4"], "logging.eval_iters", 4),
+    "--exit-interval": (["11"], "logging.exit_interval", 11),
+    "--tensorboard-dir": (["/tmp/tb"], "logging.tensorboard_dir", "/tmp/tb"),
+    "--peak-flops": (["1e12"], "logging.peak_flops", 1e12),
+}
+
+EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
+
+
+def _all_flags():
+    p = build_parser()
+    return {s for a in p._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+def test_flag_list_is_complete():
+    assert _all_flags() == set(MAPPING), sorted(_all_flags() ^ set(MAPPING))
+
+
+def _get(cfg, path):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("flag", sorted(MAPPING))
+def test_flag_maps_to_field(flag):
+    values, path, expected = MAPPING[flag]
+    base = list(BASE)
+    if flag == "--train-tokens":
+        base = base[:-2]
+    argv = base + [flag] + values
+    args = parse_args(argv)
+    cfg = train_config_from_args(args, padded_vocab_size=128, dp_size=1)
+    got = _get(cfg, path)
+    assert got == expected if not isinstance(expected, float) else abs(got - expected) < 1e-12
+
+
+def test_cross_concern_validation_names_flags():
+    args = parse_args(BASE + ["--global-batch-size", "6", "--micro-batch-size", "4"])
+    with pytest.raises(ArgumentError, match=r"--global-batch-size \(6\) must be divisible by --micro-batch-size"):
+        train_config_from_args(args, 128, dp_size=1)
+    args = parse_args(BASE + ["--global-batch-size", "8", "--micro-batch-size", "4"])
+    cfg = train_config_from_args(args, 128, dp_size=1)
+    with pytest.raises(ArgumentError, match=r"data-parallel size \(4\)"):
+        validate(cfg, world_size=4)
+    args = parse_args(BASE + ["--num-experts", "4", "--moe-expert-parallel-size", "4", "--global-batch-size", "8"])
+    cfg = train_config_from_args(args, 128, dp_size=2)
+    with pytest.raises(ArgumentError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size \(2\)"):
+        validate(cfg, world_size=2)
+    with pytest.raises(ValueError, match="--fp16 and --bf16"):
+        train_config_from_args(parse_args(BASE + ["--fp16", "--bf16"]), 128, 1)
+    with pytest.raises(ArgumentError, match="--num-experts has 3 values"):
+        train_config_from_args(parse_args(BASE + ["--num-experts", "4", "4", "4"]), 128, 1)

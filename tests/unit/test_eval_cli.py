@@ -1,0 +1,108 @@
+"""tools/eval_zeroshot.py: data hash checks and bad input exit 2 with one line; an end-to-end run writes the report."""
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron import checkpointing
+from megatron.config import ModelConfig
+from megatron.data.data_files import DataFileError, default_data_dir, resolve
+from megatron.model import GPTModel
+from tests.conftest import ROOT
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("eval_zeroshot", os.path.join(ROOT, "tools", "eval_zeroshot.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cli = _load_cli()
+
+
+@pytest.fixture(scope="module")
+def real_data_dir():
+    """The registered LAMBADA and PIQA files (hash-checked); tests that need them skip without them."""
+    try:
+        for name in ("lambada", "piqa-valid", "piqa-valid-labels"):
+            resolve(name)
+    except DataFileError as e:
+        pytest.skip(f"LAMBADA/PIQA not under {default_data_dir()} ({e}); run tools/download_data.py")
+    return str(default_data_dir())
+
+
+def save_tiny_checkpoint(root, tokenizer_model, moe=None):
+    """A random-init 2-layer GPT with the tiny SentencePiece tokenizer, saved like pretrain_gpt.py --save does."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=256,
+                      max_position_embeddings=256, padded_vocab_size=128)
+    model = GPTModel(cfg, moe)
+    configs = {"model": dataclasses.asdict(cfg), "moe": dataclasses.asdict(moe) if moe else None,
+               "tokenizer": {"tokenizer_type": "SentencePieceTokenizer", "vocab_file": None, "merge_file": None,
+                             "tokenizer_model": tokenizer_model, "make_vocab_size_divisible_by": 64}}
+    checkpointing.save_checkpoint(str(root), 1, model, None, None, None, {}, configs)
+    return str(root)
+
+
+def _one_error_line(rc, stderr):
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert rc == 2, stderr
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_bad_hash_exits_2_with_one_line_naming_the_file(tmp_path):
+    (tmp_path / "lambada").mkdir()
+    (tmp_path / "lambada" / "lambada_test.jsonl").write_text('{"text": "not the real file"}\n')
+    p = subprocess.run([sys.executable, "tools/eval_zeroshot.py", "--load", str(tmp_path / "no_ckpt"), "--tasks",
+                        "lambada", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    line = _one_error_line(p.returncode, p.stderr)
+    assert "lambada/lambada_test.jsonl" in line and "sha256" in line and "tools/download_data.py" in line
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--tasks", "piqa"], "piqa/valid.jsonl: missing"),  # data is checked before the checkpoint is read
+    (["--tasks", "lambada,hellaswag"], "--tasks: unknown task 'hellaswag'"),
+    (["--micro-batch-size", "0"], "--micro-batch-size (0) must be >= 1"),
+])
+def test_bad_input_exits_2_in_process(tmp_path, capsys, argv, needle):
+    rc = cli.main(["--load", str(tmp_path / "no_ckpt"), "--data-dir", str(tmp_path), "--no-progress", *argv])
+    assert needle in _one_error_line(rc, capsys.readouterr().err)
+
+
+def test_bad_load_exits_2(tmp_path, capsys, real_data_dir):
+    rc = cli.main(["--load", str(tmp_path / "no_ckpt"), "--data-dir", real_data_dir, "--no-progress"])
+    assert "--load" in _one_error_line(rc, capsys.readouterr().err)
+
+
+def test_end_to_end_writes_report_and_table(tmp_path, capsys, tiny_corpus, real_data_dir):
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"])
+    out = tmp_path / "results.json"
+    rc = cli.main(["--load", ckpt, "--data-dir", real_data_dir, "--limit", "6", "--micro-batch-size", "4",
+                   "--eval-fp32", "--output", str(out), "--no-progress", "--bootstrap-iters", "100"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == os.path.abspath(ckpt)
+    got = {(r["task"], r["metric"]): r for r in report["results"]}
+    assert set(got) == {("lambada", "acc"), ("lambada", "ppl"), ("piqa", "acc"), ("piqa", "acc_norm")}
+    for r in got.values():
+        assert r["num_examples"] == 6 and r["seconds"] > 0 and r["stderr"] >= 0
+    assert got[("lambada", "ppl")]["value"] > 1.0
+    assert "| lambada | whole last word | acc" in captured.out and "| piqa |" in captured.out
+    assert [t["task"] for t in report["timings"]] == ["lambada", "piqa"]
+
+
+def test_continuation_longer_than_window_exits_2_naming_the_example(tmp_path, capsys, tiny_corpus, real_data_dir):
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"])
+    rc = cli.main(["--load", ckpt, "--data-dir", real_data_dir, "--tasks", "piqa", "--limit", "20",
+                   "--seq-length", "16", "--no-progress"])
+    line = _one_error_line(rc, capsys.readouterr().err)
+    assert "piqa document" in line and "does not fit the model window (16 tokens, --seq-length)" in line

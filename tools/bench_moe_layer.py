@@ -1,0 +1,241 @@
+"""Benchmark of one MoE layer's forward+backward against an ideal dense GEMM chain (and baselines).
+
+Every implementation runs once per round, interleaved, and is reported as the median over rounds of
+its time divided by the same round's "ideal": a dense GELU MLP over T*k rows (same FLOPs as the
+experts with no routing, no dropping and no padding). Rows:
+  (E=8,  T=4096, H=512, F=2048, k=1 and 2, cf 1.0 and 1.25)
+  (E=64 and E=128, T=8192, H=512, F=1024, k=1, cf 1.0 and 1.25)
+Implementations: ideal, moe (this package), hf_loop (HF-Mixtral-style loop over experts, dropless, so
+it ignores cf), deepspeed (deepspeed.moe.layer.MoE, only when importable). Then expert parallel:
+EP=2 on two processes (1 thread each) vs one process (2 threads), same global tokens, in global tokens/s.
+
+    python tools/bench_moe_layer.py [--rounds 7] [--quick] [--skip-ep] [--only-ep]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe import MoEConfig, MoELayer  # noqa: E402
+
+CASES = [  # (E, T, H, F, k, cf)
+    (8, 4096, 512, 2048, 1, 1.0), (8, 4096, 512, 2048, 1, 1.25),
+    (8, 4096, 512, 2048, 2, 1.0), (8, 4096, 512, 2048, 2, 1.25),
+    (64, 8192, 512, 1024, 1, 1.0), (64, 8192, 512, 1024, 1, 1.25),
+    (128, 8192, 512, 1024, 1, 1.0), (128, 8192, 512, 1024, 1, 1.25),
+]
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, H, F_):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(H, F_), nn.Linear(F_, H)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Ideal(nn.Module):
+    """The dense GEMM chain over T*k rows: the FLOPs of the experts with perfect routing."""
+
+    def __init__(self, H, F_, k):
+        super().__init__()
+        self.mlp, self.k = DenseMLP(H, F_), k
+
+    def forward(self, x_TD):
+        x = x_TD.repeat(self.k, 1) if self.k > 1 else x_TD  # [T*k, H]
+        return self.mlp(x), None
+
+
+class HFLoop(nn.Module):
+    """HF-Mixtral-style sparse block: router, top-k, then a Python loop of autograd ops over experts."""
+
+    def __init__(self, H, F_, E, k):
+        super().__init__()
+        self.gate, self.k, self.E = nn.Linear(H, E, bias=False), k, E
+        self.experts = nn.ModuleList(DenseMLP(H, F_) for _ in range(E))
+
+    def forward(self, x_TD):
+        probs = torch.softmax(self.gate(x_TD).float(), dim=-1)
+        w_TK, sel_TK = torch.topk(probs, self.k, dim=-1)
+        if self.k > 1:
+            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        w_TK = w_TK.to(x_TD.dtype)
+        out = torch.zeros_like(x_TD)
+        mask_EKT = F.one_hot(sel_TK, self.E).permute(2, 1, 0)
+        for e in range(self.E):
+            idx, top_x = torch.where(mask_EKT[e])
+            if top_x.numel():
+                out.index_add_(0, top_x, self.experts[e](x_TD[top_x]) * w_TK[top_x, idx, None])
+        return out, None
+
+
+class OurMoE(nn.Module):
+    def __init__(self, H, F_, E, k, cf, ep_group=None):
+        super().__init__()
+        ep_size = 1 if ep_group is None else ep_group.size()
+        cfg = MoEConfig(num_experts=E, topk=k, ep_size=ep_size, train_capacity_factor=cf,
+                        eval_capacity_factor=cf)
+        self.layer = MoELayer(H, F_, E, cfg, ep_group=ep_group)
+
+    def forward(self, x_TD):
+        y, stats = self.layer(x_TD)
+        return y, stats.aux_loss
+
+
+def deepspeed_factory():
+    """deepspeed.moe.layer.MoE when importable (needs a process group; a 1-rank gloo one is made)."""
+    try:
+        from deepspeed.moe.layer import MoE as DSMoE
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+    class DS(nn.Module):
+        def __init__(self, H, F_, E, k, cf):
+            super().__init__()
+            self.moe = DSMoE(H, expert=DenseMLP(H, F_), num_experts=E, ep_size=1, k=k, capacity_factor=cf,
+                             eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=True)
+
+        def forward(self, x_TD):
+            y, l_aux, _ = self.moe(x_TD)
+            return y, l_aux
+    return DS
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fwd_bwd(model, x, dy):
+    """One training step's layer work: forward, backward, grads reset like optimizer.zero_grad()."""
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    y, aux = model(x)
+    loss = (y * dy).sum()
+    if aux is not None:
+        loss = loss + 0.01 * aux
+    loss.backward()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_case(E, T, H, F_, k, cf, rounds, ds_cls):
+    torch.manual_seed(0)
+    impls = {"ideal": Ideal(H, F_, k), "moe": OurMoE(H, F_, E, k, cf), "hf_loop": HFLoop(H, F_, E, k)}
+    if ds_cls is not None:
+        impls["deepspeed"] = ds_cls(H, F_, E, k, cf)
+    x = torch.randn(T, H, requires_grad=True)
+    dy = {"ideal": torch.randn(T * k, H)}
+    dy_T = torch.randn(T, H)
+    ratios = {name: [] for name in impls}
+    ms = {name: [] for name in impls}
+    for r in range(rounds + 1):  # round 0 warms up
+        times = {name: timed(lambda m=m, name=name: fwd_bwd(m, x, dy.get(name, dy_T))) for name, m in impls.items()}
+        if r == 0:
+            continue
+        for name, t in times.items():
+            ratios[name].append(t / times["ideal"])
+            ms[name].append(t * 1e3)
+    return {name: (statistics.median(ratios[name]), statistics.median(ms[name])) for name in impls}
+
+
+# ---- expert parallel: EP=2 on two processes vs one process ------------------------------------------
+
+def _ep_worker(rank, world_size, port, E, T_global, H, F_, k, cf, rounds, out_q):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    group = dist.group.WORLD
+    ep_model = OurMoE(H, F_, E, k, cf, ep_group=group)
+    T_local = T_global // world_size
+    x = torch.randn(T_local, H, requires_grad=True)
+    dy = torch.randn(T_local, H)
+    single = OurMoE(H, F_, E, k, cf) if rank == 0 else None
+    xs, dys = torch.randn(T_global, H, requires_grad=True), torch.randn(T_global, H)
+    ratios, t1s, t2s = [], [], []
+    for r in range(rounds + 1):
+        dist.barrier()
+        t_single = 0.0
+        if rank == 0:  # rank 1 waits in the barrier below, so rank 0 has both cores
+            torch.set_num_threads(world_size)
+            t_single = timed(lambda: fwd_bwd(single, xs, dys))
+            torch.set_num_threads(1)
+        dist.barrier()
+        t_ep = torch.tensor([timed(lambda: fwd_bwd(ep_model, x, dy))])
+        dist.all_reduce(t_ep, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
+        if r and rank == 0:
+            ratios.append(t_single / float(t_ep))
+            t1s.append(t_single)
+            t2s.append(float(t_ep))
+    if rank == 0:
+        out_q.put((statistics.median(ratios), statistics.median(t1s), statistics.median(t2s)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ep_entry(rank, *args):
+    torch.set_num_threads(1)
+    _ep_worker(rank, 2, *args)
+
+
+def bench_ep(E, T_global, H, F_, k, cf, rounds):
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.spawn(_ep_entry, args=(_free_port(), E, T_global, H, F_, k, cf, rounds, q), nprocs=2, join=True)
+    return q.get()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="one row per expert count, 3 rounds")
+    ap.add_argument("--cases", type=str, default=None, help="comma-separated row indices to run")
+    ap.add_argument("--skip-ep", action="store_true")
+    ap.add_argument("--only-ep", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = CASES
+    if args.quick:
+        cases, args.rounds = [CASES[0], CASES[4], CASES[6]], 3
+    if args.cases:
+        cases = [CASES[int(i)] for i in args.cases.split(",")]
+    if not args.only_ep:
+        ds_cls = deepspeed_factory()
+        names = ["moe", "hf_loop"] + (["deepspeed"] if ds_cls else [])
+        print(f"fp32, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
+              f"(ideal ms in brackets){'' if ds_cls else '; deepspeed not installed'}")
+        print(f"{'E':>4} {'T':>5} {'H':>4} {'F':>5} {'k':>2} {'cf':>5} {'ideal ms':>9} "
+              + " ".join(f"{n:>10}" for n in names))
+        for E, T, H, F_, k, cf in cases:
+            res = bench_case(E, T, H, F_, k, cf, args.rounds, ds_cls)
+            print(f"{E:>4} {T:>5} {H:>4} {F_:>5} {k:>2} {cf:>5} {res['ideal'][1]:>9.1f} "
+                  + " ".join(f"{res[n][0]:>9.2f}x" for n in names), flush=True)
+    if not args.skip_ep:
+        E, T, H, F_, k, cf = CASES[0]
+        ratio, t1, t2 = bench_ep(E, T, H, F_, k, cf, args.rounds)
+        print(f"EP=2 on 2 processes (1 thread each) vs 1 process (2 threads), E={E} T_global={T} H={H} F={F_} "
+              f"k={k} cf={cf}: 1-proc {T / t1:,.0f} tok/s, EP=2 {T / t2:,.0f} tok/s, ratio {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Benchmark the full training step (forward, backward, AdamW) of a GPT config: tokens/s and MFU.
+
+MFU is measured against the fp32 GEMM peak measured in the same run (best of several n x n matmuls),
+with Megatron's FLOP accounting (megatron/flops.py). Variants run interleaved in rounds so machine noise
+hits them alike; medians are reported.
+
+    python tools/bench_train.py                      # the issue's reference config (8L, h512, s512, b4)
+    python tools/bench_train.py --variants eager,compile --rounds 5
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron.config import ModelConfig  # noqa: E402
+from megatron.flops import flops_per_token, measure_gemm_peak  # noqa: E402
+from megatron.model import GPTModel  # noqa: E402
+from megatron.optimizer import build_optimizer  # noqa: E402
+from megatron.config import OptimizerConfig  # noqa: E402
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-layers", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--ffn-hidden-size", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=50304)
+    p.add_argument("--hidden-dropout", type=float, default=0.0)
+    p.add_argument("--attention-dropout", type=float, default=0.0)
+    p.add_argument("--num-experts", type=int, default=1, help=">1: MoE every --expert-interval layers")
+    p.add_argument("--expert-interval", type=int, default=2)
+    p.add_argument("--topk", type=int, default=1)
+    p.add_argument("--variants", default="eager", help="comma list of: eager, compile")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def build(args, variant):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                      num_attention_heads=args.num_attention_heads,
+                      ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, seq_length=args.seq_length,
+                      max_position_embeddings=args.seq_length, padded_vocab_size=args.vocab_size,
+                      hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
+    moe_cfg = None
+    if args.num_experts > 1:
+        from moe.config import MoEConfig
+        moe_cfg = MoEConfig(num_experts=(args.num_experts,), expert_interval=args.expert_interval, topk=args.topk)
+    model = GPTModel(cfg, moe_cfg)
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-4))
+    fwd = torch.compile(model) if variant == "compile" else model
+    return cfg, moe_cfg, model, fwd, opt
+
+
+def step(fwd, opt, tokens, labels, moe_cfg):
+    opt.zero_grad(set_to_none=True)
+    out = fwd(tokens, labels)
+    loss = out.loss.mean()
+    if moe_cfg is not None and out.moe_stats:
+        loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
+    loss.backward()
+    opt.step()
+
+
+def main():
+    args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), generator=g)
+    labels = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), generator=g)
+    built = {v: build(args, v) for v in variants}
+    for v in variants:  # warm up (and compile)
+        _, moe_cfg, _, fwd, opt = built[v]
+        for _ in range(args.warmup):
+            step(fwd, opt, tokens, labels, moe_cfg)
+    times = {v: [] for v in variants}
+    peaks = []
+    for _ in range(args.rounds):
+        peaks.append(measure_gemm_peak(2048, repeats=3))
+        for v in variants:
+            _, moe_cfg, _, fwd, opt = built[v]
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                step(fwd, opt, tokens, labels, moe_cfg)
+                times[v].append(time.perf_counter() - t)
+    peak = max(peaks)
+    cfg, moe_cfg = built[variants[0]][0], built[variants[0]][1]
+    ntok = args.micro_batch_size * args.seq_length
+    fpt = flops_per_token(cfg, moe_cfg)
+    print(f"config: layers {cfg.num_layers} hidden {cfg.hidden_size} heads {cfg.num_attention_heads} ffn "
+          f"{cfg.ffn_hidden_size} seq {cfg.seq_length} micro-batch {args.micro_batch_size} vocab "
+          f"{cfg.padded_vocab_size} experts {args.num_experts} | threads {torch.get_num_threads()} | "
+          f"{fpt * ntok / 1e9:.1f} GFLOP per step")
+    print(f"fp32 GEMM peak (2048^3, best of {len(peaks)} rounds): {peak / 1e9:.1f} GFLOP/s")
+    print(f"| variant | median ms/step | tokens/s | GFLOP/s | MFU |")
+    print(f"|---|---|---|---|---|")
+    for v in variants:
+        med = statistics.median(times[v])
+        print(f"| {v} | {1000 * med:.0f} | {ntok / med:.0f} | {fpt * ntok / med / 1e9:.1f} | "
+              f"{100 * fpt * ntok / med / peak:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
