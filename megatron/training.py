@@ -232,7 +232,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         total, lm_loss, stats = forward_loss(st, tokens, labels, mask)
         (total * (scale / n_micro)).backward()
         lm_sum += lm_loss.detach()
-        moe_logs.append(stats)
+        moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
+                         for x in stats])
     reduce_gradients(st)
     found_inf = False
     if st.loss_scaler is not None:
@@ -257,7 +258,7 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         dist.all_reduce(lm, group=st.groups.dp_group)
         lm /= st.groups.dp_size
     return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
-            "loss_scale": scale, "moe": summarize_moe(moe_logs)}
+            "loss_scale": scale, "moe_raw": moe_logs}
 
 
 def _expert_norm_group(st: TrainState):
@@ -280,7 +281,7 @@ def summarize_moe(per_micro: List[List]) -> List[dict]:
         stats = [m[layer] for m in per_micro]
         counts = torch.stack([s.tokens_per_expert.float() for s in stats]).sum(0)
         mean = counts.mean()
-        out.append({"aux_loss": float(sum(float(s.aux_loss) for s in stats) / len(stats)),
+        out.append({"aux_loss": float(sum(float(s.aux_loss.detach()) for s in stats) / len(stats)),
                     "tokens_min": float(counts.min()), "tokens_max": float(counts.max()),
                     "tokens_cv": float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
                     "dropped": float(sum(float(s.dropped_fraction) for s in stats) / len(stats))})
@@ -364,6 +365,7 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
         m = train_step(st, train_iter)
         losses.append(m["lm_loss"])
         if st.iteration % lg.log_interval == 0:
+            m["moe"] = summarize_moe(m.pop("moe_raw"))  # only on logging steps: it syncs on every stat
             elapsed = time.perf_counter() - t0
             print_rank0(format_log(st, m, elapsed, st.iteration - last_logged))
             tokens = cfg.data.global_batch_size * cfg.data.seq_length * (st.iteration - last_logged)

@@ -139,10 +139,14 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_case(E, T, H, F_, k, cf, rounds, ds_cls):
+def bench_case(E, T, H, F_, k, cf, rounds, ds_cls, names):
     torch.manual_seed(0)
-    impls = {"ideal": Ideal(H, F_, k), "moe": OurMoE(H, F_, E, k, cf), "hf_loop": HFLoop(H, F_, E, k)}
-    if ds_cls is not None:
+    impls = {"ideal": Ideal(H, F_, k)}
+    if "moe" in names:
+        impls["moe"] = OurMoE(H, F_, E, k, cf)
+    if "hf_loop" in names:
+        impls["hf_loop"] = HFLoop(H, F_, E, k)
+    if "deepspeed" in names:
         impls["deepspeed"] = ds_cls(H, F_, E, k, cf)
     x = torch.randn(T, H, requires_grad=True)
     dy = {"ideal": torch.randn(T * k, H)}
@@ -210,6 +214,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one row per expert count, 3 rounds")
     ap.add_argument("--cases", type=str, default=None, help="comma-separated row indices to run")
+    ap.add_argument("--impls", type=str, default="moe,hf_loop,deepspeed",
+                    help="comma-separated implementations besides the ideal")
     ap.add_argument("--skip-ep", action="store_true")
     ap.add_argument("--only-ep", action="store_true")
     args = ap.parse_args()
@@ -221,13 +227,13 @@ def main():
         cases = [CASES[int(i)] for i in args.cases.split(",")]
     if not args.only_ep:
         ds_cls = deepspeed_factory()
-        names = ["moe", "hf_loop"] + (["deepspeed"] if ds_cls else [])
+        names = [n for n in args.impls.split(",") if n != "deepspeed" or ds_cls is not None]
         print(f"fp32, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
               f"(ideal ms in brackets){'' if ds_cls else '; deepspeed not installed'}")
         print(f"{'E':>4} {'T':>5} {'H':>4} {'F':>5} {'k':>2} {'cf':>5} {'ideal ms':>9} "
               + " ".join(f"{n:>10}" for n in names))
         for E, T, H, F_, k, cf in cases:
-            res = bench_case(E, T, H, F_, k, cf, args.rounds, ds_cls)
+            res = bench_case(E, T, H, F_, k, cf, args.rounds, ds_cls, names)
             print(f"{E:>4} {T:>5} {H:>4} {F_:>5} {k:>2} {cf:>5} {res['ideal'][1]:>9.1f} "
                   + " ".join(f"{res[n][0]:>9.2f}x" for n in names), flush=True)
     if not args.skip_ep:

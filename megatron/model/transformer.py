@@ -24,9 +24,10 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
     num_experts = moe_cfg.num_experts_for_layer(i)
     ep_size = moe_cfg.ep_size
     ep_group = groups.ep_group(ep_size) if groups is not None else None
-    return MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
-                    init_method=init_method, output_layer_init_method=output_init_method,
-                    layer_index=i)
+    layer = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
+                     init_method=init_method, output_layer_init_method=output_init_method)
+    layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
+    return layer
 
 
 class TransformerLayer(torch.nn.Module):

@@ -1,4 +1,5 @@
 """Training loop: loss falls, exact resume, bad-input exit codes, generation from a checkpoint."""
+import math
 import os
 import subprocess
 import sys
@@ -100,3 +101,22 @@ def test_generate_from_checkpoint_greedy_matches_no_cache(tiny_corpus, tmp_path)
     assert sampled.returncode == 0, sampled.stderr
     bad = _run_cli(["tools/generate.py", "--load", str(tmp_path / "nope"), "--prompt", "x"])
     assert bad.returncode == 2 and "--load" in bad.stderr
+
+
+def test_bf16_autocast_training_loss_falls(tiny_corpus, tmp_path):
+    r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "30", "--bf16", "--hidden-dropout", "0.0"))
+    assert sum(r["losses"][-5:]) / 5 < 0.8 * sum(r["losses"][:5]) / 5
+
+
+def test_fp16_dynamic_loss_scale_skips_overflow_steps(tiny_corpus, tmp_path):
+    """A huge initial scale overflows fp16 grads: those steps are skipped (weights untouched) and the scale
+    halves each time (hysteresis 1) until steps go through and the loss falls."""
+    r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "40", "--fp16", "--initial-loss-scale",
+                                 str(2.0 ** 40), "--hysteresis", "1", "--hidden-dropout", "0.0"))
+    st = r["state"]
+    assert st.loss_scaler.scale < 2.0 ** 40
+    skipped = round(math.log2(2.0 ** 40 / st.loss_scaler.scale))
+    assert 1 <= skipped < 35
+    # an optimizer step happened on every non-skipped iteration only
+    assert st.optimizer.state[next(iter(st.model.parameters()))]["step"] == 40 - skipped
+    assert sum(r["losses"][-5:]) / 5 < sum(r["losses"][:5]) / 5

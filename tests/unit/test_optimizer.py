@@ -1,0 +1,93 @@
+"""LR schedule, loss scaler, parameter groups and gradient clipping against hand computations."""
+import math
+
+import pytest
+import torch
+
+from megatron.config import OptimizerConfig, SchedulerConfig
+from megatron.optimizer import (DynamicLossScaler, OptimizerParamScheduler, build_optimizer, clip_grad_norm,
+                                param_groups)
+from megatron.optimizer.grad_scaler import unscale_and_check
+
+
+def _sched(style, warmup=10, decay=110, lr=1.0, min_lr=0.1):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    return OptimizerParamScheduler(opt, OptimizerConfig(lr=lr, min_lr=min_lr),
+                                   SchedulerConfig(lr_decay_style=style, train_iters=200, lr_warmup_iters=warmup,
+                                                   lr_decay_iters=decay))
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
+def test_schedule_matches_hand_values(style):
+    s = _sched(style)
+    lrs = [s.get_lr()] + [s.step() for _ in range(150)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    if style == "constant":
+        assert lrs[60] == lrs[150] == 1.0
+    elif style == "linear":  # halfway through decay: min + 0.5 (max - min)
+        assert lrs[60] == pytest.approx(0.1 + 0.5 * 0.9) and lrs[110] == pytest.approx(0.1)
+    else:  # cosine at a quarter: min + 0.5 (1 + cos(pi/4)) (max - min)
+        assert lrs[35] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    if style != "constant":
+        assert lrs[150] == pytest.approx(0.1)
+    assert s.optimizer.param_groups[0]["lr"] == lrs[-1]
+
+
+def test_schedule_resumes_from_state():
+    a = _sched("cosine")
+    for _ in range(37):
+        a.step()
+    b = _sched("cosine")
+    b.load_state_dict(a.state_dict())
+    assert [a.step() for _ in range(20)] == [b.step() for _ in range(20)]
+
+
+def test_dynamic_loss_scaler_hysteresis_and_growth():
+    s = DynamicLossScaler(2.0 ** 16, min_scale=1.0, growth_interval=3, hysteresis=2)
+    s.update(True)
+    assert s.scale == 2.0 ** 16  # first overflow absorbed by hysteresis
+    s.update(True)
+    assert s.scale == 2.0 ** 15
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 2.0 ** 16
+
+
+def test_unscale_detects_inf_and_unscales():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([2.0, 4.0, 8.0])
+    assert not unscale_and_check([p], 2.0) and torch.equal(p.grad, torch.tensor([1.0, 2.0, 4.0]))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert unscale_and_check([p], 2.0)
+
+
+def test_param_groups_no_decay_on_bias_and_norm():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    m[0].weight.expert_parallel = False
+    groups = {g["name"]: g for g in param_groups(m, 0.1)}
+    assert [p.shape for p in groups["dense_decay"]["params"]] == [torch.Size([4, 4])]
+    assert groups["dense_decay"]["weight_decay"] == 0.1 and groups["dense_no_decay"]["weight_decay"] == 0.0
+    assert len(groups["dense_no_decay"]["params"]) == 3
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn(5) * 3
+    ref = [p.grad.clone() for p in ps]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for rp, g in zip(ref_params, ref):
+        rp.grad = g.clone()
+    want = torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    got = clip_grad_norm(ps[:2], ps[2:], 1.0)
+    assert got == pytest.approx(float(want), rel=1e-6)
+    for p, rp in zip(ps, ref_params):
+        torch.testing.assert_close(p.grad, rp.grad)
+
+
+def test_adamw_builds():
+    m = torch.nn.Linear(4, 4)
+    opt = build_optimizer(m, OptimizerConfig(lr=1e-3, weight_decay=0.1))
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
