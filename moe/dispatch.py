@@ -33,7 +33,7 @@ class _GatherPairs(torch.autograd.Function):
         (pair_idx_N,) = ctx.saved_tensors
         grad_PD = _scatter_rows(grad_ND, pair_idx_N, ctx.num_tokens * ctx.k)
         if ctx.k > 1:
-            grad_PD = grad_PD.view(ctx.num_tokens, ctx.k, -1).sum(dim=1)
+            grad_PD = grad_PD.view(ctx.num_tokens, ctx.k, grad_PD.shape[1]).sum(dim=1)
         return grad_PD, None, None
 
 
@@ -71,7 +71,7 @@ def unpermute_tokens(y_ND: torch.Tensor, routing: Routing, num_tokens: int) -> t
     gates_TK = routing.gates_TK.to(y_ND.dtype)
     if k == 1:
         return y_PD * gates_TK
-    return (y_PD.view(num_tokens, k, -1) * gates_TK.unsqueeze(-1)).sum(dim=1)
+    return (y_PD.view(num_tokens, k, y_ND.shape[1]) * gates_TK.unsqueeze(-1)).sum(dim=1)
 
 
 # ---- expert-parallel path -----------------------------------------------------------------------------

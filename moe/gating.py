@@ -106,7 +106,8 @@ def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Te
     """
     num_tokens, num_experts = probs_TE.shape
     frac_E = torch.bincount(expert_TK[:, 0], minlength=num_experts).to(probs_TE.dtype) / max(num_tokens, 1)
-    return num_experts * torch.sum(probs_TE.mean(dim=0) * frac_E)
+    mean_probs_E = probs_TE.sum(dim=0) / max(num_tokens, 1)  # a rank with no tokens gives 0, not NaN
+    return num_experts * torch.sum(mean_probs_E * frac_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -237,3 +237,21 @@ def test_batched_mm_backends_agree(dtype, trans_a, trans_b):
         ref = (ai.t() if trans_a else ai) @ (bi.t() if trans_b else bi)
         torch.testing.assert_close(c_mkl, ref)  # an empty reduction gives zeros, not the old 7s
         torch.testing.assert_close(c_loop, ref)
+
+
+def test_weight_grad_buffer_reused_only_when_free():
+    layer = make_layer(4, 1, use_rts=False)
+    x = torch.randn(20, D, dtype=torch.float64)
+    layer(x)[0].sum().backward()
+    g1 = layer.experts.w1_eFD.grad
+    g1_copy = g1.clone()
+    layer.zero_grad(set_to_none=True)
+    layer(x)[0].sum().backward()  # g1 is still referenced here: a new buffer must be used
+    assert layer.experts.w1_eFD.grad.data_ptr() != g1.data_ptr() and torch.equal(g1, g1_copy)
+    del g1
+    ptr = layer.experts.w1_eFD.grad.data_ptr()
+    layer.zero_grad(set_to_none=True)
+    layer(x)[0].sum().backward()  # nobody holds the old gradient: its memory is reused
+    assert layer.experts.w1_eFD.grad.data_ptr() == ptr
+    layer(x)[0].sum().backward()  # grads not reset: autograd accumulates as usual
+    torch.testing.assert_close(layer.experts.w1_eFD.grad, 2 * g1_copy)
