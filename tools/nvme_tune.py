@@ -109,7 +109,12 @@ def main(argv=None):
     if len(best) == 2:
         # One config for both directions: the best harmonic mean of read and write speed.
         write_by_key = {json.dumps(c, sort_keys=True): g for g, c in results["write"]}
-        chosen = max(results["read"], key=lambda rc: 2 / (1 / rc[0] + 1 / write_by_key[json.dumps(rc[1], sort_keys=True)]))[1]
+
+        def harmonic(read_result):
+            read_gbps, config = read_result
+            return 2 / (1 / read_gbps + 1 / write_by_key[json.dumps(config, sort_keys=True)])
+
+        chosen = max(results["read"], key=harmonic)[1]
     else:
         chosen = next(iter(best.values()))[1]
     print(json.dumps({"aio": chosen}, indent=2))

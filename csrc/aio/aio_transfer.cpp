@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -18,7 +19,17 @@ namespace {
 constexpr int64_t k_offset_align = 4096;   // direct requests cover whole pages, so the page cache
                                             // (heads/tails) and O_DIRECT never share a page
 constexpr uintptr_t k_memory_align = 512;   // buffer alignment O_DIRECT needs (logical block size)
-constexpr int64_t k_bounce_budget = 32 << 20;  // bytes of bounce ring per thread
+// Bytes of bounce ring per thread (MOE_AIO_BOUNCE_MIB overrides, for tuning): enough requests in
+// flight to keep the disk busy, small enough to stay in the last-level cache while it is copied.
+int64_t bounce_budget()
+{
+    static const int64_t budget = [] {
+        const char* value = std::getenv("MOE_AIO_BOUNCE_MIB");
+        const long mib = value != nullptr ? std::atol(value) : 0;
+        return static_cast<int64_t>(mib > 0 ? mib : 16) << 20;
+    }();
+    return budget;
+}
 
 int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 int64_t round_down(int64_t x, int64_t a) { return x / a * a; }
@@ -71,11 +82,14 @@ void complete_request(bool read_op, aio_file& file, const aio_slice& slice, char
 // Runs num_requests libaio requests with at most `window` in flight. prep(index, slot, iocb) fills
 // request `index` into queue slot `slot`; done(index, slot, result) consumes its completion.
 // refill_each_event=false is DeepNVMe's sequential mode (overlap_events=false): a new batch is
-// submitted only once the whole previous batch completed. If anything throws, the requests still
-// in flight are reaped first: they point into memory the caller is about to release.
+// submitted only once the whole previous batch completed. eager=true submits every request as soon
+// as it is prepared and refills a slot as soon as its completion was consumed (the bounce path,
+// where prep/done copy data and the disk should not wait for a whole batch of copies).
+// If anything throws, the requests still in flight are reaped first: they point into memory the
+// caller is about to release.
 template <class Prep, class Done>
 void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refill_each_event,
-                  bool single_submit, const Prep& prep, const Done& done,
+                  bool single_submit, bool eager, const Prep& prep, const Done& done,
                   const std::function<void(int)>& fail)
 {
     std::vector<int> free_slots;
@@ -85,6 +99,18 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
     batch.reserve(window);
     int64_t next = 0;
     int in_flight = 0;
+    auto prepare = [&](int slot) {
+        struct iocb* request = &ctx._iocbs[slot];
+        prep(next, slot, request);  // io_prep_* clears the iocb, so data is set after
+        request->data = reinterpret_cast<void*>(static_cast<intptr_t>(slot));
+        slot_request[slot] = next++;
+        return request;
+    };
+    auto submit = [&](struct iocb** requests, int n) {
+        int err = 0;
+        in_flight += ctx.submit(requests, n, single_submit, &err);
+        if (err != 0) { fail(err); }
+    };
     try {
         while (next < num_requests || in_flight > 0) {
             if (next < num_requests && (refill_each_event || in_flight == 0)) {
@@ -92,15 +118,14 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
                 while (next < num_requests && !free_slots.empty()) {
                     const int slot = free_slots.back();
                     free_slots.pop_back();
-                    struct iocb* request = &ctx._iocbs[slot];
-                    prep(next, slot, request);  // io_prep_* clears the iocb, so data is set after
-                    request->data = reinterpret_cast<void*>(static_cast<intptr_t>(slot));
-                    slot_request[slot] = next++;
-                    batch.push_back(request);
+                    struct iocb* request = prepare(slot);
+                    if (eager) {
+                        submit(&request, 1);
+                    } else {
+                        batch.push_back(request);
+                    }
                 }
-                int err = 0;
-                in_flight += ctx.submit(batch.data(), static_cast<int>(batch.size()), single_submit, &err);
-                if (err != 0) { fail(err); }
+                if (!batch.empty()) { submit(batch.data(), static_cast<int>(batch.size())); }
             }
             const int count = ctx.get_events(refill_each_event ? 1 : in_flight, in_flight);
             if (count < 0) {
@@ -111,8 +136,13 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
                 const struct io_event& event = ctx._events[i];
                 const int slot = static_cast<int>(reinterpret_cast<intptr_t>(event.data));
                 --in_flight;
-                free_slots.push_back(slot);
                 done(slot_request[slot], slot, static_cast<long>(event.res));
+                if (eager && next < num_requests) {
+                    struct iocb* request = prepare(slot);
+                    submit(&request, 1);
+                } else {
+                    free_slots.push_back(slot);
+                }
             }
         }
     } catch (...) {
@@ -147,6 +177,7 @@ void direct_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_c
     };
     auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
     run_requests(ctx, num_requests, ctx._queue_depth, config._overlap_events, config._single_submit,
+                 /*eager=*/false,
                  prep, done, fail);
 }
 
@@ -160,7 +191,7 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
     const int64_t block = round_up(config._block_size, k_offset_align);
     const int64_t num_requests = (num_bytes + block - 1) / block;
     const int slots = static_cast<int>(std::min<int64_t>(
-        ctx._queue_depth, std::max<int64_t>(2, k_bounce_budget / block)));
+        ctx._queue_depth, std::max<int64_t>(2, bounce_budget() / block)));
     const size_t ring_bytes = static_cast<size_t>(slots * block);
     if (!bounce || bounce->_num_bytes < ring_bytes) {
         bounce.reset();
@@ -186,7 +217,8 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
         if (read_op) { std::memcpy(buffer + start, staging, static_cast<size_t>(count)); }
     };
     auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
-    run_requests(ctx, num_requests, slots, /*refill_each_event=*/true, config._single_submit, prep,
+    run_requests(ctx, num_requests, slots, /*refill_each_event=*/true, config._single_submit,
+                 /*eager=*/true, prep,
                  done, fail);
 }
 

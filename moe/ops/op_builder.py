@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
