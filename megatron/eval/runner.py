@@ -27,6 +27,7 @@ from megatron.eval.scorer import LoglikelihoodScorer
 from megatron.eval.tasks import Task, build_task
 
 logger = logging.getLogger(__name__)
+_AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_ite
 
 
 def _load_model(cfg: EvalConfig):
-    """(model, tokenizer, configs, window, scorer dtype settings) for the checkpoint and overrides."""
+    """(model in eval mode, tokenizer, recorded configs, window in tokens) for the checkpoint and overrides."""
     from megatron.inference import load_model_for_inference
 
     moe_overrides = {}
@@ -150,7 +151,7 @@ def run_zeroshot(cfg: EvalConfig) -> dict:
     tasks = [build_task(name, **task_options(cfg).get(name, {})) for name in cfg.tasks]
     paths = verify_data(tasks, cfg.data_dir)
     model, tokenizer, configs, window = _load_model(cfg)
-    autocast = None if cfg.eval_fp32 else {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.autocast_dtype]
+    autocast = None if cfg.eval_fp32 else _AUTOCAST_DTYPES[cfg.autocast_dtype]
     scorer = LoglikelihoodScorer(model, window, cfg.micro_batch_size, cfg.pad_multiple,
                                  logprob_dtype=torch.float64 if cfg.eval_fp32 else torch.float32,
                                  autocast_dtype=autocast)

@@ -1,4 +1,4 @@
-"""Batched continuation log-likelihoods scored exactly like lm-evaluation-harness (`_encode_pair`, `_loglikelihood_tokens`).
+"""Batched continuation log-likelihoods, scored like lm-evaluation-harness `_encode_pair` + `_loglikelihood_tokens`.
 
 A request is (context tokens, continuation tokens). Its answer is (sum of log p(continuation token) given
 everything before it, whether every continuation token is the argmax). How a request becomes model input
@@ -12,8 +12,11 @@ Batching: requests are grouped by their *padded length* (input length rounded up
 past the window), each group is cut into micro-batches, and rows are right-padded with token 0 to that length.
 Causal attention keeps padding out of every real position. Because a request's input shape [*, padded length]
 does not depend on which other requests share its micro-batch, its numbers are bit-identical at every
-micro-batch size (fp32 on CPU: checked in tests/unit/test_eval_scorer.py). Padding every micro-batch to its own
-longest row (the harness's way) shifts logits in the last bits as the batch composition changes.
+micro-batch size for a dense model (fp32 on CPU: checked in tests/unit/test_eval_scorer.py). Padding every
+micro-batch to its own longest row (the harness's way) shifts logits in the last bits as the batch changes.
+MoE: dropless layers match across micro-batch sizes to fp32 rounding only (an expert's GEMM has as many rows as
+tokens routed to it); with token dropping, capacity counts every token of the micro-batch, padding included,
+so results depend on the batch (as in DeepSpeed-MoE evaluation) -- use --disable-moe-token-dropping to compare.
 """
 from __future__ import annotations
 
@@ -195,8 +198,12 @@ class LoglikelihoodScorer:
         n = min(8, self.window)
         vocab = self.model.word_embeddings.weight.shape[0]
         tokens = (torch.arange(n, device=self.device) * 7919 % vocab).unsqueeze(0)  # [1, n]
-        ref = self.model(tokens).logits[0].float()  # [n, V]
-        hidden = self._final_hidden(tokens)[0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # same draws in both passes (MoE random token selection)
+            torch.manual_seed(0)
+            ref = self.model(tokens).logits[0].float()  # [n, V]
+            torch.manual_seed(0)
+            hidden = self._final_hidden(tokens)[0]
         mine = F.linear(hidden, self.model.word_embeddings.weight).float()
         if ref.shape != mine.shape or not torch.allclose(ref, mine, rtol=1e-3, atol=1e-3):
             logger.warning("the model's logits are not final_layernorm output x word_embeddings; scoring with "

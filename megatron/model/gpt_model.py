@@ -40,9 +40,6 @@ class GPTModel(torch.nn.Module):
     def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
-            if int(position_ids.max()) >= self.cfg.max_position_embeddings:
-                raise ValueError(f"position {int(position_ids.max())} exceeds --max-position-embeddings "
-                                 f"({self.cfg.max_position_embeddings})")
             x = x + self.position_embeddings(position_ids)
         return F.dropout(x, self.cfg.hidden_dropout, self.training)
 
@@ -56,6 +53,9 @@ class GPTModel(torch.nn.Module):
         b, s = tokens.shape
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
+            if self.position_embeddings is not None and start + s > self.cfg.max_position_embeddings:
+                raise ValueError(f"sequence end {start + s} exceeds --max-position-embeddings "
+                                 f"({self.cfg.max_position_embeddings})")
             position_ids = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
         x = self.embed(tokens, position_ids)
         rotary = self.rotary(position_ids) if self.rotary is not None else None

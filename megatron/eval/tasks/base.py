@@ -1,4 +1,4 @@
-"""The zero-shot task interface: which data files a task reads, the requests each document makes, how answers become metrics.
+"""The zero-shot task interface: data files a task reads, requests per document, how answers become metrics.
 
 A new task (BoolQ, RACE, TriviaQA, WebQs, ...) is one module in this package with one `Task` subclass decorated
 with `@register_task`. Every task the paper reports reduces to log-likelihood requests: multiple choice compares

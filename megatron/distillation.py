@@ -1,0 +1,108 @@
+"""Builds the frozen MoS/KD teacher from --load-teacher and the teacher architecture flags (DESIGN.md §4)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron import checkpointing
+from megatron.checkpointing import CheckpointError
+from megatron.config import ModelConfig
+from megatron.model import GPTModel
+from moe.config import MoEConfig
+from moe.distill import DistillConfig, TeacherRunner
+
+# Teacher flag -> (DistillConfig field, recorded ModelConfig field)
+_TEACHER_FLAGS = (
+    ("--num-layers-teacher", "num_layers_teacher", "num_layers"),
+    ("--hidden-size-teacher", "hidden_size_teacher", "hidden_size"),
+    ("--num-attention-heads-teacher", "num_attention_heads_teacher", "num_attention_heads"),
+)
+
+
+def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
+                 seq_length: Optional[int] = None) -> TeacherRunner:
+    """Builds the teacher GPTModel, loads --load-teacher into it, returns it frozen in a TeacherRunner.
+
+    Where each teacher setting comes from:
+      - num_layers / hidden_size / num_attention_heads / num_experts: the teacher flags; a flag left unset takes
+        the checkpoint's recorded value; a flag that disagrees with the checkpoint fails with one line naming it.
+      - everything else in ModelConfig (ffn size, position type and table, rotary base, eps, ...): the
+        teacher checkpoint's recorded config, since it describes the weights; dropout is 0 (eval anyway).
+      - MoEConfig: the checkpoint's recorded moe config (capacity factors, top-k, interval, mlp type, ...) with
+        ep_size=1: every rank holds a full teacher replica and runs all its experts. In eval mode the MoE layers
+        use the recorded eval capacity factor.
+      - padded vocabulary: must equal the student's (same tokenizer and padding), since the KL compares the
+        two distributions column by column.
+    Args:
+      cfg: the distillation config (cfg.load_teacher must be set).
+      padded_vocab_size: the student's padded vocabulary size.
+      device: where the teacher lives (default CPU).
+      seq_length: the student's --seq-length; checked against the teacher's learned position table.
+    Raises:
+      CheckpointError (a ValueError; one line) for an unreadable or mismatching teacher checkpoint.
+    """
+    if not cfg.load_teacher:
+        raise ValueError(f"{cfg.flag} needs --load-teacher PATH (the teacher checkpoint to distil from)")
+    try:
+        payload, ckpt_dir = checkpointing.load_dense(cfg.load_teacher)
+    except CheckpointError as e:  # its messages name --load; this path came from --load-teacher
+        msg = str(e)
+        raise CheckpointError("--load-teacher " + msg[len("--load "):] if msg.startswith("--load ") else
+                              f"--load-teacher: {msg}") from None
+    configs = payload.get("configs") or {}
+    if "model" not in configs:
+        raise CheckpointError(f"--load-teacher {ckpt_dir}: no model configuration recorded; not a megatron-moe "
+                              f"checkpoint")
+    mcfg = teacher_model_config(cfg, configs["model"], padded_vocab_size, ckpt_dir, seq_length)
+    moe_cfg = teacher_moe_config(cfg, configs.get("moe"), ckpt_dir)
+    # Built on the CPU under a forked RNG: the random init is overwritten by the checkpoint, and not consuming
+    # the global generator keeps resume exact (the teacher is built after --load restored the RNG state).
+    with torch.random.fork_rng(devices=[]):
+        model = GPTModel(mcfg, moe_cfg, None)
+    try:
+        checkpointing.load_model_state(model, payload, ckpt_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"--load-teacher: {e}") from None
+    return TeacherRunner(model.to(device or torch.device("cpu")), cfg)
+
+
+def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: int, ckpt_dir: str,
+                         seq_length: Optional[int] = None) -> ModelConfig:
+    """The recorded ModelConfig, checked against the teacher flags and the student's vocabulary/sequence."""
+    fields = dict(recorded)
+    for flag, ours, theirs in _TEACHER_FLAGS:
+        given = getattr(cfg, ours)
+        if given is not None and theirs in fields and given != fields[theirs]:
+            raise CheckpointError(f"{flag} ({given}) does not match the teacher checkpoint {ckpt_dir}, which has "
+                                  f"{theirs}={fields[theirs]}; set {flag} {fields[theirs]}")
+    if fields.get("padded_vocab_size") != padded_vocab_size:
+        raise CheckpointError(f"--load-teacher {ckpt_dir}: the teacher's padded vocabulary "
+                              f"({fields.get('padded_vocab_size')}) differs from the student's ({padded_vocab_size});"
+                              f" teacher and student need the same tokenizer and --make-vocab-size-divisible-by")
+    if (seq_length is not None and fields.get("position_embedding_type", "learned_absolute") == "learned_absolute"
+            and fields.get("max_position_embeddings", seq_length) < seq_length):
+        raise CheckpointError(f"--seq-length ({seq_length}) exceeds the teacher's --max-position-embeddings "
+                              f"({fields['max_position_embeddings']}) recorded in {ckpt_dir}; use a shorter "
+                              f"--seq-length or a teacher trained with a longer position table")
+    fields.update(hidden_dropout=0.0, attention_dropout=0.0)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def teacher_moe_config(cfg: DistillConfig, recorded: Optional[dict], ckpt_dir: str) -> Optional[MoEConfig]:
+    """The recorded MoEConfig (None for a dense teacher), checked against --num-experts-teacher; ep_size 1."""
+    saved_experts = tuple(recorded["num_experts"]) if recorded else (1,)
+    given = cfg.num_experts_teacher
+    if given is not None and tuple(given) != saved_experts:
+        raise CheckpointError(f"--num-experts-teacher ({list(given)}) does not match the teacher checkpoint "
+                              f"{ckpt_dir}, which has num_experts={list(saved_experts)}; set --num-experts-teacher "
+                              f"{' '.join(map(str, saved_experts))}")
+    if not recorded:
+        return None
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()}
+    # a full teacher replica per rank; TODO(MoS issue): shard large MoE teachers over the student's EP group
+    fields["ep_size"] = 1
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
+    return MoEConfig(**{k: v for k, v in fields.items() if k in known})
