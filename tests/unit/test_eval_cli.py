@@ -106,3 +106,19 @@ def test_continuation_longer_than_window_exits_2_naming_the_example(tmp_path, ca
                    "--seq-length", "16", "--no-progress"])
     line = _one_error_line(rc, capsys.readouterr().err)
     assert "piqa document" in line and "does not fit the model window (16 tokens, --seq-length)" in line
+
+
+def test_moe_checkpoint_dropless_and_capacity_override(tmp_path, capsys, tiny_corpus, real_data_dir):
+    from moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, expert_interval=2, topk=2, eval_capacity_factor=1.0)
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"], moe)
+    common = ["--load", ckpt, "--data-dir", real_data_dir, "--tasks", "lambada", "--limit", "4", "--no-progress",
+              "--bootstrap-iters", "50"]
+    for extra, drop, cf in ((["--disable-moe-token-dropping"], False, 1.0), (["--moe-eval-capacity-factor", "2"],
+                                                                              True, 2.0)):
+        out = tmp_path / "r.json"
+        rc = cli.main([*common, *extra, "--output", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        settings = json.loads(out.read_text())["settings"]["moe"]
+        assert settings == {"drop_tokens": drop, "eval_capacity_factor": cf}
