@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: verify data -> tokenize the novel corpus (GPT-2 BPE) -> train a small GPT -> validation
-# perplexity -> a generated sample. Every knob below can be overridden from the environment.
+# `make demo`: verify data -> tokenize the novel corpus (GPT-2 BPE) -> train a small MoE GPT (8 experts, top-1,
+# every other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA and
+# PIQA. Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains a dense GPT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,15 +9,19 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo ./data)}
 OUT=${OUT:-outputs/demo}
 WORKERS=${WORKERS:-2}
-# model (dense GPT; MoE knobs in examples_moe/pretrain_gpt_moe.sh)
+# model
 NUM_LAYERS=${NUM_LAYERS:-4}
-HIDDEN=${HIDDEN:-256}
+HIDDEN=${HIDDEN:-128}
 HEADS=${HEADS:-4}
 SEQ=${SEQ:-256}
+NUM_EXPERTS=${NUM_EXPERTS:-8}
+TOPK=${TOPK:-1}
 MICRO_BATCH=${MICRO_BATCH:-8}
 GLOBAL_BATCH=${GLOBAL_BATCH:-16}
-TRAIN_ITERS=${TRAIN_ITERS:-120}
-LR=${LR:-1e-3}
+TRAIN_ITERS=${TRAIN_ITERS:-80}
+LR=${LR:-1.5e-3}
+EVAL_TASKS=${EVAL_TASKS:-lambada,piqa}
+EVAL_LIMIT=${EVAL_LIMIT:-}            # e.g. 500 for a quicker look; empty = the full sets
 PROMPT=${PROMPT:-"It was a dark and stormy night, and"}
 
 VOCAB="$DATA_DIR/gpt2/gpt2-vocab.json"
@@ -24,7 +29,7 @@ MERGES="$DATA_DIR/gpt2/gpt2-merges.txt"
 CORPUS="$DATA_DIR/corpus/gutenberg_novels.jsonl"
 PREFIX="$OUT/data/novels"
 
-echo "== 1/4 data: checking sha256 of the files in $DATA_DIR"
+echo "== 1/5 data: checking sha256 of the files in $DATA_DIR"
 if ! "$PYTHON" -c "import sys; from megatron.data.data_files import resolve
 for n in ('gpt2-vocab', 'gpt2-merges'): resolve(n, sys.argv[1])" "$DATA_DIR" 2>/dev/null; then
   echo "   GPT-2 vocab missing here: downloading it (tools/download_data.py)"
@@ -35,28 +40,34 @@ try: resolve('corpus', sys.argv[1])
 except DataFileError as e: sys.exit(f'error: {e} (the demo needs a jsonl corpus; set CORPUS=... to use another)')" "$DATA_DIR"
 
 if [ ! -f "${PREFIX}_text_document.idx" ]; then
-  echo "== 2/4 tokenizing $CORPUS with GPT-2 BPE ($WORKERS workers)"
+  echo "== 2/5 tokenizing $CORPUS with GPT-2 BPE ($WORKERS workers)"
   mkdir -p "$OUT/data"
   "$PYTHON" tools/preprocess_data.py --input "$CORPUS" --json-keys text --output-prefix "$PREFIX" \
       --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
       --workers "$WORKERS" --append-eod
 else
-  echo "== 2/4 reusing ${PREFIX}_text_document.{bin,idx}"
+  echo "== 2/5 reusing ${PREFIX}_text_document.{bin,idx}"
 fi
 
-echo "== 3/4 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN) for $TRAIN_ITERS iterations"
+echo "== 3/5 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN, $NUM_EXPERTS experts top-$TOPK on every 2nd layer) for $TRAIN_ITERS iterations"
 rm -rf "$OUT/checkpoints"
 "$PYTHON" pretrain_gpt.py \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
     --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
+    --num-experts "$NUM_EXPERTS" --topk "$TOPK" --expert-interval 2 --moe-train-capacity-factor 1.25 \
+    --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01 \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
-    --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 \
+    --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 8 --weight-decay 0.1 \
     --adam-beta2 0.95 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
     --data-path "${PREFIX}_text_document" --split 969,30,1 --num-workers 1 \
-    --log-interval 10 --eval-interval 60 --eval-iters 8 \
+    --log-interval 10 --eval-interval 40 --eval-iters 8 \
     --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@"
 
-echo "== 4/4 sample (greedy-ish: temperature 0.7, top-k 40)"
+echo "== 4/5 sample (temperature 0.7, top-k 40)"
 "$PYTHON" tools/generate.py --load "$OUT/checkpoints" --prompt "$PROMPT" --max-new-tokens 40 \
     --temperature 0.7 --top-k 40 --seed 1
+
+echo "== 5/5 zero-shot $EVAL_TASKS (lm-evaluation-harness scoring)"
+"$PYTHON" tools/eval_zeroshot.py --load "$OUT/checkpoints" --tasks "$EVAL_TASKS" --data-dir "$DATA_DIR" \
+    --micro-batch-size 16 --output "$OUT/eval_zeroshot.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
