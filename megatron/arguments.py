@@ -5,6 +5,8 @@ import argparse
 import math
 from typing import List, Optional, Sequence
 
+from moe.distill import DistillConfig, validate_distill
+
 from megatron.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
                              ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig, num_moe_layers)
 
@@ -98,6 +100,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-model", default=None)
 
 
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture of students / knowledge distillation")
+    g.add_argument("--mos", action="store_true", help="distil into a MoE student")
+    g.add_argument("--kd", action="store_true", help="distil into a dense student")
+    g.add_argument("--load-teacher", default=None, help="teacher checkpoint (root or iter_XXXXXXX)")
+    g.add_argument("--num-layers-teacher", type=int, default=None)
+    g.add_argument("--hidden-size-teacher", type=int, default=None)
+    g.add_argument("--num-attention-heads-teacher", type=int, default=None)
+    g.add_argument("--num-experts-teacher", type=int, nargs="+", default=None,
+                   help="default: the teacher checkpoint's recorded expert counts")
+    g.add_argument("--kd-temp", type=float, default=1.0)
+    g.add_argument("--kd-alpha-ce", type=float, default=1.0, help="weight of the LM loss")
+    g.add_argument("--kd-beta-ce", type=float, default=1.0, help="weight of the KD term")
+    g.add_argument("--mos-kd-stop-iters", type=int, default=None, help="staged KD: teacher off from this step")
+    g.add_argument("--mos-kd-stop-tokens", type=int, default=None, help="staged KD: teacher off after these tokens")
+
+
 def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
@@ -106,6 +125,9 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
+    g.add_argument("--reset-iteration", action="store_true",
+                   help="load weights (and optimizer unless --no-load-optim) but restart iteration, counters and LR "
+                        "schedule")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
@@ -121,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_moe_args(p)
     add_training_args(p)
     add_data_args(p)
+    add_distill_args(p)
     add_checkpoint_logging_args(p)
     return p
 
@@ -252,7 +275,15 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, finetune=args.finetune,
+            no_load_rng=args.no_load_rng, finetune=args.finetune, reset_iteration=args.reset_iteration,
+        ),
+        distill=DistillConfig(
+            mos=args.mos, kd=args.kd, load_teacher=args.load_teacher,
+            num_layers_teacher=args.num_layers_teacher, hidden_size_teacher=args.hidden_size_teacher,
+            num_attention_heads_teacher=args.num_attention_heads_teacher,
+            num_experts_teacher=tuple(args.num_experts_teacher) if args.num_experts_teacher else None,
+            kd_temp=args.kd_temp, kd_alpha_ce=args.kd_alpha_ce, kd_beta_ce=args.kd_beta_ce,
+            kd_stop_iters=args.mos_kd_stop_iters, kd_stop_tokens=args.mos_kd_stop_tokens,
         ),
         logging=LoggingConfig(
             log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
@@ -281,3 +312,5 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                 raise ArgumentError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp})")
     if cfg.optimizer.fp16 and cfg.optimizer.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive; pick one")
+    if cfg.distill.enabled:
+        validate_distill(cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from moe.config import MoEConfig
+from moe.distill import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class CheckpointConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False  # load weights only, reset iteration/optimizer/consumed counters
+    reset_iteration: bool = False  # load weights (+optimizer) but restart iteration, counters and LR schedule
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval <= 0:
@@ -190,6 +192,7 @@ class TrainConfig:
     tokenizer: TokenizerConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
 

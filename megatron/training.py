@@ -46,6 +46,7 @@ class TrainState:
     expert_params: List[torch.nn.Parameter] = field(default_factory=list)
     writer: Optional[object] = None
     peak_flops: Optional[float] = None
+    teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
 
     @property
     def num_micro_batches(self) -> int:
@@ -109,6 +110,11 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     st.dense_params = [p for p in model.parameters() if not getattr(p, "expert_parallel", False)]
     if cfg.checkpoint.load:
         load_into_state(st)
+    d = cfg.distill
+    if d.enabled and not d.kd_stopped(st.iteration, st.consumed_tokens):
+        from megatron.distillation import load_teacher
+
+        st.teacher = load_teacher(d, cfg.model.padded_vocab_size, device, cfg.data.seq_length)
     if cfg.compile:
         st.model = torch.compile(model)
     return st
@@ -134,6 +140,12 @@ def load_into_state(st: TrainState) -> None:
                                          "training", ckpt_dir)
     checkpointing.load_model_state(st.model, payload, ckpt_dir)
     if ck.finetune:
+        return
+    if ck.reset_iteration:  # a student starting a fresh schedule from these weights (and optimizer)
+        if not ck.no_load_optim:
+            checkpointing.load_optimizer_state(st.model, st.optimizer, payload, ckpt_dir)
+        if not ck.no_load_rng and payload.get("rng"):
+            checkpointing.set_rng_state(payload["rng"])
         return
     st.iteration = int(payload["iteration"])
     st.consumed_samples = int(payload["counters"]["consumed_samples"])
@@ -170,17 +182,29 @@ def get_batch(data: dict, device, eod: Optional[int], eod_mask_loss: bool):
 
 
 def forward_loss(st: TrainState, tokens, labels, loss_mask):
-    """Returns (total loss, lm loss, moe stats list); total = lm + coeff·Σ aux (+ z-loss)."""
+    """Returns (total, lm loss, moe stats, kd term or None); total = [alpha·]lm [+ beta·T²·KL] + coeff·Σ aux (+ z).
+
+    While a teacher is active (MoS/KD before the staged stop) the student also returns full logits for the KL;
+    otherwise the fused LM-head loss never materialises them.
+    """
+    distil = st.teacher is not None and st.model.training and st.teacher.active(st.iteration, st.consumed_tokens)
     with autocast_context(st.cfg, st.device):
-        out = st.model(tokens, labels)
+        out = st.model(tokens, labels, return_logits=distil)
+        teacher_logits = st.teacher.forward(tokens) if distil else None
     lm_loss = (out.loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-    total = lm_loss
+    total, kd_term = lm_loss, None
+    if distil:
+        from moe.distill import kd_loss
+
+        # full-vocab logits (TP=1): tp_group=None; padded vocab columns are excluded from the KL
+        total, kd_term = kd_loss(lm_loss, out.logits, teacher_logits, loss_mask, st.cfg.distill, None,
+                                 st.tokenizer.vocab_size if st.tokenizer is not None else None)
     moe = st.cfg.moe
     if moe is not None and out.moe_stats:
         total = total + moe.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
         if moe.z_loss_coeff:
             total = total + moe.z_loss_coeff * sum(s.z_loss for s in out.moe_stats)
-    return total, lm_loss, out.moe_stats
+    return total, lm_loss, out.moe_stats, kd_term
 
 
 def _allreduce_grads(params: List[torch.nn.Parameter], group, divisor: int) -> None:
@@ -227,11 +251,14 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     scale = st.loss_scaler.scale if st.loss_scaler is not None else 1.0
     lm_sum = torch.zeros((), device=st.device)
     moe_logs: List[List] = []
+    kd_sum = None
     for _ in range(n_micro):
         tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
-        total, lm_loss, stats = forward_loss(st, tokens, labels, mask)
+        total, lm_loss, stats, kd_term = forward_loss(st, tokens, labels, mask)
         (total * (scale / n_micro)).backward()
         lm_sum += lm_loss.detach()
+        if kd_term is not None:
+            kd_sum = kd_term.detach() + (kd_sum if kd_sum is not None else 0.0)
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
     reduce_gradients(st)
@@ -258,7 +285,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         dist.all_reduce(lm, group=st.groups.dp_group)
         lm /= st.groups.dp_size
     return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
-            "loss_scale": scale, "moe_raw": moe_logs}
+            "loss_scale": scale, "moe_raw": moe_logs,
+            "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
 def _expert_norm_group(st: TrainState):
@@ -303,7 +331,7 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
         except StopIteration:
             break
         tokens, labels, mask = get_batch(data, st.device, _eod(st), st.cfg.data.eod_mask_loss)
-        _, lm_loss, _ = forward_loss(st, tokens, labels, mask)
+        _, lm_loss, _, _ = forward_loss(st, tokens, labels, mask)
         total += lm_loss.float()
         n += 1
     st.model.train()
@@ -330,6 +358,8 @@ def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
             f"TFLOP/s/device: {flops / 1e12:.3f}")
     if st.peak_flops:
         line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
+    if m.get("kd_loss") is not None:
+        line += f" | kd loss: {m['kd_loss']:.6E}"
     if m.get("skipped"):
         line += " | skipped (overflow)"
     for i, s in enumerate(m.get("moe", [])):
@@ -348,6 +378,8 @@ def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) ->
     if not math.isnan(m["grad_norm"]):
         w.add_scalar("grad-norm", m["grad_norm"], it)
     w.add_scalar("loss-scale", m["loss_scale"], it)
+    if m.get("kd_loss") is not None:
+        w.add_scalar("kd-loss", m["kd_loss"], it)
     if tok_s:
         w.add_scalar("tokens-per-second", tok_s, it)
     for i, s in enumerate(m.get("moe", [])):

@@ -84,6 +84,19 @@ MAPPING = {
     "--exit-interval": (["11"], "logging.exit_interval", 11),
     "--tensorboard-dir": (["/tmp/tb"], "logging.tensorboard_dir", "/tmp/tb"),
     "--peak-flops": (["1e12"], "logging.peak_flops", 1e12),
+    "--reset-iteration": ([], "checkpoint.reset_iteration", True),
+    "--mos": (["--load-teacher", "T", "--num-experts", "4"], "distill.mos", True),
+    "--kd": (["--load-teacher", "T"], "distill.kd", True),
+    "--load-teacher": (["T", "--kd"], "distill.load_teacher", "T"),
+    "--num-layers-teacher": (["24", "--kd", "--load-teacher", "T"], "distill.num_layers_teacher", 24),
+    "--hidden-size-teacher": (["64", "--kd", "--load-teacher", "T"], "distill.hidden_size_teacher", 64),
+    "--num-attention-heads-teacher": (["8", "--kd", "--load-teacher", "T"], "distill.num_attention_heads_teacher", 8),
+    "--num-experts-teacher": (["8", "16", "--kd", "--load-teacher", "T"], "distill.num_experts_teacher", (8, 16)),
+    "--kd-temp": (["2.0", "--kd", "--load-teacher", "T"], "distill.kd_temp", 2.0),
+    "--kd-alpha-ce": (["0.5", "--kd", "--load-teacher", "T"], "distill.kd_alpha_ce", 0.5),
+    "--kd-beta-ce": (["0.7", "--kd", "--load-teacher", "T"], "distill.kd_beta_ce", 0.7),
+    "--mos-kd-stop-iters": (["50", "--kd", "--load-teacher", "T"], "distill.kd_stop_iters", 50),
+    "--mos-kd-stop-tokens": (["5000", "--kd", "--load-teacher", "T"], "distill.kd_stop_tokens", 5000),
 }
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
@@ -131,5 +144,7 @@ def test_cross_concern_validation_names_flags():
         validate(cfg, world_size=2)
     with pytest.raises(ValueError, match="--fp16 and --bf16"):
         train_config_from_args(parse_args(BASE + ["--fp16", "--bf16"]), 128, 1)
+    with pytest.raises(ValueError, match="--mos"):
+        validate(train_config_from_args(parse_args(BASE + ["--mos", "--load-teacher", "T"]), 128, 1), 1)
     with pytest.raises(ArgumentError, match="--num-experts has 3 values"):
         train_config_from_args(parse_args(BASE + ["--num-experts", "4", "4", "4"]), 128, 1)
