@@ -12,7 +12,7 @@ MLP_TYPES = ("standard", "residual")
 class MoEConfig:
     """Mixture-of-Experts settings (Megatron-DeepSpeed flag spellings in the error messages)."""
 
-    num_experts: Union[int, Tuple[int, ...]] = (1,)  # experts per MoE layer: one value for all, or one per MoE layer (Pyramid-MoE)
+    num_experts: Union[int, Tuple[int, ...]] = (1,)  # experts per MoE layer: one for all, or one per layer (Pyramid)
     expert_interval: int = 2  # an MoE layer replaces the MLP every this many transformer layers
     topk: int = 1  # experts chosen per token (k)
     ep_size: int = 1  # expert-parallel group size (ranks that split one layer's experts)

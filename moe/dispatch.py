@@ -125,23 +125,43 @@ def dispatch_ep(tokens_ND: torch.Tensor, counts_E: torch.Tensor, recv_counts_Pe:
     return all_to_all(tokens_ND, recv_splits, send_splits, group), send_splits, recv_splits
 
 
-def group_by_local_expert(recv_counts_Pe: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-    """Permutation from (source rank, local expert) order to (local expert, source rank) order.
+class _PermuteRows(torch.autograd.Function):
+    """rows[order]; backward is the inverse permutation (a gather), not index_select's scatter-add."""
 
-    Returns (order_R, counts_e): rows_by_expert = recv_RD[order_R]; counts_e as a Python list.
+    @staticmethod
+    def forward(ctx, x_RD, order_R, inverse_R):
+        ctx.save_for_backward(inverse_R)
+        return x_RD.index_select(0, order_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (inverse_R,) = ctx.saved_tensors
+        return grad_RD.index_select(0, inverse_R), None, None
+
+
+def group_by_local_expert(recv_RD: torch.Tensor, recv_counts_Pe: torch.Tensor):
+    """Reorder received rows from (source rank, local expert) to (local expert, source rank) order.
+
+    Returns (rows_RD, counts_e as a list, (order_R, inverse_R) or None when no reorder is needed).
     """
     ep_size, num_local = recv_counts_Pe.shape
+    counts_e = recv_counts_Pe.sum(dim=0).tolist()
+    if num_local == 1:  # one local expert: rows are already grouped
+        return recv_RD, counts_e, None
     block_expert_B = torch.arange(num_local, device=recv_counts_Pe.device).repeat(ep_size)
-    expert_R = torch.repeat_interleave(block_expert_B, recv_counts_Pe.reshape(-1))
+    expert_R = torch.repeat_interleave(block_expert_B, recv_counts_Pe.reshape(-1), output_size=recv_RD.shape[0])
     order_R = torch.argsort(expert_R, stable=True)
-    return order_R, recv_counts_Pe.sum(dim=0).tolist()
-
-
-def regroup_by_source_rank(y_RD: torch.Tensor, order_R: torch.Tensor) -> torch.Tensor:
-    """Inverse of group_by_local_expert: put rows back in (source rank, local expert) order."""
     inverse_R = torch.empty_like(order_R)
     inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-    return y_RD.index_select(0, inverse_R)
+    return _PermuteRows.apply(recv_RD, order_R, inverse_R), counts_e, (order_R, inverse_R)
+
+
+def regroup_by_source_rank(y_RD: torch.Tensor, perm) -> torch.Tensor:
+    """Inverse of group_by_local_expert: put rows back in (source rank, local expert) order."""
+    if perm is None:
+        return y_RD
+    order_R, inverse_R = perm
+    return _PermuteRows.apply(y_RD, inverse_R, order_R)
 
 
 def combine_ep(y_RD: torch.Tensor, send_splits: List[int], recv_splits: List[int], group) -> torch.Tensor:

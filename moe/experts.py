@@ -13,7 +13,6 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -97,7 +96,7 @@ def batched_mm(a_list, b_list, c_list, trans_a: bool = False, trans_b: bool = Fa
         use_mkl = _MKL_BATCH.supports(c_list[0])
     if use_mkl:
         assert all(t.stride(1) == 1 for t in a_list + b_list + c_list), "batched_mm needs row-major operands"
-        _MKL_BATCH(a_list, b_list, c_list, trans_a, trans_b, beta)
+        _MKL_BATCH(*_balanced_pieces(a_list, b_list, c_list, trans_a), trans_a, trans_b, beta)
         return
     for a, b, c in zip(a_list, b_list, c_list):
         a, b = (a.t() if trans_a else a), (b.t() if trans_b else b)
@@ -111,31 +110,71 @@ def _storage_use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-class GradBufferRecycler:
-    """Hands out the storage of the previous step's weight gradient again once nobody else holds it.
+class BufferRecycler:
+    """Hands out the memory of a previous step's large buffer again once nobody else holds it.
 
-    Why: at many experts the stacked weight gradients are large (2 x 256 MiB at E=128, H=512, F=1024)
-    and optimizer.zero_grad() frees them every step, so each backward would page-fault fresh memory
-    (~60 ms per 256 MiB here, a third of the layer's ideal time). We keep a second tensor on the same
-    storage; when its storage use count is back to our own reference alone (p.grad was set to None and
-    no one kept it), the memory is reused. Autograd semantics are unchanged: backward still returns a
-    fresh tensor object, which AccumulateGrad adopts as p.grad, or adds into an existing p.grad.
+    Why: CPU PyTorch returns every large tensor to the OS when it dies (glibc mmap), so each step
+    page-faults its big buffers back in: the stacked weight gradients (2 x 256 MiB at E=128, H=512,
+    F=1024, freed by optimizer.zero_grad()) and the [N, F] activations cost ~60 ms per 256 MiB here,
+    a third of the layer's ideal time at E=128. Per key we keep a second tensor on the last buffer's
+    storage; when its storage use count is back to our own reference alone (the autograd graph
+    released it, p.grad was set to None, and no one kept a view), the memory is reused, as a GPU
+    caching allocator would. A buffer still referenced anywhere is never handed out. Autograd
+    semantics are unchanged: backward still returns fresh tensor objects, which AccumulateGrad adopts
+    as p.grad or adds into an existing p.grad. Cost: the largest buffers stay reserved between steps.
     """
+    enabled = hasattr(torch._C, "_storage_Use_Count")  # private API: without it, plain allocation
+    SLACK = 1.25  # room to grow: the row count N varies with routing (untouched pages cost nothing)
 
     def __init__(self):
         self._cache = {}  # key -> (tensor sharing the storage, storage use count when only it holds it)
 
-    def empty_like(self, key: str, like: torch.Tensor) -> torch.Tensor:
+    def empty(self, key: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous uninitialised tensor of `shape` with like's dtype and device."""
+        shape = tuple(shape)
+        numel = math.prod(shape)
+        if not self.enabled:
+            return like.new_empty(shape)
         entry = self._cache.get(key)
         if entry is not None:
             held, free_count = entry
-            if (held.shape == like.shape and held.dtype == like.dtype and held.device == like.device
+            if (held.dtype == like.dtype and held.device == like.device and held.numel() >= numel
                     and _storage_use_count(held) == free_count):
-                return like.new_empty(0).set_(held.untyped_storage(), 0, like.shape, like.stride())
-        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-        held = buf.new_empty(0).set_(buf.untyped_storage(), 0, buf.shape, buf.stride())
-        self._cache[key] = (held, _storage_use_count(held) - 1)  # minus `buf`, which we hand out now
-        return buf
+                return like.new_empty(0).set_(held.untyped_storage(), 0, shape, _contiguous_strides(shape))
+        held = like.new_empty(max(int(numel * self.SLACK), 1))
+        self._cache[key] = (held, _storage_use_count(held))
+        return like.new_empty(0).set_(held.untyped_storage(), 0, shape, _contiguous_strides(shape))
+
+
+def _contiguous_strides(shape):
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _balanced_pieces(a_list, b_list, c_list, trans_a: bool):
+    """Split the GEMMs along the rows of C into near-equal pieces when there are few large ones.
+
+    MKL's batch call gives whole GEMMs to threads; with 8 experts of uneven row counts on 2 threads one
+    thread would idle at the end. Rows of C are independent (C[m0:m1] needs rows m0:m1 of op(A) only),
+    so pieces of >= 64 rows keep every GEMM efficient while the threads get equal work.
+    """
+    target_pieces = 8 * torch.get_num_threads()
+    if len(c_list) >= target_pieces:
+        return a_list, b_list, c_list
+    piece = max(64, -(-sum(c.shape[0] for c in c_list) // target_pieces))
+    pa, pb, pc = [], [], []
+    for a, b, c in zip(a_list, b_list, c_list):
+        m = c.shape[0]
+        n_pieces = max(1, -(-m // piece))
+        bounds = [m * j // n_pieces for j in range(n_pieces + 1)]
+        for m0, m1 in zip(bounds[:-1], bounds[1:]):
+            pa.append(a[:, m0:m1] if trans_a else a[m0:m1])
+            pb.append(b)
+            pc.append(c[m0:m1])
+    return pa, pb, pc
 
 
 class _GroupedMLP(torch.autograd.Function):
@@ -146,21 +185,23 @@ class _GroupedMLP(torch.autograd.Function):
     graph nodes, no W[i] indexing inside autograd, which would make backward materialise a full-size
     [e, ...] gradient per expert). Only real rows are computed: an expert's GEMMs have exactly its
     row count, so empty capacity costs nothing. Biases: gathered per row and used as the GEMM's C
-    (beta = 1) in forward; their gradients are [1, n_i] x [n_i, D] GEMMs with a ones row.
+    (beta = 1) in forward; their gradients are [1, n_i] x [n_i, D] GEMMs with a ones row. Large
+    buffers (activations, weight gradients) come from the layer's BufferRecycler when one is passed.
     """
 
     @staticmethod
     def forward(ctx, x_ND, counts, w1_eFD, b1_eF, w2_eDF, b2_eD, recycler):
         offsets = _offsets(counts)
-        e = len(counts)
+        e, num_rows = len(counts), x_ND.shape[0]
+        new = _allocator(recycler)
         x_ND = x_ND.contiguous()
         expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
-                                           torch.tensor(counts, device=x_ND.device), output_size=x_ND.shape[0])
+                                           torch.tensor(counts, device=x_ND.device), output_size=num_rows)
         rows = [slice(offsets[i], offsets[i + 1]) for i in range(e)]
-        h_NF = b1_eF.index_select(0, expert_N)
+        h_NF = torch.index_select(b1_eF, 0, expert_N, out=new("h", (num_rows, w1_eFD.shape[1]), x_ND))
         batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0)
-        a_NF = F.gelu(h_NF)
-        y_ND = b2_eD.index_select(0, expert_N)
+        a_NF = torch.ops.aten.gelu.out(h_NF, out=new("a", h_NF.shape, x_ND))
+        y_ND = torch.index_select(b2_eD, 0, expert_N, out=new("y", (num_rows, w2_eDF.shape[1]), x_ND))
         batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0)
         ctx.rows, ctx.recycler = rows, recycler
         ctx.save_for_backward(x_ND, h_NF, a_NF, w1_eFD, w2_eDF)
@@ -172,18 +213,18 @@ class _GroupedMLP(torch.autograd.Function):
         rows = ctx.rows
         dy_ND = dy_ND.contiguous()
         need_dx, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        new = ctx.recycler.empty_like if ctx.recycler is not None else (lambda _, t: torch.empty_like(t))
-        dw1 = new("w1", w1_eFD) if need_w1 else None
-        dw2 = new("w2", w2_eDF) if need_w2 else None
+        new = _allocator(ctx.recycler)
+        dw1 = new("dw1", w1_eFD.shape, w1_eFD) if need_w1 else None
+        dw2 = new("dw2", w2_eDF.shape, w2_eDF) if need_w2 else None
         db1 = db2 = dx_ND = None
         dys = [dy_ND[r] for r in rows]
         if need_w2:
             batched_mm(dys, [a_NF[r] for r in rows], list(dw2), trans_a=True)
         if need_b2:
             db2 = _row_sums(dys, dy_ND)
-        da_NF = torch.empty_like(h_NF)
+        da_NF = new("da", h_NF.shape, h_NF)
         batched_mm(dys, list(w2_eDF), [da_NF[r] for r in rows])
-        dh_NF = torch.ops.aten.gelu_backward(da_NF, h_NF)
+        dh_NF = torch.ops.aten.gelu_backward.grad_input(da_NF, h_NF, grad_input=new("dh", h_NF.shape, h_NF))
         del da_NF
         dhs = [dh_NF[r] for r in rows]
         if need_w1:
@@ -191,9 +232,15 @@ class _GroupedMLP(torch.autograd.Function):
         if need_b1:
             db1 = _row_sums(dhs, dh_NF)
         if need_dx:
-            dx_ND = torch.empty_like(x_ND)
+            dx_ND = new("dx", x_ND.shape, x_ND)
             batched_mm(dhs, list(w1_eFD), [dx_ND[r] for r in rows])
         return dx_ND, None, dw1, db1, dw2, db2, None
+
+
+def _allocator(recycler: Optional["BufferRecycler"]):
+    if recycler is None:
+        return lambda key, shape, like: like.new_empty(tuple(shape))
+    return recycler.empty
 
 
 def _row_sums(blocks, like_ND: torch.Tensor) -> torch.Tensor:
@@ -205,7 +252,7 @@ def _row_sums(blocks, like_ND: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD,
-                recycler: Optional[GradBufferRecycler] = None) -> torch.Tensor:
+                recycler: Optional[BufferRecycler] = None) -> torch.Tensor:
     """Apply expert i's GELU MLP to its `counts[i]` consecutive rows of x_ND; differentiable."""
     return _GroupedMLP.apply(x_ND, tuple(int(n) for n in counts), w1_eFD, b1_eF, w2_eDF, b2_eD, recycler)
 
@@ -220,7 +267,8 @@ class GroupedMLPExperts(nn.Module):
     Weights use nn.Linear's [out, in] layout per expert (w1_eFD[i] is expert i's fc1 weight), so
     `init_method` / `output_layer_init_method` (fill a tensor in place) are applied to each expert's
     slice and every expert has exactly that distribution. Biases start at zero (Megatron). No
-    communication.
+    communication. forward(x_ND, counts): expert i takes the counts[i] consecutive rows after
+    expert i-1's; returns [N, D].
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
@@ -238,10 +286,10 @@ class GroupedMLPExperts(nn.Module):
                 (output_layer_init_method or init_method or _default_init)(self.w2_eDF[i])
         for p in self.parameters():
             _tag_stacked(p, e)
-        self.grad_recycler = GradBufferRecycler()
+        self.buffers = BufferRecycler()
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.grad_recycler)
+        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.buffers)
 
 
 class ModuleExperts(nn.Module):

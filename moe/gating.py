@@ -112,7 +112,7 @@ def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Te
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean_t(logsumexp(logits_t)^2); pushes logits toward small magnitudes."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
 class TopKRouter(nn.Module):

@@ -44,8 +44,17 @@ class MoELayer(nn.Module):
         init_method / output_layer_init_method: fill a weight in place; applied to the router weight
             and each expert's fc1 (init_method) and fc2 (output_layer_init_method) slice.
         expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
-    Communication: with ep_size > 1, forward and backward each run one all_to_all of counts and two
-    variable-size all_to_all_single of tokens over ep_group. The layer never all-reduces gradients.
+    Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
+    all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
+    The layer never all-reduces gradients.
+
+    Gradient scaling (for the caller's reduction): with DP ranks = D, ep_size = N (EP splits DP, so the
+    expert-data-parallel group has D/N ranks) and each rank backpropagating its own loss_r (a mean over
+    its local tokens), an expert parameter's .grad on a rank is the SUM over the tokens it received from
+    all N EP peers. To equal single-process training on the whole batch (loss = mean_r loss_r):
+    dense params (router included): all-reduce SUM over DP, divide by D (the usual DP average);
+    expert params: all-reduce SUM over expert-DP, divide by D as well (not by D/N).
+    tests/dist/test_moe_ep.py checks this for D = N = 2.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
@@ -111,9 +120,8 @@ class MoELayer(nn.Module):
         recv_counts_Pe = dispatch.exchange_counts(routing.counts_E, group)
         recv_RD, send_splits, recv_splits = dispatch.dispatch_ep(tokens_ND, routing.counts_E,
                                                                  recv_counts_Pe, group)
-        order_R, counts_e = dispatch.group_by_local_expert(recv_counts_Pe)
-        y_RD = self.experts(recv_RD.index_select(0, order_R), counts_e)
-        y_RD = dispatch.regroup_by_source_rank(y_RD, order_R)
+        rows_RD, counts_e, perm = dispatch.group_by_local_expert(recv_RD, recv_counts_Pe)
+        y_RD = dispatch.regroup_by_source_rank(self.experts(rows_RD, counts_e), perm)
         y_ND = dispatch.combine_ep(y_RD, send_splits, recv_splits, group)
         return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
 

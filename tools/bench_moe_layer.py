@@ -49,13 +49,12 @@ class DenseMLP(nn.Module):
 class Ideal(nn.Module):
     """The dense GEMM chain over T*k rows: the FLOPs of the experts with perfect routing."""
 
-    def __init__(self, H, F_, k):
+    def __init__(self, H, F_):
         super().__init__()
-        self.mlp, self.k = DenseMLP(H, F_), k
+        self.mlp = DenseMLP(H, F_)
 
-    def forward(self, x_TD):
-        x = x_TD.repeat(self.k, 1) if self.k > 1 else x_TD  # [T*k, H]
-        return self.mlp(x), None
+    def forward(self, x_PD):  # x_PD: [T*k, H], made outside the timed step
+        return self.mlp(x_PD), None
 
 
 class HFLoop(nn.Module):
@@ -108,6 +107,8 @@ def deepspeed_factory():
             super().__init__()
             self.moe = DSMoE(H, expert=DenseMLP(H, F_), num_experts=E, ep_size=1, k=k, capacity_factor=cf,
                              eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=True)
+            if hasattr(self.moe, "set_deepspeed_parallelism"):  # normally done by deepspeed.initialize
+                self.moe.set_deepspeed_parallelism()
 
         def forward(self, x_TD):
             y, l_aux, _ = self.moe(x_TD)
@@ -141,20 +142,21 @@ def timed(fn):
 
 def bench_case(E, T, H, F_, k, cf, rounds, ds_cls, names):
     torch.manual_seed(0)
-    impls = {"ideal": Ideal(H, F_, k)}
+    impls = {"ideal": Ideal(H, F_)}
     if "moe" in names:
         impls["moe"] = OurMoE(H, F_, E, k, cf)
     if "hf_loop" in names:
         impls["hf_loop"] = HFLoop(H, F_, E, k)
     if "deepspeed" in names:
         impls["deepspeed"] = ds_cls(H, F_, E, k, cf)
-    x = torch.randn(T, H, requires_grad=True)
+    x = {"ideal": torch.randn(T * k, H, requires_grad=True)}
     dy = {"ideal": torch.randn(T * k, H)}
-    dy_T = torch.randn(T, H)
+    x_T, dy_T = torch.randn(T, H, requires_grad=True), torch.randn(T, H)
     ratios = {name: [] for name in impls}
     ms = {name: [] for name in impls}
     for r in range(rounds + 1):  # round 0 warms up
-        times = {name: timed(lambda m=m, name=name: fwd_bwd(m, x, dy.get(name, dy_T))) for name, m in impls.items()}
+        times = {name: timed(lambda m=m, name=name: fwd_bwd(m, x.get(name, x_T), dy.get(name, dy_T)))
+                 for name, m in impls.items()}
         if r == 0:
             continue
         for name, t in times.items():
@@ -228,8 +230,9 @@ def main():
     if not args.only_ep:
         ds_cls = deepspeed_factory()
         names = [n for n in args.impls.split(",") if n != "deepspeed" or ds_cls is not None]
+        print(f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews the ratios)")
         print(f"fp32, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
-              f"(ideal ms in brackets){'' if ds_cls else '; deepspeed not installed'}")
+              f"(ideal ms = its median step time){'' if ds_cls else '; deepspeed not installed'}")
         print(f"{'E':>4} {'T':>5} {'H':>4} {'F':>5} {'k':>2} {'cf':>5} {'ideal ms':>9} "
               + " ".join(f"{n:>10}" for n in names))
         for E, T, H, F_, k, cf in cases:
@@ -241,6 +244,7 @@ def main():
         ratio, t1, t2 = bench_ep(E, T, H, F_, k, cf, args.rounds)
         print(f"EP=2 on 2 processes (1 thread each) vs 1 process (2 threads), E={E} T_global={T} H={H} F={F_} "
               f"k={k} cf={cf}: 1-proc {T / t1:,.0f} tok/s, EP=2 {T / t2:,.0f} tok/s, ratio {ratio:.3f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

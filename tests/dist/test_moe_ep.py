@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe import MoEConfig, MoELayer
+from moe import MoE, MoEConfig, MoELayer
 from tests.dist.launcher import run_distributed
 
 D, FF, E = 6, 10, 4
@@ -12,6 +12,7 @@ D, FF, E = 6, 10, 4
 def _build(cfg, ep_group, seed=0):
     """Full single-process reference layer and this rank's EP layer holding experts [r*e, (r+1)*e)."""
     torch.manual_seed(seed)
+    E = cfg["num_experts"]
     ref = MoELayer(D, FF, E, MoEConfig(**{**cfg, "ep_size": 1})).double()
     with torch.no_grad():
         for p in (ref.experts.b1_eF, ref.experts.b2_eD):
@@ -60,7 +61,7 @@ def _worker(rank, world_size, cfg, tokens_per_rank, aux_coeff):
 
     # Scaling the lead applies: expert grads are sums over all EP peers' tokens of d(loss_r) -> divide by
     # N (here expert-DP size 1); dense (router) grads -> all-reduce SUM then divide by N (= DP average).
-    e = E // world_size
+    e = cfg["num_experts"] // world_size
     router_grad = ep.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     errs = {
@@ -86,7 +87,7 @@ def _full_batch_worker(rank, world_size, cfg, tokens_per_rank):
     (_task_loss(y, targets[rank])).backward()
     yf, _ = ref(torch.cat(xs))
     _task_loss(yf, torch.cat(targets)).backward()  # mean over all tokens = mean of the equal-size shard means
-    e = E // world_size
+    e = cfg["num_experts"] // world_size
     errs = {}
     for name, p in ep.experts.named_parameters():
         errs[name] = (p.grad / world_size - getattr(ref.experts, name).grad[rank * e:(rank + 1) * e]).abs().max().item()
@@ -100,7 +101,19 @@ def _all_cases(rank, world_size, cases):
     """One spawn for every case (process start-up dominates the run time)."""
     out = [_worker(rank, world_size, *case) for case in cases]
     out.append(_full_batch_worker(rank, world_size, dict(num_experts=E, topk=2, drop_tokens=False), (10, 10)))
+    out.append(_deepspeed_style_worker(rank))
     return out
+
+
+def _deepspeed_style_worker(rank):
+    """The DeepSpeed-compatible wrapper builds its own EP groups when none is passed."""
+    torch.manual_seed(rank)
+    layer = MoE(D, num_experts=E, ep_size=2, k=2, ffn_hidden_size=FF)
+    x = torch.randn(3, 5, D, requires_grad=True)
+    out, l_aux, exp_counts = layer(x)
+    (out.sum() + l_aux).backward()
+    return {"shape": tuple(out.shape), "routed": int(exp_counts.sum()), "local_experts": layer.moe.num_local_experts,
+            "x_grad_finite": bool(torch.isfinite(x.grad).all())}
 
 
 CASES = [  # (cfg, tokens per rank, aux coeff)
@@ -109,8 +122,9 @@ CASES = [  # (cfg, tokens per rank, aux coeff)
     (dict(num_experts=E, topk=1, train_capacity_factor=0.75, min_capacity=1, use_rts=False), (16, 16), 0.1),
     (dict(num_experts=E, topk=2, train_capacity_factor=1.0, min_capacity=1, use_rts=False, z_loss_coeff=1e-3),
      (12, 5), 0.1),
+    (dict(num_experts=2, topk=1, train_capacity_factor=1.0, min_capacity=1, use_rts=False), (11, 11), 0.1),
 ]
-FULL_BATCH = len(CASES)
+FULL_BATCH, DEEPSPEED_STYLE = len(CASES), len(CASES) + 1
 # float64 end to end: differences are summation order only, so 1e-10 is loose.
 TOL = 1e-10
 
@@ -127,10 +141,17 @@ def _check(per_rank_errs):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["top1-dropless", "top2-dropless-uneven-T",
-                                                         "top1-dropping", "top2-dropping-zloss"])
+                                                         "top1-dropping", "top2-dropping-zloss",
+                                                         "one-local-expert"])
 def test_ep2_equals_single_process(ep_results, case):
     _check([rank_results[case] for rank_results in ep_results])
 
 
 def test_ep2_grads_equal_full_batch_training(ep_results):
     _check([rank_results[FULL_BATCH] for rank_results in ep_results])
+
+
+def test_deepspeed_style_wrapper_builds_ep_groups(ep_results):
+    for rank_results in ep_results:
+        assert rank_results[DEEPSPEED_STYLE] == {"shape": (3, 5, D), "routed": 30, "local_experts": 2,
+                                                 "x_grad_finite": True}
