@@ -150,8 +150,9 @@ class TopKRouter(nn.Module):
             cf = self.train_capacity_factor if self.training else self.eval_capacity_factor
             capacity = expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
             # Priority = the choice's router probability (not the renormalised gate, which is not
-            # comparable across tokens), or uniform random with RTS.
-            priority_TK = (torch.rand_like(gates_TK) if self.use_rts
+            # comparable across tokens), or uniform random with RTS. RTS is a training regulariser: eval
+            # uses probability priority so evaluation is deterministic and draws nothing from the RNG.
+            priority_TK = (torch.rand_like(gates_TK) if self.use_rts and self.training
                            else probs_TE.detach().gather(1, expert_TK))
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
         z_loss = router_z_loss(logits_TE) if self.compute_z_loss else logits_TE.new_zeros(())

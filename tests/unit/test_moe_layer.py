@@ -355,3 +355,17 @@ def test_recycled_buffers_safe_with_two_forwards_in_flight():
     assert torch.equal(out, out_ref)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_eval_dropping_is_deterministic_with_rts():
+    """RTS randomises drop priority only in training; eval uses router probability and draws no RNG."""
+    from moe import MoELayer, MoEConfig
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, MoEConfig(num_experts=4, topk=1, eval_capacity_factor=0.5, use_rts=True)).eval()
+    x = torch.randn(64, 16)
+    state = torch.get_rng_state()
+    y1, s1 = layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    y2, _ = layer(x)
+    assert torch.equal(y1, y2) and float(s1.dropped_fraction) > 0
