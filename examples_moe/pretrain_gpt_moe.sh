@@ -26,13 +26,14 @@ SEQ=${SEQ:-256}
 # MoE
 NUM_EXPERTS=${NUM_EXPERTS:-8}          # one value, or a quoted list with one per MoE layer (pyramid)
 EXPERT_INTERVAL=${EXPERT_INTERVAL:-2}
-EP_SIZE=${EP_SIZE:-1}
+EP_SIZE=${EP_SIZE:-1}                  # one value, or a quoted list with one per MoE layer
 TOPK=${TOPK:-1}
 TRAIN_CF=${TRAIN_CF:-1.0}
 EVAL_CF=${EVAL_CF:-1.0}
 MIN_CF=${MIN_CF:-4}
 MLC=${MLC:-0.01}
 DROPLESS=${DROPLESS:-}                 # set to --disable-moe-token-dropping for dropless routing
+MLP_TYPE=${MLP_TYPE:-standard}         # residual = Residual-MoE (with a NUM_EXPERTS list: PR-MoE)
 # optimisation
 MICRO_BATCH=${MICRO_BATCH:-8}
 GLOBAL_BATCH=${GLOBAL_BATCH:-16}
@@ -54,9 +55,9 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnod
     pretrain_gpt.py \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
     --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
-    --num-experts $NUM_EXPERTS --expert-interval "$EXPERT_INTERVAL" --moe-expert-parallel-size "$EP_SIZE" \
+    --num-experts $NUM_EXPERTS --expert-interval "$EXPERT_INTERVAL" --moe-expert-parallel-size $EP_SIZE \
     --topk "$TOPK" --moe-train-capacity-factor "$TRAIN_CF" --moe-eval-capacity-factor "$EVAL_CF" \
-    --moe-min-capacity "$MIN_CF" --moe-loss-coeff "$MLC" $DROPLESS \
+    --moe-min-capacity "$MIN_CF" --moe-loss-coeff "$MLC" --mlp-type "$MLP_TYPE" $DROPLESS \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
     --train-tokens "$TRAIN_TOKENS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine \
     --lr-warmup-tokens "$WARMUP_TOKENS" --lr-decay-tokens "$DECAY_TOKENS" \
