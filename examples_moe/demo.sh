@@ -18,7 +18,7 @@ NUM_EXPERTS=${NUM_EXPERTS:-8}
 TOPK=${TOPK:-1}
 MICRO_BATCH=${MICRO_BATCH:-8}
 GLOBAL_BATCH=${GLOBAL_BATCH:-16}
-TRAIN_ITERS=${TRAIN_ITERS:-80}
+TRAIN_ITERS=${TRAIN_ITERS:-160}
 LR=${LR:-1.5e-3}
 EVAL_TASKS=${EVAL_TASKS:-lambada,piqa}
 EVAL_LIMIT=${EVAL_LIMIT:-}            # e.g. 500 for a quicker look; empty = the full sets
