@@ -12,7 +12,6 @@ OUT=${OUT:-outputs/study}
 DOCS=${DOCS:-docs}
 export TRAIN_TOKENS=${TRAIN_TOKENS:-819200}       # 200 iterations of 16 x 256 tokens
 export WARMUP_TOKENS=${WARMUP_TOKENS:-40960}
-export NUM_LAYERS_BASE=${NUM_LAYERS_BASE:-8}
 EVAL_LIMIT=${EVAL_LIMIT:-1000}                    # examples per task (empty = the full sets)
 KD_STOP_ITERS=${KD_STOP_ITERS:-150}
 COMMON=(--eval-interval 40 --eval-iters 10 --log-interval 20 --seed 1234)
