@@ -200,7 +200,7 @@ def moe_config_from_args(args):
         num_experts=tuple(args.num_experts),
         expert_interval=args.expert_interval,
         topk=args.topk,
-        ep_size=_single_ep_size(args.moe_expert_parallel_size),
+        ep_size=tuple(args.moe_expert_parallel_size),
         train_capacity_factor=args.moe_train_capacity_factor,
         eval_capacity_factor=args.moe_eval_capacity_factor,
         min_capacity=args.moe_min_capacity,
@@ -211,14 +211,6 @@ def moe_config_from_args(args):
         use_rts=args.moe_use_rts,
         mlp_type=args.mlp_type,
     )
-
-
-def _single_ep_size(values) -> int:
-    # TODO(issue 6): per-MoE-layer EP sizes; until then one size for every MoE layer.
-    if len(set(values)) != 1:
-        raise ArgumentError(f"--moe-expert-parallel-size {list(values)}: per-layer EP sizes are not supported yet; "
-                            f"give one value")
-    return int(values[0])
 
 
 def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> TrainConfig:
@@ -250,7 +242,6 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         moe=moe_config_from_args(args),
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
-            expert_model_parallel_size=tuple(args.moe_expert_parallel_size),
             distributed_backend=args.distributed_backend,
         ),
         optimizer=OptimizerConfig(
@@ -307,7 +298,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ArgumentError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "
                             f"--micro-batch-size ({d.micro_batch_size}) x data-parallel size ({dp})")
     if cfg.moe is not None:
-        for ep in cfg.parallel.expert_model_parallel_size:
+        for ep in cfg.moe.ep_size:  # the expert-parallel degree lives on MoEConfig (one per MoE layer)
             if dp % ep != 0:
                 raise ArgumentError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp})")
     if cfg.optimizer.fp16 and cfg.optimizer.bf16:

@@ -57,18 +57,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP degree
-    expert_model_parallel_size: Tuple[int, ...] = (1,)  # EP degree (one per MoE layer or one for all)
     distributed_backend: str = "auto"  # nccl on GPU, gloo on CPU
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ValueError(f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) must be >= 1")
-        if any(e < 1 for e in self.expert_model_parallel_size):
-            raise ValueError(f"--moe-expert-parallel-size ({list(self.expert_model_parallel_size)}) must be >= 1")
-
-    @property
-    def max_ep_size(self) -> int:
-        return max(self.expert_model_parallel_size)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from megatron.config import ModelConfig, is_moe_layer
 def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> float:
     """Matmul FLOPs per token of one forward (x3 for forward+backward when training).
 
-    Counts QKV/projection/MLP GEMMs (active experts only: topk per token, plus the router), attention
-    scores and context over the full sequence (Megatron's convention, no causal halving) and the LM head.
+    Counts QKV/projection/MLP GEMMs (active experts only: topk per token, plus the router; Residual-MoE
+    adds its dense MLP and mixing coefficient), attention scores and context over the full sequence
+    (Megatron's convention, no causal halving) and the LM head.
     """
     h, f, s, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length, cfg.padded_vocab_size
     total = 0.0
@@ -21,8 +22,9 @@ def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> fl
         if moe_cfg is not None and is_moe_layer(layer, moe_cfg.expert_interval):
             n_exp = moe_cfg.num_experts_for_layer(moe_idx)
             moe_idx += 1
-            mult = moe_cfg.topk + (1 if getattr(moe_cfg, "mlp_type", "standard") == "residual" else 0)
-            total += mult * 2 * 2 * h * f + 2 * h * n_exp
+            total += moe_cfg.topk * 2 * 2 * h * f + 2 * h * n_exp  # active experts + router
+            if moe_cfg.mlp_type == "residual":
+                total += 2 * 2 * h * f + 2 * h * 2  # Residual-MoE: dense MLP + 2-way mixing coefficient
         else:
             total += 2 * 2 * h * f
     total += 2 * h * v  # LM head

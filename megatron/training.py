@@ -272,8 +272,7 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         st.loss_scaler.update(found_inf)
     grad_norm = float("nan")
     if not found_inf:
-        grad_norm = clip_grad_norm(st.dense_params, st.expert_params, cfg.optimizer.clip_grad,
-                                   _expert_norm_group(st))
+        grad_norm = clip_grad_norm(st.dense_params, _expert_norm_groups(st), cfg.optimizer.clip_grad)
         st.optimizer.step()
     lr = st.scheduler.step(1)
     gbs = cfg.data.global_batch_size
@@ -289,11 +288,17 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
-def _expert_norm_group(st: TrainState):
-    if not st.expert_params or st.groups.dp_size == 1:
-        return None
-    eps = {getattr(p, "ep_size", 1) for p in st.expert_params}
-    return st.groups.ep_group(max(eps))
+def _expert_norm_groups(st: TrainState) -> List[tuple]:
+    """[(expert params of one EP size, that size's EP group)], by increasing EP size (same order on every rank).
+
+    Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
+    each size's squared norm over that group only.
+    """
+    by_ep: Dict[int, list] = {}
+    for p in st.expert_params:
+        by_ep.setdefault(getattr(p, "ep_size", 1), []).append(p)
+    single = st.groups.dp_size == 1
+    return [(by_ep[ep], None if single or ep == 1 else st.groups.ep_group(ep)) for ep in sorted(by_ep)]
 
 
 def _eod(st: TrainState) -> Optional[int]:
@@ -477,7 +482,7 @@ def pretrain(argv=None) -> dict:
     cfg = train_config_from_args(args, padded, dp_size)
     validate(cfg, world_size)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.parallel.expert_model_parallel_size if cfg.moe else (1,))
+                                       cfg.moe.ep_size if cfg.moe else (1,))
     st = setup_train_state(cfg, groups, device, tokenizer)
     n_params = sum(p.numel() for p in st.model.parameters())
     print_rank0(f"> model: {n_params / 1e6:.2f}M parameters on rank 0 | world {world_size} | dp {groups.dp_size} "

@@ -15,7 +15,7 @@ class MoEConfig:
     num_experts: Union[int, Tuple[int, ...]] = (1,)  # experts per MoE layer: one for all, or one per layer (Pyramid)
     expert_interval: int = 2  # an MoE layer replaces the MLP every this many transformer layers
     topk: int = 1  # experts chosen per token (k)
-    ep_size: int = 1  # expert-parallel group size (ranks that split one layer's experts)
+    ep_size: Union[int, Tuple[int, ...]] = (1,)  # EP size (ranks splitting a layer's experts): one, or one per layer
     train_capacity_factor: float = 1.0  # capacity multiplier in training (slots per expert = k*T/E * cf)
     eval_capacity_factor: float = 1.0  # capacity multiplier in eval()
     min_capacity: int = 4  # lower bound on slots per expert (tokens)
@@ -27,19 +27,28 @@ class MoEConfig:
     mlp_type: str = "standard"  # 'standard' MoE or 'residual' (Residual-MoE: dense MLP beside the MoE)
 
     def __post_init__(self):
-        num_experts = (self.num_experts,) if isinstance(self.num_experts, int) else tuple(self.num_experts)
+        num_experts = _as_tuple(self.num_experts)
+        ep_sizes = _as_tuple(self.ep_size)
         object.__setattr__(self, "num_experts", num_experts)
+        object.__setattr__(self, "ep_size", ep_sizes)
         if not num_experts or any((not isinstance(n, int)) or n < 1 for n in num_experts):
             raise ValueError(f"--num-experts ({list(num_experts)}) must be one or more positive integers")
         if self.expert_interval < 1:
             raise ValueError(f"--expert-interval ({self.expert_interval}) must be >= 1")
-        if self.ep_size < 1:
-            raise ValueError(f"--moe-expert-parallel-size ({self.ep_size}) must be >= 1")
-        for n in num_experts:
-            if n % self.ep_size != 0:
+        if not ep_sizes:
+            raise ValueError("--moe-expert-parallel-size needs one value, or one per MoE layer")
+        for p in ep_sizes:
+            if not isinstance(p, int) or p < 1:
+                raise ValueError(f"--moe-expert-parallel-size ({p}) must be a positive integer")
+        if len(num_experts) > 1 and len(ep_sizes) > 1 and len(num_experts) != len(ep_sizes):
+            raise ValueError(f"--num-experts ({len(num_experts)} values) and --moe-expert-parallel-size "
+                             f"({len(ep_sizes)} values) must each give one value, or one per MoE layer")
+        for i in range(max(len(num_experts), len(ep_sizes))):
+            n, p = self.num_experts_for_layer(i), self.ep_size_for_layer(i)
+            if n % p != 0:
                 raise ValueError(
-                    f"--num-experts ({n}) must be divisible by --moe-expert-parallel-size ({self.ep_size}); "
-                    f"use an expert count that is a multiple of {self.ep_size} or a smaller EP size")
+                    f"--num-experts ({n}) must be divisible by --moe-expert-parallel-size ({p}) at MoE layer {i} "
+                    f"(0-based); use an expert count that is a multiple of {p} or a smaller EP size there")
         if self.topk < 1 or self.topk > min(num_experts):
             raise ValueError(f"--topk ({self.topk}) must be between 1 and the smallest --num-experts "
                              f"({min(num_experts)})")
@@ -64,3 +73,14 @@ class MoEConfig:
         if len(self.num_experts) == 1:
             return self.num_experts[0]
         return self.num_experts[moe_layer_index]
+
+    def ep_size_for_layer(self, moe_layer_index: int) -> int:
+        """Expert-parallel size of the `moe_layer_index`-th MoE layer (0-based); a single value applies to all."""
+        if len(self.ep_size) == 1:
+            return self.ep_size[0]
+        return self.ep_size[moe_layer_index]
+
+
+def _as_tuple(value) -> tuple:
+    """An int, or a list/tuple of them (e.g. read back from a checkpoint's JSON-like config), as a tuple."""
+    return (value,) if isinstance(value, int) else tuple(value)

@@ -1,15 +1,17 @@
 """`MoELayer` (router + dispatch + experts, local and expert-parallel paths) and the DeepSpeed-compatible
 `MoE` wrapper.
 
-Shape legend: B batch, S sequence, T = tokens on this rank, D hidden, E experts (global), e local experts,
-N kept (token, choice) pairs sent, R rows received by this rank's experts, P ep_size.
+Shape legend: B batch, S sequence, T = tokens on this rank, D hidden, F ffn hidden, E experts (global),
+e local experts, N kept (token, choice) pairs sent, R rows received by this rank's experts, P ep_size.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from moe import dispatch
@@ -32,15 +34,74 @@ class MoEStats(NamedTuple):
     dropped_fraction: torch.Tensor
 
 
+class DenseGeluMLP(nn.Module):
+    """D -> F -> D GELU MLP with biases, the same function as one built-in expert (exact GELU).
+
+    init_method fills fc1's weight and output_layer_init_method fc2's (nn.Linear's default when None);
+    biases start at zero, as the experts'. Dense parameters: not tagged expert_parallel.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method: Optional[Callable] = None,
+                 output_layer_init_method: Optional[Callable] = None):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        out_init = output_layer_init_method or init_method
+        with torch.no_grad():
+            if init_method is not None:
+                init_method(self.fc1.weight)
+            if out_init is not None:
+                out_init(self.fc2.weight)
+            self.fc1.bias.zero_()
+            self.fc2.bias.zero_()
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_TD)))
+
+
+class ResidualMix(nn.Module):
+    """Residual-MoE (DeepSpeed-MoE, Rajbhandari et al. 2022): a dense MLP beside the MoE, mixed per token.
+
+    coef_T2 = softmax(coefficient(x_TD)); y_TD = moe_TD · coef_T2[:, 0:1] + mlp(x_TD) · coef_T2[:, 1:2]
+    (DeepSpeed's `use_residual` convention: column 0 weighs the MoE output). The MLP and the 2-way
+    coefficient Linear are dense parameters (replicated, reduced over data parallel); no communication.
+    The coefficient Linear keeps nn.Linear's default init, as DeepSpeed's.
+
+    Args:
+        mlp: the dense branch, [T, D] -> [T, D] (or a tuple whose first item is that, DeepSpeed style).
+        hidden_size: D.
+    """
+
+    def __init__(self, mlp: nn.Module, hidden_size: int):
+        super().__init__()
+        self.mlp = mlp
+        self.coefficient = nn.Linear(hidden_size, 2)
+
+    def coefficients(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, 2] mixing weights in (0, 1), each row summing to 1."""
+        return torch.softmax(self.coefficient(x_TD), dim=-1)
+
+    def forward(self, x_TD: torch.Tensor, moe_TD: torch.Tensor) -> torch.Tensor:
+        mlp_TD = self.mlp(x_TD)
+        if isinstance(mlp_TD, tuple):
+            mlp_TD = mlp_TD[0]
+        coef_T2 = self.coefficients(x_TD)
+        return (moe_TD * coef_T2[:, 0:1] + mlp_TD * coef_T2[:, 1:2]).to(moe_TD.dtype)  # autocast may widen
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts MLP: y = Σ_k gate_k · expert_{e_k}(x) per token (0 for dropped choices).
+
+    With cfg.mlp_type == 'residual' (Residual-MoE) the result is mixed with a dense MLP of the expert's
+    shape (or a copy of the user `expert`) by a learned per-token 2-way softmax: see ResidualMix.
 
     Args:
         hidden_size, ffn_hidden_size: D and F of the built-in GELU MLP experts.
         num_experts: E, experts in this layer (global); each EP rank holds e = E / ep_size of them,
             global ids [ep_rank*e, (ep_rank+1)*e).
-        cfg: MoEConfig (topk, capacity factors, dropping, noise, z-loss).
-        ep_group: expert-parallel process group; None means ep_size 1. Its size must equal cfg.ep_size.
+        cfg: MoEConfig (topk, capacity factors, dropping, noise, z-loss, mlp_type).
+        ep_group: expert-parallel process group; None means ep_size 1. Its size must be one of cfg.ep_size
+            (the caller picks this layer's entry: cfg.ep_size_for_layer(i)).
         init_method / output_layer_init_method: fill a weight in place; applied to the router weight
             and each expert's fc1 (init_method) and fc2 (output_layer_init_method) slice.
         expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
@@ -52,7 +113,8 @@ class MoELayer(nn.Module):
     expert-data-parallel group has D/N ranks) and each rank backpropagating its own loss_r (a mean over
     its local tokens), an expert parameter's .grad on a rank is the SUM over the tokens it received from
     all N EP peers. To equal single-process training on the whole batch (loss = mean_r loss_r):
-    dense params (router included): all-reduce SUM over DP, divide by D (the usual DP average);
+    dense params (router and Residual-MoE branch included): all-reduce SUM over DP, divide by D (the usual
+    DP average);
     expert params: all-reduce SUM over expert-DP, divide by D as well (not by D/N).
     tests/dist/test_moe_ep.py checks this for D = N = 2.
     """
@@ -62,16 +124,15 @@ class MoELayer(nn.Module):
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None):
         super().__init__()
         ep_size = 1 if ep_group is None else ep_group.size()
-        if ep_size != cfg.ep_size:
-            raise ValueError(f"--moe-expert-parallel-size ({cfg.ep_size}) does not match the size of the "
+        if ep_size not in cfg.ep_size:
+            given = cfg.ep_size[0] if len(cfg.ep_size) == 1 else list(cfg.ep_size)
+            raise ValueError(f"--moe-expert-parallel-size ({given}) does not match the size of the "
                              f"ep_group passed to MoELayer ({ep_size}); ep_group=None means size 1")
         if num_experts % ep_size != 0:
             raise ValueError(f"--num-experts ({num_experts}) must be divisible by --moe-expert-parallel-size "
                              f"({ep_size})")
         if not 1 <= cfg.topk <= num_experts:
             raise ValueError(f"--topk ({cfg.topk}) must be between 1 and --num-experts ({num_experts})")
-        if cfg.mlp_type != "standard":
-            raise NotImplementedError("--mlp-type residual (Residual-MoE) is not implemented yet")
         self.hidden_size, self.num_experts, self.cfg = hidden_size, num_experts, cfg
         self.ep_group, self.ep_size = ep_group, ep_size
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
@@ -85,6 +146,11 @@ class MoELayer(nn.Module):
                                              init_method, output_layer_init_method)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
+        self.residual = None
+        if cfg.mlp_type == "residual":
+            mlp = (DenseGeluMLP(hidden_size, ffn_hidden_size, init_method, output_layer_init_method)
+                   if expert is None else copy.deepcopy(expert))
+            self.residual = ResidualMix(mlp, hidden_size)
 
     def forward(self, x: torch.Tensor):
         """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape and dtype, MoEStats)."""
@@ -94,6 +160,8 @@ class MoELayer(nn.Module):
             y_TD = self.forward_local(x_TD, routing)
         else:
             y_TD = self.forward_ep(x_TD, routing)
+        if self.residual is not None:
+            y_TD = self.residual(x_TD, y_TD)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
                          routing.dropped_fraction)
         return y_TD.view(x.shape), stats
@@ -152,7 +220,8 @@ class MoE(nn.Module):
     forward(hidden_states [..., D]) -> (output [..., D], l_aux (scalar, unscaled), exp_counts [E] int64).
     expert=None builds GELU MLP experts of width ffn_hidden_size (default 4*hidden_size) as stacked
     weights; a user `expert` module is deep-copied per local expert. ep_group=None with ep_size > 1
-    builds groups of consecutive ranks, like DeepSpeed.
+    builds groups of consecutive ranks, like DeepSpeed. use_residual=True is Residual-MoE (ResidualMix):
+    a dense copy of `expert` (or a GELU MLP of width ffn_hidden_size) mixed in per token.
     """
 
     def __init__(self, hidden_size: int, expert: Optional[nn.Module] = None, num_experts: int = 8,
@@ -162,13 +231,12 @@ class MoE(nn.Module):
                  ep_group=None, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True):
         super().__init__()
-        if use_residual:
-            raise NotImplementedError("use_residual=True (Residual-MoE) is not implemented yet")
         if use_tutel or enable_expert_tensor_parallelism:
             raise NotImplementedError("use_tutel / enable_expert_tensor_parallelism are not supported")
         cfg = MoEConfig(num_experts=num_experts, topk=k, ep_size=ep_size, train_capacity_factor=capacity_factor,
                         eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                        drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy, use_rts=use_rts)
+                        drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
+                        mlp_type="residual" if use_residual else "standard")
         if ep_group is None:
             ep_group = _default_ep_group(ep_size)
         self.num_experts, self.ep_size = num_experts, ep_size

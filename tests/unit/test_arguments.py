@@ -24,7 +24,7 @@ MAPPING = {
     "--num-experts": (["8"], "moe.num_experts", (8,)),
     "--expert-interval": (["1", "--num-experts", "4"], "moe.expert_interval", 1),
     "--topk": (["2", "--num-experts", "4"], "moe.topk", 2),
-    "--moe-expert-parallel-size": (["1", "--num-experts", "4"], "parallel.expert_model_parallel_size", (1,)),
+    "--moe-expert-parallel-size": (["1", "--num-experts", "4"], "moe.ep_size", (1,)),
     "--moe-train-capacity-factor": (["1.25", "--num-experts", "4"], "moe.train_capacity_factor", 1.25),
     "--moe-eval-capacity-factor": (["2.0", "--num-experts", "4"], "moe.eval_capacity_factor", 2.0),
     "--moe-min-capacity": (["8", "--num-experts", "4"], "moe.min_capacity", 8),

@@ -11,6 +11,15 @@ def test_defaults_and_single_value_num_experts():
     assert MoEConfig(num_experts=(4, 8)).num_experts_for_layer(1) == 8
 
 
+def test_ep_size_one_for_all_or_per_layer():
+    cfg = MoEConfig(num_experts=4, ep_size=2)  # an int is kept working (the DeepSpeed-style MoE wrapper)
+    assert cfg.ep_size == (2,) and cfg.ep_size_for_layer(0) == 2 and cfg.ep_size_for_layer(5) == 2
+    cfg = MoEConfig(num_experts=(2, 4, 8), ep_size=(1, 2, 4))
+    assert [cfg.ep_size_for_layer(i) for i in range(3)] == [1, 2, 4]
+    assert MoEConfig(num_experts=8, ep_size=[2, 4]).ep_size == (2, 4)  # lists, as read back from a checkpoint
+    assert MoEConfig().ep_size == (1,)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_experts=6, ep_size=4), r"--num-experts \(6\) must be divisible by --moe-expert-parallel-size \(4\)"),
     (dict(num_experts=(8, 6), ep_size=4), r"--num-experts \(6\)"),
@@ -20,6 +29,9 @@ def test_defaults_and_single_value_num_experts():
     (dict(num_experts=4, eval_capacity_factor=-1.0), r"--moe-eval-capacity-factor \(-1.0\)"),
     (dict(num_experts=4, min_capacity=-1), r"--moe-min-capacity \(-1\)"),
     (dict(num_experts=4, ep_size=0), r"--moe-expert-parallel-size \(0\)"),
+    (dict(num_experts=(4, 2), ep_size=(2, 4)),
+     r"--num-experts \(2\) must be divisible by --moe-expert-parallel-size \(4\) at MoE layer 1"),
+    (dict(num_experts=(4, 4, 4), ep_size=(1, 2)), r"--num-experts \(3 values\) and --moe-expert-parallel-size \(2"),
     (dict(num_experts=4, noisy_gate_policy="Gumbel"), r"--moe-noisy-gate-policy"),
     (dict(num_experts=0), r"--num-experts"),
 ])
@@ -34,6 +46,8 @@ def test_layer_checks_its_own_expert_count():
         MoELayer(8, 16, 1, cfg)
     with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(2\) does not match"):
         MoELayer(8, 16, 4, MoEConfig(num_experts=4, ep_size=2))
+    with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(\[2, 4\]\) does not match"):
+        MoELayer(8, 16, 4, MoEConfig(num_experts=4, ep_size=(2, 4)))
 
 
 def test_deepspeed_wrapper_errors():
@@ -41,7 +55,5 @@ def test_deepspeed_wrapper_errors():
         MoE(8, num_experts=2, k=3)
     with pytest.raises(ValueError, match="--moe-train-capacity-factor"):
         MoE(8, num_experts=2, capacity_factor=0)
-    with pytest.raises(NotImplementedError, match="use_residual"):
-        MoE(8, num_experts=2, use_residual=True)
     with pytest.raises(ValueError, match="--num-experts"):
         MoE(8, num_experts=3, ep_size=2)
