@@ -274,11 +274,14 @@ def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True) -
         raise CheckpointError(f"{ckpt_dir}: state does not match the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}); check the architecture flags")
     model.load_state_dict(dense_sd, strict=False)
-    _load_experts(model, ckpt_dir, optimizer_state=None)
+    _load_experts(model, ckpt_dir, load_weights=True)
 
 
-def _load_experts(model, ckpt_dir: str, optimizer_state: Optional[dict]) -> Dict[str, dict]:
-    """Fills local expert slices; returns per-parameter Adam state stacked for the local experts."""
+def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
+    """Reads this rank's expert files; fills the local expert slices when `load_weights`.
+
+    Returns the per-parameter Adam state stacked over the local experts (keyed by parameter name).
+    """
     stacked_opt: Dict[str, dict] = {}
     params = dict(model.named_parameters())
     for moe_idx, prefix, layer in _moe_layers(model):
@@ -292,7 +295,7 @@ def _load_experts(model, ckpt_dir: str, optimizer_state: Optional[dict]) -> Dict
         with torch.no_grad():
             for n in names:
                 short = n[len(prefix) + 1:]
-                for i, ex in enumerate(per_expert):
+                for i, ex in enumerate(per_expert if load_weights else ()):
                     if short not in ex["model"]:
                         raise CheckpointError(f"{ckpt_dir}: expert file for layer {moe_idx} lacks {short}")
                     src = ex["model"][short]
@@ -311,13 +314,8 @@ def _load_experts(model, ckpt_dir: str, optimizer_state: Optional[dict]) -> Dict
 
 def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str) -> None:
     state = dict(payload.get("optimizer", {}))
-    state.update(_load_experts_optimizer_only(model, ckpt_dir))
+    state.update(_load_experts(model, ckpt_dir, load_weights=False))
     for name, p in model.named_parameters():
         if name in state:
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
 
-
-def _load_experts_optimizer_only(model, ckpt_dir: str) -> Dict[str, dict]:
-    # Re-reads expert files; expert weights were already loaded, copying them again is harmless and keeps
-    # a single reader for the expert layout.
-    return _load_experts(model, ckpt_dir, optimizer_state=None)
