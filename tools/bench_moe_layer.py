@@ -243,7 +243,8 @@ def main():
         E, T, H, F_, k, cf = CASES[0]
         ratio, t1, t2 = bench_ep(E, T, H, F_, k, cf, args.rounds)
         print(f"EP=2 on 2 processes (1 thread each) vs 1 process (2 threads), E={E} T_global={T} H={H} F={F_} "
-              f"k={k} cf={cf}: 1-proc {T / t1:,.0f} tok/s, EP=2 {T / t2:,.0f} tok/s, ratio {ratio:.3f}")
+              f"k={k} cf={cf}: 1-proc {T / t1:,.0f} tok/s, EP=2 {T / t2:,.0f} tok/s (medians), EP=2 / 1-proc throughput "
+              f"{ratio:.3f} (median of per-round ratios)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
