@@ -19,8 +19,14 @@ COMMON=(--eval-interval 40 --eval-iters 10 --log-interval 20 --seed 1234)
 train() {  # train NAME SCRIPT [env...] -- [flags...]
   local name=$1 script=$2; shift 2
   mkdir -p "$OUT/$name"
-  env "$@" SAVE="$OUT/$name/checkpoints" TENSORBOARD="$OUT/$name/tb" \
-      "examples_moe/$script" "${COMMON[@]}" ${EXTRA:-} 2>&1 | tee "$OUT/$name/train.log" | grep -E "iteration .*00/|validation" || true
+  echo "== $name ($script $*)"
+  rm -rf "$OUT/$name/checkpoints"
+  if ! env "$@" SAVE="$OUT/$name/checkpoints" TENSORBOARD="$OUT/$name/tb" \
+      "examples_moe/$script" "${COMMON[@]}" > "$OUT/$name/train.log" 2>&1; then
+    tail -n 3 "$OUT/$name/train.log" >&2
+    exit 1
+  fi
+  grep -E "validation loss at the end" "$OUT/$name/train.log" || true
 }
 evaluate() {
   "$PYTHON" tools/eval_zeroshot.py --load "$OUT/$1/checkpoints" --tasks lambada,piqa --data-dir "$DATA_DIR" \
