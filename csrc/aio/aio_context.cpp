@@ -52,3 +52,11 @@ int aio_context::get_events(int min_nr, int max_nr)
     do { rc = io_getevents(_ctx, min_nr, max_nr, _events.data(), nullptr); } while (rc == -EINTR);
     return rc;
 }
+
+int aio_context::poll_events(int max_nr)
+{
+    struct timespec zero = {0, 0};
+    int rc;
+    do { rc = io_getevents(_ctx, 0, max_nr, _events.data(), &zero); } while (rc == -EINTR);
+    return rc;
+}

@@ -18,6 +18,9 @@ struct aio_context {
     // Waits for at least min_nr and at most max_nr completions into _events (retries EINTR).
     // Returns the count, or -errno.
     int get_events(int min_nr, int max_nr);
+    // Takes the completions already there (at most max_nr) into _events without waiting.
+    // Returns the count, or -errno.
+    int poll_events(int max_nr);
 
     io_context_t _ctx = nullptr;
     int _queue_depth;

@@ -8,27 +8,69 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <vector>
 
 #include "aio_error.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t k_offset_align = 4096;   // direct requests cover whole pages, so the page cache
                                             // (heads/tails) and O_DIRECT never share a page
 constexpr uintptr_t k_memory_align = 512;   // buffer alignment O_DIRECT needs (logical block size)
-// Bytes of bounce ring per thread (MOE_AIO_BOUNCE_MIB overrides, for tuning): enough requests in
-// flight to keep the disk busy, small enough to stay in the last-level cache while it is copied.
-int64_t bounce_budget()
+// Most bytes of bounce ring per thread (MOE_AIO_BOUNCE_MIB overrides, for tuning). The ring holds
+// queue_depth requests in flight plus a quarter spare (see bounced_io): a misaligned tensor keeps
+// as many bytes in flight as a locked one (the disk needs ~64-128 MiB in flight for full speed).
+// By default the threads of a handle share at most 256 MiB (at least 16 MiB each). The ring is
+// allocated on the first misaligned transfer and kept by the worker thread.
+int64_t bounce_budget(int num_threads)
 {
-    static const int64_t budget = [] {
+    static const long override_mib = [] {
         const char* value = std::getenv("MOE_AIO_BOUNCE_MIB");
-        const long mib = value != nullptr ? std::atol(value) : 0;
-        return static_cast<int64_t>(mib > 0 ? mib : 16) << 20;
+        return value != nullptr ? std::atol(value) : 0L;
     }();
-    return budget;
+    if (override_mib > 0) { return static_cast<int64_t>(override_mib) << 20; }
+    return std::max<int64_t>(int64_t{16} << 20, (int64_t{256} << 20) / std::max(1, num_threads));
+}
+
+// memcpy for the bounce ring: large chunks are copied with non-temporal (streaming) stores, which
+// neither read the destination lines first nor evict the cache; the bytes go to or come from the
+// disk (or a tensor far larger than the cache) anyway. About 1.5x memcpy's speed on large rings.
+void copy_stream(char* dst, const char* src, size_t n)
+{
+#if defined(__SSE2__)
+    constexpr size_t k_min_stream = 64 << 10;
+    if (n < k_min_stream) {
+        std::memcpy(dst, src, n);
+        return;
+    }
+    const size_t head = (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16;  // align the stores
+    std::memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    const size_t body = n / 64 * 64;
+    for (size_t i = 0; i < body; i += 64) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+        const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    _mm_sfence();  // the streamed bytes are globally visible before io_submit hands them to the disk
+    std::memcpy(dst + body, src + body, n - body);
+#else
+    std::memcpy(dst, src, n);
+#endif
 }
 
 int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
@@ -82,14 +124,12 @@ void complete_request(bool read_op, aio_file& file, const aio_slice& slice, char
 // Runs num_requests libaio requests with at most `window` in flight. prep(index, slot, iocb) fills
 // request `index` into queue slot `slot`; done(index, slot, result) consumes its completion.
 // refill_each_event=false is DeepNVMe's sequential mode (overlap_events=false): a new batch is
-// submitted only once the whole previous batch completed. eager=true submits every request as soon
-// as it is prepared and refills a slot as soon as its completion was consumed (the bounce path,
-// where prep/done copy data and the disk should not wait for a whole batch of copies).
+// submitted only once the whole previous batch completed.
 // If anything throws, the requests still in flight are reaped first: they point into memory the
 // caller is about to release.
 template <class Prep, class Done>
 void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refill_each_event,
-                  bool single_submit, bool eager, const Prep& prep, const Done& done,
+                  bool single_submit, const Prep& prep, const Done& done,
                   const std::function<void(int)>& fail)
 {
     std::vector<int> free_slots;
@@ -118,12 +158,7 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
                 while (next < num_requests && !free_slots.empty()) {
                     const int slot = free_slots.back();
                     free_slots.pop_back();
-                    struct iocb* request = prepare(slot);
-                    if (eager) {
-                        submit(&request, 1);
-                    } else {
-                        batch.push_back(request);
-                    }
+                    batch.push_back(prepare(slot));
                 }
                 if (!batch.empty()) { submit(batch.data(), static_cast<int>(batch.size())); }
             }
@@ -132,17 +167,12 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
                 in_flight = 0;  // the context is unusable; nothing more can be reaped
                 fail(-count);
             }
+            in_flight -= count;  // all reaped, even if done() throws for one of them
             for (int i = 0; i < count; ++i) {
                 const struct io_event& event = ctx._events[i];
                 const int slot = static_cast<int>(reinterpret_cast<intptr_t>(event.data));
-                --in_flight;
                 done(slot_request[slot], slot, static_cast<long>(event.res));
-                if (eager && next < num_requests) {
-                    struct iocb* request = prepare(slot);
-                    submit(&request, 1);
-                } else {
-                    free_slots.push_back(slot);
-                }
+                free_slots.push_back(slot);
             }
         }
     } catch (...) {
@@ -177,49 +207,130 @@ void direct_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_c
     };
     auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
     run_requests(ctx, num_requests, ctx._queue_depth, config._overlap_events, config._single_submit,
-                 /*eager=*/false,
                  prep, done, fail);
 }
 
 // The page-aligned middle of a tensor whose address O_DIRECT cannot use: each request goes through
-// a slot of the thread's bounce ring. Copies overlap the requests in flight, so this path always
-// refills per completion (sequential batches would serialize copying and I/O).
+// a slot of the thread's bounce ring. The ring has more slots than requests in flight (`window`):
+// the spare slots are copied ahead, so a completion is answered at once by submitting a slot that is
+// already ready (a write slot already filled, a read slot already drained), and the copies of the
+// slots the completions freed run while the disk works on a full queue. Between two copies the
+// thread polls for completions, so bursts of completions never leave the disk short of requests.
+// Always refills per completion (sequential batches would serialize copying and I/O).
 void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_config& config,
                 aio_context& ctx, std::unique_ptr<aligned_buffer>& bounce, char* buffer,
                 int64_t offset, int64_t num_bytes)
 {
     const int64_t block = round_up(config._block_size, k_offset_align);
     const int64_t num_requests = (num_bytes + block - 1) / block;
-    const int slots = static_cast<int>(std::min<int64_t>(
-        ctx._queue_depth, std::max<int64_t>(2, bounce_budget() / block)));
+    // Slots: the budget, at most what can be used (queue_depth in flight plus a quarter of that
+    // spare), never more than the requests, at least 2. A fifth of them are spare (copied ahead), so
+    // with the default budget as many requests are in flight as for a locked tensor (queue_depth).
+    const int64_t max_slots = ctx._queue_depth + std::max(1, ctx._queue_depth / 4);
+    const int slots = static_cast<int>(std::max<int64_t>(
+        2, std::min({bounce_budget(config._intra_op_parallelism) / block, max_slots, num_requests})));
+    const int window = std::max(1, std::min(ctx._queue_depth, slots - std::max(1, slots / 5)));
     const size_t ring_bytes = static_cast<size_t>(slots * block);
     if (!bounce || bounce->_num_bytes < ring_bytes) {
         bounce.reset();
         bounce.reset(new aligned_buffer(ring_bytes, /*lock=*/false));
     }
     char* ring = bounce->data();
-    auto prep = [&](int64_t index, int slot, struct iocb* request) {
-        const int64_t start = index * block;
-        const size_t count = static_cast<size_t>(std::min(block, num_bytes - start));
-        char* staging = ring + slot * block;
+    std::vector<struct iocb> iocbs(static_cast<size_t>(slots));
+    std::vector<int64_t> slot_request(static_cast<size_t>(slots), -1);
+    // write: `ready` holds filled slots (iocb prepared), `to_copy` free slots to fill next.
+    // read: `ready` holds drained (empty) slots, `to_copy` completed slots to drain into the tensor.
+    std::deque<int> ready;
+    std::vector<int> to_copy;
+    for (int slot = slots - 1; slot >= 0; --slot) {
         if (read_op) {
-            io_prep_pread(request, file._direct_fd, staging, count, offset + start);
+            ready.push_back(slot);
         } else {
-            std::memcpy(staging, buffer + start, count);
-            io_prep_pwrite(request, file._direct_fd, staging, count, offset + start);
+            to_copy.push_back(slot);
+        }
+    }
+    std::vector<struct iocb*> batch;
+    batch.reserve(static_cast<size_t>(window));
+    int64_t next = 0;  // next request index to fill (write) or to submit (read)
+    int in_flight = 0;
+    auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
+    auto request_bytes = [&](int64_t index) { return std::min(block, num_bytes - index * block); };
+    auto prep = [&](int slot) {
+        const int64_t index = next++;
+        slot_request[slot] = index;
+        struct iocb* request = &iocbs[slot];
+        char* staging = ring + slot * block;
+        const size_t count = static_cast<size_t>(request_bytes(index));
+        if (read_op) {
+            io_prep_pread(request, file._direct_fd, staging, count, offset + index * block);
+        } else {
+            copy_stream(staging, buffer + index * block, count);
+            io_prep_pwrite(request, file._direct_fd, staging, count, offset + index * block);
+        }
+        request->data = reinterpret_cast<void*>(static_cast<intptr_t>(slot));
+    };
+    auto reap = [&](int count) {
+        if (count < 0) {
+            in_flight = 0;  // the context is unusable; nothing more can be reaped
+            fail(-count);
+        }
+        in_flight -= count;  // all reaped, even if complete_request throws for one of them
+        for (int i = 0; i < count; ++i) {
+            const struct io_event& event = ctx._events[i];
+            const int slot = static_cast<int>(reinterpret_cast<intptr_t>(event.data));
+            const int64_t index = slot_request[slot];
+            complete_request(read_op, file, slice, ring + slot * block, offset + index * block,
+                             request_bytes(index), static_cast<long>(event.res));
+            to_copy.push_back(slot);
         }
     };
-    auto done = [&](int64_t index, int slot, long result) {
-        const int64_t start = index * block;
-        const int64_t count = std::min(block, num_bytes - start);
-        char* staging = ring + slot * block;
-        complete_request(read_op, file, slice, staging, offset + start, count, result);
-        if (read_op) { std::memcpy(buffer + start, staging, static_cast<size_t>(count)); }
-    };
-    auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
-    run_requests(ctx, num_requests, slots, /*refill_each_event=*/true, config._single_submit,
-                 /*eager=*/true, prep,
-                 done, fail);
+    try {
+        while (true) {
+            // 1. Top the queue up from the ready slots, in one submission.
+            batch.clear();
+            while (in_flight + static_cast<int>(batch.size()) < window && !ready.empty() &&
+                   (!read_op || next < num_requests)) {
+                const int slot = ready.front();
+                ready.pop_front();
+                if (read_op) { prep(slot); }
+                batch.push_back(&iocbs[slot]);
+            }
+            if (!batch.empty()) {
+                int err = 0;
+                in_flight += ctx.submit(batch.data(), static_cast<int>(batch.size()), config._single_submit, &err);
+                if (err != 0) { fail(err); }
+            }
+            // 2. One copy (fill a free slot / drain a completed one), then a poll for completions.
+            const bool copy_work = read_op ? !to_copy.empty() : (!to_copy.empty() && next < num_requests);
+            if (copy_work) {
+                const int slot = to_copy.back();
+                to_copy.pop_back();
+                if (read_op) {
+                    const int64_t index = slot_request[slot];
+                    copy_stream(buffer + index * block, ring + slot * block,
+                                static_cast<size_t>(request_bytes(index)));
+                } else {
+                    prep(slot);
+                }
+                ready.push_back(slot);
+                if (in_flight > 0) { reap(ctx.poll_events(in_flight)); }
+                continue;
+            }
+            // 3. Nothing to copy: wait for a completion, or stop when nothing is left in flight.
+            if (in_flight == 0) {
+                if (!ready.empty() && (!read_op || next < num_requests)) { continue; }
+                break;
+            }
+            reap(ctx.get_events(1, in_flight));
+        }
+    } catch (...) {
+        while (in_flight > 0) {
+            const int count = ctx.get_events(1, in_flight);
+            if (count <= 0) { break; }
+            in_flight -= count;
+        }
+        throw;
+    }
 }
 
 }  // namespace
