@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from moe.distill import DistillConfig, validate_distill
 

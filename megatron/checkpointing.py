@@ -8,12 +8,11 @@ Expert files are indexed by *global* expert id, so a checkpoint written at one E
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import re
 import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch

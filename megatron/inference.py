@@ -1,7 +1,6 @@
 """Inference helpers: rebuild a model and tokenizer from a checkpoint, and sample with a KV cache."""
 from __future__ import annotations
 
-import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
