@@ -26,6 +26,9 @@ def parse_log(path):
     end = END_RE.findall(text)
     tok_s = [int(t) for _, t in TOK_RE.findall(text)]
     tokens = max((int(c) for c, _ in TOK_RE.findall(text)), default=0)
+    iters = [int(i) for i in re.findall(r" iteration +(\d+)/", text)]
+    if end and iters and (not curve or curve[-1][0] != max(iters)):
+        curve.append((max(iters), float(end[-1])))  # the end-of-training validation, at the last iteration
     return {"curve": curve, "val_loss": float(end[-1]) if end else (curve[-1][1] if curve else float("nan")),
             "tokens_per_s": statistics.median(tok_s[1:] or tok_s) if tok_s else float("nan"), "tokens": tokens}
 
