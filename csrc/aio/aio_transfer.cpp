@@ -21,6 +21,15 @@
 
 namespace {
 
+// After a failure: reap what is still in flight so no request completes into freed memory.
+void drain_in_flight(aio_context& ctx, int in_flight) {
+    while (in_flight > 0) {
+        const int count = ctx.get_events(1, in_flight);
+        if (count <= 0) { break; }
+        in_flight -= count;
+    }
+}
+
 constexpr int64_t k_offset_align = 4096;   // direct requests cover whole pages, so the page cache
                                             // (heads/tails) and O_DIRECT never share a page
 constexpr uintptr_t k_memory_align = 512;   // buffer alignment O_DIRECT needs (logical block size)
@@ -176,11 +185,7 @@ void run_requests(aio_context& ctx, int64_t num_requests, int window, bool refil
             }
         }
     } catch (...) {
-        while (in_flight > 0) {
-            const int count = ctx.get_events(1, in_flight);
-            if (count <= 0) { break; }
-            in_flight -= count;
-        }
+        drain_in_flight(ctx, in_flight);
         throw;
     }
 }
@@ -324,11 +329,7 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
             reap(ctx.get_events(1, in_flight));
         }
     } catch (...) {
-        while (in_flight > 0) {
-            const int count = ctx.get_events(1, in_flight);
-            if (count <= 0) { break; }
-            in_flight -= count;
-        }
+        drain_in_flight(ctx, in_flight);
         throw;
     }
 }
