@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe.experts import is_expert_param
+
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
 
@@ -49,11 +51,11 @@ def _moe_layers(model: torch.nn.Module):
 
 
 def _expert_param_names(model: torch.nn.Module, prefix: str) -> List[str]:
-    return [n for n, p in model.named_parameters() if n.startswith(prefix + ".") and getattr(p, "expert_parallel", False)]
+    return [n for n, p in model.named_parameters() if n.startswith(prefix + ".") and is_expert_param(p)]
 
 
 def is_expert_param_name(model: torch.nn.Module) -> Dict[str, bool]:
-    return {n: bool(getattr(p, "expert_parallel", False)) for n, p in model.named_parameters()}
+    return {n: is_expert_param(p) for n, p in model.named_parameters()}
 
 
 # ----------------------------------------------------------------------------------------------- RNG
@@ -279,7 +281,8 @@ def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True) -
 def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
     """Reads this rank's expert files; fills the local expert slices when `load_weights`.
 
-    Returns the per-parameter Adam state stacked over the local experts (keyed by parameter name).
+    Without `load_weights`, returns the per-parameter Adam state stacked over the local experts (keyed by
+    parameter name); with it, {} (the optimizer state is not needed then).
     """
     stacked_opt: Dict[str, dict] = {}
     params = dict(model.named_parameters())
@@ -302,7 +305,7 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
                         raise CheckpointError(f"{ckpt_dir}: expert parameter {short} has shape {tuple(src.shape)}"
                                               f", the model expects {tuple(params[n].shape[1:])}")
                     params[n][i].copy_(src)
-                if all(short in ex["optimizer"] for ex in per_expert):
+                if not load_weights and all(short in ex["optimizer"] for ex in per_expert):
                     keys = per_expert[0]["optimizer"][short].keys()
                     stacked_opt[n] = {k: (torch.stack([ex["optimizer"][short][k] for ex in per_expert])
                                           if torch.is_tensor(per_expert[0]["optimizer"][short][k])

@@ -24,6 +24,7 @@ from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
+from moe.experts import is_expert_param
 
 log = logging.getLogger("megatron")
 
@@ -87,7 +88,7 @@ def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
             # parameter picks the group its gradient is reduced over
             mod.expert_dp_group = groups.expert_dp_group(mod.ep_size)
             for p in mod.parameters():
-                if getattr(p, "expert_parallel", False):
+                if is_expert_param(p):
                     p.ep_size = mod.ep_size
     return model.to(device)
 
@@ -106,8 +107,8 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
                   DynamicLossScaler(cfg.optimizer.initial_loss_scale, cfg.optimizer.min_loss_scale,
                                     cfg.optimizer.loss_scale_window, cfg.optimizer.hysteresis))
     st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
-    st.expert_params = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
-    st.dense_params = [p for p in model.parameters() if not getattr(p, "expert_parallel", False)]
+    st.expert_params = [p for p in model.parameters() if is_expert_param(p)]
+    st.dense_params = [p for p in model.parameters() if not is_expert_param(p)]
     if cfg.checkpoint.load:
         load_into_state(st)
     d = cfg.distill

@@ -36,6 +36,7 @@ def parse_log(path):
 def count_params(ckpt):
     """(total, active per token): experts a token does not use are not active."""
     from megatron.inference import load_model_for_inference
+    from moe.experts import is_expert_param
 
     model, _, configs = load_model_for_inference(ckpt)
     total = sum(p.numel() for p in model.parameters())
@@ -43,7 +44,7 @@ def count_params(ckpt):
     moe = configs.get("moe")
     for mod in model.modules():
         if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_size"):
-            experts = [p for p in mod.parameters() if getattr(p, "expert_parallel", False)]
+            experts = [p for p in mod.parameters() if is_expert_param(p)]
             per_expert = sum(p.numel() for p in experts) // mod.num_local_experts
             inactive += (mod.num_local_experts - moe["topk"]) * per_expert
     return total, total - inactive

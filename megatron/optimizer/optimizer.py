@@ -4,10 +4,7 @@ from typing import List
 import torch
 
 from megatron.config import OptimizerConfig
-
-
-def _is_expert(p: torch.nn.Parameter) -> bool:
-    return bool(getattr(p, "expert_parallel", False))
+from moe.experts import is_expert_param
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
@@ -21,7 +18,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
         if not p.requires_grad:
             continue
         decay = not (name.endswith(".bias") or p.dim() == 1)
-        groups[(_is_expert(p), decay)].append(p)
+        groups[(is_expert_param(p), decay)].append(p)
     out = []
     for (expert, decay), params in groups.items():
         if params:
