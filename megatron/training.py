@@ -84,12 +84,8 @@ def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
     model = GPTModel(cfg.model, cfg.moe, groups)
     for mod in model.modules():
         if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_size"):
-            # the expert-DP group picks which replica writes each expert file; ep_size on each expert
-            # parameter picks the group its gradient is reduced over
+            # the expert-DP group picks which replica writes each expert file (megatron/checkpointing.py)
             mod.expert_dp_group = groups.expert_dp_group(mod.ep_size)
-            for p in mod.parameters():
-                if is_expert_param(p):
-                    p.ep_size = mod.ep_size
     return model.to(device)
 
 

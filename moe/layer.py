@@ -146,6 +146,8 @@ class MoELayer(nn.Module):
                                              init_method, output_layer_init_method)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
+        for p in self.experts.parameters():
+            p.ep_size = ep_size  # the caller reduces each expert grad over the expert-DP group of this EP size
         self.residual = None
         if cfg.mlp_type == "residual":
             mlp = (DenseGeluMLP(hidden_size, ffn_hidden_size, init_method, output_layer_init_method)
