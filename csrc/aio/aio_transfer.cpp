@@ -215,35 +215,46 @@ void direct_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_c
                  prep, done, fail);
 }
 
-// The page-aligned middle of a tensor whose address O_DIRECT cannot use: each request goes through
-// a slot of the thread's bounce ring. The ring has more slots than requests in flight (`window`):
-// the spare slots are copied ahead, so a completion is answered at once by submitting a slot that is
-// already ready (a write slot already filled, a read slot already drained), and the copies of the
-// slots the completions freed run while the disk works on a full queue. Between two copies the
-// thread polls for completions, so bursts of completions never leave the disk short of requests.
-// Always refills per completion (sequential batches would serialize copying and I/O).
+// The page-aligned middle of a tensor whose address O_DIRECT cannot use goes through the thread's
+// bounce ring. The ring is cut into slots of several block_size requests (about k_slot_bytes): a
+// slot is copied in one go and its requests submitted in one io_submit, so the block layer merges
+// them into large device requests (submitted one by one, 1 MiB requests cost a misaligned tensor
+// ~5-10% of the disk's write speed). The ring has spare slots beyond those in flight (`window`
+// requests): they are copied ahead, so a finished slot is answered at once by submitting one that
+// is already ready (a write slot filled, a read slot drained), and the copies of the slots the
+// completions freed run while the disk works on a full queue. Between two copies the thread polls
+// for completions, so bursts of completions never leave the disk short of requests. Always refills
+// as slots finish (sequential batches would serialize copying and I/O).
+constexpr int64_t k_slot_bytes = 4 << 20;
+
 void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_config& config,
                 aio_context& ctx, std::unique_ptr<aligned_buffer>& bounce, char* buffer,
                 int64_t offset, int64_t num_bytes)
 {
-    const int64_t block = round_up(config._block_size, k_offset_align);
-    const int64_t num_requests = (num_bytes + block - 1) / block;
-    // Slots: the budget, at most what can be used (queue_depth in flight plus a quarter of that
-    // spare), never more than the requests, at least 2. A fifth of them are spare (copied ahead), so
+    const int64_t block = round_up(config._block_size, k_offset_align);  // bytes per request
+    const int queue_depth = ctx._queue_depth;
+    const int per_slot = static_cast<int>(std::clamp<int64_t>(k_slot_bytes / block, 1, queue_depth));
+    const int64_t slot_bytes = per_slot * block;
+    const int64_t num_jobs = (num_bytes + slot_bytes - 1) / slot_bytes;  // slot fills, in order
+    // Slots: the budget, at most what can be used (queue_depth requests in flight plus a quarter of
+    // that spare), never more than the jobs, at least 2. A fifth of them are spare (copied ahead), so
     // with the default budget as many requests are in flight as for a locked tensor (queue_depth).
-    const int64_t max_slots = ctx._queue_depth + std::max(1, ctx._queue_depth / 4);
+    const int64_t flight_slots = std::max(1, queue_depth / per_slot);
+    const int64_t max_slots = flight_slots + std::max<int64_t>(1, flight_slots / 4);
     const int slots = static_cast<int>(std::max<int64_t>(
-        2, std::min({bounce_budget(config._intra_op_parallelism) / block, max_slots, num_requests})));
-    const int window = std::max(1, std::min(ctx._queue_depth, slots - std::max(1, slots / 5)));
-    const size_t ring_bytes = static_cast<size_t>(slots * block);
+        2, std::min({bounce_budget(config._intra_op_parallelism) / slot_bytes, max_slots, num_jobs})));
+    const int window_slots = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(flight_slots, slots - std::max(1, slots / 5))));
+    const size_t ring_bytes = static_cast<size_t>(slots * slot_bytes);
     if (!bounce || bounce->_num_bytes < ring_bytes) {
         bounce.reset();
         bounce.reset(new aligned_buffer(ring_bytes, /*lock=*/false));
     }
     char* ring = bounce->data();
-    std::vector<struct iocb> iocbs(static_cast<size_t>(slots));
-    std::vector<int64_t> slot_request(static_cast<size_t>(slots), -1);
-    // write: `ready` holds filled slots (iocb prepared), `to_copy` free slots to fill next.
+    std::vector<struct iocb> iocbs(static_cast<size_t>(slots) * per_slot);
+    std::vector<int64_t> slot_job(static_cast<size_t>(slots), -1);
+    std::vector<int> slot_pending(static_cast<size_t>(slots), 0);  // its requests not yet completed
+    // write: `ready` holds filled slots (iocbs prepared), `to_copy` free slots to fill next.
     // read: `ready` holds drained (empty) slots, `to_copy` completed slots to drain into the tensor.
     std::deque<int> ready;
     std::vector<int> to_copy;
@@ -255,24 +266,30 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
         }
     }
     std::vector<struct iocb*> batch;
-    batch.reserve(static_cast<size_t>(window));
-    int64_t next = 0;  // next request index to fill (write) or to submit (read)
-    int in_flight = 0;
+    batch.reserve(iocbs.size());
+    int64_t next = 0;     // next job to fill (write) or to submit (read)
+    int in_flight = 0;    // requests
+    int busy_slots = 0;   // slots with requests in flight
     auto fail = [&](int err) { throw_os(err, read_op, slice, file); };
-    auto request_bytes = [&](int64_t index) { return std::min(block, num_bytes - index * block); };
+    auto job_bytes = [&](int64_t job) { return std::min(slot_bytes, num_bytes - job * slot_bytes); };
+    auto job_requests = [&](int64_t job) { return static_cast<int>((job_bytes(job) + block - 1) / block); };
     auto prep = [&](int slot) {
-        const int64_t index = next++;
-        slot_request[slot] = index;
-        struct iocb* request = &iocbs[slot];
-        char* staging = ring + slot * block;
-        const size_t count = static_cast<size_t>(request_bytes(index));
-        if (read_op) {
-            io_prep_pread(request, file._direct_fd, staging, count, offset + index * block);
-        } else {
-            copy_stream(staging, buffer + index * block, count);
-            io_prep_pwrite(request, file._direct_fd, staging, count, offset + index * block);
+        const int64_t job = next++;
+        slot_job[slot] = job;
+        char* staging = ring + slot * slot_bytes;
+        const int64_t bytes = job_bytes(job);
+        const int64_t file_offset = offset + job * slot_bytes;
+        if (!read_op) { copy_stream(staging, buffer + job * slot_bytes, static_cast<size_t>(bytes)); }
+        for (int r = 0; r < job_requests(job); ++r) {
+            struct iocb* request = &iocbs[static_cast<size_t>(slot) * per_slot + r];
+            const size_t count = static_cast<size_t>(std::min(block, bytes - r * block));
+            if (read_op) {
+                io_prep_pread(request, file._direct_fd, staging + r * block, count, file_offset + r * block);
+            } else {
+                io_prep_pwrite(request, file._direct_fd, staging + r * block, count, file_offset + r * block);
+            }
+            request->data = reinterpret_cast<void*>(static_cast<intptr_t>(slot * per_slot + r));
         }
-        request->data = reinterpret_cast<void*>(static_cast<intptr_t>(slot));
     };
     auto reap = [&](int count) {
         if (count < 0) {
@@ -282,38 +299,56 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
         in_flight -= count;  // all reaped, even if complete_request throws for one of them
         for (int i = 0; i < count; ++i) {
             const struct io_event& event = ctx._events[i];
-            const int slot = static_cast<int>(reinterpret_cast<intptr_t>(event.data));
-            const int64_t index = slot_request[slot];
-            complete_request(read_op, file, slice, ring + slot * block, offset + index * block,
-                             request_bytes(index), static_cast<long>(event.res));
-            to_copy.push_back(slot);
+            const int id = static_cast<int>(reinterpret_cast<intptr_t>(event.data));
+            const int slot = id / per_slot;
+            const int r = id % per_slot;
+            const int64_t job = slot_job[slot];
+            const int64_t bytes = job_bytes(job);
+            complete_request(read_op, file, slice, ring + slot * slot_bytes + r * block,
+                             offset + job * slot_bytes + r * block, std::min(block, bytes - r * block),
+                             static_cast<long>(event.res));
+            if (--slot_pending[slot] == 0) {
+                --busy_slots;
+                to_copy.push_back(slot);
+            }
         }
     };
     try {
         while (true) {
-            // 1. Top the queue up from the ready slots, in one submission.
+            // 1. Top the queue up from the ready slots, all their requests in one submission.
             batch.clear();
-            while (in_flight + static_cast<int>(batch.size()) < window && !ready.empty() &&
-                   (!read_op || next < num_requests)) {
+            while (busy_slots < window_slots && !ready.empty() && (!read_op || next < num_jobs)) {
                 const int slot = ready.front();
                 ready.pop_front();
                 if (read_op) { prep(slot); }
-                batch.push_back(&iocbs[slot]);
+                const int n = job_requests(slot_job[slot]);
+                for (int r = 0; r < n; ++r) { batch.push_back(&iocbs[static_cast<size_t>(slot) * per_slot + r]); }
+                slot_pending[slot] = n;
+                ++busy_slots;
             }
             if (!batch.empty()) {
                 int err = 0;
-                in_flight += ctx.submit(batch.data(), static_cast<int>(batch.size()), config._single_submit, &err);
-                if (err != 0) { fail(err); }
+                const int submitted = ctx.submit(batch.data(), static_cast<int>(batch.size()),
+                                                 config._single_submit, &err);
+                in_flight += submitted;
+                if (err != 0) {
+                    // Requests the kernel did not take never complete: forget them before failing.
+                    for (size_t i = static_cast<size_t>(submitted); i < batch.size(); ++i) {
+                        const int id = static_cast<int>(reinterpret_cast<intptr_t>(batch[i]->data));
+                        --slot_pending[id / per_slot];
+                    }
+                    fail(err);
+                }
             }
             // 2. One copy (fill a free slot / drain a completed one), then a poll for completions.
-            const bool copy_work = read_op ? !to_copy.empty() : (!to_copy.empty() && next < num_requests);
+            const bool copy_work = read_op ? !to_copy.empty() : (!to_copy.empty() && next < num_jobs);
             if (copy_work) {
                 const int slot = to_copy.back();
                 to_copy.pop_back();
                 if (read_op) {
-                    const int64_t index = slot_request[slot];
-                    copy_stream(buffer + index * block, ring + slot * block,
-                                static_cast<size_t>(request_bytes(index)));
+                    const int64_t job = slot_job[slot];
+                    copy_stream(buffer + job * slot_bytes, ring + slot * slot_bytes,
+                                static_cast<size_t>(job_bytes(job)));
                 } else {
                     prep(slot);
                 }
@@ -323,7 +358,7 @@ void bounced_io(bool read_op, aio_file& file, const aio_slice& slice, const aio_
             }
             // 3. Nothing to copy: wait for a completion, or stop when nothing is left in flight.
             if (in_flight == 0) {
-                if (!ready.empty() && (!read_op || next < num_requests)) { continue; }
+                if (!ready.empty() && (!read_op || next < num_jobs)) { continue; }
                 break;
             }
             reap(ctx.get_events(1, in_flight));

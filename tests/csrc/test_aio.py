@@ -150,11 +150,13 @@ def test_submit_modes_round_trip(io_dir, random_bytes, single_submit, overlap_ev
 
 @pytest.mark.parametrize("queue_depth", [1, 5, 16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_misaligned_tensor_many_ring_turns(io_dir, random_bytes, queue_depth, threads):
-    # A tensor 64 bytes into a page goes through the bounce ring (queue_depth in flight plus spare
-    # slots copied ahead); many more requests than slots turn the ring over and over. The bytes
-    # around the tensor's view must stay untouched by reads.
-    h = aio.aio_handle(block_size=64 * 1024, queue_depth=queue_depth, intra_op_parallelism=threads)
+@pytest.mark.parametrize("block_size", [64 * 1024, 12 * 1024])
+def test_misaligned_tensor_many_ring_turns(io_dir, random_bytes, queue_depth, threads, block_size):
+    # A tensor 64 bytes into a page goes through the bounce ring (queue_depth requests in flight plus
+    # spare slots copied ahead; a slot holds up to 4 MiB / block_size requests, so with 12 KiB blocks
+    # a slot is many requests and the last one of a slot and of the tensor is partial); many more
+    # requests than slots turn the ring over and over. Bytes around the tensor's view stay untouched.
+    h = aio.aio_handle(block_size=block_size, queue_depth=queue_depth, intra_op_parallelism=threads)
     size = 3 * MiB + 4096 * 5 + 7
     backing = h.new_cpu_locked_tensor(size + 8192, torch.empty(0, dtype=torch.uint8))
     backing.copy_(random_bytes[: size + 8192])
