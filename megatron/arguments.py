@@ -288,8 +288,6 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks that span several concerns; runs before any group or module is built."""
     tp = cfg.parallel.tensor_model_parallel_size
-    if tp != 1:
-        raise ArgumentError(f"--tensor-model-parallel-size ({tp}) > 1 is not supported yet; use 1")
     if world_size % tp != 0:
         raise ArgumentError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     dp = world_size // tp
@@ -303,5 +301,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                 raise ArgumentError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp})")
     if cfg.optimizer.fp16 and cfg.optimizer.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive; pick one")
+    m = cfg.model
+    for value, flag in ((m.num_attention_heads, "--num-attention-heads"), (m.ffn_hidden_size, "--ffn-hidden-size"),
+                        (m.padded_vocab_size, "padded vocabulary size")):
+        if value % tp != 0:
+            raise ArgumentError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if tp > 1 and cfg.distill.enabled:
+        raise ArgumentError(f"--mos/--kd with --tensor-model-parallel-size {tp}: distillation runs with "
+                            f"tensor-parallel size 1 only (the teacher is loaded whole); use 1")
     if cfg.distill.enabled:
         validate_distill(cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))

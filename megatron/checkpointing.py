@@ -138,20 +138,25 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
     is_expert = is_expert_param_name(model)
     opt_state = _named_optimizer_state(model, optimizer) if optimizer is not None else {}
     dp_rank = groups.dp_rank if groups is not None else 0
+    tp = _model_tp_rank(model)
     if dp_rank == 0:
         sd = {k: v for k, v in model.state_dict().items() if not is_expert.get(k, False)}
+        rng = get_rng_state()
+        tracker = getattr(model, "rng_tracker", None)
+        if tracker is not None:  # the per-TP-rank dropout stream (megatron/tensor_parallel/random.py)
+            rng["tensor_parallel"] = tracker.state_dict()
         payload = {
             "iteration": iteration,
             "model": sd,
             "optimizer": {k: v for k, v in opt_state.items() if not is_expert.get(k, False)},
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-            "rng": get_rng_state(),
+            "rng": rng,
             "counters": dict(counters),
             "configs": configs,
             "checkpoint_version": 1,
         }
-        _atomic_torch_save(payload, dense_path(tmp))
+        _atomic_torch_save(payload, dense_path(tmp, tp))
     _save_experts(tmp, model, opt_state, groups)
     if distributed:
         dist.barrier()
@@ -178,7 +183,16 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
     return final
 
 
+def _model_tp_rank(model) -> int:
+    """The tensor-parallel rank the model was built for (0 without tensor parallelism)."""
+    group = getattr(model, "tp_group", None)
+    return 0 if group is None else dist.get_rank(group)
+
+
 def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
+    # Experts are replicated over tensor parallelism: each TP rank writes its own copy (..._mp_rank_XX_...),
+    # as DeepSpeed does, so every rank of a same-shape run reads only its own files.
+    tp = _model_tp_rank(model)
     for moe_idx, prefix, layer in _moe_layers(model):
         edp_group = getattr(layer, "expert_dp_group", None)
         if edp_group is not None and dist.get_rank(edp_group) != 0:
@@ -195,7 +209,7 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
                     optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
                                                   for k, v in opt_state[n].items()}
             _atomic_torch_save({"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size,
-                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid))
+                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid, tp))
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -235,8 +249,14 @@ def _torch_load(path: str):
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
-def load_dense(load: str, tp_rank: int = 0) -> Tuple[dict, str]:
+def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1) -> Tuple[dict, str]:
+    """This TP rank's dense file; a checkpoint saved with another --tensor-model-parallel-size is refused."""
     ckpt_dir, _ = resolve_checkpoint_dir(load)
+    saved_tp = len([d for d in os.listdir(ckpt_dir) if re.fullmatch(r"mp_rank_\d\d", d)])
+    if saved_tp and saved_tp != tp_size:
+        raise CheckpointError(f"--tensor-model-parallel-size mismatch: checkpoint {ckpt_dir} was saved with "
+                              f"{saved_tp} tensor-parallel rank(s), the flags give {tp_size}; convert it with "
+                              f"tools/checkpoint_tp.py --target-tp {tp_size}")
     return _torch_load(dense_path(ckpt_dir, tp_rank)), ckpt_dir
 
 
@@ -289,7 +309,8 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
     for moe_idx, prefix, layer in _moe_layers(model):
         e = layer.num_local_experts
         names = _expert_param_names(model, prefix)
-        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i)) for i in range(e)]
+        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i, _model_tp_rank(model)))
+                      for i in range(e)]
         total = per_expert[0].get("num_experts")
         if total is not None and total != e * layer.ep_size:
             raise CheckpointError(f"--num-experts mismatch: checkpoint {ckpt_dir} MoE layer {moe_idx} has {total} "

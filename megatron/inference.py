@@ -10,17 +10,8 @@ from megatron.config import ModelConfig
 from megatron.model import GPTModel
 
 
-def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
-                             moe_overrides: Optional[dict] = None) -> Tuple[GPTModel, object, dict]:
-    """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
-
-    Dropout is disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
-    recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
-    """
-    from megatron.tokenizer import build_tokenizer
-
-    payload, ckpt_dir = checkpointing.load_dense(load)
-    configs = payload.get("configs") or {}
+def model_configs_from_checkpoint(configs: dict, ckpt_dir: str, moe_overrides: Optional[dict] = None):
+    """(ModelConfig, MoEConfig or None) recorded in a checkpoint's `configs`, for one process (EP size 1)."""
     if "model" not in configs:
         raise checkpointing.CheckpointError(f"{ckpt_dir}: no model configuration recorded; not a megatron-moe "
                                             f"checkpoint")
@@ -36,6 +27,21 @@ def load_model_for_inference(load: str, device=None, tokenizer_overrides: Option
         fields.update(moe_overrides or {})
         fields["ep_size"] = 1  # inference runs all experts in one process
         moe_cfg = MoEConfig(**fields)
+    return mcfg, moe_cfg
+
+
+def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
+                             moe_overrides: Optional[dict] = None) -> Tuple[GPTModel, object, dict]:
+    """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
+
+    Dropout is disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
+    recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
+    """
+    from megatron.tokenizer import build_tokenizer
+
+    payload, ckpt_dir = checkpointing.load_dense(load)
+    configs = payload.get("configs") or {}
+    mcfg, moe_cfg = model_configs_from_checkpoint(configs, ckpt_dir, moe_overrides)
     model = GPTModel(mcfg, moe_cfg, None)
     checkpointing.load_model_state(model, payload, ckpt_dir)
     model.to(device or torch.device("cpu")).eval()

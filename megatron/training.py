@@ -24,6 +24,7 @@ from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
+from megatron.tensor_parallel import is_tensor_parallel_param
 from moe.experts import is_expert_param
 
 log = logging.getLogger("megatron")
@@ -45,6 +46,8 @@ class TrainState:
     consumed_tokens: int = 0
     dense_params: List[torch.nn.Parameter] = field(default_factory=list)
     expert_params: List[torch.nn.Parameter] = field(default_factory=list)
+    tp_params: List[torch.nn.Parameter] = field(default_factory=list)  # dense, sharded over tensor parallelism
+    replicated_params: List[torch.nn.Parameter] = field(default_factory=list)  # dense, whole on every TP rank
     writer: Optional[object] = None
     peak_flops: Optional[float] = None
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
@@ -105,6 +108,8 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
     st.expert_params = [p for p in model.parameters() if is_expert_param(p)]
     st.dense_params = [p for p in model.parameters() if not is_expert_param(p)]
+    st.tp_params = [p for p in st.dense_params if is_tensor_parallel_param(p)]
+    st.replicated_params = [p for p in st.dense_params if not is_tensor_parallel_param(p)]
     if cfg.checkpoint.load:
         load_into_state(st)
     d = cfg.distill
@@ -122,13 +127,14 @@ def configs_for_checkpoint(cfg: TrainConfig) -> dict:
             "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None,
             "tokenizer": {k: (os.path.abspath(v) if k in ("vocab_file", "merge_file", "tokenizer_model") and v
                               else v) for k, v in dataclasses.asdict(cfg.tokenizer).items()},
+            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size},
             "data": {"seq_length": cfg.data.seq_length, "global_batch_size": cfg.data.global_batch_size,
                      "micro_batch_size": cfg.data.micro_batch_size, "seed": cfg.data.seed}}
 
 
 def load_into_state(st: TrainState) -> None:
     ck = st.cfg.checkpoint
-    payload, ckpt_dir = checkpointing.load_dense(ck.load, st.groups.tp_rank)
+    payload, ckpt_dir = checkpointing.load_dense(ck.load, st.groups.tp_rank, st.groups.tp_size)
     saved = payload.get("configs", {})
     checkpointing.check_config_match(saved.get("model", {}), dataclasses.asdict(st.cfg.model), "training", ckpt_dir)
     if saved.get("moe") or st.cfg.moe:
@@ -155,6 +161,9 @@ def load_into_state(st: TrainState) -> None:
             st.loss_scaler.load_state_dict(payload["loss_scaler"])
     if not ck.no_load_rng and payload.get("rng"):
         checkpointing.set_rng_state(payload["rng"])
+        tracker = getattr(st.model, "rng_tracker", None)
+        if tracker is not None and payload["rng"].get("tensor_parallel"):
+            tracker.load_state_dict(payload["rng"]["tensor_parallel"])
     print_rank0(f"loaded checkpoint {ckpt_dir} at iteration {st.iteration} "
                 f"(consumed samples {st.consumed_samples})")
 
@@ -269,7 +278,7 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         st.loss_scaler.update(found_inf)
     grad_norm = float("nan")
     if not found_inf:
-        grad_norm = clip_grad_norm(st.dense_params, _expert_norm_groups(st), cfg.optimizer.clip_grad)
+        grad_norm = clip_grad_norm(st.replicated_params, _norm_groups(st), cfg.optimizer.clip_grad)
         st.optimizer.step()
     lr = st.scheduler.step(1)
     gbs = cfg.data.global_batch_size
@@ -285,17 +294,20 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
-def _expert_norm_groups(st: TrainState) -> List[tuple]:
-    """[(expert params of one EP size, that size's EP group)], by increasing EP size (same order on every rank).
+def _norm_groups(st: TrainState) -> List[tuple]:
+    """[(params, the group their squared grad norm is summed over)], the same order on every rank: the
+    tensor-parallel shards with the TP group, then the experts of each EP size with that size's EP group.
 
     Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
-    each size's squared norm over that group only.
+    each size's squared norm over that group only. Parameters replicated over TP (LayerNorms, row-parallel
+    biases, MoE layers) have equal grads on every TP rank and are counted once (st.replicated_params).
     """
+    tp = [(st.tp_params, st.groups.tp_group if st.groups.tp_size > 1 else None)]
     by_ep: Dict[int, list] = {}
     for p in st.expert_params:
         by_ep.setdefault(getattr(p, "ep_size", 1), []).append(p)
     single = st.groups.dp_size == 1
-    return [(by_ep[ep], None if single or ep == 1 else st.groups.ep_group(ep)) for ep in sorted(by_ep)]
+    return tp + [(by_ep[ep], None if single or ep == 1 else st.groups.ep_group(ep)) for ep in sorted(by_ep)]
 
 
 def _eod(st: TrainState) -> Optional[int]:

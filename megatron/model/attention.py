@@ -1,10 +1,17 @@
-"""Causal self-attention: fused QKV projection, scaled_dot_product_attention, optional RoPE and KV cache."""
+"""Causal self-attention: fused QKV projection, scaled_dot_product_attention, optional RoPE and KV cache.
+
+With tensor parallelism the heads are split: QKV is column-parallel (each rank computes its heads' q, k, v), the
+output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
+from the tensor-parallel RNG tracker.
+"""
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megatron.model.rope import apply_rotary
+from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, tp_size
 
 
 class KVCache:
@@ -26,23 +33,26 @@ class KVCache:
 
 class SelfAttention(torch.nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float,
-                 init_method, output_layer_init_method, layer_idx: int):
+                 init_method, output_layer_init_method, layer_idx: int, tp_group=None, rng_tracker=None):
         super().__init__()
-        self.num_heads = num_heads
+        tp = tp_size(tp_group)
+        if num_heads % tp != 0:
+            raise ValueError(f"--num-attention-heads ({num_heads}) must be divisible by "
+                             f"--tensor-model-parallel-size ({tp})")
+        self.num_heads = num_heads // tp  # this rank's heads
         self.head_dim = hidden_size // num_heads
         self.attention_dropout = attention_dropout
         self.layer_idx = layer_idx
-        self.query_key_value = torch.nn.Linear(hidden_size, 3 * hidden_size)
-        self.dense = torch.nn.Linear(hidden_size, hidden_size)
-        init_method(self.query_key_value.weight)
-        output_layer_init_method(self.dense.weight)
-        torch.nn.init.zeros_(self.query_key_value.bias)
-        torch.nn.init.zeros_(self.dense.bias)
+        self.rng_tracker = rng_tracker if tp > 1 else None
+        # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
+        self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, tp_group, init_method, stride=3,
+                                                    what="3 x --hidden-size")
+        self.dense = RowParallelLinear(hidden_size, hidden_size, tp_group, output_layer_init_method)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         b, s, h = x.shape
-        qkv = self.query_key_value(x)  # [b, s, 3h]
+        qkv = self.query_key_value(x)  # [b, s, 3h/tp]
         # [b, s, 3, heads, d] -> 3 x [b, heads, s, d]
         q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rotary is not None:
@@ -53,14 +63,22 @@ class SelfAttention(torch.nn.Module):
             past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout_p = self.attention_dropout if self.training else 0.0
+        rng = (self.rng_tracker.fork(x.device) if self.rng_tracker is not None and dropout_p > 0
+               else contextlib.nullcontext())
+        with rng:
+            ctx = self._attend(q, k, v, past, s, dropout_p)
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, heads, s, d] -> [b, s, h/tp]
+        return self.dense(ctx)
+
+    @staticmethod
+    def _attend(q, k, v, past: int, s: int, dropout_p: float) -> torch.Tensor:
         if past == 0:
             ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif s == 1:
             ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:  # a chunk after a cached prefix: query i sees keys <= past + i
-            kpos = torch.arange(past + s, device=x.device)
-            qpos = torch.arange(past, past + s, device=x.device)
+            kpos = torch.arange(past + s, device=q.device)
+            qpos = torch.arange(past, past + s, device=q.device)
             mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # [s, past+s]
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        ctx = ctx.transpose(1, 2).reshape(b, s, h)  # [b, heads, s, d] -> [b, s, h]
-        return self.dense(ctx)
+        return ctx

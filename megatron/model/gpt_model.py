@@ -1,4 +1,9 @@
-"""GPTModel: embeddings, L transformer layers, final LayerNorm, tied LM head and per-token cross entropy."""
+"""GPTModel: embeddings, L transformer layers, final LayerNorm, tied LM head and per-token cross entropy.
+
+With tensor parallelism (groups.tp_group of size > 1) the embedding and the tied LM head are vocab-parallel: each
+rank holds V/tp rows, computes logits for its vocabulary slice only, and the loss is the vocab-parallel cross
+entropy; logits are gathered only when asked for.
+"""
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -10,6 +15,9 @@ from megatron.model.fused_lm_loss import fused_lm_cross_entropy
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.rope import RotaryEmbedding
 from megatron.model.transformer import TransformerLayer
+from megatron.tensor_parallel import (TensorParallelRNGTracker, VocabParallelEmbedding, gather_from_tensor_parallel_region,
+                                      tp_rank, tp_size, vocab_parallel_cross_entropy)
+from megatron.tensor_parallel.layers import parallel_lm_logits
 
 
 class ModelOutput(NamedTuple):
@@ -24,8 +32,11 @@ class GPTModel(torch.nn.Module):
         self.cfg = cfg
         init = init_method_normal(cfg.init_method_std)
         out_init = scaled_init_method_normal(cfg.init_method_std, cfg.num_layers)
-        self.word_embeddings = torch.nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
-        init(self.word_embeddings.weight)
+        self.tp_group = groups.tp_group if groups is not None else None
+        # dropout on sharded activations (attention on this rank's heads) draws from its own per-rank stream
+        self.rng_tracker = (TensorParallelRNGTracker(torch.initial_seed(), tp_rank(self.tp_group))
+                            if tp_size(self.tp_group) > 1 else None)
+        self.word_embeddings = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, self.tp_group, init)
         self.position_embeddings = None
         self.rotary = None
         if cfg.position_embedding_type == "learned_absolute":
@@ -34,7 +45,7 @@ class GPTModel(torch.nn.Module):
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
         self.layers = torch.nn.ModuleList(
-            TransformerLayer(cfg, i, init, out_init, moe_cfg, groups) for i in range(cfg.num_layers))
+            TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker) for i in range(cfg.num_layers))
         self.final_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
 
     def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -70,6 +81,13 @@ class GPTModel(torch.nn.Module):
         if return_logits is None:
             return_logits = labels is None
         logits = loss = None
+        if tp_size(self.tp_group) > 1:
+            local = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group, parallel_output=True)
+            if labels is not None:
+                loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)
+            if return_logits:
+                logits = gather_from_tensor_parallel_region(local, self.tp_group)
+            return ModelOutput(logits, loss, stats)
         if return_logits:
             logits = F.linear(x, self.word_embeddings.weight)
         if labels is not None:

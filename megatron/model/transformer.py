@@ -17,7 +17,10 @@ def moe_layer_index(layer_idx: int, expert_interval: int) -> int:
 def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, output_init_method):
     """The one place the model calls into moe/: a dense MLP, or a MoELayer on every expert_interval-th layer."""
     if moe_cfg is None or not is_moe_layer(layer_idx, moe_cfg.expert_interval):
-        return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method)
+        return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method,
+                           groups.tp_group if groups is not None else None)
+    # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
+    # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
 
     i = moe_layer_index(layer_idx, moe_cfg.expert_interval)
@@ -38,12 +41,13 @@ class TransformerLayer(torch.nn.Module):
     """x + drop(attn(LN(x))), then x + drop(mlp(LN(x))); forward returns (x, moe_stats or None)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, init_method, output_init_method,
-                 moe_cfg=None, groups=None):
+                 moe_cfg=None, groups=None, rng_tracker=None):
         super().__init__()
         self.hidden_dropout = cfg.hidden_dropout
         self.input_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.self_attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout,
-                                            init_method, output_init_method, layer_idx)
+                                            init_method, output_init_method, layer_idx,
+                                            groups.tp_group if groups is not None else None, rng_tracker)
         self.post_attention_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
 

@@ -1,0 +1,139 @@
+"""Column/row-parallel linears and the vocab-parallel embedding (Megatron's tensor_parallel/layers.py).
+
+Weights are initialised as the full ("master") matrix from the default generator and then cut, so a model built
+with any tensor-parallel size from one seed holds the same numbers as the single-process model: TP=k checks against
+TP=1 exactly, and `merge_partitions` puts the shards of a checkpoint back together.
+
+A parameter that is sharded carries `tensor_model_parallel = True`, `partition_dim` (0: rows/output features,
+1: columns/input features) and `partition_stride`; the rest (biases of row-parallel layers, LayerNorms) are
+replicated, and their gradients are identical on every tensor-parallel rank.
+"""
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
+                                               reduce_from_tensor_parallel_region, tp_rank, tp_size)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d != 0:
+        raise ValueError(f"{what} ({n}) must be divisible by --tensor-model-parallel-size ({d})")
+    return n // d
+
+
+def partition(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+    """This rank's shard of `full` along `dim`. stride > 1: `dim` holds `stride` blocks (e.g. Q, K, V) and each
+    rank takes its chunk of every block, so a fused [3·h, h] QKV weight is split by heads, not into Q | K | V."""
+    n = full.shape[dim]
+    if n % (stride * size) != 0:
+        raise ValueError(f"dimension {dim} of size {n} cannot be split into {stride} x {size} parts")
+    shape = list(full.shape)
+    blocks = full.reshape(shape[:dim] + [stride, size, n // (stride * size)] + shape[dim + 1:])
+    return blocks.select(dim + 1, rank).reshape(shape[:dim] + [n // size] + shape[dim + 1:]).clone()
+
+
+def merge_partitions(shards: List[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of `partition`: the full tensor from every rank's shard, in rank order."""
+    size = len(shards)
+    shape = list(shards[0].shape)
+    n = shape[dim]
+    parts = [s.reshape(shape[:dim] + [stride, 1, n // stride] + shape[dim + 1:]) for s in shards]
+    full = torch.cat(parts, dim=dim + 1)
+    return full.reshape(shape[:dim] + [n * size] + shape[dim + 1:])
+
+
+def _mark(p: torch.nn.Parameter, dim: int, stride: int, size: int) -> torch.nn.Parameter:
+    p.tensor_model_parallel = size > 1
+    p.partition_dim = dim
+    p.partition_stride = stride
+    return p
+
+
+def is_tensor_parallel_param(p: torch.nn.Parameter) -> bool:
+    """True for a parameter sharded over the tensor-parallel group (its grad norm is summed over that group)."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def _sharded_param(rows: int, cols: int, dim: int, stride: int, group, init_method: Callable) -> torch.nn.Parameter:
+    full = torch.empty(rows, cols)
+    init_method(full)
+    size = tp_size(group)
+    local = full if size == 1 else partition(full, dim, tp_rank(group), size, stride)
+    return _mark(torch.nn.Parameter(local), dim, stride, size)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Y = X A^T + b with A [out, in] split by rows (output features): each rank computes its slice of Y.
+
+    The input enters the parallel region (backward all-reduces its gradient); with gather_output the full Y is
+    all-gathered, otherwise each rank keeps its [..., out / tp] slice for a following RowParallelLinear.
+    stride: the output features are `stride` equal blocks split separately (fused QKV: 3).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
+                 gather_output: bool = False, stride: int = 1, what: str = "output features"):
+        super().__init__()
+        self.group = group
+        self.gather_output = gather_output
+        size = tp_size(group)
+        _divide(out_features, size * stride, what)
+        self.weight = _sharded_param(out_features, in_features, 0, stride, group, init_method)
+        self.bias = None
+        if bias:
+            self.bias = _mark(torch.nn.Parameter(torch.zeros(out_features // size)), 0, stride, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)
+        return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Y = X A^T + b with A [out, in] split by columns (input features): each rank multiplies its slice of X
+    (already split when input_is_parallel, as a ColumnParallelLinear leaves it) and the partial products are
+    all-reduced; the bias is replicated and added once, after the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
+                 what: str = "input features"):
+        super().__init__()
+        self.group = group
+        size = tp_size(group)
+        _divide(in_features, size, what)
+        self.weight = _sharded_param(out_features, in_features, 1, 1, group, init_method)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding whose rows (the vocabulary) are split over the tensor-parallel group: each rank looks up the ids
+    in its range [start, end), zeros the rest, and the partial embeddings are all-reduced. Its weight doubles as
+    the tied LM head: logits for this rank's vocabulary slice are x @ weight^T."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group, init_method: Callable):
+        super().__init__()
+        self.group = group
+        size = tp_size(group)
+        per_rank = _divide(num_embeddings, size, "padded vocabulary size")
+        self.vocab_start = tp_rank(group) * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.num_embeddings = num_embeddings
+        self.weight = _sharded_param(num_embeddings, embedding_dim, 0, 1, group, init_method)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp_size(self.group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel_region(out, self.group)
+
+
+def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, group, parallel_output: bool,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits against a vocab-parallel head weight: this rank's vocabulary slice, or all of it (gathered)."""
+    logits = F.linear(copy_to_tensor_parallel_region(x, group), weight, bias)
+    return logits if parallel_output else gather_from_tensor_parallel_region(logits, group)

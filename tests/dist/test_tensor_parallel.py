@@ -1,0 +1,179 @@
+"""Tensor parallelism (TP=2 on two gloo processes) against the single-process model built from the same seed.
+
+Weights are initialised whole and cut (megatron/tensor_parallel/layers.py), so the TP=2 model holds exactly the
+TP=1 model's numbers: forward, every gradient (sharded ones against the matching slice) and whole training runs
+must agree to fp32 round-off; a TP=2 checkpoint resumes bit-exactly, dropout (per-rank RNG stream) included.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron import parallel_state
+from megatron.config import ModelConfig
+from megatron.model import GPTModel
+from megatron.tensor_parallel import is_tensor_parallel_param, merge_partitions, vocab_parallel_cross_entropy
+from megatron.training import pretrain
+from moe.config import MoEConfig
+from tests.conftest import tiny_train_argv
+from tests.dist.launcher import run_distributed
+
+
+def _cfg(rope: bool) -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                       padded_vocab_size=96, max_position_embeddings=16, seq_length=16, hidden_dropout=0.0,
+                       attention_dropout=0.0,
+                       position_embedding_type="rope" if rope else "learned_absolute")
+
+
+def _moe_cfg(moe: bool):
+    return MoEConfig(num_experts=(4,), expert_interval=2, topk=2, drop_tokens=False) if moe else None
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _run_model(rank, world_size, rope, moe):
+    groups = parallel_state.initialize(2, (1,))
+    torch.manual_seed(11)
+    model = GPTModel(_cfg(rope), _moe_cfg(moe), groups)
+    meta = {n: (is_tensor_parallel_param(p), getattr(p, "partition_dim", None), getattr(p, "partition_stride", 1))
+            for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 96, (2, 12), generator=g)
+    labels = torch.randint(0, 96, (2, 12), generator=g)
+    out = model(tokens, labels, return_logits=True)
+    (out.loss.mean() + sum(s.aux_loss for s in out.moe_stats)).backward()
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": _grads(model), "meta": meta,
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("rope,moe", [(False, False), (True, True)], ids=["dense-learned", "moe-rope"])
+def test_tp2_model_equals_tp1(rope, moe):
+    torch.manual_seed(11)
+    ref = GPTModel(_cfg(rope), _moe_cfg(moe))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 96, (2, 12), generator=g)
+    labels = torch.randint(0, 96, (2, 12), generator=g)
+    out = ref(tokens, labels, return_logits=True)
+    (out.loss.mean() + sum(s.aux_loss for s in out.moe_stats)).backward()
+    ref_grads = _grads(ref)
+    ranks = run_distributed(_run_model, 2, rope, moe)
+    for r in ranks:
+        torch.testing.assert_close(r["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["logits"], out.logits.detach(), rtol=1e-5, atol=1e-5)
+    sharded = 0
+    for name, ref_w in ref.named_parameters():
+        is_tp, dim, stride = ranks[0]["meta"][name]
+        if is_tp:  # the shards put back together are the reference weight and gradient
+            sharded += 1
+            for key, want in (("weights", ref_w.detach()), ("grads", ref_grads[name])):
+                got = merge_partitions([r[key][name] for r in ranks], dim, stride)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+        else:  # replicated: whole and equal on both ranks
+            for r in ranks:
+                torch.testing.assert_close(r["weights"][name], ref_w.detach(), rtol=0, atol=0)
+                torch.testing.assert_close(r["grads"][name], ref_grads[name], rtol=1e-5, atol=1e-6,
+                                           msg=f"grad {name}")
+    assert sharded >= 1 + 2 * 2 * (1 if moe else 2) - (1 if moe else 0)  # embedding + attention/MLP weights
+
+
+def _ce(rank, world_size, logits, labels):
+    groups = parallel_state.initialize(2, (1,))
+    local = logits.chunk(2, dim=-1)[rank].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(local, labels, groups.tp_group)
+    (loss * torch.arange(1, loss.numel() + 1).view_as(loss)).sum().backward()
+    return loss.detach(), local.grad
+
+
+def test_vocab_parallel_cross_entropy_equals_full():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 10, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, 10, (5, 7), generator=g)
+    full = logits.clone().requires_grad_(True)
+    want = F.cross_entropy(full.view(-1, 10), labels.view(-1), reduction="none").view(5, 7)
+    (want * torch.arange(1, 36).view(5, 7)).sum().backward()
+    single = vocab_parallel_cross_entropy(logits, labels, None)
+    torch.testing.assert_close(single.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    ranks = run_distributed(_ce, 2, logits.float(), labels)
+    for loss, _ in ranks:
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    grad = torch.cat([grad for _, grad in ranks], dim=-1)
+    torch.testing.assert_close(grad.double(), full.grad, rtol=1e-5, atol=1e-5)
+
+
+def _train(rank, world_size, argv):
+    r = pretrain(argv)
+    st = r["state"]
+    return {"losses": r["losses"], "grad_norms": r.get("grad_norms"),
+            "weights": {k: v.detach().clone() for k, v in st.model.state_dict().items()},
+            "meta": {n: (is_tensor_parallel_param(p), getattr(p, "partition_dim", None),
+                         getattr(p, "partition_stride", 1)) for n, p in st.model.named_parameters()}}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tp2_training_equals_tp1(tiny_corpus, tmp_path, moe):
+    extra = ["--num-experts", "4", "--expert-interval", "2", "--topk", "2"] if moe else []
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "6", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--clip-grad", "0.05", *extra)
+    ref = pretrain(argv)  # TP=1; --clip-grad 0.05 clips every step, so the global grad norm must be right
+    ranks = run_distributed(_train, 2, argv + ["--tensor-model-parallel-size", "2"])
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+    ref_sd = ref["state"].model.state_dict()
+    for name, want in ref_sd.items():
+        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
+        got = merge_partitions([r["weights"][name] for r in ranks], dim, stride) if is_tp else ranks[0]["weights"][name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_tp2_resume_is_exact_with_dropout(tiny_corpus, tmp_path):
+    base = tiny_train_argv(tiny_corpus, tmp_path, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+                           "--tensor-model-parallel-size", "2", "--num-experts", "4", "--expert-interval", "2")
+    straight = run_distributed(_train, 2, base + ["--train-iters", "6"])
+    save = str(tmp_path / "ckpt")
+    run_distributed(_train, 2, base + ["--train-iters", "6", "--exit-interval", "3", "--save", save,
+                                       "--save-interval", "3"])
+    assert sorted(os.listdir(os.path.join(save, "iter_0000003"))) == sorted(
+        ["mp_rank_00", "mp_rank_01"] + [f"layer_0_expert_{e}_mp_rank_{t:02d}_model_states.pt"
+                                        for e in range(4) for t in range(2)])
+    resumed = run_distributed(_train, 2, base + ["--train-iters", "6", "--load", save])
+    for a, b in zip(straight, resumed):
+        assert a["losses"][3:] == b["losses"]  # bitwise: weights, Adam, data position and both RNG streams
+        for k in a["weights"]:
+            assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, tmp_path):
+    """TP=2 for 3 steps, save, tools/checkpoint_tp.py to TP=1, 3 more steps in one process: the same losses as 6
+    straight TP=2 steps (fp32 round-off; dropout off since the per-rank streams restart); then back to TP=2."""
+    from tools.checkpoint_tp import main as convert_main
+
+    base = tiny_train_argv(tiny_corpus, tmp_path, "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+                           "--num-experts", "4", "--expert-interval", "2", "--train-iters", "6")
+    straight = run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2"])
+    save = str(tmp_path / "tp2")
+    run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2", "--exit-interval", "3", "--save", save,
+                                       "--save-interval", "3"])
+    with pytest.raises(Exception, match="--tensor-model-parallel-size mismatch"):
+        pretrain(base + ["--load", save])  # TP=1 run on a TP=2 checkpoint: refused, names the fix
+    tp1 = str(tmp_path / "tp1")
+    assert convert_main(["--load", save, "--save", tp1, "--target-tp", "1"]) == 0
+    assert sorted(os.listdir(os.path.join(tp1, "iter_0000003"))) == sorted(["mp_rank_00"] + [
+        f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)])
+    resumed = pretrain(base + ["--load", tp1])
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight[0]["losses"][3:]),
+                               rtol=1e-5, atol=1e-5)
+    back = str(tmp_path / "back")
+    assert convert_main(["--load", tp1, "--save", back, "--target-tp", "2"]) == 0
+    for r in range(2):  # TP=2 -> 1 -> 2 gives the original shards back
+        a = torch.load(os.path.join(save, "iter_0000003", f"mp_rank_{r:02d}", "model_optim_rng.pt"), weights_only=True)
+        b = torch.load(os.path.join(back, "iter_0000003", f"mp_rank_{r:02d}", "model_optim_rng.pt"), weights_only=True)
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        for n in a["optimizer"]:
+            for k, v in a["optimizer"][n].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"][n][k])), (n, k)
+    assert convert_main(["--load", tp1, "--save", back, "--target-tp", "2"]) == 2  # never overwrites
