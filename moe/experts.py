@@ -269,21 +269,35 @@ class GroupedMLPExperts(nn.Module):
     slice and every expert has exactly that distribution. Biases start at zero (Megatron). No
     communication. forward(x_ND, counts): expert i takes the counts[i] consecutive rows after
     expert i-1's; returns [N, D].
+
+    Under expert parallelism (`num_experts` global experts, this rank holding `first_expert` ...
+    `first_expert + num_local_experts - 1`) every rank draws the weights of all global experts in
+    order and keeps its own: EP ranks get distinct experts (not copies of one rank's draws), the
+    model equals the EP=1 model from the same seed, and the modules built afterwards see the same
+    generator state at any EP size.
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None):
+                 init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
+                 first_expert: int = 0, num_experts: Optional[int] = None):
         super().__init__()
         e, D, F_ = num_local_experts, hidden_size, ffn_hidden_size
+        total = num_experts if num_experts is not None else e
+        if not 0 <= first_expert <= total - e:
+            raise ValueError(f"local experts {first_expert}..{first_expert + e - 1} are outside 0..{total - 1}")
         self.num_local_experts = e
         self.w1_eFD = nn.Parameter(torch.empty(e, F_, D))
         self.b1_eF = nn.Parameter(torch.zeros(e, F_))
         self.w2_eDF = nn.Parameter(torch.empty(e, D, F_))
         self.b2_eD = nn.Parameter(torch.zeros(e, D))
         with torch.no_grad():
-            for i in range(e):
-                (init_method or _default_init)(self.w1_eFD[i])
-                (output_layer_init_method or init_method or _default_init)(self.w2_eDF[i])
+            w1, w2 = torch.empty_like(self.w1_eFD[0]), torch.empty_like(self.w2_eDF[0])
+            for g in range(total):
+                (init_method or _default_init)(w1)
+                (output_layer_init_method or init_method or _default_init)(w2)
+                if first_expert <= g < first_expert + e:
+                    self.w1_eFD[g - first_expert].copy_(w1)
+                    self.w2_eDF[g - first_expert].copy_(w2)
         for p in self.parameters():
             _tag_stacked(p, e)
         self.buffers = BufferRecycler()

@@ -143,7 +143,9 @@ class MoELayer(nn.Module):
             compute_z_loss=cfg.z_loss_coeff > 0, init_method=init_method)
         if expert is None:
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
-                                             init_method, output_layer_init_method)
+                                             init_method, output_layer_init_method,
+                                             first_expert=self.ep_rank * self.num_local_experts,
+                                             num_experts=num_experts)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
         for p in self.experts.parameters():

@@ -155,3 +155,60 @@ def test_deepspeed_style_wrapper_builds_ep_groups(ep_results):
     for rank_results in ep_results:
         assert rank_results[DEEPSPEED_STYLE] == {"shape": (3, 5, D), "routed": 30, "local_experts": 2,
                                                  "x_grad_finite": True}
+
+
+def _pretrain_weights(rank, world_size, argv):
+    from megatron.training import pretrain
+
+    r = pretrain(argv)
+    return {"losses": r["losses"], "weights": {k: v.detach().clone() for k, v in r["state"].model.state_dict().items()}}
+
+
+def _init_experts(rank, world_size):
+    from megatron import parallel_state
+    from moe import MoELayer
+    from moe.config import MoEConfig
+
+    groups = parallel_state.initialize(1, (2,))
+    torch.manual_seed(5)
+    layer = MoELayer(8, 16, 4, MoEConfig(num_experts=(4,), ep_size=(2,)), ep_group=groups.ep_group(2))
+    after = torch.rand(3)  # the generator state the next module would see
+    return {n: p.detach().clone() for n, p in layer.named_parameters()}, after
+
+
+def test_ep2_init_holds_the_ep1_experts():
+    """Each EP rank draws all global experts in order and keeps its own: distinct experts per rank, equal to
+    the EP=1 layer's from the same seed, and the generator ends where EP=1 leaves it."""
+    from moe import MoELayer
+    from moe.config import MoEConfig
+
+    torch.manual_seed(5)
+    ref = MoELayer(8, 16, 4, MoEConfig(num_experts=(4,)))
+    ref_after = torch.rand(3)
+    ranks = run_distributed(_init_experts, 2)
+    for name, want in ref.named_parameters():
+        if name.startswith("experts."):
+            torch.testing.assert_close(torch.cat([ranks[0][0][name], ranks[1][0][name]]), want.detach(), rtol=0,
+                                       atol=0)
+        else:
+            for params, _ in ranks:
+                assert torch.equal(params[name], want.detach()), name
+    for _, after in ranks:
+        assert torch.equal(after, ref_after)
+
+
+def test_ep2_training_equals_single_process(tiny_corpus, tmp_path):
+    from megatron.training import pretrain
+    from tests.conftest import tiny_train_argv
+
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2", "--topk", "2",
+                           "--disable-moe-token-dropping")
+    ref = pretrain(argv)
+    ranks = run_distributed(_pretrain_weights, 2, argv + ["--moe-expert-parallel-size", "2"])
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+    for name, want in ref["state"].model.state_dict().items():
+        got = (torch.cat([ranks[0]["weights"][name], ranks[1]["weights"][name]]) if name.startswith("layers.1.mlp.experts.")
+               else ranks[0]["weights"][name])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)

@@ -177,3 +177,31 @@ def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, t
             for k, v in a["optimizer"][n].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"][n][k])), (n, k)
     assert convert_main(["--load", tp1, "--save", back, "--target-tp", "2"]) == 2  # never overwrites
+
+
+def test_tp2_dp2_ep2_training_equals_single_process(tiny_corpus, tmp_path):
+    """World 4 = TP 2 x DP 2, experts split over EP 2 within each TP rank's DP group: same losses and weights as
+    one process (checks the group layout: TP pairs {0,1},{2,3}; DP/EP pairs {0,2},{1,3})."""
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2",
+                           "--topk", "2", "--clip-grad", "0.05", "--disable-moe-token-dropping")
+    # dropless: with capacity dropping, random token selection draws from each rank's generator, so DP ranks
+    # drop differently from one process running the same micro-batches one after another
+    ref = pretrain(argv)
+    ranks = run_distributed(_train, 4, argv + ["--tensor-model-parallel-size", "2",
+                                                "--moe-expert-parallel-size", "2"])
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+    ref_sd = ref["state"].model.state_dict()
+    for name, want in ref_sd.items():
+        if "expert" in name:  # local experts: EP rank 0 holds experts 0-1, EP rank 1 experts 2-3 (checked below)
+            continue
+        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
+        got = merge_partitions([ranks[0]["weights"][name], ranks[1]["weights"][name]], dim, stride) if is_tp \
+            else ranks[0]["weights"][name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    for name, want in ref_sd.items():
+        if "expert" in name and want.dim() > 0 and want.shape[0] == 4:
+            # global ranks 0 and 2 are EP ranks 0 and 1 of TP rank 0's data-parallel group
+            torch.testing.assert_close(torch.cat([ranks[0]["weights"][name], ranks[2]["weights"][name]]), want,
+                                       rtol=1e-4, atol=1e-5, msg=name)
