@@ -19,6 +19,7 @@ MERGES=${MERGES:-$DATA_DIR/gpt2/gpt2-merges.txt}
 SAVE=${SAVE:-outputs/moe/checkpoints}
 TENSORBOARD=${TENSORBOARD:-outputs/moe/tensorboard}
 # model
+TP_SIZE=${TP_SIZE:-1}                  # tensor parallelism; GPUS_PER_NODE x NNODES = TP_SIZE x data-parallel size
 NUM_LAYERS=${NUM_LAYERS:-4}
 HIDDEN=${HIDDEN:-128}
 HEADS=${HEADS:-4}
@@ -53,6 +54,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     pretrain_gpt.py \
+    --tensor-model-parallel-size "$TP_SIZE" \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
     --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
     --num-experts $NUM_EXPERTS --expert-interval "$EXPERT_INTERVAL" --moe-expert-parallel-size $EP_SIZE \

@@ -306,8 +306,5 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ArgumentError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
-    if tp > 1 and cfg.distill.enabled:
-        raise ArgumentError(f"--mos/--kd with --tensor-model-parallel-size {tp}: distillation runs with "
-                            f"tensor-parallel size 1 only (the teacher is loaded whole); use 1")
     if cfg.distill.enabled:
         validate_distill(cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))

@@ -22,7 +22,7 @@ _TEACHER_FLAGS = (
 
 
 def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
-                 seq_length: Optional[int] = None) -> TeacherRunner:
+                 seq_length: Optional[int] = None, vocab_size: Optional[int] = None) -> TeacherRunner:
     """Builds the teacher GPTModel, loads --load-teacher into it, returns it frozen in a TeacherRunner.
 
     Where each teacher setting comes from:
@@ -34,12 +34,15 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
         ep_size=1: every rank holds a full teacher replica and runs all its experts. In eval mode the MoE layers
         use the recorded eval capacity factor.
       - padded vocabulary: must equal the student's (same tokenizer and padding), since the KL compares the
-        two distributions column by column.
+        two distributions column by column; with `vocab_size` (the true vocabulary) given, the paddings may
+        differ (a TP=1 teacher for a tensor-parallel student, padded to a multiple of divisible-by x TP) as long
+        as both cover it: columns past the true vocabulary are excluded from the KL.
     Args:
       cfg: the distillation config (cfg.load_teacher must be set).
       padded_vocab_size: the student's padded vocabulary size.
       device: where the teacher lives (default CPU).
       seq_length: the student's --seq-length; checked against the teacher's learned position table.
+      vocab_size: the tokenizer's true vocabulary size (relaxes the padded-vocabulary check, see above).
     Raises:
       CheckpointError (a ValueError; one line) for an unreadable or mismatching teacher checkpoint.
     """
@@ -55,7 +58,7 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
     if "model" not in configs:
         raise CheckpointError(f"--load-teacher {ckpt_dir}: no model configuration recorded; not a megatron-moe "
                               f"checkpoint")
-    mcfg = teacher_model_config(cfg, configs["model"], padded_vocab_size, ckpt_dir, seq_length)
+    mcfg = teacher_model_config(cfg, configs["model"], padded_vocab_size, ckpt_dir, seq_length, vocab_size)
     moe_cfg = teacher_moe_config(cfg, configs.get("moe"), ckpt_dir)
     # Built on the CPU under a forked RNG: the random init is overwritten by the checkpoint, and not consuming
     # the global generator keeps resume exact (the teacher is built after --load restored the RNG state).
@@ -69,7 +72,7 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
 
 
 def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: int, ckpt_dir: str,
-                         seq_length: Optional[int] = None) -> ModelConfig:
+                         seq_length: Optional[int] = None, vocab_size: Optional[int] = None) -> ModelConfig:
     """The recorded ModelConfig, checked against the teacher flags and the student's vocabulary/sequence."""
     fields = dict(recorded)
     for flag, ours, theirs in _TEACHER_FLAGS:
@@ -77,7 +80,9 @@ def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: 
         if given is not None and theirs in fields and given != fields[theirs]:
             raise CheckpointError(f"{flag} ({given}) does not match the teacher checkpoint {ckpt_dir}, which has "
                                   f"{theirs}={fields[theirs]}; set {flag} {fields[theirs]}")
-    if fields.get("padded_vocab_size") != padded_vocab_size:
+    teacher_vocab = fields.get("padded_vocab_size")
+    covers = vocab_size is not None and teacher_vocab is not None and teacher_vocab >= vocab_size
+    if teacher_vocab != padded_vocab_size and not covers:
         raise CheckpointError(f"--load-teacher {ckpt_dir}: the teacher's padded vocabulary "
                               f"({fields.get('padded_vocab_size')}) differs from the student's ({padded_vocab_size});"
                               f" teacher and student need the same tokenizer and --make-vocab-size-divisible-by")

@@ -116,7 +116,8 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     if d.enabled and not d.kd_stopped(st.iteration, st.consumed_tokens):
         from megatron.distillation import load_teacher
 
-        st.teacher = load_teacher(d, cfg.model.padded_vocab_size, device, cfg.data.seq_length)
+        st.teacher = load_teacher(d, cfg.model.padded_vocab_size, device, cfg.data.seq_length,
+                                  tokenizer.vocab_size if tokenizer is not None else None)
     if cfg.compile:
         st.model = torch.compile(model)
     return st
@@ -195,15 +196,21 @@ def forward_loss(st: TrainState, tokens, labels, loss_mask):
     """
     distil = st.teacher is not None and st.model.training and st.teacher.active(st.iteration, st.consumed_tokens)
     with autocast_context(st.cfg, st.device):
-        out = st.model(tokens, labels, return_logits=distil)
+        out = st.model(tokens, labels, return_logits=distil, parallel_output=True)
         teacher_logits = st.teacher.forward(tokens) if distil else None
     lm_loss = (out.loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
     total, kd_term = lm_loss, None
     if distil:
         from moe.distill import kd_loss
 
-        # full-vocab logits (TP=1): tp_group=None; padded vocab columns are excluded from the KL
-        total, kd_term = kd_loss(lm_loss, out.logits, teacher_logits, loss_mask, st.cfg.distill, None,
+        # With TP the student's logits are this rank's vocabulary slice; the (whole, TP=1) teacher's logits are cut
+        # to the same slice (or to the student's padding) and the KL is vocab-parallel. Padded vocabulary columns
+        # are excluded from the KL.
+        g = st.groups
+        tp_group = g.tp_group if g.tp_size > 1 else None
+        width = out.logits.shape[-1]
+        teacher_logits = vocab_slice(teacher_logits, g.tp_rank * width, width)  # a view when paddings agree
+        total, kd_term = kd_loss(lm_loss, out.logits, teacher_logits, loss_mask, st.cfg.distill, tp_group,
                                  st.tokenizer.vocab_size if st.tokenizer is not None else None)
     moe = st.cfg.moe
     if moe is not None and out.moe_stats:
@@ -211,6 +218,15 @@ def forward_loss(st: TrainState, tokens, labels, loss_mask):
         if moe.z_loss_coeff:
             total = total + moe.z_loss_coeff * sum(s.z_loss for s in out.moe_stats)
     return total, lm_loss, out.moe_stats, kd_term
+
+
+def vocab_slice(logits: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """Columns [start, start + width) of full-vocabulary logits; columns past their padded vocabulary (a teacher
+    padded for fewer TP ranks) are zeros: they lie beyond the true vocabulary, which the KL masks out."""
+    cols = logits[..., start:start + width]
+    if cols.shape[-1] < width:
+        cols = torch.nn.functional.pad(cols, (0, width - cols.shape[-1]))
+    return cols
 
 
 def _allreduce_grads(params: List[torch.nn.Parameter], group, divisor: int) -> None:

@@ -56,10 +56,12 @@ class GPTModel(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                return_logits: Optional[bool] = None) -> ModelOutput:
+                return_logits: Optional[bool] = None, parallel_output: bool = False) -> ModelOutput:
         """tokens [b, s] int64; labels [b, s] (optional) -> ModelOutput.
 
-        With a kv_cache, positions continue from the cached length and the cache grows by s.
+        With a kv_cache, positions continue from the cached length and the cache grows by s. With tensor
+        parallelism, parallel_output=True returns this rank's vocabulary slice of the logits [b, s, V/tp] instead
+        of gathering all of them (vocab-parallel losses such as the distillation KL use the slice).
         """
         b, s = tokens.shape
         if position_ids is None:
@@ -86,7 +88,7 @@ class GPTModel(torch.nn.Module):
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)
             if return_logits:
-                logits = gather_from_tensor_parallel_region(local, self.tp_group)
+                logits = local if parallel_output else gather_from_tensor_parallel_region(local, self.tp_group)
             return ModelOutput(logits, loss, stats)
         if return_logits:
             logits = F.linear(x, self.word_embeddings.weight)

@@ -205,3 +205,31 @@ def test_tp2_dp2_ep2_training_equals_single_process(tiny_corpus, tmp_path):
             # global ranks 0 and 2 are EP ranks 0 and 1 of TP rank 0's data-parallel group
             torch.testing.assert_close(torch.cat([ranks[0]["weights"][name], ranks[2]["weights"][name]]), want,
                                        rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_tp2_distillation_equals_tp1(tiny_corpus, tmp_path):
+    """KD with a TP=2 student: its vocabulary-slice logits against the matching slice of a whole (TP=1) teacher's,
+    through the vocab-parallel KL; equal to the TP=1 run. The teacher is padded differently (144 rows vs the
+    student's 128): both cover the true vocabulary (128), so the teacher is accepted."""
+    teacher = str(tmp_path / "teacher")
+    pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--num-layers", "3", "--train-iters", "3", "--save", teacher,
+                             "--make-vocab-size-divisible-by", "48"))
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--kd", "--load-teacher", teacher, "--num-layers-teacher", "3",
+                           "--kd-temp", "2.0", "--kd-alpha-ce", "0.5", "--kd-beta-ce", "1.0", "--clip-grad", "0.05")
+    ref = pretrain(argv)
+    ranks = run_distributed(_train, 2, argv + ["--tensor-model-parallel-size", "2"])
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+    for name, want in ref["state"].model.state_dict().items():
+        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
+        got = merge_partitions([r["weights"][name] for r in ranks], dim, stride) if is_tp else ranks[0]["weights"][name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_vocab_slice_pads_past_the_teacher_vocabulary():
+    from megatron.training import vocab_slice
+
+    logits = torch.arange(12.0).view(1, 2, 6)
+    assert torch.equal(vocab_slice(logits, 2, 2), logits[..., 2:4])
+    assert torch.equal(vocab_slice(logits, 4, 4), torch.cat([logits[..., 4:], torch.zeros(1, 2, 2)], dim=-1))

@@ -148,3 +148,17 @@ def test_cross_concern_validation_names_flags():
         validate(train_config_from_args(parse_args(BASE + ["--mos", "--load-teacher", "T"]), 128, 1), 1)
     with pytest.raises(ArgumentError, match="--num-experts has 3 values"):
         train_config_from_args(parse_args(BASE + ["--num-experts", "4", "4", "4"]), 128, 1)
+
+
+def test_tensor_parallel_validation_names_flags():
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "3", "--global-batch-size", "4"])
+    with pytest.raises(ArgumentError, match=r"world size \(4\) must be divisible by --tensor-model-parallel-size \(3\)"):
+        validate(train_config_from_args(args, 129, dp_size=1), world_size=4)
+    cfg = train_config_from_args(args, 129, dp_size=1)
+    with pytest.raises(ArgumentError, match=r"--num-attention-heads \(4\) must be divisible by "
+                                            r"--tensor-model-parallel-size \(3\)"):
+        validate(cfg, world_size=3)
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "33"])
+    with pytest.raises(ArgumentError, match=r"--ffn-hidden-size \(33\) must be divisible"):
+        validate(train_config_from_args(args, 128, dp_size=1), world_size=2)
+    validate(train_config_from_args(parse_args(BASE + ["--tensor-model-parallel-size", "2"]), 128, 1), world_size=2)
