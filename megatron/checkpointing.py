@@ -190,9 +190,10 @@ def _model_tp_rank(model) -> int:
 
 
 def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
-    # Experts are replicated over tensor parallelism: each TP rank writes its own copy (..._mp_rank_XX_...),
-    # as DeepSpeed does, so every rank of a same-shape run reads only its own files.
-    tp = _model_tp_rank(model)
+    # Experts are replicated over tensor parallelism (not sharded), so TP rank 0 writes the one file per
+    # (MoE layer, global expert) that DESIGN §5 specifies, named ..._mp_rank_00_..., and every TP rank reads it.
+    if _model_tp_rank(model) != 0:
+        return
     for moe_idx, prefix, layer in _moe_layers(model):
         edp_group = getattr(layer, "expert_dp_group", None)
         if edp_group is not None and dist.get_rank(edp_group) != 0:
@@ -209,7 +210,7 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
                     optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
                                                   for k, v in opt_state[n].items()}
             _atomic_torch_save({"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size,
-                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid, tp))
+                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid))
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -309,8 +310,7 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
     for moe_idx, prefix, layer in _moe_layers(model):
         e = layer.num_local_experts
         names = _expert_param_names(model, prefix)
-        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i, _model_tp_rank(model)))
-                      for i in range(e)]
+        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i)) for i in range(e)]
         total = per_expert[0].get("num_experts")
         if total is not None and total != e * layer.ep_size:
             raise CheckpointError(f"--num-experts mismatch: checkpoint {ckpt_dir} MoE layer {moe_idx} has {total} "

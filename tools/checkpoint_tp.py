@@ -8,7 +8,7 @@ checkpoint's configuration builds (on the meta device, so nothing is allocated),
 state follows its parameter. The padded vocabulary depends on the TP size (padding to a multiple of
 --make-vocab-size-divisible-by x TP); embedding rows are cut to, or extended (by repeating the last row, as
 Megatron does) to, the target's padding of the true vocabulary size, taken from the recorded tokenizer unless
---true-vocab-size is given. Expert files are replicated per TP rank and copied. Iteration, counters, scheduler
+--true-vocab-size is given. Expert files (one per MoE layer and expert at any TP size) are copied. Iteration, counters, scheduler
 and RNG state are kept (the per-TP-rank dropout streams restart from their seeds). Writes OUT/iter_XXXXXXX and
 OUT/latest_checkpointed_iteration.txt; refuses to overwrite.
 """
@@ -114,12 +114,9 @@ def convert(load: str, save: str, target_tp: int, true_vocab_size=None) -> str:
                        configs=configs, rng=rng)
         os.makedirs(os.path.dirname(checkpointing.dense_path(tmp, r)), exist_ok=True)
         torch.save(payload, checkpointing.dense_path(tmp, r))
-    for f in sorted(os.listdir(ckpt_dir)):  # experts are replicated over TP: rank 0's copy serves every rank
-        m = re.fullmatch(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt", f)
-        if m:
-            for r in range(target_tp):
-                shutil.copyfile(os.path.join(ckpt_dir, f),
-                                checkpointing.expert_path(tmp, int(m.group(1)), int(m.group(2)), r))
+    for f in sorted(os.listdir(ckpt_dir)):  # experts are replicated over TP: one file each serves every rank
+        if re.fullmatch(r"layer_\d+_expert_\d+_mp_rank_00_model_states\.pt", f):
+            shutil.copyfile(os.path.join(ckpt_dir, f), os.path.join(tmp, f))
     os.replace(tmp, final)
     with open(os.path.join(save, checkpointing.TRACKER), "w") as fh:
         fh.write(str(iteration))
