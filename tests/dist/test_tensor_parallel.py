@@ -158,6 +158,9 @@ def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, t
                                        "--save-interval", "3"])
     with pytest.raises(Exception, match="--tensor-model-parallel-size mismatch"):
         pretrain(base + ["--load", save])  # TP=1 run on a TP=2 checkpoint: refused, names the fix
+    from tools.generate import main as generate_main
+
+    assert generate_main(["--load", save, "--prompt", "a", "--max-new-tokens", "2"]) == 2  # one process: refused
     tp1 = str(tmp_path / "tp1")
     assert convert_main(["--load", save, "--save", tp1, "--target-tp", "1"]) == 0
     assert sorted(os.listdir(os.path.join(tp1, "iter_0000003"))) == sorted(["mp_rank_00"] + [
