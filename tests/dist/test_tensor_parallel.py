@@ -235,3 +235,16 @@ def test_vocab_slice_pads_past_the_teacher_vocabulary():
     logits = torch.arange(12.0).view(1, 2, 6)
     assert torch.equal(vocab_slice(logits, 2, 2), logits[..., 2:4])
     assert torch.equal(vocab_slice(logits, 4, 4), torch.cat([logits[..., 4:], torch.zeros(1, 2, 2)], dim=-1))
+
+
+def test_tp2_bf16_autocast_trains(tiny_corpus, tmp_path):
+    """bf16 autocast at TP=2 (bf16 activations through the gloo collectives), MoE and attention dropout on:
+    finite, falling losses, identical on both TP ranks."""
+    import math
+
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "6", "--bf16", "--tensor-model-parallel-size", "2",
+                           "--num-experts", "4", "--expert-interval", "2", "--attention-dropout", "0.1")
+    ranks = run_distributed(_train, 2, argv)
+    losses = ranks[0]["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert losses == ranks[1]["losses"]
