@@ -6,21 +6,54 @@ log_softmax backward. Here the forward writes the logits once, then walks them i
 stay in cache, computing each row's logsumexp and overwriting the logits with softmax - onehot, i.e. the
 gradient of the per-token loss. The backward is then two GEMMs; the per-token upstream gradient is applied to
 the [N, h] operands, never to the [N, V] buffer.
+
+With tensor parallelism (a `tp_group` of size > 1) the weight is this rank's vocabulary slice [V/tp, h]: the row
+max, the label's logit and the softmax denominator are all-reduced over the group (three collectives per call,
+as Megatron's vocab-parallel cross entropy), and the in-place gradient covers this rank's columns. The caller
+enters the tensor-parallel region first (copy_to_tensor_parallel_region), whose backward sums the hidden
+gradient over the ranks.
 """
 import torch
+import torch.distributed as dist
 
 _CHUNK_ROWS = 16  # 16 x 50304 x 4 B = 3.2 MB per chunk: cache resident while its passes run
+
+
+def _vocab_parallel_softmax_grad_(logits: torch.Tensor, labels_N: torch.Tensor, group) -> torch.Tensor:
+    """In place: logits [N, V/tp] (this rank's columns) -> softmax - onehot; returns the per-token loss [N]."""
+    n, width = logits.shape
+    start = dist.get_rank(group) * width
+    outside = (labels_N < start) | (labels_N >= start + width)
+    local = (labels_N - start).masked_fill(outside, 0)
+    row_max = logits.amax(dim=1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)  # [label logit, sum exp]
+    stats[0] = logits.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
+    for s in range(0, n, _CHUNK_ROWS):
+        chunk = logits[s:s + _CHUNK_ROWS]
+        chunk.sub_(row_max[s:s + _CHUNK_ROWS].unsqueeze(1)).exp_()
+        stats[1, s:s + _CHUNK_ROWS] = chunk.sum(dim=1)
+    dist.all_reduce(stats, group=group)
+    for s in range(0, n, _CHUNK_ROWS):
+        logits[s:s + _CHUNK_ROWS].div_(stats[1, s:s + _CHUNK_ROWS].unsqueeze(1))
+    rows = torch.arange(n, device=logits.device)[~outside]
+    logits[rows, local[~outside]] -= 1.0
+    return row_max + stats[1].log() - stats[0]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor,
-                compute_dtype: torch.dtype):
+                compute_dtype: torch.dtype, tp_group=None):
         h = hidden_NH.to(compute_dtype)
         w = weight_VH.to(compute_dtype)
         logits = torch.mm(h, w.t())  # [N, V] in the compute dtype
         if logits.dtype != torch.float32:
             logits = logits.float()  # loss math in fp32 (bf16/fp16 autocast)
+        ctx.save_for_backward(h, w, logits)
+        ctx.input_dtypes = (hidden_NH.dtype, weight_VH.dtype)
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            return _vocab_parallel_softmax_grad_(logits, labels_N, tp_group)
         n = logits.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
         rows = torch.arange(n, device=logits.device)
@@ -34,8 +67,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             chunk.div_(denom)  # softmax, in place
             loss[start:start + _CHUNK_ROWS] = (row_max + denom.log() - target).squeeze(1)
         logits[rows, labels_N] -= 1.0  # softmax - onehot = d loss_i / d logits_i
-        ctx.save_for_backward(h, w, logits)
-        ctx.input_dtypes = (hidden_NH.dtype, weight_VH.dtype)
         return loss
 
     @staticmethod
@@ -45,19 +76,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gl = grad_logits if h.dtype == torch.float32 else grad_logits.to(h.dtype)
         grad_h = torch.mm(gl, w) * g.to(gl.dtype)  # diag(g) (G W)
         grad_w = torch.mm(gl.t(), h * g.to(h.dtype))  # G^T diag(g) H
-        return grad_h.to(ctx.input_dtypes[0]), grad_w.to(ctx.input_dtypes[1]), None, None
+        return grad_h.to(ctx.input_dtypes[0]), grad_w.to(ctx.input_dtypes[1]), None, None, None
 
 
-def fused_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def fused_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           tp_group=None) -> torch.Tensor:
     """Per-token CE of hidden [b, s, h] against the tied head weight [V, h]; labels [b, s] -> loss [b, s] fp32.
 
     Equal to F.cross_entropy(hidden @ weight.T, labels, reduction='none') (tests/unit/test_fused_lm_loss.py).
-    Under autocast the GEMMs run in the autocast dtype and the softmax in fp32.
+    Under autocast the GEMMs run in the autocast dtype and the softmax in fp32. With a tp_group of size > 1,
+    `weight` is this rank's vocabulary slice and `hidden` must already be in the tensor-parallel region.
     """
     b, s, hdim = hidden.shape
     dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     with torch.autocast(hidden.device.type, enabled=False):
-        loss = _FusedLinearCrossEntropy.apply(hidden.reshape(b * s, hdim), weight, labels.reshape(b * s), dtype)
+        loss = _FusedLinearCrossEntropy.apply(hidden.reshape(b * s, hdim), weight, labels.reshape(b * s), dtype,
+                                              tp_group)
     return loss.view(b, s)

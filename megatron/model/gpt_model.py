@@ -15,8 +15,9 @@ from megatron.model.fused_lm_loss import fused_lm_cross_entropy
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.rope import RotaryEmbedding
 from megatron.model.transformer import TransformerLayer
-from megatron.tensor_parallel import (TensorParallelRNGTracker, VocabParallelEmbedding, gather_from_tensor_parallel_region,
-                                      tp_rank, tp_size, vocab_parallel_cross_entropy)
+from megatron.tensor_parallel import (TensorParallelRNGTracker, VocabParallelEmbedding,
+                                      copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, tp_rank,
+                                      tp_size, vocab_parallel_cross_entropy)
 from megatron.tensor_parallel.layers import parallel_lm_logits
 
 
@@ -84,11 +85,14 @@ class GPTModel(torch.nn.Module):
             return_logits = labels is None
         logits = loss = None
         if tp_size(self.tp_group) > 1:
+            if not return_logits:  # training: the fused loss over this rank's vocabulary slice
+                x_par = copy_to_tensor_parallel_region(x, self.tp_group)
+                loss = fused_lm_cross_entropy(x_par, self.word_embeddings.weight, labels, self.tp_group)
+                return ModelOutput(None, loss, stats)
             local = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group, parallel_output=True)
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)
-            if return_logits:
-                logits = local if parallel_output else gather_from_tensor_parallel_region(local, self.tp_group)
+            logits = local if parallel_output else gather_from_tensor_parallel_region(local, self.tp_group)
             return ModelOutput(logits, loss, stats)
         if return_logits:
             logits = F.linear(x, self.word_embeddings.weight)

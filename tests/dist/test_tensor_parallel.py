@@ -44,9 +44,15 @@ def _run_model(rank, world_size, rope, moe):
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 96, (2, 12), generator=g)
     labels = torch.randint(0, 96, (2, 12), generator=g)
-    out = model(tokens, labels, return_logits=True)
+    out = model(tokens, labels, return_logits=True)  # logits + vocab-parallel cross entropy
     (out.loss.mean() + sum(s.aux_loss for s in out.moe_stats)).backward()
-    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": _grads(model), "meta": meta,
+    grads = _grads(model)
+    model.zero_grad()
+    fused = model(tokens, labels)  # training path: fused LM head + loss over this rank's vocabulary slice
+    assert fused.logits is None
+    (fused.loss.mean() + sum(s.aux_loss for s in fused.moe_stats)).backward()
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads, "meta": meta,
+            "fused_loss": fused.loss.detach(), "fused_grads": _grads(model),
             "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
@@ -63,20 +69,23 @@ def test_tp2_model_equals_tp1(rope, moe):
     ranks = run_distributed(_run_model, 2, rope, moe)
     for r in ranks:
         torch.testing.assert_close(r["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["fused_loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["logits"], out.logits.detach(), rtol=1e-5, atol=1e-5)
     sharded = 0
     for name, ref_w in ref.named_parameters():
         is_tp, dim, stride = ranks[0]["meta"][name]
         if is_tp:  # the shards put back together are the reference weight and gradient
             sharded += 1
-            for key, want in (("weights", ref_w.detach()), ("grads", ref_grads[name])):
+            for key, want in (("weights", ref_w.detach()), ("grads", ref_grads[name]),
+                              ("fused_grads", ref_grads[name])):
                 got = merge_partitions([r[key][name] for r in ranks], dim, stride)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
         else:  # replicated: whole and equal on both ranks
             for r in ranks:
                 torch.testing.assert_close(r["weights"][name], ref_w.detach(), rtol=0, atol=0)
-                torch.testing.assert_close(r["grads"][name], ref_grads[name], rtol=1e-5, atol=1e-6,
-                                           msg=f"grad {name}")
+                for key in ("grads", "fused_grads"):
+                    torch.testing.assert_close(r[key][name], ref_grads[name], rtol=1e-5, atol=1e-6,
+                                               msg=f"{key} {name}")
     assert sharded >= 1 + 2 * 2 * (1 if moe else 2) - (1 if moe else 0)  # embedding + attention/MLP weights
 
 
