@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from megatron import checkpointing
+from megatron.checkpoint_tp import load_dense_whole
 from megatron.checkpointing import CheckpointError
 from megatron.config import ModelConfig
 from megatron.model import GPTModel
@@ -49,7 +50,7 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
     if not cfg.load_teacher:
         raise ValueError(f"{cfg.flag} needs --load-teacher PATH (the teacher checkpoint to distil from)")
     try:
-        payload, ckpt_dir = checkpointing.load_dense(cfg.load_teacher)
+        payload, ckpt_dir = load_dense_whole(cfg.load_teacher)  # any TP size: a whole teacher per rank
     except CheckpointError as e:  # its messages name --load; this path came from --load-teacher
         msg = str(e)
         raise CheckpointError("--load-teacher " + msg[len("--load "):] if msg.startswith("--load ") else

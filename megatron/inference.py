@@ -6,40 +6,21 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron import checkpointing
-from megatron.config import ModelConfig
+from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
 from megatron.model import GPTModel
-
-
-def model_configs_from_checkpoint(configs: dict, ckpt_dir: str, moe_overrides: Optional[dict] = None):
-    """(ModelConfig, MoEConfig or None) recorded in a checkpoint's `configs`, for one process (EP size 1)."""
-    if "model" not in configs:
-        raise checkpointing.CheckpointError(f"{ckpt_dir}: no model configuration recorded; not a megatron-moe "
-                                            f"checkpoint")
-    mcfg = ModelConfig(**configs["model"])
-    moe_cfg = None
-    if configs.get("moe"):
-        from moe.config import MoEConfig
-
-        fields = dict(configs["moe"])
-        for k, v in fields.items():
-            if isinstance(v, list):
-                fields[k] = tuple(v)
-        fields.update(moe_overrides or {})
-        fields["ep_size"] = 1  # inference runs all experts in one process
-        moe_cfg = MoEConfig(**fields)
-    return mcfg, moe_cfg
 
 
 def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
                              moe_overrides: Optional[dict] = None) -> Tuple[GPTModel, object, dict]:
     """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
 
-    Dropout is disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
+    A checkpoint saved with tensor parallelism is merged in memory (megatron/checkpoint_tp.py). Dropout is
+    disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
     recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
     """
     from megatron.tokenizer import build_tokenizer
 
-    payload, ckpt_dir = checkpointing.load_dense(load)
+    payload, ckpt_dir = load_dense_whole(load)  # any tensor-parallel size, merged in memory
     configs = payload.get("configs") or {}
     mcfg, moe_cfg = model_configs_from_checkpoint(configs, ckpt_dir, moe_overrides)
     model = GPTModel(mcfg, moe_cfg, None)
