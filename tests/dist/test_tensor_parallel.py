@@ -122,6 +122,16 @@ def _train(rank, world_size, argv):
                          getattr(p, "partition_stride", 1)) for n, p in st.model.named_parameters()}}
 
 
+def _assert_trained_weights_equal(ranks, ref_sd, skip=lambda name: False):
+    """Each reference weight equals the TP ranks' shards merged (or the replicated copy), to 1e-4 / 1e-5."""
+    for name, want in ref_sd.items():
+        if skip(name):
+            continue
+        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
+        got = merge_partitions([r["weights"][name] for r in ranks], dim, stride) if is_tp else ranks[0]["weights"][name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_tp2_training_equals_tp1(tiny_corpus, tmp_path, moe):
     extra = ["--num-experts", "4", "--expert-interval", "2", "--topk", "2"] if moe else []
@@ -131,11 +141,7 @@ def test_tp2_training_equals_tp1(tiny_corpus, tmp_path, moe):
     ranks = run_distributed(_train, 2, argv + ["--tensor-model-parallel-size", "2"])
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
-    ref_sd = ref["state"].model.state_dict()
-    for name, want in ref_sd.items():
-        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
-        got = merge_partitions([r["weights"][name] for r in ranks], dim, stride) if is_tp else ranks[0]["weights"][name]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_trained_weights_equal(ranks, ref["state"].model.state_dict())
 
 
 def test_tp2_resume_is_exact_with_dropout(tiny_corpus, tmp_path):
@@ -208,13 +214,8 @@ def test_tp2_dp2_ep2_training_equals_single_process(tiny_corpus, tmp_path):
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
     ref_sd = ref["state"].model.state_dict()
-    for name, want in ref_sd.items():
-        if "expert" in name:  # local experts: EP rank 0 holds experts 0-1, EP rank 1 experts 2-3 (checked below)
-            continue
-        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
-        got = merge_partitions([ranks[0]["weights"][name], ranks[1]["weights"][name]], dim, stride) if is_tp \
-            else ranks[0]["weights"][name]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    # dense weights from TP rank pair {0, 1}; local experts: EP rank 0 holds experts 0-1, EP rank 1 experts 2-3
+    _assert_trained_weights_equal(ranks[:2], ref_sd, skip=lambda name: "expert" in name)
     for name, want in ref_sd.items():
         if "expert" in name and want.dim() > 0 and want.shape[0] == 4:
             # global ranks 0 and 2 are EP ranks 0 and 1 of TP rank 0's data-parallel group
@@ -236,10 +237,7 @@ def test_tp2_distillation_equals_tp1(tiny_corpus, tmp_path):
     ranks = run_distributed(_train, 2, argv + ["--tensor-model-parallel-size", "2"])
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
-    for name, want in ref["state"].model.state_dict().items():
-        is_tp, dim, stride = ranks[0]["meta"].get(name, (False, None, 1))
-        got = merge_partitions([r["weights"][name] for r in ranks], dim, stride) if is_tp else ranks[0]["weights"][name]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_trained_weights_equal(ranks, ref["state"].model.state_dict())
 
 
 def test_vocab_slice_pads_past_the_teacher_vocabulary():
