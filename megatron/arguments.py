@@ -289,7 +289,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks that span several concerns; runs before any group or module is built."""
     tp = cfg.parallel.tensor_model_parallel_size
     if world_size % tp != 0:
-        raise ArgumentError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp})")
+        raise ArgumentError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp}); "
+                            f"launch with torchrun --nproc_per_node=<TP x data-parallel size>")
     dp = world_size // tp
     d = cfg.data
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:

@@ -503,8 +503,11 @@ def pretrain(argv=None) -> dict:
     tokenizer = build_tokenizer_from_config_args(args)
     padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                             args.tensor_model_parallel_size)
-    dp_size = world_size // max(args.tensor_model_parallel_size, 1)
-    cfg = train_config_from_args(args, padded, dp_size)
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world_size % tp != 0:
+        raise ArgumentError(f"world size ({world_size}) must be a positive multiple of --tensor-model-parallel-size "
+                            f"({tp}); launch with torchrun --nproc_per_node=<TP x data-parallel size>")
+    cfg = train_config_from_args(args, padded, world_size // tp)
     validate(cfg, world_size)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,))
