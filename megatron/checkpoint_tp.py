@@ -5,8 +5,6 @@ Which tensors are sharded, along which dimension and with which stride (fused QK
 checkpoint's configuration builds on the meta device (nothing is allocated), never guessed from names. Adam state
 follows its parameter.
 """
-import os
-import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -43,10 +41,6 @@ def partition_layout(configs: dict, ckpt_dir: str) -> Dict[str, Tuple[int, int]]
         model = GPTModel(mcfg, moe_cfg, None)
     return {n: (p.partition_dim, getattr(p, "partition_stride", 1)) for n, p in model.named_parameters()
             if getattr(p, "partition_dim", None) is not None}
-
-
-def num_tp_shards(ckpt_dir: str) -> int:
-    return len([d for d in os.listdir(ckpt_dir) if re.fullmatch(r"mp_rank_\d\d", d)])
 
 
 def resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -106,7 +100,7 @@ def shard(whole: dict, layout: Dict[str, Tuple[int, int]], rank: int, size: int)
 def load_dense_whole(load: str) -> Tuple[dict, str]:
     """The dense payload of a checkpoint of any TP size, as one process's (TP=1): shards merged in memory."""
     ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)
-    n = num_tp_shards(ckpt_dir)
+    n = checkpointing.num_tp_shards(ckpt_dir)
     if n <= 1:
         return checkpointing.load_dense(load)
     shards = [checkpointing.load_dense(load, r, n)[0] for r in range(n)]

@@ -250,10 +250,15 @@ def _torch_load(path: str):
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
+def num_tp_shards(ckpt_dir: str) -> int:
+    """How many tensor-parallel ranks wrote `ckpt_dir` (its mp_rank_XX directories)."""
+    return len([d for d in os.listdir(ckpt_dir) if re.fullmatch(r"mp_rank_\d\d", d)])
+
+
 def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1) -> Tuple[dict, str]:
     """This TP rank's dense file; a checkpoint saved with another --tensor-model-parallel-size is refused."""
     ckpt_dir, _ = resolve_checkpoint_dir(load)
-    saved_tp = len([d for d in os.listdir(ckpt_dir) if re.fullmatch(r"mp_rank_\d\d", d)])
+    saved_tp = num_tp_shards(ckpt_dir)
     if saved_tp and saved_tp != tp_size:
         raise CheckpointError(f"--tensor-model-parallel-size mismatch: checkpoint {ckpt_dir} was saved with "
                               f"{saved_tp} tensor-parallel rank(s), the flags give {tp_size}; convert it with "

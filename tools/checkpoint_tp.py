@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron import checkpointing  # noqa: E402
-from megatron.checkpoint_tp import merge_shards, num_tp_shards, partition_layout, shard  # noqa: E402
+from megatron.checkpoint_tp import merge_shards, partition_layout, shard  # noqa: E402
 
 
 class ConvertError(Exception):
@@ -47,7 +47,7 @@ def convert(load: str, save: str, target_tp: int, true_vocab_size=None) -> str:
     from megatron.tokenizer import pad_vocab_size
 
     ckpt_dir, iteration = checkpointing.resolve_checkpoint_dir(load)
-    src_tp = num_tp_shards(ckpt_dir)
+    src_tp = checkpointing.num_tp_shards(ckpt_dir)
     if src_tp == 0:
         raise ConvertError(f"--load {ckpt_dir}: no mp_rank_XX directories")
     shards = [checkpointing.load_dense(load, r, src_tp)[0] for r in range(src_tp)]

@@ -16,29 +16,9 @@ gradient over the ranks.
 import torch
 import torch.distributed as dist
 
+from megatron.tensor_parallel.cross_entropy import vocab_parallel_softmax_grad_
+
 _CHUNK_ROWS = 16  # 16 x 50304 x 4 B = 3.2 MB per chunk: cache resident while its passes run
-
-
-def _vocab_parallel_softmax_grad_(logits: torch.Tensor, labels_N: torch.Tensor, group) -> torch.Tensor:
-    """In place: logits [N, V/tp] (this rank's columns) -> softmax - onehot; returns the per-token loss [N]."""
-    n, width = logits.shape
-    start = dist.get_rank(group) * width
-    outside = (labels_N < start) | (labels_N >= start + width)
-    local = (labels_N - start).masked_fill(outside, 0)
-    row_max = logits.amax(dim=1)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)  # [label logit, sum exp]
-    stats[0] = logits.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
-    for s in range(0, n, _CHUNK_ROWS):
-        chunk = logits[s:s + _CHUNK_ROWS]
-        chunk.sub_(row_max[s:s + _CHUNK_ROWS].unsqueeze(1)).exp_()
-        stats[1, s:s + _CHUNK_ROWS] = chunk.sum(dim=1)
-    dist.all_reduce(stats, group=group)
-    for s in range(0, n, _CHUNK_ROWS):
-        logits[s:s + _CHUNK_ROWS].div_(stats[1, s:s + _CHUNK_ROWS].unsqueeze(1))
-    rows = torch.arange(n, device=logits.device)[~outside]
-    logits[rows, local[~outside]] -= 1.0
-    return row_max + stats[1].log() - stats[0]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -53,7 +33,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(h, w, logits)
         ctx.input_dtypes = (hidden_NH.dtype, weight_VH.dtype)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            return _vocab_parallel_softmax_grad_(logits, labels_N, tp_group)
+            return vocab_parallel_softmax_grad_(logits, labels_N, tp_group)
         n = logits.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
         rows = torch.arange(n, device=logits.device)

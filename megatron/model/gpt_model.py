@@ -89,7 +89,7 @@ class GPTModel(torch.nn.Module):
                 x_par = copy_to_tensor_parallel_region(x, self.tp_group)
                 loss = fused_lm_cross_entropy(x_par, self.word_embeddings.weight, labels, self.tp_group)
                 return ModelOutput(None, loss, stats)
-            local = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group, parallel_output=True)
+            local = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)
             logits = local if parallel_output else gather_from_tensor_parallel_region(local, self.tp_group)

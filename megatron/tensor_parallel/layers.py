@@ -8,7 +8,7 @@ A parameter that is sharded carries `tensor_model_parallel = True`, `partition_d
 1: columns/input features) and `partition_stride`; the rest (biases of row-parallel layers, LayerNorms) are
 replicated, and their gradients are identical on every tensor-parallel rank.
 """
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -132,8 +132,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         return reduce_from_tensor_parallel_region(out, self.group)
 
 
-def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, group, parallel_output: bool,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Logits against a vocab-parallel head weight: this rank's vocabulary slice, or all of it (gathered)."""
-    logits = F.linear(copy_to_tensor_parallel_region(x, group), weight, bias)
-    return logits if parallel_output else gather_from_tensor_parallel_region(logits, group)
+def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+    """This rank's vocabulary slice of the logits against a vocab-parallel head weight (the input enters the
+    tensor-parallel region, so its gradient is summed over the ranks)."""
+    return F.linear(copy_to_tensor_parallel_region(x, group), weight)
