@@ -286,8 +286,9 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True) -> None:
-    """Loads dense weights, then each local expert's slice from its per-expert file."""
+def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, load_experts: bool = True) -> None:
+    """Loads dense weights, then (unless `load_experts` is False: experts offloaded to an expert store) each local
+    expert's slice from its per-expert file."""
     is_expert = is_expert_param_name(model)
     own = model.state_dict()
     dense_sd = payload["model"]
@@ -301,7 +302,8 @@ def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True) -
         raise CheckpointError(f"{ckpt_dir}: state does not match the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}); check the architecture flags")
     model.load_state_dict(dense_sd, strict=False)
-    _load_experts(model, ckpt_dir, load_weights=True)
+    if load_experts:
+        _load_experts(model, ckpt_dir, load_weights=True)
 
 
 def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:

@@ -11,21 +11,32 @@ from megatron.model import GPTModel
 
 
 def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
-                             moe_overrides: Optional[dict] = None) -> Tuple[GPTModel, object, dict]:
+                             moe_overrides: Optional[dict] = None, offload=None) -> Tuple[GPTModel, object, dict]:
     """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
 
     A checkpoint saved with tensor parallelism is merged in memory (megatron/checkpoint_tp.py). Dropout is
     disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
     recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
+    `offload` (moe.offload.OffloadConfig, mode 'nvme') keeps the experts in an expert store and reads them through
+    a cache (megatron/offload.py); its OffloadRuntime (statistics, close()) is then `model.offload`.
     """
     from megatron.tokenizer import build_tokenizer
 
     payload, ckpt_dir = load_dense_whole(load)  # any tensor-parallel size, merged in memory
     configs = payload.get("configs") or {}
     mcfg, moe_cfg = model_configs_from_checkpoint(configs, ckpt_dir, moe_overrides)
-    model = GPTModel(mcfg, moe_cfg, None)
-    checkpointing.load_model_state(model, payload, ckpt_dir)
-    model.to(device or torch.device("cpu")).eval()
+    device = torch.device(device or "cpu")
+    if offload is not None and offload.enabled:
+        from megatron.offload import build_offloaded_model
+
+        _, iteration = checkpointing.resolve_checkpoint_dir(ckpt_dir)
+        model, runtime = build_offloaded_model(mcfg, moe_cfg, payload, ckpt_dir, iteration, configs, offload, device)
+        model.offload = runtime
+    else:
+        model = GPTModel(mcfg, moe_cfg, None)
+        checkpointing.load_model_state(model, payload, ckpt_dir)
+        model.to(device).eval()
+        model.offload = None
     tcfg = dict(configs.get("tokenizer") or {})
     tcfg.update({k: v for k, v in (tokenizer_overrides or {}).items() if v is not None})
     if not tcfg.get("tokenizer_type"):
@@ -58,8 +69,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
-             use_cache: bool = True) -> List[int]:
-    """Autoregressive sampling with a KV cache; stops at `eod` or the model's window."""
+             use_cache: bool = True, progress: bool = False) -> List[int]:
+    """Autoregressive sampling with a KV cache; stops at `eod` or the model's window (tqdm bar with `progress`)."""
     if not prompt_ids:
         raise ValueError("--prompt encodes to no tokens; give a non-empty prompt")
     device = next(model.parameters()).device
@@ -69,7 +80,14 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
     cache = model.new_kv_cache() if use_cache else None
     x = torch.tensor([ids], device=device)
     out: List[int] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", dynamic_ncols=True, leave=False)
     for _ in range(max_new_tokens):
+        if bar is not None:
+            bar.update(1)
         if len(ids) >= window:
             break
         logits = model(x, kv_cache=cache).logits[:, -1]
@@ -79,4 +97,6 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
         if eod is not None and nxt == eod:
             break
         x = torch.tensor([[nxt]], device=device) if use_cache else torch.tensor([ids], device=device)
+    if bar is not None:
+        bar.close()
     return out

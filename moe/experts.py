@@ -257,6 +257,40 @@ def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD,
     return _GroupedMLP.apply(x_ND, tuple(int(n) for n in counts), w1_eFD, b1_eF, w2_eDF, b2_eD, recycler)
 
 
+def expert_rows_forward_(x_nD: torch.Tensor, w1_FD, b1_F, w2_DF, b2_D, h_nF: torch.Tensor,
+                         y_nD: torch.Tensor) -> None:
+    """y_nD = gelu(x_nD w1^T + b1) w2^T + b2 for ONE expert's rows, written in place (h_nF is scratch).
+
+    Forward only (inference). Each expert is its own GEMM call with pieces cut from its own rows, so an
+    expert's output depends only on its rows and weights: not on which other experts run, in which order,
+    in which call, or where its weights live (the stacked parameter or an offload cache slot). That is what
+    makes NVMe-offloaded inference (moe/offload) bitwise equal to the all-resident model, which runs this
+    same function (grouped_mlp_inference). The MKL batch call, by contrast, gives last-bit differences when
+    the batch's composition changes.
+    """
+    n = x_nD.shape[0]
+    if n == 0:
+        return
+    h_nF.copy_(b1_F.expand(n, b1_F.shape[0]))
+    batched_mm([x_nD], [w1_FD], [h_nF], trans_b=True, beta=1.0)
+    torch.ops.aten.gelu_(h_nF)
+    y_nD.copy_(b2_D.expand(n, b2_D.shape[0]))
+    batched_mm([h_nF], [w2_DF], [y_nD], trans_b=True, beta=1.0)
+
+
+def grouped_mlp_inference(x_ND: torch.Tensor, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF,
+                          b2_eD) -> torch.Tensor:
+    """grouped_mlp's forward without autograd, one expert at a time (see expert_rows_forward_); [N, D]."""
+    offsets = _offsets(counts)
+    x_ND = x_ND.contiguous()
+    y_ND = x_ND.new_empty(x_ND.shape[0], w2_eDF.shape[1])
+    h_NF = x_ND.new_empty(x_ND.shape[0], w1_eFD.shape[1])
+    for i in range(len(counts)):
+        r = slice(offsets[i], offsets[i + 1])
+        expert_rows_forward_(x_ND[r], w1_eFD[i], b1_eF[i], w2_eDF[i], b2_eD[i], h_NF[r], y_ND[r])
+    return y_ND
+
+
 def _default_init(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
 
@@ -303,6 +337,9 @@ class GroupedMLPExperts(nn.Module):
         self.buffers = BufferRecycler()
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x_ND.requires_grad or self.w1_eFD.requires_grad)):
+            # inference (no_grad / inference_mode / frozen): the per-expert path that offload matches bitwise
+            return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD)
         return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.buffers)
 
 

@@ -170,6 +170,26 @@ class MoELayer(nn.Module):
                          routing.dropped_fraction)
         return y_TD.view(x.shape), stats
 
+    def forward_many(self, xs):
+        """[forward(x) for x in xs], with every micro-batch routed on its own (capacity, dropping and results as
+        in forward) and the experts applied to all of them in one pass, so an offloaded expert is fetched once
+        for the whole list (layer-major scoring). Single-rank inference only."""
+        if self.ep_size != 1:
+            raise ValueError("MoELayer.forward_many runs on one rank (ep_size 1)")
+        flat = [x.reshape(-1, self.hidden_size) for x in xs]
+        routings = [self.router(x_TD) for x_TD in flat]
+        jobs = [(dispatch.permute_tokens(x_TD, r), r.counts_E.tolist()) for x_TD, r in zip(flat, routings)]
+        many = getattr(self.experts, "forward_many", None)
+        ys = many(jobs) if many is not None else [self.experts(t, c) for t, c in jobs]
+        out = []
+        for x, x_TD, routing, y_ND in zip(xs, flat, routings, ys):
+            y_TD = dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
+            if self.residual is not None:
+                y_TD = self.residual(x_TD, y_TD)
+            out.append((y_TD.view(x.shape), MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
+                                                     routing.dropped_fraction)))
+        return out
+
     def forward_local(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Single-rank path: permute -> experts -> unpermute/combine."""
         tokens_ND = dispatch.permute_tokens(x_TD, routing)

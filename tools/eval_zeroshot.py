@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
 from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report  # noqa: E402
 
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_offload_args(p)
     return p.parse_args(argv)
 
 
@@ -78,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
                              "tokenizer_model": args.tokenizer_model},
         progress=not args.no_progress,
+        offload=offload_config_from_args(args),
     )
 
 
@@ -88,10 +91,16 @@ def main(argv=None) -> int:
         report = run_zeroshot(config_from_args(args))
         if args.output:
             write_report(report, args.output)
+        if args.stats_json and report.get("offload") is not None:
+            write_report(report["offload"], args.stats_json)
     except (ValueError, OSError) as e:  # DataFileError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(report))
+    if report.get("offload") is not None:
+        from megatron.offload import offload_report
+
+        print(offload_report(report["offload"]), file=sys.stderr)
     for t in report["timings"]:
         print(f"{t['task']}: {t['num_examples']} examples, {t['seconds']:.1f} s, "
               f"{t['examples_per_second']:.1f} examples/s", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Sample text from a checkpoint: tools/generate.py --load CKPT --prompt "..." --max-new-tokens N."""
 import argparse
+import json
 import os
 import sys
 
@@ -7,7 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
 from megatron.inference import generate, load_model_for_inference  # noqa: E402
+from megatron.offload import offload_report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,7 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--merge-file", default=None)
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (for checks)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_offload_args(p)
     args = p.parse_args(argv)
+    model = None
     try:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
@@ -31,17 +38,31 @@ def main(argv=None) -> int:
             raise ValueError(f"--top-p ({args.top_p}) must be in (0, 1]")
         if args.top_k < 0 or args.temperature < 0:
             raise ValueError("--top-k and --temperature must be >= 0")
+        offload = offload_config_from_args(args)
         model, tok, _ = load_model_for_inference(
-            args.load, tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
-                                            "tokenizer_model": args.tokenizer_model})
+            args.load, device=args.device,
+            tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
+                                 "tokenizer_model": args.tokenizer_model}, offload=offload)
         ids = tok.tokenize(args.prompt)
         new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       eod=tok.eod, use_cache=not args.no_kv_cache)
+                       eod=tok.eod, use_cache=not args.no_kv_cache,
+                       progress=not args.no_progress and args.max_new_tokens >= 32)
+        stats = model.offload.summary() if model.offload is not None else None
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if model is not None and model.offload is not None:
+            model.offload.close()
     print(args.prompt + tok.detokenize(new))
+    if stats is not None:
+        stats["new_tokens"] = len(new)
+        print(offload_report(stats), file=sys.stderr)
+        if args.stats_json:
+            with open(args.stats_json, "w") as f:
+                json.dump(stats, f, indent=2)
     return 0
+
 
 
 if __name__ == "__main__":

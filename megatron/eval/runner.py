@@ -49,6 +49,7 @@ class EvalConfig:
     device: Optional[str] = None  # default cuda when available, else cpu
     tokenizer_overrides: Dict[str, Optional[str]] = field(default_factory=dict)  # vocab_file/merge_file/...
     progress: bool = True  # tqdm bar on stderr
+    offload: Optional[object] = None  # moe.offload.OffloadConfig: experts in an NVMe expert store (None: in memory)
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
@@ -135,7 +136,7 @@ def _load_model(cfg: EvalConfig):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, configs = load_model_for_inference(cfg.load, device=device,
                                                          tokenizer_overrides=cfg.tokenizer_overrides,
-                                                         moe_overrides=moe_overrides)
+                                                         moe_overrides=moe_overrides, offload=cfg.offload)
     mcfg = model.cfg
     window = cfg.seq_length or mcfg.seq_length
     if mcfg.position_embedding_type == "learned_absolute" and window > mcfg.max_position_embeddings:
@@ -151,10 +152,37 @@ def run_zeroshot(cfg: EvalConfig) -> dict:
     tasks = [build_task(name, **task_options(cfg).get(name, {})) for name in cfg.tasks]
     paths = verify_data(tasks, cfg.data_dir)
     model, tokenizer, configs, window = _load_model(cfg)
+    try:
+        return _run_tasks(cfg, tasks, paths, model, tokenizer, configs, window)
+    finally:
+        if model.offload is not None:
+            model.offload.close()
+
+
+def layer_major_block(cfg: EvalConfig, model, window: int) -> int:
+    """Micro-batches per layer-major block: as many as the activation budget holds (1 without offload).
+
+    Per micro-batch and token the block keeps the residual stream, the MLP input and output (3 h) and, in a
+    MoE layer, k rows of the expert hidden layer and of its input and output (k (F + 2 h)), in fp32.
+    """
+    off = cfg.offload
+    if off is None or not off.enabled or not off.layer_major:
+        return 1
+    from moe.offload import parse_bytes
+
+    mcfg = model.cfg
+    topk = max((layer.mlp.cfg.topk for layer in model.layers if hasattr(layer.mlp, "router")), default=1)
+    per_token = 4 * (3 * mcfg.hidden_size + topk * (mcfg.ffn_hidden_size + 2 * mcfg.hidden_size))
+    per_batch = per_token * cfg.micro_batch_size * window
+    return max(1, parse_bytes(off.activation_bytes, "--moe-offload-activation-bytes") // per_batch)
+
+
+def _run_tasks(cfg: EvalConfig, tasks, paths, model, tokenizer, configs, window) -> dict:
     autocast = None if cfg.eval_fp32 else _AUTOCAST_DTYPES[cfg.autocast_dtype]
+    block = layer_major_block(cfg, model, window)
     scorer = LoglikelihoodScorer(model, window, cfg.micro_batch_size, cfg.pad_multiple,
                                  logprob_dtype=torch.float64 if cfg.eval_fp32 else torch.float32,
-                                 autocast_dtype=autocast)
+                                 autocast_dtype=autocast, layer_major_block=block)
     rows: List[MetricResult] = []
     timings = []
     for task in tasks:
@@ -172,7 +200,12 @@ def run_zeroshot(cfg: EvalConfig) -> dict:
         logger.info("%s: %d examples in %.1f s (%.1f examples/s)", task.name, len(docs), secs, len(docs) / secs)
         rows.extend(task_rows)
     moe = configs.get("moe")
+    offload = None
+    if model.offload is not None:
+        offload = model.offload.summary()
+        offload["layer_major_block"] = block
     return {
+        "offload": offload,
         "checkpoint": os.path.abspath(cfg.load),
         "results": [dataclasses.asdict(r) for r in rows],
         "timings": timings,

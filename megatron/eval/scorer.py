@@ -114,7 +114,8 @@ class LoglikelihoodScorer:
     HEAD_ROWS = 16
 
     def __init__(self, model, window: int, micro_batch_size: int = 8, pad_multiple: int = 16,
-                 logprob_dtype: torch.dtype = torch.float32, autocast_dtype: Optional[torch.dtype] = None):
+                 logprob_dtype: torch.dtype = torch.float32, autocast_dtype: Optional[torch.dtype] = None,
+                 layer_major_block: int = 1):
         if micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size ({micro_batch_size}) must be >= 1")
         if pad_multiple < 1:
@@ -127,6 +128,9 @@ class LoglikelihoodScorer:
         self.pad_multiple = pad_multiple
         self.logprob_dtype = logprob_dtype
         self.autocast_dtype = autocast_dtype
+        # > 1: run that many micro-batches layer by layer (GPTModel.forward_layer_major), so an offloaded
+        # expert is read once per block; the numbers are those of the one-at-a-time order
+        self.layer_major_block = max(1, int(layer_major_block))
         self.device = next(model.parameters()).device
         self.tied_head = hasattr(model, "final_layernorm") and hasattr(model, "word_embeddings")
         if self.tied_head:
@@ -153,28 +157,47 @@ class LoglikelihoodScorer:
         prepared = [model_input(r, self.window) for r in requests]
         inputs = [p[0] for p in prepared]
         answers: List[Optional[Answer]] = [None] * len(requests)
-        for batch in self.micro_batches(inputs):
-            length = padded_length(len(inputs[batch[0]]), self.pad_multiple, self.window)
-            tokens = torch.zeros(len(batch), length, dtype=torch.long)  # [b, s], right-padded with id 0
-            for row, i in enumerate(batch):
-                tokens[row, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-            spans = [(row, len(inputs[i]) - len(prepared[i][1]), len(inputs[i])) for row, i in enumerate(batch)]
-            logits = self.continuation_logits(tokens.to(self.device), spans)
-            for i, logits_CV in zip(batch, logits):
-                answers[i] = score_logits(logits_CV, prepared[i][1], self.logprob_dtype)
-            if progress is not None:
-                progress(len(batch))
+        batches = self.micro_batches(inputs)
+        block = self.layer_major_block if self.tied_head and hasattr(self.model, "forward_layer_major") else 1
+        for start in range(0, len(batches), block):
+            group = batches[start:start + block]
+            made = [self._batch_tokens(batch, inputs, prepared) for batch in group]
+            if block > 1:
+                with self._autocast():
+                    hiddens = self.model.forward_layer_major([tokens for tokens, _ in made])
+            for j, (batch, (tokens, spans)) in enumerate(zip(group, made)):
+                hidden = hiddens[j] if block > 1 else None
+                logits = self.continuation_logits(tokens, spans, hidden=hidden)
+                for i, logits_CV in zip(batch, logits):
+                    answers[i] = score_logits(logits_CV, prepared[i][1], self.logprob_dtype)
+                if progress is not None:
+                    progress(len(batch))
         return answers  # type: ignore[return-value]
 
-    def continuation_logits(self, tokens: torch.Tensor, spans: Sequence[Tuple[int, int, int]]) -> List[torch.Tensor]:
-        """tokens [b, s]; spans (row, start, end) -> logits [end - start, V] of each span, in order."""
-        ctx = (torch.autocast(tokens.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
+    def _batch_tokens(self, batch: List[int], inputs, prepared):
+        """(tokens [b, s] right-padded with id 0 on the model's device, continuation spans (row, start, end))."""
+        length = padded_length(len(inputs[batch[0]]), self.pad_multiple, self.window)
+        tokens = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+        spans = [(row, len(inputs[i]) - len(prepared[i][1]), len(inputs[i])) for row, i in enumerate(batch)]
+        return tokens.to(self.device), spans
+
+    def _autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    def continuation_logits(self, tokens: torch.Tensor, spans: Sequence[Tuple[int, int, int]],
+                            hidden: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """tokens [b, s]; spans (row, start, end) -> logits [end - start, V] of each span, in order.
+
+        `hidden`: the final-LayerNorm output [b, s, h] when already computed (layer-major blocks)."""
+        with self._autocast():
             if not self.tied_head:
                 logits = self.model(tokens).logits  # [b, s, V]
                 return [logits[row, start:end] for row, start, end in spans]
-            hidden = self._final_hidden(tokens)  # [b, s, h]
+            if hidden is None:
+                hidden = self._final_hidden(tokens)  # [b, s, h]
             rows = torch.cat([hidden[row, start:end] for row, start, end in spans])  # [N, h]
             n = rows.shape[0]
             pad = -(-max(n, 1) // self.HEAD_ROWS) * self.HEAD_ROWS - n

@@ -105,6 +105,24 @@ class GPTModel(torch.nn.Module):
                                        reduction="none").view(b, s)
         return ModelOutput(logits, loss, stats)
 
+    def forward_layer_major(self, tokens_list: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Final-LayerNorm outputs [b, s, h] of several micro-batches, run layer by layer over the whole list.
+
+        Equals [final_layernorm output of forward(t)] for each t (one process, no KV cache); an offloaded MoE
+        layer then reads each expert once per list instead of once per micro-batch (FlexGen's block schedule).
+        """
+        if tp_size(self.tp_group) > 1:
+            raise ValueError("layer-major scoring runs on one process (merge tensor-parallel shards first)")
+        xs, rotaries = [], []
+        for tokens in tokens_list:
+            b, s = tokens.shape
+            position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+            xs.append(self.embed(tokens, position_ids))
+            rotaries.append(self.rotary(position_ids) if self.rotary is not None else None)
+        for layer in self.layers:
+            xs, _ = layer.forward_many(xs, rotaries)
+        return [self.final_layernorm(x) for x in xs]
+
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers)
 

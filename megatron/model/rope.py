@@ -7,8 +7,15 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"--position-embedding-type rope needs an even head dim (got {head_dim})")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def init_buffers(self) -> None:
+        """Recomputes the non-persistent table (after a model built on the meta device is materialised)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def forward(self, position_ids: torch.Tensor):
         """position_ids [b, s] -> (cos, sin) each [b, 1, s, head_dim] in fp32."""

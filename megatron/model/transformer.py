@@ -1,5 +1,5 @@
 """Pre-LayerNorm transformer block and the per-layer MLP factory (dense MLP or MoE layer)."""
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,25 @@ class TransformerLayer(torch.nn.Module):
                                             groups.tp_group if groups is not None else None, rng_tracker)
         self.post_attention_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
+        # called with the residual stream after attention (expert prefetch at inference, moe/offload); None = off
+        self.after_attention: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, kv_cache=None):
         attn = self.self_attention(self.input_layernorm(x), rotary, kv_cache)
         x = x + F.dropout(attn, self.hidden_dropout, self.training)
+        if self.after_attention is not None:
+            self.after_attention(x)
         mlp_out, stats = self.mlp(self.post_attention_layernorm(x))
         x = x + F.dropout(mlp_out, self.hidden_dropout, self.training)
         return x, stats
+
+    def forward_many(self, xs: List[torch.Tensor], rotaries: List[Optional[tuple]]):
+        """[forward(x, rotary) for ...] without a KV cache, the MLP applied to all micro-batches at once (a MoE
+        layer then fetches each offloaded expert once for the list); returns (xs, stats per micro-batch)."""
+        hs = [x + F.dropout(self.self_attention(self.input_layernorm(x), rot), self.hidden_dropout, self.training)
+              for x, rot in zip(xs, rotaries)]
+        normed = [self.post_attention_layernorm(h) for h in hs]
+        many = getattr(self.mlp, "forward_many", None)
+        outs = many(normed) if many is not None else [self.mlp(n) for n in normed]
+        return ([h + F.dropout(o, self.hidden_dropout, self.training) for h, (o, _) in zip(hs, outs)],
+                [st for _, st in outs])

@@ -1,0 +1,192 @@
+"""NVMe expert offload wired into a GPT checkpoint: the expert store written from a checkpoint's expert files, a
+model whose MoE layers read their experts through the cache, gate prefetch hooks, and the run's statistics.
+
+Experts are never materialised in memory: the model is built on the meta device, its experts replaced by
+moe.offload.OffloadedExperts, and only the dense weights are loaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterator, Mapping, Optional, Tuple
+
+import torch
+
+from megatron import checkpointing
+from megatron.config import is_moe_layer
+from moe.layer import MoELayer
+from moe.offload import (ExpertCache, ExpertStore, GatePrefetcher, OffloadConfig, OffloadedExperts, OffloadError,
+                         parse_bytes, write_store)
+
+logger = logging.getLogger(__name__)
+RECORD_TENSORS = (("w1_FD", "experts.w1_eFD"), ("b1_F", "experts.b1_eF"), ("w2_DF", "experts.w2_eDF"),
+                  ("b2_D", "experts.b2_eD"))
+
+
+def moe_layer_sizes(configs: dict) -> Tuple[int, ...]:
+    """Experts of each MoE layer of the checkpoint's model, in order."""
+    moe, model = configs.get("moe") or {}, configs["model"]
+    num = moe.get("num_experts") or [1]
+    num = [num] if isinstance(num, int) else list(num)
+    n_moe = sum(1 for i in range(model["num_layers"]) if is_moe_layer(i, moe.get("expert_interval", 2)))
+    return tuple(num[0] if len(num) == 1 else num[m] for m in range(n_moe))
+
+
+def checkpoint_source(ckpt_dir: str, iteration: int, configs: dict) -> dict:
+    """What identifies the experts of a checkpoint: iteration, architecture and a fingerprint of its expert files
+    (their sizes and the xxh3 of their first and last MiB: cheap, and different for different weights)."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for m, n in enumerate(moe_layer_sizes(configs)):
+        for e in range(n):
+            path = checkpointing.expert_path(ckpt_dir, m, e)
+            if not os.path.isfile(path):
+                raise checkpointing.CheckpointError(f"checkpoint file {path} is missing")
+            size = os.path.getsize(path)
+            h.update(f"{m}/{e}/{size};".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(size - (1 << 20))
+                    h.update(f.read(1 << 20))
+    moe = configs.get("moe") or {}
+    return {"iteration": int(iteration), "num_experts": list(moe_layer_sizes(configs)),
+            "hidden_size": configs["model"]["hidden_size"], "ffn_hidden_size": configs["model"]["ffn_hidden_size"],
+            "expert_interval": moe.get("expert_interval"), "fingerprint": h.hexdigest()}
+
+
+def _records(ckpt_dir: str, configs: dict) -> Iterator[Tuple[int, int, Mapping[str, torch.Tensor]]]:
+    """(MoE layer, expert, record tensors) from the checkpoint's per-expert files, one file in memory at a time."""
+    for m, n in enumerate(moe_layer_sizes(configs)):
+        for e in range(n):
+            path = checkpointing.expert_path(ckpt_dir, m, e)
+            weights = checkpointing._torch_load(path)["model"]
+            missing = [src for _, src in RECORD_TENSORS if src not in weights]
+            if missing:
+                raise checkpointing.CheckpointError(f"{path}: lacks {missing[0]} (offload supports the built-in "
+                                                    f"GELU MLP experts)")
+            # fp32, the dtype the resident model's expert parameters have after loading
+            yield m, e, {name: weights[src].float() for name, src in RECORD_TENSORS}
+
+
+def write_expert_store(load: str, out: str) -> ExpertStore:
+    """tools/offload_experts.py: the store of checkpoint `load`'s experts in `out` (refused if `out` holds files)."""
+    from megatron.checkpoint_tp import load_dense_whole
+
+    ckpt_dir, iteration = checkpointing.resolve_checkpoint_dir(load)
+    configs = load_dense_whole(ckpt_dir)[0].get("configs") or {}
+    if not configs.get("moe"):
+        raise OffloadError(f"--load {load}: a dense checkpoint has no experts to offload")
+    if os.path.isdir(out) and os.listdir(out):
+        raise OffloadError(f"--out {out}: directory is not empty; give a new or empty directory")
+    source = checkpoint_source(ckpt_dir, iteration, configs)
+    t0 = time.perf_counter()
+    store = write_store(out, _records(ckpt_dir, configs), source, checkpoint=os.path.abspath(ckpt_dir))
+    logger.info("expert store: %d records, %.1f MB written to %s in %.1f s", len(store.records),
+                store.total_bytes() / 1e6, out, time.perf_counter() - t0)
+    return store
+
+
+def open_or_write_store(ckpt_dir: str, iteration: int, configs: dict, directory: str) -> ExpertStore:
+    """The store in `directory` for this checkpoint: written now when the directory is missing or empty,
+    otherwise opened and checked (foreign or stale stores are refused with one line)."""
+    source = checkpoint_source(ckpt_dir, iteration, configs)
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        logger.info("--moe-offload-dir %s is empty: writing the expert store from %s", directory, ckpt_dir)
+        write_store(directory, _records(ckpt_dir, configs), source, checkpoint=os.path.abspath(ckpt_dir))
+    return ExpertStore.open(directory, expected_source=source)
+
+
+class OffloadRuntime:
+    """The cache, prefetcher and counters of one offloaded model; `summary()` is the reported statistics."""
+
+    def __init__(self, cache: ExpertCache, prefetcher: Optional[GatePrefetcher], cfg: OffloadConfig,
+                 budget_bytes: int):
+        self.cache, self.prefetcher, self.cfg, self.budget_bytes = cache, prefetcher, cfg, budget_bytes
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def count_tokens(self, module, args) -> None:
+        self.tokens += int(args[0].numel())
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.started
+        s = self.cache.stats.summary()
+        s.update(self.prefetcher.summary() if self.prefetcher is not None else
+                 {"prefetch_recall": None, "prefetch_precision": None, "prefetch_guesses": 0})
+        t = max(self.tokens, 1)
+        s.update({
+            "store": self.cache.store.directory, "budget_bytes": self.budget_bytes,
+            "slots": self.cache.num_slots, "record_bytes": self.cache.record_bytes,
+            "expert_bytes_total": self.cache.store.total_bytes(), "prefetch": self.cfg.prefetch,
+            "device": str(self.cache.device), "tokens": self.tokens, "wall_seconds": wall,
+            "bytes_read_per_token": s["bytes_read"] / t, "stall_seconds_per_token": s["stall_seconds"] / t,
+            "stall_fraction": s["stall_seconds"] / wall if wall > 0 else None,
+        })
+        return s
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration: int, configs: dict,
+                          cfg: OffloadConfig, device: torch.device):
+    """(GPTModel in eval mode with offloaded experts, OffloadRuntime). Dense weights come from `payload`."""
+    from megatron.model import GPTModel
+
+    if moe_cfg is None:
+        raise OffloadError(f"--moe-offload {cfg.mode}: checkpoint {ckpt_dir} is dense (no experts to offload)")
+    store = open_or_write_store(ckpt_dir, iteration, configs, cfg.directory)
+    budget = parse_bytes(cfg.cache_bytes, "--moe-expert-cache-bytes", total=store.total_bytes())
+    cache = ExpertCache(store, budget, device=device, min_slots=moe_cfg.topk, num_readers=cfg.num_readers,
+                        verify=cfg.verify, prefetch_slots=max(1, min(moe_cfg.topk * 2, budget // store.record_bytes // 2)))
+    with torch.device("meta"):
+        model = GPTModel(mcfg, moe_cfg, None)
+    moe_blocks = []
+    for idx, block in enumerate(model.layers):
+        if isinstance(block.mlp, MoELayer):
+            layer = block.mlp
+            layer.experts = OffloadedExperts(cache, layer.layer_index, layer.num_experts, mcfg.hidden_size,
+                                             mcfg.ffn_hidden_size)
+            moe_blocks.append((idx, layer.layer_index))
+    model.to_empty(device=device)
+    for mod in model.modules():
+        if hasattr(mod, "init_buffers"):
+            mod.init_buffers()
+    checkpointing.load_model_state(model, payload, ckpt_dir, load_experts=False)
+    model.eval()
+    prefetcher = None
+    if cfg.prefetch == "gate":
+        predictors = {m: (model.layers[idx].post_attention_layernorm, model.layers[idx].mlp.router.weight,
+                          moe_cfg.topk) for idx, m in moe_blocks}
+        prefetcher = GatePrefetcher(cache, predictors)
+        moe_block_ids = {idx for idx, _ in moe_blocks}
+        for idx, m in moe_blocks:
+            if idx > 0:
+                model.layers[idx - 1].after_attention = _hook(prefetcher, m, defer=(idx - 1) in moe_block_ids)
+    runtime = OffloadRuntime(cache, prefetcher, cfg, budget)
+    model.word_embeddings.register_forward_pre_hook(runtime.count_tokens)
+    logger.info("experts offloaded to %s: %d records of %.1f MB, cache %d slots (%.1f MB, %.0f%% of %.1f MB), "
+                "prefetch %s, on %s", cfg.directory, len(store.records), store.record_bytes / 1e6, cache.num_slots,
+                cache.num_slots * store.record_bytes / 1e6, 100 * cache.num_slots * store.record_bytes /
+                max(store.total_bytes(), 1), store.total_bytes() / 1e6, cfg.prefetch, device)
+    return model, runtime
+
+
+def _hook(prefetcher: GatePrefetcher, moe_layer: int, defer: bool):
+    def after_attention(h: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not h.requires_grad:
+            prefetcher.after_attention(moe_layer, h, defer)
+    return after_attention
+
+
+def offload_report(s: dict) -> str:
+    """One summary line of an offloaded run's statistics."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    return (f"offload: hit rate {pct(s['hit_rate'])}, prefetch recall {pct(s['prefetch_recall'])} precision "
+            f"{pct(s['prefetch_precision'])}, {s['bytes_read'] / 1e6:.1f} MB read ({s['bytes_read_per_token'] / 1e6:.2f}"
+            f" MB/token) at {s['read_GBps'] or 0:.2f} GB/s, stall {s['stall_seconds']:.2f} s "
+            f"({pct(s['stall_fraction'])} of wall), {s['evictions']} evictions, peak resident "
+            f"{s['peak_resident_bytes'] / 1e6:.1f} MB")

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Write the NVMe expert store of a MoE checkpoint: tools/offload_experts.py --load CKPT --out DIR.
+
+One 4 KiB-aligned record per (MoE layer, global expert) in DIR/experts.bin and a manifest (shapes, dtypes, offsets,
+a checksum per record) in DIR/manifest.json; then `tools/eval_zeroshot.py` / `tools/generate.py --moe-offload nvme
+--moe-offload-dir DIR` read the experts from it. Exit 2 with one line on a bad checkpoint, a non-empty or
+unwritable directory, or a full disk (nothing partial is left).
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.offload import write_expert_store  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint root (latest_checkpointed_iteration.txt) or iter dir")
+    p.add_argument("--out", required=True, help="new or empty directory for the store (on the NVMe disk)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        store = write_expert_store(args.load, args.out)
+    except (ValueError, OSError) as e:  # CheckpointError and OffloadError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(store.records)} expert records, {store.total_bytes() / 1e6:.1f} MB, in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
