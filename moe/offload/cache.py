@@ -30,16 +30,18 @@ DEMAND, PREFETCH = 0, 1
 class _Entry:
     """One record resident in (or being read into) a slot."""
 
-    __slots__ = ("key", "slot", "record", "ready", "error", "pins", "prefetched", "claimed", "cuda_event")
+    __slots__ = ("key", "slot", "record", "ready", "error", "pins", "prefetched", "claimed", "cuda_event",
+                 "slot_released")
 
-    def __init__(self, key: Key, slot: int, record: Record, prefetched: bool):
+    def __init__(self, key: Key, slot: int, record: Record, prefetched: bool, slot_released=None):
         self.key, self.slot, self.record = key, slot, record
         self.ready = threading.Event()
         self.error: Optional[BaseException] = None
         self.pins = 0
         self.prefetched = prefetched  # read by a prefetch and not used by a demand request yet
         self.claimed = False  # a reader thread took its read
-        self.cuda_event = None
+        self.cuda_event = None  # CUDA: the copy into the slot
+        self.slot_released = slot_released  # CUDA: compute-stream event after the slot's last use
 
 
 @dataclass
@@ -91,8 +93,9 @@ class _Readers:
         self.in_flight, self.busy_since = 0, 0.0
         self.closed = False
         self.handles = [aio.aio_handle(**handle_kwargs) for _ in range(num_threads)]
-        self.staging = ([h.new_cpu_locked_tensor(staging_bytes, torch.empty(0, dtype=torch.uint8))
-                         for h in self.handles] if device.type == "cuda" else [None] * num_threads)
+        # CUDA: staging in CUDA-pinned memory (page-aligned, so O_DIRECT lands in it and the copy is a real DMA)
+        self.staging = ([torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in self.handles]
+                        if device.type == "cuda" else [None] * num_threads)
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"moe-offload-reader{i}")
                         for i in range(num_threads)]
         for t in self.threads:
@@ -133,6 +136,8 @@ class _Readers:
                 else:
                     self.store.read_into(handle, entry.key, staging, self.verify)
                     with torch.cuda.stream(copy_stream):
+                        if entry.slot_released is not None:  # kernels still reading the slot's previous expert
+                            copy_stream.wait_event(entry.slot_released)
                         self.slots[entry.slot][:rec.nbytes].copy_(staging[:rec.nbytes], non_blocking=True)
                         entry.cuda_event = torch.cuda.Event()
                         entry.cuda_event.record(copy_stream)
@@ -194,6 +199,7 @@ class ExpertCache:
         self.prefetcher = None  # set by moe.offload.prefetch.GatePrefetcher
         self.resident_bytes = 0
         self.slots = self._allocate_slots()
+        self.slot_events: List[Optional[object]] = [None] * self.num_slots
         kw = dict(block_size=1 << 20, queue_depth=32, intra_op_parallelism=1)
         kw.update(handle_kwargs or {})
         self.readers = _Readers(store, num_readers, kw, self.stats, verify, self.device, self.slots,
@@ -255,6 +261,10 @@ class ExpertCache:
     def release(self, entry: _Entry) -> None:
         assert entry.pins > 0, "release without request"
         entry.pins -= 1
+        if self.device.type == "cuda":  # the next read into this slot waits for the kernels queued so far
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.slot_events[entry.slot] = event
 
     def stream(self, layer: int, experts: Sequence[int]) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
         """Yields (expert, tensors) for each of `experts` of MoE layer `layer`, resident ones first.
@@ -287,6 +297,8 @@ class ExpertCache:
         finally:
             for _, entry in window:
                 self.release(entry)
+            if not flushed and self.prefetcher is not None:  # a layer with nothing routed still hands over
+                self.prefetcher.flush()
 
     def _can_pin(self) -> bool:
         return bool(self.free) or any(e.pins == 0 for e in self.lru.values())
@@ -312,7 +324,7 @@ class ExpertCache:
 
     # --------------------------------------------------------------------------------------------- slots
     def _new_entry(self, key: Key, slot: int, prefetched: bool) -> _Entry:
-        entry = _Entry(key, slot, self.store.records[key], prefetched)
+        entry = _Entry(key, slot, self.store.records[key], prefetched, self.slot_events[slot])
         self.lru[key] = entry
         self.resident_bytes += entry.record.nbytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.resident_bytes)
