@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moe.experts import is_expert_param
+from moe.layer import MoELayer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
@@ -43,11 +44,12 @@ def expert_path(ckpt_dir: str, moe_layer: int, expert_id: int, tp_rank: int = 0)
 # ----------------------------------------------------------------------------------------------- experts
 def _moe_layers(model: torch.nn.Module):
     """(moe_layer_index, module_prefix, layer) for every MoE layer, in model order."""
-    out = []
-    for name, mod in model.named_modules():
-        if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_rank") and hasattr(mod, "layer_index"):
-            out.append((mod.layer_index, name, mod))
-    return out
+    layers = [(mod.layer_index, name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELayer)]
+    for index, name, _ in layers:
+        if index is None:
+            raise ValueError(f"MoE layer {name} has no layer_index (its expert files are named by it); build the "
+                             f"model through megatron.model.transformer.build_mlp or set it")
+    return layers
 
 
 def _expert_param_names(model: torch.nn.Module, prefix: str) -> List[str]:
@@ -195,7 +197,8 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
     if _model_tp_rank(model) != 0:
         return
     for moe_idx, prefix, layer in _moe_layers(model):
-        edp_group = getattr(layer, "expert_dp_group", None)
+        # one replica of each expert writes its file: rank 0 of the expert-data-parallel group of this EP size
+        edp_group = groups.expert_dp_group(layer.ep_size) if groups is not None else None
         if edp_group is not None and dist.get_rank(edp_group) != 0:
             continue
         names = _expert_param_names(model, prefix)

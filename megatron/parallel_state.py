@@ -30,10 +30,19 @@ class ParallelGroups:
         return self.rank % self.tp_size
 
     def ep_group(self, ep_size: int):
-        return self.ep_groups.get(ep_size)
+        """This rank's expert-parallel group of `ep_size` ranks (None: one rank, no communication)."""
+        return self._built(self.ep_groups, ep_size)
 
     def expert_dp_group(self, ep_size: int):
-        return self.expert_dp_groups.get(ep_size)
+        """The ranks holding the same experts as this one under EP size `ep_size` (None: one rank)."""
+        return self._built(self.expert_dp_groups, ep_size)
+
+    @staticmethod
+    def _built(groups: Dict[int, Optional[object]], ep_size: int):
+        if ep_size not in groups:
+            raise ValueError(f"--moe-expert-parallel-size {ep_size}: no expert-parallel group of that size was built "
+                             f"(built: {sorted(groups)}); include it in parallel_state.initialize(tp, ep_sizes)")
+        return groups[ep_size]
 
 
 def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int]) -> int:
@@ -126,10 +135,3 @@ def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,)) -> ParallelGrou
         ep_groups[ep], edp_groups[ep] = _build_expert_groups(world_size, tp_size, ep, rank)
     return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups)
 
-
-def group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)

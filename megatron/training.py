@@ -84,12 +84,7 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 
 
 def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
-    model = GPTModel(cfg.model, cfg.moe, groups)
-    for mod in model.modules():
-        if hasattr(mod, "num_local_experts") and hasattr(mod, "ep_size"):
-            # the expert-DP group picks which replica writes each expert file (megatron/checkpointing.py)
-            mod.expert_dp_group = groups.expert_dp_group(mod.ep_size)
-    return model.to(device)
+    return GPTModel(cfg.model, cfg.moe, groups).to(device)
 
 
 def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:

@@ -26,6 +26,11 @@ def _tag_stacked(p: nn.Parameter, num_local_experts: int) -> None:
     p.num_local_experts = num_local_experts
 
 
+# The CPU fast paths (the MKL batch GEMM call and BufferRecycler), on or off together: MOE_CPU_FAST_PATHS=0 turns
+# both off (plain torch.mm loops and fresh allocations), e.g. to rule them out when chasing a numerical issue.
+CPU_FAST_PATHS = os.environ.get("MOE_CPU_FAST_PATHS", "1") != "0"
+
+
 def _offsets(counts: Sequence[int]) -> List[int]:
     offsets = [0]
     for n in counts:
@@ -45,6 +50,9 @@ class _MklBatch:
 
     def __init__(self):
         self.fns = {}
+        self.verified: Optional[bool] = None  # the probe GEMM's verdict, made at first use
+        if not CPU_FAST_PATHS:
+            return
         path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
         try:
             lib = ctypes.CDLL(path)
@@ -56,7 +64,33 @@ class _MklBatch:
             self.fns = {}
 
     def supports(self, t: torch.Tensor) -> bool:
-        return t.device.type == "cpu" and t.dtype in self.fns
+        if t.device.type != "cpu" or t.dtype not in self.fns:
+            return False
+        if self.verified is None:
+            self.verified = self._probe()
+        return self.verified
+
+    def _probe(self) -> bool:
+        """Checks the ctypes interface (LP64 ints, row-major, transposes, beta) on small GEMMs against torch.mm;
+        on any difference the MKL path is never used (a logged warning) instead of computing garbage."""
+        gen = torch.Generator().manual_seed(0)
+        try:
+            for dtype in self.fns:
+                for trans_a, trans_b, beta in ((False, True, 1.0), (True, False, 0.0), (False, False, 0.5)):
+                    a = [torch.randn((7, 5) if trans_a else (5, 7), generator=gen, dtype=dtype) for _ in range(3)]
+                    b = [torch.randn((6, 7) if trans_b else (7, 6), generator=gen, dtype=dtype) for _ in range(3)]
+                    c = [torch.randn(5, 6, generator=gen, dtype=dtype) for _ in range(3)]
+                    want = [(x.t() if trans_a else x) @ (y.t() if trans_b else y) + beta * z for x, y, z in zip(a, b, c)]
+                    self(a, b, c, trans_a, trans_b, beta)
+                    if not all(torch.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(c, want)):
+                        raise ValueError("results differ from torch.mm")
+        except Exception as e:  # noqa: BLE001 - any failure of the foreign call means: do not use it
+            import logging
+
+            logging.getLogger(__name__).warning("MKL batch GEMM through ctypes failed its probe (%s); using torch.mm "
+                                                "loops", e)
+            return False
+        return True
 
     def __call__(self, a_list, b_list, c_list, trans_a: bool, trans_b: bool, beta: float) -> None:
         g = len(c_list)
@@ -94,10 +128,9 @@ def batched_mm(a_list, b_list, c_list, trans_a: bool = False, trans_b: bool = Fa
     a_list, b_list, c_list = [a_list[i] for i in run], [b_list[i] for i in run], [c_list[i] for i in run]
     if use_mkl is None:
         use_mkl = _MKL_BATCH.supports(c_list[0])
-    if use_mkl:
-        assert all(t.stride(1) == 1 for t in a_list + b_list + c_list), "batched_mm needs row-major operands"
+    if use_mkl and all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] for t in a_list + b_list + c_list):
         _MKL_BATCH(*_balanced_pieces(a_list, b_list, c_list, trans_a), trans_a, trans_b, beta)
-        return
+        return  # (operands that are not row-major views take the torch.mm loop below)
     for a, b, c in zip(a_list, b_list, c_list):
         a, b = (a.t() if trans_a else a), (b.t() if trans_b else b)
         if beta == 0.0:
@@ -123,7 +156,8 @@ class BufferRecycler:
     semantics are unchanged: backward still returns fresh tensor objects, which AccumulateGrad adopts
     as p.grad or adds into an existing p.grad. Cost: the largest buffers stay reserved between steps.
     """
-    enabled = hasattr(torch._C, "_storage_Use_Count")  # private API: without it, plain allocation
+    # private API: without it, plain allocation; CPU only (CUDA's caching allocator already reuses memory)
+    enabled = CPU_FAST_PATHS and hasattr(torch._C, "_storage_Use_Count")
     SLACK = 1.25  # room to grow: the row count N varies with routing (untouched pages cost nothing)
 
     def __init__(self):
@@ -133,7 +167,7 @@ class BufferRecycler:
         """A contiguous uninitialised tensor of `shape` with like's dtype and device."""
         shape = tuple(shape)
         numel = math.prod(shape)
-        if not self.enabled:
+        if not self.enabled or like.device.type != "cpu":
             return like.new_empty(shape)
         entry = self._cache.get(key)
         if entry is not None:
@@ -334,13 +368,13 @@ class GroupedMLPExperts(nn.Module):
                     self.w2_eDF[g - first_expert].copy_(w2)
         for p in self.parameters():
             _tag_stacked(p, e)
-        self.buffers = BufferRecycler()
+        self.recycler = BufferRecycler()  # (not `buffers`: that would shadow nn.Module.buffers())
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x_ND.requires_grad or self.w1_eFD.requires_grad)):
             # inference (no_grad / inference_mode / frozen): the per-expert path that offload matches bitwise
             return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD)
-        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.buffers)
+        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.recycler)
 
 
 class ModuleExperts(nn.Module):

@@ -134,6 +134,7 @@ class MoELayer(nn.Module):
         if not 1 <= cfg.topk <= num_experts:
             raise ValueError(f"--topk ({cfg.topk}) must be between 1 and --num-experts ({num_experts})")
         self.hidden_size, self.num_experts, self.cfg = hidden_size, num_experts, cfg
+        self.layer_index: Optional[int] = None  # position among the model's MoE layers (set by the model builder)
         self.ep_group, self.ep_size = ep_group, ep_size
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
         self.num_local_experts = num_experts // ep_size

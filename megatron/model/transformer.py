@@ -26,11 +26,10 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
     i = moe_layer_index(layer_idx, moe_cfg.expert_interval)
     num_experts = moe_cfg.num_experts_for_layer(i)
     ep_size = moe_cfg.ep_size_for_layer(i)  # per-layer EP sizes: each MoE layer uses its own EP group
-    ep_group = groups.ep_group(ep_size) if groups is not None else None
-    if (1 if ep_group is None else ep_group.size()) != ep_size:
-        raise ValueError(f"--moe-expert-parallel-size ({ep_size}) of MoE layer {i}: no expert-parallel group of that "
-                         f"size was passed in; build groups with parallel_state.initialize(tp, ep_sizes) including "
-                         f"{ep_size}")
+    ep_group = groups.ep_group(ep_size) if groups is not None else None  # raises for a size never built
+    if groups is None and ep_size != 1:
+        raise ValueError(f"--moe-expert-parallel-size ({ep_size}) of MoE layer {i} needs process groups; build them "
+                         f"with parallel_state.initialize(tp, ep_sizes) and pass them to GPTModel")
     layer = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
                      init_method=init_method, output_layer_init_method=output_init_method)
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)

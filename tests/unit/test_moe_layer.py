@@ -1,5 +1,6 @@
 """MoELayer against an independent token-by-token float64 reference written below with plain loops."""
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from moe import MoE, MoEConfig, MoELayer
 from moe.experts import grouped_mlp, is_expert_param
+from tests.conftest import ROOT
 
 D, FF = 6, 10
 
@@ -342,7 +344,7 @@ def test_recycled_buffers_safe_with_two_forwards_in_flight():
 
     def grads(recycle):
         layer.zero_grad(set_to_none=True)
-        layer.experts.buffers.enabled = recycle
+        layer.experts.recycler.enabled = recycle
         for _ in range(2):  # second pass runs with buffers left over from the first
             layer.zero_grad(set_to_none=True)
             y1, y2 = layer(x1)[0], layer(x2)[0]
@@ -369,3 +371,33 @@ def test_eval_dropping_is_deterministic_with_rts():
     assert torch.equal(torch.get_rng_state(), state)
     y2, _ = layer(x)
     assert torch.equal(y1, y2) and float(s1.dropped_fraction) > 0
+
+
+def test_cpu_fast_paths_one_switch_probe_and_module_buffers():
+    """MOE_CPU_FAST_PATHS=0 turns off both the MKL batch call and buffer recycling; a foreign-call interface that
+    computes wrong numbers fails its probe (the torch.mm loop is used); `experts.buffers()` is nn.Module's."""
+    import subprocess
+    import sys
+
+    from moe.experts import BufferRecycler, _MklBatch
+
+    code = ("import moe.experts as m; print(m.CPU_FAST_PATHS, bool(m._MKL_BATCH.fns), m.BufferRecycler.enabled)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MOE_CPU_FAST_PATHS": "0"}, cwd=ROOT).stdout.split()
+    assert out == ["False", "False", "False"]
+    probe = _MklBatch()
+    if probe.fns:
+        assert probe._probe()  # the real interface passes
+
+        class Broken(_MklBatch):
+            def __call__(self, a_list, b_list, c_list, trans_a, trans_b, beta):
+                super().__call__(a_list, b_list, c_list, not trans_a, trans_b, beta)  # e.g. a wrong flag value
+
+        broken = Broken()
+        assert not broken._probe() and not broken.supports(torch.zeros(2, 2))
+    # recycling is CPU only: other devices get a fresh allocation
+    r = BufferRecycler()
+    meta = r.empty("k", (4, 4), torch.empty(0, device="meta"))
+    assert meta.device.type == "meta" and "k" not in r._cache
+    layer = make_layer(4, 2, drop_tokens=False)
+    assert list(layer.experts.buffers()) == []

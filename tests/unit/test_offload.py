@@ -410,3 +410,23 @@ def test_cuda_offloaded_equals_resident(tmp_path):
             assert rt.summary()["device"].startswith("cuda")
         finally:
             rt.close()
+
+
+def test_demand_reads_go_before_prefetches(tmp_path):
+    """The readers' queue order: every demand read before any prefetch not yet started, in submission order;
+    a prefetch raised to demand priority moves up and its old queue entry is skipped."""
+    from moe.offload.cache import DEMAND, PREFETCH, CacheStats, _Entry, _Readers
+
+    store, _ = _store_of_random_records(tmp_path / "s")
+    readers = _Readers(store, 0, {}, CacheStats(), True, torch.device("cpu"), [], store.record_bytes)  # no threads
+    entries = {k: _Entry(k, 0, store.records[k], prefetched=True) for k in [(1, 0), (1, 1), (0, 0), (0, 1)]}
+    readers.submit(entries[(1, 0)], PREFETCH)
+    readers.submit(entries[(1, 1)], PREFETCH)
+    readers.submit(entries[(0, 0)], DEMAND)
+    readers.submit(entries[(1, 1)], DEMAND)  # the prefetch of (1, 1) is now demanded
+    readers.submit(entries[(0, 1)], DEMAND)
+    order = [readers._next().key for _ in range(4)]
+    assert order == [(0, 0), (1, 1), (0, 1), (1, 0)]
+    # left: only the stale prefetch copy of (1, 1), already claimed, which a reader skips
+    assert [(e.key, e.claimed) for _, _, e in readers.heap] == [((1, 1), True)]
+    readers.close()
