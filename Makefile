@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup test test-all demo libaio clean bench
+.PHONY: setup test test-all demo libaio clean
 
 setup: $(STAMP)
 

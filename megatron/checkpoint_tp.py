@@ -27,10 +27,7 @@ def model_configs_from_checkpoint(configs: dict, ckpt_dir: str,
     mcfg = ModelConfig(**configs["model"])
     moe_cfg = None
     if configs.get("moe"):
-        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in configs["moe"].items()}
-        fields.update(moe_overrides or {})
-        fields["ep_size"] = 1  # one process runs all experts
-        moe_cfg = MoEConfig(**fields)
+        moe_cfg = MoEConfig.from_recorded(configs["moe"], **{**(moe_overrides or {}), "ep_size": 1})  # one process
     return mcfg, moe_cfg
 
 

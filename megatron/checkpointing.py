@@ -8,6 +8,7 @@ Expert files are indexed by *global* expert id, so a checkpoint written at one E
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -352,3 +353,51 @@ def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str) -> None
         if name in state:
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
 
+
+# ----------------------------------------------------------------------------------------------- training
+def configs_for_checkpoint(cfg) -> dict:
+    """What a checkpoint records of a TrainConfig: the architecture, tokenizer and batch settings."""
+    return {"model": dataclasses.asdict(cfg.model),
+            "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None,
+            "tokenizer": {k: (os.path.abspath(v) if k in ("vocab_file", "merge_file", "tokenizer_model") and v
+                              else v) for k, v in dataclasses.asdict(cfg.tokenizer).items()},
+            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size},
+            "data": {"seq_length": cfg.data.seq_length, "global_batch_size": cfg.data.global_batch_size,
+                     "micro_batch_size": cfg.data.micro_batch_size, "seed": cfg.data.seed}}
+
+
+def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, groups) -> Optional[dict]:
+    """Loads cfg.checkpoint.load (a TrainConfig's) into the model and, unless the flags say otherwise, the optimizer,
+    LR scheduler, loss scaler and RNG streams; returns the restored counters {iteration, consumed_samples,
+    consumed_tokens}, or None when they restart from zero (--finetune, --reset-iteration). The checkpoint's
+    architecture must match the flags (CheckpointError naming the field)."""
+    ck = cfg.checkpoint
+    payload, ckpt_dir = load_dense(ck.load, groups.tp_rank, groups.tp_size)
+    saved = payload.get("configs", {})
+    check_config_match(saved.get("model", {}), dataclasses.asdict(cfg.model), "training", ckpt_dir)
+    if saved.get("moe") or cfg.moe:
+        check_config_match(saved.get("moe") or {"num_experts": [1]},
+                           dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
+    load_model_state(model, payload, ckpt_dir)
+    if ck.finetune:
+        return None
+    if ck.reset_iteration:  # a student starting a fresh schedule from these weights (and optimizer)
+        if not ck.no_load_optim:
+            load_optimizer_state(model, optimizer, payload, ckpt_dir)
+        if not ck.no_load_rng and payload.get("rng"):
+            set_rng_state(payload["rng"])
+        return None
+    if not ck.no_load_optim:
+        load_optimizer_state(model, optimizer, payload, ckpt_dir)
+        if payload.get("scheduler"):
+            scheduler.load_state_dict(payload["scheduler"])
+        if loss_scaler is not None and payload.get("loss_scaler"):
+            loss_scaler.load_state_dict(payload["loss_scaler"])
+    if not ck.no_load_rng and payload.get("rng"):
+        set_rng_state(payload["rng"])
+        tracker = getattr(model, "rng_tracker", None)
+        if tracker is not None and payload["rng"].get("tensor_parallel"):
+            tracker.load_state_dict(payload["rng"]["tensor_parallel"])
+    return {"iteration": int(payload["iteration"]),
+            "consumed_samples": int(payload["counters"]["consumed_samples"]),
+            "consumed_tokens": int(payload["counters"]["consumed_tokens"])}

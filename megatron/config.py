@@ -1,7 +1,6 @@
 """Frozen configuration dataclasses, one per concern, grouped in TrainConfig (built by arguments.py)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -188,9 +187,6 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
-
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def num_moe_layers(num_layers: int, expert_interval: int) -> int:

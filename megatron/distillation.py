@@ -107,8 +107,5 @@ def teacher_moe_config(cfg: DistillConfig, recorded: Optional[dict], ckpt_dir: s
                               f"{' '.join(map(str, saved_experts))}")
     if not recorded:
         return None
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()}
     # a full teacher replica per rank; TODO(MoS issue): shard large MoE teachers over the student's EP group
-    fields["ep_size"] = 1
-    known = {f.name for f in dataclasses.fields(MoEConfig)}
-    return MoEConfig(**{k: v for k, v in fields.items() if k in known})
+    return MoEConfig.from_recorded(recorded, ep_size=1)

@@ -2,30 +2,27 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing, parallel_state
+from megatron import checkpointing, grad_sync, parallel_state
 from megatron.arguments import (ArgumentError, parse_args, train_config_from_args, validate)
 from megatron.config import TrainConfig
-from megatron.flops import flops_per_token, measure_gemm_peak
+from megatron.flops import measure_gemm_peak
+from megatron.training_log import format_log, open_writer, print_rank0, summarize_moe, write_tensorboard
 from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
-from megatron.tensor_parallel import is_tensor_parallel_param
-from moe.experts import is_expert_param
 
 log = logging.getLogger("megatron")
 
@@ -44,10 +41,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-    dense_params: List[torch.nn.Parameter] = field(default_factory=list)
-    expert_params: List[torch.nn.Parameter] = field(default_factory=list)
-    tp_params: List[torch.nn.Parameter] = field(default_factory=list)  # dense, sharded over tensor parallelism
-    replicated_params: List[torch.nn.Parameter] = field(default_factory=list)  # dense, whole on every TP rank
+    params: Optional[grad_sync.ParamSplit] = None  # the model's parameters by how they are synchronised
     writer: Optional[object] = None
     peak_flops: Optional[float] = None
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
@@ -64,15 +58,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(msg: str) -> None:
-    if is_rank0():
-        print(msg, flush=True)
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -101,10 +86,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
                   DynamicLossScaler(cfg.optimizer.initial_loss_scale, cfg.optimizer.min_loss_scale,
                                     cfg.optimizer.loss_scale_window, cfg.optimizer.hysteresis))
     st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
-    st.expert_params = [p for p in model.parameters() if is_expert_param(p)]
-    st.dense_params = [p for p in model.parameters() if not is_expert_param(p)]
-    st.tp_params = [p for p in st.dense_params if is_tensor_parallel_param(p)]
-    st.replicated_params = [p for p in st.dense_params if not is_tensor_parallel_param(p)]
+    st.params = grad_sync.split_params(model)
     if cfg.checkpoint.load:
         load_into_state(st)
     d = cfg.distill
@@ -118,49 +100,13 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     return st
 
 
-def configs_for_checkpoint(cfg: TrainConfig) -> dict:
-    return {"model": dataclasses.asdict(cfg.model),
-            "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None,
-            "tokenizer": {k: (os.path.abspath(v) if k in ("vocab_file", "merge_file", "tokenizer_model") and v
-                              else v) for k, v in dataclasses.asdict(cfg.tokenizer).items()},
-            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size},
-            "data": {"seq_length": cfg.data.seq_length, "global_batch_size": cfg.data.global_batch_size,
-                     "micro_batch_size": cfg.data.micro_batch_size, "seed": cfg.data.seed}}
-
-
 def load_into_state(st: TrainState) -> None:
-    ck = st.cfg.checkpoint
-    payload, ckpt_dir = checkpointing.load_dense(ck.load, st.groups.tp_rank, st.groups.tp_size)
-    saved = payload.get("configs", {})
-    checkpointing.check_config_match(saved.get("model", {}), dataclasses.asdict(st.cfg.model), "training", ckpt_dir)
-    if saved.get("moe") or st.cfg.moe:
-        checkpointing.check_config_match(saved.get("moe") or {"num_experts": [1]},
-                                         dataclasses.asdict(st.cfg.moe) if st.cfg.moe else {"num_experts": [1]},
-                                         "training", ckpt_dir)
-    checkpointing.load_model_state(st.model, payload, ckpt_dir)
-    if ck.finetune:
-        return
-    if ck.reset_iteration:  # a student starting a fresh schedule from these weights (and optimizer)
-        if not ck.no_load_optim:
-            checkpointing.load_optimizer_state(st.model, st.optimizer, payload, ckpt_dir)
-        if not ck.no_load_rng and payload.get("rng"):
-            checkpointing.set_rng_state(payload["rng"])
-        return
-    st.iteration = int(payload["iteration"])
-    st.consumed_samples = int(payload["counters"]["consumed_samples"])
-    st.consumed_tokens = int(payload["counters"]["consumed_tokens"])
-    if not ck.no_load_optim:
-        checkpointing.load_optimizer_state(st.model, st.optimizer, payload, ckpt_dir)
-        if payload.get("scheduler"):
-            st.scheduler.load_state_dict(payload["scheduler"])
-        if st.loss_scaler is not None and payload.get("loss_scaler"):
-            st.loss_scaler.load_state_dict(payload["loss_scaler"])
-    if not ck.no_load_rng and payload.get("rng"):
-        checkpointing.set_rng_state(payload["rng"])
-        tracker = getattr(st.model, "rng_tracker", None)
-        if tracker is not None and payload["rng"].get("tensor_parallel"):
-            tracker.load_state_dict(payload["rng"]["tensor_parallel"])
-    print_rank0(f"loaded checkpoint {ckpt_dir} at iteration {st.iteration} "
+    restored = checkpointing.load_training_checkpoint(st.cfg, st.model, st.optimizer, st.scheduler, st.loss_scaler,
+                                                      st.groups)
+    if restored is not None:
+        st.iteration = restored["iteration"]
+        st.consumed_samples, st.consumed_tokens = restored["consumed_samples"], restored["consumed_tokens"]
+    print_rank0(f"loaded checkpoint {st.cfg.checkpoint.load} at iteration {st.iteration} "
                 f"(consumed samples {st.consumed_samples})")
 
 
@@ -168,7 +114,7 @@ def save(st: TrainState) -> None:
     counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
     model = getattr(st.model, "_orig_mod", st.model)
     path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
-                                         st.loss_scaler, counters, configs_for_checkpoint(st.cfg), st.groups)
+                                         st.loss_scaler, counters, checkpointing.configs_for_checkpoint(st.cfg), st.groups)
     print_rank0(f"saved checkpoint {path}")
 
 
@@ -224,42 +170,6 @@ def vocab_slice(logits: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return cols
 
 
-def _allreduce_grads(params: List[torch.nn.Parameter], group, divisor: int) -> None:
-    """Sums grads over `group` in one flat buffer per dtype, then divides by `divisor`."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    if group is not None and dist.get_world_size(group) > 1:
-        by_dtype: Dict[torch.dtype, list] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for gs in by_dtype.values():
-            flat = torch._utils._flatten_dense_tensors(gs)
-            dist.all_reduce(flat, group=group)
-            for g, synced in zip(gs, torch._utils._unflatten_dense_tensors(flat, gs)):
-                g.copy_(synced)
-    if divisor != 1:
-        torch._foreach_div_(grads, float(divisor))
-
-
-def reduce_gradients(st: TrainState) -> None:
-    """Dense grads: mean over DP. Expert grads: sum over expert-DP, divided by DP size.
-
-    Each rank's loss is the mean over its own tokens, so the global loss is the mean over DP ranks. An
-    expert's grad on its owner rank already sums the contributions of every EP peer's tokens (the
-    all-to-all backward brings them); summing over the expert-DP replicas then covers all DP ranks, and
-    dividing by DP turns the sum of per-rank means into the global mean (DESIGN.md §2).
-    """
-    g = st.groups
-    _allreduce_grads(st.dense_params, g.dp_group, g.dp_size)
-    if st.expert_params:
-        by_ep: Dict[int, list] = {}
-        for p in st.expert_params:
-            by_ep.setdefault(getattr(p, "ep_size", 1), []).append(p)
-        for ep, ps in by_ep.items():
-            _allreduce_grads(ps, g.expert_dp_group(ep) if g.dp_size > 1 else None, g.dp_size)
-
-
 def train_step(st: TrainState, data_iter: Iterator) -> dict:
     cfg = st.cfg
     st.model.train()
@@ -278,7 +188,7 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             kd_sum = kd_term.detach() + (kd_sum if kd_sum is not None else 0.0)
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
-    reduce_gradients(st)
+    grad_sync.reduce_gradients(st.params, st.groups)
     found_inf = False
     if st.loss_scaler is not None:
         found_inf = unscale_and_check(st.model.parameters(), scale)
@@ -289,7 +199,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         st.loss_scaler.update(found_inf)
     grad_norm = float("nan")
     if not found_inf:
-        grad_norm = clip_grad_norm(st.replicated_params, _norm_groups(st), cfg.optimizer.clip_grad)
+        grad_norm = clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
+                                   cfg.optimizer.clip_grad)
         st.optimizer.step()
     lr = st.scheduler.step(1)
     gbs = cfg.data.global_batch_size
@@ -305,40 +216,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
-def _norm_groups(st: TrainState) -> List[tuple]:
-    """[(params, the group their squared grad norm is summed over)], the same order on every rank: the
-    tensor-parallel shards with the TP group, then the experts of each EP size with that size's EP group.
-
-    Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
-    each size's squared norm over that group only. Parameters replicated over TP (LayerNorms, row-parallel
-    biases, MoE layers) have equal grads on every TP rank and are counted once (st.replicated_params).
-    """
-    tp = [(st.tp_params, st.groups.tp_group if st.groups.tp_size > 1 else None)]
-    by_ep: Dict[int, list] = {}
-    for p in st.expert_params:
-        by_ep.setdefault(getattr(p, "ep_size", 1), []).append(p)
-    single = st.groups.dp_size == 1
-    return tp + [(by_ep[ep], None if single or ep == 1 else st.groups.ep_group(ep)) for ep in sorted(by_ep)]
-
-
 def _eod(st: TrainState) -> Optional[int]:
     return getattr(st.tokenizer, "eod", None)
-
-
-def summarize_moe(per_micro: List[List]) -> List[dict]:
-    """Per MoE layer: aux loss, tokens-per-expert min/max/CV, fraction dropped (averaged over micro-batches)."""
-    if not per_micro or not per_micro[0]:
-        return []
-    out = []
-    for layer in range(len(per_micro[0])):
-        stats = [m[layer] for m in per_micro]
-        counts = torch.stack([s.tokens_per_expert.float() for s in stats]).sum(0)
-        mean = counts.mean()
-        out.append({"aux_loss": float(sum(float(s.aux_loss.detach()) for s in stats) / len(stats)),
-                    "tokens_min": float(counts.min()), "tokens_max": float(counts.max()),
-                    "tokens_cv": float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
-                    "dropped": float(sum(float(s.dropped_fraction) for s in stats) / len(stats))})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -367,49 +246,6 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
         dist.all_reduce(loss, group=st.groups.dp_group)
         loss /= st.groups.dp_size
     return float(loss)
-
-
-# ------------------------------------------------------------------------------------------------ logging
-def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
-    cfg = st.cfg
-    tokens = cfg.data.global_batch_size * cfg.data.seq_length
-    ms = 1000.0 * elapsed / max(iters, 1)
-    tok_s = tokens / (ms / 1000.0)
-    flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(st.groups.world_size, 1)
-    line = (f" iteration {st.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
-            f"{st.consumed_samples:10d} | consumed tokens: {st.consumed_tokens:12d} | elapsed time per iteration "
-            f"(ms): {ms:.1f} | learning rate: {m['lr']:.3E} | lm loss: {m['lm_loss']:.6E} | grad norm: "
-            f"{m['grad_norm']:.3f} | loss scale: {m['loss_scale']:.1f} | tokens/s: {tok_s:.0f} | "
-            f"TFLOP/s/device: {flops / 1e12:.3f}")
-    if st.peak_flops:
-        line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
-    if m.get("kd_loss") is not None:
-        line += f" | kd loss: {m['kd_loss']:.6E}"
-    if m.get("skipped"):
-        line += " | skipped (overflow)"
-    for i, s in enumerate(m.get("moe", [])):
-        line += (f"\n   moe layer {i}: aux {s['aux_loss']:.4f} | tokens/expert min {s['tokens_min']:.0f} max "
-                 f"{s['tokens_max']:.0f} cv {s['tokens_cv']:.3f} | dropped {100 * s['dropped']:.2f}%")
-    return line
-
-
-def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) -> None:
-    if st.writer is None:
-        return
-    w, it = st.writer, st.iteration
-    w.add_scalar("lm-loss", m["lm_loss"], it)
-    w.add_scalar("lm-loss vs tokens", m["lm_loss"], st.consumed_tokens)
-    w.add_scalar("learning-rate", m["lr"], it)
-    if not math.isnan(m["grad_norm"]):
-        w.add_scalar("grad-norm", m["grad_norm"], it)
-    w.add_scalar("loss-scale", m["loss_scale"], it)
-    if m.get("kd_loss") is not None:
-        w.add_scalar("kd-loss", m["kd_loss"], it)
-    if tok_s:
-        w.add_scalar("tokens-per-second", tok_s, it)
-    for i, s in enumerate(m.get("moe", [])):
-        for k, v in s.items():
-            w.add_scalar(f"moe/layer{i}/{k}", v, it)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -480,14 +316,6 @@ def build_data_iterators(st: TrainState):
     return train_iter, valid, test
 
 
-def _open_writer(cfg: TrainConfig):
-    if not cfg.logging.tensorboard_dir or not is_rank0():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
-
-
 def pretrain(argv=None) -> dict:
     """pretrain_gpt.py's body: flags -> config -> groups -> model/optimizer -> data -> train -> eval."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -513,7 +341,7 @@ def pretrain(argv=None) -> dict:
                 f"{groups.dp_size} x accumulation {st.num_micro_batches}")
     st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
     print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
-    st.writer = _open_writer(cfg)
+    st.writer = open_writer(cfg)
     train_iter, make_valid, make_test = build_data_iterators(st)
     result = train(st, train_iter, make_valid)
     if not result["exited"]:

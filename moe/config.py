@@ -1,6 +1,7 @@
 """`MoEConfig`: the frozen settings of every MoE layer, checked once before any module is built."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -67,6 +68,15 @@ class MoEConfig:
             raise ValueError(f"--moe-loss-coeff ({self.loss_coeff}) must be >= 0")
         if self.z_loss_coeff < 0:
             raise ValueError(f"--moe-z-loss-coeff ({self.z_loss_coeff}) must be >= 0")
+
+    @classmethod
+    def from_recorded(cls, recorded: dict, **overrides) -> "MoEConfig":
+        """The config a checkpoint recorded (dataclasses.asdict, lists where JSON made them), with `overrides`
+        applied; fields this version does not know are ignored (older/newer checkpoints still load)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known}
+        fields.update(overrides)
+        return cls(**fields)
 
     def num_experts_for_layer(self, moe_layer_index: int) -> int:
         """Experts in the `moe_layer_index`-th MoE layer (0-based); a single value applies to all layers."""

@@ -7,11 +7,11 @@ from megatron.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                              is_tensor_parallel_param, merge_partitions, partition)
 from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
-                                               reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region,
+                                               reduce_from_tensor_parallel_region,
                                                tp_rank, tp_size)
 from megatron.tensor_parallel.random import TensorParallelRNGTracker
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
            "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region",
-           "gather_from_tensor_parallel_region", "scatter_to_tensor_parallel_region", "tp_rank", "tp_size",
+           "gather_from_tensor_parallel_region", "tp_rank", "tp_size",
            "TensorParallelRNGTracker", "is_tensor_parallel_param", "partition", "merge_partitions"]

@@ -13,8 +13,8 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
-                                               reduce_from_tensor_parallel_region, tp_rank, tp_size)
+from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region,
+                                               tp_rank, tp_size)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -67,16 +67,15 @@ def _sharded_param(rows: int, cols: int, dim: int, stride: int, group, init_meth
 class ColumnParallelLinear(torch.nn.Module):
     """Y = X A^T + b with A [out, in] split by rows (output features): each rank computes its slice of Y.
 
-    The input enters the parallel region (backward all-reduces its gradient); with gather_output the full Y is
-    all-gathered, otherwise each rank keeps its [..., out / tp] slice for a following RowParallelLinear.
+    The input enters the parallel region (backward all-reduces its gradient); each rank keeps its [..., out / tp]
+    slice of Y for a following RowParallelLinear.
     stride: the output features are `stride` equal blocks split separately (fused QKV: 3).
     """
 
     def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
-                 gather_output: bool = False, stride: int = 1, what: str = "output features"):
+                 stride: int = 1, what: str = "output features"):
         super().__init__()
         self.group = group
-        self.gather_output = gather_output
         size = tp_size(group)
         _divide(out_features, size * stride, what)
         self.weight = _sharded_param(out_features, in_features, 0, stride, group, init_method)
@@ -85,8 +84,7 @@ class ColumnParallelLinear(torch.nn.Module):
             self.bias = _mark(torch.nn.Parameter(torch.zeros(out_features // size)), 0, stride, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)
-        return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+        return F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(torch.nn.Module):

@@ -70,17 +70,6 @@ class _GatherFromRegion(torch.autograd.Function):
         return _split_last(grad, ctx.group), None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
 def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if tp_size(group) == 1 else _CopyToRegion.apply(x, group)
 
@@ -92,6 +81,3 @@ def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if tp_size(group) == 1 else _GatherFromRegion.apply(x, group)
 
-
-def scatter_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if tp_size(group) == 1 else _ScatterToRegion.apply(x, group)

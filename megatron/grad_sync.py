@@ -1,0 +1,86 @@
+"""Gradient synchronisation over data-parallel and expert-data-parallel ranks, and the grouping of parameters
+whose squared gradient norms are summed over tensor- or expert-parallel groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron.parallel_state import ParallelGroups
+from megatron.tensor_parallel import is_tensor_parallel_param
+from moe.experts import is_expert_param
+
+
+@dataclass
+class ParamSplit:
+    """A model's parameters by how they are synchronised (each list in model order)."""
+
+    dense: List[torch.nn.Parameter]  # replicated over DP: gradients averaged over the DP group
+    expert: List[torch.nn.Parameter]  # owned by EP ranks: summed over expert-DP, divided by DP
+    tp: List[torch.nn.Parameter]  # dense and sharded over TP: norm summed over the TP group
+    replicated: List[torch.nn.Parameter]  # dense and whole on every TP rank: norm counted once
+
+
+def split_params(model: torch.nn.Module) -> ParamSplit:
+    params = list(model.parameters())
+    dense = [p for p in params if not is_expert_param(p)]
+    return ParamSplit(dense=dense, expert=[p for p in params if is_expert_param(p)],
+                      tp=[p for p in dense if is_tensor_parallel_param(p)],
+                      replicated=[p for p in dense if not is_tensor_parallel_param(p)])
+
+
+def allreduce_grads(params: List[torch.nn.Parameter], group, divisor: int) -> None:
+    """Sums grads over `group` in one flat buffer per dtype (no communication for None or a 1-rank group), then
+    divides by `divisor`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if group is not None and dist.get_world_size(group) > 1:
+        by_dtype: Dict[torch.dtype, list] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors(gs)
+            dist.all_reduce(flat, group=group)
+            for g, synced in zip(gs, torch._utils._unflatten_dense_tensors(flat, gs)):
+                g.copy_(synced)
+    if divisor != 1:
+        torch._foreach_div_(grads, float(divisor))
+
+
+def by_ep_size(expert_params: List[torch.nn.Parameter]) -> Dict[int, List[torch.nn.Parameter]]:
+    """Expert parameters keyed by the EP size of their layer (p.ep_size, set by MoELayer; PR-MoE has several)."""
+    out: Dict[int, List[torch.nn.Parameter]] = {}
+    for p in expert_params:
+        out.setdefault(getattr(p, "ep_size", 1), []).append(p)
+    return out
+
+
+def reduce_gradients(split: ParamSplit, groups: ParallelGroups) -> None:
+    """Dense grads: mean over DP. Expert grads: sum over expert-DP, divided by the DP size (not expert-DP's).
+
+    Each rank's loss is the mean over its own tokens, so the global loss is the mean over DP ranks. An
+    expert's grad on its owner rank already sums the contributions of every EP peer's tokens (the
+    all-to-all backward brings them); summing over the expert-DP replicas then covers all DP ranks, and
+    dividing by DP turns the sum of per-rank means into the global mean.
+    Communication: one all-reduce per dtype over the DP group, and per EP size over its expert-DP group.
+    """
+    allreduce_grads(split.dense, groups.dp_group, groups.dp_size)
+    for ep, ps in by_ep_size(split.expert).items():
+        allreduce_grads(ps, groups.expert_dp_group(ep) if groups.dp_size > 1 else None, groups.dp_size)
+
+
+def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, object]]:
+    """[(params, the group their squared grad norm is summed over)], the same order on every rank: the
+    tensor-parallel shards with the TP group, then the experts of each EP size with that size's EP group.
+
+    Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
+    each size's squared norm over that group only. Parameters replicated over TP (LayerNorms, row-parallel
+    biases, MoE layers) have equal grads on every TP rank and are counted once (split.replicated).
+    """
+    out = [(split.tp, groups.tp_group if groups.tp_size > 1 else None)]
+    single = groups.dp_size == 1
+    experts = by_ep_size(split.expert)
+    return out + [(experts[ep], None if single or ep == 1 else groups.ep_group(ep)) for ep in sorted(experts)]

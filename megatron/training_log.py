@@ -1,0 +1,88 @@
+"""Training logs: the per-iteration line (Megatron's format, MoE load per layer), TensorBoard scalars, rank-0 printing."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.flops import flops_per_token
+
+if TYPE_CHECKING:  # the loop's state; imported for annotations only (training.py imports this module)
+    from megatron.training import TrainState
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(msg: str) -> None:
+    if is_rank0():
+        print(msg, flush=True)
+
+
+def summarize_moe(per_micro: List[List]) -> List[dict]:
+    """Per MoE layer: aux loss, tokens-per-expert min/max/CV, fraction dropped (averaged over micro-batches)."""
+    if not per_micro or not per_micro[0]:
+        return []
+    out = []
+    for layer in range(len(per_micro[0])):
+        stats = [m[layer] for m in per_micro]
+        counts = torch.stack([s.tokens_per_expert.float() for s in stats]).sum(0)
+        mean = counts.mean()
+        out.append({"aux_loss": float(sum(float(s.aux_loss.detach()) for s in stats) / len(stats)),
+                    "tokens_min": float(counts.min()), "tokens_max": float(counts.max()),
+                    "tokens_cv": float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
+                    "dropped": float(sum(float(s.dropped_fraction) for s in stats) / len(stats))})
+    return out
+
+
+def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
+    cfg = st.cfg
+    tokens = cfg.data.global_batch_size * cfg.data.seq_length
+    ms = 1000.0 * elapsed / max(iters, 1)
+    tok_s = tokens / (ms / 1000.0)
+    flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(st.groups.world_size, 1)
+    line = (f" iteration {st.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
+            f"{st.consumed_samples:10d} | consumed tokens: {st.consumed_tokens:12d} | elapsed time per iteration "
+            f"(ms): {ms:.1f} | learning rate: {m['lr']:.3E} | lm loss: {m['lm_loss']:.6E} | grad norm: "
+            f"{m['grad_norm']:.3f} | loss scale: {m['loss_scale']:.1f} | tokens/s: {tok_s:.0f} | "
+            f"TFLOP/s/device: {flops / 1e12:.3f}")
+    if st.peak_flops:
+        line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
+    if m.get("kd_loss") is not None:
+        line += f" | kd loss: {m['kd_loss']:.6E}"
+    if m.get("skipped"):
+        line += " | skipped (overflow)"
+    for i, s in enumerate(m.get("moe", [])):
+        line += (f"\n   moe layer {i}: aux {s['aux_loss']:.4f} | tokens/expert min {s['tokens_min']:.0f} max "
+                 f"{s['tokens_max']:.0f} cv {s['tokens_cv']:.3f} | dropped {100 * s['dropped']:.2f}%")
+    return line
+
+
+def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) -> None:
+    if st.writer is None:
+        return
+    w, it = st.writer, st.iteration
+    w.add_scalar("lm-loss", m["lm_loss"], it)
+    w.add_scalar("lm-loss vs tokens", m["lm_loss"], st.consumed_tokens)
+    w.add_scalar("learning-rate", m["lr"], it)
+    if not math.isnan(m["grad_norm"]):
+        w.add_scalar("grad-norm", m["grad_norm"], it)
+    w.add_scalar("loss-scale", m["loss_scale"], it)
+    if m.get("kd_loss") is not None:
+        w.add_scalar("kd-loss", m["kd_loss"], it)
+    if tok_s:
+        w.add_scalar("tokens-per-second", tok_s, it)
+    for i, s in enumerate(m.get("moe", [])):
+        for k, v in s.items():
+            w.add_scalar(f"moe/layer{i}/{k}", v, it)
+
+
+def open_writer(cfg):
+    if not cfg.logging.tensorboard_dir or not is_rank0():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
