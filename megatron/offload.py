@@ -166,6 +166,8 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
         for idx, m in moe_blocks:
             if idx > 0:
                 model.layers[idx - 1].after_attention = _hook(prefetcher, m, defer=(idx - 1) in moe_block_ids)
+            model.layers[idx].register_forward_pre_hook(
+                lambda mod, args, m=m: prefetcher.before_block(m, args[0]) if not torch.is_grad_enabled() else None)
     runtime = OffloadRuntime(cache, prefetcher, cfg, budget)
     model.word_embeddings.register_forward_pre_hook(runtime.count_tokens)
     logger.info("experts offloaded to %s: %d records of %.1f MB, cache %d slots (%.1f MB, %.0f%% of %.1f MB), "

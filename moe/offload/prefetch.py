@@ -14,7 +14,8 @@ from moe.gating import router_logits
 
 
 class GatePrefetcher:
-    """After the attention of the block before MoE layer m, predicts m's experts and prefetches them.
+    """Predicts MoE layer m's experts twice before m runs and prefetches them: after the attention of the block
+    before m (early), and at m's block input (refined).
 
     Args:
         cache: the ExpertCache to prefetch into (this object registers itself as cache.prefetcher).
@@ -24,8 +25,9 @@ class GatePrefetcher:
     Protocol (called by the model): `after_attention(m, h, defer)` records a guess for layer m; with
     defer=False (the current block is dense) it is issued at once, with defer=True (the current block is
     itself a MoE layer) it waits for `flush()`, which the cache calls once the current layer's experts are
-    pinned, so a prefetch never competes with what the running layer needs. `observe(m, experts)` (from
-    the cache) scores the guess made for m against m's true expert set.
+    pinned, so a prefetch never competes with what the running layer needs. `before_block(m, h)` adds the
+    refined guess. `observe(m, experts)` (from the cache) scores the union of both guesses against m's true
+    expert set (recall: true experts guessed / true experts; precision: guessed experts used / guessed).
     """
 
     def __init__(self, cache, predictors: Dict[int, Tuple[Callable, torch.Tensor, int]]):
@@ -37,17 +39,31 @@ class GatePrefetcher:
         self.log: List[Tuple[int, Tuple[int, ...], Tuple[int, ...]]] = []  # (layer, guessed, true)
         cache.prefetcher = self
 
-    @torch.no_grad()
-    def after_attention(self, moe_layer: int, h: torch.Tensor, defer: bool) -> None:
+    def _guess(self, moe_layer: int, h: torch.Tensor) -> List[int]:
         norm, weight_ED, k = self.predictors[moe_layer]
         x_TD = norm(h).reshape(-1, weight_ED.shape[1])
         logits_TE = router_logits(x_TD, weight_ED, jitter=False)
-        expert_TK = logits_TE.topk(k, dim=-1).indices
-        guess = sorted(set(expert_TK.reshape(-1).tolist()))
+        return sorted(set(logits_TE.topk(k, dim=-1).indices.reshape(-1).tolist()))
+
+    @torch.no_grad()
+    def after_attention(self, moe_layer: int, h: torch.Tensor, defer: bool) -> None:
+        """Early guess (the most lead time): h is the residual stream after the previous block's attention."""
+        guess = self._guess(moe_layer, h)
         self.guesses[moe_layer] = set(guess)
         self.pending = (moe_layer, guess)
         if not defer:
             self.flush()
+
+    @torch.no_grad()
+    def before_block(self, moe_layer: int, h: torch.Tensor) -> None:
+        """Second guess at the MoE block's own input (the previous block's MLP has run: closer to the router's
+        true input, less lead time); experts not guessed before are prefetched too."""
+        self.flush()
+        guess = self._guess(moe_layer, h)
+        known = self.guesses.setdefault(moe_layer, set())
+        new = [e for e in guess if e not in known]
+        known.update(new)
+        self.cache.prefetch((moe_layer, e) for e in new)
 
     def flush(self) -> None:
         if self.pending is not None:

@@ -193,16 +193,21 @@ def test_prefetch_recall_and_precision_recomputed_from_router_choices(tmp_path):
             chosen.append((idx, set(out.expert_TK.reshape(-1).tolist())))
         return hook
 
+    def guess(i, h):  # MoE block i's LayerNorm and router (top-1) on a residual stream h
+        logits = torch.nn.functional.linear(off.layers[i].post_attention_layernorm(h).reshape(-1, 32).float(),
+                                            off.layers[i].mlp.router.weight)
+        return set(logits.argmax(-1).tolist())
+
     handles = [off.layers[i].mlp.router.register_forward_hook(router_hook(i)) for i in moe_blocks]
-    # the attention module's output is added to its input in TransformerLayer: hook the block's attention
     for i in moe_blocks:
         blk = off.layers[i - 1]
-        handles.append(blk.self_attention.register_forward_hook(
-            lambda mod, args, out, blk=blk, i=i: guessed.append(
-                (i, set(torch.nn.functional.linear(
-                    off.layers[i].post_attention_layernorm(blk._last_input + out).reshape(-1, 32).float(),
-                    off.layers[i].mlp.router.weight).argmax(-1).tolist())))))
+        # early guess: the residual stream after the previous block's attention (its input + attention output)
         handles.append(blk.register_forward_pre_hook(lambda mod, args: setattr(mod, "_last_input", args[0])))
+        handles.append(blk.self_attention.register_forward_hook(
+            lambda mod, args, out, blk=blk, i=i: guessed.append((i, guess(i, blk._last_input + out)))))
+        # refined guess: the MoE block's own input; the two are scored together
+        handles.append(off.layers[i].register_forward_pre_hook(
+            lambda mod, args, i=i: guessed[-1][1].update(guess(i, args[0]))))
     try:
         gen = torch.Generator().manual_seed(3)
         cache = off.new_kv_cache()
