@@ -33,9 +33,12 @@ def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> fl
 
 def measure_gemm_peak(n: int = 2048, repeats: int = 5, device=None, dtype=torch.float32) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul on this device with the current thread count."""
-    device = device or torch.device("cpu")
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    device = torch.device(device or "cpu")
+    # a private generator: the probe runs before training and must not move the global RNG streams that
+    # dropout draws from (a resumed run, which restores them, would otherwise diverge from a straight one)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=c)  # warm up
     best = float("inf")

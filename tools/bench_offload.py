@@ -109,7 +109,8 @@ class Loaded:
             rb = ExpertStore.open(store).record_bytes
             budget = str(rb * mc.topk) if min_budget else f"{fraction}%"
             cfg = OffloadConfig(mode="nvme", directory=store, cache_bytes=budget, prefetch=prefetch)
-            self.model, self.runtime = build_offloaded_model(mcfg, mc, payload, d, 1, payload["configs"], cfg,
+            it = checkpointing.resolve_checkpoint_dir(d)[1]
+            self.model, self.runtime = build_offloaded_model(mcfg, mc, payload, d, it, payload["configs"], cfg,
                                                              torch.device(device))
         self.model.eval()
 
