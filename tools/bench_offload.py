@@ -6,7 +6,7 @@ side by side with the all-resident model, naive on-demand reads, torch.load(mmap
 
 A random-init MoE GPT (default: 8 layers, hidden 512, 32 experts of ffn 2048 on every other layer, fp32: 1.07 GB
 of experts) is saved as a checkpoint and an expert store in --work-dir (reused when present). Before each timed
-run the page cache is dropped (as root). Every row is the median of --repeats runs. The disk's read ceiling is
+run the page cache is dropped (as root). Every row is the median of --repeats runs, taken in rounds over all rows. The disk's read ceiling is
 measured in the same run (O_DIRECT reads of the store through the aio handle, the way tools/nvme_tune.py reads).
 Physical bound of a row: time = max(compute time of the all-resident model, bytes that must be read / disk GB/s),
 where the bytes that must be read are the misses of an optimal (Belady) cache of the row's size on the row's own
@@ -185,30 +185,36 @@ def belady_misses(keys, capacity: int) -> int:
     return misses
 
 
-def timed(args, fn, kind, *, fraction=None, prefetch="gate", min_budget=False):
-    """(median seconds, stats of the median run or None) over args.repeats cold runs."""
-    runs = []
-    for _ in range(args.repeats):
-        m = Loaded(kind, *args.paths, fraction=fraction, prefetch=prefetch, min_budget=min_budget,
-                   device=args.device)
-        try:
-            if m.runtime is not None:
-                m.runtime.cache.record_trace = True
-            drop_caches()
-            secs = fn(m.model)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            st = None
-            if m.runtime is not None:
-                st = m.runtime.summary()
-                keys = [k for what, k in m.runtime.cache.stats.trace if what in ("hit", "miss")]
-                st["min_bytes_read"] = belady_misses(keys, m.runtime.cache.num_slots) * m.runtime.cache.record_bytes
-            runs.append((secs, st))
-        finally:
-            m.close()
-        del m
-    runs.sort(key=lambda r: r[0])
-    return runs[len(runs) // 2]
+def run_once(args, case) -> tuple:
+    """(seconds, stats or None) of one cold run of `case` (a Case)."""
+    m = Loaded(case.kind, *args.paths, fraction=case.fraction, prefetch=case.prefetch, min_budget=case.min_budget,
+               device=args.device)
+    try:
+        if m.runtime is not None:
+            m.runtime.cache.record_trace = True
+        drop_caches()
+        secs = case.fn(m.model)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        st = None
+        if m.runtime is not None:
+            st = m.runtime.summary()
+            keys = [k for what, k in m.runtime.cache.stats.trace if what in ("hit", "miss")]
+            st["min_bytes_read"] = belady_misses(keys, m.runtime.cache.num_slots) * m.runtime.cache.record_bytes
+        return secs, st
+    finally:
+        m.close()
+
+
+class Case:
+    def __init__(self, section, name, frac, fn, kind, fraction=None, prefetch="gate", min_budget=False):
+        self.section, self.name, self.frac, self.fn, self.kind = section, name, frac, fn, kind
+        self.fraction, self.prefetch, self.min_budget = fraction, prefetch, min_budget
+        self.runs = []
+
+    def median(self):
+        runs = sorted(self.runs, key=lambda r: r[0])
+        return runs[len(runs) // 2]
 
 
 def main(argv=None) -> int:
@@ -247,56 +253,62 @@ def main(argv=None) -> int:
         prompt = torch.tensor([list(real[0].context[:16])], device=args.device)
         print("trained checkpoint: prompts and requests are LAMBADA text")
     out = {"disk_GBps": gbps, "decode": [], "scoring": []}
-    print(f"disk read ceiling (O_DIRECT, aio): {gbps:.2f} GB/s; {args.repeats} cold runs per row, medians")
+    print(f"disk read ceiling (O_DIRECT, aio): {gbps:.2f} GB/s; {args.repeats} cold runs per row (rounds interleaved "
+          f"over all rows), medians")
 
     n = args.new_tokens
-    t_res, _ = timed(args, lambda m: decode(m, prompt, n), "resident")
-    print(f"\n## decode, batch 1, {n} new tokens (all-resident {n / t_res:.1f} tok/s)")
-    print("| method | resident | tok/s | x all-resident | bound tok/s | x bound | hit rate | recall | precision "
-          "| MB/token | stall % |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-
-    def row(section, name, frac, secs, st, count, unit):
-        bound_s = max(t_res_of[section], (st["min_bytes_read"] / 1e9 / gbps) if st else 0.0)
-        rate, bound = count / secs, count / bound_s
-        rec = {"method": name, "resident": frac, unit: rate, "x_resident": t_res_of[section] / secs,
-               "bound": bound, "x_bound": rate / bound, "stats": st}
-        out[section].append(rec)
-        f = (lambda v: "" if v is None else f"{100 * v:.0f}%")
-        print(f"| {name} | {frac} | {rate:.2f} | {rec['x_resident']:.2f} | {bound:.2f} | {rec['x_bound']:.2f} | "
-              + (f"{f(st['hit_rate'])} | {f(st['prefetch_recall'])} | {f(st['prefetch_precision'])} | "
-                 f"{st['bytes_read_per_token'] / 1e6:.2f} | {f(st['stall_fraction'])} |" if st else "| | | | |"))
-
-    t_res_of = {"decode": t_res}
-    row("decode", "all-resident", "100%", t_res, None, n, "tokens_per_s")
+    dec = lambda m: decode(m, prompt, n)  # noqa: E731
+    cases = [Case("decode", "all-resident", "100%", dec, "resident")]
     for frac in fractions:
         for name, prefetch in (("offload, gate prefetch", "gate"), ("offload, LRU, no prefetch", "none")):
-            secs, st = timed(args, lambda m: decode(m, prompt, n), "offload", fraction=frac, prefetch=prefetch)
-            row("decode", name, f"{frac}%", secs, st, n, "tokens_per_s")
-    secs, st = timed(args, lambda m: decode(m, prompt, n), "offload", prefetch="none", min_budget=True)
-    row("decode", "naive on-demand (k slots, no cache)", f"k={args.topk}", secs, st, n, "tokens_per_s")
+            cases.append(Case("decode", name, f"{frac}%", dec, "offload", fraction=frac, prefetch=prefetch))
+    cases.append(Case("decode", "naive on-demand (k slots, no cache)", f"k={args.topk}", dec, "offload",
+                      prefetch="none", min_budget=True))
     if args.device == "cpu":
-        secs, _ = timed(args, lambda m: decode(m, prompt, n), "mmap")
-        row("decode", "torch.load(mmap=True), cold page cache, no memory limit", "(OS)", secs, None, n,
-            "tokens_per_s")
-
+        cases.append(Case("decode", "torch.load(mmap=True), cold page cache, no memory limit", "(OS)", dec, "mmap"))
+    mb = args.micro_batch_size
+    nb = -(-args.requests // mb)
     if not args.skip_scoring:
         reqs = real if real is not None else scoring_requests(args.requests, vocab)
-        mb = args.micro_batch_size
-        nb = -(-args.requests // mb)
-        t_sres, _ = timed(args, lambda m: score(m, reqs, mb, 1), "resident")
-        t_res_of["scoring"] = t_sres
-        print(f"\n## offline scoring, {args.requests} LAMBADA-like requests, micro-batch {mb} "
-              f"(all-resident {args.requests / t_sres:.1f} req/s); layer-major block = all {nb} micro-batches")
-        print("| method | resident | req/s | x all-resident | bound req/s | x bound | hit rate | | | MB/token "
-              "| stall % |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        row("scoring", "all-resident", "100%", t_sres, None, args.requests, "requests_per_s")
+        cases.append(Case("scoring", "all-resident", "100%", lambda m: score(m, reqs, mb, 1), "resident"))
         for frac in fractions:
             for name, block in (("offload, normal order", 1), ("offload, layer-major", nb)):
-                secs, st = timed(args, lambda m: score(m, reqs, mb, block), "offload", fraction=frac,
-                                 prefetch="none")
-                row("scoring", name, f"{frac}%", secs, st, args.requests, "requests_per_s")
+                cases.append(Case("scoring", name, f"{frac}%", lambda m, b=block: score(m, reqs, mb, b), "offload",
+                                  fraction=frac, prefetch="none"))
+    # repeats interleaved over all rows, so a noisy minute on a shared machine hits every row alike
+    for r in range(args.repeats):
+        for case in cases:
+            case.runs.append(run_once(args, case))
+        print(f"  round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+
+    counts = {"decode": (n, "tokens_per_s", "tok/s"), "scoring": (args.requests, "requests_per_s", "req/s")}
+    base = {c.section: c.median()[0] for c in cases if c.kind == "resident"}
+    for section in ("decode", "scoring"):
+        rows = [c for c in cases if c.section == section]
+        if not rows:
+            continue
+        count, unit, short = counts[section]
+        if section == "decode":
+            print(f"\n## decode, batch 1, {n} new tokens (all-resident {count / base[section]:.1f} tok/s)")
+        else:
+            print(f"\n## offline scoring, {args.requests} {'LAMBADA' if real else 'LAMBADA-like'} requests, "
+                  f"micro-batch {mb} (all-resident {count / base[section]:.1f} req/s); layer-major block = all "
+                  f"{nb} micro-batches")
+        print(f"| method | resident | {short} | x all-resident | bound {short} | x bound | hit rate | recall | "
+              f"precision | MB/token | stall % |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in rows:
+            secs, st = c.median()
+            bound_s = max(base[section], (st["min_bytes_read"] / 1e9 / gbps) if st else 0.0)
+            rate, bound = count / secs, count / bound_s
+            rec = {"method": c.name, "resident": c.frac, unit: rate, "x_resident": base[section] / secs,
+                   "bound": bound, "x_bound": rate / bound, "stats": st,
+                   "all_seconds": sorted(r[0] for r in c.runs)}
+            out[section].append(rec)
+            f = (lambda v: "" if v is None else f"{100 * v:.0f}%")  # noqa: E731
+            print(f"| {c.name} | {c.frac} | {rate:.2f} | {rec['x_resident']:.2f} | {bound:.2f} | {rec['x_bound']:.2f} | "
+                  + (f"{f(st['hit_rate'])} | {f(st['prefetch_recall'])} | {f(st['prefetch_precision'])} | "
+                     f"{st['bytes_read_per_token'] / 1e6:.2f} | {f(st['stall_fraction'])} |" if st else "| | | | |"))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=2)

@@ -24,7 +24,7 @@ MAPPING = {
     "--num-experts": (["8"], "moe.num_experts", (8,)),
     "--expert-interval": (["1", "--num-experts", "4"], "moe.expert_interval", 1),
     "--topk": (["2", "--num-experts", "4"], "moe.topk", 2),
-    "--moe-expert-parallel-size": (["1", "--num-experts", "4"], "moe.ep_size", (1,)),
+    "--moe-expert-parallel-size": (["2", "--num-experts", "4"], "moe.ep_size", (2,)),
     "--moe-train-capacity-factor": (["1.25", "--num-experts", "4"], "moe.train_capacity_factor", 1.25),
     "--moe-eval-capacity-factor": (["2.0", "--num-experts", "4"], "moe.eval_capacity_factor", 2.0),
     "--moe-min-capacity": (["8", "--num-experts", "4"], "moe.min_capacity", 8),
@@ -32,13 +32,13 @@ MAPPING = {
     "--disable-moe-token-dropping": (["--num-experts", "4"], "moe.drop_tokens", False),
     "--moe-z-loss-coeff": (["0.001", "--num-experts", "4"], "moe.z_loss_coeff", 0.001),
     "--moe-noisy-gate-policy": (["RSample", "--num-experts", "4"], "moe.noisy_gate_policy", "RSample"),
-    "--moe-use-rts": (["--num-experts", "4"], "moe.use_rts", True),
+    "--moe-use-rts": (["--num-experts", "4"], "moe.use_rts", True),  # after --no-moe-use-rts (PRECEDING)
     "--no-moe-use-rts": (["--num-experts", "4"], "moe.use_rts", False),
-    "--mlp-type": (["standard", "--num-experts", "4"], "moe.mlp_type", "standard"),
+    "--mlp-type": (["residual", "--num-experts", "4"], "moe.mlp_type", "residual"),
     "--micro-batch-size": (["2"], "data.micro_batch_size", 2),
     "--global-batch-size": (["16"], "data.global_batch_size", 16),
     "--train-iters": (["77"], "scheduler.train_iters", 77),
-    "--train-tokens": (["3200"], "scheduler.train_iters", 100),  # 3200 tokens / (1 sample x 32 tokens)
+    "--train-tokens": (["6400"], "scheduler.train_iters", 200),  # 6400 tokens / (1 sample x 32 tokens)
     "--lr": (["0.5"], "optimizer.lr", 0.5),
     "--min-lr": (["1e-5"], "optimizer.min_lr", 1e-5),
     "--lr-decay-style": (["cosine"], "scheduler.lr_decay_style", "cosine"),
@@ -59,7 +59,7 @@ MAPPING = {
     "--loss-scale-window": (["50"], "optimizer.loss_scale_window", 50),
     "--hysteresis": (["3"], "optimizer.hysteresis", 3),
     "--seed": (["42"], "data.seed", 42),
-    "--tensor-model-parallel-size": (["1"], "parallel.tensor_model_parallel_size", 1),
+    "--tensor-model-parallel-size": (["2"], "parallel.tensor_model_parallel_size", 2),
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
@@ -100,6 +100,8 @@ MAPPING = {
 }
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
+# flags whose mapping is only visible after an opposite flag (every case must move its field off the default)
+PRECEDING = {"--moe-use-rts": ["--no-moe-use-rts"]}
 
 
 def _all_flags():
@@ -123,11 +125,21 @@ def test_flag_maps_to_field(flag):
     base = list(BASE)
     if flag == "--train-tokens":
         base = base[:-2]
-    argv = base + [flag] + values
+    argv = base + PRECEDING.get(flag, []) + [flag] + values
     args = parse_args(argv)
     cfg = train_config_from_args(args, padded_vocab_size=128, dp_size=1)
     got = _get(cfg, path)
     assert got == expected if not isinstance(expected, float) else abs(got - expected) < 1e-12
+    # the case must set a value the field would not have without the flag (else it proves nothing)
+    own = 0  # the flag's own arguments come first in `values`, then any flags the case needs
+    while own < len(values) and not values[own].startswith("--"):
+        own += 1
+    without = parse_args(base + PRECEDING.get(flag, []) + values[own:])
+    try:
+        default = _get(train_config_from_args(without, padded_vocab_size=128, dp_size=1), path)
+    except ValueError:
+        return  # the flag is required for the others to be valid at all (e.g. --load-teacher with --kd)
+    assert default != expected, f"{flag}: {expected!r} is also the value without the flag"
 
 
 def test_cross_concern_validation_names_flags():

@@ -38,8 +38,12 @@ def test_resave_same_iteration_replaces_atomically(tiny_corpus, tmp_path):
     r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--save", save))
     st = r["state"]
     checkpointing.save_checkpoint(save, 2, st.model, st.optimizer, st.scheduler, None,
-                                  {"consumed_samples": 8, "consumed_tokens": 256}, {}, st.groups)
-    assert sorted(os.listdir(save)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+                                  {"consumed_samples": 9, "consumed_tokens": 288}, {}, st.groups)
+    assert sorted(os.listdir(save)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]  # no temp left
+    payload, _ = checkpointing.load_dense(save)  # the new content replaced the old one
+    assert payload["counters"] == {"consumed_samples": 9, "consumed_tokens": 288} and payload["configs"] == {}
+    for k, v in st.model.state_dict().items():
+        assert torch.equal(payload["model"][k], v), k
 
 
 def test_tensorboard_scalars_written(tiny_corpus, tmp_path):

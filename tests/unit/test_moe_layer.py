@@ -247,8 +247,19 @@ def test_noise_only_in_training(policy):
     r1 = layer.router(x).expert_TK
     torch.manual_seed(1)
     r2 = layer.router(x).expert_TK
-    if policy == "RSample":  # Gumbel noise changes choices; Jitter (±1%) rarely does, so only run it
+    if policy == "RSample":  # Gumbel noise changes choices
         assert not torch.equal(r1, r2)
+    else:  # Jitter: the router sees the input times U(0.99, 1.01) drawn from the torch RNG, choices and gates alike
+        torch.manual_seed(0)
+        u = torch.empty_like(x).uniform_(1 - 1e-2, 1 + 1e-2)
+        probs = torch.softmax((x * u) @ layer.router.weight.t(), dim=-1)
+        torch.manual_seed(0)
+        got = layer.router(x)
+        assert torch.equal(got.expert_TK, probs.topk(2, dim=-1).indices)
+        want = probs.gather(1, got.expert_TK)
+        torch.testing.assert_close(got.gates_TK, want / want.sum(-1, keepdim=True), rtol=1e-12, atol=1e-12)
+        layer.eval()
+        assert not torch.allclose(got.gates_TK, layer.router(x).gates_TK, rtol=0, atol=1e-6)  # the noise acted
 
 
 def test_deepspeed_style_wrapper():
@@ -262,6 +273,18 @@ def test_deepspeed_style_wrapper():
     assert int(exp_counts.sum()) == 3 * 5 * 2
     (out.sum() + l_aux).backward()
     assert x.grad is not None and layer.moe.router.weight.grad is not None
+    # eval (no noise, eval capacity 2.0: C = max(ceil(2*15/4*2), 4) = 15, nothing dropped): the token-by-token
+    # reference, and the GShard aux loss and routed counts by hand
+    layer.double().eval()
+    x64 = x.detach().double()
+    with torch.no_grad():
+        out, l_aux, exp_counts = layer(x64)
+    ref, probs, chosen, _ = reference_moe(x64.reshape(15, 8), *params_of(layer.moe), 2)
+    torch.testing.assert_close(out.reshape(15, 8), ref, rtol=1e-10, atol=1e-12)  # float64: rounding only
+    counts = torch.bincount(torch.tensor([e for c in chosen for e in c]), minlength=4)
+    assert torch.equal(exp_counts, counts)
+    first = torch.bincount(torch.tensor([c[0] for c in chosen]), minlength=4).double() / 15
+    torch.testing.assert_close(l_aux, 4 * (probs.mean(0) * first).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_bf16_input_keeps_fp32_router():

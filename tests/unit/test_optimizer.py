@@ -86,8 +86,26 @@ def test_clip_grad_norm_matches_torch():
         torch.testing.assert_close(p.grad, rp.grad)
 
 
-def test_adamw_builds():
-    m = torch.nn.Linear(4, 4)
-    opt = build_optimizer(m, OptimizerConfig(lr=1e-3, weight_decay=0.1))
-    m(torch.randn(2, 4)).sum().backward()
-    opt.step()
+def test_adamw_step_matches_the_update_rule_written_out():
+    """Two AdamW steps against the rule by hand in float64 (decoupled decay on the weight, none on the bias)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3).double()
+    lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.95, 1e-8
+    opt = build_optimizer(m, OptimizerConfig(lr=lr, weight_decay=wd, adam_beta1=b1, adam_beta2=b2, adam_eps=eps))
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    mom = {n: torch.zeros_like(p) for n, p in ref.items()}
+    var = {n: torch.zeros_like(p) for n, p in ref.items()}
+    for step in (1, 2):
+        opt.zero_grad()
+        m(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
+        for n, p in m.named_parameters():
+            g = p.grad
+            decay = wd if n == "weight" else 0.0
+            ref[n] = ref[n] * (1 - lr * decay)
+            mom[n] = b1 * mom[n] + (1 - b1) * g
+            var[n] = b2 * var[n] + (1 - b2) * g * g
+            m_hat, v_hat = mom[n] / (1 - b1 ** step), var[n] / (1 - b2 ** step)
+            ref[n] = ref[n] - lr * m_hat / (v_hat.sqrt() + eps)
+        opt.step()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.detach(), ref[n], rtol=1e-12, atol=1e-12)  # float64: rounding only
