@@ -202,7 +202,9 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         grad_norm = clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
                                    cfg.optimizer.clip_grad)
         st.optimizer.step()
-    lr = st.scheduler.step(1)
+    # a step skipped for an fp16 overflow does not advance the LR schedule (Megatron-LM): the schedule counts
+    # optimizer updates, so the next successful step gets the LR the skipped one would have had
+    lr = st.scheduler.get_lr() if found_inf else st.scheduler.step(1)
     gbs = cfg.data.global_batch_size
     st.iteration += 1
     st.consumed_samples += gbs

@@ -120,4 +120,5 @@ def test_fp16_dynamic_loss_scale_skips_overflow_steps(tiny_corpus, tmp_path):
     assert 1 <= skipped < 35
     # an optimizer step happened on every non-skipped iteration only
     assert st.optimizer.state[next(iter(st.model.parameters()))]["step"] == 40 - skipped
+    assert st.scheduler.num_steps == 40 - skipped  # skipped steps do not advance the LR schedule (Megatron)
     assert sum(r["losses"][-5:]) / 5 < sum(r["losses"][:5]) / 5
