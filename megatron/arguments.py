@@ -132,6 +132,10 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once this many minutes of wall time have passed since start")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGINT, finish the current step, save, and exit 0 (Megatron-LM)")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s per device for MFU (default: measure an fp32 GEMM at start)")
@@ -306,7 +310,8 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         ),
         logging=LoggingConfig(
             log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-            exit_interval=args.exit_interval, tensorboard_dir=args.tensorboard_dir, peak_flops=args.peak_flops,
+            exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
+            exit_signal_handler=args.exit_signal_handler, tensorboard_dir=args.tensorboard_dir, peak_flops=args.peak_flops,
         ),
         compile=args.compile,
         deterministic=args.deterministic,

@@ -162,6 +162,8 @@ class LoggingConfig:
     eval_interval: int = 1000  # steps between validation runs
     eval_iters: int = 100  # validation micro-batch iterations per rank per evaluation
     exit_interval: Optional[int] = None  # stop (after saving) when iteration % exit_interval == 0
+    exit_duration_in_mins: Optional[float] = None  # stop (after saving) once this much wall time has passed
+    exit_signal_handler: bool = False  # SIGTERM/SIGINT: finish the step, save, exit 0
     tensorboard_dir: Optional[str] = None
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; measured when None
 
@@ -171,6 +173,8 @@ class LoggingConfig:
                 raise ValueError(f"{name} ({v}) must be positive")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters ({self.eval_iters}) must be >= 0")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError(f"--exit-duration-in-mins ({self.exit_duration_in_mins}) must be > 0")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -251,8 +252,50 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
 
 
 # ------------------------------------------------------------------------------------------------ loop
-def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callable[[], Iterator]]) -> dict:
+class ExitSignals:
+    """--exit-signal-handler: SIGTERM/SIGINT are recorded, not acted on, so the step in progress finishes and the
+    loop saves and exits 0 at the next step boundary (Megatron-LM's DistributedSignalHandler)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def exit_reason(st: TrainState, signals: Optional[ExitSignals], start: float) -> Optional[str]:
+    """Why the loop stops after this step (None: it goes on). Every rank gets the same answer: the signal and the
+    wall-clock budget are agreed by an all-reduce (MAX), as a signal may reach one rank only."""
+    lg = st.cfg.logging
+    if lg.exit_interval and st.iteration % lg.exit_interval == 0:
+        return f"--exit-interval {lg.exit_interval}"
+    if signals is None and lg.exit_duration_in_mins is None:
+        return None
+    flags = torch.tensor([float(signals is not None and signals.received is not None),
+                          float(lg.exit_duration_in_mins is not None
+                                and (time.time() - start) / 60.0 > lg.exit_duration_in_mins)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = flags.to(st.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] > 0:
+        name = signal.Signals(signals.received).name if signals is not None and signals.received else "a signal"
+        return f"--exit-signal-handler: {name} received"
+    if flags[1] > 0:
+        return f"--exit-duration-in-mins {lg.exit_duration_in_mins}"
+    return None
+
+
+def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callable[[], Iterator]],
+          signals: Optional[ExitSignals] = None, start: Optional[float] = None) -> dict:
     cfg, lg = st.cfg, st.cfg.logging
+    start = time.time() if start is None else start
     t0, last_logged = time.perf_counter(), st.iteration
     losses: List[float] = []
     last_val = None
@@ -270,11 +313,12 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
             last_val = report_validation(st, make_valid_iter, f"iteration {st.iteration}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
             save(st)
-        if lg.exit_interval and st.iteration % lg.exit_interval == 0:
+        reason = exit_reason(st, signals, start) if st.iteration < cfg.scheduler.train_iters else None
+        if reason is not None:
             if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and
                                             st.iteration % cfg.checkpoint.save_interval == 0):
                 save(st)
-            print_rank0(f"exiting at iteration {st.iteration} (--exit-interval {lg.exit_interval})")
+            print_rank0(f"exiting at iteration {st.iteration} ({reason})")
             return {"losses": losses, "val_loss": last_val, "exited": True}
     return {"losses": losses, "val_loss": last_val, "exited": False}
 
@@ -320,6 +364,7 @@ def build_data_iterators(st: TrainState):
 
 def pretrain(argv=None) -> dict:
     """pretrain_gpt.py's body: flags -> config -> groups -> model/optimizer -> data -> train -> eval."""
+    start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     rank, world_size, device = parallel_state.init_distributed(args.distributed_backend)
@@ -345,7 +390,12 @@ def pretrain(argv=None) -> dict:
     print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
     st.writer = open_writer(cfg)
     train_iter, make_valid, make_test = build_data_iterators(st)
-    result = train(st, train_iter, make_valid)
+    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
+    try:
+        result = train(st, train_iter, make_valid, signals, start)
+    finally:
+        if signals is not None:
+            signals.restore()
     if not result["exited"]:
         if cfg.checkpoint.save and st.iteration > 0 and not (
                 cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):

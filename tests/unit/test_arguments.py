@@ -82,6 +82,8 @@ MAPPING = {
     "--eval-interval": (["9"], "logging.eval_interval", 9),
     "--eval-iters": (["4"], "logging.eval_iters", 4),
     "--exit-interval": (["11"], "logging.exit_interval", 11),
+    "--exit-duration-in-mins": (["30"], "logging.exit_duration_in_mins", 30.0),
+    "--exit-signal-handler": ([], "logging.exit_signal_handler", True),
     "--tensorboard-dir": (["/tmp/tb"], "logging.tensorboard_dir", "/tmp/tb"),
     "--peak-flops": (["1e12"], "logging.peak_flops", 1e12),
     "--reset-iteration": ([], "checkpoint.reset_iteration", True),

@@ -1,0 +1,49 @@
+"""Graceful stops from the command line: SIGTERM to a running pretrain_gpt.py with --exit-signal-handler, and the
+--exit-duration-in-mins budget, each finish the step, save a checkpoint that resumes, and exit 0."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from megatron import checkpointing
+from tests.conftest import ROOT, tiny_train_argv
+
+
+def _argv(corpus, tmp_path, *extra):
+    return [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"),
+            *tiny_train_argv(corpus, tmp_path, "--train-iters", "100000", "--log-interval", "1",
+                             "--save", str(tmp_path / "ck"), *extra)]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_corpus, tmp_path):
+    proc = subprocess.Popen(_argv(tiny_corpus, tmp_path, "--exit-signal-handler"), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, seen = time.time() + 120, 0
+    for line in proc.stdout:  # wait until training is under way
+        m = re.match(r"\s*iteration\s+(\d+)/", line)
+        if m:
+            seen = int(m.group(1))
+            if seen >= 3:
+                break
+        assert time.time() < deadline, "training did not start"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    m = re.search(r"exiting at iteration (\d+) \(--exit-signal-handler: SIGTERM received\)", out)
+    assert m, out[-2000:]
+    stopped = int(m.group(1))
+    assert stopped >= seen
+    ckpt_dir, it = checkpointing.resolve_checkpoint_dir(str(tmp_path / "ck"))
+    assert it == stopped
+    assert checkpointing.load_dense(str(tmp_path / "ck"))[0]["iteration"] == stopped
+
+
+def test_exit_duration_saves_and_exits_0(tiny_corpus, tmp_path):
+    r = subprocess.run(_argv(tiny_corpus, tmp_path, "--exit-duration-in-mins", "0.0001"), cwd=ROOT, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"exiting at iteration (\d+) \(--exit-duration-in-mins 0.0001\)", r.stdout)
+    assert m, r.stdout[-2000:]
+    assert checkpointing.resolve_checkpoint_dir(str(tmp_path / "ck"))[1] == int(m.group(1)) >= 1
