@@ -138,6 +138,56 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
         os.makedirs(tmp)
     if distributed:
         dist.barrier()
+    try:
+        _write_files(tmp, iteration, model, optimizer, scheduler, loss_scaler, counters, configs, groups)
+        failure = None
+    except OSError as e:  # a full disk, a vanished mount, ...: nothing of this save may remain
+        failure = e
+    if _any_rank_failed(failure is not None, model, distributed):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = read_tracker(root)
+        what = (("the disk is full" if failure.errno == 28 else failure.strerror or str(failure))
+                if failure is not None else "another rank failed to write its files")
+        raise CheckpointError(f"--save {root}: writing the checkpoint of iteration {iteration} failed ({what}); "
+                              f"nothing of it was kept, and the previous checkpoint "
+                              f"({'iteration ' + str(previous) if previous is not None else 'none'}) is intact: "
+                              f"free space or point --save elsewhere, then resume with --load") from None
+    if rank == 0:
+        for dirpath, _, _ in os.walk(tmp):
+            _fsync_dir(dirpath)
+        old = None
+        if os.path.exists(final):  # re-saving the same iteration: keep the old one until the new is in place
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _fsync_dir(root)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def _any_rank_failed(failed: bool, model, distributed: bool) -> bool:
+    """Whether any rank's write failed (an all-reduce in place of the barrier, so no rank waits forever)."""
+    if not distributed:
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _write_files(tmp: str, iteration: int, model, optimizer, scheduler, loss_scaler, counters: dict, configs: dict,
+                 groups) -> None:
+    """This rank's share of a checkpoint, into the temporary directory `tmp`."""
     is_expert = is_expert_param_name(model)
     opt_state = _named_optimizer_state(model, optimizer) if optimizer is not None else {}
     dp_rank = groups.dp_rank if groups is not None else 0
@@ -161,29 +211,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
         }
         _atomic_torch_save(payload, dense_path(tmp, tp))
     _save_experts(tmp, model, opt_state, groups)
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        for dirpath, _, _ in os.walk(tmp):
-            _fsync_dir(dirpath)
-        old = None
-        if os.path.exists(final):  # re-saving the same iteration: keep the old one until the new is in place
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        _fsync_dir(root)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-    return final
 
 
 def _model_tp_rank(model) -> int:

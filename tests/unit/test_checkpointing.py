@@ -22,12 +22,14 @@ def test_failed_save_keeps_previous_checkpoint(tiny_corpus, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", dying_save)
     st.iteration = 5
-    with pytest.raises(OSError):
+    with pytest.raises(checkpointing.CheckpointError, match=r"iteration 5 failed \(disk vanished mid-write\); "
+                                                            r"nothing of it was kept, and the previous checkpoint "
+                                                            r"\(iteration 3\) is intact"):
         checkpointing.save_checkpoint(save, 5, st.model, st.optimizer, st.scheduler, None, {"consumed_samples": 0,
                                       "consumed_tokens": 0}, {}, st.groups)
     monkeypatch.setattr(torch, "save", real_save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == before == "3"
-    assert not os.path.exists(os.path.join(save, "iter_0000005"))
+    assert sorted(os.listdir(save)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]  # no partial dir
     d, it = checkpointing.resolve_checkpoint_dir(save)
     payload, _ = checkpointing.load_dense(save)
     assert it == 3 and payload["iteration"] == 3
@@ -56,3 +58,35 @@ def test_tensorboard_scalars_written(tiny_corpus, tmp_path):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     assert {"lm-loss", "learning-rate", "grad-norm", "validation/lm-loss", "validation/lm-ppl"} <= tags
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) needs root")
+def test_full_disk_during_save_from_the_command_line(tiny_corpus, tmp_path):
+    """pretrain_gpt.py --save on a disk with room for one checkpoint: the second save fails with one line and exit
+    2; the first checkpoint and the tracker are intact and load, and no partial directory is left."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    probe = tmp_path / "probe"
+    pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--save", str(probe)))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(probe) for f in fs)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    kib = (size * 3 // 2) // 1024 + 8  # one checkpoint fits, two do not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--save-interval", "2",
+                               "--save", str(mnt / "ck"))
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *argv], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
+        lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error")]  # (data logs aside)
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "iteration 4 failed (the disk is full)" in lines[0] and "(iteration 2) is intact" in lines[0]
+        assert sorted(os.listdir(mnt / "ck")) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+        payload, _ = checkpointing.load_dense(str(mnt / "ck"))
+        assert payload["iteration"] == 2
+    finally:
+        subprocess.run(["umount", str(mnt)])
