@@ -73,6 +73,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="(default) bf16/fp32: a NaN/Inf loss or gradient stops training before the "
+                                      "optimizer step, naming the iteration, rank and MoE layer")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="let non-finite steps through (Megatron-LM's spelling)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale; default dynamic")
@@ -279,7 +284,8 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale,
+            clip_grad=args.clip_grad, check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
+            fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         ),

@@ -72,6 +72,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clip (0 disables)
+    check_for_nan_in_loss_and_grad: bool = True  # bf16/fp32: stop on a NaN/Inf loss or gradient before the step
     fp16: bool = False  # fp16 autocast + dynamic loss scaling
     bf16: bool = False  # bf16 autocast
     loss_scale: Optional[float] = None  # static loss scale for fp16; None = dynamic

@@ -202,6 +202,9 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     if not found_inf:
         grad_norm = clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
                                    cfg.optimizer.clip_grad)
+        if st.loss_scaler is None and cfg.optimizer.check_for_nan_in_loss_and_grad and not math.isfinite(grad_norm):
+            # the norm is global (reduced over every group), so every rank stops here together
+            raise NonFiniteError(describe_non_finite(st, lm_sum, moe_logs, grad_norm))
         st.optimizer.step()
     # a step skipped for an fp16 overflow does not advance the LR schedule (Megatron-LM): the schedule counts
     # optimizer updates, so the next successful step gets the LR the skipped one would have had
@@ -217,6 +220,23 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
             "loss_scale": scale, "moe_raw": moe_logs,
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
+
+
+class NonFiniteError(ValueError):
+    """bf16/fp32 training produced a NaN/Inf loss or gradient (--check-for-nan-in-loss-and-grad)."""
+
+
+def describe_non_finite(st: TrainState, lm_sum: torch.Tensor, moe_logs: List[List], grad_norm: float) -> str:
+    """One line: the iteration and rank, and where the NaN/Inf showed first on this rank (MoE router, lm loss)."""
+    where = f"iteration {st.iteration + 1}, rank {st.groups.rank}"
+    for layer in range(len(moe_logs[0]) if moe_logs else 0):
+        if not all(bool(torch.isfinite(m[layer].aux_loss)) for m in moe_logs):
+            return (f"{where}: MoE layer {layer}'s router produced a non-finite aux loss (gradient norm "
+                    f"{grad_norm}); stopped before the optimizer step, nothing saved. Lower --lr or check the data "
+                    f"(--no-check-for-nan-in-loss-and-grad disables this check)")
+    what = "lm loss is " + str(float(lm_sum)) if not bool(torch.isfinite(lm_sum)) else "gradient norm is " + str(grad_norm)
+    return (f"{where}: the {what}; stopped before the optimizer step, nothing saved. Lower --lr or check the "
+            f"data (--no-check-for-nan-in-loss-and-grad disables this check)")
 
 
 def _eod(st: TrainState) -> Optional[int]:

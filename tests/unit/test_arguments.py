@@ -51,6 +51,8 @@ MAPPING = {
     "--adam-beta2": (["0.95"], "optimizer.adam_beta2", 0.95),
     "--adam-eps": (["1e-6"], "optimizer.adam_eps", 1e-6),
     "--clip-grad": (["0.5"], "optimizer.clip_grad", 0.5),
+    "--no-check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", False),
+    "--check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", True),  # (PRECEDING)
     "--bf16": ([], "optimizer.bf16", True),
     "--fp16": ([], "optimizer.fp16", True),
     "--loss-scale": (["128"], "optimizer.loss_scale", 128.0),
@@ -103,7 +105,8 @@ MAPPING = {
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
 # flags whose mapping is only visible after an opposite flag (every case must move its field off the default)
-PRECEDING = {"--moe-use-rts": ["--no-moe-use-rts"]}
+PRECEDING = {"--moe-use-rts": ["--no-moe-use-rts"],
+             "--check-for-nan-in-loss-and-grad": ["--no-check-for-nan-in-loss-and-grad"]}
 
 
 def _all_flags():

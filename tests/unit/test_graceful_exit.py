@@ -47,3 +47,21 @@ def test_exit_duration_saves_and_exits_0(tiny_corpus, tmp_path):
     m = re.search(r"exiting at iteration (\d+) \(--exit-duration-in-mins 0.0001\)", r.stdout)
     assert m, r.stdout[-2000:]
     assert checkpointing.resolve_checkpoint_dir(str(tmp_path / "ck"))[1] == int(m.group(1)) >= 1
+
+
+def test_nan_loss_stops_before_the_step_and_never_saves_it(tiny_corpus, tmp_path):
+    """An absurd --lr makes the weights overflow after step 1, so step 2's loss is NaN: the CLI stops there with one
+    line naming iteration 2, rank 0 and the MoE router (exit 2), and the only checkpoint is step 1's (finite)."""
+    import torch
+
+    argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"),
+            *tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "6", "--lr", "1e30", "--lr-warmup-iters", "0",
+                             "--save", str(tmp_path / "ck"), "--save-interval", "1", "--num-experts", "4")]
+    r = subprocess.run(argv, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "iteration 2, rank 0" in errors[0] and "stopped before the optimizer step" in errors[0], errors[0]
+    assert "MoE layer" in errors[0] or "lm loss is nan" in errors[0], errors[0]
+    assert checkpointing.resolve_checkpoint_dir(str(tmp_path / "ck"))[1] == 1
+    payload, _ = checkpointing.load_dense(str(tmp_path / "ck"))
+    assert all(bool(torch.isfinite(v).all()) for v in payload["model"].values() if v.is_floating_point())
