@@ -48,8 +48,9 @@ def _moe_layers(model: torch.nn.Module):
     layers = [(mod.layer_index, name, mod) for name, mod in model.named_modules() if isinstance(mod, MoELayer)]
     for index, name, _ in layers:
         if index is None:
-            raise ValueError(f"MoE layer {name} has no layer_index (its expert files are named by it); build the "
-                             f"model through megatron.model.transformer.build_mlp or set it")
+            raise CheckpointError(f"MoE layer {name} has no layer_index, so its experts cannot be named in a "
+                                  f"checkpoint (they would be lost); set `{name}.layer_index` to its position among "
+                                  f"the model's MoE layers (GPTModel sets it)")
     return layers
 
 
@@ -130,6 +131,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
     """
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
+    _moe_layers(model)  # refuses, before anything is written, experts it could not name (no silent loss)
     final = iter_dir(root, iteration)
     tmp = os.path.join(root, f".tmp_iter_{iteration:07d}")
     if rank == 0:
@@ -143,6 +145,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
         failure = None
     except OSError as e:  # a full disk, a vanished mount, ...: nothing of this save may remain
         failure = e
+    except BaseException:  # an internal error: no partial directory either, and the traceback goes on
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if _any_rank_failed(failure is not None, model, distributed):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

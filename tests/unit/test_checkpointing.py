@@ -90,3 +90,38 @@ def test_full_disk_during_save_from_the_command_line(tiny_corpus, tmp_path):
         assert payload["iteration"] == 2
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_user_model_with_moe_wrappers_saved_whole_or_refused(tmp_path):
+    """moe.MoE inside a user's model: without layer_index its experts cannot be named, so the save is refused before
+    anything is written; with it, every parameter (experts included) comes back from the checkpoint."""
+    from moe import MoE
+
+    class UserModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 8)
+            self.blocks = torch.nn.ModuleList(MoE(8, num_experts=4, k=2, ffn_hidden_size=16) for _ in range(2))
+
+    torch.manual_seed(0)
+    model = UserModel()
+    with pytest.raises(checkpointing.CheckpointError, match=r"MoE layer blocks.0.moe has no layer_index"):
+        checkpointing.save_checkpoint(str(tmp_path / "ck"), 1, model, None, None, None, {}, {})
+    assert not os.path.exists(tmp_path / "ck" / "iter_0000001") and not os.path.exists(tmp_path / "ck" / TRACKER_NAME)
+    for i, block in enumerate(model.blocks):
+        block.moe.layer_index = i
+    checkpointing.save_checkpoint(str(tmp_path / "ck"), 1, model, None, None, None, {}, {})
+    torch.manual_seed(1)
+    other = UserModel()
+    for i, block in enumerate(other.blocks):
+        block.moe.layer_index = i
+    payload, ckpt_dir = checkpointing.load_dense(str(tmp_path / "ck"))
+    checkpointing.load_model_state(other, payload, ckpt_dir)
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n  # experts too: they came from the per-expert files
+    os.remove(checkpointing.expert_path(ckpt_dir, 1, 3))
+    with pytest.raises(checkpointing.CheckpointError, match=r"layer_1_expert_3_mp_rank_00_model_states.pt is missing"):
+        checkpointing.load_model_state(other, payload, ckpt_dir)
+
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
