@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -94,11 +95,35 @@ def _to_plain(obj):
 
 
 # ----------------------------------------------------------------------------------------------- save
+FAULT_ENV = "MEGATRON_FAULT_INJECT"  # tools/fault_inject.py: "write:N" or "tracker" (see _fault_point)
+_fault_writes = 0
+
+
+def _fault_point(where: str, f=None) -> None:
+    """Crash-consistency testing only (tools/fault_inject.py); unset, it does nothing. MEGATRON_FAULT_INJECT=write:N:
+    this process SIGKILLs itself during its N-th checkpoint file write, leaving half the bytes on disk (a torn
+    file); =tracker: between writing the new tracker and renaming it over the old one."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    global _fault_writes
+    if where == "write":
+        _fault_writes += 1
+        if spec != f"write:{_fault_writes}":
+            return
+        f.flush()
+        f.truncate(f.tell() // 2)
+        f.flush()
+    if where == "write" or spec == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _atomic_torch_save(obj, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        _fault_point("write", f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -173,6 +198,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
+        _fault_point("tracker")
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
         _fsync_dir(root)
         if old:
