@@ -5,7 +5,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from megatron import checkpointing, grad_sync, parallel_state
 from megatron.arguments import (ArgumentError, parse_args, train_config_from_args, validate)
 from megatron.config import TrainConfig
 from megatron.flops import measure_gemm_peak
+from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
 from megatron.training_log import format_log, open_writer, print_rank0, summarize_moe, write_tensorboard
 from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
@@ -222,23 +222,6 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
-class NonFiniteError(ValueError):
-    """bf16/fp32 training produced a NaN/Inf loss or gradient (--check-for-nan-in-loss-and-grad)."""
-
-
-def describe_non_finite(st: TrainState, lm_sum: torch.Tensor, moe_logs: List[List], grad_norm: float) -> str:
-    """One line: the iteration and rank, and where the NaN/Inf showed first on this rank (MoE router, lm loss)."""
-    where = f"iteration {st.iteration + 1}, rank {st.groups.rank}"
-    for layer in range(len(moe_logs[0]) if moe_logs else 0):
-        if not all(bool(torch.isfinite(m[layer].aux_loss)) for m in moe_logs):
-            return (f"{where}: MoE layer {layer}'s router produced a non-finite aux loss (gradient norm "
-                    f"{grad_norm}); stopped before the optimizer step, nothing saved. Lower --lr or check the data "
-                    f"(--no-check-for-nan-in-loss-and-grad disables this check)")
-    what = "lm loss is " + str(float(lm_sum)) if not bool(torch.isfinite(lm_sum)) else "gradient norm is " + str(grad_norm)
-    return (f"{where}: the {what}; stopped before the optimizer step, nothing saved. Lower --lr or check the "
-            f"data (--no-check-for-nan-in-loss-and-grad disables this check)")
-
-
 def _eod(st: TrainState) -> Optional[int]:
     return getattr(st.tokenizer, "eod", None)
 
@@ -272,46 +255,6 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
 
 
 # ------------------------------------------------------------------------------------------------ loop
-class ExitSignals:
-    """--exit-signal-handler: SIGTERM/SIGINT are recorded, not acted on, so the step in progress finishes and the
-    loop saves and exits 0 at the next step boundary (Megatron-LM's DistributedSignalHandler)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
-
-    def _record(self, signum, frame) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
-def exit_reason(st: TrainState, signals: Optional[ExitSignals], start: float) -> Optional[str]:
-    """Why the loop stops after this step (None: it goes on). Every rank gets the same answer: the signal and the
-    wall-clock budget are agreed by an all-reduce (MAX), as a signal may reach one rank only."""
-    lg = st.cfg.logging
-    if lg.exit_interval and st.iteration % lg.exit_interval == 0:
-        return f"--exit-interval {lg.exit_interval}"
-    if signals is None and lg.exit_duration_in_mins is None:
-        return None
-    flags = torch.tensor([float(signals is not None and signals.received is not None),
-                          float(lg.exit_duration_in_mins is not None
-                                and (time.time() - start) / 60.0 > lg.exit_duration_in_mins)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flags = flags.to(st.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0] > 0:
-        name = signal.Signals(signals.received).name if signals is not None and signals.received else "a signal"
-        return f"--exit-signal-handler: {name} received"
-    if flags[1] > 0:
-        return f"--exit-duration-in-mins {lg.exit_duration_in_mins}"
-    return None
-
-
 def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callable[[], Iterator]],
           signals: Optional[ExitSignals] = None, start: Optional[float] = None) -> dict:
     cfg, lg = st.cfg, st.cfg.logging

@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             # a step fault needs a step to land in before the final save; near the end, faults hit the saves
             kind = rng.choice(["step", "step", "write", "tracker"] if train_iters - start >= 3 else ["write", "tracker"])
             if kind == "step":
-                fault = f"step:{rng.randint(start + 1, train_iters - 2)}"
+                # within the next two save intervals, so the kills spread over the whole run
+                fault = f"step:{rng.randint(start + 1, min(start + 2 * save_interval, train_iters - 2))}"
             elif kind == "write":
                 fault = f"write:{rng.randint(1, 3)}"
             else:
