@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Checkpoint save/restore wall time (and GB/s) of this project's checkpointing against a plain torch.save /
+torch.load of the same state (model + Adam) on the same disk, measured side by side, medians of --repeats.
+
+    python tools/bench_checkpoint.py [--work-dir outputs/bench_checkpoint] [--repeats 3]
+
+Models: the demo's (4 layers, hidden 128, 8 experts top-1 every other layer, GPT-2 vocabulary) and a wide-expert one
+(4 layers, hidden 256, 64 experts of ffn 1024 per MoE layer). Both sides fsync what they write; the page cache is
+dropped (as root) before every timed load, so loads read from the disk.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron import checkpointing  # noqa: E402
+from megatron.config import ModelConfig, OptimizerConfig  # noqa: E402
+from megatron.model import GPTModel  # noqa: E402
+from megatron.optimizer import build_optimizer  # noqa: E402
+from moe.config import MoEConfig  # noqa: E402
+
+MODELS = {
+    "demo (4x128, 8 experts)": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
+                                   num_experts=8, vocab=50304),
+    "64 experts (4x256, ffn 1024)": dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024,
+                                         num_experts=64, vocab=8192),
+}
+
+
+def drop_caches() -> None:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+def build(spec):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=spec["num_layers"], hidden_size=spec["hidden_size"],
+                      num_attention_heads=spec["num_attention_heads"], ffn_hidden_size=spec["ffn_hidden_size"],
+                      seq_length=256, max_position_embeddings=256, padded_vocab_size=spec["vocab"])
+    model = GPTModel(cfg, MoEConfig(num_experts=spec["num_experts"], expert_interval=2, topk=1))
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-4))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # Adam state exists
+    return model, opt
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def torch_save_fsync(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default=os.path.join("outputs", "bench_checkpoint"))
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    print("| model | bytes | ours save s | torch.save s | ours / torch | ours load s | torch.load s | ours / torch "
+          "| ours save GB/s | ours load GB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, spec in MODELS.items():
+        model, opt = build(spec)
+        root, flat = os.path.join(args.work_dir, "ours"), os.path.join(args.work_dir, "flat.pt")
+        times = {k: [] for k in ("save", "tsave", "load", "tload")}
+        for _ in range(args.repeats):
+            shutil.rmtree(root, ignore_errors=True)
+            t = time.perf_counter()
+            checkpointing.save_checkpoint(root, 1, model, opt, None, None, {"consumed_samples": 0,
+                                                                            "consumed_tokens": 0}, {})
+            times["save"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            torch_save_fsync({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat)
+            times["tsave"].append(time.perf_counter() - t)
+            drop_caches()
+            t = time.perf_counter()
+            payload, ckpt_dir = checkpointing.load_dense(root)
+            checkpointing.load_model_state(model, payload, ckpt_dir)
+            checkpointing.load_optimizer_state(model, opt, payload, ckpt_dir)
+            times["load"].append(time.perf_counter() - t)
+            drop_caches()
+            t = time.perf_counter()
+            sd = torch.load(flat, weights_only=True)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optimizer"])
+            times["tload"].append(time.perf_counter() - t)
+        m = {k: statistics.median(v) for k, v in times.items()}
+        nbytes = dir_bytes(root)
+        print(f"| {name} | {nbytes / 1e6:.0f} MB | {m['save']:.2f} | {m['tsave']:.2f} | {m['save'] / m['tsave']:.2f} | "
+              f"{m['load']:.2f} | {m['tload']:.2f} | {m['load'] / m['tload']:.2f} | {nbytes / m['save'] / 1e9:.2f} | "
+              f"{nbytes / m['load'] / 1e9:.2f} |")
+        shutil.rmtree(root, ignore_errors=True)
+        os.remove(flat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
