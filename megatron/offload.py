@@ -140,8 +140,9 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
         raise OffloadError(f"--moe-offload {cfg.mode}: checkpoint {ckpt_dir} is dense (no experts to offload)")
     store = open_or_write_store(ckpt_dir, iteration, configs, cfg.directory)
     budget = parse_bytes(cfg.cache_bytes, "--moe-expert-cache-bytes", total=store.total_bytes())
+    slots = budget // store.record_bytes
     cache = ExpertCache(store, budget, device=device, min_slots=moe_cfg.topk, num_readers=cfg.num_readers,
-                        verify=cfg.verify, prefetch_slots=max(1, min(moe_cfg.topk * 2, budget // store.record_bytes // 2)))
+                        verify=cfg.verify, prefetch_slots=max(1, min(2 * moe_cfg.topk, slots // 2)))
     with torch.device("meta"):
         model = GPTModel(mcfg, moe_cfg, None)
     moe_blocks = []
@@ -165,9 +166,11 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
         moe_block_ids = {idx for idx, _ in moe_blocks}
         for idx, m in moe_blocks:
             if idx > 0:
-                model.layers[idx - 1].after_attention = _hook(prefetcher, m, defer=(idx - 1) in moe_block_ids)
-            model.layers[idx].register_forward_pre_hook(
-                lambda mod, args, m=m: prefetcher.before_block(m, args[0]) if not torch.is_grad_enabled() else None)
+                defer = (idx - 1) in moe_block_ids
+                model.layers[idx - 1].after_attention = _at_inference(
+                    lambda h, m=m, defer=defer: prefetcher.after_attention(m, h, defer))
+            before = _at_inference(lambda h, m=m: prefetcher.before_block(m, h))
+            model.layers[idx].register_forward_pre_hook(lambda mod, args, before=before: before(args[0]))
     runtime = OffloadRuntime(cache, prefetcher, cfg, budget)
     model.word_embeddings.register_forward_pre_hook(runtime.count_tokens)
     logger.info("experts offloaded to %s: %d records of %.1f MB, cache %d slots (%.1f MB, %.0f%% of %.1f MB), "
@@ -177,11 +180,12 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
     return model, runtime
 
 
-def _hook(prefetcher: GatePrefetcher, moe_layer: int, defer: bool):
-    def after_attention(h: torch.Tensor) -> None:
+def _at_inference(fn):
+    """fn(h), skipped while autograd records (prefetch guesses belong to inference only)."""
+    def hook(h: torch.Tensor) -> None:
         if not torch.is_grad_enabled() or not h.requires_grad:
-            prefetcher.after_attention(moe_layer, h, defer)
-    return after_attention
+            fn(h)
+    return hook
 
 
 def offload_report(s: dict) -> str:

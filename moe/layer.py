@@ -165,6 +165,10 @@ class MoELayer(nn.Module):
             y_TD = self.forward_local(x_TD, routing)
         else:
             y_TD = self.forward_ep(x_TD, routing)
+        return self._finish(x, x_TD, routing, y_TD)
+
+    def _finish(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
+        """The residual mix (Residual-MoE) and the stats: (y of x's shape, MoEStats)."""
         if self.residual is not None:
             y_TD = self.residual(x_TD, y_TD)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
@@ -182,14 +186,8 @@ class MoELayer(nn.Module):
         jobs = [(dispatch.permute_tokens(x_TD, r), r.counts_E.tolist()) for x_TD, r in zip(flat, routings)]
         many = getattr(self.experts, "forward_many", None)
         ys = many(jobs) if many is not None else [self.experts(t, c) for t, c in jobs]
-        out = []
-        for x, x_TD, routing, y_ND in zip(xs, flat, routings, ys):
-            y_TD = dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
-            if self.residual is not None:
-                y_TD = self.residual(x_TD, y_TD)
-            out.append((y_TD.view(x.shape), MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
-                                                     routing.dropped_fraction)))
-        return out
+        return [self._finish(x, x_TD, routing, dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0]))
+                for x, x_TD, routing, y_ND in zip(xs, flat, routings, ys)]
 
     def forward_local(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Single-rank path: permute -> experts -> unpermute/combine."""
