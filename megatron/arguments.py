@@ -7,11 +7,13 @@ from typing import Optional, Sequence
 
 from moe.distill import DistillConfig, validate_distill
 
+from megatron.errors import ConfigError
+
 from megatron.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
                              ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig, num_moe_layers)
 
 
-class ArgumentError(ValueError):
+class ArgumentError(ConfigError):
     """A bad flag value; CLIs print the one-line message and exit 2."""
 
 

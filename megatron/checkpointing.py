@@ -23,12 +23,12 @@ import torch.distributed as dist
 from moe.experts import is_expert_param
 from moe.layer import MoELayer
 
+from megatron.errors import CheckpointError  # noqa: F401 - re-exported (callers import it from here)
+
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
 
 
-class CheckpointError(ValueError):
-    """An unreadable checkpoint or one that does not match the running flags; CLIs exit 2 with the message."""
 
 
 def iter_dir(root: str, iteration: int) -> str:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron.errors import TrainingError
+
 if TYPE_CHECKING:  # the loop's state; for annotations only (training.py imports this module)
     from megatron.training import TrainState
 
@@ -53,7 +55,7 @@ def exit_reason(st: 'TrainState', signals: Optional[ExitSignals], start: float) 
     return None
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(TrainingError):
     """bf16/fp32 training produced a NaN/Inf loss or gradient (--check-for-nan-in-loss-and-grad)."""
 
 

@@ -5,6 +5,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron.errors import DataError
 from typing import Dict, Optional, Union
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +43,7 @@ DATA_FILES: Dict[str, DataFile] = {
 GROUPS = {"gpt2": ("gpt2-vocab", "gpt2-merges"), "lambada": ("lambada",), "piqa": ("piqa-valid", "piqa-valid-labels"), "corpus": ("corpus",)}
 
 
-class DataFileError(ValueError):
+class DataFileError(DataError):
     """A registered data file is missing or has the wrong sha256; the message says how to fetch it."""
 
 

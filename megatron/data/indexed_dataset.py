@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron.errors import DataError
+
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -40,7 +42,7 @@ DTYPE_CODES = {
 _CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """A missing, truncated or malformed ``.bin``/``.idx`` file; the message names the file."""
 
 
