@@ -1,5 +1,5 @@
 // Python bindings of aio_handle (module moe.ops._aio): names, keyword defaults, docstrings only.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // the at::Tensor caster; lighter than torch/extension.h
 
 #include "aio_error.h"
 #include "aio_handle.h"
@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     py::register_local_exception_translator([](std::exception_ptr p) {
         try {
             if (p) { std::rethrow_exception(p); }
+        } catch (const python_error_set&) {
+            // the Python error indicator is already set (a warning turned into an error); raise it as it is
         } catch (const aio_error& e) {
             if (e._kind == aio_error_kind::os_error) {
                 // OSError(errno, msg) becomes FileNotFoundError, PermissionError, ... by errno.

@@ -28,3 +28,8 @@ aio_error make_os_error(int err, const std::string& what, const std::string& pat
 // A read that hit end of file: names the path, the requested range and where the file ended.
 aio_error make_eof_error(const std::string& path, int64_t offset, int64_t num_bytes, int64_t file_size);
 aio_error make_value_error(const std::string& message, const std::string& path);
+
+// A Python exception is already set (e.g. a warning the filters made an error); the bindings let it propagate.
+struct python_error_set : public std::exception {
+    const char* what() const noexcept override { return "a Python exception is set"; }
+};

@@ -1,25 +1,37 @@
-// aio_handle: request submission and wait(), with the GIL released around every blocking step.
+// aio_handle: tensor checks, CUDA staging through pinned host memory, and the GIL around the aio_engine.
 #include "aio_handle.h"
 
-#include <pybind11/pybind11.h>
+#include <Python.h>  // only the GIL and warnings: pybind11 stays in the bindings unit
 
-#include <exception>
+#include <ATen/ops/empty.h>
+#include <c10/util/StringUtil.h>
+
+#include <memory>
+#include <utility>
 
 #include "aio_error.h"
 
-namespace py = pybind11;
-
 namespace {
 
-void check_positive(int64_t value, const char* name)
-{
-    if (value <= 0) {
-        throw make_value_error(std::string("aio_handle ") + name + " must be positive, got " +
-                                   std::to_string(value), "");
-    }
-}
+// Releases the GIL for its lifetime (pybind11's gil_scoped_release, without pybind11's headers).
+struct gil_release {
+    gil_release() : _state(PyEval_SaveThread()) {}
+    ~gil_release() { PyEval_RestoreThread(_state); }
+    gil_release(const gil_release&) = delete;
+    gil_release& operator=(const gil_release&) = delete;
+    PyThreadState* _state;
+};
 
-void check_tensor(const at::Tensor& buffer, const std::string& filename, int64_t file_offset)
+// Holds the GIL for its lifetime (from any thread).
+struct gil_acquire {
+    gil_acquire() : _state(PyGILState_Ensure()) {}
+    ~gil_acquire() { PyGILState_Release(_state); }
+    gil_acquire(const gil_acquire&) = delete;
+    gil_acquire& operator=(const gil_acquire&) = delete;
+    PyGILState_STATE _state;
+};
+
+void check_tensor(const at::Tensor& buffer, const std::string& filename)
 {
     if (!buffer.defined()) { throw make_value_error("aio: the buffer tensor is undefined", filename); }
     if (!(buffer.device().is_cpu() || buffer.device().is_cuda())) {
@@ -32,100 +44,91 @@ void check_tensor(const at::Tensor& buffer, const std::string& filename, int64_t
                                    c10::str(buffer.strides()) + " for shape " + c10::str(buffer.sizes()),
                                filename);
     }
-    if (file_offset < 0) {
-        throw make_value_error("aio: file_offset must be >= 0, got " + std::to_string(file_offset), filename);
-    }
 }
+
+// The tensors a request keeps alive until it completed: the caller's, and its pinned host copy for CUDA.
+struct request_tensors {
+    at::Tensor _buffer;
+    at::Tensor _host;
+};
 
 }  // namespace
 
 aio_handle::aio_handle(int64_t block_size, int queue_depth, bool single_submit, bool overlap_events,
                        int intra_op_parallelism)
-    : _config{block_size, queue_depth, single_submit, overlap_events, intra_op_parallelism}
+    : _engine(aio_config{block_size, queue_depth, single_submit, overlap_events, intra_op_parallelism})
 {
-    check_positive(block_size, "block_size");
-    check_positive(queue_depth, "queue_depth");
-    check_positive(intra_op_parallelism, "intra_op_parallelism");
-    // Every libaio context exists before any thread starts, so a failing io_setup leaves nothing running.
-    for (int tid = 0; tid < intra_op_parallelism; ++tid) {
-        _thread_contexts.emplace_back(new aio_thread(tid, _config));
-    }
-    for (auto& ctx : _thread_contexts) { _threads.emplace_back(&aio_thread::run, ctx.get()); }
 }
 
-aio_handle::~aio_handle()
-{
-    // Requests in flight point into tensors the ops keep alive; let them land before the threads go.
-    for (; _num_pending_ops > 0; --_num_pending_ops) {
-        for (auto& ctx : _thread_contexts) { ctx->pop_complete(); }
-    }
-    for (auto& ctx : _thread_contexts) { ctx->stop(); }
-    for (auto& thread : _threads) { thread.join(); }
-}
+aio_handle::~aio_handle() = default;
 
 void aio_handle::warn_once(bool* warned, const std::string& message)
 {
-    py::gil_scoped_acquire gil;
+    gil_acquire gil;
     if (*warned) { return; }
     *warned = true;
-    if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) { throw py::error_already_set(); }
+    // -1: the warning filter turned it into an exception, which stays set for the bindings to raise
+    if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) { throw python_error_set(); }
+}
+
+void aio_handle::warn_buffered(const std::string& filename)
+{
+    warn_once(&_warned_buffered,
+              "aio: O_DIRECT is not available for '" + filename +
+                  "' (filesystem refused it, or MOE_AIO_DISABLE_O_DIRECT is set); falling back to "
+                  "buffered I/O through the page cache, which is slower. Warned once per handle.");
+}
+
+int aio_handle::report(const aio_wait_result& result)
+{
+    if (!result._direct_refused_path.empty()) {
+        warn_once(&_warned_buffered, "aio: O_DIRECT refused requests on '" + result._direct_refused_path +
+                                         "' (EINVAL); they were redone through the page cache. Warned once per handle.");
+    }
+    return result._completed;
 }
 
 int aio_handle::submit(bool read_op, const at::Tensor& buffer, const std::string& filename,
                        bool validate, bool async, int64_t file_offset)
 {
-    check_tensor(buffer, filename, file_offset);
-    py::gil_scoped_release no_gil;
-    std::lock_guard<std::mutex> lock(_api_mutex);
-    auto file = aio_file::open(filename, read_op, file_offset, static_cast<int64_t>(buffer.nbytes()));
-    if (!file->direct()) {
-        warn_once(&_warned_buffered,
-                  "aio: O_DIRECT is not available for '" + filename +
-                      "' (filesystem refused it, or MOE_AIO_DISABLE_O_DIRECT is set); falling back to "
-                      "buffered I/O through the page cache, which is slower. Warned once per handle.");
+    check_tensor(buffer, filename);
+    auto tensors = std::make_shared<request_tensors>();
+    tensors->_buffer = buffer;
+    tensors->_host = buffer;
+    std::function<void()> on_complete;
+    const auto num_bytes = static_cast<int64_t>(buffer.nbytes());
+    if (buffer.is_cuda()) {
+        // Pinned host staging: the device copy is one DMA, and the file side stays plain CPU memory.
+        tensors->_host = at::empty({num_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+        if (!read_op) {
+            tensors->_host.copy_(buffer.view({-1}).view(at::kByte));
+        } else {
+            request_tensors* t = tensors.get();  // owned by the request, alive while its hook runs
+            on_complete = [t]() { t->_buffer.view({-1}).view(at::kByte).copy_(t->_host); };
+        }
     }
-    auto op = std::make_shared<aio_op_desc>(read_op, buffer, file, file_offset, validate,
-                                            _config._intra_op_parallelism);
-    for (auto& ctx : _thread_contexts) { ctx->push_work(op); }
-    ++_num_pending_ops;
-    if (async) { return 0; }
-    return wait_locked();
+    char* data = static_cast<char*>(tensors->_host.data_ptr());
+    aio_request request{read_op, data, num_bytes, filename, file_offset, validate, std::move(tensors),
+                        std::move(on_complete)};
+    aio_wait_result result;
+    {
+        gil_release no_gil;
+        result = _engine.submit(std::move(request), /*then_wait=*/!async, [this, &filename](bool buffered) {
+            if (buffered) { warn_buffered(filename); }
+        });
+    }
+    const int completed = report(result);
+    return async ? 0 : completed;
 }
 
 int aio_handle::wait()
 {
-    py::gil_scoped_release no_gil;
-    std::lock_guard<std::mutex> lock(_api_mutex);
-    return wait_locked();
-}
-
-int aio_handle::wait_locked()
-{
-    int completed = 0;
-    bool direct_refused = false;
-    std::string refused_path;
-    std::exception_ptr first_error;
-    while (_num_pending_ops > 0) {
-        std::shared_ptr<aio_op_desc> op;
-        for (auto& ctx : _thread_contexts) { op = ctx->pop_complete(); }  // FIFO: the same op from each
-        --_num_pending_ops;
-        ++completed;
-        try {
-            op->finish();
-        } catch (...) {
-            if (!first_error) { first_error = std::current_exception(); }
-        }
-        if (op->_file->_direct_request_refused && !direct_refused) {
-            direct_refused = true;
-            refused_path = op->_file->_path;
-        }
+    aio_wait_result result;
+    {
+        gil_release no_gil;
+        result = _engine.wait();
     }
-    if (direct_refused) {
-        warn_once(&_warned_buffered, "aio: O_DIRECT refused requests on '" + refused_path +
-                                         "' (EINVAL); they were redone through the page cache. Warned once per handle.");
-    }
-    if (first_error) { std::rethrow_exception(first_error); }
-    return completed;
+    return report(result);
 }
 
 int aio_handle::pread(const at::Tensor& buffer, const std::string& filename, bool validate,
@@ -178,7 +181,7 @@ at::Tensor aio_handle::new_cpu_locked_tensor(int64_t num_elem, const at::Tensor&
     bool locked = false;
     at::Tensor tensor;
     {
-        py::gil_scoped_release no_gil;  // mlock faults every page in: seconds for large tensors
+        gil_release no_gil;  // mlock faults every page in: seconds for large tensors
         tensor = _locked_tensors.alloc(num_elem, example_tensor.scalar_type(), &locked);
     }
     if (!locked) {

@@ -1,17 +1,12 @@
-// aio_handle: the DeepNVMe-compatible Python-facing handle (config, worker threads, locked tensors).
+// aio_handle: the DeepNVMe-compatible Python-facing handle: tensors in, host bytes to the aio_engine, GIL released.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
-#include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "aio_config.h"
-#include "aio_file.h"
-#include "aio_thread.h"
+#include "aio_engine.h"
 #include "locked_tensor_mgr.h"
 
 struct aio_handle {
@@ -20,13 +15,13 @@ struct aio_handle {
                int intra_op_parallelism);
     aio_handle(const aio_handle&) = delete;
     aio_handle& operator=(const aio_handle&) = delete;
-    ~aio_handle();  // waits for requests still in flight (their errors are dropped), joins the threads
+    ~aio_handle();  // the engine waits for requests still in flight (GIL released), joins its threads
 
-    int64_t get_block_size() const { return _config._block_size; }
-    int get_queue_depth() const { return _config._queue_depth; }
-    bool get_single_submit() const { return _config._single_submit; }
-    bool get_overlap_events() const { return _config._overlap_events; }
-    int get_intra_op_parallelism() const { return _config._intra_op_parallelism; }
+    int64_t get_block_size() const { return _engine._config._block_size; }
+    int get_queue_depth() const { return _engine._config._queue_depth; }
+    bool get_single_submit() const { return _engine._config._single_submit; }
+    bool get_overlap_events() const { return _engine._config._overlap_events; }
+    int get_intra_op_parallelism() const { return _engine._config._intra_op_parallelism; }
 
     // Reads buffer.nbytes() bytes at file_offset of `filename` into `buffer` (or writes them).
     // async=false waits for every pending request and returns wait()'s count; async=true returns 0.
@@ -49,11 +44,7 @@ struct aio_handle {
     at::Tensor new_cpu_locked_tensor(int64_t num_elem, const at::Tensor& example_tensor);
     bool free_cpu_locked_tensor(const at::Tensor& tensor);
 
-    const aio_config _config;
-    std::vector<std::unique_ptr<aio_thread>> _thread_contexts;
-    std::vector<std::thread> _threads;
-    int _num_pending_ops = 0;  // guarded by _api_mutex
-    std::mutex _api_mutex;     // one submit or wait at a time (always taken with the GIL released)
+    aio_engine _engine;
     locked_tensor_mgr _locked_tensors;
     bool _warned_buffered = false;
     bool _warned_unlocked = false;
@@ -61,6 +52,7 @@ struct aio_handle {
 private:
     int submit(bool read_op, const at::Tensor& buffer, const std::string& filename, bool validate,
                bool async, int64_t file_offset);
-    int wait_locked();  // wait() with _api_mutex held and the GIL released
+    void warn_buffered(const std::string& filename);     // the file has no O_DIRECT descriptor (takes the GIL)
+    int report(const aio_wait_result& result);           // O_DIRECT refusals seen by a wait (takes the GIL)
     void warn_once(bool* warned, const std::string& message);  // Python RuntimeWarning (takes the GIL)
 };

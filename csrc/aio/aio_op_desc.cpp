@@ -1,4 +1,4 @@
-// One aio request: tensor checks, the per-thread split, and completion (CUDA copy-back, validate).
+// One aio request: the per-thread split and completion (validate, then the caller's hook).
 #include "aio_op_desc.h"
 
 #include <unistd.h>
@@ -17,25 +17,19 @@ constexpr int64_t k_split_align = 4096;  // thread slices start on page boundari
 
 }  // namespace
 
-aio_op_desc::aio_op_desc(bool read_op, const at::Tensor& buffer, std::shared_ptr<aio_file> file,
-                         int64_t file_offset, bool validate, int num_threads)
+aio_op_desc::aio_op_desc(bool read_op, char* data, int64_t num_bytes, std::shared_ptr<aio_file> file,
+                         int64_t file_offset, bool validate, int num_threads, std::shared_ptr<void> owner,
+                         std::function<void()> on_complete)
     : _read_op(read_op),
-      _buffer(buffer),
+      _data(data),
+      _num_bytes(num_bytes),
       _file(std::move(file)),
       _file_offset(file_offset),
-      _num_bytes(static_cast<int64_t>(buffer.nbytes())),
       _validate(validate),
-      _num_threads(num_threads)
+      _num_threads(num_threads),
+      _owner(std::move(owner)),
+      _on_complete(std::move(on_complete))
 {
-    if (buffer.is_cuda()) {
-        // Pinned host staging: the device copy is one DMA, and the file side stays plain CPU memory.
-        _cpu_buffer = at::empty({_num_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-        if (!read_op) {
-            _cpu_buffer.copy_(buffer.contiguous().view({-1}).view(at::kByte));
-        }
-    } else {
-        _cpu_buffer = buffer;
-    }
 }
 
 void aio_op_desc::run(int tid, aio_context& ctx, const aio_config& config, std::unique_ptr<aligned_buffer>& bounce)
@@ -45,7 +39,7 @@ void aio_op_desc::run(int tid, aio_context& ctx, const aio_config& config, std::
         const int64_t share = (per_thread + k_split_align - 1) / k_split_align * k_split_align;
         const int64_t begin = std::min(_num_bytes, share * tid);
         const int64_t end = std::min(_num_bytes, begin + share);
-        char* base = static_cast<char*>(_cpu_buffer.data_ptr());
+        char* base = _data;
         const aio_slice slice{base + begin, _file_offset + begin, end - begin, _file_offset, _num_bytes};
         transfer_slice(_read_op, slice, *_file, config, ctx, bounce);
     } catch (...) {
@@ -73,12 +67,10 @@ void aio_op_desc::finish()
             }
             done += rc;
         }
-        if (std::memcmp(file_bytes.data(), _cpu_buffer.data_ptr(), static_cast<size_t>(_num_bytes)) != 0) {
+        if (std::memcmp(file_bytes.data(), _data, static_cast<size_t>(_num_bytes)) != 0) {
             throw make_os_error(EIO, "validation: file bytes differ from the tensor after", _file->_path,
                                 _file_offset, _num_bytes);
         }
     }
-    if (_read_op && _buffer.is_cuda()) {
-        _buffer.view({-1}).view(at::kByte).copy_(_cpu_buffer);
-    }
+    if (_on_complete) { _on_complete(); }
 }

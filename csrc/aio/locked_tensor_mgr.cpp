@@ -1,6 +1,8 @@
 // Page-locked tensor allocation for new_cpu_locked_tensor / free_cpu_locked_tensor.
 #include "locked_tensor_mgr.h"
 
+#include <ATen/ops/from_blob.h>
+
 #include "aligned_buffer.h"
 
 at::Tensor locked_tensor_mgr::alloc(int64_t num_elem, at::ScalarType dtype, bool* locked)

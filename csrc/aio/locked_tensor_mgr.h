@@ -1,7 +1,7 @@
 // locked_tensor_mgr: hands out page-aligned, page-locked CPU tensors and remembers which are its own.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <mutex>
 #include <set>
