@@ -1,7 +1,7 @@
 """Inference helpers: rebuild a model and tokenizer from a checkpoint, and sample with a KV cache."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,6 +46,33 @@ def load_model_for_inference(load: str, device=None, tokenizer_overrides: Option
     return model, tokenizer, configs
 
 
+def moe_eval_overrides(token_dropping: bool = False, capacity_factor: Optional[float] = None) -> dict:
+    """MoEConfig overrides for evaluation and generation: dropless routing unless asked otherwise.
+
+    With token dropping, an expert's capacity counts every token of the forward (DESIGN.md §3), so a request's
+    numbers change with the other requests batched beside it; dropless routing makes them batch-independent
+    (what the DeepSpeed-MoE tutorial recommends for evaluation). A capacity factor implies token dropping.
+    """
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"--moe-eval-capacity-factor ({capacity_factor}) must be > 0")
+    dropping = token_dropping or capacity_factor is not None
+    out = {"drop_tokens": dropping}
+    if capacity_factor is not None:
+        out["eval_capacity_factor"] = capacity_factor
+    return out
+
+
+def moe_routing_record(model: GPTModel) -> Optional[dict]:
+    """How the model's MoE layers route at evaluation, for results files (None for a dense model)."""
+    cfgs = [layer.mlp.cfg for layer in model.layers if hasattr(layer.mlp, "router")]
+    if not cfgs:
+        return None
+    cfg = cfgs[0]
+    return {"routing": "capacity (token dropping)" if cfg.drop_tokens else "dropless",
+            "drop_tokens": cfg.drop_tokens,
+            "eval_capacity_factor": cfg.eval_capacity_factor if cfg.drop_tokens else None}
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """logits [b, V] -> next token ids [b]; greedy when temperature == 0."""
@@ -66,16 +93,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def model_window(model: GPTModel) -> int:
+    """Most positions the model can attend over: the learned position table, or --seq-length with RoPE."""
+    return model.cfg.max_position_embeddings if model.position_embeddings is not None else model.cfg.seq_length
+
+
 @torch.no_grad()
 def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
-             use_cache: bool = True, progress: bool = False) -> List[int]:
-    """Autoregressive sampling with a KV cache; stops at `eod` or the model's window (tqdm bar with `progress`)."""
+             use_cache: bool = True, progress: bool = False, stop: Optional[Callable[[List[int]], bool]] = None,
+             generator: Optional[torch.Generator] = None) -> List[int]:
+    """Autoregressive sampling with a KV cache; stops at `eod`, when `stop(new ids so far)` is true, or at the
+    model's window (tqdm bar with `progress`). `generator` (else one seeded with `seed`) draws the samples."""
     if not prompt_ids:
         raise ValueError("--prompt encodes to no tokens; give a non-empty prompt")
     device = next(model.parameters()).device
     window = model.cfg.max_position_embeddings if model.position_embeddings is not None else 1 << 30
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt_ids[-window:])
     cache = model.new_kv_cache() if use_cache else None
     x = torch.tensor([ids], device=device)
@@ -96,7 +130,34 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
         ids.append(nxt)
         if eod is not None and nxt == eod:
             break
+        if stop is not None and stop(out):
+            break
         x = torch.tensor([[nxt]], device=device) if use_cache else torch.tensor([ids], device=device)
     if bar is not None:
         bar.close()
     return out
+
+
+def generate_until(model: GPTModel, tokenizer, context: str, until: Sequence[str], max_gen_toks: int,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   generator: Optional[torch.Generator] = None) -> str:
+    """One lm-evaluation-harness `generate_until` request, answered as its HF model answers it (greedy when
+    temperature == 0):
+
+    1. the context is encoded and left-truncated to window - max_gen_toks tokens (room for the answer);
+    2. tokens are generated with the KV cache until the end-of-document token, `max_gen_toks` tokens, or until the
+       decoded continuation contains one of `until` (the end-of-document string is always a stop sequence);
+    3. the text is cut before the first occurrence of any stop sequence (the harness's postprocessing).
+    """
+    window = model_window(model)
+    if max_gen_toks >= window:
+        raise ValueError(f"max_gen_toks ({max_gen_toks}) must be less than the model window ({window} tokens)")
+    eos = tokenizer.detokenize([tokenizer.eod])
+    stops = [u for u in list(until) + ([eos] if eos not in until else []) if u]
+    ids = tokenizer.tokenize(context)[-(window - max_gen_toks):] or [tokenizer.eod]
+    new = generate(model, ids, max_gen_toks, temperature, top_k, top_p, eod=tokenizer.eod,
+                   stop=lambda out: any(u in tokenizer.detokenize(out) for u in stops), generator=generator)
+    text = tokenizer.detokenize([t for t in new if t != tokenizer.eod])
+    for u in stops:
+        text = text.split(u)[0]
+    return text

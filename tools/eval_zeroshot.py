@@ -40,10 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="fp32 weights without autocast, log_softmax in fp64 (for exact checks)")
     prec.add_argument("--bf16", action="store_true", help="run the forward under bf16 autocast")
     prec.add_argument("--fp16", action="store_true", help="run the forward under fp16 autocast")
-    p.add_argument("--disable-moe-token-dropping", action="store_true",
-                   help="dropless MoE evaluation (no expert capacity), as Megatron-DeepSpeed's harness runs")
+    routing = p.add_mutually_exclusive_group()
+    routing.add_argument("--disable-moe-token-dropping", action="store_true",
+                         help="dropless MoE evaluation (the default: results do not depend on the batch)")
+    routing.add_argument("--moe-eval-token-dropping", action="store_true",
+                         help="MoE routing with the checkpoint's eval capacity (tokens over it are dropped, so "
+                              "results depend on --micro-batch-size), as DeepSpeed-MoE evaluates")
     p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
-                   help="override the checkpoint's eval capacity factor")
+                   help="token dropping at this eval capacity factor (implies --moe-eval-token-dropping)")
     p.add_argument("--seq-length", type=int, default=None, help="model window in tokens (default: checkpoint's)")
     p.add_argument("--pad-to-multiple", type=int, default=16,
                    help="right-pad each request to a multiple of this many tokens (default 16)")
@@ -69,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         lambada_last_token=args.lambada_last_token,  # --strict-lambada is the default behaviour
         eval_fp32=args.eval_fp32,
         autocast_dtype="bf16" if args.bf16 else ("fp16" if args.fp16 else None),
-        drop_tokens=False if args.disable_moe_token_dropping else None,  # None: keep the checkpoint's setting
+        drop_tokens=args.moe_eval_token_dropping,  # dropless unless asked (a capacity factor also asks)
         eval_capacity_factor=args.moe_eval_capacity_factor,
         seq_length=args.seq_length,
         pad_multiple=args.pad_to_multiple,
@@ -86,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.disable_moe_token_dropping and args.moe_eval_capacity_factor is not None:
+        print("error: --moe-eval-capacity-factor asks for token dropping; drop --disable-moe-token-dropping",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         report = run_zeroshot(config_from_args(args))

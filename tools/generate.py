@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
-from megatron.inference import generate, load_model_for_inference  # noqa: E402
+from megatron.inference import generate, load_model_for_inference, moe_eval_overrides  # noqa: E402
 from megatron.offload import offload_report  # noqa: E402
 
 
@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (for checks)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--moe-eval-token-dropping", action="store_true",
+                   help="MoE routing with the checkpoint's eval capacity (default: dropless)")
+    p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
+                   help="token dropping at this eval capacity factor (implies --moe-eval-token-dropping)")
     add_offload_args(p)
     args = p.parse_args(argv)
     model = None
@@ -42,7 +46,8 @@ def main(argv=None) -> int:
         model, tok, _ = load_model_for_inference(
             args.load, device=args.device,
             tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
-                                 "tokenizer_model": args.tokenizer_model}, offload=offload)
+                                 "tokenizer_model": args.tokenizer_model}, offload=offload,
+            moe_overrides=moe_eval_overrides(args.moe_eval_token_dropping, args.moe_eval_capacity_factor))
         ids = tok.tokenize(args.prompt)
         new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                        eod=tok.eod, use_cache=not args.no_kv_cache,

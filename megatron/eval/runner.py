@@ -39,8 +39,8 @@ class EvalConfig:
     lambada_last_token: bool = False  # Megatron non-strict LAMBADA: score only the last BPE token
     eval_fp32: bool = False  # fp32 weights, no autocast, log_softmax in fp64
     autocast_dtype: Optional[str] = None  # "bf16" or "fp16": forward under autocast (ignored with eval_fp32)
-    drop_tokens: Optional[bool] = None  # False = dropless MoE (--disable-moe-token-dropping); None = checkpoint's
-    eval_capacity_factor: Optional[float] = None  # override of --moe-eval-capacity-factor; None = checkpoint's
+    drop_tokens: bool = False  # MoE token dropping at the eval capacity (--moe-eval-token-dropping); False = dropless
+    eval_capacity_factor: Optional[float] = None  # --moe-eval-capacity-factor (implies token dropping); None = ckpt's
     seq_length: Optional[int] = None  # model window in tokens; None = checkpoint's --seq-length
     pad_multiple: int = 16  # right-pad rows to a multiple of this many tokens
     limit: Optional[int] = None  # score only the first N documents of each task (smoke runs)
@@ -126,13 +126,9 @@ def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_ite
 
 def _load_model(cfg: EvalConfig):
     """(model in eval mode, tokenizer, recorded configs, window in tokens) for the checkpoint and overrides."""
-    from megatron.inference import load_model_for_inference
+    from megatron.inference import load_model_for_inference, moe_eval_overrides
 
-    moe_overrides = {}
-    if cfg.drop_tokens is not None:
-        moe_overrides["drop_tokens"] = cfg.drop_tokens
-    if cfg.eval_capacity_factor is not None:
-        moe_overrides["eval_capacity_factor"] = cfg.eval_capacity_factor
+    moe_overrides = moe_eval_overrides(cfg.drop_tokens, cfg.eval_capacity_factor)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, configs = load_model_for_inference(cfg.load, device=device,
                                                          tokenizer_overrides=cfg.tokenizer_overrides,
@@ -199,7 +195,8 @@ def _run_tasks(cfg: EvalConfig, tasks, paths, model, tokenizer, configs, window)
                         "examples_per_second": len(docs) / secs if secs > 0 else math.inf})
         logger.info("%s: %d examples in %.1f s (%.1f examples/s)", task.name, len(docs), secs, len(docs) / secs)
         rows.extend(task_rows)
-    moe = configs.get("moe")
+    from megatron.inference import moe_routing_record
+
     offload = None
     if model.offload is not None:
         offload = model.offload.summary()
@@ -214,9 +211,7 @@ def _run_tasks(cfg: EvalConfig, tasks, paths, model, tokenizer, configs, window)
             "precision": "fp32 (fp64 log_softmax)" if cfg.eval_fp32 else (cfg.autocast_dtype or "fp32"),
             "device": str(next(model.parameters()).device), "limit": cfg.limit, "seed": cfg.seed,
             "bootstrap_iters": cfg.bootstrap_iters,
-            "moe": None if not moe else {
-                "drop_tokens": moe["drop_tokens"] if cfg.drop_tokens is None else cfg.drop_tokens,
-                "eval_capacity_factor": cfg.eval_capacity_factor or moe["eval_capacity_factor"]},
+            "moe": moe_routing_record(model),  # dropless unless --moe-eval-token-dropping/-capacity-factor
             "tokenizer": type(tokenizer).__name__,
         },
     }

@@ -28,13 +28,18 @@ def _load_download_tool():
 def test_registry_matches_sources_md():
     assert {f.relpath for f in DATA_FILES.values()} == {
         "gpt2/gpt2-vocab.json", "gpt2/gpt2-merges.txt", "lambada/lambada_test.jsonl",
-        "piqa/valid.jsonl", "piqa/valid-labels.lst", "corpus/gutenberg_novels.jsonl"}
+        "piqa/valid.jsonl", "piqa/valid-labels.lst", "corpus/gutenberg_novels.jsonl",
+        "boolq/validation.parquet", "race/race_high_test.jsonl", "triviaqa/rc.nocontext-validation.parquet",
+        "webqs/test.parquet"}
+    # the four harness-task files could not be fetched where they were registered: no hash recorded yet
+    assert {n for n, f in DATA_FILES.items() if f.sha256 is None} == {
+        "boolq-validation", "race-high-test", "triviaqa-validation", "webqs-test"}
     sources = default_data_dir() / "SOURCES.md"
     if not sources.is_file():
         pytest.skip(f"{sources} not present")
     text = sources.read_text()
     for entry in DATA_FILES.values():  # every hash we check against is the one the data's README publishes
-        assert entry.sha256 in text, entry.relpath
+        assert entry.sha256 is None or entry.sha256 in text, entry.relpath
     assert DATA_FILES["corpus"].url is None
 
 
