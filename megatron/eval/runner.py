@@ -25,6 +25,7 @@ from megatron.data.data_files import default_data_dir, resolve
 from megatron.eval.metrics import AGGREGATIONS, perplexity_stderr
 from megatron.eval.scorer import LoglikelihoodScorer
 from megatron.eval.tasks import Task, build_task
+from megatron.eval.tasks.base import GenerationTask
 
 logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,12 +93,39 @@ def verify_data(tasks: Sequence[Task], data_dir) -> Dict[str, Dict[str, Path]]:
 
 
 def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_iters: int = 10000, seed: int = 1234,
-                  progress: Optional[Callable[[int], None]] = None) -> Tuple[List[MetricResult], List[dict]]:
+                  progress: Optional[Callable[[int], None]] = None,
+                  generator: Optional[Callable[[str, Sequence[str], int], str]] = None
+                  ) -> Tuple[List[MetricResult], List[dict]]:
     """Scores every request of `docs` in one pass, then aggregates; returns (one row per metric, per-doc values).
 
-    `scorer` is anything with `score(requests, progress) -> answers` (a LoglikelihoodScorer, or a stub in tests).
+    `scorer` is anything with `score(requests, progress) -> answers` (a LoglikelihoodScorer, or a stub in tests);
+    `generator(prompt, until, max_gen_toks) -> text` answers a GenerationTask (megatron.inference.generate_until).
     """
     start = time.perf_counter()
+    if isinstance(task, GenerationTask):
+        if generator is None:
+            raise ValueError(f"{task.name} is a generation task; evaluate_task needs a generator")
+        per_doc = []
+        for doc in docs:
+            per_doc.append(task.score_generation(doc, generator(task.prompt(doc), task.until, task.max_gen_toks)))
+            if progress is not None:
+                progress(1)
+    else:
+        per_doc = _loglikelihood_results(task, docs, tokenizer, scorer, progress)
+    seconds = time.perf_counter() - start
+    rows = []
+    for metric, agg_name in task.aggregations.items():
+        agg, stderr = AGGREGATIONS[agg_name]
+        if stderr is perplexity_stderr:
+            stderr = functools.partial(perplexity_stderr, iters=bootstrap_iters, seed=seed)
+        values = [d[metric] for d in per_doc]
+        rows.append(MetricResult(task.name, metric, agg(values), stderr(values), len(values), seconds,
+                                 task.describe(), task.higher_is_better[metric]))
+    return rows, per_doc
+
+
+def _loglikelihood_results(task: Task, docs: List[dict], tokenizer, scorer, progress) -> List[dict]:
+    """Per-document metric values of a log-likelihood task: every document's requests scored in one call."""
     per_doc_requests = [task.encode(doc, tokenizer) for doc in docs]
     window = getattr(scorer, "window", None)
     for k, reqs in enumerate(per_doc_requests):
@@ -112,16 +140,7 @@ def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_ite
     for doc, reqs in zip(docs, per_doc_requests):
         per_doc.append(task.process_results(doc, answers[pos:pos + len(reqs)]))
         pos += len(reqs)
-    seconds = time.perf_counter() - start
-    rows = []
-    for metric, agg_name in task.aggregations.items():
-        agg, stderr = AGGREGATIONS[agg_name]
-        if stderr is perplexity_stderr:
-            stderr = functools.partial(perplexity_stderr, iters=bootstrap_iters, seed=seed)
-        values = [d[metric] for d in per_doc]
-        rows.append(MetricResult(task.name, metric, agg(values), stderr(values), len(values), seconds,
-                                 task.describe(), task.higher_is_better[metric]))
-    return rows, per_doc
+    return per_doc
 
 
 def _load_model(cfg: EvalConfig):
@@ -184,10 +203,12 @@ def _run_tasks(cfg: EvalConfig, tasks, paths, model, tokenizer, configs, window)
     for task in tasks:
         torch.manual_seed(cfg.seed)  # MoE random token selection draws from it: same numbers on every run
         docs = task.load_docs(paths[task.name])[:cfg.limit]
-        n_requests = sum(len(task.requests(d)) for d in docs)
+        generating = isinstance(task, GenerationTask)
+        n_requests = len(docs) if generating else sum(len(task.requests(d)) for d in docs)
         bar = _progress_bar(task.name, n_requests, cfg.progress)
         task_rows, _ = evaluate_task(task, docs, tokenizer, scorer, cfg.bootstrap_iters, cfg.seed,
-                                     progress=bar.update if bar is not None else None)
+                                     progress=bar.update if bar is not None else None,
+                                     generator=functools.partial(_generate, model, tokenizer, autocast))
         if bar is not None:
             bar.close()
         secs = task_rows[0].seconds
@@ -215,6 +236,19 @@ def _run_tasks(cfg: EvalConfig, tasks, paths, model, tokenizer, configs, window)
             "tokenizer": type(tokenizer).__name__,
         },
     }
+
+
+def _generate(model, tokenizer, autocast_dtype, prompt: str, until: Sequence[str], max_gen_toks: int) -> str:
+    """Greedy answer to one generation prompt (the harness's generate_until, megatron.inference)."""
+    import contextlib
+
+    from megatron.inference import generate_until
+
+    device = next(model.parameters()).device
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        return generate_until(model, tokenizer, prompt, until, max_gen_toks)
 
 
 def _progress_bar(name: str, total: int, enabled: bool):

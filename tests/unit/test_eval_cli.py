@@ -115,10 +115,33 @@ def test_moe_checkpoint_dropless_and_capacity_override(tmp_path, capsys, tiny_co
     ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"], moe)
     common = ["--load", ckpt, "--data-dir", real_data_dir, "--tasks", "lambada", "--limit", "4", "--no-progress",
               "--bootstrap-iters", "50"]
-    for extra, drop, cf in ((["--disable-moe-token-dropping"], False, 1.0), (["--moe-eval-capacity-factor", "2"],
-                                                                              True, 2.0)):
+    # dropless is the default; --moe-eval-token-dropping or a capacity factor opts back into capacity routing
+    for extra, drop, cf in (([], False, None), (["--disable-moe-token-dropping"], False, None),
+                            (["--moe-eval-token-dropping"], True, 1.0), (["--moe-eval-capacity-factor", "2"], True, 2.0)):
         out = tmp_path / "r.json"
         rc = cli.main([*common, *extra, "--output", str(out)])
         assert rc == 0, capsys.readouterr().err
         settings = json.loads(out.read_text())["settings"]["moe"]
-        assert settings == {"drop_tokens": drop, "eval_capacity_factor": cf}
+        assert settings == {"routing": "capacity (token dropping)" if drop else "dropless", "drop_tokens": drop,
+                            "eval_capacity_factor": cf}
+
+
+def test_moe_results_identical_at_micro_batch_1_and_16_by_default(tmp_path, capsys, tiny_corpus, real_data_dir):
+    """Issue 17: the eval capacity counted the batch's tokens, so numbers moved with --micro-batch-size; dropless
+    routing (the default) makes every request's numbers independent of its neighbours."""
+    from moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, expert_interval=2, topk=1, eval_capacity_factor=0.5)  # tight: drops if allowed
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"], moe)
+    values = {}
+    for mbs in (1, 16):
+        out = tmp_path / f"r{mbs}.json"
+        rc = cli.main(["--load", ckpt, "--data-dir", real_data_dir, "--limit", "10", "--micro-batch-size", str(mbs),
+                       "--no-progress", "--bootstrap-iters", "10", "--output", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        report = json.loads(out.read_text())
+        assert report["settings"]["moe"]["routing"] == "dropless"
+        values[mbs] = {(r["task"], r["metric"]): r["value"] for r in report["results"]}
+    for key, v in values[1].items():
+        # accuracies identical; perplexity to fp32 rounding (an expert GEMM's row count follows the batch)
+        assert values[16][key] == (v if key[1] != "ppl" else pytest.approx(v, rel=1e-6)), key

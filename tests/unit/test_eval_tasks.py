@@ -106,9 +106,9 @@ def test_metric_helpers():
 
 
 def test_registry_and_unknown_task():
-    assert {"lambada", "piqa"} <= set(TASK_REGISTRY)
-    with pytest.raises(ValueError, match=r"--tasks: unknown task 'boolq'; known tasks: .*lambada.*piqa"):
-        build_task("boolq")
+    assert {"lambada", "piqa", "boolq", "race", "triviaqa", "webqs"} <= set(TASK_REGISTRY)
+    with pytest.raises(ValueError, match=r"--tasks: unknown task 'hellaswag'; known tasks: .*lambada.*piqa"):
+        build_task("hellaswag")
 
 
 def test_piqa_loader_checks_label_count(tmp_path):
