@@ -1,6 +1,6 @@
 #!/bin/bash
 # Zero-shot LAMBADA + PIQA of a checkpoint, lm-evaluation-harness scoring: examples_moe/eval_zeroshot.sh CKPT [extra flags]
-# For MoE checkpoints add --disable-moe-token-dropping for dropless evaluation (Megatron-DeepSpeed's harness runs).
+# MoE checkpoints are evaluated dropless by default; add --moe-eval-token-dropping for capacity routing.
 set -euo pipefail
 
 CKPT=${1:?usage: examples_moe/eval_zeroshot.sh CKPT [extra tools/eval_zeroshot.py flags]}

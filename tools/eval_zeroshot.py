@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Zero-shot LAMBADA / PIQA evaluation of a checkpoint, scored like lm-evaluation-harness (DESIGN.md §7).
+"""Zero-shot evaluation of a checkpoint (lambada, piqa, boolq, race, triviaqa, webqs), scored like lm-evaluation-harness.
 
 Example:
     python tools/eval_zeroshot.py --load CKPT --tasks lambada,piqa --data-dir ../shared/data \\
         --micro-batch-size 8 --output results.json
 
 Architecture and tokenizer come from the checkpoint; --vocab-file/--merge-file/--tokenizer-model, --seq-length
-and the MoE flags override them. Prints a markdown table on stdout, a progress bar and timings on stderr.
+and the MoE flags override them. MoE layers route dropless unless --moe-eval-token-dropping or
+--moe-eval-capacity-factor asks for capacity routing (recorded in the JSON's settings.moe). Prints a markdown table on stdout, a progress bar and timings on stderr.
 Exit codes: 0 ok; 2 bad flags, unknown task, missing/bad-hash data file, or unreadable checkpoint (one line on
 stderr naming the flag or file).
 """
@@ -26,7 +27,7 @@ from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint root (latest_checkpointed_iteration.txt) or iter dir")
-    p.add_argument("--tasks", default="lambada,piqa", help="comma-separated task names (default lambada,piqa)")
+    p.add_argument("--tasks", default="lambada,piqa", help="comma-separated task names: lambada, piqa, boolq, race, triviaqa, webqs (default lambada,piqa)")
     p.add_argument("--data-dir", default=None, help="folder holding lambada/ and piqa/ (default: $DATA_DIR, "
                                                      "../shared/data, ./data)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="requests per forward (results do not depend on it)")
