@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import logging
+
 import torch
 
 from megatron import checkpointing
 from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
 from megatron.model import GPTModel
+
+logger = logging.getLogger(__name__)
 
 
 def load_model_for_inference(load: str, device=None, tokenizer_overrides: Optional[dict] = None,
@@ -144,14 +148,17 @@ def generate_until(model: GPTModel, tokenizer, context: str, until: Sequence[str
     """One lm-evaluation-harness `generate_until` request, answered as its HF model answers it (greedy when
     temperature == 0):
 
-    1. the context is encoded and left-truncated to window - max_gen_toks tokens (room for the answer);
+    1. the context is encoded and left-truncated to window - max_gen_toks tokens (room for the answer; a budget
+       of a whole window or more, which the harness refuses, is cut to half the window with a warning);
     2. tokens are generated with the KV cache until the end-of-document token, `max_gen_toks` tokens, or until the
        decoded continuation contains one of `until` (the end-of-document string is always a stop sequence);
     3. the text is cut before the first occurrence of any stop sequence (the harness's postprocessing).
     """
     window = model_window(model)
-    if max_gen_toks >= window:
-        raise ValueError(f"max_gen_toks ({max_gen_toks}) must be less than the model window ({window} tokens)")
+    if max_gen_toks >= window:  # the harness's HF model refuses this; short-window models still get answers
+        logger.warning("max_gen_toks (%d) >= the model window (%d tokens): generating at most %d tokens",
+                       max_gen_toks, window, window // 2)
+        max_gen_toks = window // 2
     eos = tokenizer.detokenize([tokenizer.eod])
     stops = [u for u in list(until) + ([eos] if eos not in until else []) if u]
     ids = tokenizer.tokenize(context)[-(window - max_gen_toks):] or [tokenizer.eod]

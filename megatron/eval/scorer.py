@@ -16,7 +16,7 @@ micro-batch size for a dense model (fp32 on CPU: checked in tests/unit/test_eval
 micro-batch to its own longest row (the harness's way) shifts logits in the last bits as the batch changes.
 MoE: dropless layers match across micro-batch sizes to fp32 rounding only (an expert's GEMM has as many rows as
 tokens routed to it); with token dropping, capacity counts every token of the micro-batch, padding included,
-so results depend on the batch (as in DeepSpeed-MoE evaluation) -- use --disable-moe-token-dropping to compare.
+so results depend on the batch (as in DeepSpeed-MoE evaluation); evaluation is dropless unless asked.
 """
 from __future__ import annotations
 

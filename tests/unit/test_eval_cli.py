@@ -37,11 +37,11 @@ def real_data_dir():
     return str(default_data_dir())
 
 
-def save_tiny_checkpoint(root, tokenizer_model, moe=None):
+def save_tiny_checkpoint(root, tokenizer_model, moe=None, window=256):
     """A random-init 2-layer GPT with the tiny SentencePiece tokenizer, saved like pretrain_gpt.py --save does."""
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=256,
-                      max_position_embeddings=256, padded_vocab_size=128)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=window,
+                      max_position_embeddings=window, padded_vocab_size=128)
     model = GPTModel(cfg, moe)
     configs = {"model": dataclasses.asdict(cfg), "moe": dataclasses.asdict(moe) if moe else None,
                "tokenizer": {"tokenizer_type": "SentencePieceTokenizer", "vocab_file": None, "merge_file": None,

@@ -139,3 +139,43 @@ def test_missing_file_is_one_line_pointing_at_the_download_tool(tmp_path, name, 
     msg = str(info.value)
     assert "\n" not in msg and f"{relpath}: missing (sha256 not recorded)" in msg
     assert "tools/download_data.py" in msg
+
+
+def test_cli_runs_the_four_tasks_on_a_checkpoint(tmp_path, capsys, tiny_corpus):
+    """The user's route: tools/eval_zeroshot.py --tasks boolq,race,triviaqa,webqs on local fixtures. TriviaQA's
+    first question lists the model's own greedy answer (a brute-force loop without KV cache, cut at the first stop
+    sequence) among its aliases, so its exact match is 1 and the second question's (alias "zzz") is 0."""
+    import torch
+
+    from megatron.inference import load_model_for_inference
+    from tests.unit.test_eval_cli import cli, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"], window=48)
+    model, tok, _ = load_model_for_inference(ckpt)
+    prompt = "Question: The cat sees?\nAnswer:"
+    ids, out = tok.tokenize(prompt), []
+    with torch.no_grad():
+        for _ in range(48 // 2):  # the task's 256-token budget, cut to half of this model's 48-token window
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eod:
+                break
+            out.append(nxt)
+    text = tok.detokenize(out)
+    for stop in ("\n", ".", ","):
+        text = text.split(stop)[0]
+    data = tmp_path / "data"
+    _write_parquet(data / "triviaqa" / "rc.nocontext-validation.parquet", [
+        {"question": "The cat sees", "answer": {"aliases": ["nothing", text.strip().upper()]}},
+        {"question": "A dog finds", "answer": {"aliases": ["zzz"]}}])
+    _write_parquet(data / "boolq" / "validation.parquet", [{"question": "is it", "passage": "It is.", "label": 1}])
+    _write_parquet(data / "webqs" / "test.parquet", [{"question": "who?", "answers": ["the king", "a dog"]}])
+    (data / "race").mkdir()
+    (data / "race" / "race_high_test.jsonl").write_text(json.dumps(RACE_DOC) + "\n")
+    out_json = tmp_path / "r.json"
+    rc = cli.main(["--load", ckpt, "--data-dir", str(data), "--tasks", "boolq,race,triviaqa,webqs",
+                   "--no-progress", "--output", str(out_json)])
+    assert rc == 0, capsys.readouterr().err
+    got = {(r["task"], r["metric"]): r for r in json.loads(out_json.read_text())["results"]}
+    assert set(got) == {("boolq", "acc"), ("race", "acc"), ("triviaqa", "exact_match"), ("webqs", "exact_match")}
+    assert got[("triviaqa", "exact_match")]["value"] == 0.5 and got[("triviaqa", "exact_match")]["num_examples"] == 2
+    assert got[("race", "acc")]["num_examples"] == 1 and got[("boolq", "acc")]["value"] in (0.0, 1.0)
