@@ -345,7 +345,8 @@ def test_eval_cli_offloaded_metrics_equal_resident(tiny_moe_ckpt, tmp_path):
         pytest.skip(f"LAMBADA/PIQA not under {default_data_dir()} ({e})")
     ev = os.path.join("tools", "eval_zeroshot.py")
     common = ["--load", tiny_moe_ckpt, "--tasks", "lambada,piqa", "--limit", "12", "--micro-batch-size", "3",
-              "--no-progress", "--bootstrap-iters", "10", "--data-dir", str(default_data_dir())]
+              "--no-progress", "--bootstrap-iters", "10", "--data-dir", str(default_data_dir()),
+              "--moe-eval-token-dropping"]  # capacity routing (dropless is the default): the harder case
     results = {}
     for name, extra in (("resident", []),
                         ("layer-major", ["--moe-offload", "nvme", "--moe-offload-dir", str(tmp_path / "s"),
