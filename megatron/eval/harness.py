@@ -16,7 +16,8 @@ model_args (all optional but `load`):
     dropless: true (default) = dropless MoE routing, batch-independent; false = token dropping at the eval capacity.
     eval_capacity_factor: token dropping at this capacity factor (implies dropless=false).
     dtype: fp32 (default), bf16 or fp16 (forward under autocast; log-softmax stays fp32).
-    device: cpu, cuda, cuda:1 (default: the harness's --device, else cuda when available).
+    device: cpu, cuda, cuda:1 (default: the harness's --device, whose default cuda falls back to the CPU when
+        there is no GPU, else cuda when available).
     max_length: model window in tokens (default: the checkpoint's --seq-length).
     moe_offload: an expert-store directory: experts stay on disk and are read through a cache (moe/offload);
         moe_expert_cache_bytes sets the cache (default 25%).
@@ -87,6 +88,8 @@ class MegatronMoELM(LM):
         self.token_dropping = dropless is False or eval_capacity_factor is not None
         self.batch_size = _batch_size(batch_size)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: this torch build has no CUDA device; use device=cpu")
         self.autocast_dtype = _DTYPES[str(dtype)]
         self.dtype_name = str(dtype)
         self.max_gen_toks = int(max_gen_toks)
@@ -103,7 +106,7 @@ class MegatronMoELM(LM):
             moe_overrides=moe_eval_overrides(self.token_dropping, eval_capacity_factor))
         self.load = str(load)
         self.window = int(max_length or self.model.cfg.seq_length)
-        if self.window > model_window(self.model):
+        if self.model.position_embeddings is not None and self.window > model_window(self.model):
             raise ConfigError(f"max_length ({self.window}) must be <= the checkpoint's --max-position-embeddings "
                               f"({model_window(self.model)})")
         self.scorer = LoglikelihoodScorer(self.model, self.window, self.batch_size, int(pad_multiple),
@@ -116,9 +119,16 @@ class MegatronMoELM(LM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "MegatronMoELM":
         """model_args win over the harness's own settings (batch_size, device) when both name one."""
-        args = lm_utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "MegatronMoELM":
+        """As create_from_arg_string, for model_args already parsed (the harness's CLI passes a dict)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            # the harness's --device defaults to cuda; its HF model falls back to the CPU too
+            logger.info("--device %s: CUDA is not available, using the CPU", extra.pop("device"))
+        return cls(**arg_dict, **extra)
 
     # ------------------------------------------------------------------------------------------ requests
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
@@ -239,9 +249,15 @@ def main() -> None:
     import megatron.eval.harness  # noqa: F401  (registers the model under the package's name)
     from lm_eval.__main__ import cli_evaluate
 
+    from megatron.errors import UserError
+
     sys.argv[0] = "python -m megatron.eval.harness"
     torch.set_grad_enabled(False)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as e:  # a bad model_arg, checkpoint or data file: one line, as the project's CLIs do
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

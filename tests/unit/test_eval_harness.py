@@ -219,8 +219,8 @@ def test_harness_cli_equals_eval_zeroshot_dense_and_moe(tmp_path, real_data_dir)
         out = tmp_path / f"{kind}_harness"
         p = subprocess.run([sys.executable, "-m", "megatron.eval.harness", "--model", "megatron_moe",
                             "--model_args", f"load={ckpt},batch_size=16", "--tasks", "lambada_openai_local,piqa_local",
-                            "--include_path", include, "--limit", "24", "--output_path", str(out),
-                            "--bootstrap_iters", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            "--include_path", include, "--limit", "24", "--output_path", str(out)],
+                           cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
         (path,) = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results")]
@@ -235,3 +235,21 @@ def test_harness_cli_equals_eval_zeroshot_dense_and_moe(tmp_path, real_data_dir)
         recorded = results["config"]["megatron_moe"]["moe"]
         assert recorded == report["settings"]["moe"] == (None if moe is None else {
             "routing": "dropless", "drop_tokens": False, "eval_capacity_factor": None})
+
+
+def test_model_args_win_over_the_harness_batch_size(tmp_path, tiny_corpus):
+    """The harness's CLI passes model_args as a dict plus its own --batch_size (default 1): no clash, model_args
+    win; a bare --batch_size is used; "auto" means 16."""
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"])
+    harness_settings = {"batch_size": "1", "max_batch_size": None, "device": None}
+    lm = harness.MegatronMoELM.create_from_arg_obj({"load": ckpt, "batch_size": 4}, harness_settings)
+    assert lm.batch_size == lm.scorer.micro_batch_size == 4
+    assert harness.MegatronMoELM.create_from_arg_obj({"load": ckpt}, {"batch_size": "8"}).batch_size == 8
+    assert harness.MegatronMoELM.create_from_arg_string(f"load={ckpt}", {"batch_size": "auto"}).batch_size == 16
+    with pytest.raises(ValueError, match=r"batch_size \('x'\) must be a positive integer or auto"):
+        harness.MegatronMoELM.create_from_arg_obj({"load": ckpt, "batch_size": "x"})
+    # the harness's --device defaults to cuda: without a GPU that falls back to the CPU; model_args' device does not
+    if not torch.cuda.is_available():
+        assert harness.MegatronMoELM.create_from_arg_obj({"load": ckpt}, {"device": "cuda"}).device.type == "cpu"
+        with pytest.raises(ValueError, match="device=cuda: this torch build has no CUDA device; use device=cpu"):
+            harness.MegatronMoELM.create_from_arg_obj({"load": ckpt, "device": "cuda"})
