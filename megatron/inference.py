@@ -9,6 +9,7 @@ import torch
 
 from megatron import checkpointing
 from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.errors import ConfigError
 from megatron.model import GPTModel
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def moe_eval_overrides(token_dropping: bool = False, capacity_factor: Optional[f
     (what the DeepSpeed-MoE tutorial recommends for evaluation). A capacity factor implies token dropping.
     """
     if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"--moe-eval-capacity-factor ({capacity_factor}) must be > 0")
+        raise ConfigError(f"--moe-eval-capacity-factor ({capacity_factor}) must be > 0")
     dropping = token_dropping or capacity_factor is not None
     out = {"drop_tokens": dropping}
     if capacity_factor is not None:
@@ -110,7 +111,7 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
     """Autoregressive sampling with a KV cache; stops at `eod`, when `stop(new ids so far)` is true, or at the
     model's window (tqdm bar with `progress`). `generator` (else one seeded with `seed`) draws the samples."""
     if not prompt_ids:
-        raise ValueError("--prompt encodes to no tokens; give a non-empty prompt")
+        raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
     device = next(model.parameters()).device
     window = model.cfg.max_position_embeddings if model.position_embeddings is not None else 1 << 30
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
