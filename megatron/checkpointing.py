@@ -634,11 +634,11 @@ def load_candidates(load: str) -> Tuple[List[Tuple[str, int]], Optional[str]]:
     if it is None:
         if not dirs:
             raise CheckpointError(f"--load {load}: no {TRACKER} and not an iter_XXXXXXX directory")
-        return dirs, f"--load {load}: {TRACKER} is missing"
+        return dirs, f"--load {load}: {os.path.join(load, TRACKER)} is missing"
     older = [(d, i) for d, i in dirs if i < it]
     d = iter_dir(load, it)
     if not os.path.isdir(d):
-        return older, f"--load {load}: {TRACKER} names iteration {it} but {d} is missing; the checkpoint is torn"
+        return older, f"{os.path.join(load, TRACKER)} names iteration {it} but {d} is missing; the checkpoint is torn"
     return [(d, it)] + older, None
 
 
