@@ -1,8 +1,8 @@
 """tools/fuzz_inputs.py as one test: seeded byte flips, truncations and zero-fills of copies of the data (.idx,
 .bin), the index-cache .npy files, the tracker, model_optim_rng.pt, an expert file, the SentencePiece model and the
 GPT-2 vocab.json/merges.txt. Every case ends in exit 2 with one line naming the file, or in a documented and checked
-behaviour (docs/design.md §4); no tracebacks, no hangs, originals untouched. Fast: 33 cases in-process + 2 as
-pretrain_gpt.py processes; slow: 220 + 11 (the issue asks >= 200)."""
+behaviour (docs/design.md §4); no tracebacks, no hangs, originals untouched. Fast: 33 cases in-process (3 per file type) +
+2 as pretrain_gpt.py processes; slow: 220 + 11 (the issue asks >= 200)."""
 import os
 import re
 import subprocess
