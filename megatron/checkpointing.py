@@ -187,6 +187,21 @@ def _manifest_digest(files: dict) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(files, sort_keys=True).encode())
 
 
+def write_manifest_of(ckpt_dir: str, iteration: int) -> None:
+    """checksums.json for a checkpoint directory written by other means (tools/checkpoint_tp.py): every file hashed."""
+    import xxhash
+
+    files = {}
+    for dirpath, _, names in os.walk(ckpt_dir):
+        for name in names:
+            if name != MANIFEST:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    data = f.read()
+                files[os.path.relpath(os.path.join(dirpath, name), ckpt_dir)] = {
+                    "bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+    _write_manifest(ckpt_dir, iteration, files)
+
+
 def _write_manifest(ckpt_dir: str, iteration: int, files: Dict[str, dict]) -> None:
     """checksums.json: every file of the checkpoint (all ranks'), with a digest of the list itself."""
     body = {"format": _MANIFEST_FORMAT, "algorithm": "xxh3_64", "iteration": iteration, "files": files,
@@ -380,7 +395,7 @@ def read_tracker(root: str) -> Optional[int]:
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
-        raw = f.read(64)
+        raw = f.read(1 << 16)
     text = raw.decode("ascii", errors="replace").strip()
     if not re.fullmatch(r"\d+", text):
         raise CorruptCheckpointError(f"{path}: the tracker file is corrupted (expected an iteration number, found "
