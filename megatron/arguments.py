@@ -146,6 +146,9 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reset-iteration", action="store_true",
                    help="load weights (and optimizer unless --no-load-optim) but restart iteration, counters and LR "
                         "schedule")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="when the --load checkpoint (or its tracker) is torn or corrupted, load the newest older "
+                        "iteration that verifies instead of stopping")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
@@ -321,6 +324,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng, finetune=args.finetune, reset_iteration=args.reset_iteration,
+            load_fallback=args.load_fallback,
         ),
         distill=_checked(
             DistillConfig, mos=args.mos, kd=args.kd, load_teacher=args.load_teacher,

@@ -4,11 +4,18 @@ Layout (DESIGN.md §5):
     SAVE/latest_checkpointed_iteration.txt
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt            dense model + optimizer + scheduler + RNG + counters
     SAVE/iter_0000100/layer_{L}_expert_{E}_mp_rank_00_model_states.pt   expert E of MoE layer L (+ its Adam state)
+    SAVE/iter_0000100/checksums.json                           size and xxh3-64 of every file above, written last
 Expert files are indexed by *global* expert id, so a checkpoint written at one EP size loads at another.
+Every file is checked against checksums.json before it is unpickled; a torn or corrupted checkpoint is refused
+(or, with --load-fallback, the newest older one that verifies is loaded instead).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
+import json
+import logging
 import os
 import random
 import re
@@ -27,8 +34,21 @@ from megatron.errors import CheckpointError  # noqa: F401 - re-exported (callers
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
+MANIFEST = "checksums.json"  # {relative path: {"bytes", "xxh3_64"}} of every file of the iteration directory
+_MANIFEST_FORMAT = "megatron-moe checkpoint checksums v1"
+_ITER_DIR_RE = re.compile(r"iter_(\d{7})")
+
+log = logging.getLogger("megatron.checkpointing")
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A torn or corrupted checkpoint: a file (or the tracker, or checksums.json) that is missing, truncated,
+    unreadable or different from its recorded checksum. --load-fallback may skip such a checkpoint."""
+
+
+def _log_rank0(msg: str) -> None:
+    if not (dist.is_initialized() and dist.get_rank() != 0):
+        log.info(msg)
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -118,15 +138,80 @@ def _fault_point(where: str, f=None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _atomic_torch_save(obj, path: str) -> None:
+class _HashingWriter:
+    """The file object torch.save writes through: each chunk is hashed (xxh3-64) and counted on its way to disk, so
+    the checksum costs no second read."""
+
+    def __init__(self, f):
+        import xxhash
+
+        self.f, self.hash, self.bytes = f, xxhash.xxh3_64(), 0
+        self.error: Optional[OSError] = None  # torch.save reports a failed write as a RuntimeError; this is why
+
+    def write(self, chunk) -> int:
+        self.hash.update(chunk)
+        try:
+            n = self.f.write(chunk)
+        except OSError as e:
+            self.error = e
+            raise
+        self.bytes += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _atomic_torch_save(obj, path: str) -> dict:
+    """Writes `obj` to `path` (tmp file, fsync, rename); returns its manifest entry {"bytes", "xxh3_64"}."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        w = _HashingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:  # e.g. ENOSPC: the caller reports a failed write, not an internal error
+                raise w.error from None
+            raise
         _fault_point("write", f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return {"bytes": w.bytes, "xxh3_64": w.hash.hexdigest()}
+
+
+def _manifest_digest(files: dict) -> str:
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(json.dumps(files, sort_keys=True).encode())
+
+
+def write_manifest_of(ckpt_dir: str, iteration: int) -> None:
+    """checksums.json for a checkpoint directory written by other means (tools/checkpoint_tp.py): every file hashed."""
+    import xxhash
+
+    files = {}
+    for dirpath, _, names in os.walk(ckpt_dir):
+        for name in names:
+            if name != MANIFEST:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    data = f.read()
+                files[os.path.relpath(os.path.join(dirpath, name), ckpt_dir)] = {
+                    "bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+    _write_manifest(ckpt_dir, iteration, files)
+
+
+def _write_manifest(ckpt_dir: str, iteration: int, files: Dict[str, dict]) -> None:
+    """checksums.json: every file of the checkpoint (all ranks'), with a digest of the list itself."""
+    body = {"format": _MANIFEST_FORMAT, "algorithm": "xxh3_64", "iteration": iteration, "files": files,
+            "digest": _manifest_digest(files)}
+    tmp = os.path.join(ckpt_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(body, f, sort_keys=True, indent=0)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, MANIFEST))
 
 
 def _fsync_dir(path: str) -> None:
@@ -166,18 +251,25 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
     if distributed:
         dist.barrier()
     try:
-        _write_files(tmp, iteration, model, optimizer, scheduler, loss_scaler, counters, configs, groups)
+        files = _write_files(tmp, iteration, model, optimizer, scheduler, loss_scaler, counters, configs, groups)
         failure = None
     except OSError as e:  # a full disk, a vanished mount, ...: nothing of this save may remain
-        failure = e
+        files, failure = {}, e
     except BaseException:  # an internal error: no partial directory either, and the traceback goes on
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _any_rank_failed(failure is not None, model, distributed):
+    # every rank's (failure, files written): one collective in place of the barrier, so no rank waits forever
+    failed, files = _gather_files(failure is not None, files, distributed)
+    if not failed and rank == 0:
+        try:
+            _write_manifest(tmp, iteration, files)  # last, so a directory with checksums.json is complete
+        except OSError as e:
+            failure = e
+    if failed or _any_rank_failed(failure is not None, model, distributed):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = read_tracker(root)
+        previous = read_tracker_or_none(root)
         what = (("the disk is full" if failure.errno == 28 else failure.strerror or str(failure))
                 if failure is not None else "another rank failed to write its files")
         raise CheckpointError(f"--save {root}: writing the checkpoint of iteration {iteration} failed ({what}); "
@@ -193,19 +285,33 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        _fault_point("tracker")
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        _fsync_dir(root)
+        write_tracker(root, iteration)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     if distributed:
         dist.barrier()
     return final
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Replaces the tracker atomically (tmp file, fsync, rename, fsync of the directory)."""
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    _fault_point("tracker")
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+
+
+def _gather_files(failed: bool, files: Dict[str, dict], distributed: bool) -> Tuple[bool, Dict[str, dict]]:
+    """(whether any rank failed, the union of every rank's written files) on every rank."""
+    if not distributed:
+        return failed, files
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (failed, files))
+    return any(f for f, _ in out), {k: v for _, fs in out for k, v in sorted(fs.items())}
 
 
 def _any_rank_failed(failed: bool, model, distributed: bool) -> bool:
@@ -218,8 +324,9 @@ def _any_rank_failed(failed: bool, model, distributed: bool) -> bool:
 
 
 def _write_files(tmp: str, iteration: int, model, optimizer, scheduler, loss_scaler, counters: dict, configs: dict,
-                 groups) -> None:
-    """This rank's share of a checkpoint, into the temporary directory `tmp`."""
+                 groups) -> Dict[str, dict]:
+    """This rank's share of a checkpoint, into the temporary directory `tmp`; returns {relative path: entry}."""
+    files = {}
     is_expert = is_expert_param_name(model)
     opt_state = _named_optimizer_state(model, optimizer) if optimizer is not None else {}
     dp_rank = groups.dp_rank if groups is not None else 0
@@ -241,8 +348,9 @@ def _write_files(tmp: str, iteration: int, model, optimizer, scheduler, loss_sca
             "configs": configs,
             "checkpoint_version": 1,
         }
-        _atomic_torch_save(payload, dense_path(tmp, tp))
-    _save_experts(tmp, model, opt_state, groups)
+        files[os.path.relpath(dense_path(tmp, tp), tmp)] = _atomic_torch_save(payload, dense_path(tmp, tp))
+    files.update(_save_experts(tmp, model, opt_state, groups))
+    return files
 
 
 def _model_tp_rank(model) -> int:
@@ -251,11 +359,12 @@ def _model_tp_rank(model) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
+def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> Dict[str, dict]:
     # Experts are replicated over tensor parallelism (not sharded), so TP rank 0 writes the one file per
     # (MoE layer, global expert) that DESIGN §5 specifies, named ..._mp_rank_00_..., and every TP rank reads it.
+    files = {}
     if _model_tp_rank(model) != 0:
-        return
+        return files
     for moe_idx, prefix, layer in _moe_layers(model):
         # one replica of each expert writes its file: rank 0 of the expert-data-parallel group of this EP size
         edp_group = groups.expert_dp_group(layer.ep_size) if groups is not None else None
@@ -272,19 +381,43 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> None:
                 if n in opt_state:
                     optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
                                                   for k, v in opt_state[n].items()}
-            _atomic_torch_save({"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size,
-                                "model": weights, "optimizer": optim}, expert_path(ckpt_dir, moe_idx, gid))
+            path = expert_path(ckpt_dir, moe_idx, gid)
+            files[os.path.relpath(path, ckpt_dir)] = _atomic_torch_save(
+                {"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size, "model": weights,
+                 "optimizer": optim}, path)
+    return files
 
 
 # ----------------------------------------------------------------------------------------------- load
 def read_tracker(root: str) -> Optional[int]:
+    """The iteration the tracker names; None without a tracker; CorruptCheckpointError when it holds no number."""
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(1 << 16)
+    text = raw.decode("ascii", errors="replace").strip()
     if not re.fullmatch(r"\d+", text):
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+        raise CorruptCheckpointError(f"{path}: the tracker file is corrupted (expected an iteration number, found "
+                                     f"{text[:40]!r})")
     return int(text)
+
+
+def read_tracker_or_none(root: str) -> Optional[int]:
+    try:
+        return read_tracker(root)
+    except CheckpointError:
+        return None
+
+
+def iteration_dirs(root: str) -> List[Tuple[str, int]]:
+    """(directory, iteration) of every iter_XXXXXXX directory under `root`, newest first."""
+    out = []
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        m = _ITER_DIR_RE.fullmatch(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            out.append((os.path.join(root, name), int(m.group(1))))
+    return sorted(out, key=lambda x: -x[1])
 
 
 def resolve_checkpoint_dir(load: str) -> Tuple[str, int]:
@@ -299,18 +432,77 @@ def resolve_checkpoint_dir(load: str) -> Tuple[str, int]:
         raise CheckpointError(f"--load {load}: no {TRACKER} and not an iter_XXXXXXX directory")
     d = iter_dir(load, it)
     if not os.path.isdir(d):
-        raise CheckpointError(f"--load {load}: {TRACKER} names iteration {it} but {d} is missing")
+        raise CorruptCheckpointError(f"--load {load}: {TRACKER} names iteration {it} but {d} is missing")
     return d, it
 
 
-def _torch_load(path: str):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing")
+@functools.lru_cache(maxsize=None)
+def _say_unverified(ckpt_dir: str) -> None:
+    _log_rank0(f"checkpoint {ckpt_dir} has no {MANIFEST} (written before checksums existed): its files are loaded "
+               f"without verification")
+
+
+@functools.lru_cache(maxsize=16)
+def _read_manifest_file(path: str, mtime_ns: int, size: int) -> Dict[str, dict]:
+    del mtime_ns, size  # the cache key: a rewritten manifest is read again
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            body = json.loads(f.read().decode("utf-8"))
+        files = body["files"]
+        ok = (body.get("format") == _MANIFEST_FORMAT and isinstance(files, dict)
+              and body.get("digest") == _manifest_digest(files)
+              and all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("xxh3_64"), str)
+                      for e in files.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CorruptCheckpointError(f"{path}: the checksum list is unreadable or does not match its own digest; "
+                                     f"the checkpoint is torn or corrupted")
+    return files
+
+
+def read_manifest(ckpt_dir: str) -> Optional[Dict[str, dict]]:
+    """{relative path: {"bytes", "xxh3_64"}} of a checkpoint directory; None for a checkpoint written before
+    checksums existed (said once in the log)."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _say_unverified(os.path.abspath(ckpt_dir))
+        return None
+    return _read_manifest_file(path, st.st_mtime_ns, st.st_size)
+
+
+def load_checkpoint_file(ckpt_dir: str, path: str):
+    """torch.load of one checkpoint file, after checking its size and xxh3-64 against the directory's checksums.json
+    (one read: the verified bytes are what is unpickled). Missing, truncated or changed: CorruptCheckpointError."""
+    import xxhash
+
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing; the checkpoint is torn or corrupted")
+    files = read_manifest(ckpt_dir)
+    if files is None:
+        source = path
+    else:
+        entry = files.get(os.path.relpath(path, ckpt_dir))
+        if entry is None:
+            raise CorruptCheckpointError(f"checkpoint file {path} is not listed in {os.path.join(ckpt_dir, MANIFEST)}"
+                                         f"; the checkpoint is torn or corrupted")
+        with open(path, "rb") as f:
+            data = f.read(entry["bytes"] + 1)
+        if len(data) != entry["bytes"]:
+            raise CorruptCheckpointError(f"checkpoint file {path} has {'fewer' if len(data) < entry['bytes'] else 'more'}"
+                                         f" bytes than recorded ({len(data) if len(data) < entry['bytes'] else 'more'}"
+                                         f" vs {entry['bytes']}); the checkpoint is torn or corrupted")
+        if xxhash.xxh3_64_hexdigest(data) != entry["xxh3_64"]:
+            raise CorruptCheckpointError(f"checkpoint file {path} does not match its checksum in {MANIFEST}; the "
+                                         f"checkpoint is torn or corrupted")
+        source = io.BytesIO(data)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint
-        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise CorruptCheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
 def num_tp_shards(ckpt_dir: str) -> int:
@@ -326,7 +518,32 @@ def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1) -> Tuple[dict, str
         raise CheckpointError(f"--tensor-model-parallel-size mismatch: checkpoint {ckpt_dir} was saved with "
                               f"{saved_tp} tensor-parallel rank(s), the flags give {tp_size}; convert it with "
                               f"tools/checkpoint_tp.py --target-tp {tp_size}")
-    return _torch_load(dense_path(ckpt_dir, tp_rank)), ckpt_dir
+    return load_checkpoint_file(ckpt_dir, dense_path(ckpt_dir, tp_rank)), ckpt_dir
+
+
+def read_expert_files(model, ckpt_dir: str) -> Dict[Tuple[int, int], dict]:
+    """This rank's expert files of `ckpt_dir` (verified), keyed by (MoE layer, global expert id); each read once."""
+    out = {}
+    for moe_idx, _, layer in _moe_layers(model):
+        e = layer.num_local_experts
+        for gid in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
+            out[(moe_idx, gid)] = load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid))
+    return out
+
+
+def checkpoint_complete(ckpt_dir: str) -> bool:
+    """A cheap check (no reading of the tensors): checksums.json is readable and every file it lists is present
+    with its recorded size. A directory from before checksums existed counts as complete when it has a dense file."""
+    try:
+        files = read_manifest(ckpt_dir)
+    except CheckpointError:
+        return False
+    if files is None:
+        return os.path.isfile(dense_path(ckpt_dir))
+    try:
+        return all(os.path.getsize(os.path.join(ckpt_dir, rel)) == e["bytes"] for rel, e in files.items())
+    except OSError:
+        return False
 
 
 # Fields of ModelConfig/MoEConfig that must match between a checkpoint and the running flags.
@@ -349,9 +566,10 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, load_experts: bool = True) -> None:
+def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, load_experts: bool = True,
+                     experts: Optional[dict] = None) -> None:
     """Loads dense weights, then (unless `load_experts` is False: experts offloaded to an expert store) each local
-    expert's slice from its per-expert file."""
+    expert's slice from its per-expert file (or from `experts`, read_expert_files' result, when given)."""
     is_expert = is_expert_param_name(model)
     own = model.state_dict()
     dense_sd = payload["model"]
@@ -366,21 +584,22 @@ def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, l
                               f"{unexpected[:3]}); check the architecture flags")
     model.load_state_dict(dense_sd, strict=False)
     if load_experts:
-        _load_experts(model, ckpt_dir, load_weights=True)
+        _load_experts(model, ckpt_dir, load_weights=True, experts=experts)
 
 
-def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
-    """Reads this rank's expert files; fills the local expert slices when `load_weights`.
+def _load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[dict] = None) -> Dict[str, dict]:
+    """Reads this rank's expert files (unless given as `experts`); fills the local expert slices when `load_weights`.
 
     Without `load_weights`, returns the per-parameter Adam state stacked over the local experts (keyed by
     parameter name); with it, {} (the optimizer state is not needed then).
     """
     stacked_opt: Dict[str, dict] = {}
     params = dict(model.named_parameters())
+    experts = read_expert_files(model, ckpt_dir) if experts is None else experts
     for moe_idx, prefix, layer in _moe_layers(model):
         e = layer.num_local_experts
         names = _expert_param_names(model, prefix)
-        per_expert = [_torch_load(expert_path(ckpt_dir, moe_idx, layer.ep_rank * e + i)) for i in range(e)]
+        per_expert = [experts[(moe_idx, layer.ep_rank * e + i)] for i in range(e)]
         total = per_expert[0].get("num_experts")
         if total is not None and total != e * layer.ep_size:
             raise CheckpointError(f"--num-experts mismatch: checkpoint {ckpt_dir} MoE layer {moe_idx} has {total} "
@@ -405,12 +624,111 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool) -> Dict[str, dict]:
     return stacked_opt
 
 
-def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str) -> None:
+def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str, experts: Optional[dict] = None) -> None:
     state = dict(payload.get("optimizer", {}))
-    state.update(_load_experts(model, ckpt_dir, load_weights=False))
+    state.update(_load_experts(model, ckpt_dir, load_weights=False, experts=experts))
     for name, p in model.named_parameters():
         if name in state:
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
+
+
+# ----------------------------------------------------------------------------------------------- --load-fallback
+def load_candidates(load: str) -> Tuple[List[Tuple[str, int]], Optional[str]]:
+    """What --load may load, newest first: the directory the tracker names (or --load itself when it is an
+    iter_XXXXXXX directory), then every older iter_XXXXXXX directory; and why the tracker's choice cannot be loaded at
+    all (a corrupted or missing tracker, or one naming a missing directory), else None."""
+    if not os.path.exists(load):
+        raise CheckpointError(f"--load {load}: no such directory")
+    if re.search(r"iter_(\d+)/?$", load) and os.path.isdir(load):
+        return [resolve_checkpoint_dir(load)], None
+    dirs = iteration_dirs(load)
+    try:
+        it = read_tracker(load)
+    except CorruptCheckpointError as e:
+        return dirs, str(e)
+    if it is None:
+        if not dirs:
+            raise CheckpointError(f"--load {load}: no {TRACKER} and not an iter_XXXXXXX directory")
+        return dirs, f"--load {load}: {os.path.join(load, TRACKER)} is missing"
+    older = [(d, i) for d, i in dirs if i < it]
+    d = iter_dir(load, it)
+    if not os.path.isdir(d):
+        return older, f"{os.path.join(load, TRACKER)} names iteration {it} but {d} is missing; the checkpoint is torn"
+    return [(d, it)] + older, None
+
+
+def _first_error(err: Optional[str]) -> Optional[str]:
+    """The lowest rank's error (None when no rank failed), on every rank: ranks read different expert files, so
+    one may find a problem the others cannot see, and all must take the same decision."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return err
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, err)
+    return next((e for e in out if e), None)
+
+
+def _read_verified(ckpt_dir: str, model, groups):
+    """((dense payload, this rank's expert payloads), None), or (None, why) for a torn or corrupted checkpoint."""
+    try:
+        payload, _ = load_dense(ckpt_dir, groups.tp_rank, groups.tp_size)
+        return (payload, read_expert_files(model, ckpt_dir)), None
+    except CorruptCheckpointError as e:
+        return None, str(e)
+
+
+def read_training_checkpoint(ck, model, groups) -> Tuple[str, dict, dict]:
+    """(directory, dense payload, this rank's expert payloads) of what --load names, every file verified.
+
+    A torn or corrupted checkpoint (or tracker) is an error that names the file and the iteration --load-fallback
+    would load; with --load-fallback (ck.load_fallback) the newest older iteration that verifies on every rank is
+    loaded instead, said in one log line (see _after_fallback for what happens to the refused directories).
+    Collective when distributed: every rank calls it."""
+    candidates, problem = load_candidates(ck.load)
+    refused: List[Tuple[Optional[str], str]] = [(None, problem)] if problem is not None else []
+    tried = 0
+    for d, it in candidates:
+        if refused and not ck.load_fallback:
+            break
+        got, err = _read_verified(d, model, groups)
+        err = _first_error(err)
+        tried += 1
+        if err is None:
+            if refused:
+                _after_fallback(ck, refused, d, it)
+            return d, got[0], got[1]
+        refused.append((d, err))
+    if ck.load_fallback:
+        raise CorruptCheckpointError(f"{refused[0][1]}; --load-fallback found no older checkpoint in {ck.load} that "
+                                     f"verifies")
+    nxt = next((it for d, it in candidates[tried:] if checkpoint_complete(d)), None)
+    hint = (f"--load-fallback would load iteration {nxt}, the newest older complete checkpoint" if nxt is not None
+            else f"no older complete checkpoint exists in {ck.load}")
+    raise CorruptCheckpointError(f"{refused[0][1]}; {hint}")
+
+
+def _after_fallback(ck, refused, ckpt_dir: str, iteration: int) -> None:
+    """One log line; and, when --save is the --load directory (later saves will write there), rank 0 renames each
+    refused iter_XXXXXXX to iter_XXXXXXX.corrupt (kept for inspection, never deleted; a later save of the same
+    iteration can then neither replace nor be confused with it) and points the tracker at the loaded iteration."""
+    note = ""
+    if ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load) and not (
+            dist.is_initialized() and dist.get_rank() != 0):
+        moved = []
+        try:
+            for bad, _ in refused:
+                if bad is not None and os.path.isdir(bad):
+                    target = bad + ".corrupt"
+                    n = 1
+                    while os.path.exists(target):
+                        target, n = f"{bad}.corrupt{n}", n + 1
+                    os.replace(bad, target)
+                    moved.append(os.path.basename(target))
+            write_tracker(ck.load, iteration)
+            note = (f"; kept the refused checkpoint as {', '.join(moved)} and " if moved else "; ") + \
+                f"pointed {TRACKER} at iteration {iteration}"
+        except OSError as e:
+            note = f"; could not set the refused checkpoint aside ({e.strerror})"
+    _log_rank0(f"--load-fallback: {refused[0][1]}; loaded iteration {iteration} ({ckpt_dir}) instead{note}")
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -431,23 +749,23 @@ def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, grou
     consumed_tokens}, or None when they restart from zero (--finetune, --reset-iteration). The checkpoint's
     architecture must match the flags (CheckpointError naming the field)."""
     ck = cfg.checkpoint
-    payload, ckpt_dir = load_dense(ck.load, groups.tp_rank, groups.tp_size)
+    ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups)
     saved = payload.get("configs", {})
     check_config_match(saved.get("model", {}), dataclasses.asdict(cfg.model), "training", ckpt_dir)
     if saved.get("moe") or cfg.moe:
         check_config_match(saved.get("moe") or {"num_experts": [1]},
                            dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
-    load_model_state(model, payload, ckpt_dir)
+    load_model_state(model, payload, ckpt_dir, experts=experts)
     if ck.finetune:
         return None
     if ck.reset_iteration:  # a student starting a fresh schedule from these weights (and optimizer)
         if not ck.no_load_optim:
-            load_optimizer_state(model, optimizer, payload, ckpt_dir)
+            load_optimizer_state(model, optimizer, payload, ckpt_dir, experts)
         if not ck.no_load_rng and payload.get("rng"):
             set_rng_state(payload["rng"])
         return None
     if not ck.no_load_optim:
-        load_optimizer_state(model, optimizer, payload, ckpt_dir)
+        load_optimizer_state(model, optimizer, payload, ckpt_dir, experts)
         if payload.get("scheduler"):
             scheduler.load_state_dict(payload["scheduler"])
         if loss_scaler is not None and payload.get("loss_scaler"):

@@ -301,7 +301,7 @@ def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------ entry
 def build_data_iterators(st: TrainState):
     """(train iterator from consumed_samples, factory for a fresh validation iterator, test factory)."""
-    from megatron.data import build_pretraining_data_loader, build_train_valid_test_datasets
+    from megatron.data import build_pretraining_data_loader, build_train_valid_test_datasets, user_errors_unwrapped
 
     cfg, g = st.cfg, st.groups
     if not cfg.data.data_path:
@@ -312,7 +312,8 @@ def build_data_iterators(st: TrainState):
     barrier = (lambda: dist.barrier()) if dist.is_initialized() and dist.get_world_size() > 1 else None
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
-        cache_dir=cfg.data.data_cache_path, barrier=barrier, rank=g.rank)
+        cache_dir=cfg.data.data_cache_path, barrier=barrier, rank=g.rank,
+        vocab_size=st.tokenizer.vocab_size if st.tokenizer is not None else None)
     if train_ds is None:
         raise ConfigError(f"--split {cfg.data.split} leaves no training documents")
 
@@ -320,9 +321,9 @@ def build_data_iterators(st: TrainState):
         return build_pretraining_data_loader(ds, consumed, cfg.data.micro_batch_size, g.dp_rank, g.dp_size,
                                              cfg.data.num_workers)
 
-    train_iter = iter(loader(train_ds, st.consumed_samples))
-    valid = (lambda: iter(loader(valid_ds, 0))) if valid_ds is not None and len(valid_ds) > 0 else None
-    test = (lambda: iter(loader(test_ds, 0))) if test_ds is not None and len(test_ds) > 0 else None
+    train_iter = user_errors_unwrapped(loader(train_ds, st.consumed_samples))
+    valid = (lambda: user_errors_unwrapped(loader(valid_ds, 0))) if valid_ds is not None and len(valid_ds) > 0 else None
+    test = (lambda: user_errors_unwrapped(loader(test_ds, 0))) if test_ds is not None and len(test_ds) > 0 else None
     return train_iter, valid, test
 
 

@@ -6,7 +6,8 @@ torch.load of the same state (model + Adam) on the same disk, measured side by s
 
 Models: the demo's (4 layers, hidden 128, 8 experts top-1 every other layer, GPT-2 vocabulary) and a wide-expert one
 (4 layers, hidden 256, 64 experts of ffn 1024 per MoE layer). Both sides fsync what they write; the page cache is
-dropped (as root) before every timed load, so loads read from the disk.
+dropped (as root) before every timed load, so loads read from the disk. Our save includes hashing every file and
+writing checksums.json; our load verifies every file against it before unpickling.
 """
 import argparse
 import os
@@ -90,9 +91,10 @@ def main(argv=None) -> int:
             times["tsave"].append(time.perf_counter() - t)
             drop_caches()
             t = time.perf_counter()
-            payload, ckpt_dir = checkpointing.load_dense(root)
-            checkpointing.load_model_state(model, payload, ckpt_dir)
-            checkpointing.load_optimizer_state(model, opt, payload, ckpt_dir)
+            payload, ckpt_dir = checkpointing.load_dense(root)  # as training restores: every file verified, read once
+            experts = checkpointing.read_expert_files(model, ckpt_dir)
+            checkpointing.load_model_state(model, payload, ckpt_dir, experts=experts)
+            checkpointing.load_optimizer_state(model, opt, payload, ckpt_dir, experts)
             times["load"].append(time.perf_counter() - t)
             drop_caches()
             t = time.perf_counter()

@@ -77,6 +77,7 @@ def convert(load: str, save: str, target_tp: int, true_vocab_size=None) -> str:
     for f in sorted(os.listdir(ckpt_dir)):  # experts are replicated over TP: one file each serves every rank
         if re.fullmatch(r"layer_\d+_expert_\d+_mp_rank_00_model_states\.pt", f):
             shutil.copyfile(os.path.join(ckpt_dir, f), os.path.join(tmp, f))
+    checkpointing.write_manifest_of(tmp, iteration)  # the converted checkpoint is verified at load like any other
     os.replace(tmp, final)
     with open(os.path.join(save, checkpointing.TRACKER), "w") as fh:
         fh.write(str(iteration))

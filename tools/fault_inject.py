@@ -98,7 +98,7 @@ def same_checkpoint(a: str, b: str) -> list:
     da, _ = checkpointing.resolve_checkpoint_dir(a)
     db, _ = checkpointing.resolve_checkpoint_dir(b)
     diffs = []
-    files = sorted(set(os.listdir(da)) | set(os.listdir(db)))
+    files = sorted((set(os.listdir(da)) | set(os.listdir(db))) - {checkpointing.MANIFEST})  # tensors compared
     for name in files:
         pa, pb = os.path.join(da, name), os.path.join(db, name)
         if os.path.isdir(pa) or os.path.isdir(pb):

@@ -20,6 +20,7 @@ _EXPORTS = {
     "MMapIndexedDatasetBuilder": "indexed_dataset",
     "MegatronPretrainingSampler": "samplers",
     "build_pretraining_data_loader": "samplers",
+    "user_errors_unwrapped": "samplers",
 }
 __all__ = sorted(_EXPORTS)
 

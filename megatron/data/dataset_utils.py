@@ -23,6 +23,7 @@ def build_train_valid_test_datasets(
     cache_dir: Optional[str] = None,
     barrier: Optional[Callable[[], None]] = None,
     rank: int = 0,
+    vocab_size: Optional[int] = None,
 ):
     """Build the train, valid and test datasets.
 
@@ -35,6 +36,7 @@ def build_train_valid_test_datasets(
         cache_dir: ``--data-cache-path`` for the index ``.npy`` files (default beside each prefix).
         barrier: callable run by all ranks after rank 0 built the caches (e.g. a torch.distributed barrier).
         rank: global rank; only rank 0 builds caches.
+        vocab_size: the tokenizer's vocabulary size; token ids at or beyond it are a DataError naming the file.
 
     Returns:
         (train, valid, test): GPTDataset, BlendableDataset, or None where the split is empty or no
@@ -43,14 +45,15 @@ def build_train_valid_test_datasets(
     prefixes, weights = parse_data_path(data_prefix)
     if len(prefixes) == 1:
         train, valid, test = build_gpt_datasets_for_prefix(
-            prefixes[0], splits_string, train_valid_test_num_samples, seq_length, seed, cache_dir, barrier, rank
-        )
+            prefixes[0], splits_string, train_valid_test_num_samples, seq_length, seed, cache_dir, barrier, rank,
+            vocab_size)
         return train, valid, test
 
     per_prefix: List[List] = []
     for prefix, weight in zip(prefixes, weights):
         counts = [int(math.ceil(n * weight * _BLEND_OVERSAMPLE)) for n in train_valid_test_num_samples]
-        per_prefix.append(build_gpt_datasets_for_prefix(prefix, splits_string, counts, seq_length, seed, cache_dir, barrier, rank))
+        per_prefix.append(build_gpt_datasets_for_prefix(prefix, splits_string, counts, seq_length, seed, cache_dir, barrier, rank,
+                                                        vocab_size))
 
     blended = []
     for split, size in enumerate(train_valid_test_num_samples):

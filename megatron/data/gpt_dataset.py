@@ -9,6 +9,11 @@ Three arrays describe this and are cached as ``.npy`` files:
     sample_idx  int64[samples + 1, 2]  (position in doc_idx, token offset) where each sample starts
     shuffle_idx uint32|int64[samples]  the order samples are served in
 
+beside a ``_checks.json`` written last: the xxh3-64 of each ``.npy`` and the largest token id of the split's
+``.bin`` range. A cache file that does not match (changed, truncated, unreadable) is derived data, so rank 0
+rebuilds it, saying so in one log line; a token id beyond the tokenizer's vocabulary is a DataError naming the
+``.bin`` (checked at start-up from the recorded maximum, and again per sample as it is read).
+
 Differences from Megatron-LM's legacy ``gpt_dataset.py``, on purpose: ``doc_idx`` shuffles each epoch
 separately (Megatron shuffles all epochs jointly, so a document can repeat inside one "epoch" of
 samples), and ``sample_idx`` is computed with a vectorised searchsorted instead of the C++ helper
@@ -24,12 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.indexed_dataset import MMapIndexedDataset, data_file_path
 from megatron.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-_INDEX_VERSION = "gpt-index-v1"  # bump when the index algorithm changes, so old caches are not reused
+_INDEX_VERSION = "gpt-index-v2"  # bump when the index algorithm changes, so old caches are not reused
 
 
 def parse_split(splits_string: str, size: int) -> List[int]:
@@ -157,6 +162,30 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _file_xxh3(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _max_token_id(indexed: MMapIndexedDataset, documents: np.ndarray) -> int:
+    """The largest token id in the .bin bytes of sequences documents.min() .. documents.max() (a split's range)."""
+    if not len(documents):
+        return -1
+    lo, hi = int(documents.min()), int(documents.max())
+    itemsize = np.dtype(indexed.dtype).itemsize
+    start, end = int(indexed.pointers[lo]), int(indexed.pointers[hi]) + int(indexed.sizes[hi]) * itemsize
+    tokens = np.frombuffer(indexed._bin, dtype=indexed.dtype, count=(end - start) // itemsize, offset=start)
+    best, step = -1, 1 << 24
+    for i in range(0, len(tokens), step):  # in pieces: a large .bin is read once, never copied whole
+        best = max(best, int(tokens[i:i + step].max()))
+    return best
+
+
 class GPTDataset:
     """Samples of ``seq_length + 1`` tokens from documents ``documents`` of one indexed dataset.
 
@@ -170,7 +199,9 @@ class GPTDataset:
         cache_dir: where the index ``.npy`` files go (``--data-cache-path``); default
             ``<dir of prefix>/index-cache``.
         barrier: optional callable run by every rank between building and loading the cache.
-        rank: only rank 0 builds a missing cache; other ranks wait on ``barrier`` and then load.
+        rank: only rank 0 builds a missing (or rebuilds a corrupted) cache; other ranks wait on ``barrier``, then
+            check and load it.
+        vocab_size: the tokenizer's vocabulary size; a token id at or beyond it is a DataError naming the .bin.
 
     ``ds[i]`` returns ``{"text": int64[seq_length + 1]}``.
     """
@@ -186,6 +217,7 @@ class GPTDataset:
         cache_dir: Optional[str] = None,
         barrier: Optional[Callable[[], None]] = None,
         rank: int = 0,
+        vocab_size: Optional[int] = None,
     ):
         if num_samples <= 0:
             raise ValueError(f"{name}: num_samples ({num_samples}) must be positive")
@@ -194,6 +226,7 @@ class GPTDataset:
         self.name = name
         self.indexed_dataset = indexed_dataset
         self.seq_length = seq_length
+        self.vocab_size = vocab_size
         documents = np.asarray(documents, dtype=np.int64)
         if len(documents) and (documents.min() < 0 or documents.max() >= len(indexed_dataset)):
             raise ValueError(f"{name}: document indices out of range for {indexed_dataset.prefix} ({len(indexed_dataset)} documents)")
@@ -202,20 +235,62 @@ class GPTDataset:
         base = os.path.basename(indexed_dataset.prefix)
         paths = {k: os.path.join(cache_dir, f"{base}_{name}_{key}_{k}.npy") for k in ("doc_idx", "sample_idx", "shuffle_idx")}
         self.cache_paths = paths
+        self.checks_path = os.path.join(cache_dir, f"{base}_{name}_{key}_checks.json")
         self.built_cache = False
-        if rank == 0 and not all(os.path.isfile(p) for p in paths.values()):
-            self._build_cache(cache_dir, paths, documents, num_samples, seed)
+        if rank == 0:
+            problem = self._cache_problem() if all(os.path.isfile(p) for p in paths.values()) else "missing"
+            if problem != "missing" and problem is not None:
+                logger.warning("%s: %s; rebuilding the index cache (derived data)", name, problem)
+            if problem is not None:
+                self._build_cache(cache_dir, paths, documents, num_samples, seed)
         if barrier is not None:
             barrier()
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise DataError(f"{name}: index cache {missing[0]} missing after rank 0 built it; is --data-cache-path shared by all ranks?")
+            raise DataError(f"{name}: index cache {missing[0]} missing after rank 0 built it; is --data-cache-path "
+                            f"shared by all ranks?")
+        problem = None if self.built_cache else self._cache_problem()
+        if problem is not None:  # rank 0 checked (and rebuilt) it before the barrier: it changed since
+            raise DataError(f"{name}: {problem}; delete it to have it rebuilt")
         self._load_cache()
+        self._check_vocabulary()
         logger.info("%s: %d samples (%d documents, %d doc_idx entries) from %s", name, len(self), len(documents), len(self.doc_idx), indexed_dataset.prefix)
 
     def _load_cache(self) -> None:
         for k in ("doc_idx", "sample_idx", "shuffle_idx"):
-            setattr(self, k, np.load(self.cache_paths[k], mmap_mode="r", allow_pickle=False))
+            try:
+                setattr(self, k, np.load(self.cache_paths[k], mmap_mode="r", allow_pickle=False))
+            except (ValueError, OSError, EOFError) as e:  # verified moments ago: changed since (or not shared)
+                raise DataError(f"{self.cache_paths[k]}: unreadable index cache ({e}); delete it to have it "
+                                f"rebuilt") from None
+
+    def _cache_problem(self) -> Optional[str]:
+        """None when the three .npy files match the xxh3-64 recorded in _checks.json (and the .bin still has the
+        size and mtime whose largest token id it records); else what is wrong, naming the file."""
+        try:
+            with open(self.checks_path, "rb") as f:
+                checks = json.loads(f.read().decode("utf-8"))
+            recorded = {k: checks[k] for k in self.cache_paths}
+            bin_stat = checks["bin"]
+            int(checks["max_token_id"])
+        except FileNotFoundError:
+            return f"{self.checks_path} is missing"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return f"{self.checks_path} is unreadable"
+        for k, path in self.cache_paths.items():
+            if _file_xxh3(path) != recorded[k]:
+                return f"index cache {path} does not match its checksum (changed or truncated)"
+        st = os.stat(data_file_path(self.indexed_dataset.prefix))
+        if bin_stat != [st.st_size, st.st_mtime_ns]:
+            return f"{data_file_path(self.indexed_dataset.prefix)} changed since its token ids were checked"
+        self.max_token_id = int(checks["max_token_id"])
+        return None
+
+    def _check_vocabulary(self) -> None:
+        if self.vocab_size is not None and self.max_token_id >= self.vocab_size:
+            raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: holds token id {self.max_token_id}, "
+                            f"beyond the tokenizer's {self.vocab_size} ids; the data was tokenized with another "
+                            f"tokenizer, or the file (or the tokenizer file) is corrupted")
 
     # Pickle without the memory-mapped arrays (DataLoader workers under spawn); they are reopened.
     def __getstate__(self):
@@ -234,6 +309,14 @@ class GPTDataset:
         arrays = build_index_mappings(self.indexed_dataset.sizes, documents, num_samples, self.seq_length, seed)
         for k, path in paths.items():
             _save_atomic(path, arrays[k])
+        st = os.stat(data_file_path(self.indexed_dataset.prefix))
+        self.max_token_id = _max_token_id(self.indexed_dataset, documents)
+        checks = {k: _file_xxh3(path) for k, path in paths.items()}
+        checks.update(bin=[st.st_size, st.st_mtime_ns], max_token_id=self.max_token_id)
+        tmp = f"{self.checks_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(checks, f)
+        os.replace(tmp, self.checks_path)  # last: a cache without it is rebuilt
         self.built_cache = True
         logger.info("%s: built index mappings in %.2f s into %s", self.name, time.time() - t0, cache_dir)
 
@@ -252,6 +335,10 @@ class GPTDataset:
             parts.extend(get(int(self.doc_idx[i])) for i in range(doc_f + 1, doc_l))
             parts.append(get(int(self.doc_idx[doc_l]), length=off_l + 1))
             sample = np.concatenate(parts)
+        if self.vocab_size is not None and len(sample) and int(sample.max()) >= self.vocab_size:
+            raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: sample {idx} holds token id "
+                            f"{int(sample.max())}, beyond the tokenizer's {self.vocab_size} ids; the file is corrupted "
+                            f"or was tokenized with another tokenizer")
         return {"text": np.asarray(sample, dtype=np.int64)}
 
 
@@ -264,6 +351,7 @@ def build_gpt_datasets_for_prefix(
     cache_dir: Optional[str] = None,
     barrier: Optional[Callable[[], None]] = None,
     rank: int = 0,
+    vocab_size: Optional[int] = None,
 ) -> List[Optional[GPTDataset]]:
     """Train/valid/test GPTDatasets of one prefix; a split with no documents or no samples is None."""
     indexed = MMapIndexedDataset(prefix)
@@ -274,5 +362,6 @@ def build_gpt_datasets_for_prefix(
         if len(documents) == 0 or num_samples[i] <= 0:
             out.append(None)
             continue
-        out.append(GPTDataset(name, indexed, documents, num_samples[i], seq_length, seed, cache_dir, barrier, rank))
+        out.append(GPTDataset(name, indexed, documents, num_samples[i], seq_length, seed, cache_dir, barrier, rank,
+                              vocab_size))
     return out

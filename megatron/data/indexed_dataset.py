@@ -91,10 +91,13 @@ class MMapIndexedDataset:
             if not os.path.isfile(path):
                 raise IndexedDatasetError(f"{path}: missing (expected the output of tools/preprocess_data.py)")
         self._read_index(idx_path)
+        self._check_index(idx_path)
         bin_size = os.path.getsize(bin_path)
         expected = int(self._pointers[-1]) + int(self._sizes[-1]) * self.dtype().itemsize if len(self._sizes) else 0
-        if bin_size < expected:
-            raise IndexedDatasetError(f"{bin_path}: truncated ({bin_size} bytes, index needs {expected})")
+        if bin_size != expected:
+            raise IndexedDatasetError(f"{bin_path}: {'truncated' if bin_size < expected else 'longer than its index'} "
+                                      f"({bin_size} bytes, {idx_path} describes {expected}); rebuild it with "
+                                      f"tools/preprocess_data.py")
         # np.memmap refuses empty files; an empty dataset needs no mapping.
         self._bin = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_size else np.zeros(0, np.uint8)
 
@@ -115,9 +118,10 @@ class MMapIndexedDataset:
         self.dtype = DTYPE_CODES[code]
         n_seq, n_doc = struct.unpack("<QQ", header[18:34])
         needed = _HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
-        if file_size < needed:
+        if file_size != needed:
             raise IndexedDatasetError(
-                f"{idx_path}: truncated ({file_size} bytes, header promises {n_seq} sequences and {n_doc} doc_idx entries = {needed})"
+                f"{idx_path}: {'truncated' if file_size < needed else 'longer than its header says'} ({file_size} "
+                f"bytes, header promises {n_seq} sequences and {n_doc} doc_idx entries = {needed})"
             )
         buf = np.memmap(idx_path, dtype=np.uint8, mode="r")
         off = _HEADER_BYTES
@@ -127,6 +131,24 @@ class MMapIndexedDataset:
         off += 8 * n_seq
         self._doc_idx = np.frombuffer(buf, dtype=np.int64, count=n_doc, offset=off)
         self._idx_buf = buf
+
+    def _check_index(self, idx_path: str) -> None:
+        """The index's own consistency, as every Megatron builder writes it: sizes >= 0; sequences back to back in
+        the .bin (pointer i + 1 = pointer i + size i * itemsize, starting at 0); doc_idx rising from 0 to at most N. A
+        changed byte in sizes or pointers always breaks this; one in doc_idx may not (GPT training does not read
+        doc_idx: its documents are the sequences)."""
+        sizes, pointers, doc_idx = self._sizes, self._pointers, self._doc_idx
+        n, itemsize = len(sizes), np.dtype(self.dtype).itemsize
+        problem = None
+        if n and sizes.min() < 0:
+            problem = "a negative sequence size"
+        elif n and (pointers[0] != 0 or np.any(np.diff(pointers) != sizes[:-1].astype(np.int64) * itemsize)):
+            problem = "sequence pointers that do not follow the sizes"
+        elif len(doc_idx) == 0 or doc_idx[0] != 0 or doc_idx[-1] > n or np.any(np.diff(doc_idx) < 0):
+            problem = f"a doc_idx that does not rise from 0 to at most {n}"
+        if problem:
+            raise IndexedDatasetError(f"{idx_path}: corrupted index ({problem}); rebuild it with "
+                                      f"tools/preprocess_data.py")
 
     # Pickle by prefix (DataLoader workers under spawn) instead of copying the mapped files.
     def __getstate__(self):

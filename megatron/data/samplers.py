@@ -1,6 +1,6 @@
 """Resumable pretraining batch sampler and the DataLoader built on it."""
 
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -82,3 +82,27 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
         # after a resume would differ from an uninterrupted run
         generator=torch.Generator(),
     )
+
+
+def user_errors_unwrapped(loader: Iterable) -> Iterator:
+    """Iterates `loader`; a project error (megatron.errors.UserError, e.g. a corrupted data file) raised in a
+    DataLoader worker, which torch re-raises with the worker's traceback folded into its message, is raised again
+    as the one-line error it was."""
+    return _unwrapped(iter(loader))  # iter() now: workers start here, as without the wrapper
+
+
+def _unwrapped(it: Iterator) -> Iterator:
+    from megatron.errors import UserError
+
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            text = str(e)
+            if not (text.startswith("Caught ") and "Traceback" in text):
+                raise
+            last = text.rstrip().splitlines()[-1]  # "package.module.ErrorType: the message"
+            raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+        yield batch

@@ -92,12 +92,9 @@ class GPT2BPETokenizer(AbstractTokenizer):
 
     def __init__(self, vocab_file: str, merge_file: str):
         super().__init__("GPT2BPETokenizer")
-        with open(vocab_file, encoding="utf-8") as f:
-            self.encoder: Dict[str, int] = json.load(f)
+        self.encoder: Dict[str, int] = _read_gpt2_vocab(vocab_file)
         self.decoder: Dict[int, str] = {v: k for k, v in self.encoder.items()}
-        with open(merge_file, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
+        merges = _read_gpt2_merges(merge_file, self.encoder, vocab_file)
         self.bpe_ranks: Dict[tuple, int] = dict(zip(merges, range(len(merges))))
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
@@ -181,6 +178,53 @@ class GPT2BPETokenizer(AbstractTokenizer):
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
 
 
+def _read_gpt2_vocab(vocab_file: str) -> Dict[str, int]:
+    """encoder.json, checked: a JSON object whose ids are exactly 0..n-1 and which holds the 256 byte symbols (a
+    changed digit or a merged key breaks the first; BPE needs the second)."""
+    try:
+        with open(vocab_file, "rb") as f:
+            encoder = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"--vocab-file {vocab_file}: not a GPT-2 vocabulary JSON ({str(e).splitlines()[0][:100]}); "
+                        f"the file is corrupted or of another kind") from None
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise DataError(f"--vocab-file {vocab_file}: expected a JSON object of token -> integer id")
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise DataError(f"--vocab-file {vocab_file}: token ids are not 0..{len(encoder) - 1} each once; the file is "
+                        f"corrupted")
+    missing = [c for c in bytes_to_unicode().values() if c not in encoder]
+    if missing:
+        raise DataError(f"--vocab-file {vocab_file}: lacks the byte symbol {missing[0]!r} every GPT-2 vocabulary "
+                        f"holds; the file is corrupted")
+    return encoder
+
+
+def _read_gpt2_merges(merge_file: str, encoder: Dict[str, int], vocab_file: str) -> List[tuple]:
+    """vocab.bpe, checked: each line after the version line is two symbols whose parts and concatenation are in
+    the vocabulary (what encoding needs; a changed byte almost always breaks it)."""
+    try:
+        with open(merge_file, "rb") as f:
+            lines = f.read().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--merge-file {merge_file}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
+                        f"corrupted") from None
+    merges = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise DataError(f"--merge-file {merge_file}: line {number} has {len(pair)} symbols, expected 2; the file "
+                            f"is corrupted")
+        bad = next((t for t in (pair[0], pair[1], pair[0] + pair[1]) if t not in encoder), None)
+        if bad is not None:
+            raise DataError(f"--merge-file {merge_file}: line {number} ({line[:40]!r}) needs {bad!r}, which "
+                            f"--vocab-file {vocab_file} lacks; one of the two files is corrupted, or they do not "
+                            f"belong together")
+        merges.append(pair)
+    return merges
+
+
 class SentencePieceTokenizer(AbstractTokenizer):
     """Wraps a SentencePiece model file.
 
@@ -252,24 +296,24 @@ def build_tokenizer(
         tokenizer_model: SentencePiece ``.model`` file (``--tokenizer-model``).
 
     Raises:
-        DataError naming the flag and path when a needed file is missing, unreadable or malformed;
-        ConfigError naming the flag when it is missing, or ``--tokenizer-type`` when the type is unknown.
+        DataError naming the flag and path when a needed file is missing, unreadable or corrupted (a GPT-2
+        vocabulary/merges pair is checked for consistency); ConfigError for a missing flag or an unknown
+        ``--tokenizer-type``.
     """
     if tokenizer_type is None:
         raise ConfigError(f"--tokenizer-type is required ({' or '.join(TOKENIZER_TYPES)})")
     if tokenizer_type == "GPT2BPETokenizer":
         _check_readable("--vocab-file", vocab_file, tokenizer_type)
         _check_readable("--merge-file", merge_file, tokenizer_type)
-        try:
-            return GPT2BPETokenizer(vocab_file, merge_file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot parse ({e})") from e
+        return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "SentencePieceTokenizer":
         _check_readable("--tokenizer-model", tokenizer_model, tokenizer_type)
         try:
             return SentencePieceTokenizer(tokenizer_model)
         except (RuntimeError, OSError) as e:
-            raise DataError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model ({e})") from e
+            raise DataError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model "
+                            f"({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); the file is corrupted or "
+                            f"of another kind") from None
     raise ConfigError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
 
 

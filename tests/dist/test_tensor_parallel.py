@@ -151,8 +151,14 @@ def test_tp2_resume_is_exact_with_dropout(tiny_corpus, tmp_path):
     save = str(tmp_path / "ckpt")
     run_distributed(_train, 2, base + ["--train-iters", "6", "--exit-interval", "3", "--save", save,
                                        "--save-interval", "3"])
+    experts = [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)]
     assert sorted(os.listdir(os.path.join(save, "iter_0000003"))) == sorted(
-        ["mp_rank_00", "mp_rank_01"] + [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)])
+        ["mp_rank_00", "mp_rank_01", "checksums.json"] + experts)
+    from megatron import checkpointing
+
+    # both TP ranks' dense files (each written by its own rank) and the experts are in the one checksum list
+    assert sorted(checkpointing.read_manifest(os.path.join(save, "iter_0000003"))) == sorted(
+        [f"mp_rank_0{r}/model_optim_rng.pt" for r in range(2)] + experts)
     resumed = run_distributed(_train, 2, base + ["--train-iters", "6", "--load", save])
     for a, b in zip(straight, resumed):
         assert a["losses"][3:] == b["losses"]  # bitwise: weights, Adam, data position and both RNG streams
@@ -175,7 +181,7 @@ def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, t
         pretrain(base + ["--load", save])  # TP=1 run on a TP=2 checkpoint: refused, names the fix
     tp1 = str(tmp_path / "tp1")
     assert convert_main(["--load", save, "--save", tp1, "--target-tp", "1"]) == 0
-    assert sorted(os.listdir(os.path.join(tp1, "iter_0000003"))) == sorted(["mp_rank_00"] + [
+    assert sorted(os.listdir(os.path.join(tp1, "iter_0000003"))) == sorted(["mp_rank_00", "checksums.json"] + [
         f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)])
     # one-process loading merges the TP=2 shards in memory: the same model as the converted checkpoint
     from megatron.inference import load_model_for_inference

@@ -1,6 +1,7 @@
 """GPTDataset index mappings, blending and the resumable sampler, against brute-force references written here."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -278,3 +279,44 @@ def test_pickles_by_reference(tmp_path):
     assert len(blob) < 2000
     clone = pickle.loads(blob)
     assert [clone[i]["text"].tolist() for i in range(len(ds))] == [ds[i]["text"].tolist() for i in range(len(ds))]
+
+
+def test_corrupted_cache_file_is_rebuilt_with_a_log_line(tiny_corpus, tmp_path, caplog):
+    """A changed .npy of the index cache is derived data: rank 0 rebuilds it (one warning naming it), equal to the
+    original; a token id beyond the vocabulary is a DataError naming the .bin."""
+    import logging
+
+    from megatron.data.indexed_dataset import MMapIndexedDataset
+    from megatron.errors import DataError
+
+    indexed = MMapIndexedDataset(tiny_corpus["prefix"])
+    docs = np.arange(len(indexed))
+    a = GPTDataset("train", indexed, docs, 50, 16, 3, cache_dir=str(tmp_path / "c"), vocab_size=128)
+    path = a.cache_paths["sample_idx"]
+    original = open(path, "rb").read()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 1
+    open(path, "wb").write(bytes(damaged))
+    with caplog.at_level(logging.WARNING):
+        b = GPTDataset("train", indexed, docs, 50, 16, 3, cache_dir=str(tmp_path / "c"), vocab_size=128)
+    said = [m for m in caplog.messages if path in m and "rebuilding the index cache" in m]
+    assert b.built_cache and len(said) == 1 and open(path, "rb").read() == original
+    with pytest.raises(DataError, match=r"corpus_text_document.bin: holds token id \d+, beyond the tokenizer's 10 ids"):
+        GPTDataset("train", indexed, docs, 50, 16, 3, cache_dir=str(tmp_path / "c"), vocab_size=10)
+
+
+def test_data_error_in_a_loader_worker_is_one_line(tiny_corpus, tmp_path):
+    """A DataError raised in a DataLoader worker (torch folds the worker's traceback into the message) reaches the
+    caller as the one line it was."""
+    from megatron.data import build_pretraining_data_loader, user_errors_unwrapped
+    from megatron.data.indexed_dataset import MMapIndexedDataset
+    from megatron.errors import DataError
+
+    ds = GPTDataset("train", MMapIndexedDataset(tiny_corpus["prefix"]), np.arange(10), 20, 16, 3,
+                    cache_dir=str(tmp_path / "c"), vocab_size=128)
+    ds.vocab_size = 5  # as if the .bin had changed in place after its token ids were checked
+    it = user_errors_unwrapped(build_pretraining_data_loader(ds, 0, 2, 0, 1, num_workers=1))
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert "\n" not in str(e.value) and re.match(r".*corpus_text_document.bin: sample \d+ holds token id \d+, beyond "
+                                                 r"the tokenizer's 5 ids", str(e.value)), str(e.value)

@@ -122,6 +122,31 @@ def test_build_tokenizer_gpt2_and_errors(tmp_path):
         build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab))
 
 
+def test_gpt2_files_checked_for_consistency(tmp_path):
+    """A changed byte that leaves vocab.json/merges.txt parseable is still caught: ids must be 0..n-1 once each, and
+    each merge's two symbols and their concatenation must be in the vocabulary (else encoding raises KeyError)."""
+    from megatron.errors import DataError
+
+    vocab, merges = _gpt2_files()
+    enc = json.loads(Path(vocab).read_text(encoding="utf-8"))
+    enc["the"], enc["thf"] = enc.pop("the"), -1  # a renamed token, and an id out of 0..n-1
+    bad_vocab = tmp_path / "vocab.json"
+    bad_vocab.write_text(json.dumps(enc), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"--vocab-file {bad_vocab}: token ids are not 0..50257 each once"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(bad_vocab), merge_file=str(merges))
+    del enc["thf"]
+    enc["thf"] = enc.pop("the")  # ids intact, but the merge "th e" now makes a token the vocabulary lacks
+    bad_vocab.write_text(json.dumps(enc), encoding="utf-8")
+    with pytest.raises(DataError, match=r"needs 'the', which --vocab-file .*vocab.json lacks"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(bad_vocab), merge_file=str(merges))
+    lines = Path(merges).read_text(encoding="utf-8").split("\n")
+    lines[5] = lines[5].replace(" ", "")  # one symbol on a line
+    bad_merges = tmp_path / "merges.txt"
+    bad_merges.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"--merge-file {bad_merges}: line 6 has 1 symbols, expected 2"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(bad_merges))
+
+
 def test_build_tokenizer_errors_without_data(tmp_path):
     with pytest.raises(ValueError, match=r"--tokenizer-model .*missing\.model"):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "missing.model"))
