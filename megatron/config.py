@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 from moe.config import MoEConfig
 from moe.distill import DistillConfig
+from moe.offload.config import OptimizerOffloadConfig
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
+    optimizer_offload: OptimizerOffloadConfig = field(default_factory=OptimizerOffloadConfig)  # expert Adam on NVMe
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
 

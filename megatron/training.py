@@ -24,6 +24,7 @@ from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
+from megatron.optimizer.offload import ExpertOffloadAdamW
 
 log = logging.getLogger("megatron")
 
@@ -79,7 +80,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     model = build_model(cfg, groups, device)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer_offload, groups.rank, groups.world_size)
     scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
     scaler = None
     if cfg.optimizer.fp16:
@@ -267,6 +268,8 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
         losses.append(m["lm_loss"])
         if st.iteration % lg.log_interval == 0:
             m["moe"] = summarize_moe(m.pop("moe_raw"))  # only on logging steps: it syncs on every stat
+            if isinstance(st.optimizer, ExpertOffloadAdamW):  # swap traffic and exposed time since the last log
+                m["offload"] = st.optimizer.take_stats()
             elapsed = time.perf_counter() - t0
             print_rank0(format_log(st, m, elapsed, st.iteration - last_logged))
             tokens = cfg.data.global_batch_size * cfg.data.seq_length * (st.iteration - last_logged)

@@ -1,0 +1,290 @@
+"""Expert Adam state on NVMe in training (--moe-offload-optimizer nvme): the same training, bit for bit, as the
+in-memory AdamW (the reference is torch.optim.AdamW itself, run by the normal path); exact resume and checkpoint
+interchange from the command line; one-line errors for bad directories and full disks; a failed write-back.
+
+Every equality here is exact (torch.equal): fp32 on CPU, the same kernels on the same element slices, so any
+difference is a bug, not rounding.
+"""
+import contextlib
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe.gating
+from megatron import checkpointing
+from megatron.optimizer.offload import ExpertOffloadAdamW
+from megatron.training import build_model, pretrain, set_seed
+from moe.offload.config import OptimizerOffloadConfig, offload_args_from_ds_config
+from moe.offload.store import OffloadError
+from tests.conftest import ROOT, tiny_train_argv
+
+MOE = ["--num-experts", "4", "--expert-interval", "1", "--topk", "1", "--clip-grad", "0.05", "--log-interval", "1",
+       "--weight-decay", "0.1"]
+STARVED = 3  # the expert no token is routed to
+
+
+@contextlib.contextmanager
+def starve_expert(expert: int = STARVED):
+    """Routes no token to `expert` (its router logit pushed far down), so its gradient rows are zero."""
+    original = moe.gating.router_logits
+
+    def logits(x_TD, weight_ED, jitter):
+        out = original(x_TD, weight_ED, jitter)
+        return out - 1e4 * (torch.arange(out.shape[-1], device=out.device) == expert).to(out.dtype)
+
+    moe.gating.router_logits = logits
+    try:
+        yield
+    finally:
+        moe.gating.router_logits = original
+
+
+def expert_adam_state(st) -> dict:
+    """{param name: {step, exp_avg, exp_avg_sq}} of every expert parameter, stacked over the local experts, read
+    from wherever the optimizer keeps it."""
+    out = {}
+    opt = st.optimizer
+    for moe_idx, prefix, layer in checkpointing._moe_layers(st.model):
+        e = layer.num_local_experts
+        for name in checkpointing._expert_param_names(st.model, prefix):
+            p = dict(st.model.named_parameters())[name]
+            if isinstance(opt, ExpertOffloadAdamW):
+                per = [opt.expert_state(moe_idx, layer.ep_rank * e + i)[name[len(prefix) + 1:]] for i in range(e)]
+                out[name] = {"step": per[0]["step"], "exp_avg": torch.stack([s["exp_avg"] for s in per]),
+                             "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in per])}
+            else:
+                out[name] = {k: v.clone() for k, v in opt.state[p].items()}
+    return out
+
+
+def train_and_capture(argv, capsys):
+    with starve_expert():
+        r = pretrain(argv)
+    out = capsys.readouterr().out
+    st = r["state"]
+    return st, out
+
+
+def assert_same_training(a, b):
+    (st_a, out_a), (st_b, out_b) = a, b
+    for (n, p), (_, q) in zip(st_a.model.named_parameters(), st_b.model.named_parameters()):
+        assert torch.equal(p, q), n
+    sa, sb = expert_adam_state(st_a), expert_adam_state(st_b)
+    assert sorted(sa) == sorted(sb) and sa
+    for n in sa:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[n][k], sb[n][k]), (n, k)
+    dense = {n: st_a.optimizer.state[p] for n, p in st_a.model.named_parameters() if n not in sa}
+    for n, p in st_b.model.named_parameters():
+        if n in dense:
+            assert dense[n]
+            for k, v in dense[n].items():
+                assert torch.equal(v, st_b.optimizer.state[p][k]), (n, k)
+    losses = lambda out: re.findall(r"lm loss: (\S+)", out)  # noqa: E731
+    assert losses(out_a) == losses(out_b) and len(losses(out_a)) == 10
+
+
+def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
+    argv = tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "10")
+    ref = train_and_capture(argv, capsys)
+    off = train_and_capture(argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / "off")],
+                            capsys)
+    serial = train_and_capture(argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / "s"),
+                                       "--no-moe-offload-pipeline", "--moe-offload-buffer-count", "1"], capsys)
+    assert_same_training(ref, off)
+    assert_same_training(ref, serial)
+    st, out = off
+    # clipping acted on every step, and the starved expert got no token yet was stepped (weight decay, moments)
+    norms = [float(x) for x in re.findall(r"grad norm: (\S+)", out)]
+    assert len(norms) == 10 and min(norms) > 0.05
+    layer = st.model.layers[0].mlp
+    w = layer.experts.w1_eFD
+    assert torch.count_nonzero(w.grad[STARVED]) == 0 and torch.count_nonzero(w.grad[0]) > 0
+    assert expert_adam_state(st)["layers.0.mlp.experts.w1_eFD"]["step"].item() == 10
+    # its moments stay 0, so AdamW moved its weights by weight decay alone: w_10 = w_0 * prod_t (1 - lr_t * wd)
+    # (lr as logged, 4 digits: rtol 1e-3)
+    set_seed(st.cfg.data.seed)
+    w0 = build_model(st.cfg, st.groups, torch.device("cpu")).layers[0].mlp.experts.w1_eFD.detach()
+    shrink = math.prod(1 - float(lr) * 0.1 for lr in re.findall(r"learning rate: (\S+)", out))
+    assert shrink < 0.9999 and torch.allclose(w[STARVED], w0[STARVED] * shrink, rtol=1e-3, atol=0)
+    # swap statistics were logged, and only the buffers are resident
+    assert re.search(r"offload: read [\d.]+ MB .* wrote [\d.]+ MB .* swap exposed", out)
+    opt = st.optimizer
+    assert opt.swapper.resident_bytes == 4 * opt.store.record_bytes
+    assert not any(p in opt.state for p in (w, layer.experts.b1_eF))
+
+
+def _cli(argv, env=None, check=True):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *argv], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(stdout):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"iteration\s+(\d+)/.*?lm loss: (\S+)", stdout)}
+
+
+def _checkpoint(root):
+    payload, ckpt_dir = checkpointing.load_dense(root)
+    experts = {f: torch.load(os.path.join(ckpt_dir, f), weights_only=True)
+               for f in sorted(os.listdir(ckpt_dir)) if f.startswith("layer_")}
+    return payload, experts
+
+
+def _assert_same_checkpoint(a, b):
+    (pa, ea), (pb, eb) = _checkpoint(a), _checkpoint(b)
+    assert pa["iteration"] == pb["iteration"]
+    for k, v in pa["model"].items():
+        assert torch.equal(v, pb["model"][k]), k
+    for n, st in pa["optimizer"].items():
+        for k, v in st.items():
+            assert torch.equal(v, pb["optimizer"][n][k]), (n, k)
+    assert sorted(ea) == sorted(eb) and ea
+    for f in ea:
+        for part in ("model", "optimizer"):
+            assert sorted(ea[f][part]) == sorted(eb[f][part]), (f, part)
+        for k, v in ea[f]["model"].items():
+            assert torch.equal(v, eb[f]["model"][k]), (f, k)
+        for n, st in ea[f]["optimizer"].items():
+            assert sorted(st) == sorted(eb[f]["optimizer"][n])
+            for k, v in st.items():
+                assert torch.equal(v, eb[f]["optimizer"][n][k]), (f, n, k)
+
+
+def test_exact_resume_and_checkpoint_interchange_from_the_command_line(tiny_corpus, tmp_path):
+    """With default offload flags: 6 straight == 3 (--exit-interval) + --load + 3, every loss and every checkpoint
+    byte of state; the offload-saved checkpoint equals the in-memory one and each loads in the other mode."""
+    base = lambda d, *x: tiny_train_argv(tiny_corpus, tmp_path / d, "--num-experts", "4", "--topk", "2",  # noqa
+                                         "--log-interval", "1", "--train-iters", "6", "--save-interval", "6",
+                                         "--save", str(tmp_path / d), *x)
+    off = lambda d: ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / d)]  # noqa: E731
+    straight = _losses(_cli(base("a", *off("oa"))).stdout)
+    first = _losses(_cli(base("b", "--exit-interval", "3", *off("ob"))).stdout)
+    second = _losses(_cli(base("b", "--load", str(tmp_path / "b"), *off("ob"))).stdout)
+    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
+    assert {**first, **second} == straight
+    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
+    # the same run in memory writes the same checkpoint (same files, same Adam state)
+    in_memory = _losses(_cli(base("c")).stdout)
+    assert in_memory == straight
+    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "c"))
+    # resume across modes: the offload-saved checkpoint without offload, an in-memory one with offload
+    cross = lambda d, load, *x: base(d, "--train-iters", "8", "--save-interval", "8", "--load", load, *x)  # noqa
+    from_off = _losses(_cli(cross("d", str(tmp_path / "a"))).stdout)
+    from_mem = _losses(_cli(cross("e", str(tmp_path / "c"), *off("oe"))).stdout)
+    assert sorted(from_off) == [7, 8] and from_off == from_mem
+    _assert_same_checkpoint(str(tmp_path / "d"), str(tmp_path / "e"))
+
+
+def test_failed_write_back_is_one_line_and_leaves_the_last_checkpoint(tiny_corpus, tmp_path):
+    """An I/O error from the handle in the middle of the step after a checkpoint (MOE_OFFLOAD_FAULT: the 20th
+    record write of the run; 4 per step here) stops training with one line, exit 2; the checkpoint loads."""
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "8", "--save-interval", "4",
+                           "--save", str(tmp_path / "ck"), "--moe-offload-optimizer", "nvme", "--moe-offload-dir",
+                           str(tmp_path / "off"))
+    r = _cli(argv, env={"MOE_OFFLOAD_FAULT": "write:22"}, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"error: .*experts\.bin: writing the optimizer state of MoE layer 0 expert "
+                                          r"\d .*injected I/O error.*resume from the last checkpoint with --load",
+                                          err[0]), err
+    assert checkpointing.read_tracker(str(tmp_path / "ck")) == 4
+    payload, _ = _checkpoint(str(tmp_path / "ck"))
+    assert payload["iteration"] == 4
+    resumed = _cli(argv + ["--load", str(tmp_path / "ck")])  # the checkpoint is whole: training goes on from it
+    assert sorted(_losses(resumed.stdout))[:1] == [5] or "iteration        8" in resumed.stdout
+
+
+def _one_line_exit_2(argv):
+    r = _cli(argv, check=False)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (r.returncode, r.stderr[-2000:])
+    return err[0]
+
+
+def test_bad_offload_directories_are_one_line(tiny_corpus, tmp_path):
+    ck = tmp_path / "ck"
+    argv = lambda d: tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2",  # noqa
+                                     "--save", str(ck), "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(d))
+    # a store of another run (another expert count) is refused, naming its manifest; so are foreign files
+    other = tmp_path / "other"
+    _cli(tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "2", "--train-iters", "1",
+                         "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(other)))
+    msg = _one_line_exit_2(argv(other))
+    assert f"{other}/rank_00000/manifest.json: left by another run" in msg
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    assert f"--moe-offload-dir {foreign}: holds other files (notes.txt)" in _one_line_exit_2(argv(foreign))
+    # a directory that cannot be created (a file is in the way)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert f"--moe-offload-dir {blocker / 'sub'}: cannot create" in _one_line_exit_2(argv(blocker / "sub"))
+    assert not ck.exists()  # nothing was saved by the refused runs
+    # the same run's own directory is reused (its state is rewritten at start)
+    _cli(tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "2", "--train-iters", "1",
+                         "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(other)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) and chmod tests need root")
+def test_full_disk_and_unwritable_directory(tiny_corpus, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    ck = tmp_path / "ck"
+    try:
+        argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2", "--save", str(ck),
+                               "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(mnt / "opt"))
+        msg = _one_line_exit_2(argv)
+        assert f"--moe-offload-dir {mnt / 'opt'}/rank_00000: reserving" in msg and "the disk is full" in msg
+        assert not any(f.name == "experts.bin" for f in (mnt / "opt" / "rank_00000").iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)])
+    assert not ck.exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    try:
+        argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2",
+                               "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(ro / "opt"))
+        assert f"--moe-offload-dir {ro / 'opt'}: cannot create" in _one_line_exit_2(argv)
+    finally:
+        subprocess.run(["umount", str(ro)])
+
+
+def test_deepspeed_config_blocks_map_onto_the_flags():
+    from megatron.arguments import optimizer_offload_config_from_args, parse_args
+
+    zero = {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme/opt", "buffer_count": 6,
+                                              "pin_memory": True, "pipeline_read": True, "pipeline_write": False}}
+    aio = {"block_size": 262144, "queue_depth": 8, "single_submit": True, "overlap_events": True,
+           "thread_count": 2}
+    dests = offload_args_from_ds_config(zero, aio)
+    args = parse_args(["--num-layers", "2"])
+    for k, v in dests.items():
+        assert hasattr(args, k), k  # every mapped key is a pretrain_gpt.py argparse dest
+        setattr(args, k, v)
+    assert optimizer_offload_config_from_args(args) == OptimizerOffloadConfig(
+        mode="nvme", directory="/nvme/opt", buffer_count=6, pipeline=True, aio_block_size=262144, aio_queue_depth=8,
+        aio_single_submit=True, aio_overlap_events=True, aio_intra_op_parallelism=2)
+    assert offload_args_from_ds_config({"offload_optimizer": {"device": "nvme", "nvme_path": "/x",
+                                                              "pipeline_read": False, "pipeline_write": False}},
+                                       None)["moe_offload_pipeline"] is False
+    assert offload_args_from_ds_config({"stage": 1}, None) == {}
+    for zero, aio, match in (({"offload_optimizer": {"device": "cpu"}}, None, 'device "cpu" is not supported'),
+                             ({"offload_optimizer": {"device": "nvme"}}, None, 'needs "nvme_path"'),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "ratio": 0.3}}, None,
+                              "ratio"),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "bogus": 1}}, None,
+                              r"unknown key\(s\) \['bogus'\]"),
+                             ({}, {"use_gds": True}, "use_gds")):
+        with pytest.raises(OffloadError, match=match):
+            offload_args_from_ds_config(zero, aio)
