@@ -359,6 +359,10 @@ def pretrain(argv=None) -> dict:
     signals = ExitSignals() if cfg.logging.exit_signal_handler else None
     try:
         result = train(st, train_iter, make_valid, signals, start)
+    except BaseException:
+        if isinstance(st.optimizer, ExpertOffloadAdamW):
+            st.optimizer.close()  # a failed run leaves its offload directory free for the next one
+        raise
     finally:
         if signals is not None:
             signals.restore()
@@ -388,7 +392,9 @@ def build_tokenizer_from_config_args(args):
 def main(argv=None) -> int:
     """CLI wrapper: configuration/data/checkpoint problems print one line and exit 2."""
     try:
-        pretrain(argv)
+        st = pretrain(argv)["state"]
+        if isinstance(st.optimizer, ExpertOffloadAdamW):
+            st.optimizer.close()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -164,6 +164,12 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                 self.expert_steps[p] = st["step"].to(device=p.device, dtype=torch.float32).clone()
         self.swapper.write((moe_layer, expert), tensors)
 
+    def close(self) -> None:
+        """Releases the store's lock (the run is over; another process may use the directory)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def take_stats(self):
         """moe.offload.swap.SwapStats since the last call (the log line)."""
         return self.swapper.stats.take()

@@ -395,8 +395,9 @@ def open_training_store(directory: str, rank: int, layout: Iterable[Tuple[int, i
         if old.get("source") != source:
             lock.close()
             prev = old.get("source") if isinstance(old.get("source"), dict) else {}
-            diff = [f"{k} {prev.get(k)!r} here vs {source.get(k)!r} now" for k in sorted(set(prev) | set(source))
-                    if prev.get(k) != source.get(k)]
+            short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
+            diff = [f"{k} {short(prev.get(k))} here vs {short(source.get(k))} now"
+                    for k in sorted(set(prev) | set(source)) if prev.get(k) != source.get(k)]
             raise OffloadError(f"{man_path}: left by another run ({'; '.join(diff[:3])}); delete it or point "
                                f"--moe-offload-dir at an empty directory")
     try:

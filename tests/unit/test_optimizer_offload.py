@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -159,105 +160,109 @@ def _assert_same_checkpoint(a, b):
 
 
 def test_exact_resume_and_checkpoint_interchange_from_the_command_line(tiny_corpus, tmp_path):
-    """With default offload flags: 6 straight == 3 (--exit-interval) + --load + 3, every loss and every checkpoint
-    byte of state; the offload-saved checkpoint equals the in-memory one and each loads in the other mode."""
+    """pretrain_gpt.py in separate processes, default offload flags. In memory, 6 straight steps (saving at 3 and 6)
+    are the reference; with offload, 3 (--exit-interval) + --load + 3 equals them (every logged loss, and the
+    checkpoint at 6: weights, dense and per-expert Adam state); the offload-saved checkpoint at 3 resumed without
+    offload, and the in-memory one at 3 resumed with offload, equal them too."""
     base = lambda d, *x: tiny_train_argv(tiny_corpus, tmp_path / d, "--num-experts", "4", "--topk", "2",  # noqa
-                                         "--log-interval", "1", "--train-iters", "6", "--save-interval", "6",
+                                         "--log-interval", "1", "--train-iters", "6", "--save-interval", "3",
                                          "--save", str(tmp_path / d), *x)
     off = lambda d: ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / d)]  # noqa: E731
-    straight = _losses(_cli(base("a", *off("oa"))).stdout)
+    straight = _losses(_cli(base("a")).stdout)
     first = _losses(_cli(base("b", "--exit-interval", "3", *off("ob"))).stdout)
     second = _losses(_cli(base("b", "--load", str(tmp_path / "b"), *off("ob"))).stdout)
     assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
     assert {**first, **second} == straight
     _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
-    # the same run in memory writes the same checkpoint (same files, same Adam state)
-    in_memory = _losses(_cli(base("c")).stdout)
-    assert in_memory == straight
+    # across modes: the offload-saved checkpoint at 3 without offload, the in-memory one at 3 with offload
+    b3 = checkpointing.iter_dir(str(tmp_path / "b"), 3)
+    a3 = checkpointing.iter_dir(str(tmp_path / "a"), 3)
+    assert _losses(_cli(base("c", "--load", b3)).stdout) == second
+    assert _losses(_cli(base("d", "--load", a3, *off("od"))).stdout) == second
     _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "c"))
-    # resume across modes: the offload-saved checkpoint without offload, an in-memory one with offload
-    cross = lambda d, load, *x: base(d, "--train-iters", "8", "--save-interval", "8", "--load", load, *x)  # noqa
-    from_off = _losses(_cli(cross("d", str(tmp_path / "a"))).stdout)
-    from_mem = _losses(_cli(cross("e", str(tmp_path / "c"), *off("oe"))).stdout)
-    assert sorted(from_off) == [7, 8] and from_off == from_mem
-    _assert_same_checkpoint(str(tmp_path / "d"), str(tmp_path / "e"))
+    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "d"))
 
 
-def test_failed_write_back_is_one_line_and_leaves_the_last_checkpoint(tiny_corpus, tmp_path):
-    """An I/O error from the handle in the middle of the step after a checkpoint (MOE_OFFLOAD_FAULT: the 20th
-    record write of the run; 4 per step here) stops training with one line, exit 2; the checkpoint loads."""
+def _main(argv, capsys):
+    """pretrain_gpt.py's main() in this process: (exit code, stderr lines that are not log lines)."""
+    from megatron.training import main
+
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    return code, err
+
+
+def test_failed_write_back_is_one_line_and_leaves_the_last_checkpoint(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """An I/O error from the write handle in the middle of step 6's write-back (MOE_OFFLOAD_FAULT: the 22nd record
+    write; 4 experts x 1 MoE layer per step) stops training with one line, exit 2; the checkpoint of step 4 is
+    the tracker's and loads: training resumes from it."""
+    from moe.offload import store
+
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "8", "--save-interval", "4",
                            "--save", str(tmp_path / "ck"), "--moe-offload-optimizer", "nvme", "--moe-offload-dir",
                            str(tmp_path / "off"))
-    r = _cli(argv, env={"MOE_OFFLOAD_FAULT": "write:22"}, check=False)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and re.fullmatch(r"error: .*experts\.bin: writing the optimizer state of MoE layer 0 expert "
-                                          r"\d .*injected I/O error.*resume from the last checkpoint with --load",
-                                          err[0]), err
+    monkeypatch.setenv(store.FAULT_ENV, "write:22")
+    monkeypatch.setattr(store, "_fault_writes", 0)
+    code, err = _main(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert re.fullmatch(r"error: .*experts\.bin: writing the optimizer state of MoE layer 0 expert 1 .*injected I/O "
+                        r"error.*resume from the last checkpoint with --load", err[0]), err
     assert checkpointing.read_tracker(str(tmp_path / "ck")) == 4
-    payload, _ = _checkpoint(str(tmp_path / "ck"))
-    assert payload["iteration"] == 4
-    resumed = _cli(argv + ["--load", str(tmp_path / "ck")])  # the checkpoint is whole: training goes on from it
-    assert sorted(_losses(resumed.stdout))[:1] == [5] or "iteration        8" in resumed.stdout
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000004", checkpointing.TRACKER]
+    monkeypatch.delenv(store.FAULT_ENV)
+    code, err = _main(argv + ["--load", str(tmp_path / "ck")], capsys)
+    assert code == 0 and not err and checkpointing.read_tracker(str(tmp_path / "ck")) == 8
 
 
-def _one_line_exit_2(argv):
-    r = _cli(argv, check=False)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (r.returncode, r.stderr[-2000:])
-    return err[0]
-
-
-def test_bad_offload_directories_are_one_line(tiny_corpus, tmp_path):
+def test_bad_offload_directories_are_one_line(tiny_corpus, tmp_path, capsys):
     ck = tmp_path / "ck"
-    argv = lambda d: tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2",  # noqa
-                                     "--save", str(ck), "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(d))
-    # a store of another run (another expert count) is refused, naming its manifest; so are foreign files
+    argv = lambda d, n="4": tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", n, "--train-iters", "2",  # noqa
+                                            "--save", str(ck), "--moe-offload-optimizer", "nvme",
+                                            "--moe-offload-dir", str(d))
     other = tmp_path / "other"
-    _cli(tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "2", "--train-iters", "1",
-                         "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(other)))
-    msg = _one_line_exit_2(argv(other))
-    assert f"{other}/rank_00000/manifest.json: left by another run" in msg
+    assert _main(argv(other, "2"), capsys) == (0, [])
+    assert (other / "rank_00000" / "manifest.json").is_file()
+    shutil.rmtree(ck)
+    # a store of another run (another expert count) is refused, naming its manifest
+    code, err = _main(argv(other), capsys)
+    assert code == 2 and len(err) == 1 and f"{other}/rank_00000/manifest.json: left by another run" in err[0], err
+    # a directory holding something else
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("x")
-    assert f"--moe-offload-dir {foreign}: holds other files (notes.txt)" in _one_line_exit_2(argv(foreign))
+    code, err = _main(argv(foreign), capsys)
+    assert code == 2 and len(err) == 1 and f"--moe-offload-dir {foreign}: holds other files (notes.txt)" in err[0]
     # a directory that cannot be created (a file is in the way)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert f"--moe-offload-dir {blocker / 'sub'}: cannot create" in _one_line_exit_2(argv(blocker / "sub"))
-    assert not ck.exists()  # nothing was saved by the refused runs
-    # the same run's own directory is reused (its state is rewritten at start)
-    _cli(tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "2", "--train-iters", "1",
-                         "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(other)))
+    code, err = _main(argv(blocker / "sub"), capsys)
+    assert code == 2 and len(err) == 1 and f"--moe-offload-dir {blocker / 'sub'}: cannot create" in err[0], err
+    assert not ck.exists()  # the refused runs wrote nothing
+    # offload of a dense model is a flag error
+    code, err = _main(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--moe-offload-optimizer", "nvme",
+                                      "--moe-offload-dir", str(tmp_path / "x")), capsys)
+    assert code == 2 and len(err) == 1 and "the model is dense" in err[0], err
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) and chmod tests need root")
-def test_full_disk_and_unwritable_directory(tiny_corpus, tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) needs root")
+def test_full_disk_and_read_only_directory(tiny_corpus, tmp_path, capsys):
     ck = tmp_path / "ck"
-    try:
-        argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2", "--save", str(ck),
-                               "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(mnt / "opt"))
-        msg = _one_line_exit_2(argv)
-        assert f"--moe-offload-dir {mnt / 'opt'}/rank_00000: reserving" in msg and "the disk is full" in msg
-        assert not any(f.name == "experts.bin" for f in (mnt / "opt" / "rank_00000").iterdir())
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    argv = lambda d: tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2",  # noqa
+                                     "--save", str(ck), "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(d))
+    for name, opts, expect in (("small", "size=64k", "reserving"), ("ro", "size=1m,ro", "cannot create")):
+        mnt = tmp_path / name
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)]).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        try:
+            code, err = _main(argv(mnt / "opt"), capsys)
+            assert code == 2 and len(err) == 1 and f"--moe-offload-dir {mnt / 'opt'}" in err[0] and expect in err[0]
+            if name == "small":  # 4 experts' state (~0.3 MB) cannot be reserved in 64 KiB; nothing is left behind
+                assert "the disk is full" in err[0]
+                assert os.listdir(mnt / "opt" / "rank_00000") == ["lock"]
+        finally:
+            subprocess.run(["umount", str(mnt)])
     assert not ck.exists()
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
-    try:
-        argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "2",
-                               "--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(ro / "opt"))
-        assert f"--moe-offload-dir {ro / 'opt'}: cannot create" in _one_line_exit_2(argv)
-    finally:
-        subprocess.run(["umount", str(ro)])
 
 
 def test_deepspeed_config_blocks_map_onto_the_flags():
