@@ -4,6 +4,8 @@ manifest (shapes, dtypes, offsets, a checksum per record) that says what the fil
 The store knows files and records, not layers or models. Reads go through the project's aio handle with
 O_DIRECT into caller-owned (page-locked) buffers, so they never touch the page cache; writes are atomic
 (temporary file, fsync, rename: a store is either complete or absent, a full disk leaves nothing behind).
+A training store ("mutable": Adam state, `create_store` / `open_training_store`) has the same layout, its bytes
+reserved up front and its records rewritten in place (`write_from`), their checksums kept in memory.
 
     DIR/manifest.json   {"format": FORMAT, "version": VERSION, "source": {...}, "data_file": "experts.bin",
                          "data_bytes": n, "record_bytes": max record size, "records": [...]}
