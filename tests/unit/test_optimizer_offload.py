@@ -25,7 +25,7 @@ from moe.offload.store import OffloadError
 from tests.conftest import ROOT, tiny_train_argv
 
 MOE = ["--num-experts", "4", "--expert-interval", "1", "--topk", "1", "--clip-grad", "0.05", "--log-interval", "1",
-       "--weight-decay", "0.1"]
+       "--weight-decay", "0.1", "--eval-iters", "0"]
 STARVED = 3  # the expert no token is routed to
 
 
@@ -190,25 +190,25 @@ def _main(argv, capsys):
 
 
 def test_failed_write_back_is_one_line_and_leaves_the_last_checkpoint(tiny_corpus, tmp_path, capsys, monkeypatch):
-    """An I/O error from the write handle in the middle of step 6's write-back (MOE_OFFLOAD_FAULT: the 22nd record
-    write; 4 experts x 1 MoE layer per step) stops training with one line, exit 2; the checkpoint of step 4 is
+    """An I/O error from the write handle in the middle of step 5's write-back (MOE_OFFLOAD_FAULT: the 18th record
+    write; 4 experts x 1 MoE layer per step) stops training with one line, exit 2; the checkpoint of step 3 is
     the tracker's and loads: training resumes from it."""
     from moe.offload import store
 
-    argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "8", "--save-interval", "4",
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "6", "--save-interval", "3",
                            "--save", str(tmp_path / "ck"), "--moe-offload-optimizer", "nvme", "--moe-offload-dir",
-                           str(tmp_path / "off"))
-    monkeypatch.setenv(store.FAULT_ENV, "write:22")
+                           str(tmp_path / "off"), "--eval-iters", "0")
+    monkeypatch.setenv(store.FAULT_ENV, "write:18")
     monkeypatch.setattr(store, "_fault_writes", 0)
     code, err = _main(argv, capsys)
     assert code == 2 and len(err) == 1, err
     assert re.fullmatch(r"error: .*experts\.bin: writing the optimizer state of MoE layer 0 expert 1 .*injected I/O "
                         r"error.*resume from the last checkpoint with --load", err[0]), err
-    assert checkpointing.read_tracker(str(tmp_path / "ck")) == 4
-    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000004", checkpointing.TRACKER]
+    assert checkpointing.read_tracker(str(tmp_path / "ck")) == 3
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000003", checkpointing.TRACKER]
     monkeypatch.delenv(store.FAULT_ENV)
     code, err = _main(argv + ["--load", str(tmp_path / "ck")], capsys)
-    assert code == 0 and not err and checkpointing.read_tracker(str(tmp_path / "ck")) == 8
+    assert code == 0 and not err and checkpointing.read_tracker(str(tmp_path / "ck")) == 6
 
 
 def test_bad_offload_directories_are_one_line(tiny_corpus, tmp_path, capsys):
