@@ -113,8 +113,13 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                 self.expert_steps[p] = torch.zeros((), dtype=torch.float32, device=p.device)
         keys = [key for key in self.store.keys() if key in self.local_expert_of]
 
-        def update(key, views):
+        def update(key, records):
             idx, i = self.local_expert_of[key]
+            device = self.layers[idx][3][0][1].device
+            # GPU parameters: the record's state is staged on the device for the update and copied back before the
+            # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)
+            views = records if device.type == "cpu" else {n: v.to(device, non_blocking=True)
+                                                          for n, v in records.items()}
             by_group: Dict[int, Tuple[dict, list]] = {}
             for name, p, group in self.layers[idx][3]:
                 if p.grad is not None:
@@ -123,6 +128,10 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                 self._adam(group, [p[i] for _, p in items], [p.grad[i] for _, p in items],
                            [views[f"{n}.exp_avg"] for n, _ in items], [views[f"{n}.exp_avg_sq"] for n, _ in items],
                            [self.expert_steps[p].clone() for _, p in items])
+            if device.type != "cpu":
+                for n, v in records.items():
+                    v.copy_(views[n], non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
 
         self.swapper.run(keys, update)
         for p in stepped:
@@ -147,8 +156,8 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         if not params:
             return {}
         tensors = self.swapper.read((moe_layer, expert))
-        return {n: {"step": self.expert_steps[p].clone(), "exp_avg": tensors[f"{n}.exp_avg"],
-                                  "exp_avg_sq": tensors[f"{n}.exp_avg_sq"]} for n, p in params}
+        return {n: {"step": self.expert_steps[p].clone(), "exp_avg": tensors[f"{n}.exp_avg"].to(p.device),
+                    "exp_avg_sq": tensors[f"{n}.exp_avg_sq"].to(p.device)} for n, p in params}
 
     def load_expert_state(self, moe_layer: int, expert: int, state: Dict[str, dict]) -> None:
         """Writes a checkpoint's per-expert Adam state (keyed as expert_state returns it) into the store; the
@@ -159,7 +168,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         for n, p, _ in params:
             st = state.get(n)
             for k in STATE_KEYS:
-                tensors[f"{n}.{k}"] = st[k] if st else torch.zeros(p.shape[1:], dtype=p.dtype)
+                tensors[f"{n}.{k}"] = st[k].cpu() if st else torch.zeros(p.shape[1:], dtype=p.dtype)
             if st:
                 self.expert_steps[p] = st["step"].to(device=p.device, dtype=torch.float32).clone()
         self.swapper.write((moe_layer, expert), tensors)

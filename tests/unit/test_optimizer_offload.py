@@ -330,3 +330,37 @@ def test_swapper_pipelined_and_serial_apply_every_update_once(tmp_path, monkeypa
         sw.run(st.keys(), update)
     with pytest.raises(OffloadError, match=r"checksum mismatch in the record of MoE layer 0 expert 2"):
         sw.read((0, 2))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the record is staged on the GPU for the update)"))])
+def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device):
+    """A bare MoE layer (on CPU; on the GPU the record is staged on the device): 3 steps with the expert state
+    offloaded equal torch.optim.AdamW's in memory (weights, every expert's exp_avg / exp_avg_sq)."""
+    from megatron.config import OptimizerConfig
+    from megatron.optimizer import build_optimizer
+    from moe.config import MoEConfig
+    from moe.layer import MoELayer
+
+    def run(offload):
+        torch.manual_seed(0)
+        layer = MoELayer(32, 64, 4, MoEConfig(num_experts=(4,), expert_interval=1)).to(device)
+        layer.layer_index = 0
+        opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload)
+        x = torch.randn(64, 32, device=device)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            layer(x)[0].pow(2).mean().backward()
+            opt.step()
+        return layer, opt
+
+    ref, ref_opt = run(None)
+    off, opt = run(OptimizerOffloadConfig(mode="nvme", directory=str(tmp_path / "off")))
+    for (n, p), (_, q) in zip(ref.named_parameters(), off.named_parameters()):
+        assert torch.equal(p, q), n
+    for e in range(4):
+        for name, p in ref.experts.named_parameters():
+            got, want = opt.expert_state(0, e)[f"experts.{name}"], ref_opt.state[p]
+            assert torch.equal(got["step"], want["step"])
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(got[k], want[k][e]), (e, name, k)
