@@ -1,20 +1,31 @@
-"""The only argparse code: Megatron-DeepSpeed flag definitions and their mapping onto TrainConfig fields."""
+"""The only argparse code: Megatron-DeepSpeed flag definitions and their mapping onto TrainConfig fields.
+
+The one validation pass: each config dataclass checks its own concern in `__post_init__` as it is built here, and
+`validate` checks what spans several. Every problem is a ConfigError naming the flag (moe's dataclasses, which may
+not import megatron, raise ValueError; `_checked` turns those into ConfigError at the point of mapping).
+"""
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-from moe.distill import DistillConfig, validate_distill
-
-from megatron.errors import ConfigError
-
+from megatron import parallel_state
 from megatron.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
                              ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig, num_moe_layers)
+from megatron.errors import ConfigError, UserError
+from moe.distill import DistillConfig, validate_distill
 
 
-class ArgumentError(ConfigError):
-    """A bad flag value; CLIs print the one-line message and exit 2."""
+def _checked(build, *args, **kwargs):
+    """build(*args, **kwargs), with a ValueError from a `moe` config check (whose messages name the flag) raised
+    as the ConfigError it is. Only for building config objects: their checks are the only ValueErrors there."""
+    try:
+        return build(*args, **kwargs)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _none_or_str(v: str) -> Optional[str]:
@@ -170,10 +181,10 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 def offload_config_from_args(args):
     from moe.offload import OffloadConfig
 
-    return OffloadConfig(mode=args.moe_offload, directory=args.moe_offload_dir,
-                         cache_bytes=args.moe_expert_cache_bytes, prefetch=args.moe_prefetch,
-                         num_readers=args.moe_offload_readers, activation_bytes=args.moe_offload_activation_bytes,
-                         layer_major=not args.no_moe_offload_layer_major)
+    return _checked(OffloadConfig, mode=args.moe_offload, directory=args.moe_offload_dir,
+                    cache_bytes=args.moe_expert_cache_bytes, prefetch=args.moe_prefetch,
+                    num_readers=args.moe_offload_readers, activation_bytes=args.moe_offload_activation_bytes,
+                    layer_major=not args.no_moe_offload_layer_major)
 
 
 def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
@@ -200,7 +211,8 @@ def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
 def optimizer_offload_config_from_args(args):
     from moe.offload.config import OptimizerOffloadConfig
 
-    return OptimizerOffloadConfig(
+    return _checked(
+        OptimizerOffloadConfig,
         mode=args.moe_offload_optimizer,
         directory=args.moe_offload_dir,
         buffer_count=args.moe_offload_buffer_count,
@@ -235,7 +247,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
 def _require(args, *names: str) -> None:
     for n in names:
         if getattr(args, n.lstrip("-").replace("-", "_")) is None:
-            raise ArgumentError(f"{n} is required")
+            raise ConfigError(f"{n} is required")
 
 
 def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
@@ -266,14 +278,15 @@ def moe_config_from_args(args):
 
     n_moe = num_moe_layers(args.num_layers, args.expert_interval) if args.num_layers else 0
     if n_moe == 0:
-        raise ArgumentError(f"--num-experts {args.num_experts} needs at least one MoE layer, but --num-layers "
-                            f"({args.num_layers}) // --expert-interval ({args.expert_interval}) is 0")
+        raise ConfigError(f"--num-experts {args.num_experts} needs at least one MoE layer, but --num-layers "
+                          f"({args.num_layers}) // --expert-interval ({args.expert_interval}) is 0")
     for flag, values in (("--num-experts", args.num_experts), ("--moe-expert-parallel-size",
                                                                 args.moe_expert_parallel_size)):
         if len(values) not in (1, n_moe):
-            raise ArgumentError(f"{flag} has {len(values)} values; give one, or one per MoE layer ({n_moe} = "
-                                f"--num-layers {args.num_layers} // --expert-interval {args.expert_interval})")
-    return MoEConfig(
+            raise ConfigError(f"{flag} has {len(values)} values; give one, or one per MoE layer ({n_moe} = "
+                              f"--num-layers {args.num_layers} // --expert-interval {args.expert_interval})")
+    return _checked(
+        MoEConfig,
         num_experts=tuple(args.num_experts),
         expert_interval=args.expert_interval,
         topk=args.topk,
@@ -290,19 +303,28 @@ def moe_config_from_args(args):
     )
 
 
+def tokenizer_config_from_args(args) -> TokenizerConfig:
+    return TokenizerConfig(
+        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )
+
+
 def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> TrainConfig:
-    """Maps every flag onto one dataclass field (tests/unit/test_arguments.py pins the mapping)."""
+    """Maps every flag onto one dataclass field (tests/unit/test_arguments.py pins the mapping).
+
+    dp_size only sets the default --global-batch-size (micro batch x data-parallel size); `validate` checks it.
+    """
     model = model_config_from_args(args, padded_vocab_size)
     mbs = args.micro_batch_size
     gbs = args.global_batch_size if args.global_batch_size is not None else mbs * dp_size
-    if gbs % (mbs * dp_size) != 0:
-        raise ArgumentError(f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size ({mbs}) x "
-                            f"data-parallel size ({dp_size})")
-    tokens_per_iter = gbs * args.seq_length
     # Token-based schedule flags are converted to iterations here (the global batch is constant, so the two
     # are equivalent); keeping one unit inside the scheduler keeps resume logic in one place.
+    if args.train_iters is not None and args.train_tokens is not None:
+        raise ConfigError("--train-iters and --train-tokens are mutually exclusive; give one")
+    tokens_per_iter = gbs * args.seq_length
     train_iters = args.train_iters
-    if args.train_tokens is not None and args.train_iters is None:
+    if args.train_tokens is not None:
         train_iters = math.ceil(args.train_tokens / tokens_per_iter)
     warmup = args.lr_warmup_iters
     if args.lr_warmup_tokens is not None:
@@ -310,10 +332,6 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
     decay = args.lr_decay_iters
     if args.lr_decay_tokens is not None:
         decay = math.ceil(args.lr_decay_tokens / tokens_per_iter)
-    if args.train_iters is not None and args.train_tokens is not None:
-        raise ArgumentError("--train-iters and --train-tokens are mutually exclusive; give one")
-    if train_iters is None:
-        raise ArgumentError("one of --train-iters or --train-tokens is required")
     return TrainConfig(
         model=model,
         moe=moe_config_from_args(args),
@@ -330,24 +348,21 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         ),
         scheduler=SchedulerConfig(
-            lr_decay_style=args.lr_decay_style, train_iters=train_iters, train_tokens=None,
-            lr_warmup_iters=warmup, lr_decay_iters=decay if decay is not None else train_iters,
+            lr_decay_style=args.lr_decay_style, train_iters=train_iters, lr_warmup_iters=warmup,
+            lr_decay_iters=decay,
         ),
         data=DataConfig(
             data_path=tuple(args.data_path or ()), split=args.split, seq_length=args.seq_length,
             micro_batch_size=mbs, global_batch_size=gbs, num_workers=args.num_workers, seed=args.seed,
             data_cache_path=args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
         ),
-        tokenizer=TokenizerConfig(
-            tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-            tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        ),
+        tokenizer=tokenizer_config_from_args(args),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng, finetune=args.finetune, reset_iteration=args.reset_iteration,
         ),
-        distill=DistillConfig(
-            mos=args.mos, kd=args.kd, load_teacher=args.load_teacher,
+        distill=_checked(
+            DistillConfig, mos=args.mos, kd=args.kd, load_teacher=args.load_teacher,
             num_layers_teacher=args.num_layers_teacher, hidden_size_teacher=args.hidden_size_teacher,
             num_attention_heads_teacher=args.num_attention_heads_teacher,
             num_experts_teacher=tuple(args.num_experts_teacher) if args.num_experts_teacher else None,
@@ -368,27 +383,37 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks that span several concerns; runs before any group or module is built."""
     tp = cfg.parallel.tensor_model_parallel_size
-    if world_size % tp != 0:
-        raise ArgumentError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp}); "
-                            f"launch with torchrun --nproc_per_node=<TP x data-parallel size>")
-    dp = world_size // tp
+    dp = parallel_state.validate_sizes(world_size, tp, cfg.moe.ep_size if cfg.moe is not None else (1,))
     d = cfg.data
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
-        raise ArgumentError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "
-                            f"--micro-batch-size ({d.micro_batch_size}) x data-parallel size ({dp})")
-    if cfg.moe is not None:
-        for ep in cfg.moe.ep_size:  # the expert-parallel degree lives on MoEConfig (one per MoE layer)
-            if dp % ep != 0:
-                raise ArgumentError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp})")
-    if cfg.optimizer.fp16 and cfg.optimizer.bf16:
-        raise ArgumentError("--fp16 and --bf16 are mutually exclusive; pick one")
+        raise ConfigError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "
+                          f"--micro-batch-size ({d.micro_batch_size}) x data-parallel size ({dp})")
     m = cfg.model
     for value, flag in ((m.num_attention_heads, "--num-attention-heads"), (m.ffn_hidden_size, "--ffn-hidden-size"),
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
-            raise ArgumentError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+            raise ConfigError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
     if cfg.optimizer_offload.enabled and cfg.moe is None:
-        raise ArgumentError("--moe-offload-optimizer nvme offloads expert parameters' Adam state, but the model is "
-                            "dense (--num-experts 1); add experts or drop the flag")
+        raise ConfigError("--moe-offload-optimizer nvme offloads expert parameters' Adam state, but the model is "
+                          "dense (--num-experts 1); add experts or drop the flag")
     if cfg.distill.enabled:
-        validate_distill(cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
+        _checked(validate_distill, cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
+
+
+def configure(argv: Optional[Sequence[str]], world_size: int) -> Tuple[TrainConfig, object]:
+    """pretrain_gpt.py's flags -> (checked TrainConfig, the tokenizer they name). The only args -> config step.
+
+    The tokenizer is built here because its vocabulary size, padded for --make-vocab-size-divisible-by and the
+    tensor-parallel size, is part of the model config (Megatron pads it the same way while parsing).
+    """
+    from megatron.tokenizer import build_tokenizer, pad_vocab_size
+
+    args = parse_args(argv)
+    tok = tokenizer_config_from_args(args)
+    tokenizer = build_tokenizer(tok.tokenizer_type, vocab_file=tok.vocab_file, merge_file=tok.merge_file,
+                                tokenizer_model=tok.tokenizer_model)
+    tp = args.tensor_model_parallel_size
+    padded = pad_vocab_size(tokenizer.vocab_size, tok.make_vocab_size_divisible_by, tp)  # checks TP >= 1
+    cfg = train_config_from_args(args, padded, dp_size=max(world_size // tp, 1))  # validate checks world % TP
+    validate(cfg, world_size)
+    return cfg, tokenizer

@@ -24,10 +24,13 @@ def model_configs_from_checkpoint(configs: dict, ckpt_dir: str,
     """(ModelConfig, MoEConfig or None) recorded in a checkpoint's `configs`, for one process (EP size 1)."""
     if "model" not in configs:
         raise CheckpointError(f"{ckpt_dir}: no model configuration recorded; not a megatron-moe checkpoint")
-    mcfg = ModelConfig(**configs["model"])
+    mcfg = ModelConfig.from_recorded(configs["model"])
     moe_cfg = None
     if configs.get("moe"):
-        moe_cfg = MoEConfig.from_recorded(configs["moe"], **{**(moe_overrides or {}), "ep_size": 1})  # one process
+        try:  # moe/ raises ValueError (it cannot import megatron.errors); the values came from this checkpoint
+            moe_cfg = MoEConfig.from_recorded(configs["moe"], **{**(moe_overrides or {}), "ep_size": 1})  # one process
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt_dir}: recorded MoE configuration rejected: {e}") from None
     return mcfg, moe_cfg
 
 

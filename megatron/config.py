@@ -1,9 +1,15 @@
-"""Frozen configuration dataclasses, one per concern, grouped in TrainConfig (built by arguments.py)."""
+"""Frozen configuration dataclasses, one per concern, grouped in TrainConfig (built by arguments.py).
+
+Each `__post_init__` checks its own concern and raises ConfigError naming the flag; checks that span several
+concerns are in `megatron.arguments.validate`.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from megatron.errors import ConfigError
 from moe.config import MoEConfig
 from moe.distill import DistillConfig
 from moe.offload.config import OptimizerOffloadConfig
@@ -24,7 +30,6 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0  # RoPE theta
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
-    apply_query_key_layer_scaling: bool = False  # kept for flag compatibility; SDPA scales by 1/sqrt(d)
 
     def __post_init__(self):
         checks = [
@@ -44,10 +49,20 @@ class ModelConfig:
              f"--attention-dropout ({self.attention_dropout}) must be in [0, 1)"),
             (self.position_embedding_type in ("learned_absolute", "rope"),
              f"--position-embedding-type ({self.position_embedding_type}) must be learned_absolute or rope"),
+            (self.position_embedding_type != "rope" or (self.hidden_size // max(self.num_attention_heads, 1)) % 2 == 0,
+             f"--position-embedding-type rope needs an even head dim (got {self.hidden_size} / "
+             f"{self.num_attention_heads} = {self.hidden_size // max(self.num_attention_heads, 1)})"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
+
+    @classmethod
+    def from_recorded(cls, recorded: dict, **overrides) -> "ModelConfig":
+        """The config a checkpoint recorded (dataclasses.asdict), with `overrides` applied; fields this version does
+        not know (e.g. ones removed since the checkpoint was written) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in recorded.items() if k in known}, **overrides})
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +76,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
-            raise ValueError(f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) must be >= 1")
+            raise ConfigError(f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -84,34 +99,41 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.fp16 and self.bf16:
-            raise ValueError("--fp16 and --bf16 are mutually exclusive; pick one")
+            raise ConfigError("--fp16 and --bf16 are mutually exclusive; pick one")
         if self.lr < 0 or self.min_lr < 0:
-            raise ValueError(f"--lr ({self.lr}) and --min-lr ({self.min_lr}) must be >= 0")
+            raise ConfigError(f"--lr ({self.lr}) and --min-lr ({self.min_lr}) must be >= 0")
         if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr ({self.min_lr}) must be <= --lr ({self.lr})")
+            raise ConfigError(f"--min-lr ({self.min_lr}) must be <= --lr ({self.lr})")
         if self.clip_grad < 0:
-            raise ValueError(f"--clip-grad ({self.clip_grad}) must be >= 0")
+            raise ConfigError(f"--clip-grad ({self.clip_grad}) must be >= 0")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     lr_decay_style: str = "linear"  # constant | linear | cosine
-    train_iters: Optional[int] = None  # total optimizer steps (or derive from train_tokens)
-    train_tokens: Optional[int] = None  # total training tokens (alternative to train_iters)
+    # --train-tokens / --lr-warmup-tokens / --lr-decay-tokens are converted to these step counts by arguments.py
+    # (the global batch is constant, so tokens and steps are equivalent)
+    train_iters: Optional[int] = None  # total optimizer steps (required)
     lr_warmup_iters: int = 0  # warmup steps
-    lr_warmup_tokens: Optional[int] = None  # warmup in tokens (token-based schedule)
     lr_decay_iters: Optional[int] = None  # decay horizon in steps (default train_iters)
-    lr_decay_tokens: Optional[int] = None  # decay horizon in tokens
 
     def __post_init__(self):
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
-        if self.train_iters is None and self.train_tokens is None:
-            raise ValueError("one of --train-iters or --train-tokens is required")
-        if self.train_iters is not None and self.train_tokens is not None:
-            raise ValueError("--train-iters and --train-tokens are mutually exclusive; give one")
-        if self.train_iters is not None and self.train_iters < 0:
-            raise ValueError(f"--train-iters ({self.train_iters}) must be >= 0")
+            raise ConfigError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
+        if self.train_iters is None:
+            raise ConfigError("one of --train-iters or --train-tokens is required")
+        if self.train_iters < 0:
+            raise ConfigError(f"--train-iters ({self.train_iters}) must be >= 0")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be >= 0")
+        if self.decay_iters < self.lr_warmup_iters:
+            raise ConfigError(f"--lr-decay-iters ({self.decay_iters}) must be >= --lr-warmup-iters "
+                              f"({self.lr_warmup_iters})")
+
+    @property
+    def decay_iters(self) -> int:
+        """The decay horizon in steps: --lr-decay-iters, or --train-iters when not given."""
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
 
 
 @dataclass(frozen=True)
@@ -125,13 +147,12 @@ class DataConfig:
     seed: int = 1234  # data shuffle and init seed
     data_cache_path: Optional[str] = None  # where index .npy caches go (default beside the data)
     eod_mask_loss: bool = False  # mask the loss on end-of-document tokens
-    reset_position_ids: bool = False  # kept for flag compatibility (not implemented beyond False)
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
-            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
+            raise ConfigError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
         if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ValueError(f"--global-batch-size ({self.global_batch_size}) must be >= 1")
+            raise ConfigError(f"--global-batch-size ({self.global_batch_size}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -155,7 +176,7 @@ class CheckpointConfig:
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval <= 0:
-            raise ValueError(f"--save-interval ({self.save_interval}) must be positive")
+            raise ConfigError(f"--save-interval ({self.save_interval}) must be positive")
 
 
 @dataclass(frozen=True)
@@ -172,11 +193,11 @@ class LoggingConfig:
     def __post_init__(self):
         for name, v in (("--log-interval", self.log_interval), ("--eval-interval", self.eval_interval)):
             if v <= 0:
-                raise ValueError(f"{name} ({v}) must be positive")
+                raise ConfigError(f"{name} ({v}) must be positive")
         if self.eval_iters < 0:
-            raise ValueError(f"--eval-iters ({self.eval_iters}) must be >= 0")
+            raise ConfigError(f"--eval-iters ({self.eval_iters}) must be >= 0")
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
-            raise ValueError(f"--exit-duration-in-mins ({self.exit_duration_in_mins}) must be > 0")
+            raise ConfigError(f"--exit-duration-in-mins ({self.exit_duration_in_mins}) must be > 0")
 
 
 @dataclass(frozen=True)

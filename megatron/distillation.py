@@ -1,7 +1,6 @@
 """Builds the frozen MoS/KD teacher from --load-teacher and the teacher architecture flags (DESIGN.md §4)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -47,8 +46,7 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
     Raises:
       CheckpointError (a ValueError; one line) for an unreadable or mismatching teacher checkpoint.
     """
-    if not cfg.load_teacher:
-        raise ValueError(f"{cfg.flag} needs --load-teacher PATH (the teacher checkpoint to distil from)")
+    assert cfg.load_teacher, "DistillConfig requires --load-teacher whenever --mos or --kd is given"
     try:
         payload, ckpt_dir = load_dense_whole(cfg.load_teacher)  # any TP size: a whole teacher per rank
     except CheckpointError as e:  # its messages name --load; this path came from --load-teacher
@@ -92,9 +90,7 @@ def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: 
         raise CheckpointError(f"--seq-length ({seq_length}) exceeds the teacher's --max-position-embeddings "
                               f"({fields['max_position_embeddings']}) recorded in {ckpt_dir}; use a shorter "
                               f"--seq-length or a teacher trained with a longer position table")
-    fields.update(hidden_dropout=0.0, attention_dropout=0.0)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+    return ModelConfig.from_recorded(fields, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def teacher_moe_config(cfg: DistillConfig, recorded: Optional[dict], ckpt_dir: str) -> Optional[MoEConfig]:
@@ -108,4 +104,7 @@ def teacher_moe_config(cfg: DistillConfig, recorded: Optional[dict], ckpt_dir: s
     if not recorded:
         return None
     # a full teacher replica per rank; TODO(MoS issue): shard large MoE teachers over the student's EP group
-    return MoEConfig.from_recorded(recorded, ep_size=1)
+    try:  # moe/ raises ValueError (it cannot import megatron.errors)
+        return MoEConfig.from_recorded(recorded, ep_size=1)
+    except ValueError as e:
+        raise CheckpointError(f"--load-teacher {ckpt_dir}: recorded MoE configuration rejected: {e}") from None

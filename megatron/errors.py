@@ -1,8 +1,8 @@
 """The project's user-facing error types: what a CLI reports as one line and exit code 2.
 
 Everything a user can cause (a flag, a file, a checkpoint, a dataset, a disk) raises a subclass of `UserError`;
-CLIs catch exactly these (`USER_ERRORS` in the CLI modules adds `moe`'s own, which cannot import this module's
-package by design) and let every other exception, an internal bug, keep its traceback.
+CLIs catch exactly these (`megatron.offload.USER_ERRORS` adds `moe.offload.OffloadError` for the CLIs that offload:
+`moe/` cannot import this package by design) and let every other exception, an internal bug, keep its traceback.
 Subclassing ValueError keeps `except ValueError` callers and `pytest.raises(ValueError)` working.
 """
 

@@ -7,6 +7,7 @@ import torch
 
 from megatron import checkpointing
 from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.errors import ConfigError
 from megatron.model import GPTModel
 
 
@@ -72,7 +73,7 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
              use_cache: bool = True, progress: bool = False) -> List[int]:
     """Autoregressive sampling with a KV cache; stops at `eod` or the model's window (tqdm bar with `progress`)."""
     if not prompt_ids:
-        raise ValueError("--prompt encodes to no tokens; give a non-empty prompt")
+        raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
     device = next(model.parameters()).device
     window = model.cfg.max_position_embeddings if model.position_embeddings is not None else 1 << 30
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -15,11 +15,15 @@ import torch
 
 from megatron import checkpointing
 from megatron.config import is_moe_layer
+from megatron.errors import UserError
 from moe.layer import MoELayer
 from moe.offload import (ExpertCache, ExpertStore, GatePrefetcher, OffloadConfig, OffloadedExperts, OffloadError,
                          parse_bytes, write_store)
 
 logger = logging.getLogger(__name__)
+# what a CLI that can offload reports as one line (exit 2): the project's errors and moe.offload's own, which
+# cannot derive from megatron.errors because moe/ never imports megatron/
+USER_ERRORS = (UserError, OffloadError)
 RECORD_TENSORS = (("w1_FD", "experts.w1_eFD"), ("b1_F", "experts.b1_eF"), ("w2_DF", "experts.w2_eDF"),
                   ("b2_D", "experts.b2_eD"))
 

@@ -8,6 +8,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ParallelGroups:
@@ -46,25 +48,28 @@ class ParallelGroups:
 
 
 def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int]) -> int:
-    """Checks the degrees multiply out; returns the data-parallel size."""
+    """Checks the degrees multiply out (the one home of this check: `arguments.validate` calls it before anything
+    is built, `initialize` again for callers that build groups directly); returns the data-parallel size."""
     if world_size % tp_size != 0:
-        raise ValueError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp_size})")
+        raise ConfigError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp_size}); "
+                          f"launch with torchrun --nproc_per_node=<TP x data-parallel size>")
     dp_size = world_size // tp_size
     for ep in ep_sizes:
         if dp_size % ep != 0:
-            raise ValueError(
-                f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp_size} = world "
-                f"{world_size} / tensor-parallel {tp_size})")
+            raise ConfigError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp_size}) = "
+                              f"world size ({world_size}) / --tensor-model-parallel-size ({tp_size})")
     return dp_size
+
+
+def world_size() -> int:
+    """The number of processes of this run, known before the process group exists (torchrun's WORLD_SIZE)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(backend: str = "auto") -> tuple:
     """Initialises torch.distributed from torchrun's env vars when present; returns (rank, world_size, device)."""
-    if dist.is_initialized():  # already set up by the caller (tests, a user's own launcher)
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+    world = world_size()  # already set up by the caller (tests, a user's own launcher), or torchrun's env
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1))))
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -72,9 +77,9 @@ def init_distributed(backend: str = "auto") -> tuple:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return rank, world_size, device
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return rank, world, device
 
 
 def _build_dp_groups(world_size: int, tp_size: int, rank: int):

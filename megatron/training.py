@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megatron import checkpointing, grad_sync, parallel_state
-from megatron.arguments import (ArgumentError, parse_args, train_config_from_args, validate)
+from megatron.arguments import configure
 from megatron.config import TrainConfig
+from megatron.errors import ConfigError, UserError
 from megatron.flops import measure_gemm_peak
 from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
 from megatron.training_log import format_log, open_writer, print_rank0, summarize_moe, write_tensorboard
@@ -25,6 +26,7 @@ from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, Optimizer
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
 from megatron.optimizer.offload import ExpertOffloadAdamW
+from moe.offload.store import OffloadError
 
 log = logging.getLogger("megatron")
 
@@ -307,7 +309,7 @@ def build_data_iterators(st: TrainState):
 
     cfg, g = st.cfg, st.groups
     if not cfg.data.data_path:
-        raise ArgumentError("--data-path is required for training")
+        raise ConfigError("--data-path is required for training")
     gbs = cfg.data.global_batch_size
     eval_samples = cfg.logging.eval_iters * cfg.data.micro_batch_size * g.dp_size
     num_samples = (cfg.scheduler.train_iters * gbs, eval_samples, eval_samples)
@@ -316,7 +318,7 @@ def build_data_iterators(st: TrainState):
         list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
         cache_dir=cfg.data.data_cache_path, barrier=barrier, rank=g.rank)
     if train_ds is None:
-        raise ArgumentError(f"--split {cfg.data.split} leaves no training documents")
+        raise ConfigError(f"--split {cfg.data.split} leaves no training documents")
 
     def loader(ds, consumed):
         return build_pretraining_data_loader(ds, consumed, cfg.data.micro_batch_size, g.dp_rank, g.dp_size,
@@ -329,22 +331,11 @@ def build_data_iterators(st: TrainState):
 
 
 def pretrain(argv=None) -> dict:
-    """pretrain_gpt.py's body: flags -> config -> groups -> model/optimizer -> data -> train -> eval."""
+    """pretrain_gpt.py's body: flags -> checked config -> groups -> model/optimizer -> data -> train -> eval."""
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    rank, world_size, device = parallel_state.init_distributed(args.distributed_backend)
-    from megatron.tokenizer import pad_vocab_size
-
-    tokenizer = build_tokenizer_from_config_args(args)
-    padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                            args.tensor_model_parallel_size)
-    tp = args.tensor_model_parallel_size
-    if tp < 1 or world_size % tp != 0:
-        raise ArgumentError(f"world size ({world_size}) must be a positive multiple of --tensor-model-parallel-size "
-                            f"({tp}); launch with torchrun --nproc_per_node=<TP x data-parallel size>")
-    cfg = train_config_from_args(args, padded, world_size // tp)
-    validate(cfg, world_size)
+    cfg, tokenizer = configure(argv, parallel_state.world_size())  # every check runs here, before anything is built
+    _, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,))
     st = setup_train_state(cfg, groups, device, tokenizer)
@@ -380,22 +371,14 @@ def pretrain(argv=None) -> dict:
     return result
 
 
-def build_tokenizer_from_config_args(args):
-    from megatron.tokenizer import build_tokenizer
-
-    if args.tokenizer_type is None:
-        raise ArgumentError("--tokenizer-type is required (GPT2BPETokenizer or SentencePieceTokenizer)")
-    return build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-                           tokenizer_model=args.tokenizer_model)
-
-
 def main(argv=None) -> int:
-    """CLI wrapper: configuration/data/checkpoint problems print one line and exit 2."""
+    """CLI wrapper: a problem the user can fix (megatron.errors.UserError: a flag, file, checkpoint or dataset)
+    prints one line and exits 2; anything else is a bug and keeps its traceback."""
     try:
         st = pretrain(argv)["state"]
         if isinstance(st.optimizer, ExpertOffloadAdamW):
             st.optimizer.close()
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, OffloadError) as e:  # OffloadError: moe's own (--moe-offload-optimizer)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -124,15 +124,17 @@ class MoELayer(nn.Module):
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None):
         super().__init__()
         ep_size = 1 if ep_group is None else ep_group.size()
+        # MoEConfig checked the flags (experts divisible by EP, 1 <= topk <= experts) for each of its MoE layers;
+        # the layer only checks that it is built as one of them
         if ep_size not in cfg.ep_size:
             given = cfg.ep_size[0] if len(cfg.ep_size) == 1 else list(cfg.ep_size)
             raise ValueError(f"--moe-expert-parallel-size ({given}) does not match the size of the "
                              f"ep_group passed to MoELayer ({ep_size}); ep_group=None means size 1")
-        if num_experts % ep_size != 0:
-            raise ValueError(f"--num-experts ({num_experts}) must be divisible by --moe-expert-parallel-size "
-                             f"({ep_size})")
-        if not 1 <= cfg.topk <= num_experts:
-            raise ValueError(f"--topk ({cfg.topk}) must be between 1 and --num-experts ({num_experts})")
+        layers = range(max(len(cfg.num_experts), len(cfg.ep_size)))
+        if (num_experts, ep_size) not in {(cfg.num_experts_for_layer(i), cfg.ep_size_for_layer(i)) for i in layers}:
+            raise ValueError(f"MoELayer(num_experts={num_experts}) with an ep_group of {ep_size} rank(s) is not a MoE "
+                             f"layer of its MoEConfig (--num-experts {list(cfg.num_experts)}, "
+                             f"--moe-expert-parallel-size {list(cfg.ep_size)})")
         self.hidden_size, self.num_experts, self.cfg = hidden_size, num_experts, cfg
         self.layer_index: Optional[int] = None  # position among the model's MoE layers (set by the model builder)
         self.ep_group, self.ep_size = ep_group, ep_size

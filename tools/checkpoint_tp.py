@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron import checkpointing  # noqa: E402
 from megatron.checkpoint_tp import merge_shards, partition_layout, shard  # noqa: E402
+from megatron.errors import UserError  # noqa: E402
 
 
-class ConvertError(Exception):
-    pass
+class ConvertError(UserError):
+    """A conversion the flags ask for that cannot be done: one line naming the flag, exit 2."""
 
 
 def _true_vocab_size(configs: dict, given):
@@ -38,7 +39,7 @@ def _true_vocab_size(configs: dict, given):
     try:
         return build_tokenizer(t["tokenizer_type"], vocab_file=t.get("vocab_file"), merge_file=t.get("merge_file"),
                                tokenizer_model=t.get("tokenizer_model")).vocab_size
-    except Exception as e:  # noqa: BLE001 - any failure: the files moved; the user can name the size
+    except (UserError, KeyError) as e:  # the recorded files moved (or no type was recorded): the user can name it
         raise ConvertError(f"cannot rebuild the recorded tokenizer to learn the vocabulary size ({e}); "
                            f"pass --true-vocab-size") from None
 
@@ -66,7 +67,10 @@ def convert(load: str, save: str, target_tp: int, true_vocab_size=None) -> str:
         raise ConvertError(f"--save {save}: {final} already exists; choose an empty directory")
     tmp = os.path.join(save, f".tmp_convert_{iteration:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise ConvertError(f"--save {save}: cannot create {tmp} ({e.strerror}); give a writable directory") from None
     for r in range(target_tp):
         os.makedirs(os.path.dirname(checkpointing.dense_path(tmp, r)), exist_ok=True)
         torch.save(shard(whole, layout, r, target_tp), checkpointing.dense_path(tmp, r))
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
         return 2
     try:
         out = convert(args.load, args.save, args.target_tp, args.true_vocab_size)
-    except (ConvertError, checkpointing.CheckpointError) as e:
+    except UserError as e:  # ConvertError, CheckpointError, ...; a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} (tensor-parallel size {args.target_tp})")

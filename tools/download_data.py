@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
 from megatron.data.data_files import DATA_FILES, GROUPS, sha256_file  # noqa: E402
+from megatron.errors import ConfigError, DataError, UserError  # noqa: E402
 
 # Tests point a file at a local file:// URL through this mapping instead of touching the network.
 URL_OVERRIDES = {}
@@ -36,12 +37,12 @@ def _select(only):
         elif group in DATA_FILES:
             names.append(group)
         else:
-            raise ValueError(f"--only {group!r}: not one of {', '.join(list(GROUPS) + list(DATA_FILES))}")
+            raise ConfigError(f"--only {group!r}: not one of {', '.join(list(GROUPS) + list(DATA_FILES))}")
     return [DATA_FILES[n] for n in dict.fromkeys(names)]
 
 
 def fetch(entry, data_dir: Path, opener=urllib.request.urlopen) -> str:
-    """Download one entry; returns "present" or "downloaded". Raises ValueError on hash mismatch,
+    """Download one entry; returns "present" or "downloaded". Raises DataError on hash mismatch,
     OSError on a transfer failure."""
     dest = data_dir / entry.relpath
     if dest.is_file() and sha256_file(dest) == entry.sha256:
@@ -58,7 +59,7 @@ def fetch(entry, data_dir: Path, opener=urllib.request.urlopen) -> str:
                 h.update(chunk)
                 out.write(chunk)
         if h.hexdigest() != entry.sha256:
-            raise ValueError(f"{url}: sha256 {h.hexdigest()} != expected {entry.sha256} for {dest}; not installed")
+            raise DataError(f"{url}: sha256 {h.hexdigest()} != expected {entry.sha256} for {dest}; not installed")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -73,17 +74,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         entries = _select(args.only)
-    except ValueError as e:
+    except UserError as e:
         print(f"download_data.py: error: {e}", file=sys.stderr)
         return 2
     status = 0
     for entry in entries:
         try:
             print(f"{entry.relpath}: {fetch(entry, Path(args.data_dir))}")
-        except ValueError as e:
+        except UserError as e:  # a hash mismatch
             print(f"download_data.py: error: {e}", file=sys.stderr)
             status = 2
-        except OSError as e:
+        except OSError as e:  # the transfer failed (urllib's errors are OSErrors): try again later
             print(f"download_data.py: error: {entry.relpath}: download failed ({e})", file=sys.stderr)
             status = max(status, 1)
     return status

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
 from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report  # noqa: E402
+from megatron.offload import USER_ERRORS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
         if args.output:
             write_report(report, args.output)
         if args.stats_json and report.get("offload") is not None:
-            write_report(report["offload"], args.stats_json)
-    except (ValueError, OSError) as e:  # DataFileError and CheckpointError are ValueErrors
+            write_report(report["offload"], args.stats_json, "--stats-json")
+    except USER_ERRORS as e:  # a bug is not one of these: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(report))

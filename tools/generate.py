@@ -1,6 +1,5 @@
 """Sample text from a checkpoint: tools/generate.py --load CKPT --prompt "..." --max-new-tokens N."""
 import argparse
-import json
 import os
 import sys
 
@@ -9,8 +8,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
+from megatron.errors import ConfigError  # noqa: E402
+from megatron.eval.runner import write_report  # noqa: E402
 from megatron.inference import generate, load_model_for_inference  # noqa: E402
-from megatron.offload import offload_report  # noqa: E402
+from megatron.offload import USER_ERRORS, offload_report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,11 +34,11 @@ def main(argv=None) -> int:
     model = None
     try:
         if args.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
+            raise ConfigError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
         if not 0.0 < args.top_p <= 1.0:
-            raise ValueError(f"--top-p ({args.top_p}) must be in (0, 1]")
+            raise ConfigError(f"--top-p ({args.top_p}) must be in (0, 1]")
         if args.top_k < 0 or args.temperature < 0:
-            raise ValueError("--top-k and --temperature must be >= 0")
+            raise ConfigError("--top-k and --temperature must be >= 0")
         offload = offload_config_from_args(args)
         model, tok, _ = load_model_for_inference(
             args.load, device=args.device,
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
                        eod=tok.eod, use_cache=not args.no_kv_cache,
                        progress=not args.no_progress and args.max_new_tokens >= 32)
         stats = model.offload.summary() if model.offload is not None else None
-    except (ValueError, FileNotFoundError) as e:
+        if stats is not None and args.stats_json:
+            write_report({**stats, "new_tokens": len(new)}, args.stats_json, "--stats-json")
+    except USER_ERRORS as e:  # a bug is not one of these: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -58,9 +61,6 @@ def main(argv=None) -> int:
     if stats is not None:
         stats["new_tokens"] = len(new)
         print(offload_report(stats), file=sys.stderr)
-        if args.stats_json:
-            with open(args.stats_json, "w") as f:
-                json.dump(stats, f, indent=2)
     return 0
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.errors import ConfigError  # noqa: E402
 from moe.ops.op_builder import AsyncIOBuilder  # noqa: E402
 
 DEFAULT_SWEEP = {
@@ -34,10 +35,13 @@ def parse_sweep(text):
     """--sweep_config: a JSON object (or a path to one) mapping setting name -> list of values."""
     if text is None:
         return dict(DEFAULT_SWEEP)
-    raw = json.load(open(text)) if os.path.isfile(text) else json.loads(text)
+    try:
+        raw = json.load(open(text)) if os.path.isfile(text) else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--sweep_config: not a JSON object or a file holding one ({e})") from None
     unknown = sorted(set(raw) - set(DEFAULT_SWEEP))
     if unknown:
-        raise ValueError(f"--sweep_config: unknown setting(s) {unknown}; known: {sorted(DEFAULT_SWEEP)}")
+        raise ConfigError(f"--sweep_config: unknown setting(s) {unknown}; known: {sorted(DEFAULT_SWEEP)}")
     sweep = dict(DEFAULT_SWEEP)
     sweep.update({k: v if isinstance(v, list) else [v] for k, v in raw.items()})
     return sweep
@@ -75,7 +79,10 @@ def main(argv=None):
         parser.error(f"--nvme_dir {args.nvme_dir!r} is not a directory")
     if args.no_read and args.no_write:
         parser.error("--no_read and --no_write leave nothing to measure")
-    sweep = parse_sweep(args.sweep_config)
+    try:
+        sweep = parse_sweep(args.sweep_config)
+    except ConfigError as e:
+        parser.error(str(e))
 
     aio = AsyncIOBuilder().load()
     setup = aio.aio_handle()

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.offload import write_expert_store  # noqa: E402
+from megatron.offload import USER_ERRORS, write_expert_store  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         store = write_expert_store(args.load, args.out)
-    except (ValueError, OSError) as e:  # CheckpointError and OffloadError are ValueErrors
+    except USER_ERRORS as e:  # a bug is not one of these: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(store.records)} expert records, {store.total_bytes() / 1e6:.1f} MB, in {args.out}")

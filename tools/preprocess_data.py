@@ -28,13 +28,14 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 import numpy as np  # noqa: E402
 
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
+from megatron.errors import ConfigError, UserError  # noqa: E402
 from megatron.tokenizer import build_tokenizer  # noqa: E402
 from megatron.tokenizer.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 logger = logging.getLogger("preprocess_data")
 
 
-class UsageError(Exception):
+class UsageError(ConfigError):
     """Bad flags or inputs: reported as one line on stderr, exit code 2."""
 
 
@@ -138,12 +139,12 @@ def _documents(ds, keys):
 
 def run(args):
     tok_kwargs = _tokenizer_kwargs(args)
-    try:
-        Encoder.initialize(tok_kwargs, args.json_keys, args.append_eod)  # validates tokenizer files up front
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    Encoder.initialize(tok_kwargs, args.json_keys, args.append_eod)  # checks the tokenizer files up front
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-prefix {args.output_prefix}: cannot create {out_dir} ({e.strerror})") from None
     final = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
     tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in final.items()}
     from tqdm import tqdm
@@ -209,7 +210,7 @@ def main(argv=None):
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "preprocess_data.py"
     try:
         return run(get_args(argv))
-    except UsageError as e:
+    except UserError as e:  # UsageError, or a tokenizer file the flags name; a bug keeps its traceback
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

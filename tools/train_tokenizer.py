@@ -13,8 +13,11 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.errors import ConfigError, UserError  # noqa: E402
 
-class UsageError(Exception):
+
+class UsageError(ConfigError):
     """Bad flags or inputs: one line on stderr, exit code 2."""
 
 
@@ -67,7 +70,10 @@ def train(args):
     import sentencepiece as spm
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-prefix {args.output_prefix}: cannot create {out_dir} ({e.strerror})") from None
     lines = list(iter_lines(args.input, args.json_keys, args.max_docs))
     if not lines:
         raise UsageError(f"--input {args.input}: no text under --json-keys {' '.join(args.json_keys)}")
@@ -93,7 +99,7 @@ def train(args):
 def main(argv=None):
     try:
         return train(get_args(argv))
-    except UsageError as e:
+    except UserError as e:  # UsageError; a bug keeps its traceback
         print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,8 @@ from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
+from megatron.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,24 +20,24 @@ def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Li
     """
     items = data_path.split() if isinstance(data_path, str) else list(data_path)
     if not items:
-        raise ValueError("--data-path is empty; give a prefix or weight/prefix pairs")
+        raise ConfigError("--data-path is empty; give a prefix or weight/prefix pairs")
     if len(items) == 1:
         return [items[0]], [1.0]
     if len(items) % 2:
-        raise ValueError(f"--data-path {' '.join(items)}: expected one prefix or 'WEIGHT PREFIX' pairs, got {len(items)} items")
+        raise ConfigError(f"--data-path {' '.join(items)}: expected one prefix or 'WEIGHT PREFIX' pairs, got {len(items)} items")
     prefixes, weights = [], []
     for w, p in zip(items[0::2], items[1::2]):
         try:
             weight = float(w)
         except ValueError:
-            raise ValueError(f"--data-path weight {w!r} (before {p!r}) is not a number") from None
+            raise ConfigError(f"--data-path weight {w!r} (before {p!r}) is not a number") from None
         if weight < 0 or not math.isfinite(weight):
-            raise ValueError(f"--data-path weight {w} for {p} must be a finite number >= 0")
+            raise ConfigError(f"--data-path weight {w} for {p} must be a finite number >= 0")
         prefixes.append(p.strip())
         weights.append(weight)
     total = sum(weights)
     if total <= 0:
-        raise ValueError(f"--data-path weights {weights} sum to zero")
+        raise ConfigError(f"--data-path weights {weights} sum to zero")
     return prefixes, [w / total for w in weights]
 
 
@@ -52,7 +54,7 @@ def build_blending_indices(weights: Sequence[float], size: int) -> Tuple[np.ndar
     w = np.asarray(weights, dtype=np.float64)
     n = len(w)
     if n > 255:
-        raise ValueError(f"--data-path names {n} datasets; blending supports at most 255")
+        raise ConfigError(f"--data-path names {n} datasets; blending supports at most 255")
     dataset_index = np.empty(size, dtype=np.uint8)
     dataset_sample_index = np.empty(size, dtype=np.int64)
     counts = [0] * n

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ def parse_split(splits_string: str, size: int) -> List[int]:
     try:
         splits = [float(s) for s in splits_string.split(sep)]
     except ValueError:
-        raise ValueError(f"--split {splits_string!r} must be numbers separated by ',' or '/', e.g. 969,30,1") from None
+        raise ConfigError(f"--split {splits_string!r} must be numbers separated by ',' or '/', e.g. 969,30,1") from None
     if len(splits) > 3 or any(s < 0 for s in splits) or sum(splits) <= 0:
-        raise ValueError(f"--split {splits_string!r} must have 1 to 3 non-negative weights with a positive sum")
+        raise ConfigError(f"--split {splits_string!r} must have 1 to 3 non-negative weights with a positive sum")
     splits += [0.0] * (3 - len(splits))
     total = sum(splits)
     bounds = [0]
@@ -110,7 +111,7 @@ def build_index_mappings(
     """Compute doc_idx, sample_idx and shuffle_idx (Megatron's ``_build_index_mappings`` without the caching)."""
     tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
     if tokens_per_epoch <= seq_length:
-        raise ValueError(
+        raise DataError(
             f"the split has {tokens_per_epoch} tokens in {len(documents)} documents, fewer than "
             f"--seq-length + 1 ({seq_length + 1}); use more data or a shorter --seq-length"
         )
@@ -208,7 +209,7 @@ class GPTDataset:
             barrier()
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{name}: index cache {missing[0]} missing after rank 0 built it; is --data-cache-path shared by all ranks?")
+            raise DataError(f"{name}: index cache {missing[0]} missing after rank 0 built it; is --data-cache-path shared by all ranks?")
         self._load_cache()
         logger.info("%s: %d samples (%d documents, %d doc_idx entries) from %s", name, len(self), len(documents), len(self.doc_idx), indexed_dataset.prefix)
 
@@ -228,7 +229,7 @@ class GPTDataset:
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"--data-cache-path {cache_dir}: cannot create ({e.strerror}); pass a writable directory") from e
+            raise DataError(f"--data-cache-path {cache_dir}: cannot create ({e.strerror}); pass a writable directory") from e
         t0 = time.time()
         arrays = build_index_mappings(self.indexed_dataset.sizes, documents, num_samples, self.seq_length, seed)
         for k, path in paths.items():

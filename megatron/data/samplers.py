@@ -5,6 +5,8 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 import torch
 
+from megatron.errors import DataError
+
 
 class MegatronPretrainingSampler:
     """Yields this data-parallel rank's micro-batch indices, in order, from ``consumed_samples`` on.
@@ -26,9 +28,9 @@ class MegatronPretrainingSampler:
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True):
         if total_samples <= 0:
-            raise ValueError(f"no samples to train on (dataset length {total_samples})")
+            raise DataError(f"no samples to train on (dataset length {total_samples})")
         if not 0 <= consumed_samples <= total_samples:
-            raise ValueError(f"consumed samples ({consumed_samples}) must be in [0, dataset length {total_samples}]")
+            raise DataError(f"consumed samples ({consumed_samples}) must be in [0, dataset length {total_samples}]")
         if micro_batch_size <= 0:
             raise ValueError(f"--micro-batch-size ({micro_batch_size}) must be positive")
         if data_parallel_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron.data.data_files import default_data_dir, resolve
+from megatron.errors import ConfigError
 from megatron.eval.metrics import AGGREGATIONS, perplexity_stderr
 from megatron.eval.scorer import LoglikelihoodScorer
 from megatron.eval.tasks import Task, build_task
@@ -53,19 +54,19 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
-            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
+            raise ConfigError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
         if self.pad_multiple < 1:
-            raise ValueError(f"--pad-to-multiple ({self.pad_multiple}) must be >= 1")
+            raise ConfigError(f"--pad-to-multiple ({self.pad_multiple}) must be >= 1")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit ({self.limit}) must be >= 1")
+            raise ConfigError(f"--limit ({self.limit}) must be >= 1")
         if self.seq_length is not None and self.seq_length < 1:
-            raise ValueError(f"--seq-length ({self.seq_length}) must be >= 1")
+            raise ConfigError(f"--seq-length ({self.seq_length}) must be >= 1")
         if self.eval_capacity_factor is not None and not self.eval_capacity_factor > 0:
-            raise ValueError(f"--moe-eval-capacity-factor ({self.eval_capacity_factor}) must be > 0")
+            raise ConfigError(f"--moe-eval-capacity-factor ({self.eval_capacity_factor}) must be > 0")
         if self.autocast_dtype not in (None, "bf16", "fp16"):
-            raise ValueError(f"autocast dtype ({self.autocast_dtype}) must be bf16, fp16 or None")
+            raise ConfigError(f"autocast dtype ({self.autocast_dtype}) must be bf16, fp16 or None")
         if not self.tasks:
-            raise ValueError("--tasks is empty; give e.g. --tasks lambada,piqa")
+            raise ConfigError("--tasks is empty; give e.g. --tasks lambada,piqa")
 
 
 @dataclass
@@ -104,7 +105,7 @@ def evaluate_task(task: Task, docs: List[dict], tokenizer, scorer, bootstrap_ite
         longest = max((len(r.continuation) for r in reqs), default=0)
         if window is not None and longest > window:
             # the harness fails on these too (its logits slice comes out shorter than the continuation)
-            raise ValueError(f"{task.name} document {k}: a continuation of {longest} tokens does not fit the "
+            raise ConfigError(f"{task.name} document {k}: a continuation of {longest} tokens does not fit the "
                              f"model window ({window} tokens, --seq-length); evaluate with a longer window")
     flat = [r for reqs in per_doc_requests for r in reqs]
     answers = scorer.score(flat, progress=progress)
@@ -140,7 +141,7 @@ def _load_model(cfg: EvalConfig):
     mcfg = model.cfg
     window = cfg.seq_length or mcfg.seq_length
     if mcfg.position_embedding_type == "learned_absolute" and window > mcfg.max_position_embeddings:
-        raise ValueError(f"--seq-length ({window}) must be <= the checkpoint's --max-position-embeddings "
+        raise ConfigError(f"--seq-length ({window}) must be <= the checkpoint's --max-position-embeddings "
                          f"({mcfg.max_position_embeddings})")
     if cfg.eval_fp32:
         model.float()
@@ -241,9 +242,13 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, path: str) -> None:
+def write_report(report: dict, path: str, flag: str = "--output") -> None:
+    """Writes `report` as JSON to `path` atomically; ConfigError naming `flag` when it cannot be written."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write ({e.strerror}); give a writable path") from None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megatron.model.rope import apply_rotary
 from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, tp_size
+from megatron.tensor_parallel.layers import divide
 
 
 class KVCache:
@@ -36,10 +37,7 @@ class SelfAttention(torch.nn.Module):
                  init_method, output_layer_init_method, layer_idx: int, tp_group=None, rng_tracker=None):
         super().__init__()
         tp = tp_size(tp_group)
-        if num_heads % tp != 0:
-            raise ValueError(f"--num-attention-heads ({num_heads}) must be divisible by "
-                             f"--tensor-model-parallel-size ({tp})")
-        self.num_heads = num_heads // tp  # this rank's heads
+        self.num_heads = divide(num_heads, tp, "--num-attention-heads")  # this rank's heads
         self.head_dim = hidden_size // num_heads
         self.attention_dropout = attention_dropout
         self.layer_idx = layer_idx

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.config import ModelConfig
+from megatron.errors import ConfigError
 from megatron.model.attention import KVCache
 from megatron.model.fused_lm_loss import fused_lm_cross_entropy
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
@@ -68,7 +69,7 @@ class GPTModel(torch.nn.Module):
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
             if self.position_embeddings is not None and start + s > self.cfg.max_position_embeddings:
-                raise ValueError(f"sequence end {start + s} exceeds --max-position-embeddings "
+                raise ConfigError(f"sequence end {start + s} exceeds --max-position-embeddings "
                                  f"({self.cfg.max_position_embeddings})")
             position_ids = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
         x = self.embed(tokens, position_ids)

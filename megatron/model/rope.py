@@ -5,8 +5,7 @@ import torch
 class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"--position-embedding-type rope needs an even head dim (got {head_dim})")
+        assert head_dim % 2 == 0, f"RoPE needs an even head dim (got {head_dim}); ModelConfig checks the flags"
         self.head_dim, self.base = head_dim, base
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 

@@ -11,10 +11,7 @@ class OptimizerParamScheduler:
         self.min_lr = opt_cfg.min_lr
         self.style = cfg.lr_decay_style
         self.warmup_steps = cfg.lr_warmup_iters
-        self.decay_steps = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.train_iters
-        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
-            raise ValueError(f"--lr-decay-iters ({self.decay_steps}) must be >= --lr-warmup-iters "
-                             f"({self.warmup_steps})")
+        self.decay_steps = cfg.decay_iters  # >= warmup_steps: SchedulerConfig checks it
         self.num_steps = 0
         self.step(0)
 

@@ -17,9 +17,10 @@ from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, r
                                                tp_rank, tp_size)
 
 
-def _divide(n: int, d: int, what: str) -> int:
-    if n % d != 0:
-        raise ValueError(f"{what} ({n}) must be divisible by --tensor-model-parallel-size ({d})")
+def divide(n: int, d: int, what: str) -> int:
+    """n // d for a size split over d tensor-parallel ranks. The flags are checked once, before any module is
+    built (megatron.arguments.validate); reaching here with a remainder is a caller's bug."""
+    assert n % d == 0, f"{what} ({n}) is not divisible by the tensor-parallel size ({d})"
     return n // d
 
 
@@ -77,7 +78,7 @@ class ColumnParallelLinear(torch.nn.Module):
         super().__init__()
         self.group = group
         size = tp_size(group)
-        _divide(out_features, size * stride, what)
+        divide(out_features, size * stride, what)
         self.weight = _sharded_param(out_features, in_features, 0, stride, group, init_method)
         self.bias = None
         if bias:
@@ -97,7 +98,7 @@ class RowParallelLinear(torch.nn.Module):
         super().__init__()
         self.group = group
         size = tp_size(group)
-        _divide(in_features, size, what)
+        divide(in_features, size, what)
         self.weight = _sharded_param(out_features, in_features, 1, 1, group, init_method)
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -115,7 +116,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         super().__init__()
         self.group = group
         size = tp_size(group)
-        per_rank = _divide(num_embeddings, size, "padded vocabulary size")
+        per_rank = divide(num_embeddings, size, "padded vocabulary size")
         self.vocab_start = tp_rank(group) * per_rank
         self.vocab_end = self.vocab_start + per_rank
         self.num_embeddings = num_embeddings

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Sequence
 
 import regex
 
+from megatron.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 # OpenAI's GPT-2 pre-tokenizer: contractions, letter runs, number runs, other-symbol runs, whitespace.
@@ -104,7 +106,7 @@ class GPT2BPETokenizer(AbstractTokenizer):
         self.pattern = regex.compile(GPT2_PRETOKENIZE_PATTERN)
         self._cache: Dict[str, tuple] = {}
         if GPT2_EOD_TOKEN not in self.encoder:
-            raise ValueError(f"--vocab-file {vocab_file} has no {GPT2_EOD_TOKEN} entry; is it a GPT-2 vocab?")
+            raise DataError(f"--vocab-file {vocab_file} has no {GPT2_EOD_TOKEN} entry; is it a GPT-2 vocab?")
         self._eod = self.encoder[GPT2_EOD_TOKEN]
 
     @property
@@ -200,7 +202,7 @@ class SentencePieceTokenizer(AbstractTokenizer):
         elif self.sp.eos_id() >= 0:
             self._eod = self.sp.eos_id()
         else:
-            raise ValueError(
+            raise DataError(
                 f"--tokenizer-model {model_file} has neither an EOS id nor a {GPT2_EOD_TOKEN} piece; "
                 "retrain it with eos_id >= 0"
             )
@@ -230,9 +232,9 @@ class SentencePieceTokenizer(AbstractTokenizer):
 
 def _check_readable(flag: str, path: Optional[str], tokenizer_type: str) -> str:
     if not path:
-        raise ValueError(f"{flag} is required for --tokenizer-type {tokenizer_type}")
+        raise ConfigError(f"{flag} is required for --tokenizer-type {tokenizer_type}")
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise ValueError(f"{flag} {path}: file does not exist or is not readable")
+        raise DataError(f"{flag} {path}: file does not exist or is not readable")
     return path
 
 
@@ -250,23 +252,25 @@ def build_tokenizer(
         tokenizer_model: SentencePiece ``.model`` file (``--tokenizer-model``).
 
     Raises:
-        ValueError naming the flag and path when a needed file is missing or unreadable, or naming
-        ``--tokenizer-type`` when the type is unknown.
+        DataError naming the flag and path when a needed file is missing, unreadable or malformed;
+        ConfigError naming the flag when it is missing, or ``--tokenizer-type`` when the type is unknown.
     """
+    if tokenizer_type is None:
+        raise ConfigError(f"--tokenizer-type is required ({' or '.join(TOKENIZER_TYPES)})")
     if tokenizer_type == "GPT2BPETokenizer":
         _check_readable("--vocab-file", vocab_file, tokenizer_type)
         _check_readable("--merge-file", merge_file, tokenizer_type)
         try:
             return GPT2BPETokenizer(vocab_file, merge_file)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot parse ({e})") from e
+            raise DataError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot parse ({e})") from e
     if tokenizer_type == "SentencePieceTokenizer":
         _check_readable("--tokenizer-model", tokenizer_model, tokenizer_type)
         try:
             return SentencePieceTokenizer(tokenizer_model)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model ({e})") from e
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+            raise DataError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model ({e})") from e
+    raise ConfigError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
 
 
 def pad_vocab_size(orig_vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
@@ -276,8 +280,8 @@ def pad_vocab_size(orig_vocab_size: int, make_vocab_size_divisible_by: int = 128
     GEMM-friendly slice. 50257 -> 50304 with the defaults.
     """
     if make_vocab_size_divisible_by < 1:
-        raise ValueError(f"--make-vocab-size-divisible-by ({make_vocab_size_divisible_by}) must be >= 1")
+        raise ConfigError(f"--make-vocab-size-divisible-by ({make_vocab_size_divisible_by}) must be >= 1")
     if tensor_model_parallel_size < 1:
-        raise ValueError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must be >= 1")
+        raise ConfigError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must be >= 1")
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return ((orig_vocab_size + multiple - 1) // multiple) * multiple

@@ -1,7 +1,8 @@
 """Every CLI flag maps to exactly one TrainConfig field; cross-concern validation names the flags."""
 import pytest
 
-from megatron.arguments import ArgumentError, build_parser, parse_args, train_config_from_args, validate
+from megatron.arguments import build_parser, parse_args, train_config_from_args, validate
+from megatron.errors import ConfigError
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--train-iters", "100"]
@@ -158,33 +159,58 @@ def test_flag_maps_to_field(flag):
 
 def test_cross_concern_validation_names_flags():
     args = parse_args(BASE + ["--global-batch-size", "6", "--micro-batch-size", "4"])
-    with pytest.raises(ArgumentError, match=r"--global-batch-size \(6\) must be divisible by --micro-batch-size"):
-        train_config_from_args(args, 128, dp_size=1)
+    with pytest.raises(ConfigError, match=r"--global-batch-size \(6\) must be divisible by --micro-batch-size"):
+        validate(train_config_from_args(args, 128, dp_size=1), world_size=1)
     args = parse_args(BASE + ["--global-batch-size", "8", "--micro-batch-size", "4"])
     cfg = train_config_from_args(args, 128, dp_size=1)
-    with pytest.raises(ArgumentError, match=r"data-parallel size \(4\)"):
+    with pytest.raises(ConfigError, match=r"data-parallel size \(4\)"):
         validate(cfg, world_size=4)
     args = parse_args(BASE + ["--num-experts", "4", "--moe-expert-parallel-size", "4", "--global-batch-size", "8"])
     cfg = train_config_from_args(args, 128, dp_size=2)
-    with pytest.raises(ArgumentError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size \(2\)"):
+    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size \(2\)"):
         validate(cfg, world_size=2)
     with pytest.raises(ValueError, match="--fp16 and --bf16"):
         train_config_from_args(parse_args(BASE + ["--fp16", "--bf16"]), 128, 1)
     with pytest.raises(ValueError, match="--mos"):
         validate(train_config_from_args(parse_args(BASE + ["--mos", "--load-teacher", "T"]), 128, 1), 1)
-    with pytest.raises(ArgumentError, match="--num-experts has 3 values"):
+    with pytest.raises(ConfigError, match="--num-experts has 3 values"):
         train_config_from_args(parse_args(BASE + ["--num-experts", "4", "4", "4"]), 128, 1)
 
 
 def test_tensor_parallel_validation_names_flags():
     args = parse_args(BASE + ["--tensor-model-parallel-size", "3", "--global-batch-size", "4"])
-    with pytest.raises(ArgumentError, match=r"world size \(4\) must be divisible by --tensor-model-parallel-size \(3\)"):
+    with pytest.raises(ConfigError, match=r"world size \(4\) must be divisible by --tensor-model-parallel-size \(3\)"):
         validate(train_config_from_args(args, 129, dp_size=1), world_size=4)
     cfg = train_config_from_args(args, 129, dp_size=1)
-    with pytest.raises(ArgumentError, match=r"--num-attention-heads \(4\) must be divisible by "
+    with pytest.raises(ConfigError, match=r"--num-attention-heads \(4\) must be divisible by "
                                             r"--tensor-model-parallel-size \(3\)"):
         validate(cfg, world_size=3)
     args = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "33"])
-    with pytest.raises(ArgumentError, match=r"--ffn-hidden-size \(33\) must be divisible"):
+    with pytest.raises(ConfigError, match=r"--ffn-hidden-size \(33\) must be divisible"):
         validate(train_config_from_args(args, 128, dp_size=1), world_size=2)
     validate(train_config_from_args(parse_args(BASE + ["--tensor-model-parallel-size", "2"]), 128, 1), world_size=2)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--num-experts", "2", "--topk", "3"], r"--topk \(3\) must be between 1"),  # moe.config raises ValueError
+    (["--kd-temp", "0", "--kd", "--load-teacher", "T"], r"--kd-temp \(0.0\) must be > 0"),  # moe.distill too
+    (["--lr-warmup-iters", "20", "--lr-decay-iters", "10"],
+     r"--lr-decay-iters \(10\) must be >= --lr-warmup-iters \(20\)"),  # was the LR scheduler's own check
+    (["--position-embedding-type", "rope", "--hidden-size", "36"], r"rope needs an even head dim"),  # was RoPE's
+    (["--hidden-dropout", "1.5"], r"--hidden-dropout \(1.5\)"),
+])
+def test_config_checks_raise_config_errors(extra, match):
+    """Every dataclass check reaches the CLI as a ConfigError (what main() catches), moe's ValueErrors included."""
+    with pytest.raises(ConfigError, match=match):
+        train_config_from_args(parse_args(BASE + extra), 128, 1)
+
+
+def test_offload_config_errors_are_config_errors():
+    import argparse
+
+    from megatron.arguments import add_offload_args, offload_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_offload_args(p)
+    with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-offload-dir"):
+        offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))

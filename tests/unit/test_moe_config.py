@@ -40,10 +40,13 @@ def test_config_errors_name_the_flag(kwargs, match):
         MoEConfig(**kwargs)
 
 
-def test_layer_checks_its_own_expert_count():
+def test_layer_is_built_as_one_of_its_configs_layers():
+    """MoEConfig checks experts % EP and the top-k range once; a layer only checks it is one of the config's layers."""
     cfg = MoEConfig(num_experts=4, topk=2)
-    with pytest.raises(ValueError, match=r"--topk \(2\) must be between 1 and --num-experts \(1\)"):
+    with pytest.raises(ValueError, match=r"MoELayer\(num_experts=1\) with an ep_group of 1 rank\(s\) is not a MoE "
+                                         r"layer of its MoEConfig \(--num-experts \[4\]"):
         MoELayer(8, 16, 1, cfg)
+    MoELayer(8, 16, 8, MoEConfig(num_experts=(4, 8), topk=2))  # the second layer of a pyramid config
     with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(2\) does not match"):
         MoELayer(8, 16, 4, MoEConfig(num_experts=4, ep_size=2))
     with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(\[2, 4\]\) does not match"):

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.arguments import ArgumentError, parse_args, train_config_from_args, validate
+from megatron.arguments import parse_args, train_config_from_args, validate
+from megatron.errors import ConfigError
 from megatron.checkpointing import CheckpointError
 from megatron.flops import flops_per_token
 from megatron.model import GPTModel
@@ -42,7 +43,7 @@ def test_per_layer_ep_sizes_parsed_and_validated():
     assert cfg.moe.ep_size == (1, 2, 4)
     assert [cfg.moe.ep_size_for_layer(i) for i in range(3)] == [1, 2, 4]
     validate(cfg, world_size=4)
-    with pytest.raises(ArgumentError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size"):
+    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size"):
         validate(cfg, world_size=2)
     # without process groups, a layer with EP > 1 cannot be built: the error names the flag and the layer
     with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(2\) of MoE layer 1"):
@@ -53,7 +54,7 @@ def test_per_layer_ep_sizes_parsed_and_validated():
 @pytest.mark.parametrize("flag, values", [("--num-experts", ["2", "4"]), ("--moe-expert-parallel-size", ["1", "2"])])
 def test_wrong_list_length_names_the_flag(flag, values):
     other = ["--num-experts", "4"] if flag != "--num-experts" else []
-    with pytest.raises(ArgumentError, match=flag + r" has 2 values; give one, or one per MoE layer \(3"):
+    with pytest.raises(ConfigError, match=flag + r" has 2 values; give one, or one per MoE layer \(3"):
         _cfg(*other, flag, *values)
 
 

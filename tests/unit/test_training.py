@@ -57,7 +57,7 @@ def _one_error_line(p):
     (["--global-batch-size", "5"], "--global-batch-size (5) must be divisible by --micro-batch-size (2)"),
     (["--data-path", "/nonexistent/corpus_text_document"], "/nonexistent/corpus_text_document"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt"),
-    (["--tensor-model-parallel-size", "2"], "world size (1) must be a positive multiple of --tensor-model-parallel-size (2)"),
+    (["--tensor-model-parallel-size", "2"], "world size (1) must be divisible by --tensor-model-parallel-size (2)"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_corpus, tmp_path, extra, needle):
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2") + extra

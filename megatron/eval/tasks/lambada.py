@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from megatron.errors import DataError
 from megatron.eval.scorer import Answer, Request
 from megatron.eval.tasks.base import Task, register_task
 
@@ -38,7 +39,7 @@ class Lambada(Task):
                 try:
                     docs.append({"text": json.loads(line)["text"]})
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: not a LAMBADA record with a 'text' field ({e})") from None
+                    raise DataError(f"{path}:{lineno}: not a LAMBADA record with a 'text' field ({e})") from None
         return docs
 
     def requests(self, doc: dict) -> List[Tuple[str, str]]:

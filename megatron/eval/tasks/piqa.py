@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron.errors import DataError
 from megatron.eval.scorer import Answer
 from megatron.eval.tasks.base import Task, register_task
 
@@ -33,17 +34,17 @@ class Piqa(Task):
         with open(lpath, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
         if len(lines) != len(labels):
-            raise ValueError(f"{qpath} has {len(lines)} questions but {lpath} has {len(labels)} labels")
+            raise DataError(f"{qpath} has {len(lines)} questions but {lpath} has {len(labels)} labels")
         docs = []
         for lineno, (line, label) in enumerate(zip(lines, labels), 1):
             try:
                 rec = json.loads(line)
                 doc = {"goal": rec["goal"], "choices": [rec["sol1"], rec["sol2"]], "gold": int(label)}
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{qpath}:{lineno}: not a PIQA record with goal/sol1/sol2 and a 0/1 label "
+                raise DataError(f"{qpath}:{lineno}: not a PIQA record with goal/sol1/sol2 and a 0/1 label "
                                  f"({e})") from None
             if doc["gold"] not in (0, 1):
-                raise ValueError(f"{lpath}:{lineno}: label {label!r} is not 0 or 1")
+                raise DataError(f"{lpath}:{lineno}: label {label!r} is not 0 or 1")
             docs.append(doc)
         return docs
 
