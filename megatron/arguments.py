@@ -190,6 +190,44 @@ def offload_config_from_args(args):
                     layer_major=not args.no_moe_offload_layer_major)
 
 
+def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
+    """Expert Adam state on NVMe in training: moe.offload.OptimizerOffloadConfig (DeepSpeed's offload_optimizer and
+    aio blocks map onto these dests: moe.offload.config.offload_args_from_ds_config)."""
+    g = p.add_argument_group("expert optimizer offload")
+    g.add_argument("--moe-offload-optimizer", choices=["none", "nvme"], default="none",
+                   help="nvme: keep the expert parameters' Adam state in files, swapped through a few buffers")
+    g.add_argument("--moe-offload-dir", default=None,
+                   help="directory on the NVMe disk for the offloaded state (scratch: one store per rank)")
+    g.add_argument("--moe-offload-buffer-count", type=int, default=4,
+                   help="page-locked record buffers (read ahead / write behind); resident bytes = this x the "
+                        "largest expert's state")
+    g.add_argument("--no-moe-offload-pipeline", dest="moe_offload_pipeline", action="store_false", default=True,
+                   help="read, update and write one expert at a time instead of overlapping them")
+    g.add_argument("--moe-offload-aio-block-size", type=int, default=1 << 20, help="bytes per aio request")
+    g.add_argument("--moe-offload-aio-queue-depth", type=int, default=32, help="aio requests in flight per thread")
+    g.add_argument("--moe-offload-aio-single-submit", action="store_true", help="one io_submit per request")
+    g.add_argument("--moe-offload-aio-overlap-events", action="store_true", help="refill the queue per completion")
+    g.add_argument("--moe-offload-aio-intra-op-parallelism", type=int, default=1,
+                   help="threads per aio request")
+
+
+def optimizer_offload_config_from_args(args):
+    from moe.offload.config import OptimizerOffloadConfig
+
+    return _checked(
+        OptimizerOffloadConfig,
+        mode=args.moe_offload_optimizer,
+        directory=args.moe_offload_dir,
+        buffer_count=args.moe_offload_buffer_count,
+        pipeline=args.moe_offload_pipeline,
+        aio_block_size=args.moe_offload_aio_block_size,
+        aio_queue_depth=args.moe_offload_aio_queue_depth,
+        aio_single_submit=args.moe_offload_aio_single_submit,
+        aio_overlap_events=args.moe_offload_aio_overlap_events,
+        aio_intra_op_parallelism=args.moe_offload_aio_intra_op_parallelism,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Megatron-style GPT (MoE) pretraining", allow_abbrev=False)
     add_model_args(p)
@@ -198,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_distill_args(p)
     add_checkpoint_logging_args(p)
+    add_optimizer_offload_args(p)
     return p
 
 
@@ -339,6 +378,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
             exit_signal_handler=args.exit_signal_handler, tensorboard_dir=args.tensorboard_dir, peak_flops=args.peak_flops,
         ),
+        optimizer_offload=optimizer_offload_config_from_args(args),
         compile=args.compile,
         deterministic=args.deterministic,
     )
@@ -357,6 +397,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ConfigError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if cfg.optimizer_offload.enabled and cfg.moe is None:
+        raise ConfigError("--moe-offload-optimizer nvme offloads expert parameters' Adam state, but the model is "
+                          "dense (--num-experts 1); add experts or drop the flag")
     if cfg.distill.enabled:
         _checked(validate_distill, cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
 

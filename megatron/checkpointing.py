@@ -31,6 +31,7 @@ from moe.experts import is_expert_param
 from moe.layer import MoELayer
 
 from megatron.errors import CheckpointError  # noqa: F401 - re-exported (callers import it from here)
+from megatron.optimizer.offload import ExpertOffloadAdamW
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
@@ -349,7 +350,7 @@ def _write_files(tmp: str, iteration: int, model, optimizer, scheduler, loss_sca
             "checkpoint_version": 1,
         }
         files[os.path.relpath(dense_path(tmp, tp), tmp)] = _atomic_torch_save(payload, dense_path(tmp, tp))
-    files.update(_save_experts(tmp, model, opt_state, groups))
+    files.update(_save_experts(tmp, model, opt_state, groups, optimizer))
     return files
 
 
@@ -359,7 +360,7 @@ def _model_tp_rank(model) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> Dict[str, dict]:
+def _save_experts(ckpt_dir: str, model, opt_state: dict, groups, optimizer=None) -> Dict[str, dict]:
     # Experts are replicated over tensor parallelism (not sharded), so TP rank 0 writes the one file per
     # (MoE layer, global expert) that DESIGN §5 specifies, named ..._mp_rank_00_..., and every TP rank reads it.
     files = {}
@@ -377,6 +378,8 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups) -> Dict[str, di
             gid = layer.ep_rank * e + i
             weights = {n[len(prefix) + 1:]: params[n].detach()[i].clone() for n in names}
             optim = {}
+            if isinstance(optimizer, ExpertOffloadAdamW):  # state in the offload files: read it back per expert
+                optim = optimizer.expert_state(moe_idx, gid)
             for n in names:
                 if n in opt_state:
                     optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
@@ -626,7 +629,10 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[di
 
 def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str, experts: Optional[dict] = None) -> None:
     state = dict(payload.get("optimizer", {}))
-    state.update(_load_experts(model, ckpt_dir, load_weights=False, experts=experts))
+    if isinstance(optimizer, ExpertOffloadAdamW):
+        _fill_offloaded_expert_state(model, optimizer, ckpt_dir, experts)
+    else:
+        state.update(_load_experts(model, ckpt_dir, load_weights=False, experts=experts))
     for name, p in model.named_parameters():
         if name in state:
             optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
@@ -729,6 +735,22 @@ def _after_fallback(ck, refused, ckpt_dir: str, iteration: int) -> None:
         except OSError as e:
             note = f"; could not set the refused checkpoint aside ({e.strerror})"
     _log_rank0(f"--load-fallback: {refused[0][1]}; loaded iteration {iteration} ({ckpt_dir}) instead{note}")
+
+
+def _fill_offloaded_expert_state(model, optimizer, ckpt_dir: str, experts: Optional[dict] = None) -> None:
+    """Writes each local expert's Adam state from its checkpoint file (or its verified payload in `experts`, keyed by
+    (MoE layer, global expert id)) into the offload store; read here, one file is in memory at a time."""
+    for moe_idx, prefix, layer in _moe_layers(model):
+        e = layer.num_local_experts
+        present = None
+        for g in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
+            path = expert_path(ckpt_dir, moe_idx, g)
+            optim = (experts[(moe_idx, g)] if experts is not None else load_checkpoint_file(ckpt_dir, path))["optimizer"]
+            if present is not None and set(optim) != present:  # the in-memory load would stack unequal sets
+                raise CheckpointError(f"{path}: holds Adam state for {sorted(optim)}, the other experts of MoE layer "
+                                      f"{moe_idx} for {sorted(present)}; the checkpoint is inconsistent")
+            present = set(optim)
+            optimizer.load_expert_state(moe_idx, g, optim)
 
 
 # ----------------------------------------------------------------------------------------------- training

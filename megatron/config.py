@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 from megatron.errors import ConfigError
 from moe.config import MoEConfig
 from moe.distill import DistillConfig
+from moe.offload.config import OptimizerOffloadConfig
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
+    optimizer_offload: OptimizerOffloadConfig = field(default_factory=OptimizerOffloadConfig)  # expert Adam on NVMe
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
 

@@ -25,6 +25,8 @@ from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
+from megatron.optimizer.offload import ExpertOffloadAdamW
+from moe.offload.store import OffloadError
 
 log = logging.getLogger("megatron")
 
@@ -80,7 +82,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     model = build_model(cfg, groups, device)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer_offload, groups.rank, groups.world_size)
     scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
     scaler = None
     if cfg.optimizer.fp16:
@@ -268,6 +270,8 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
         losses.append(m["lm_loss"])
         if st.iteration % lg.log_interval == 0:
             m["moe"] = summarize_moe(m.pop("moe_raw"))  # only on logging steps: it syncs on every stat
+            if isinstance(st.optimizer, ExpertOffloadAdamW):  # swap traffic and exposed time since the last log
+                m["offload"] = st.optimizer.take_stats()
             elapsed = time.perf_counter() - t0
             print_rank0(format_log(st, m, elapsed, st.iteration - last_logged))
             tokens = cfg.data.global_batch_size * cfg.data.seq_length * (st.iteration - last_logged)
@@ -347,6 +351,10 @@ def pretrain(argv=None) -> dict:
     signals = ExitSignals() if cfg.logging.exit_signal_handler else None
     try:
         result = train(st, train_iter, make_valid, signals, start)
+    except BaseException:
+        if isinstance(st.optimizer, ExpertOffloadAdamW):
+            st.optimizer.close()  # a failed run leaves its offload directory free for the next one
+        raise
     finally:
         if signals is not None:
             signals.restore()
@@ -368,8 +376,10 @@ def main(argv=None) -> int:
     """CLI wrapper: a problem the user can fix (megatron.errors.UserError: a flag, file, checkpoint or dataset)
     prints one line and exits 2; anything else is a bug and keeps its traceback."""
     try:
-        pretrain(argv)
-    except UserError as e:
+        st = pretrain(argv)["state"]
+        if isinstance(st.optimizer, ExpertOffloadAdamW):
+            st.optimizer.close()
+    except (UserError, OffloadError) as e:  # OffloadError: moe's own (--moe-offload-optimizer)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

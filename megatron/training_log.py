@@ -55,6 +55,8 @@ def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
         line += f" | kd loss: {m['kd_loss']:.6E}"
     if m.get("skipped"):
         line += " | skipped (overflow)"
+    if m.get("offload") is not None:
+        line += "\n   " + m["offload"].summary()
     for i, s in enumerate(m.get("moe", [])):
         line += (f"\n   moe layer {i}: aux {s['aux_loss']:.4f} | tokens/expert min {s['tokens_min']:.0f} max "
                  f"{s['tokens_max']:.0f} cv {s['tokens_cv']:.3f} | dropped {100 * s['dropped']:.2f}%")
@@ -75,6 +77,8 @@ def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) ->
         w.add_scalar("kd-loss", m["kd_loss"], it)
     if tok_s:
         w.add_scalar("tokens-per-second", tok_s, it)
+    if m.get("offload") is not None:
+        line += "\n   " + m["offload"].summary()
     for i, s in enumerate(m.get("moe", [])):
         for k, v in s.items():
             w.add_scalar(f"moe/layer{i}/{k}", v, it)

@@ -3,6 +3,14 @@
 side by side with the all-resident model, naive on-demand reads, torch.load(mmap=True), and the physical bound.
 
     python tools/bench_offload.py [--work-dir /nvme/bench_offload] [--num-experts 32] [--repeats 3]
+    python tools/bench_offload.py --train [--work-dir /nvme/bench_offload_train] [--num-experts 64] [--steps 4]
+
+--train (training, expert Adam state on NVMe): step time and peak RSS of a MoE GPT (default 6 layers, hidden 512,
+64 experts of ffn 2048 every other layer: 403M expert parameters, 3.2 GB of expert Adam state) with in-memory
+AdamW, with the state offloaded and pipelined, and offloaded without pipelining, each in its own process; the
+I/O bound (state bytes read / disk read GB/s + written / write GB/s, measured in the same run) beside them.
+
+Inference (the default mode):
 
 A random-init MoE GPT (default: 8 layers, hidden 512, 32 experts of ffn 2048 on every other layer, fp32: 1.07 GB
 of experts) is saved as a checkpoint and an expert store in --work-dir (reused when present). Before each timed
@@ -18,6 +26,7 @@ import json
 import os
 import sys
 import time
+from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +40,7 @@ from megatron.model import GPTModel  # noqa: E402
 from megatron.offload import build_offloaded_model, write_expert_store  # noqa: E402
 from moe.config import MoEConfig  # noqa: E402
 from moe.offload import OffloadConfig  # noqa: E402
+from moe.offload.config import OptimizerOffloadConfig  # noqa: E402
 
 
 def drop_caches() -> bool:
@@ -217,7 +227,178 @@ class Case:
         return runs[len(runs) // 2]
 
 
+# ------------------------------------------------------------------------------------------------ --train
+# (name, mode, pipelined, checksums); the last row shows what the per-record xxh3 (default on) costs
+TRAIN_VARIANTS = (("in-memory AdamW", "none", True, True), ("NVMe offload, pipelined", "nvme", True, True),
+                  ("NVMe offload, not pipelined", "nvme", False, True),
+                  ("NVMe offload, pipelined, no checksums", "nvme", True, False))
+
+
+def train_parser():
+    p = argparse.ArgumentParser(description="tools/bench_offload.py --train: training step time and peak RSS with the "
+                                            "expert Adam state in memory, offloaded pipelined, and offloaded serially")
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--work-dir", default=os.path.join("outputs", "bench_offload_train"),
+                   help="the offload directory and the disk-speed file go here (on the disk to measure)")
+    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--ffn-hidden-size", type=int, default=2048)
+    p.add_argument("--num-experts", type=int, default=64)
+    p.add_argument("--expert-interval", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--buffer-count", type=int, default=4)
+    p.add_argument("--output", default=None, help="write all figures as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    return p
+
+
+def train_worker(args) -> dict:
+    """One variant in this process: build the model, run warm-up + timed steps, report times and peak RSS."""
+    from megatron.config import OptimizerConfig
+    from megatron.optimizer import build_optimizer, clip_grad_norm
+    from moe.experts import is_expert_param
+    from moe.offload.config import OptimizerOffloadConfig
+
+    name, mode, pipeline, verify = next(v for v in TRAIN_VARIANTS if v[0] == args.worker)
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=8,
+                      ffn_hidden_size=args.ffn_hidden_size, seq_length=args.seq_length,
+                      max_position_embeddings=args.seq_length, padded_vocab_size=args.vocab_size, hidden_dropout=0.0,
+                      attention_dropout=0.0)
+    moe_cfg = MoEConfig(num_experts=(args.num_experts,), expert_interval=args.expert_interval, topk=1)
+    model = GPTModel(cfg, moe_cfg)
+    offload = OptimizerOffloadConfig(mode=mode, directory=os.path.join(args.work_dir, "opt") if mode == "nvme" else None,
+                                     buffer_count=args.buffer_count, pipeline=pipeline, verify=verify)
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-4), offload)
+    experts = [p for p in model.parameters() if is_expert_param(p)]
+    dense = [p for p in model.parameters() if not is_expert_param(p)]
+    gen = torch.Generator().manual_seed(1)
+    step_s, opt_s, exposed_s = [], [], []
+    for i in range(args.steps + 1):
+        tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=gen)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        loss = out.loss.mean() + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
+        loss.backward()
+        clip_grad_norm(dense, experts, 1.0)
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        swap = opt.take_stats() if mode == "nvme" else None
+        if i > 0:  # the first step allocates the in-memory state and warms everything up
+            step_s.append(t2 - t0)
+            opt_s.append(t2 - t1)
+            exposed_s.append(swap.exposed_s if swap else 0.0)
+        print(f"  {name}: step {i} {t2 - t0:.2f} s (optimizer {t2 - t1:.2f} s"
+              + (f", swap exposed {swap.exposed_s:.2f} s, read {swap.bytes_read / 1e9:.2f} GB, wrote "
+                 f"{swap.bytes_written / 1e9:.2f} GB" if swap else "") + ")", file=sys.stderr, flush=True)
+    state_bytes = sum(p.numel() * 8 for p in experts)  # exp_avg + exp_avg_sq, fp32
+    resident = (opt.swapper.resident_bytes if mode == "nvme" else
+                sum(t.numel() * t.element_size() for p in experts for t in opt.state[p].values()))
+    if mode == "nvme":
+        opt.close()
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"variant": name, "step_s": med(step_s), "optimizer_s": med(opt_s), "exposed_s": med(exposed_s),
+            "all_step_s": step_s, "peak_rss_bytes": peak_rss(),
+            "expert_state_bytes": state_bytes, "resident_expert_state_bytes": resident,
+            "expert_params": sum(p.numel() for p in experts)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM: per address space, so not the parent's peak that getrusage's
+    ru_maxrss carries across fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def disk_speed(directory: str, size: int = 1 << 30) -> Tuple[float, float]:
+    """(write, read) GB/s of one O_DIRECT transfer of `size` bytes through an aio handle with the offload's default
+    settings (the way tools/nvme_tune.py measures one config; cold: written first, then read)."""
+    from moe.ops.op_builder import AsyncIOBuilder
+
+    h = AsyncIOBuilder().load().aio_handle(**OptimizerOffloadConfig().handle_kwargs())
+    buf = h.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
+    buf.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8))
+    path = os.path.join(directory, "disk_speed.bin")
+    if os.path.exists(path):
+        os.unlink(path)
+    os.sync()
+    t0 = time.perf_counter()
+    h.sync_pwrite(buf, path)
+    w = size / (time.perf_counter() - t0) / 1e9
+    drop_caches()
+    t0 = time.perf_counter()
+    h.sync_pread(buf, path)
+    r = size / (time.perf_counter() - t0) / 1e9
+    os.unlink(path)
+    return w, r
+
+
+def train_main(argv) -> int:
+    import subprocess
+
+    args = train_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(train_worker(args)))
+        return 0
+    os.makedirs(args.work_dir, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(os.path.join(args.work_dir, "opt"), ignore_errors=True)  # a previous run's (other model) state
+    st = os.statvfs(args.work_dir)
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    print(f"free disk at {args.work_dir}: {st.f_bavail * st.f_frsize / 1e9:.1f} GB; available memory "
+          f"{avail / 1e9:.1f} GB")
+    write_gbps, read_gbps = disk_speed(args.work_dir)
+    print(f"disk (aio, O_DIRECT, 1 GiB, offload's default handle settings): write {write_gbps:.2f} GB/s, read "
+          f"{read_gbps:.2f} GB/s")
+    rows = []
+    for name, *_ in TRAIN_VARIANTS:  # each in its own process: its peak RSS is its own
+        cmd = [sys.executable, os.path.abspath(__file__)] + list(argv) + ["--worker", name]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            print(f"{name}: failed (exit {r.returncode})", file=sys.stderr)
+            return 1
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    state = rows[0]["expert_state_bytes"]
+    io_bound = state / (read_gbps * 1e9) + state / (write_gbps * 1e9)  # every record read once and written once
+    base = rows[0]
+    bound = max(base["step_s"], io_bound)
+    print(f"\n## training step, {args.num_layers} layers, hidden {args.hidden_size}, {args.num_experts} experts of ffn "
+          f"{args.ffn_hidden_size} every {args.expert_interval} layers ({rows[0]['expert_params'] / 1e6:.0f}M expert "
+          f"parameters, Adam state {state / 1e9:.2f} GB), micro-batch {args.micro_batch_size} x {args.seq_length}; "
+          f"medians of {args.steps} steps")
+    print(f"I/O bound: {state / 1e9:.2f} GB read / {read_gbps:.2f} GB/s + {state / 1e9:.2f} GB written / "
+          f"{write_gbps:.2f} GB/s = {io_bound:.2f} s; target bound = max(in-memory step, I/O bound) = {bound:.2f} s")
+    print("| variant | step s | optimizer s | swap exposed s | x max(in-memory, I/O bound) | peak RSS GB | "
+          "resident expert Adam state GB | RSS saved / state bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        row["x_bound"] = row["step_s"] / bound
+        row["rss_saved_fraction"] = (base["peak_rss_bytes"] - row["peak_rss_bytes"]) / state
+        print(f"| {row['variant']} | {row['step_s']:.2f} | {row['optimizer_s']:.2f} | {row['exposed_s']:.2f} | "
+              f"{row['x_bound']:.2f} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['resident_expert_state_bytes'] / 1e9:.3f}"
+              f" | {100 * row['rss_saved_fraction']:.0f}% |")
+    piped = rows[1]
+    print(f"targets: pipelined step <= 1.15 x bound: {piped['x_bound']:.2f} -> "
+          f"{'met' if piped['x_bound'] <= 1.15 else 'MISSED'}; peak RSS lower by >= 90% of the state bytes: "
+          f"{100 * piped['rss_saved_fraction']:.0f}% -> {'met' if piped['rss_saved_fraction'] >= 0.9 else 'MISSED'}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"disk_write_GBps": write_gbps, "disk_read_GBps": read_gbps, "io_bound_s": io_bound,
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--train" in argv:
+        return train_main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default=os.path.join("outputs", "bench_offload"))
     p.add_argument("--load", default=None, help="benchmark this MoE checkpoint instead of a random-init model "

@@ -27,11 +27,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """torch AdamW; the fused kernel where the device supports it (CUDA, and CPU in recent torch)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, offload=None, rank: int = 0,
+                    world_size: int = 1) -> torch.optim.Optimizer:
+    """torch AdamW; the fused kernel where the device supports it (CUDA, and CPU in recent torch).
+
+    With `offload` (a moe.offload.OptimizerOffloadConfig in nvme mode) the expert parameters' Adam state lives in
+    files (megatron.optimizer.offload.ExpertOffloadAdamW, same update bit for bit); `rank`/`world_size` name this
+    process's store.
+    """
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if offload is None or not offload.enabled:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    from megatron.optimizer.offload import ExpertOffloadAdamW
+
+    # the same kernel choice as above, probed on a stand-in parameter (building the offloaded optimizer opens its
+    # store, so it is built once)
+    p = next(model.parameters())
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, dtype=p.dtype, device=p.device))], fused=True)
+        kernel = {"fused": True}
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        kernel = {"foreach": True}
+    return ExpertOffloadAdamW(groups, model=model, offload=offload, rank=rank, world_size=world_size, **kernel,
+                              **kwargs)

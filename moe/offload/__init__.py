@@ -1,9 +1,12 @@
-"""NVMe expert offload at inference: an expert store on disk, a cache under a byte budget, a gate prefetcher."""
+"""NVMe expert offload: an expert store on disk; at inference a cache under a byte budget and a gate prefetcher; in
+training the swap pipeline that keeps the experts' optimizer state on disk."""
 from moe.offload.cache import ExpertCache
-from moe.offload.config import OffloadConfig, parse_bytes
+from moe.offload.config import OffloadConfig, OptimizerOffloadConfig, offload_args_from_ds_config, parse_bytes
 from moe.offload.experts import OffloadedExperts
 from moe.offload.prefetch import GatePrefetcher
-from moe.offload.store import ExpertStore, OffloadError, write_store
+from moe.offload.store import ExpertStore, OffloadError, open_training_store, write_store
+from moe.offload.swap import StateSwapper, SwapStats
 
 __all__ = ["ExpertCache", "ExpertStore", "GatePrefetcher", "OffloadConfig", "OffloadError", "OffloadedExperts",
-           "parse_bytes", "write_store"]
+           "OptimizerOffloadConfig", "StateSwapper", "SwapStats", "offload_args_from_ds_config",
+           "open_training_store", "parse_bytes", "write_store"]

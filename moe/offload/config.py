@@ -1,9 +1,12 @@
-"""`OffloadConfig`: the settings of NVMe expert offload at inference, and byte-size parsing for its flags."""
+"""`OffloadConfig` (NVMe expert offload at inference), `OptimizerOffloadConfig` (expert Adam state on NVMe in
+training, and its mapping from a DeepSpeed config), and byte-size parsing for their flags."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Optional
+
+from moe.offload.store import OffloadError
 
 OFFLOAD_MODES = ("none", "nvme")
 PREFETCH_MODES = ("gate", "none")
@@ -57,3 +60,112 @@ class OffloadConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+
+OPTIMIZER_OFFLOAD_MODES = ("none", "nvme")
+
+
+@dataclass(frozen=True)
+class OptimizerOffloadConfig:
+    """Where the Adam state of expert parameters lives in training, and how it is swapped (moe.offload.swap)."""
+
+    mode: str = "none"  # --moe-offload-optimizer: 'none' (in memory) or 'nvme' (records in --moe-offload-dir)
+    directory: Optional[str] = None  # --moe-offload-dir: one store per rank in DIR/rank_XXXXX (scratch space)
+    buffer_count: int = 4  # --moe-offload-buffer-count: page-locked record buffers (read ahead / write behind)
+    pipeline: bool = True  # read expert i+1 and write i-1 while i is updated (False: read, update, write in turn)
+    verify: bool = True  # xxh3 of every record written, checked when it is read back (~25 GB/s)
+    aio_block_size: int = 1 << 20  # --moe-offload-aio-block-size: bytes per aio request
+    aio_queue_depth: int = 32  # --moe-offload-aio-queue-depth: aio requests in flight per thread
+    aio_single_submit: bool = False  # --moe-offload-aio-single-submit: one io_submit per request
+    aio_overlap_events: bool = False  # --moe-offload-aio-overlap-events: refill the queue per completion
+    aio_intra_op_parallelism: int = 1  # --moe-offload-aio-intra-op-parallelism: threads per aio request
+
+    def __post_init__(self):
+        if self.mode not in OPTIMIZER_OFFLOAD_MODES:
+            raise OffloadError(f"--moe-offload-optimizer ({self.mode!r}) must be one of "
+                             f"{', '.join(OPTIMIZER_OFFLOAD_MODES)}")
+        if self.mode == "nvme" and not self.directory:
+            raise OffloadError("--moe-offload-optimizer nvme needs --moe-offload-dir (a directory on the NVMe disk)")
+        if self.buffer_count < 1:
+            raise OffloadError(f"--moe-offload-buffer-count ({self.buffer_count}) must be >= 1")
+        if self.aio_block_size < 4096 or self.aio_block_size % 4096:
+            raise OffloadError(f"--moe-offload-aio-block-size ({self.aio_block_size}) must be a positive multiple "
+                             f"of 4096")
+        if self.aio_queue_depth < 1:
+            raise OffloadError(f"--moe-offload-aio-queue-depth ({self.aio_queue_depth}) must be >= 1")
+        if self.aio_intra_op_parallelism < 1:
+            raise OffloadError(f"--moe-offload-aio-intra-op-parallelism ({self.aio_intra_op_parallelism}) must be "
+                             f">= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def handle_kwargs(self) -> dict:
+        """The aio_handle constructor's keyword arguments (DeepNVMe names)."""
+        return dict(block_size=self.aio_block_size, queue_depth=self.aio_queue_depth,
+                    single_submit=self.aio_single_submit, overlap_events=self.aio_overlap_events,
+                    intra_op_parallelism=self.aio_intra_op_parallelism)
+
+
+# DeepSpeed "aio" key -> argparse dest (thread_count is DeepSpeed's older name of intra_op_parallelism)
+_DS_AIO_KEYS = {"block_size": "moe_offload_aio_block_size", "queue_depth": "moe_offload_aio_queue_depth",
+                "single_submit": "moe_offload_aio_single_submit", "overlap_events": "moe_offload_aio_overlap_events",
+                "intra_op_parallelism": "moe_offload_aio_intra_op_parallelism",
+                "thread_count": "moe_offload_aio_intra_op_parallelism"}
+
+
+def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional[dict]) -> dict:
+    """A DeepSpeed config's `zero_optimization.offload_optimizer` and `aio` blocks as pretrain_gpt.py argparse
+    dests ({dest: value}; only what the blocks set), restricted here to expert parameters.
+
+    offload_optimizer: device nvme|none -> moe_offload_optimizer, nvme_path -> moe_offload_dir, buffer_count ->
+    moe_offload_buffer_count, pipeline_read/pipeline_write -> moe_offload_pipeline (on if either is on; our
+    default is on when neither is given). pin_memory and fast_init are accepted and need nothing (buffers are
+    always page-locked, records start as zeros). aio: block_size, queue_depth, single_submit, overlap_events,
+    intra_op_parallelism (or thread_count). Raises OffloadError (one line naming the key) for what has no meaning
+    here: device cpu, ratio < 1, use_gds, unknown keys.
+    """
+    out: dict = {}
+    off = (zero_optimization or {}).get("offload_optimizer")
+    if off is not None:
+        if not isinstance(off, dict):
+            raise OffloadError(f"zero_optimization.offload_optimizer must be an object, got {off!r}")
+        known = {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
+                 "fast_init", "ratio"}
+        unknown = sorted(set(off) - known)
+        if unknown:
+            raise OffloadError(f"zero_optimization.offload_optimizer: unknown key(s) {unknown}; known: "
+                               f"{sorted(known)}")
+        device = str(off.get("device", "none")).lower()
+        if device == "cpu":
+            raise OffloadError('zero_optimization.offload_optimizer.device "cpu" is not supported (expert Adam state '
+                               'already lives in host memory without offload); use "nvme" or "none"')
+        if device not in OPTIMIZER_OFFLOAD_MODES:
+            raise OffloadError(f"zero_optimization.offload_optimizer.device ({device!r}) must be nvme or none")
+        out["moe_offload_optimizer"] = device
+        if "nvme_path" in off:
+            out["moe_offload_dir"] = off["nvme_path"]
+        if device == "nvme" and not off.get("nvme_path"):
+            raise OffloadError('zero_optimization.offload_optimizer.device "nvme" needs "nvme_path" (a directory '
+                               'on the NVMe disk)')
+        if "buffer_count" in off:
+            out["moe_offload_buffer_count"] = int(off["buffer_count"])
+        if "pipeline_read" in off or "pipeline_write" in off:
+            out["moe_offload_pipeline"] = bool(off.get("pipeline_read", False) or off.get("pipeline_write", False))
+        if float(off.get("ratio", 1.0)) != 1.0:
+            raise OffloadError(f"zero_optimization.offload_optimizer.ratio ({off['ratio']}) must be 1.0: partial "
+                               f"optimizer offload is not supported (all expert state is offloaded)")
+    if aio:
+        if not isinstance(aio, dict):
+            raise OffloadError(f"aio must be an object, got {aio!r}")
+        unknown = sorted(set(aio) - set(_DS_AIO_KEYS) - {"use_gds"})
+        if unknown:
+            raise OffloadError(f"aio: unknown key(s) {unknown}; known: {sorted(_DS_AIO_KEYS)}")
+        if aio.get("use_gds"):
+            raise OffloadError("aio.use_gds is not supported (GPUDirect Storage); set it to false")
+        for key, dest in _DS_AIO_KEYS.items():
+            if key in aio:
+                value = aio[key]
+                out[dest] = bool(value) if key in ("single_submit", "overlap_events") else int(value)
+    return out

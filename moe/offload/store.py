@@ -4,6 +4,8 @@ manifest (shapes, dtypes, offsets, a checksum per record) that says what the fil
 The store knows files and records, not layers or models. Reads go through the project's aio handle with
 O_DIRECT into caller-owned (page-locked) buffers, so they never touch the page cache; writes are atomic
 (temporary file, fsync, rename: a store is either complete or absent, a full disk leaves nothing behind).
+A training store ("mutable": Adam state, `create_store` / `open_training_store`) has the same layout, its bytes
+reserved up front and its records rewritten in place (`write_from`), their checksums kept in memory.
 
     DIR/manifest.json   {"format": FORMAT, "version": VERSION, "source": {...}, "data_file": "experts.bin",
                          "data_bytes": n, "record_bytes": max record size, "records": [...]}
@@ -11,8 +13,11 @@ O_DIRECT into caller-owned (page-locked) buffers, so they never touch the page c
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -172,6 +177,8 @@ class ExpertStore:
             self.records[(e["layer"], e["expert"])] = Record(e["layer"], e["expert"], e["offset"], e["nbytes"],
                                                              e["checksum"], specs)
         self.record_bytes = int(manifest["record_bytes"])
+        self.mutable = bool(manifest.get("mutable", False))  # a training store: records rewritten in place
+        self.checksums: Dict[Tuple[int, int], int] = {k: r.checksum for k, r in self.records.items()}
 
     @classmethod
     def open(cls, directory: str, expected_source: Optional[dict] = None) -> "ExpertStore":
@@ -226,16 +233,40 @@ class ExpertStore:
         """
         rec = self.records[key]
         view = buffer_u8[:rec.nbytes]
+        fix = ("resume from the last checkpoint with --load" if self.mutable
+               else "rewrite the store with tools/offload_experts.py")
         try:
             handle.sync_pread(view, self.data_path, rec.offset)
         except (OSError, EOFError) as e:
             raise OffloadError(f"{self.data_path}: reading the record of MoE layer {key[0]} expert {key[1]} "
-                               f"(offset {rec.offset}, {rec.nbytes} bytes) failed ({e}); rewrite the store "
-                               f"with tools/offload_experts.py") from None
-        if verify and checksum(view) != rec.checksum:
+                               f"(offset {rec.offset}, {rec.nbytes} bytes) failed ({e}); {fix}") from None
+        if verify and checksum(view) != self.checksums[key]:
             raise OffloadError(f"{self.data_path}: checksum mismatch in the record of MoE layer {key[0]} expert "
-                               f"{key[1]} (offset {rec.offset}); the store is corrupted, rewrite it with "
-                               f"tools/offload_experts.py")
+                               f"{key[1]} (offset {rec.offset}); the store is corrupted, {fix}")
+        return rec
+
+    def write_from(self, handle, key: Tuple[int, int], buffer_u8: torch.Tensor, verify: bool = True) -> Record:
+        """Writes record `key` from the first record.nbytes bytes of `buffer_u8` (a mutable store's records only).
+
+        Runs on a writer thread (the aio handle releases the GIL). With `verify`, the record's xxh3 is kept so the
+        next read_into checks it. Raises OffloadError naming the file on an I/O error (the record's content is
+        then unknown: reading it fails until it is written again). Fault point for tests: MOE_OFFLOAD_FAULT=write:N
+        makes this process's N-th record write fail as the handle would (EIO).
+        """
+        assert self.mutable, "write_from on a store written from a checkpoint (read-only)"
+        rec = self.records[key]
+        view = buffer_u8[:rec.nbytes]
+        digest = checksum(view) if verify else None
+        self.checksums[key] = -1  # unknown until the write completes
+        try:
+            _fault_point()
+            handle.sync_pwrite(view, self.data_path, rec.offset)
+        except OSError as e:
+            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise OffloadError(f"{self.data_path}: writing the optimizer state of MoE layer {key[0]} expert {key[1]} "
+                               f"(offset {rec.offset}, {rec.nbytes} bytes) failed ({what}); the offload files are "
+                               f"now inconsistent: resume from the last checkpoint with --load") from None
+        self.checksums[key] = digest if verify else checksum(view)
         return rec
 
 
@@ -243,3 +274,137 @@ def _describe(source) -> str:
     if not isinstance(source, dict):
         return repr(source)
     return ", ".join(f"{k} {source[k]}" for k in ("iteration", "fingerprint") if k in source) or repr(source)
+
+
+# ------------------------------------------------------------------------------------------ training stores
+FAULT_ENV = "MOE_OFFLOAD_FAULT"  # "write:N": this process's N-th record write fails (EIO), for fault tests
+_fault_writes = 0
+
+
+def _fault_point() -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    global _fault_writes
+    _fault_writes += 1
+    if spec == f"write:{_fault_writes}":
+        raise OSError(errno.EIO, f"injected I/O error ({FAULT_ENV}={spec})")
+
+
+TensorLayout = Mapping[str, Tuple[Tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
+
+
+def create_store(directory: str, layout: Iterable[Tuple[int, int, TensorLayout]], source: dict) -> ExpertStore:
+    """A mutable store (training: Adam state swapped in and out) in `directory`, every record zero.
+
+    The data file is created afresh and its bytes reserved up front (posix_fallocate), so a disk too small is
+    found here, before training starts, and never in the middle of a write-back; reserved bytes read as zeros,
+    which is the optimizer's initial state. Records carry no checksum in the manifest (they change every step):
+    the store keeps the xxh3 of what it last wrote in memory and checks each read against it.
+    Raises OffloadError naming the directory on an unwritable directory or a full disk (nothing is left behind).
+    """
+    entries, pos = [], 0
+    for layer, expert, tensors in layout:
+        specs, nbytes = _layout({n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype)
+                                 in tensors.items()})
+        entries.append({"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
+                        "checksum": None,
+                        "tensors": [{"name": s.name, "shape": list(s.shape),
+                                     "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
+                                    for s in specs]})
+        pos += nbytes
+    manifest = {"format": FORMAT, "version": VERSION, "mutable": True, "source": source, "checkpoint": None,
+                "data_file": DATA_FILE, "data_bytes": pos,
+                "record_bytes": max((e["nbytes"] for e in entries), default=0), "records": entries}
+    data_path, man_path = os.path.join(directory, DATA_FILE), os.path.join(directory, MANIFEST)
+    try:
+        for p in (man_path, data_path):
+            if os.path.exists(p):
+                os.remove(p)
+        fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if pos:
+                os.posix_fallocate(fd, 0, pos)
+        finally:
+            os.close(fd)
+        tmp = man_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, man_path)
+        _fsync_dir(directory)
+    except OSError as e:
+        for p in (data_path, man_path, man_path + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OffloadError(f"--moe-offload-dir {directory}: reserving {pos} bytes of optimizer state failed ({what}); "
+                           f"free space or choose another directory") from None
+    store = ExpertStore(directory, manifest)
+    zeros: Dict[int, int] = {}
+    for key, rec in store.records.items():
+        if rec.nbytes not in zeros:
+            zeros[rec.nbytes] = checksum(torch.zeros(rec.nbytes, dtype=torch.uint8))
+        store.checksums[key] = zeros[rec.nbytes]
+    return store
+
+
+def open_training_store(directory: str, rank: int, layout: Iterable[Tuple[int, int, TensorLayout]],
+                        source: dict) -> Tuple[ExpertStore, object]:
+    """(a fresh mutable store for this rank in DIR/rank_XXXXX, the open lock file that must stay open).
+
+    `directory` must be missing, empty, or hold only rank_XXXXX stores this run may reuse: a store whose manifest
+    records another `source` (a run with another model, world size or expert layout), an inference expert store,
+    or any other file is refused with one line naming the path; so is a store locked by a running process.
+    A reused store's contents are discarded (training fills it from --load, or starts from zeros).
+    """
+    sub = os.path.join(directory, f"rank_{rank:05d}")
+    try:
+        os.makedirs(sub, exist_ok=True)
+    except OSError as e:
+        raise OffloadError(f"--moe-offload-dir {directory}: cannot create {sub} ({e.strerror}); choose a writable "
+                           f"directory") from None
+    if not os.access(sub, os.W_OK):
+        raise OffloadError(f"--moe-offload-dir {sub}: not writable; choose a writable directory")
+    others = sorted(n for n in os.listdir(directory) if not re.fullmatch(r"rank_\d{5}", n))
+    if others:
+        kind = "an inference expert store" if MANIFEST in others else f"other files ({', '.join(others[:3])})"
+        raise OffloadError(f"--moe-offload-dir {directory}: holds {kind}, not optimizer state of this run; point it "
+                           f"at an empty directory")
+    try:
+        lock = open(os.path.join(sub, "lock"), "w")
+    except OSError as e:
+        raise OffloadError(f"--moe-offload-dir {sub}: cannot write in it ({e.strerror}); choose a writable "
+                           f"directory") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise OffloadError(f"--moe-offload-dir {sub}: in use by another running process; give each run its own "
+                           f"directory") from None
+    man_path = os.path.join(sub, MANIFEST)
+    if os.path.exists(man_path):
+        try:
+            with open(man_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or old.get("format") != FORMAT or not old.get("mutable"):
+            lock.close()
+            raise OffloadError(f"{man_path}: not optimizer state of a megatron-moe run; point --moe-offload-dir at "
+                               f"an empty directory")
+        if old.get("source") != source:
+            lock.close()
+            prev = old.get("source") if isinstance(old.get("source"), dict) else {}
+            short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
+            diff = [f"{k} {short(prev.get(k))} here vs {short(source.get(k))} now"
+                    for k in sorted(set(prev) | set(source)) if prev.get(k) != source.get(k)]
+            raise OffloadError(f"{man_path}: left by another run ({'; '.join(diff[:3])}); delete it or point "
+                               f"--moe-offload-dir at an empty directory")
+    try:
+        store = create_store(sub, layout, source)
+    except BaseException:
+        lock.close()
+        raise
+    return store, lock

@@ -103,6 +103,15 @@ MAPPING = {
     "--kd-beta-ce": (["0.7", "--kd", "--load-teacher", "T"], "distill.kd_beta_ce", 0.7),
     "--mos-kd-stop-iters": (["50", "--kd", "--load-teacher", "T"], "distill.kd_stop_iters", 50),
     "--mos-kd-stop-tokens": (["5000", "--kd", "--load-teacher", "T"], "distill.kd_stop_tokens", 5000),
+    "--moe-offload-optimizer": (["nvme", "--moe-offload-dir", "/tmp/o"], "optimizer_offload.mode", "nvme"),
+    "--moe-offload-dir": (["/tmp/o"], "optimizer_offload.directory", "/tmp/o"),
+    "--moe-offload-buffer-count": (["6"], "optimizer_offload.buffer_count", 6),
+    "--no-moe-offload-pipeline": ([], "optimizer_offload.pipeline", False),
+    "--moe-offload-aio-block-size": (["262144"], "optimizer_offload.aio_block_size", 262144),
+    "--moe-offload-aio-queue-depth": (["8"], "optimizer_offload.aio_queue_depth", 8),
+    "--moe-offload-aio-single-submit": ([], "optimizer_offload.aio_single_submit", True),
+    "--moe-offload-aio-overlap-events": ([], "optimizer_offload.aio_overlap_events", True),
+    "--moe-offload-aio-intra-op-parallelism": (["2"], "optimizer_offload.aio_intra_op_parallelism", 2),
 }
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)

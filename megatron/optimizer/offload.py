@@ -1,0 +1,184 @@
+"""AdamW whose expert parameters' Adam state (exp_avg, exp_avg_sq) lives in NVMe files, one record per
+(MoE layer, expert), swapped through a few page-locked buffers by moe.offload.swap; dense parameters keep
+torch's in-memory AdamW.
+
+Exactness: each expert's update runs torch's own functional AdamW (`torch.optim.adam.adam`, decoupled weight
+decay, the same fused/foreach choice and group hyperparameters) on the expert's slices of the stacked parameters
+and gradients and on its state read back from disk. AdamW is elementwise, so this is bit for bit the in-memory
+step provided the kernel treats an element the same wherever it sits: true for foreach and single-tensor AdamW,
+and for the fused CPU kernel when each expert's slice of a parameter has a multiple of 16 elements (it runs
+16-element units with a scalar tail; hidden sizes are multiples of 16 in practice; a warning says otherwise).
+An expert that got no tokens has a zero gradient row and is stepped (weight decay, bias correction) like any
+other. Mixed precision here is autocast over fp32 parameters, so there are no separate fp32 master weights to
+offload: the parameters themselves stay resident for the forward pass.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.optim.adam import adam
+
+from megatron.errors import ConfigError
+from moe.experts import is_expert_param
+from moe.layer import MoELayer
+from moe.offload.config import OptimizerOffloadConfig
+from moe.offload.store import open_training_store
+from moe.offload.swap import StateSwapper
+
+log = logging.getLogger(__name__)
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ExpertOffloadAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW over the same param groups (the scheduler sets every group's lr as before); `step()`
+    runs torch's step on the dense groups, then the swapped step on the expert groups (`moe=True`).
+
+    Args:
+        groups: megatron.optimizer.param_groups(model, ...).
+        model: the model (its MoE layers name the records: layer_index, ep_rank, local experts).
+        offload: the OptimizerOffloadConfig (mode nvme).
+        rank, world_size: this process's global rank (its store is DIR/rank_XXXXX) and the world size.
+        **adam_kwargs: lr, betas, eps, fused / foreach, as torch.optim.AdamW.
+    State: `self.state` holds the dense parameters' state only; expert state is in the store, except each
+    stacked expert parameter's step count (`expert_steps`, one 0-dim fp32 tensor as torch keeps it).
+    """
+
+    def __init__(self, groups, *, model: torch.nn.Module, offload: OptimizerOffloadConfig, rank: int = 0,
+                 world_size: int = 1, **adam_kwargs):
+        super().__init__(groups, **adam_kwargs)
+        self.offload = offload
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        # per MoE layer: (moe index, ep_rank, local experts, [(name in layer, stacked param, its group)])
+        self.layers: List[Tuple[int, int, int, List[Tuple[str, torch.nn.Parameter, dict]]]] = []
+        for prefix, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)):
+            e = layer.num_local_experts
+            params = []
+            for name, p in layer.named_parameters():
+                if not (is_expert_param(p) and p.requires_grad):
+                    continue
+                if getattr(p, "local_expert_index", None) is not None or p.dim() < 1 or p.shape[0] != e:
+                    raise ConfigError(f"--moe-offload-optimizer nvme: MoE layer {prefix} has a user expert module "
+                                      f"({name}); offload supports the built-in stacked GELU experts")
+                params.append((name, p, group_of[p]))
+            if layer.layer_index is None:
+                raise ConfigError(f"--moe-offload-optimizer nvme: MoE layer {prefix} has no layer_index to name its "
+                                  f"records by; set it to its position among the model's MoE layers")
+            self.layers.append((layer.layer_index, layer.ep_rank, e, params))
+        self._warn_if_not_exact(adam_kwargs.get("fused"))
+        self.expert_steps: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        layout = [((m, ep_rank * e + i), {f"{name}.{k}": (tuple(p.shape[1:]), p.dtype)
+                                           for name, p, _ in params for k in STATE_KEYS})
+                  for m, ep_rank, e, params in self.layers for i in range(e)]
+        source = {"kind": "adam-state", "rank": rank, "world_size": world_size,
+                  "records": [[m, g] for (m, g), _ in layout],
+                  "tensors": sorted({f"{n}:{list(s)}" for _, t in layout for n, (s, _) in t.items()})}
+        self.store, self._lock = open_training_store(offload.directory, rank, ((m, g, t) for (m, g), t in layout),
+                                                     source)
+        self.swapper = StateSwapper(self.store, offload.buffer_count, offload.handle_kwargs(), offload.pipeline,
+                                    offload.verify)
+        # record key -> (index into self.layers, local expert)
+        self.local_expert_of = {(m, ep_rank * e + i): (idx, i) for idx, (m, ep_rank, e, _) in enumerate(self.layers)
+                                for i in range(e)}
+        log.info("expert optimizer state offloaded to %s: %d records, %.1f MB on disk, %d buffers of %.1f MB "
+                 "resident (%s)", self.store.directory, len(self.store.records), self.store.total_bytes() / 1e6,
+                 len(self.swapper.buffers), self.store.record_bytes / 1e6,
+                 "pipelined" if offload.pipeline else "not pipelined")
+
+    def _warn_if_not_exact(self, fused: Optional[bool]) -> None:
+        odd = [name for *_, params in self.layers for name, p, _ in params if p[0].numel() % 16]
+        if fused and odd:
+            log.warning("--moe-offload-optimizer: expert parameter %s has a slice size that is not a multiple of 16; "
+                        "the fused AdamW kernel may then differ from the in-memory step in the last bit", odd[0])
+
+    # ------------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported with offloaded expert state"
+        everything = self.param_groups
+        self.param_groups = [g for g in everything if not g.get("moe")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = everything
+        self._step_experts()
+
+    def _step_experts(self) -> None:
+        stepped = [p for *_, params in self.layers for _, p, _ in params if p.grad is not None]
+        if not stepped:
+            return
+        for p in stepped:  # torch's lazy init: the count starts at 0 on a parameter's first step
+            if p not in self.expert_steps:
+                self.expert_steps[p] = torch.zeros((), dtype=torch.float32, device=p.device)
+        keys = [key for key in self.store.keys() if key in self.local_expert_of]
+
+        def update(key, records):
+            idx, i = self.local_expert_of[key]
+            device = self.layers[idx][3][0][1].device
+            # GPU parameters: the record's state is staged on the device for the update and copied back before the
+            # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)
+            views = records if device.type == "cpu" else {n: v.to(device, non_blocking=True)
+                                                          for n, v in records.items()}
+            by_group: Dict[int, Tuple[dict, list]] = {}
+            for name, p, group in self.layers[idx][3]:
+                if p.grad is not None:
+                    by_group.setdefault(id(group), (group, []))[1].append((name, p))
+            for group, items in by_group.values():
+                self._adam(group, [p[i] for _, p in items], [p.grad[i] for _, p in items],
+                           [views[f"{n}.exp_avg"] for n, _ in items], [views[f"{n}.exp_avg_sq"] for n, _ in items],
+                           [self.expert_steps[p].clone() for _, p in items])
+            if device.type != "cpu":
+                for n, v in records.items():
+                    v.copy_(views[n], non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+
+        self.swapper.run(keys, update)
+        for p in stepped:
+            self.expert_steps[p].add_(1)  # what each expert's copy reached (torch adds 1 before the update)
+
+    @staticmethod
+    def _adam(group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+        """torch's functional Adam with the group's settings, as torch.optim.AdamW.step calls it."""
+        beta1, beta2 = group["betas"]
+        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=group["amsgrad"], has_complex=False,
+             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+             maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
+             differentiable=group["differentiable"], fused=group["fused"], grad_scale=None, found_inf=None,
+             decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def expert_state(self, moe_layer: int, expert: int) -> Dict[str, dict]:
+        """The Adam state of global expert `expert` of MoE layer `moe_layer` as a checkpoint's per-expert file
+        holds it: {parameter name in the layer: {"step", "exp_avg", "exp_avg_sq"}} (empty before the first step)."""
+        idx, _ = self.local_expert_of[(moe_layer, expert)]
+        params = [(n, p) for n, p, _ in self.layers[idx][3] if p in self.expert_steps]
+        if not params:
+            return {}
+        tensors = self.swapper.read((moe_layer, expert))
+        return {n: {"step": self.expert_steps[p].clone(), "exp_avg": tensors[f"{n}.exp_avg"].to(p.device),
+                    "exp_avg_sq": tensors[f"{n}.exp_avg_sq"].to(p.device)} for n, p in params}
+
+    def load_expert_state(self, moe_layer: int, expert: int, state: Dict[str, dict]) -> None:
+        """Writes a checkpoint's per-expert Adam state (keyed as expert_state returns it) into the store; the
+        step counts are taken from it. Parameters missing from `state` start from zeros (as torch would)."""
+        idx, _ = self.local_expert_of[(moe_layer, expert)]
+        params = self.layers[idx][3]
+        tensors = {}
+        for n, p, _ in params:
+            st = state.get(n)
+            for k in STATE_KEYS:
+                tensors[f"{n}.{k}"] = st[k].cpu() if st else torch.zeros(p.shape[1:], dtype=p.dtype)
+            if st:
+                self.expert_steps[p] = st["step"].to(device=p.device, dtype=torch.float32).clone()
+        self.swapper.write((moe_layer, expert), tensors)
+
+    def close(self) -> None:
+        """Releases the store's lock (the run is over; another process may use the directory)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def take_stats(self):
+        """moe.offload.swap.SwapStats since the last call (the log line)."""
+        return self.swapper.stats.take()
