@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from megatron.errors import ConfigError
 from moe.config import MoEConfig
 from moe.distill import DistillConfig
 
@@ -24,6 +25,9 @@ class ModelConfig:
     rotary_base: float = 10000.0  # RoPE theta
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
     apply_query_key_layer_scaling: bool = False  # kept for flag compatibility; SDPA scales by 1/sqrt(d)
+    recompute_granularity: Optional[str] = None  # activation recomputation: None | "full" | "selective"
+    recompute_method: Optional[str] = None  # full recompute: "uniform" | "block"
+    recompute_num_layers: Optional[int] = None  # layers per recomputed chunk (uniform) or recomputed (block)
 
     def __post_init__(self):
         checks = [
@@ -57,6 +61,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP degree
     distributed_backend: str = "auto"  # nccl on GPU, gloo on CPU
+    zero_stage: int = 0  # ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
@@ -94,23 +99,36 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """Megatron's LR schedule. Iteration-based (--train-iters, --lr-warmup/decay-iters) or sample-based
+    (--train-samples, --lr-warmup/decay-samples); --lr-warmup/decay-tokens, when given, override either and follow
+    the tokens actually consumed (fewer under a seqlen curriculum)."""
     lr_decay_style: str = "linear"  # constant | linear | cosine
-    train_iters: Optional[int] = None  # total optimizer steps (or derive from train_tokens)
-    train_tokens: Optional[int] = None  # total training tokens (alternative to train_iters)
-    lr_warmup_iters: int = 0  # warmup steps
-    lr_warmup_tokens: Optional[int] = None  # warmup in tokens (token-based schedule)
+    train_iters: Optional[int] = None  # total optimizer steps (derived from train_samples/train_tokens if not given)
+    train_tokens: Optional[int] = None  # also stop once this many tokens were consumed (Megatron-DeepSpeed)
+    lr_warmup_iters: int = 0  # warmup steps (iteration-based)
+    lr_warmup_tokens: Optional[int] = None  # warmup in consumed tokens (overrides iters/samples)
     lr_decay_iters: Optional[int] = None  # decay horizon in steps (default train_iters)
-    lr_decay_tokens: Optional[int] = None  # decay horizon in tokens
+    lr_decay_tokens: Optional[int] = None  # decay horizon in consumed tokens (overrides iters/samples)
+    train_samples: Optional[int] = None  # sample-based training: total samples (all ranks)
+    lr_warmup_samples: int = 0  # warmup in samples (sample-based)
+    lr_decay_samples: Optional[int] = None  # decay horizon in samples (default train_samples)
+    override_opt_param_scheduler: bool = False  # on resume take max/min LR, warmup, decay, style from the flags
+    use_checkpoint_opt_param_scheduler: bool = False  # on resume take them from the checkpoint
 
     def __post_init__(self):
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
-        if self.train_iters is None and self.train_tokens is None:
-            raise ValueError("one of --train-iters or --train-tokens is required")
-        if self.train_iters is not None and self.train_tokens is not None:
-            raise ValueError("--train-iters and --train-tokens are mutually exclusive; give one")
-        if self.train_iters is not None and self.train_iters < 0:
-            raise ValueError(f"--train-iters ({self.train_iters}) must be >= 0")
+            raise ConfigError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
+        if self.train_iters is None:
+            raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
+        if self.train_iters < 0:
+            raise ConfigError(f"--train-iters ({self.train_iters}) must be >= 0")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                             "exclusive; pick one")
+
+    @property
+    def sample_based(self) -> bool:
+        return self.train_samples is not None
 
 
 @dataclass(frozen=True)
@@ -125,12 +143,49 @@ class DataConfig:
     data_cache_path: Optional[str] = None  # where index .npy caches go (default beside the data)
     eod_mask_loss: bool = False  # mask the loss on end-of-document tokens
     reset_position_ids: bool = False  # kept for flag compatibility (not implemented beyond False)
+    rampup_batch_size: Optional[Tuple[int, int, int]] = None  # (start gbs, increment, ramp-up samples), Megatron
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"--global-batch-size ({self.global_batch_size}) must be >= 1")
+        if self.rampup_batch_size is not None:
+            start, inc, samples = self.rampup_batch_size
+            gbs = self.global_batch_size
+            if start < 1 or inc < 1 or samples < 0 or gbs is None or start > gbs or (gbs - start) % inc:
+                raise ConfigError(f"--rampup-batch-size {start} {inc} {samples}: needs start >= 1, increment >= 1, "
+                                 f"samples >= 0 and (--global-batch-size {gbs} - start) divisible by the increment")
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """DeepSpeed's legacy seqlen curriculum (ds_config "curriculum_learning"): each training batch is cut to the
+    scheduled sequence length (difficulty), a function of the iteration."""
+    min_difficulty: int  # first sequence length (tokens)
+    max_difficulty: int  # final sequence length (tokens), <= --seq-length
+    schedule_type: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete
+    total_curriculum_step: Optional[int] = None  # iterations from min to max (fixed_linear / fixed_root)
+    difficulty_step: int = 8  # every scheduled length is a multiple of this (fixed_linear / fixed_root)
+    root_degree: int = 1  # fixed_root: 2 = square root, ...
+    difficulty: Tuple[int, ...] = ()  # fixed_discrete: the lengths ...
+    max_step: Tuple[int, ...] = ()  # fixed_discrete: ... and the last iteration of each but the final one
+
+    def __post_init__(self):
+        where = "--deepspeed_config curriculum_learning"
+        if self.schedule_type not in ("fixed_linear", "fixed_root", "fixed_discrete"):
+            raise ConfigError(f"{where}.schedule_type ({self.schedule_type}) must be fixed_linear, fixed_root or "
+                             f"fixed_discrete")
+        if not 1 <= self.min_difficulty <= self.max_difficulty:
+            raise ConfigError(f"{where}: needs 1 <= min_difficulty ({self.min_difficulty}) <= max_difficulty "
+                             f"({self.max_difficulty})")
+        if self.schedule_type == "fixed_discrete":
+            if not self.difficulty or len(self.difficulty) != len(self.max_step) + 1:
+                raise ConfigError(f"{where}.schedule_config: fixed_discrete needs 'difficulty' with one more entry "
+                                 f"than 'max_step' (got {len(self.difficulty)} and {len(self.max_step)})")
+        elif self.total_curriculum_step is None or self.total_curriculum_step < 1 or self.difficulty_step < 1:
+            raise ConfigError(f"{where}.schedule_config: {self.schedule_type} needs total_curriculum_step >= 1 "
+                             f"(got {self.total_curriculum_step}) and difficulty_step >= 1 (got {self.difficulty_step})")
 
 
 @dataclass(frozen=True)
@@ -167,6 +222,12 @@ class LoggingConfig:
     exit_signal_handler: bool = False  # SIGTERM/SIGINT: finish the step, save, exit 0
     tensorboard_dir: Optional[str] = None
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; measured when None
+    tensorboard_queue_size: int = 1000  # TensorBoard events buffered before a write to disk
+    log_timers_to_tensorboard: bool = False  # per-phase step times (ms) and iteration time to TensorBoard
+    log_batch_size_to_tensorboard: bool = False  # the global batch size (samples) of each logged step
+    log_validation_ppl_to_tensorboard: bool = False  # validation perplexity next to the validation loss
+    log_optimizer_states_to_tensorboard: bool = False  # L1/L2/abs-max of Adam moments and weights
+    wall_clock_breakdown: bool = False  # print the per-phase step times in the log line (ds_config)
 
     def __post_init__(self):
         for name, v in (("--log-interval", self.log_interval), ("--eval-interval", self.eval_interval)):
@@ -176,6 +237,8 @@ class LoggingConfig:
             raise ValueError(f"--eval-iters ({self.eval_iters}) must be >= 0")
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
             raise ValueError(f"--exit-duration-in-mins ({self.exit_duration_in_mins}) must be > 0")
+        if self.tensorboard_queue_size < 1:
+            raise ConfigError(f"--tensorboard-queue-size ({self.tensorboard_queue_size}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -190,6 +253,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
+    curriculum: Optional[CurriculumConfig] = None  # seqlen curriculum (ds_config curriculum_learning); None = off
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
