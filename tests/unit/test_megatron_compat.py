@@ -216,11 +216,11 @@ def test_load_of_a_missing_directory_starts_fresh_with_one_warning(tiny_corpus, 
 def test_empty_load_directory_starts_fresh_but_checkpoints_without_tracker_do_not(tiny_corpus, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "1", "--load", str(empty)))
-    assert r["state"].iteration == 1
+    r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--load", str(empty)))
+    assert r["state"].iteration == 2
     (empty / "iter_0000002").mkdir()  # a checkpoint is there, its tracker is not: refusing beats training over it
     with pytest.raises(CheckpointError, match=r"no latest_checkpointed_iteration.txt and not an iter_XXXXXXX"):
-        pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "1", "--load", str(empty)))
+        pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--load", str(empty)))
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
