@@ -260,6 +260,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     elif args.deepspeed:
         args.config_notes.append("--deepspeed without --deepspeed_config: nothing to read; the flags configure "
                                  "everything (there is no DeepSpeed engine here)")
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file and not args.tokenizer_model:
+        # the Megatron-DeepSpeed MoE scripts pass --vocab-file/--merge-file only: that pair is GPT-2's BPE
+        args.tokenizer_type = "GPT2BPETokenizer"
+        args.config_notes.append("--tokenizer-type not given: GPT2BPETokenizer (from --vocab-file and --merge-file)")
     args.config_notes += _flag_notes(args)
     return args
 
