@@ -158,6 +158,7 @@ def gpt2_corpus(tmp_path_factory):
 def launch(name: str, work, corpus, *extra, **values):
     """torchrun --nproc_per_node 2 pretrain_gpt.py <the script's flags> (+ `extra`); returns (stdout, stderr)."""
     v = {**TINY, **OVERRIDES.get(name, {}), **corpus, **values}
+    work.mkdir(parents=True, exist_ok=True)
     cfg = work / f"ds_config_{name}.json"
     cfg.write_text(ds_config(v))
     ck = str(work / "checkpoint")
