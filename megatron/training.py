@@ -255,6 +255,9 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
 
 def _tick(st: TrainState, phase: str, since: float) -> float:
     """Adds the time since `since` to `phase` (--log-timers-to-tensorboard, ds_config wall_clock_breakdown)."""
+    lg = st.cfg.logging
+    if st.device.type == "cuda" and (lg.log_timers_to_tensorboard or lg.wall_clock_breakdown):
+        torch.cuda.synchronize(st.device)  # kernels are asynchronous: time what ran, not what was queued
     now = time.perf_counter()
     st.timers[phase] = st.timers.get(phase, 0.0) + now - since
     return now
