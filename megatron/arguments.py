@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Optional, Sequence, Tuple
 
 from megatron import parallel_state
-from megatron.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
-                             ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig, num_moe_layers)
+from megatron.config import (CheckpointConfig, CurriculumConfig, DataConfig, LoggingConfig, ModelConfig,
+                             OptimizerConfig, ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig,
+                             num_moe_layers)
 from megatron.errors import ConfigError, UserError
+from megatron.microbatches import rampup_batch_sizes, train_iters_from_samples
 from moe.distill import DistillConfig, validate_distill
 
 
@@ -103,6 +106,46 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=["auto", "nccl", "gloo"], default="auto")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; CPU C++ backend)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--checkpoint-activations", action="store_true", help="Megatron-DeepSpeed spelling of --recompute-granularity full --recompute-method uniform")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
+
+
+def add_batch_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Sample-based training, batch-size ramp-up and resuming the LR schedule (Megatron-LM semantics)."""
+    g = p.add_argument_group("sample-based training and batch ramp-up")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train for this many samples (all ranks) instead of --train-iters")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="LR warmup in samples (with --train-samples)")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="LR decay horizon in samples (with --train-samples; default --train-samples)")
+    g.add_argument("--rampup-batch-size", nargs="*", default=None, metavar="START INC SAMPLES",
+                   help="global batch grows from START by INC over SAMPLES samples up to --global-batch-size "
+                        "(needs --train-samples)")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take max/min LR, warmup, decay length and style from the flags, not the checkpoint")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, take max/min LR, warmup, decay length and style from the checkpoint")
+
+
+def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed launcher flags: the DeepSpeed JSON config and flags that select DeepSpeed machinery."""
+    g = p.add_argument_group("Megatron-DeepSpeed compatibility")
+    g.add_argument("--deepspeed", action="store_true", help="read --deepspeed_config (there is no DeepSpeed engine: "
+                                                            "the JSON is mapped onto these flags)")
+    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON config (megatron/ds_config.py)")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="with --checkpoint-activations: DeepSpeed's checkpointing there, the same recompute here")
+    g.add_argument("--create-moe-param-group", action="store_true",
+                   help="expert parameters in their own optimizer groups (always the case here)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1: no pipeline parallelism")
+    g.add_argument("--no-pipeline-parallel", action="store_true", help="no pipeline engine (always the case here)")
+    g.add_argument("--data-impl", default="infer", help="mmap or infer: the indexed dataset is always mmap here")
+    p.set_defaults(ds_gradient_accumulation_steps=None, wall_clock_breakdown=False, curriculum_learning=None,
+                   config_notes=[])
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +201,15 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM or SIGINT, finish the current step, save, and exit 0 (Megatron-LM)")
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="TensorBoard events buffered before a write to disk")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="write per-phase step times and the iteration time to TensorBoard")
+    g.add_argument("--log-batch-size-to-tensorboard", action="store_true", help="write the global batch size")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="write validation perplexity next to the validation loss")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="write L1/L2 norms and abs max of Adam's moments and of the weights")
     g.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s per device for MFU (default: measure an fp32 GEMM at start)")
 
@@ -233,18 +285,67 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_moe_args(p)
     add_training_args(p)
+    add_batch_schedule_args(p)
     add_data_args(p)
     add_distill_args(p)
     add_checkpoint_logging_args(p)
     add_optimizer_offload_args(p)
+    add_deepspeed_args(p)
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> argparse.Namespace:
+    """Parses the flags; with --deepspeed --deepspeed_config FILE the JSON then fills the dests it maps to
+    (megatron/ds_config.py). `args.config_notes` holds the lines to log once (no-effect flags and keys)."""
     p = build_parser()
     if extra_args_provider is not None:
         extra_args_provider(p)
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.config_notes = []
+    if args.deepspeed_config is not None and not args.deepspeed:
+        args.config_notes.append(f"--deepspeed_config {args.deepspeed_config} without --deepspeed: not read (as in "
+                                 f"Megatron-DeepSpeed); add --deepspeed to use it")
+    elif args.deepspeed_config is not None:
+        from megatron import ds_config
+
+        args.config_notes += ds_config.apply(args, args.deepspeed_config, _explicit_dests(p, argv))
+    elif args.deepspeed:
+        args.config_notes.append("--deepspeed without --deepspeed_config: nothing to read; the flags configure "
+                                 "everything (there is no DeepSpeed engine here)")
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file and not args.tokenizer_model:
+        # the Megatron-DeepSpeed MoE scripts pass --vocab-file/--merge-file only: that pair is GPT-2's BPE
+        args.tokenizer_type = "GPT2BPETokenizer"
+        args.config_notes.append("--tokenizer-type not given: GPT2BPETokenizer (from --vocab-file and --merge-file)")
+    args.config_notes += _flag_notes(args)
+    return args
+
+
+def _explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str]) -> dict:
+    """{dest: the flag as typed} for every option given on the command line (allow_abbrev is off, so exact)."""
+    out = {}
+    for tok in argv:
+        if tok.startswith("--"):
+            action = p._option_string_actions.get(tok.split("=", 1)[0])
+            if action is not None:
+                out[action.dest] = tok.split("=", 1)[0]
+    return out
+
+
+def _flag_notes(args) -> list:
+    """Megatron-DeepSpeed flags that are accepted but change nothing here: one log line each."""
+    notes = []
+    if args.data_impl == "mmap":
+        notes.append("--data-impl mmap: the indexed dataset is always read through mmap here; nothing to change")
+    if args.create_moe_param_group:
+        notes.append("--create-moe-param-group: expert parameters always have their own optimizer groups here")
+    if args.no_pipeline_parallel:
+        notes.append("--no-pipeline-parallel: there is no pipeline engine here; nothing to change")
+    if args.deepspeed_activation_checkpointing:
+        notes.append("--deepspeed-activation-checkpointing: recompute is torch.utils.checkpoint here, the same "
+                     "recompute as --checkpoint-activations" + ("" if args.checkpoint_activations else
+                                                               "; without --checkpoint-activations it does nothing"))
+    return notes
 
 
 def _require(args, *names: str) -> None:
@@ -270,6 +371,10 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         layernorm_epsilon=args.layernorm_epsilon,
+        # --checkpoint-activations is Megatron-DeepSpeed's spelling of full recompute of every layer (Megatron-LM)
+        recompute_granularity="full" if args.checkpoint_activations else args.recompute_granularity,
+        recompute_method="uniform" if args.checkpoint_activations else args.recompute_method,
+        recompute_num_layers=1 if args.checkpoint_activations else args.recompute_num_layers,
     )
 
 
@@ -313,6 +418,66 @@ def tokenizer_config_from_args(args) -> TokenizerConfig:
     )
 
 
+def _rampup(values) -> Optional[tuple]:
+    """--rampup-batch-size START INC SAMPLES -> (start, inc, samples) of ints."""
+    if values is None:
+        return None
+    try:
+        parsed = tuple(int(v) for v in values)
+    except ValueError:
+        parsed = ()
+    if len(parsed) != 3:
+        raise ConfigError(f"--rampup-batch-size {' '.join(values)}: expected three integers, START INC SAMPLES "
+                            f"(e.g. --rampup-batch-size 32 32 1953125)")
+    return parsed
+
+
+def scheduler_config_from_args(args, data: DataConfig) -> SchedulerConfig:
+    """Iteration- or sample-based training and LR schedule, with Megatron-LM's rules for mixing them.
+
+    --train-tokens is Megatron-DeepSpeed's extra stop (whichever of it and the iteration count comes first); given
+    alone it also sets the iteration count (tokens / (global batch x seq length), rounded up).
+    """
+    if args.pipeline_model_parallel_size != 1:
+        raise ConfigError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline parallelism "
+                            f"does not exist here; use 1 (and tensor/expert/data parallelism)")
+    if args.data_impl not in ("mmap", "infer"):
+        raise ConfigError(f"--data-impl {args.data_impl}: only mmap (or infer) datasets exist here; convert with "
+                            f"tools/preprocess_data.py and pass --data-impl mmap")
+    iter_flags = [f for f, v in (("--lr-decay-iters", args.lr_decay_iters), ("--lr-warmup-iters", args.lr_warmup_iters))
+                  if v]
+    sample_flags = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
+                                   ("--lr-warmup-samples", args.lr_warmup_samples),
+                                   ("--rampup-batch-size", data.rampup_batch_size)) if v]
+    train_iters = args.train_iters
+    if args.train_samples is not None:
+        if args.train_iters is not None:
+            raise ConfigError("--train-iters and --train-samples are mutually exclusive; give one (Megatron)")
+        if iter_flags:
+            raise ConfigError(f"{iter_flags[0]} is iteration-based but --train-samples is sample-based; use the "
+                                f"-samples form")
+        train_iters = train_iters_from_samples(args.train_samples, data)
+    elif sample_flags:
+        raise ConfigError(f"{sample_flags[0]} needs sample-based training: give --train-samples instead of "
+                            f"--train-iters/--train-tokens (Megatron)")
+    elif train_iters is None and args.train_tokens is not None:
+        train_iters = math.ceil(args.train_tokens / (data.global_batch_size * data.seq_length))
+    if train_iters is None:
+        raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
+    sample_based = args.train_samples is not None
+    return SchedulerConfig(
+        lr_decay_style=args.lr_decay_style, train_iters=train_iters, train_tokens=args.train_tokens,
+        lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_iters=None if sample_based else (args.lr_decay_iters if args.lr_decay_iters is not None
+                                                  else train_iters),
+        lr_warmup_tokens=args.lr_warmup_tokens, lr_decay_tokens=args.lr_decay_tokens,
+        train_samples=args.train_samples, lr_warmup_samples=args.lr_warmup_samples,
+        lr_decay_samples=args.lr_decay_samples,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+    )
+
+
 def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> TrainConfig:
     """Maps every flag onto one dataclass field (tests/unit/test_arguments.py pins the mapping).
 
@@ -321,26 +486,24 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
     model = model_config_from_args(args, padded_vocab_size)
     mbs = args.micro_batch_size
     gbs = args.global_batch_size if args.global_batch_size is not None else mbs * dp_size
-    # Token-based schedule flags are converted to iterations here (the global batch is constant, so the two
-    # are equivalent); keeping one unit inside the scheduler keeps resume logic in one place.
-    if args.train_iters is not None and args.train_tokens is not None:
-        raise ConfigError("--train-iters and --train-tokens are mutually exclusive; give one")
-    tokens_per_iter = gbs * args.seq_length
-    train_iters = args.train_iters
-    if args.train_tokens is not None:
-        train_iters = math.ceil(args.train_tokens / tokens_per_iter)
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_tokens is not None:
-        warmup = math.ceil(args.lr_warmup_tokens / tokens_per_iter)
-    decay = args.lr_decay_iters
-    if args.lr_decay_tokens is not None:
-        decay = math.ceil(args.lr_decay_tokens / tokens_per_iter)
+    if args.ds_gradient_accumulation_steps is not None:  # ds_config gradient_accumulation_steps
+        gas = args.ds_gradient_accumulation_steps
+        if gbs != mbs * dp_size * gas:
+            raise ConfigError(f"--deepspeed_config gradient_accumulation_steps ({gas}) x --micro-batch-size ({mbs}) "
+                                f"x data-parallel size ({dp_size}) != the global batch size ({gbs}); make them agree")
+    data = DataConfig(
+        data_path=tuple(args.data_path or ()), split=args.split, seq_length=args.seq_length,
+        micro_batch_size=mbs, global_batch_size=gbs, num_workers=args.num_workers, seed=args.seed,
+        data_cache_path=args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
+        rampup_batch_size=_rampup(args.rampup_batch_size),
+    )
     return TrainConfig(
         model=model,
         moe=moe_config_from_args(args),
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             distributed_backend=args.distributed_backend,
+            zero_stage=max(args.zero_stage, 1) if args.use_distributed_optimizer else args.zero_stage,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -350,15 +513,8 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         ),
-        scheduler=SchedulerConfig(
-            lr_decay_style=args.lr_decay_style, train_iters=train_iters, lr_warmup_iters=warmup,
-            lr_decay_iters=decay,
-        ),
-        data=DataConfig(
-            data_path=tuple(args.data_path or ()), split=args.split, seq_length=args.seq_length,
-            micro_batch_size=mbs, global_batch_size=gbs, num_workers=args.num_workers, seed=args.seed,
-            data_cache_path=args.data_cache_path, eod_mask_loss=args.eod_mask_loss,
-        ),
+        scheduler=scheduler_config_from_args(args, data),
+        data=data,
         tokenizer=tokenizer_config_from_args(args),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, no_load_optim=args.no_load_optim,
@@ -377,8 +533,15 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
             exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
             exit_signal_handler=args.exit_signal_handler, tensorboard_dir=args.tensorboard_dir, peak_flops=args.peak_flops,
+            tensorboard_queue_size=args.tensorboard_queue_size,
+            log_timers_to_tensorboard=args.log_timers_to_tensorboard,
+            log_batch_size_to_tensorboard=args.log_batch_size_to_tensorboard,
+            log_validation_ppl_to_tensorboard=args.log_validation_ppl_to_tensorboard,
+            log_optimizer_states_to_tensorboard=args.log_optimizer_states_to_tensorboard,
+            wall_clock_breakdown=args.wall_clock_breakdown,
         ),
         optimizer_offload=optimizer_offload_config_from_args(args),
+        curriculum=CurriculumConfig(**args.curriculum_learning) if args.curriculum_learning else None,
         compile=args.compile,
         deterministic=args.deterministic,
     )
@@ -392,6 +555,14 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "
                           f"--micro-batch-size ({d.micro_batch_size}) x data-parallel size ({dp})")
+    for b in rampup_batch_sizes(d):
+        if b % (d.micro_batch_size * dp) != 0:
+            raise ConfigError(f"--rampup-batch-size {' '.join(map(str, d.rampup_batch_size))}: the global batch "
+                                f"{b} of the ramp-up is not divisible by --micro-batch-size ({d.micro_batch_size}) x "
+                                f"data-parallel size ({dp}); choose START and INC multiples of {d.micro_batch_size * dp}")
+    if cfg.curriculum is not None and cfg.curriculum.max_difficulty > d.seq_length:
+        raise ConfigError(f"--deepspeed_config curriculum_learning.max_difficulty ({cfg.curriculum.max_difficulty}) "
+                            f"must be <= --seq-length ({d.seq_length})")
     m = cfg.model
     for value, flag in ((m.num_attention_heads, "--num-attention-heads"), (m.ffn_hidden_size, "--ffn-hidden-size"),
                         (m.padded_vocab_size, "padded vocabulary size")):
@@ -404,8 +575,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         _checked(validate_distill, cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
 
 
-def configure(argv: Optional[Sequence[str]], world_size: int) -> Tuple[TrainConfig, object]:
-    """pretrain_gpt.py's flags -> (checked TrainConfig, the tokenizer they name). The only args -> config step.
+def configure(argv: Optional[Sequence[str]], world_size: int) -> Tuple[TrainConfig, object, list]:
+    """pretrain_gpt.py's flags -> (checked TrainConfig, the tokenizer they name, the notes to log once: flags and
+    ds_config keys that change nothing here). The only args -> config step.
 
     The tokenizer is built here because its vocabulary size, padded for --make-vocab-size-divisible-by and the
     tensor-parallel size, is part of the model config (Megatron pads it the same way while parsing).
@@ -420,4 +592,4 @@ def configure(argv: Optional[Sequence[str]], world_size: int) -> Tuple[TrainConf
     padded = pad_vocab_size(tokenizer.vocab_size, tok.make_vocab_size_divisible_by, tp)  # checks TP >= 1
     cfg = train_config_from_args(args, padded, dp_size=max(world_size // tp, 1))  # validate checks world % TP
     validate(cfg, world_size)
-    return cfg, tokenizer
+    return cfg, tokenizer, list(args.config_notes)

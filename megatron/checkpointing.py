@@ -423,6 +423,21 @@ def iteration_dirs(root: str) -> List[Tuple[str, int]]:
     return sorted(out, key=lambda x: -x[1])
 
 
+def nothing_to_load(load: str) -> Optional[str]:
+    """Why `load` holds no checkpoint to resume from (Megatron then starts from scratch with a warning), or None
+    when there is one to load. A directory with iter_* checkpoints but no tracker is not "nothing": it is an error
+    for resolve_checkpoint_dir to report, never silently restarted."""
+    if re.search(r"iter_(\d+)/?$", load):
+        return None  # an explicit iter_XXXXXXX directory: a missing one is a typo, reported by the loader
+    if not os.path.exists(load):
+        return "no such directory"
+    if os.path.isfile(os.path.join(load, TRACKER)):
+        return None
+    if os.path.isdir(load) and not any(re.fullmatch(r"iter_\d+", d) for d in os.listdir(load)):
+        return f"no {TRACKER} (no checkpoint saved there yet)"
+    return None
+
+
 def resolve_checkpoint_dir(load: str) -> Tuple[str, int]:
     """--load may name the root (tracker inside) or an iter_XXXXXXX directory."""
     if not os.path.exists(load):

@@ -30,6 +30,9 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0  # RoPE theta
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
+    recompute_granularity: Optional[str] = None  # activation recomputation: None | "full" | "selective"
+    recompute_method: Optional[str] = None  # full recompute: "uniform" | "block"
+    recompute_num_layers: Optional[int] = None  # layers per recomputed chunk (uniform) or recomputed (block)
 
     def __post_init__(self):
         checks = [
@@ -73,6 +76,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP degree
     distributed_backend: str = "auto"  # nccl on GPU, gloo on CPU
+    zero_stage: int = 0  # ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
@@ -110,30 +114,51 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """Megatron's LR schedule. Iteration-based (--train-iters, --lr-warmup/decay-iters) or sample-based
+    (--train-samples, --lr-warmup/decay-samples); --lr-warmup/decay-tokens, when given, override either and follow
+    the tokens actually consumed (fewer under a seqlen curriculum)."""
     lr_decay_style: str = "linear"  # constant | linear | cosine
-    # --train-tokens / --lr-warmup-tokens / --lr-decay-tokens are converted to these step counts by arguments.py
-    # (the global batch is constant, so tokens and steps are equivalent)
-    train_iters: Optional[int] = None  # total optimizer steps (required)
-    lr_warmup_iters: int = 0  # warmup steps
+    train_iters: Optional[int] = None  # total optimizer steps (derived from train_samples/train_tokens if not given)
+    train_tokens: Optional[int] = None  # also stop once this many tokens were consumed (Megatron-DeepSpeed)
+    lr_warmup_iters: int = 0  # warmup steps (iteration-based)
+    lr_warmup_tokens: Optional[int] = None  # warmup in consumed tokens (overrides iters/samples)
     lr_decay_iters: Optional[int] = None  # decay horizon in steps (default train_iters)
+    lr_decay_tokens: Optional[int] = None  # decay horizon in consumed tokens (overrides iters/samples)
+    train_samples: Optional[int] = None  # sample-based training: total samples (all ranks)
+    lr_warmup_samples: int = 0  # warmup in samples (sample-based)
+    lr_decay_samples: Optional[int] = None  # decay horizon in samples (default train_samples)
+    override_opt_param_scheduler: bool = False  # on resume take max/min LR, warmup, decay, style from the flags
+    use_checkpoint_opt_param_scheduler: bool = False  # on resume take them from the checkpoint
 
     def __post_init__(self):
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
         if self.train_iters is None:
-            raise ConfigError("one of --train-iters or --train-tokens is required")
+            raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
         if self.train_iters < 0:
             raise ConfigError(f"--train-iters ({self.train_iters}) must be >= 0")
         if self.lr_warmup_iters < 0:
             raise ConfigError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be >= 0")
-        if self.decay_iters < self.lr_warmup_iters:
+        if self.sample_based:
+            decay = self.lr_decay_samples if self.lr_decay_samples is not None else self.train_samples
+            if decay < self.lr_warmup_samples:
+                raise ConfigError(f"--lr-decay-samples ({decay}) must be >= --lr-warmup-samples "
+                                  f"({self.lr_warmup_samples})")
+        elif self.decay_iters < self.lr_warmup_iters:
             raise ConfigError(f"--lr-decay-iters ({self.decay_iters}) must be >= --lr-warmup-iters "
                               f"({self.lr_warmup_iters})")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                              "exclusive; pick one")
 
     @property
     def decay_iters(self) -> int:
         """The decay horizon in steps: --lr-decay-iters, or --train-iters when not given."""
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
+    @property
+    def sample_based(self) -> bool:
+        return self.train_samples is not None
 
 
 @dataclass(frozen=True)
@@ -147,12 +172,49 @@ class DataConfig:
     seed: int = 1234  # data shuffle and init seed
     data_cache_path: Optional[str] = None  # where index .npy caches go (default beside the data)
     eod_mask_loss: bool = False  # mask the loss on end-of-document tokens
+    rampup_batch_size: Optional[Tuple[int, int, int]] = None  # (start gbs, increment, ramp-up samples), Megatron
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ConfigError(f"--micro-batch-size ({self.micro_batch_size}) must be >= 1")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"--global-batch-size ({self.global_batch_size}) must be >= 1")
+        if self.rampup_batch_size is not None:
+            start, inc, samples = self.rampup_batch_size
+            gbs = self.global_batch_size
+            if start < 1 or inc < 1 or samples < 0 or gbs is None or start > gbs or (gbs - start) % inc:
+                raise ConfigError(f"--rampup-batch-size {start} {inc} {samples}: needs start >= 1, increment >= 1, "
+                                 f"samples >= 0 and (--global-batch-size {gbs} - start) divisible by the increment")
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """DeepSpeed's legacy seqlen curriculum (ds_config "curriculum_learning"): each training batch is cut to the
+    scheduled sequence length (difficulty), a function of the iteration."""
+    min_difficulty: int  # first sequence length (tokens)
+    max_difficulty: int  # final sequence length (tokens), <= --seq-length
+    schedule_type: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete
+    total_curriculum_step: Optional[int] = None  # iterations from min to max (fixed_linear / fixed_root)
+    difficulty_step: int = 8  # every scheduled length is a multiple of this (fixed_linear / fixed_root)
+    root_degree: int = 1  # fixed_root: 2 = square root, ...
+    difficulty: Tuple[int, ...] = ()  # fixed_discrete: the lengths ...
+    max_step: Tuple[int, ...] = ()  # fixed_discrete: ... and the last iteration of each but the final one
+
+    def __post_init__(self):
+        where = "--deepspeed_config curriculum_learning"
+        if self.schedule_type not in ("fixed_linear", "fixed_root", "fixed_discrete"):
+            raise ConfigError(f"{where}.schedule_type ({self.schedule_type}) must be fixed_linear, fixed_root or "
+                             f"fixed_discrete")
+        if not 1 <= self.min_difficulty <= self.max_difficulty:
+            raise ConfigError(f"{where}: needs 1 <= min_difficulty ({self.min_difficulty}) <= max_difficulty "
+                             f"({self.max_difficulty})")
+        if self.schedule_type == "fixed_discrete":
+            if not self.difficulty or len(self.difficulty) != len(self.max_step) + 1:
+                raise ConfigError(f"{where}.schedule_config: fixed_discrete needs 'difficulty' with one more entry "
+                                 f"than 'max_step' (got {len(self.difficulty)} and {len(self.max_step)})")
+        elif self.total_curriculum_step is None or self.total_curriculum_step < 1 or self.difficulty_step < 1:
+            raise ConfigError(f"{where}.schedule_config: {self.schedule_type} needs total_curriculum_step >= 1 "
+                             f"(got {self.total_curriculum_step}) and difficulty_step >= 1 (got {self.difficulty_step})")
 
 
 @dataclass(frozen=True)
@@ -190,6 +252,12 @@ class LoggingConfig:
     exit_signal_handler: bool = False  # SIGTERM/SIGINT: finish the step, save, exit 0
     tensorboard_dir: Optional[str] = None
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; measured when None
+    tensorboard_queue_size: int = 1000  # TensorBoard events buffered before a write to disk
+    log_timers_to_tensorboard: bool = False  # per-phase step times (ms) and iteration time to TensorBoard
+    log_batch_size_to_tensorboard: bool = False  # the global batch size (samples) of each logged step
+    log_validation_ppl_to_tensorboard: bool = False  # validation perplexity next to the validation loss
+    log_optimizer_states_to_tensorboard: bool = False  # L1/L2/abs-max of Adam moments and weights
+    wall_clock_breakdown: bool = False  # print the per-phase step times in the log line (ds_config)
 
     def __post_init__(self):
         for name, v in (("--log-interval", self.log_interval), ("--eval-interval", self.eval_interval)):
@@ -199,6 +267,8 @@ class LoggingConfig:
             raise ConfigError(f"--eval-iters ({self.eval_iters}) must be >= 0")
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
             raise ConfigError(f"--exit-duration-in-mins ({self.exit_duration_in_mins}) must be > 0")
+        if self.tensorboard_queue_size < 1:
+            raise ConfigError(f"--tensorboard-queue-size ({self.tensorboard_queue_size}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -214,6 +284,7 @@ class TrainConfig:
     logging: LoggingConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # MoS / KD (disabled by default)
     optimizer_offload: OptimizerOffloadConfig = field(default_factory=OptimizerOffloadConfig)  # expert Adam on NVMe
+    curriculum: Optional[CurriculumConfig] = None  # seqlen curriculum (ds_config curriculum_learning); None = off
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
 

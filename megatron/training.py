@@ -7,7 +7,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional
 
 import numpy as np
@@ -18,9 +18,12 @@ from megatron import checkpointing, grad_sync, parallel_state
 from megatron.arguments import configure
 from megatron.config import TrainConfig
 from megatron.errors import ConfigError, UserError
+from megatron.curriculum import scheduled_seqlen, truncate
+from megatron.microbatches import global_batch_size_at
 from megatron.flops import measure_gemm_peak
 from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
-from megatron.training_log import format_log, open_writer, print_rank0, summarize_moe, write_tensorboard
+from megatron.training_log import (format_log, open_writer, print_rank0, summarize_moe, write_optimizer_states,
+                                   write_tensorboard)
 from megatron.model import GPTModel
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
                                 clip_grad_norm)
@@ -49,11 +52,29 @@ class TrainState:
     writer: Optional[object] = None
     peak_flops: Optional[float] = None
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
+    timers: dict = field(default_factory=dict)  # phase -> seconds summed since the last log line
+
+    @property
+    def global_batch_size(self) -> int:
+        """The global batch of the next step (grows under --rampup-batch-size)."""
+        return global_batch_size_at(self.consumed_samples, self.cfg.data)
 
     @property
     def num_micro_batches(self) -> int:
-        d = self.cfg.data
-        return d.global_batch_size // (d.micro_batch_size * self.groups.dp_size)
+        return self.global_batch_size // (self.cfg.data.micro_batch_size * self.groups.dp_size)
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens per sample of the next step: the scheduled length under a seqlen curriculum."""
+        cur = self.cfg.curriculum
+        return self.cfg.data.seq_length if cur is None else min(scheduled_seqlen(cur, self.iteration + 1),
+                                                                  self.cfg.data.seq_length)
+
+    def done(self) -> bool:
+        """--train-iters reached, or --train-tokens consumed (Megatron-DeepSpeed stops at whichever comes first)."""
+        sc = self.cfg.scheduler
+        return self.iteration >= sc.train_iters or (sc.train_tokens is not None
+                                                    and self.consumed_tokens >= sc.train_tokens)
 
 
 def set_seed(seed: int) -> None:
@@ -92,7 +113,11 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
     st.params = grad_sync.split_params(model)
     if cfg.checkpoint.load:
-        load_into_state(st)
+        missing = checkpointing.nothing_to_load(cfg.checkpoint.load)
+        if missing is None:
+            load_into_state(st)
+        elif not dist.is_initialized() or dist.get_rank() == 0:  # Megatron: warn and start from scratch
+            log.warning(f"WARNING: --load {cfg.checkpoint.load}: {missing}; starting from scratch")
     d = cfg.distill
     if d.enabled and not d.kd_stopped(st.iteration, st.consumed_tokens):
         from megatron.distillation import load_teacher
@@ -178,13 +203,16 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     cfg = st.cfg
     st.model.train()
     st.optimizer.zero_grad(set_to_none=True)
-    n_micro = st.num_micro_batches
+    gbs, n_micro, seqlen = st.global_batch_size, st.num_micro_batches, st.seq_length
     scale = st.loss_scaler.scale if st.loss_scaler is not None else 1.0
     lm_sum = torch.zeros((), device=st.device)
     moe_logs: List[List] = []
     kd_sum = None
+    t = time.perf_counter()
     for _ in range(n_micro):
         tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
+        # seqlen curriculum: every micro-batch cut to the scheduled length (Megatron-DeepSpeed's legacy curriculum)
+        tokens, labels, mask = truncate(tokens, labels, mask, seqlen)
         total, lm_loss, stats, kd_term = forward_loss(st, tokens, labels, mask)
         (total * (scale / n_micro)).backward()
         lm_sum += lm_loss.detach()
@@ -192,7 +220,9 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             kd_sum = kd_term.detach() + (kd_sum if kd_sum is not None else 0.0)
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
+    t = _tick(st, "forward-backward", t)
     grad_sync.reduce_gradients(st.params, st.groups)
+    t = _tick(st, "grads-all-reduce", t)
     found_inf = False
     if st.loss_scaler is not None:
         found_inf = unscale_and_check(st.model.parameters(), scale)
@@ -211,18 +241,29 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         st.optimizer.step()
     # a step skipped for an fp16 overflow does not advance the LR schedule (Megatron-LM): the schedule counts
     # optimizer updates, so the next successful step gets the LR the skipped one would have had
-    lr = st.scheduler.get_lr() if found_inf else st.scheduler.step(1)
-    gbs = cfg.data.global_batch_size
+    # the scheduler counts samples of this update and the tokens consumed before it (Megatron-DeepSpeed)
+    lr = st.scheduler.get_lr() if found_inf else st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens)
+    _tick(st, "optimizer", t)
     st.iteration += 1
     st.consumed_samples += gbs
-    st.consumed_tokens += gbs * cfg.data.seq_length
+    st.consumed_tokens += gbs * seqlen
     lm = lm_sum / n_micro
     if st.groups.dp_size > 1:
         dist.all_reduce(lm, group=st.groups.dp_group)
         lm /= st.groups.dp_size
     return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
-            "loss_scale": scale, "moe_raw": moe_logs,
+            "loss_scale": scale, "moe_raw": moe_logs, "batch_size": gbs, "seqlen": seqlen,
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
+
+
+def _tick(st: TrainState, phase: str, since: float) -> float:
+    """Adds the time since `since` to `phase` (--log-timers-to-tensorboard, ds_config wall_clock_breakdown)."""
+    lg = st.cfg.logging
+    if st.device.type == "cuda" and (lg.log_timers_to_tensorboard or lg.wall_clock_breakdown):
+        torch.cuda.synchronize(st.device)  # kernels are asynchronous: time what ran, not what was queued
+    now = time.perf_counter()
+    st.timers[phase] = st.timers.get(phase, 0.0) + now - since
+    return now
 
 
 def _eod(st: TrainState) -> Optional[int]:
@@ -262,10 +303,11 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
           signals: Optional[ExitSignals] = None, start: Optional[float] = None) -> dict:
     cfg, lg = st.cfg, st.cfg.logging
     start = time.time() if start is None else start
-    t0, last_logged = time.perf_counter(), st.iteration
+    t0, last_logged, tokens0 = time.perf_counter(), st.iteration, st.consumed_tokens
+    st.timers.clear()
     losses: List[float] = []
     last_val = None
-    while st.iteration < cfg.scheduler.train_iters:
+    while not st.done():
         m = train_step(st, train_iter)
         losses.append(m["lm_loss"])
         if st.iteration % lg.log_interval == 0:
@@ -273,15 +315,19 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
             if isinstance(st.optimizer, ExpertOffloadAdamW):  # swap traffic and exposed time since the last log
                 m["offload"] = st.optimizer.take_stats()
             elapsed = time.perf_counter() - t0
-            print_rank0(format_log(st, m, elapsed, st.iteration - last_logged))
-            tokens = cfg.data.global_batch_size * cfg.data.seq_length * (st.iteration - last_logged)
-            write_tensorboard(st, m, tokens / elapsed if elapsed > 0 else None)
-            t0, last_logged = time.perf_counter(), st.iteration
+            iters, tokens = st.iteration - last_logged, st.consumed_tokens - tokens0
+            m["timers_ms"] = {k: 1000.0 * v / iters for k, v in st.timers.items()}
+            print_rank0(format_log(st, m, elapsed, iters, tokens))
+            write_tensorboard(st, m, tokens / elapsed if elapsed > 0 else None, 1000.0 * elapsed / iters)
+            if lg.log_optimizer_states_to_tensorboard:
+                write_optimizer_states(st)
+            t0, last_logged, tokens0 = time.perf_counter(), st.iteration, st.consumed_tokens
+            st.timers.clear()
         if make_valid_iter is not None and st.iteration % lg.eval_interval == 0:
             last_val = report_validation(st, make_valid_iter, f"iteration {st.iteration}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
             save(st)
-        reason = exit_reason(st, signals, start) if st.iteration < cfg.scheduler.train_iters else None
+        reason = exit_reason(st, signals, start) if not st.done() else None
         if reason is not None:
             if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and
                                             st.iteration % cfg.checkpoint.save_interval == 0):
@@ -298,7 +344,10 @@ def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
         print_rank0(f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E}")
         if st.writer is not None:
             st.writer.add_scalar("validation/lm-loss", loss, st.iteration)
-            st.writer.add_scalar("validation/lm-ppl", ppl, st.iteration)
+            st.writer.add_scalar("validation/lm-loss vs samples", loss, st.consumed_samples)
+            if st.cfg.logging.log_validation_ppl_to_tensorboard:
+                st.writer.add_scalar("validation/lm-ppl", ppl, st.iteration)
+                st.writer.add_scalar("validation/lm-ppl vs samples", ppl, st.consumed_samples)
     return loss
 
 
@@ -310,9 +359,10 @@ def build_data_iterators(st: TrainState):
     cfg, g = st.cfg, st.groups
     if not cfg.data.data_path:
         raise ConfigError("--data-path is required for training")
-    gbs = cfg.data.global_batch_size
     eval_samples = cfg.logging.eval_iters * cfg.data.micro_batch_size * g.dp_size
-    num_samples = (cfg.scheduler.train_iters * gbs, eval_samples, eval_samples)
+    sc = cfg.scheduler  # sample-based training indexes --train-samples samples (Megatron)
+    train_samples = sc.train_samples if sc.sample_based else sc.train_iters * cfg.data.global_batch_size
+    num_samples = (train_samples, eval_samples, eval_samples)
     barrier = (lambda: dist.barrier()) if dist.is_initialized() and dist.get_world_size() > 1 else None
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
@@ -335,15 +385,26 @@ def pretrain(argv=None) -> dict:
     """pretrain_gpt.py's body: flags -> checked config -> groups -> model/optimizer -> data -> train -> eval."""
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, tokenizer = configure(argv, parallel_state.world_size())  # every check runs here, before anything is built
-    _, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
+    cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
+    rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
+    for note in notes:  # flags and ds_config keys that change nothing here: said once
+        if rank == 0:
+            log.warning(note)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,))
     st = setup_train_state(cfg, groups, device, tokenizer)
     n_params = sum(p.numel() for p in st.model.parameters())
     print_rank0(f"> model: {n_params / 1e6:.2f}M parameters on rank 0 | world {world_size} | dp {groups.dp_size} "
-                f"| global batch {cfg.data.global_batch_size} = micro {cfg.data.micro_batch_size} x dp "
+                f"| global batch {st.global_batch_size} = micro {cfg.data.micro_batch_size} x dp "
                 f"{groups.dp_size} x accumulation {st.num_micro_batches}")
+    if cfg.data.rampup_batch_size is not None:
+        start, inc, ramp = cfg.data.rampup_batch_size
+        print_rank0(f"> batch size ramp-up from {start} to {cfg.data.global_batch_size} by {inc} over {ramp} samples "
+                    f"({cfg.scheduler.train_iters} iterations in all)")
+    if cfg.curriculum is not None:
+        c = cfg.curriculum
+        print_rank0(f"> seqlen curriculum ({c.schedule_type}): {c.min_difficulty} -> {c.max_difficulty} tokens "
+                    f"over {c.total_curriculum_step} iterations")
     st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
     print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
     st.writer = open_writer(cfg)

@@ -38,11 +38,14 @@ def summarize_moe(per_micro: List[List]) -> List[dict]:
     return out
 
 
-def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
+def format_log(st: TrainState, m: dict, elapsed: float, iters: int, tokens: Optional[int] = None) -> str:
+    """The iteration line; `tokens` were consumed over the `iters` iterations of `elapsed` seconds (default: full
+    global batches of full sequences)."""
     cfg = st.cfg
-    tokens = cfg.data.global_batch_size * cfg.data.seq_length
+    if tokens is None:
+        tokens = cfg.data.global_batch_size * cfg.data.seq_length * iters
     ms = 1000.0 * elapsed / max(iters, 1)
-    tok_s = tokens / (ms / 1000.0)
+    tok_s = tokens / elapsed if elapsed > 0 else 0.0
     flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(st.groups.world_size, 1)
     line = (f" iteration {st.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
             f"{st.consumed_samples:10d} | consumed tokens: {st.consumed_tokens:12d} | elapsed time per iteration "
@@ -51,6 +54,12 @@ def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
             f"TFLOP/s/device: {flops / 1e12:.3f}")
     if st.peak_flops:
         line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
+    if cfg.data.rampup_batch_size is not None:
+        line += f" | global batch size: {m['batch_size']}"
+    if cfg.curriculum is not None:
+        line += f" | curriculum seqlen: {m['seqlen']}"
+    if cfg.logging.wall_clock_breakdown and m.get("timers_ms"):
+        line += " | " + " | ".join(f"{k} (ms): {v:.1f}" for k, v in m["timers_ms"].items())
     if m.get("kd_loss") is not None:
         line += f" | kd loss: {m['kd_loss']:.6E}"
     if m.get("skipped"):
@@ -63,10 +72,21 @@ def format_log(st: TrainState, m: dict, elapsed: float, iters: int) -> str:
     return line
 
 
-def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) -> None:
+def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None,
+                      iter_ms: Optional[float] = None) -> None:
     if st.writer is None:
         return
-    w, it = st.writer, st.iteration
+    w, it, lg = st.writer, st.iteration, st.cfg.logging
+    if lg.log_batch_size_to_tensorboard:
+        w.add_scalar("batch-size", m["batch_size"], it)
+        w.add_scalar("batch-size vs samples", m["batch_size"], st.consumed_samples)
+    if lg.log_timers_to_tensorboard:
+        if iter_ms is not None:
+            w.add_scalar("iteration-time", iter_ms, it)
+        for k, v in m.get("timers_ms", {}).items():
+            w.add_scalar(f"timers/{k}-time", v, it)
+    if st.cfg.curriculum is not None:
+        w.add_scalar("seqlen/curriculum_seqlen", m["seqlen"], it)
     w.add_scalar("lm-loss", m["lm_loss"], it)
     w.add_scalar("lm-loss vs tokens", m["lm_loss"], st.consumed_tokens)
     w.add_scalar("learning-rate", m["lr"], it)
@@ -77,11 +97,35 @@ def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None) ->
         w.add_scalar("kd-loss", m["kd_loss"], it)
     if tok_s:
         w.add_scalar("tokens-per-second", tok_s, it)
-    if m.get("offload") is not None:
-        line += "\n   " + m["offload"].summary()
     for i, s in enumerate(m.get("moe", [])):
         for k, v in s.items():
             w.add_scalar(f"moe/layer{i}/{k}", v, it)
+
+
+@torch.no_grad()
+def write_optimizer_states(st: TrainState) -> None:
+    """--log-optimizer-states-to-tensorboard (Megatron-DeepSpeed): L2 and L1 norms and abs max of Adam's second
+    moment (variance), its square root, the first moment (momentum) and the weights, over this rank's parameters
+    (with tensor/expert parallelism: rank 0's shards)."""
+    if st.writer is None:
+        return
+    stats = {k: [torch.zeros((), dtype=torch.float64) for _ in range(3)]
+             for k in ("variance", "variance_sqrt", "momentum", "weight")}
+    for p in st.model.parameters():
+        state = st.optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            continue
+        for name, t in (("variance", state["exp_avg_sq"]), ("variance_sqrt", state["exp_avg_sq"].sqrt()),
+                        ("momentum", state["exp_avg"]), ("weight", p)):
+            t = t.detach().double().cpu()
+            acc = stats[name]
+            acc[0] += t.pow(2).sum()
+            acc[1] += t.abs().sum()
+            acc[2] = torch.maximum(acc[2], t.abs().max())
+    for name, (sq, l1, mx) in stats.items():
+        st.writer.add_scalar(f"optimizer/{name}_l2", float(sq.sqrt()), st.iteration)
+        st.writer.add_scalar(f"optimizer/{name}_l1", float(l1), st.iteration)
+        st.writer.add_scalar(f"optimizer/{name}_abs_max", float(mx), st.iteration)
 
 
 def open_writer(cfg):
@@ -89,4 +133,4 @@ def open_writer(cfg):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
+    return SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=cfg.logging.tensorboard_queue_size)

@@ -1,8 +1,16 @@
 """Every CLI flag maps to exactly one TrainConfig field; cross-concern validation names the flags."""
+import json
+import os
+import tempfile
+
 import pytest
 
 from megatron.arguments import build_parser, parse_args, train_config_from_args, validate
 from megatron.errors import ConfigError
+
+_DS_JSON = os.path.join(tempfile.mkdtemp(prefix="test_arguments_"), "ds.json")
+with open(_DS_JSON, "w") as _f:
+    json.dump({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 1}, _f)
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--train-iters", "100"]
@@ -44,9 +52,9 @@ MAPPING = {
     "--min-lr": (["1e-5"], "optimizer.min_lr", 1e-5),
     "--lr-decay-style": (["cosine"], "scheduler.lr_decay_style", "cosine"),
     "--lr-warmup-iters": (["7"], "scheduler.lr_warmup_iters", 7),
-    "--lr-warmup-tokens": (["320"], "scheduler.lr_warmup_iters", 10),
+    "--lr-warmup-tokens": (["320"], "scheduler.lr_warmup_tokens", 320),  # the LR follows consumed tokens
     "--lr-decay-iters": (["90"], "scheduler.lr_decay_iters", 90),
-    "--lr-decay-tokens": (["640"], "scheduler.lr_decay_iters", 20),
+    "--lr-decay-tokens": (["640"], "scheduler.lr_decay_tokens", 640),
     "--weight-decay": (["0.1"], "optimizer.weight_decay", 0.1),
     "--adam-beta1": (["0.8"], "optimizer.adam_beta1", 0.8),
     "--adam-beta2": (["0.95"], "optimizer.adam_beta2", 0.95),
@@ -112,7 +120,38 @@ MAPPING = {
     "--moe-offload-aio-single-submit": ([], "optimizer_offload.aio_single_submit", True),
     "--moe-offload-aio-overlap-events": ([], "optimizer_offload.aio_overlap_events", True),
     "--moe-offload-aio-intra-op-parallelism": (["2"], "optimizer_offload.aio_intra_op_parallelism", 2),
+    "--checkpoint-activations": ([], "model.recompute_granularity", "full"),
+    "--recompute-granularity": (["selective"], "model.recompute_granularity", "selective"),
+    "--recompute-method": (["block"], "model.recompute_method", "block"),
+    "--recompute-num-layers": (["2"], "model.recompute_num_layers", 2),
+    "--zero-stage": (["2"], "parallel.zero_stage", 2),
+    "--use-distributed-optimizer": ([], "parallel.zero_stage", 1),
+    "--train-samples": (["640"], "scheduler.train_samples", 640),
+    "--lr-warmup-samples": (["10", "--train-samples", "640"], "scheduler.lr_warmup_samples", 10),
+    "--lr-decay-samples": (["320", "--train-samples", "640"], "scheduler.lr_decay_samples", 320),
+    "--rampup-batch-size": (["1", "1", "8", "--global-batch-size", "4", "--train-samples", "64"],
+                            "data.rampup_batch_size", (1, 1, 8)),
+    "--override-opt_param-scheduler": ([], "scheduler.override_opt_param_scheduler", True),
+    "--use-checkpoint-opt_param-scheduler": ([], "scheduler.use_checkpoint_opt_param_scheduler", True),
+    "--deepspeed": (["--deepspeed_config", _DS_JSON], "data.global_batch_size", 8),
+    "--deepspeed_config": ([_DS_JSON, "--deepspeed"], "data.global_batch_size", 8),
+    "--tensorboard-queue-size": (["5"], "logging.tensorboard_queue_size", 5),
+    "--log-timers-to-tensorboard": ([], "logging.log_timers_to_tensorboard", True),
+    "--log-batch-size-to-tensorboard": ([], "logging.log_batch_size_to_tensorboard", True),
+    "--log-validation-ppl-to-tensorboard": ([], "logging.log_validation_ppl_to_tensorboard", True),
+    "--log-optimizer-states-to-tensorboard": ([], "logging.log_optimizer_states_to_tensorboard", True),
 }
+# Megatron-DeepSpeed flags that change nothing here: each is accepted and says so once (args.config_notes).
+NOTE_ONLY = {
+    "--deepspeed-activation-checkpointing": ([], "torch.utils.checkpoint"),
+    "--create-moe-param-group": ([], "own optimizer groups"),
+    "--no-pipeline-parallel": ([], "no pipeline engine"),
+    "--data-impl": (["mmap"], "always read through mmap"),
+}
+# Flags whose only other accepted value is an error until the capability exists.
+ERROR_ONLY = {"--pipeline-model-parallel-size": (["2"], r"--pipeline-model-parallel-size 2: pipeline parallelism "
+                                                        r"does not exist here; use 1")}
+SAMPLE_BASED = {"--train-samples", "--lr-warmup-samples", "--lr-decay-samples", "--rampup-batch-size"}
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
 # flags whose mapping is only visible after an opposite flag (every case must move its field off the default)
@@ -126,7 +165,33 @@ def _all_flags():
 
 
 def test_flag_list_is_complete():
-    assert _all_flags() == set(MAPPING), sorted(_all_flags() ^ set(MAPPING))
+    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY)
+    assert _all_flags() == listed, sorted(_all_flags() ^ listed)
+
+
+@pytest.mark.parametrize("flag", sorted(NOTE_ONLY))
+def test_no_effect_flag_says_so_once(flag):
+    values, text = NOTE_ONLY[flag]
+    notes = parse_args(BASE + [flag] + values).config_notes
+    assert len([n for n in notes if n.startswith(flag)]) == 1 and text in " ".join(notes), notes
+    assert not [n for n in parse_args(BASE).config_notes if n.startswith(flag)]
+
+
+@pytest.mark.parametrize("flag", sorted(ERROR_ONLY))
+def test_unsupported_value_is_one_config_error(flag):
+    from megatron.errors import ConfigError
+
+    values, match = ERROR_ONLY[flag]
+    train_config_from_args(parse_args(BASE + [flag, "1"]), 128, 1)  # the supported value is accepted
+    with pytest.raises(ConfigError, match=match):
+        train_config_from_args(parse_args(BASE + [flag] + values), 128, 1)
+
+
+def test_data_impl_other_than_mmap_is_a_config_error():
+    from megatron.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--data-impl lazy: only mmap"):
+        train_config_from_args(parse_args(BASE + ["--data-impl", "lazy"]), 128, 1)
 
 
 def _get(cfg, path):
@@ -139,7 +204,7 @@ def _get(cfg, path):
 def test_flag_maps_to_field(flag):
     values, path, expected = MAPPING[flag]
     base = list(BASE)
-    if flag == "--train-tokens":
+    if flag == "--train-tokens" or flag in SAMPLE_BASED:
         base = base[:-2]
     argv = base + PRECEDING.get(flag, []) + [flag] + values
     args = parse_args(argv)

@@ -51,7 +51,7 @@ def test_resave_same_iteration_replaces_atomically(tiny_corpus, tmp_path):
 def test_tensorboard_scalars_written(tiny_corpus, tmp_path):
     tb = tmp_path / "tb"
     pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "5", "--tensorboard-dir", str(tb),
-                             "--eval-interval", "5"))
+                             "--eval-interval", "5", "--log-validation-ppl-to-tensorboard"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tb))
