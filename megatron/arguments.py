@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from typing import Optional, Sequence
 
@@ -92,6 +93,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=["auto", "nccl", "gloo"], default="auto")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; CPU C++ backend)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--checkpoint-activations", action="store_true", help="Megatron-DeepSpeed spelling of --recompute-granularity full --recompute-method uniform")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -202,6 +209,15 @@ def _require(args, *names: str) -> None:
 
 def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
     _require(args, "--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length")
+    recompute_granularity = args.recompute_granularity
+    recompute_method = args.recompute_method
+    recompute_num_layers = args.recompute_num_layers
+    if args.checkpoint_activations:
+        # Megatron-LM's meaning of the old flag: full recompute, uniform chunks of one layer (every layer's input
+        # is kept, everything inside a layer is recomputed); explicit --recompute-* flags win where given
+        recompute_granularity = recompute_granularity or "full"
+        recompute_method = recompute_method or "uniform"
+        recompute_num_layers = recompute_num_layers if recompute_num_layers is not None else 1
     return ModelConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -217,6 +233,9 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         layernorm_epsilon=args.layernorm_epsilon,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -282,6 +301,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             distributed_backend=args.distributed_backend,
+            zero_stage=max(args.zero_stage, 1) if args.use_distributed_optimizer else args.zero_stage,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -348,5 +368,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ArgumentError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if m.recompute_granularity == "selective" and (m.recompute_method or m.recompute_num_layers is not None):
+        # Megatron-LM: selective recompute covers the core attention of every layer; method and count apply to full
+        logging.getLogger("megatron").warning(
+            "--recompute-method/--recompute-num-layers are ignored with --recompute-granularity selective (core "
+            "attention is recomputed in every layer)")
     if cfg.distill.enabled:
         validate_distill(cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
