@@ -27,11 +27,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """torch AdamW; the fused kernel where the device supports it (CUDA, and CPU in recent torch)."""
-    groups = param_groups(model, cfg.weight_decay)
+def adamw(groups: List[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch AdamW over `groups`; the fused kernel where the device supports it (CUDA, and CPU in recent torch)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups=None, zero_stage: int = 0):
+    """AdamW over Megatron's param groups; with zero_stage 1 or 2, megatron/optimizer/zero.py's ZeroOptimizer
+    (state sharded over data-parallel ranks; `groups` are the ParallelGroups it shards over)."""
+    if zero_stage:
+        from megatron.optimizer.zero import ZeroOptimizer
+
+        return ZeroOptimizer(model, cfg, groups, zero_stage)
+    return adamw(param_groups(model, cfg.weight_decay), cfg)
