@@ -46,7 +46,9 @@ def parse():
     p.add_argument("--num-attention-heads", type=int, default=8)
     p.add_argument("--ffn-hidden-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default 4; with --recompute/--zero-stage it replaces both configs' micro-batch size (a "
+                        "smaller step on a busy machine; activation memory scales with it)")
     p.add_argument("--vocab-size", type=int, default=50304)
     p.add_argument("--hidden-dropout", type=float, default=0.0)
     p.add_argument("--attention-dropout", type=float, default=0.0)
@@ -118,6 +120,7 @@ def main():
         return child(json.loads(args.child))
     if args.recompute or args.zero_stage:
         return compare_memory(args)
+    args.micro_batch_size = args.micro_batch_size or 4
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -276,9 +279,12 @@ def run_child(spec: dict, world: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _base_argv(config: str, world: int) -> list:
-    mbs = int(CONFIGS[config][CONFIGS[config].index("--micro-batch-size") + 1])
-    return CONFIGS[config] + ["--global-batch-size", str(mbs * world), "--train-iters", "1000", "--lr", "1e-4"]
+def _base_argv(config: str, world: int, micro_batch_size=None) -> list:
+    argv = list(CONFIGS[config])
+    i = argv.index("--micro-batch-size") + 1
+    if micro_batch_size:
+        argv[i] = str(micro_batch_size)
+    return argv + ["--global-batch-size", str(int(argv[i]) * world), "--train-iters", "1000", "--lr", "1e-4"]
 
 
 def _interleaved(variants: dict, world: int, threads: int, args, activations: bool) -> dict:
@@ -301,6 +307,8 @@ def _interleaved(variants: dict, world: int, threads: int, args, activations: bo
 def compare_memory(args) -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     threads = args.threads or torch.get_num_threads()
+    mbs = args.micro_batch_size
+    print("configs: " + "; ".join(f"{c}: {' '.join(_base_argv(c, 1, mbs))}" for c in configs))
     print(f"threads {threads} | rounds {args.rounds} x ({args.warmup} warmup + {args.steps} timed steps) | "
           f"step = megatron.training.train_step | ratio = median over rounds of (variant / first variant)")
     if args.recompute:
@@ -308,7 +316,7 @@ def compare_memory(args) -> None:
               "peak RSS MiB | median s/step | time vs none |")
         print("|---|---|---|---|---|---|---|---|---|")
         for c in configs:
-            res = _interleaved({v: _base_argv(c, 1) + f for v, f in RECOMPUTE.items()}, 1, threads, args, True)
+            res = _interleaved({v: _base_argv(c, 1, mbs) + f for v, f in RECOMPUTE.items()}, 1, threads, args, True)
             base, base_layers = res["none"]["runs"][0]["saved_bytes"], res["none"]["runs"][0]["layer_saved_bytes"]
             for v, r in res.items():
                 saved, layer = r["runs"][0]["saved_bytes"], r["runs"][0]["layer_saved_bytes"]
@@ -320,8 +328,8 @@ def compare_memory(args) -> None:
               f"(rank 0) | median s/step | time vs stage 0 |")
         print("|---|---|---|---|---|---|---|")
         for c in configs:
-            variants = {"0": _base_argv(c, 2), str(args.zero_stage): _base_argv(c, 2) + ["--zero-stage",
-                                                                                        str(args.zero_stage)]}
+            zero = ["--zero-stage", str(args.zero_stage)]
+            variants = {"0": _base_argv(c, 2, mbs), str(args.zero_stage): _base_argv(c, 2, mbs) + zero}
             res = _interleaved(variants, 2, 1, args, False)
             base = res["0"]["runs"][0]["optimizer_state_bytes"]
             for v, r in res.items():

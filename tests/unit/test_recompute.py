@@ -89,3 +89,20 @@ def test_recompute_config_rules(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         dataclasses.replace(BASE, **kwargs)
     dataclasses.replace(BASE, recompute_granularity="selective", recompute_method="block")  # ignored (warned)
+
+
+def test_megatron_deepspeed_spellings():
+    """--checkpoint-activations is Megatron-LM's full/uniform/1; --use-distributed-optimizer is ZeRO stage 1 (a
+    higher --zero-stage wins)."""
+    from megatron.arguments import parse_args, train_config_from_args
+
+    base = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "10"]
+    m = train_config_from_args(parse_args(base + ["--checkpoint-activations"]), 128).model
+    assert (m.recompute_granularity, m.recompute_method, m.recompute_num_layers) == ("full", "uniform", 1)
+    m = train_config_from_args(parse_args(base + ["--checkpoint-activations", "--recompute-method", "block",
+                                                  "--recompute-num-layers", "2"]), 128).model
+    assert (m.recompute_granularity, m.recompute_method, m.recompute_num_layers) == ("full", "block", 2)
+    for flags, stage in ((["--use-distributed-optimizer"], 1), ([], 0),
+                         (["--use-distributed-optimizer", "--zero-stage", "2"], 2)):
+        assert train_config_from_args(parse_args(base + flags), 128).parallel.zero_stage == stage
