@@ -118,7 +118,6 @@ class ZeroOptimizer:
                 self.buckets.append(b)
                 inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [b.shard]})
         self.optimizer = adamw(inner_groups, cfg)
-        self._bucket_of = {p: (b, off) for b in self.buckets for p, off in zip(b.params, b.offsets)}
 
     def _shard_group(self, ep_size: Optional[int]):
         g = self.groups
