@@ -7,6 +7,7 @@ not import megatron, raise ValueError; `_checked` turns those into ConfigError a
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from typing import Optional, Sequence, Tuple
@@ -356,6 +357,15 @@ def _require(args, *names: str) -> None:
 
 def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
     _require(args, "--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length")
+    recompute_granularity = args.recompute_granularity
+    recompute_method = args.recompute_method
+    recompute_num_layers = args.recompute_num_layers
+    if args.checkpoint_activations:
+        # Megatron-LM's meaning of the old flag: full recompute, uniform chunks of one layer (every layer's input
+        # is kept, everything inside a layer is recomputed); explicit --recompute-* flags win where given
+        recompute_granularity = recompute_granularity or "full"
+        recompute_method = recompute_method or "uniform"
+        recompute_num_layers = recompute_num_layers if recompute_num_layers is not None else 1
     return ModelConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -371,10 +381,9 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         layernorm_epsilon=args.layernorm_epsilon,
-        # --checkpoint-activations is Megatron-DeepSpeed's spelling of full recompute of every layer (Megatron-LM)
-        recompute_granularity="full" if args.checkpoint_activations else args.recompute_granularity,
-        recompute_method="uniform" if args.checkpoint_activations else args.recompute_method,
-        recompute_num_layers=1 if args.checkpoint_activations else args.recompute_num_layers,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -568,9 +577,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ConfigError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if cfg.optimizer_offload.enabled and cfg.parallel.zero_stage:
+        raise ConfigError(f"--moe-offload-optimizer nvme and --zero-stage {cfg.parallel.zero_stage} do not combine: "
+                          f"the offloaded expert state is not sharded; use one of them")
     if cfg.optimizer_offload.enabled and cfg.moe is None:
         raise ConfigError("--moe-offload-optimizer nvme offloads expert parameters' Adam state, but the model is "
                           "dense (--num-experts 1); add experts or drop the flag")
+    if m.recompute_granularity == "selective" and (m.recompute_method or m.recompute_num_layers is not None):
+        # Megatron-LM: selective recompute covers the core attention of every layer; method and count apply to full
+        logging.getLogger("megatron").warning(
+            "--recompute-method/--recompute-num-layers are ignored with --recompute-granularity selective (core "
+            "attention is recomputed in every layer)")
     if cfg.distill.enabled:
         _checked(validate_distill, cfg.distill, cfg.moe.num_experts if cfg.moe is not None else (1,))
 

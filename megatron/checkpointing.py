@@ -32,6 +32,7 @@ from moe.layer import MoELayer
 
 from megatron.errors import CheckpointError  # noqa: F401 - re-exported (callers import it from here)
 from megatron.optimizer.offload import ExpertOffloadAdamW
+from megatron.optimizer.zero import ZeroOptimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
@@ -224,10 +225,12 @@ def _fsync_dir(path: str) -> None:
 
 
 def _named_optimizer_state(model, optimizer) -> Dict[str, dict]:
-    """Adam state keyed by parameter name (index-free, so it survives resharding)."""
+    """Adam state keyed by parameter name (index-free, so it survives resharding). A ZeRO optimizer's shards are
+    gathered first (collective: every rank calls this), so checkpoints look the same with or without ZeRO."""
+    by_param = optimizer.full_state() if isinstance(optimizer, ZeroOptimizer) else optimizer.state
     out = {}
     for name, p in model.named_parameters():
-        st = optimizer.state.get(p)
+        st = by_param.get(p)
         if st:
             out[name] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
     return out
@@ -648,9 +651,12 @@ def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str, experts
         _fill_offloaded_expert_state(model, optimizer, ckpt_dir, experts)
     else:
         state.update(_load_experts(model, ckpt_dir, load_weights=False, experts=experts))
-    for name, p in model.named_parameters():
-        if name in state:
-            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
+    by_param = {p: {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
+                for name, p in model.named_parameters() if name in state}
+    if isinstance(optimizer, ZeroOptimizer):  # each rank keeps the slice it owns, whatever wrote the checkpoint
+        optimizer.load_full_state(by_param, ckpt_dir)
+    else:
+        optimizer.state.update(by_param)
 
 
 # ----------------------------------------------------------------------------------------------- --load-fallback

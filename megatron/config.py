@@ -59,6 +59,31 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        """Megatron-LM's rules: full needs a method and a layer count (uniform: it divides --num-layers; block:
+        at most --num-layers); selective recomputes core attention in every layer and ignores both."""
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "full", "selective"):
+            raise ConfigError(f"--recompute-granularity ({g}) must be full or selective")
+        if m not in (None, "uniform", "block"):
+            raise ConfigError(f"--recompute-method ({m}) must be uniform or block")
+        if g is None and (m is not None or n is not None):
+            raise ConfigError("--recompute-method/--recompute-num-layers need --recompute-granularity full "
+                              "(or use --checkpoint-activations)")
+        if g != "full":
+            return
+        if m is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+        if n is None or n < 1:
+            raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers >= 1 (got {n})")
+        if m == "uniform" and self.num_layers % n != 0:
+            raise ConfigError(f"--recompute-num-layers ({n}) must divide --num-layers ({self.num_layers}) with "
+                              f"--recompute-method uniform (each chunk of that many layers is recomputed as one)")
+        if m == "block" and n > self.num_layers:
+            raise ConfigError(f"--recompute-num-layers ({n}) must be <= --num-layers ({self.num_layers}) with "
+                              f"--recompute-method block")
 
     @classmethod
     def from_recorded(cls, recorded: dict, **overrides) -> "ModelConfig":
@@ -81,6 +106,8 @@ class ParallelConfig:
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ConfigError(f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) must be >= 1")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"--zero-stage ({self.zero_stage}) must be 0, 1 or 2")
 
 
 @dataclass(frozen=True)

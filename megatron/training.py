@@ -25,8 +25,8 @@ from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_f
 from megatron.training_log import (format_log, open_writer, print_rank0, summarize_moe, write_optimizer_states,
                                    write_tensorboard)
 from megatron.model import GPTModel
-from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer,
-                                clip_grad_norm)
+from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, ZeroOptimizer,
+                                build_optimizer, clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
 from megatron.optimizer.offload import ExpertOffloadAdamW
 from moe.offload.store import OffloadError
@@ -103,7 +103,8 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     model = build_model(cfg, groups, device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer_offload, groups.rank, groups.world_size)
+    optimizer = build_optimizer(model, cfg.optimizer, groups, cfg.parallel.zero_stage, cfg.optimizer_offload,
+                                groups.rank, groups.world_size)
     scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
     scaler = None
     if cfg.optimizer.fp16:
@@ -221,11 +222,16 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
     t = _tick(st, "forward-backward", t)
-    grad_sync.reduce_gradients(st.params, st.groups)
+    # ZeRO-2 reduce-scatters: each rank keeps the reduced gradients of the slice it owns (megatron/optimizer/zero.py)
+    sharded_grads = isinstance(st.optimizer, ZeroOptimizer) and st.optimizer.stage == 2
+    if sharded_grads:
+        st.optimizer.reduce_gradients()
+    else:
+        grad_sync.reduce_gradients(st.params, st.groups)
     t = _tick(st, "grads-all-reduce", t)
     found_inf = False
     if st.loss_scaler is not None:
-        found_inf = unscale_and_check(st.model.parameters(), scale)
+        found_inf = unscale_and_check(st.optimizer.shard_params() if sharded_grads else st.model.parameters(), scale)
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([1.0 if found_inf else 0.0], device=st.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -233,8 +239,9 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
         st.loss_scaler.update(found_inf)
     grad_norm = float("nan")
     if not found_inf:
-        grad_norm = clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
-                                   cfg.optimizer.clip_grad)
+        grad_norm = (st.optimizer.clip_grad_norm(cfg.optimizer.clip_grad) if sharded_grads else
+                     clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
+                                    cfg.optimizer.clip_grad))
         if st.loss_scaler is None and cfg.optimizer.check_for_nan_in_loss_and_grad and not math.isfinite(grad_norm):
             # the norm is global (reduced over every group), so every rank stops here together
             raise NonFiniteError(describe_non_finite(st, lm_sum, moe_logs, grad_norm))

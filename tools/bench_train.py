@@ -6,10 +6,25 @@ hits them alike; medians are reported.
 
     python tools/bench_train.py                      # the issue's reference config (8L, h512, s512, b4)
     python tools/bench_train.py --variants eager,compile --rounds 5
+    python tools/bench_train.py --recompute --zero-stage 1   # memory/time of activation recomputation and ZeRO
+
+--recompute and --zero-stage N compare, for the MoE demo config and the 8-layer h512 config, full training steps
+(megatron.training.train_step: forward, backward, gradient reduction, clip, AdamW) with and without each, every
+variant in its own subprocess so its peak RSS (/proc/self/status VmHWM) is its own:
+- recompute: none / full (uniform, 1 layer per checkpoint: --checkpoint-activations) / selective, one process;
+  activation memory = bytes saved for the backward during one forward, counted with torch's saved-tensor hooks
+  (parameters excluded; what a checkpoint keeps, its inputs, included), inside the transformer layers (what
+  recomputation acts on) and in all (the LM head's [tokens, vocab] gradient buffer is kept either way);
+- ZeRO: stage 0 vs N at DP=2 (two gloo processes, one thread each): per-rank optimizer-state bytes (the Adam state
+  tensors) and peak RSS of rank 0.
+Variants run interleaved over --rounds; step time is the median over rounds of each round's median.
 """
 import argparse
+import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -31,7 +46,9 @@ def parse():
     p.add_argument("--num-attention-heads", type=int, default=8)
     p.add_argument("--ffn-hidden-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default 4; with --recompute/--zero-stage it replaces both configs' micro-batch size (a "
+                        "smaller step on a busy machine; activation memory scales with it)")
     p.add_argument("--vocab-size", type=int, default=50304)
     p.add_argument("--hidden-dropout", type=float, default=0.0)
     p.add_argument("--attention-dropout", type=float, default=0.0)
@@ -45,7 +62,25 @@ def parse():
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--recompute", action="store_true",
+                   help="compare no / full / selective activation recomputation (MoE demo and 8L h512 configs)")
+    p.add_argument("--zero-stage", type=int, choices=[1, 2], default=None,
+                   help="compare ZeRO stage 0 with this stage at DP=2 (MoE demo and 8L h512 configs)")
+    p.add_argument("--configs", default="moe-demo,h512", help="for --recompute/--zero-stage: comma list of " +
+                   ", ".join(CONFIGS))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one variant, JSON spec
     return p.parse_args()
+
+
+# The two configs the issue names: examples_moe/demo.sh's MoE GPT and the 8-layer h512 reference (GPT-2 vocabulary,
+# Megatron's default dropout 0.1, so attention dropout is on and selective recompute has work to do).
+CONFIGS = {
+    "moe-demo": ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "256",
+                 "--micro-batch-size", "8", "--num-experts", "8", "--topk", "1"],
+    "h512": ["--num-layers", "8", "--hidden-size", "512", "--num-attention-heads", "8", "--seq-length", "512",
+             "--micro-batch-size", "4"],
+}
+RECOMPUTE = {"none": [], "full": ["--checkpoint-activations"], "selective": ["--recompute-granularity", "selective"]}
 
 
 def build(args, variant):
@@ -81,6 +116,11 @@ def step(fwd, opt, tokens, labels, moe_cfg, plain):
 
 def main():
     args = parse()
+    if args.child is not None:
+        return child(json.loads(args.child))
+    if args.recompute or args.zero_stage:
+        return compare_memory(args)
+    args.micro_batch_size = args.micro_batch_size or 4
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -122,6 +162,180 @@ def main():
         ratio = statistics.median(b / m for b, m in zip(round_med[variants[0]], round_med[v]))
         print(f"| {v} | {1000 * med:.0f} | {1000 * best:.0f} | {ntok / med:.0f} | {fpt * ntok / med / 1e9:.1f} | "
               f"{100 * fpt * ntok / med / peak:.1f}% | {100 * fpt * ntok / best / peak:.1f}% | {ratio:.2f}x |")
+
+
+# ------------------------------------------------------------------------------------ --recompute / --zero-stage
+def _rss_peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _saved_activation_bytes(st, tokens) -> tuple:
+    """(total, transformer layers): bytes kept for the backward by one forward (saved-tensor hooks; parameters
+    excluded), in all and inside the transformer layers (what recomputation acts on; the rest is mostly the LM
+    head's [tokens, vocab] fp32 gradient buffer, megatron/model/fused_lm_loss.py). A checkpoint keeps its inputs
+    and hides what runs inside from these hooks, so its tensor inputs are added by wrapping it."""
+    import megatron.model.attention as attention
+    import megatron.model.gpt_model as gpt_model
+    import megatron.model.transformer as transformer
+
+    params = {p.data_ptr() for p in st.model.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    original = transformer.checkpoint
+
+    def counting_checkpoint(fn, tracker, *args):
+        total[0] += sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a))
+        return original(fn, tracker, *args)
+
+    layers = [0]
+    run_layers = gpt_model.run_layers
+
+    def counting_run_layers(*a, **k):
+        start = total[0]
+        out = run_layers(*a, **k)
+        layers[0] += total[0] - start
+        return out
+
+    transformer.checkpoint = attention.checkpoint = counting_checkpoint
+    gpt_model.run_layers = counting_run_layers
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = st.model(tokens, tokens)
+            (out.loss.mean() + sum((s.aux_loss for s in out.moe_stats), torch.zeros(()))).backward()
+    finally:
+        transformer.checkpoint = attention.checkpoint = original
+        gpt_model.run_layers = run_layers
+        st.optimizer.zero_grad(set_to_none=True)
+    return total[0], layers[0]
+
+
+def child(spec: dict) -> None:
+    """One variant: build the training state from flags, run warmup + timed train steps, print one JSON line."""
+    from megatron import parallel_state
+    from megatron.arguments import parse_args, train_config_from_args, validate
+    from megatron.training import setup_train_state, train_step
+
+    torch.set_num_threads(spec["threads"])
+    _, world, device = parallel_state.init_distributed("gloo")
+    args = parse_args(spec["argv"])
+    cfg = train_config_from_args(args, 50304, world)
+    validate(cfg, world)
+    groups = parallel_state.initialize(1, cfg.moe.ep_size if cfg.moe else (1,))
+    st = setup_train_state(cfg, groups, device)
+    g = torch.Generator().manual_seed(groups.rank)
+    mbs, seq = cfg.data.micro_batch_size, cfg.data.seq_length
+
+    def batches():
+        while True:
+            yield {"text": torch.randint(0, 50257, (mbs, seq + 1), generator=g)}
+    it = batches()
+    out = {}
+    if spec.get("activations"):
+        out["saved_bytes"], out["layer_saved_bytes"] = _saved_activation_bytes(st, next(it)["text"][:, :-1])
+    for _ in range(spec["warmup"]):
+        train_step(st, it)
+    times = []
+    for _ in range(spec["steps"]):
+        t = time.perf_counter()
+        train_step(st, it)
+        times.append(time.perf_counter() - t)
+    out.update(step_s=statistics.median(times), rss_peak_mib=_rss_peak_mib(),
+               optimizer_state_bytes=sum(v.numel() * v.element_size() for s_ in st.optimizer.state.values()
+                                         for v in s_.values() if torch.is_tensor(v)))
+    if groups.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_child(spec: dict, world: int) -> dict:
+    """Runs `spec` in `world` fresh processes (gloo over localhost); returns rank 0's JSON result."""
+    port, procs = _free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate() for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"benchmark child failed ({p.returncode}):\n{e[-3000:]}")
+    line = [ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def _base_argv(config: str, world: int, micro_batch_size=None) -> list:
+    argv = list(CONFIGS[config])
+    i = argv.index("--micro-batch-size") + 1
+    if micro_batch_size:
+        argv[i] = str(micro_batch_size)
+    return argv + ["--global-batch-size", str(int(argv[i]) * world), "--train-iters", "1000", "--lr", "1e-4"]
+
+
+def _interleaved(variants: dict, world: int, threads: int, args, activations: bool) -> dict:
+    """{variant: {"step_s": median over rounds, "runs": [results]}}, variants alternating within each round."""
+    runs = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v, argv in variants.items():
+            spec = {"argv": argv, "threads": threads, "warmup": args.warmup, "steps": args.steps,
+                    "activations": activations and r == 0}
+            runs[v].append(run_child(spec, world))
+    first = next(iter(variants))
+    out = {}
+    for v in variants:
+        out[v] = {"runs": runs[v], "step_s": statistics.median(x["step_s"] for x in runs[v]),
+                  "ratio": statistics.median(x["step_s"] / y["step_s"] for x, y in zip(runs[v], runs[first])),
+                  "rss": max(x["rss_peak_mib"] for x in runs[v])}
+    return out
+
+
+def compare_memory(args) -> None:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    threads = args.threads or torch.get_num_threads()
+    mbs = args.micro_batch_size
+    print("configs: " + "; ".join(f"{c}: {' '.join(_base_argv(c, 1, mbs))}" for c in configs))
+    print(f"threads {threads} | rounds {args.rounds} x ({args.warmup} warmup + {args.steps} timed steps) | "
+          f"step = megatron.training.train_step | ratio = median over rounds of (variant / first variant)")
+    if args.recompute:
+        print("\n| config | recompute | layer activations MiB | vs none | all saved MiB (+ LM head) | vs none | "
+              "peak RSS MiB | median s/step | time vs none |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for c in configs:
+            res = _interleaved({v: _base_argv(c, 1, mbs) + f for v, f in RECOMPUTE.items()}, 1, threads, args, True)
+            base, base_layers = res["none"]["runs"][0]["saved_bytes"], res["none"]["runs"][0]["layer_saved_bytes"]
+            for v, r in res.items():
+                saved, layer = r["runs"][0]["saved_bytes"], r["runs"][0]["layer_saved_bytes"]
+                print(f"| {c} | {v} | {layer / 2**20:.1f} | {100 * (layer / base_layers - 1):+.0f}% | "
+                      f"{saved / 2**20:.1f} | {100 * (saved / base - 1):+.0f}% | {r['rss']:.0f} | {r['step_s']:.3f} | "
+                      f"{r['ratio']:.2f}x |")
+    if args.zero_stage:
+        print(f"\n| config (DP=2, 1 thread/rank) | ZeRO | optimizer state MiB/rank | vs stage 0 | peak RSS MiB "
+              f"(rank 0) | median s/step | time vs stage 0 |")
+        print("|---|---|---|---|---|---|---|")
+        for c in configs:
+            zero = ["--zero-stage", str(args.zero_stage)]
+            variants = {"0": _base_argv(c, 2, mbs), str(args.zero_stage): _base_argv(c, 2, mbs) + zero}
+            res = _interleaved(variants, 2, 1, args, False)
+            base = res["0"]["runs"][0]["optimizer_state_bytes"]
+            for v, r in res.items():
+                b = r["runs"][0]["optimizer_state_bytes"]
+                print(f"| {c} | {v} | {b / 2**20:.1f} | {100 * (b / base - 1):+.0f}% | {r['rss']:.0f} | "
+                      f"{r['step_s']:.3f} | {r['ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

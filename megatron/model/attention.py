@@ -3,6 +3,10 @@
 With tensor parallelism the heads are split: QKV is column-parallel (each rank computes its heads' q, k, v), the
 output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
 from the tensor-parallel RNG tracker.
+
+Selective recomputation (`recompute_core_attention`, Megatron-LM's --recompute-granularity selective) keeps only
+q, k, v of the core attention softmax(QK^T/sqrt(d))V and recomputes the rest (the [b, heads, s, s] probabilities
+and their dropout mask, the largest activations at long sequence lengths) in the backward, with the same mask.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.model.rope import apply_rotary
-from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, tp_size
+from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint, tp_size
 from megatron.tensor_parallel.layers import divide
 
 
@@ -34,8 +38,10 @@ class KVCache:
 
 class SelfAttention(torch.nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float,
-                 init_method, output_layer_init_method, layer_idx: int, tp_group=None, rng_tracker=None):
+                 init_method, output_layer_init_method, layer_idx: int, tp_group=None, rng_tracker=None,
+                 recompute_core_attention: bool = False):
         super().__init__()
+        self.recompute_core_attention = recompute_core_attention
         tp = tp_size(tp_group)
         self.num_heads = divide(num_heads, tp, "--num-attention-heads")  # this rank's heads
         self.head_dim = hidden_size // num_heads
@@ -60,13 +66,20 @@ class SelfAttention(torch.nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        rng = (self.rng_tracker.fork(x.device) if self.rng_tracker is not None and dropout_p > 0
-               else contextlib.nullcontext())
-        with rng:
-            ctx = self._attend(q, k, v, past, s, dropout_p)
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+            ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s)
+        else:
+            ctx = self._core_attention(q, k, v, past, s)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, heads, s, d] -> [b, s, h/tp]
         return self.dense(ctx)
+
+    def _core_attention(self, q, k, v, past: int, s: int) -> torch.Tensor:
+        """softmax(QK^T/sqrt(d))V with attention dropout (drawn from the TP tracker when heads are sharded)."""
+        dropout_p = self.attention_dropout if self.training else 0.0
+        rng = (self.rng_tracker.fork(q.device) if self.rng_tracker is not None and dropout_p > 0
+               else contextlib.nullcontext())
+        with rng:
+            return self._attend(q, k, v, past, s, dropout_p)
 
     @staticmethod
     def _attend(q, k, v, past: int, s: int, dropout_p: float) -> torch.Tensor:

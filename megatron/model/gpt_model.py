@@ -15,7 +15,7 @@ from megatron.model.attention import KVCache
 from megatron.model.fused_lm_loss import fused_lm_cross_entropy
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.rope import RotaryEmbedding
-from megatron.model.transformer import TransformerLayer
+from megatron.model.transformer import TransformerLayer, run_layers
 from megatron.tensor_parallel import (TensorParallelRNGTracker, VocabParallelEmbedding,
                                       copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, tp_rank,
                                       tp_size, vocab_parallel_cross_entropy)
@@ -74,11 +74,7 @@ class GPTModel(torch.nn.Module):
             position_ids = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
         x = self.embed(tokens, position_ids)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
-        stats = []
-        for layer in self.layers:
-            x, st = layer(x, rotary, kv_cache)
-            if st is not None:
-                stats.append(st)
+        x, stats = run_layers(self.layers, x, rotary, kv_cache, self.cfg, self.rng_tracker)
         if kv_cache is not None:
             kv_cache.length += s
         x = self.final_layernorm(x)

@@ -1,4 +1,5 @@
-"""Pre-LayerNorm transformer block and the per-layer MLP factory (dense MLP or MoE layer)."""
+"""Pre-LayerNorm transformer layer, the per-layer MLP factory (dense MLP or MoE layer), and running the stack of
+layers with Megatron-LM's full activation recomputation (`run_layers`)."""
 from typing import Callable, List, Optional
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from megatron.config import ModelConfig, is_moe_layer
 from megatron.model.attention import SelfAttention
 from megatron.model.mlp import ParallelMLP
+from megatron.tensor_parallel import checkpoint
 
 
 def moe_layer_index(layer_idx: int, expert_interval: int) -> int:
@@ -46,7 +48,8 @@ class TransformerLayer(torch.nn.Module):
         self.input_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.self_attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout,
                                             init_method, output_init_method, layer_idx,
-                                            groups.tp_group if groups is not None else None, rng_tracker)
+                                            groups.tp_group if groups is not None else None, rng_tracker,
+                                            recompute_core_attention=cfg.recompute_granularity == "selective")
         self.post_attention_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
         # called with the residual stream after attention (expert prefetch at inference, moe/offload); None = off
@@ -71,3 +74,40 @@ class TransformerLayer(torch.nn.Module):
         outs = many(normed) if many is not None else [self.mlp(n) for n in normed]
         return ([h + F.dropout(o, self.hidden_dropout, self.training) for h, (o, _) in zip(hs, outs)],
                 [st for _, st in outs])
+
+
+def run_layers(layers, x: torch.Tensor, rotary, kv_cache, cfg: ModelConfig, rng_tracker=None):
+    """x through every layer; returns (x, [MoE stats of each MoE layer in order]).
+
+    With --recompute-granularity full while training (Megatron-LM's _checkpointed_forward), only the inputs of
+    checkpointed spans are kept and everything inside is recomputed in the backward:
+    - uniform: the layers in chunks of --recompute-num-layers, each chunk one checkpoint;
+    - block: each of the first --recompute-num-layers layers its own checkpoint, the rest run normally.
+    A MoE layer is recomputed with its span (router, dispatch, all-to-alls, experts): the default generators and
+    the TP tracker are restored first, so the router draws the same noise/RTS priorities, makes the same choices
+    and the recomputed all-to-alls have the same splits; every rank recomputes the same spans in the same backward
+    order, so each all-to-all is matched across its EP group (megatron/tensor_parallel/random.py: checkpoint).
+    """
+    stats: List = []
+    n = len(layers)
+    full = cfg.recompute_granularity == "full" and layers.training and torch.is_grad_enabled() and kv_cache is None
+    if not full:
+        spans, ckpt = [(i, i + 1) for i in range(n)], [False] * n
+    elif cfg.recompute_method == "uniform":
+        step = cfg.recompute_num_layers
+        spans = [(i, min(i + step, n)) for i in range(0, n, step)]
+        ckpt = [True] * len(spans)
+    else:  # block
+        spans = [(i, i + 1) for i in range(n)]
+        ckpt = [i < cfg.recompute_num_layers for i in range(n)]
+    for (start, end), recompute in zip(spans, ckpt):
+        def span(h, start=start, end=end):
+            out = []
+            for layer in layers[start:end]:
+                h, st = layer(h, rotary, kv_cache)
+                if st is not None:
+                    out.append(st)
+            return h, out
+        x, st = checkpoint(span, rng_tracker, x) if recompute else span(x)
+        stats.extend(st)
+    return x, stats

@@ -27,30 +27,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, offload=None, rank: int = 0,
-                    world_size: int = 1) -> torch.optim.Optimizer:
-    """torch AdamW; the fused kernel where the device supports it (CUDA, and CPU in recent torch).
-
-    With `offload` (a moe.offload.OptimizerOffloadConfig in nvme mode) the expert parameters' Adam state lives in
-    files (megatron.optimizer.offload.ExpertOffloadAdamW, same update bit for bit); `rank`/`world_size` name this
-    process's store.
-    """
-    groups = param_groups(model, cfg.weight_decay)
+def adamw(groups: List[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch AdamW over `groups`; the fused kernel where the device supports it (CUDA, and CPU in recent torch)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups=None, zero_stage: int = 0, offload=None,
+                    rank: int = 0, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW over Megatron's param groups.
+
+    With zero_stage 1 or 2: megatron/optimizer/zero.py's ZeroOptimizer (state sharded over data-parallel ranks;
+    `groups` are the ParallelGroups it shards over). With `offload` (a moe.offload.OptimizerOffloadConfig in nvme
+    mode): the expert parameters' Adam state lives in files (megatron.optimizer.offload.ExpertOffloadAdamW, same
+    update bit for bit); `rank`/`world_size` name this process's store. The two do not combine (arguments.validate).
+    """
+    if zero_stage:
+        from megatron.optimizer.zero import ZeroOptimizer
+
+        return ZeroOptimizer(model, cfg, groups, zero_stage)
     if offload is None or not offload.enabled:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):
-            return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        return adamw(param_groups(model, cfg.weight_decay), cfg)
     from megatron.optimizer.offload import ExpertOffloadAdamW
 
-    # the same kernel choice as above, probed on a stand-in parameter (building the offloaded optimizer opens its
+    # the kernel adamw() would pick, probed on a stand-in parameter (building the offloaded optimizer opens its
     # store, so it is built once)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     p = next(model.parameters())
     try:
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, dtype=p.dtype, device=p.device))], fused=True)
         kernel = {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         kernel = {"foreach": True}
-    return ExpertOffloadAdamW(groups, model=model, offload=offload, rank=rank, world_size=world_size, **kernel,
-                              **kwargs)
+    return ExpertOffloadAdamW(param_groups(model, cfg.weight_decay), model=model, offload=offload, rank=rank,
+                              world_size=world_size, **kernel, **kwargs)

@@ -9,9 +9,9 @@ from megatron.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLi
 from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
                                                reduce_from_tensor_parallel_region,
                                                tp_rank, tp_size)
-from megatron.tensor_parallel.random import TensorParallelRNGTracker
+from megatron.tensor_parallel.random import TensorParallelRNGTracker, checkpoint
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
            "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region",
            "gather_from_tensor_parallel_region", "tp_rank", "tp_size",
-           "TensorParallelRNGTracker", "is_tensor_parallel_param", "partition", "merge_partitions"]
+           "TensorParallelRNGTracker", "checkpoint", "is_tensor_parallel_param", "partition", "merge_partitions"]

@@ -47,8 +47,9 @@ SINGLE_CHECKS = [
     (["--num-experts", "2", "--topk", "3"], "1", "--topk (3) must be between 1 and the smallest --num-experts (2)"),
     # fp16 vs bf16: OptimizerConfig only (validate no longer repeats it)
     (["--fp16", "--bf16"], "1", "--fp16 and --bf16 are mutually exclusive; pick one"),
-    # iters vs tokens: the flag mapping only (SchedulerConfig has no token fields any more)
-    (["--train-tokens", "1000"], "1", "--train-iters and --train-tokens are mutually exclusive; give one"),
+    # iterations vs samples: the flag mapping only (--train-tokens beside --train-iters is Megatron-DeepSpeed's extra
+    # stop condition, tests/unit/test_megatron_compat.py::test_train_tokens_stops_first)
+    (["--train-samples", "64"], "1", "--train-iters and --train-samples are mutually exclusive; give one"),
 ]
 
 

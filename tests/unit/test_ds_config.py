@@ -92,7 +92,7 @@ def test_unknown_key_warns_naming_it_and_offload_blocks_map_onto_the_offload_fla
     assert (args.moe_offload_optimizer, args.moe_offload_dir, args.moe_offload_buffer_count,
             args.moe_offload_aio_block_size) == ("nvme", "/x", 6, 262144)
     assert "zero_optimization.offload_param.device is not supported here" in notes
-    assert "offload_optimizer" not in notes and "aio.block_size" not in notes
+    assert "offload_optimizer.device" not in notes and "aio.block_size" not in notes
     ds["zero_optimization"]["offload_optimizer"]["device"] = "cpu"
     with pytest.raises(ConfigError, match=r'--deepspeed_config: zero_optimization.offload_optimizer.device "cpu"'):
         _cfg(tmp_path, ds)

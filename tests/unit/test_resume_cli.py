@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron import checkpointing
@@ -53,6 +54,27 @@ def test_straight_run_equals_exit_save_resume_from_the_command_line(tiny_corpus,
         for key, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"][name][key])), (name, key)
     assert sorted(ea) == sorted(eb) and ea
+    for f in ea:
+        for k, v in ea[f]["model"].items():
+            assert torch.equal(v, eb[f]["model"][k]), (f, k)
+
+
+@pytest.mark.slow  # three CLI runs (~30 s of CPU, more on a busy machine)
+def test_recompute_is_invisible_to_training_and_resumes_exactly(tiny_corpus, tmp_path):
+    """--checkpoint-activations (full recompute, MoE layers included, dropout on): 4 iterations + --load + 4 equal
+    8 iterations straight without recomputation, every logged loss and every final weight bit for bit."""
+    moe = ("--num-experts", "4", "--topk", "2", "--moe-expert-parallel-size", "1")
+    common = ("--train-iters", "8", "--save-interval", "8", *moe)
+    straight = _run(_user_argv(tiny_corpus, tmp_path / "a", "--save", str(tmp_path / "a"), *common))
+    ckpt = str(tmp_path / "b")
+    first = _run(_user_argv(tiny_corpus, tmp_path / "b", "--save", ckpt, "--exit-interval", "4",
+                            "--checkpoint-activations", *common))
+    second = _run(_user_argv(tiny_corpus, tmp_path / "b", "--save", ckpt, "--load", ckpt,
+                             "--checkpoint-activations", *common))
+    assert {**first, **second} == straight and sorted(straight) == list(range(1, 9))
+    (a, ea), (b, eb) = _state(str(tmp_path / "a")), _state(ckpt)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
     for f in ea:
         for k, v in ea[f]["model"].items():
             assert torch.equal(v, eb[f]["model"][k]), (f, k)
