@@ -272,7 +272,7 @@ def train_worker(args) -> dict:
     model = GPTModel(cfg, moe_cfg)
     offload = OptimizerOffloadConfig(mode=mode, directory=os.path.join(args.work_dir, "opt") if mode == "nvme" else None,
                                      buffer_count=args.buffer_count, pipeline=pipeline, verify=verify)
-    opt = build_optimizer(model, OptimizerConfig(lr=1e-4), offload)
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-4), offload=offload)
     experts = [p for p in model.parameters() if is_expert_param(p)]
     dense = [p for p in model.parameters() if not is_expert_param(p)]
     gen = torch.Generator().manual_seed(1)

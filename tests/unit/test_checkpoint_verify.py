@@ -96,7 +96,7 @@ def test_corrupted_tracker_without_and_with_fallback(tiny_corpus, tmp_path, two_
     ck = _copy(two_checkpoints, tmp_path)
     tracker = os.path.join(ck, checkpointing.TRACKER)
     open(tracker, "wb").write(b"\x004")
-    argv = tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--load", ck)
+    argv = tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--override-opt_param-scheduler", "--load", ck)
     rc, err = _main(argv, capsys)
     assert rc == 2 and len(err) == 1 and tracker in err[0] and "tracker file is corrupted" in err[0], err
     assert "--load-fallback would load iteration 4" in err[0]
@@ -108,9 +108,9 @@ def test_no_older_checkpoint_is_said_so(tiny_corpus, tmp_path, two_checkpoints, 
     ck = _copy(two_checkpoints, tmp_path)
     shutil.rmtree(checkpointing.iter_dir(ck, 2))
     _flip(checkpointing.dense_path(checkpointing.iter_dir(ck, 4)))
-    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--load", ck), capsys)
+    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--override-opt_param-scheduler", "--load", ck), capsys)
     assert rc == 2 and len(err) == 1 and f"no older complete checkpoint exists in {ck}" in err[0], err
-    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--load", ck,
+    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--override-opt_param-scheduler", "--load", ck,
                                     "--load-fallback"), capsys)
     assert rc == 2 and len(err) == 1 and "found no older checkpoint" in err[0], err
 
@@ -119,7 +119,7 @@ def test_checkpoint_without_checksums_still_loads(tiny_corpus, tmp_path, two_che
     ck = _copy(two_checkpoints, tmp_path)
     os.remove(os.path.join(checkpointing.iter_dir(ck, 4), "checksums.json"))  # as written before checksums existed
     with caplog.at_level(logging.INFO, logger="megatron.checkpointing"):
-        r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--load", ck))
+        r = pretrain(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--override-opt_param-scheduler", "--load", ck))
     assert r["state"].iteration == 5 and len(r["losses"]) == 1
     said = [m for m in caplog.messages if "without verification" in m]
     assert len(said) == 1, caplog.messages  # once, though three files were read
@@ -131,5 +131,5 @@ def test_corrupted_manifest_is_a_corrupted_checkpoint(tiny_corpus, tmp_path, two
     text = open(manifest).read()
     digest = json.loads(text)["files"]["mp_rank_00/model_optim_rng.pt"]["xxh3_64"]
     open(manifest, "w").write(text.replace(digest, digest[::-1]))  # still valid JSON; its own digest catches it
-    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--load", ck), capsys)
+    rc, err = _main(tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "5", "--override-opt_param-scheduler", "--load", ck), capsys)
     assert rc == 2 and len(err) == 1 and manifest in err[0] and "iteration 2" in err[0], err

@@ -346,7 +346,7 @@ def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device):
         torch.manual_seed(0)
         layer = MoELayer(32, 64, 4, MoEConfig(num_experts=(4,), expert_interval=1)).to(device)
         layer.layer_index = 0
-        opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload)
+        opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload=offload)
         x = torch.randn(64, 32, device=device)
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
