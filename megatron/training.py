@@ -328,6 +328,31 @@ def build_data_iterators(st: TrainState):
 def pretrain(argv=None) -> dict:
     """pretrain_gpt.py's body: flags -> config -> groups -> model/optimizer -> data -> train -> eval."""
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
+    st, train_iter, make_valid, make_test = setup_from_argv(argv)
+    cfg = st.cfg
+    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
+    try:
+        result = train(st, train_iter, make_valid, signals, start)
+    finally:
+        if signals is not None:
+            signals.restore()
+    if not result["exited"]:
+        if cfg.checkpoint.save and st.iteration > 0 and not (
+                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
+            save(st)
+        if make_valid is not None:
+            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+        if make_test is not None:
+            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+    if st.writer is not None:
+        st.writer.close()
+    result["state"] = st
+    return result
+
+
+def setup_from_argv(argv=None):
+    """Flags -> (TrainState with model, optimizer and scheduler loaded from --load, train iterator, validation and
+    test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     rank, world_size, device = parallel_state.init_distributed(args.distributed_backend)
@@ -353,24 +378,7 @@ def pretrain(argv=None) -> dict:
     print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
     st.writer = open_writer(cfg)
     train_iter, make_valid, make_test = build_data_iterators(st)
-    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
-    try:
-        result = train(st, train_iter, make_valid, signals, start)
-    finally:
-        if signals is not None:
-            signals.restore()
-    if not result["exited"]:
-        if cfg.checkpoint.save and st.iteration > 0 and not (
-                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
-            save(st)
-        if make_valid is not None:
-            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-        if make_test is not None:
-            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
-    if st.writer is not None:
-        st.writer.close()
-    result["state"] = st
-    return result
+    return st, train_iter, make_valid, make_test
 
 
 def build_tokenizer_from_config_args(args):
