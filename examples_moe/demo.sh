@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: verify data -> tokenize the novel corpus (GPT-2 BPE) -> train a small MoE GPT (8 experts, top-1,
-# every other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA and
-# PIQA. Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains a dense GPT).
+# `make demo`: verify data -> train a SentencePiece BPE vocabulary (8000) on the novel corpus and tokenize it ->
+# train the study's small MoE GPT (examples_moe/run_study.sh: 6 layers, hidden 128, 16 experts top-1 on every
+# other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA and PIQA.
+# Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the study's dense GPT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,44 +10,40 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo ./data)}
 OUT=${OUT:-outputs/demo}
 WORKERS=${WORKERS:-2}
-# model
-NUM_LAYERS=${NUM_LAYERS:-4}
+VOCAB_SIZE=${VOCAB_SIZE:-8000}
+# model (the study's)
+NUM_LAYERS=${NUM_LAYERS:-6}
 HIDDEN=${HIDDEN:-128}
 HEADS=${HEADS:-4}
 SEQ=${SEQ:-256}
-NUM_EXPERTS=${NUM_EXPERTS:-8}
+NUM_EXPERTS=${NUM_EXPERTS:-16}
 TOPK=${TOPK:-1}
-MICRO_BATCH=${MICRO_BATCH:-8}
-GLOBAL_BATCH=${GLOBAL_BATCH:-16}
-TRAIN_ITERS=${TRAIN_ITERS:-160}
-LR=${LR:-1.5e-3}
+MICRO_BATCH=${MICRO_BATCH:-16}
+GLOBAL_BATCH=${GLOBAL_BATCH:-32}
+TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)
+LR=${LR:-2e-3}
 EVAL_TASKS=${EVAL_TASKS:-lambada,piqa}
 EVAL_LIMIT=${EVAL_LIMIT:-}            # e.g. 500 for a quicker look; empty = the full sets
 PROMPT=${PROMPT:-"It was a dark and stormy night, and"}
 
-VOCAB="$DATA_DIR/gpt2/gpt2-vocab.json"
-MERGES="$DATA_DIR/gpt2/gpt2-merges.txt"
 CORPUS="$DATA_DIR/corpus/gutenberg_novels.jsonl"
-PREFIX="$OUT/data/novels"
+TOK="$OUT/data/novels_sp$VOCAB_SIZE"
+PREFIX="$OUT/data/novels_sp$VOCAB_SIZE"
 
-echo "== 1/5 data: checking sha256 of the files in $DATA_DIR"
-if ! "$PYTHON" -c "import sys; from megatron.data.data_files import resolve
-for n in ('gpt2-vocab', 'gpt2-merges'): resolve(n, sys.argv[1])" "$DATA_DIR" 2>/dev/null; then
-  echo "   GPT-2 vocab missing here: downloading it (tools/download_data.py)"
-  "$PYTHON" tools/download_data.py --data-dir "$DATA_DIR" --only gpt2
-fi
+echo "== 1/5 data: checking sha256 of the corpus in $DATA_DIR"
 "$PYTHON" -c "import sys; from megatron.data.data_files import resolve, DataFileError
 try: resolve('corpus', sys.argv[1])
 except DataFileError as e: sys.exit(f'error: {e} (the demo needs a jsonl corpus; set CORPUS=... to use another)')" "$DATA_DIR"
 
 if [ ! -f "${PREFIX}_text_document.idx" ]; then
-  echo "== 2/5 tokenizing $CORPUS with GPT-2 BPE ($WORKERS workers)"
+  echo "== 2/5 a SentencePiece BPE vocabulary of $VOCAB_SIZE on $CORPUS, then tokenizing it ($WORKERS workers)"
   mkdir -p "$OUT/data"
+  [ -f "$TOK.model" ] || "$PYTHON" tools/train_tokenizer.py --input "$CORPUS" --vocab-size "$VOCAB_SIZE" \
+      --output-prefix "$TOK" --num-threads "$WORKERS"
   "$PYTHON" tools/preprocess_data.py --input "$CORPUS" --json-keys text --output-prefix "$PREFIX" \
-      --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
-      --workers "$WORKERS" --append-eod
+      --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOK.model" --workers "$WORKERS" --append-eod
 else
-  echo "== 2/5 reusing ${PREFIX}_text_document.{bin,idx}"
+  echo "== 2/5 reusing $TOK.model and ${PREFIX}_text_document.{bin,idx}"
 fi
 
 echo "== 3/5 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN, $NUM_EXPERTS experts top-$TOPK on every 2nd layer) for $TRAIN_ITERS iterations"
@@ -59,7 +56,7 @@ rm -rf "$OUT/checkpoints"
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
     --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 8 --weight-decay 0.1 \
     --adam-beta2 0.95 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 \
-    --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOK.model" \
     --data-path "${PREFIX}_text_document" --split 969,30,1 --num-workers 1 \
     --log-interval 10 --eval-interval 40 --eval-iters 8 \
     --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@"

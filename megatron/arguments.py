@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence, Tuple
 
 from megatron import parallel_state
-from megatron.config import (CheckpointConfig, CurriculumConfig, DataConfig, LoggingConfig, ModelConfig,
+from megatron.config import (LR_DECAY_STYLES, CheckpointConfig, CurriculumConfig, DataConfig, LoggingConfig, ModelConfig,
                              OptimizerConfig, ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig,
                              num_moe_layers)
 from megatron.errors import ConfigError, UserError
@@ -80,7 +80,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-tokens", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
+    g.add_argument("--lr-decay-style", choices=list(LR_DECAY_STYLES), default="linear",
+                   help="Megatron's warmup + constant/linear/cosine decay, or DeepSpeed's LRRangeTest (lr-range-test) "
+                        "and OneCycle (one-cycle), configured by the flags below")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-tokens", type=int, default=None)
     g.add_argument("--lr-decay-iters", type=int, default=None)
@@ -147,6 +149,97 @@ def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-impl", default="infer", help="mmap or infer: the indexed dataset is always mmap here")
     p.set_defaults(ds_gradient_accumulation_steps=None, wall_clock_breakdown=False, curriculum_learning=None,
                    config_notes=[])
+
+
+def add_lr_schedule_args(p: argparse.ArgumentParser) -> None:
+    """DeepSpeed's LRRangeTest / OneCycle parameters, hyphenated (DeepSpeed's own CLI spells them with
+    underscores; this CLI keeps Megatron's hyphens so every flag reads alike). Defaults are DeepSpeed's."""
+    g = p.add_argument_group("LR range test and OneCycle (--lr-decay-style lr-range-test / one-cycle)")
+    g.add_argument("--lr-range-test-min-lr", type=float, default=1e-3, help="LR of the first step")
+    g.add_argument("--lr-range-test-step-size", type=int, default=2000, help="steps per increase interval")
+    g.add_argument("--lr-range-test-step-rate", type=float, default=1.0,
+                   help="LR growth per interval in units of the min LR: lr = min * (1 + rate * steps / size)")
+    g.add_argument("--lr-range-test-staircase", action="store_true", help="hold the LR flat within each interval")
+    g.add_argument("--cycle-min-lr", type=float, default=None, help="one-cycle: LR at both ends of the cycle")
+    g.add_argument("--cycle-max-lr", type=float, default=None, help="one-cycle: LR at the peak")
+    g.add_argument("--cycle-first-step-size", type=int, default=2000, help="steps of the rising half")
+    g.add_argument("--cycle-second-step-size", type=int, default=None, help="steps of the falling half "
+                                                                            "(default: the first's)")
+    g.add_argument("--cycle-first-stair-count", type=int, default=0, help="> 0: the rising half in flat stairs")
+    g.add_argument("--cycle-second-stair-count", type=int, default=None,
+                   help="stairs of the falling half (default: the first's)")
+    g.add_argument("--decay-step-size", type=int, default=0, help="after the cycle: steps per decay interval "
+                                                                  "(0: hold the min LR)")
+    g.add_argument("--decay-lr-rate", type=float, default=0.0,
+                   help="after the cycle: lr = cycle_min_lr / (1 + rate * steps / decay_step_size)")
+    g.add_argument("--no-cycle-momentum", dest="cycle_momentum", action="store_false", default=True,
+                   help="one-cycle: leave Adam's beta1 at --adam-beta1 instead of cycling it")
+    g.add_argument("--cycle-min-mom", type=float, default=0.8, help="one-cycle: Adam beta1 at the LR peak")
+    g.add_argument("--cycle-max-mom", type=float, default=0.9, help="one-cycle: Adam beta1 at the cycle's ends")
+    g.add_argument("--decay-mom-rate", type=float, default=0.0,
+                   help="after the cycle: beta1 = cycle_max_mom * (1 + rate * steps / decay_step_size)")
+
+
+# DeepSpeed JSON `scheduler.params` key -> this CLI's argparse dest, per scheduler type
+_DS_SCHEDULER_PARAMS = {
+    "LRRangeTest": {"lr_range_test_min_lr": ("lr_range_test_min_lr", float),
+                    "lr_range_test_step_size": ("lr_range_test_step_size", int),
+                    "lr_range_test_step_rate": ("lr_range_test_step_rate", float),
+                    "lr_range_test_staircase": ("lr_range_test_staircase", bool)},
+    "OneCycle": {"cycle_min_lr": ("cycle_min_lr", float), "cycle_max_lr": ("cycle_max_lr", float),
+                 "cycle_first_step_size": ("cycle_first_step_size", int),
+                 "cycle_second_step_size": ("cycle_second_step_size", int),
+                 "cycle_first_stair_count": ("cycle_first_stair_count", int),
+                 "cycle_second_stair_count": ("cycle_second_stair_count", int),
+                 "decay_step_size": ("decay_step_size", int), "decay_lr_rate": ("decay_lr_rate", float),
+                 "cycle_momentum": ("cycle_momentum", bool), "cycle_min_mom": ("cycle_min_mom", float),
+                 "cycle_max_mom": ("cycle_max_mom", float), "decay_mom_rate": ("decay_mom_rate", float)},
+}
+_DS_SCHEDULER_STYLE = {"LRRangeTest": "lr-range-test", "OneCycle": "one-cycle"}
+
+
+def scheduler_args_from_ds_config(block: dict) -> dict:
+    """A DeepSpeed config's `scheduler` block {"type": "LRRangeTest" | "OneCycle", "params": {...}} -> {argparse dest:
+    value} for this CLI (lr_decay_style plus one dest per given param), to be set on the parsed args.
+
+    Raises ConfigError (one line naming the key) for another scheduler type, an unknown param or a value of the
+    wrong type. WarmupLR / WarmupDecayLR / WarmupCosineLR are not mapped: use --lr-warmup-iters with
+    --lr-decay-style constant / linear / cosine.
+    """
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError(f"DeepSpeed config: scheduler ({block!r}) must be an object with a \"type\"")
+    kind = block["type"]
+    if kind not in _DS_SCHEDULER_PARAMS:
+        raise ConfigError(f"DeepSpeed config: scheduler.type ({kind!r}) is not supported; use LRRangeTest or OneCycle, "
+                          f"or Megatron's --lr-warmup-iters with --lr-decay-style constant/linear/cosine")
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"DeepSpeed config: scheduler.params ({params!r}) must be an object")
+    out = {"lr_decay_style": _DS_SCHEDULER_STYLE[kind]}
+    known = _DS_SCHEDULER_PARAMS[kind]
+    for key, value in params.items():
+        if key not in known:
+            raise ConfigError(f"DeepSpeed config: scheduler.params.{key} is not a {kind} parameter; known: "
+                              f"{', '.join(sorted(known))}")
+        dest, kind_of = known[key]
+        out[dest] = _ds_value(f"scheduler.params.{key}", value, kind_of)
+    return out
+
+
+def _ds_value(where: str, value, kind_of):
+    """`value` as bool / int / float, or ConfigError naming `where`."""
+    if kind_of is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be true or false")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind_of is int:
+        if not number or not float(value).is_integer():
+            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be an integer")
+        return int(value)
+    if not number:
+        raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be a number")
+    return float(value)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -287,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_moe_args(p)
     add_training_args(p)
     add_batch_schedule_args(p)
+    add_lr_schedule_args(p)
     add_data_args(p)
     add_distill_args(p)
     add_checkpoint_logging_args(p)
@@ -484,6 +578,22 @@ def scheduler_config_from_args(args, data: DataConfig) -> SchedulerConfig:
         lr_decay_samples=args.lr_decay_samples,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        lr_range_test_min_lr=args.lr_range_test_min_lr,
+        lr_range_test_step_size=args.lr_range_test_step_size,
+        lr_range_test_step_rate=args.lr_range_test_step_rate,
+        lr_range_test_staircase=args.lr_range_test_staircase,
+        cycle_min_lr=args.cycle_min_lr,
+        cycle_max_lr=args.cycle_max_lr,
+        cycle_first_step_size=args.cycle_first_step_size,
+        cycle_second_step_size=args.cycle_second_step_size,
+        cycle_first_stair_count=args.cycle_first_stair_count,
+        cycle_second_stair_count=args.cycle_second_stair_count,
+        decay_step_size=args.decay_step_size,
+        decay_lr_rate=args.decay_lr_rate,
+        cycle_momentum=args.cycle_momentum,
+        cycle_min_mom=args.cycle_min_mom,
+        cycle_max_mom=args.cycle_max_mom,
+        decay_mom_rate=args.decay_mom_rate,
     )
 
 

@@ -139,12 +139,15 @@ class OptimizerConfig:
             raise ConfigError(f"--clip-grad ({self.clip_grad}) must be >= 0")
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "lr-range-test", "one-cycle")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Megatron's LR schedule. Iteration-based (--train-iters, --lr-warmup/decay-iters) or sample-based
     (--train-samples, --lr-warmup/decay-samples); --lr-warmup/decay-tokens, when given, override either and follow
     the tokens actually consumed (fewer under a seqlen curriculum)."""
-    lr_decay_style: str = "linear"  # constant | linear | cosine
+    lr_decay_style: str = "linear"  # constant | linear | cosine | lr-range-test | one-cycle
     train_iters: Optional[int] = None  # total optimizer steps (derived from train_samples/train_tokens if not given)
     train_tokens: Optional[int] = None  # also stop once this many tokens were consumed (Megatron-DeepSpeed)
     lr_warmup_iters: int = 0  # warmup steps (iteration-based)
@@ -157,9 +160,29 @@ class SchedulerConfig:
     override_opt_param_scheduler: bool = False  # on resume take max/min LR, warmup, decay, style from the flags
     use_checkpoint_opt_param_scheduler: bool = False  # on resume take them from the checkpoint
 
+    # LR range test (DeepSpeed LRRangeTest): lr(k) = min_lr * (1 + step_rate * k / step_size), k = steps done
+    lr_range_test_min_lr: float = 1e-3  # LR of the first step
+    lr_range_test_step_size: int = 2000  # steps per unit of increase (the LR grows by step_rate x min_lr per this)
+    lr_range_test_step_rate: float = 1.0  # growth per step_size steps, in units of min_lr
+    lr_range_test_staircase: bool = False  # floor(k / step_size): hold the LR flat within each step_size steps
+    # OneCycle (DeepSpeed): min -> max over the first half, max -> min over the second, then decay
+    cycle_min_lr: Optional[float] = None  # LR at the start and end of the cycle (required for one-cycle)
+    cycle_max_lr: Optional[float] = None  # LR at the peak, after cycle_first_step_size steps (required)
+    cycle_first_step_size: int = 2000  # steps of the rising half
+    cycle_second_step_size: Optional[int] = None  # steps of the falling half (None: cycle_first_step_size)
+    cycle_first_stair_count: int = 0  # > 0: the rising half moves in this many flat stairs
+    cycle_second_stair_count: Optional[int] = None  # stairs of the falling half (None: cycle_first_stair_count)
+    decay_step_size: int = 0  # after the cycle: steps per unit of decay interval (0 = no decay, stay at min)
+    decay_lr_rate: float = 0.0  # after the cycle: lr = cycle_min_lr / (1 + decay_lr_rate * steps / decay_step_size)
+    cycle_momentum: bool = True  # cycle Adam's beta1 inversely to the LR (max_mom at min LR, min_mom at the peak)
+    cycle_min_mom: float = 0.8  # beta1 at the LR peak
+    cycle_max_mom: float = 0.9  # beta1 at the cycle's ends
+    decay_mom_rate: float = 0.0  # after the cycle: beta1 = cycle_max_mom * (1 + decay_mom_rate * steps / decay_step_size)
+
+
     def __post_init__(self):
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"--lr-decay-style ({self.lr_decay_style}) must be constant, linear or cosine")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style ({self.lr_decay_style}) must be one of {', '.join(LR_DECAY_STYLES)}")
         if self.train_iters is None:
             raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
         if self.train_iters < 0:
@@ -177,6 +200,14 @@ class SchedulerConfig:
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                               "exclusive; pick one")
+        style = self.lr_decay_style
+        if style in ("lr-range-test", "one-cycle") and self.lr_warmup_iters > 0:
+            raise ConfigError(f"--lr-warmup-iters/--lr-warmup-tokens ({self.lr_warmup_iters} steps) have no effect "
+                             f"with --lr-decay-style {style}, which sets the LR from the first step; drop them")
+        if style == "lr-range-test":
+            self._check_lr_range_test()
+        if style == "one-cycle":
+            self._check_one_cycle()
 
     @property
     def decay_iters(self) -> int:
@@ -186,6 +217,34 @@ class SchedulerConfig:
     @property
     def sample_based(self) -> bool:
         return self.train_samples is not None
+
+    def _check_lr_range_test(self):
+        if not self.lr_range_test_min_lr > 0:
+            raise ConfigError(f"--lr-range-test-min-lr ({self.lr_range_test_min_lr}) must be > 0")
+        if self.lr_range_test_step_size < 1:
+            raise ConfigError(f"--lr-range-test-step-size ({self.lr_range_test_step_size}) must be >= 1")
+        if self.lr_range_test_step_rate < 0:
+            raise ConfigError(f"--lr-range-test-step-rate ({self.lr_range_test_step_rate}) must be >= 0")
+
+    def _check_one_cycle(self):
+        if self.cycle_min_lr is None or self.cycle_max_lr is None:
+            raise ConfigError("--lr-decay-style one-cycle needs --cycle-min-lr and --cycle-max-lr (e.g. from "
+                             "tools/lr_range_test.py)")
+        if not 0 <= self.cycle_min_lr <= self.cycle_max_lr:
+            raise ConfigError(f"--cycle-min-lr ({self.cycle_min_lr}) must be in [0, --cycle-max-lr "
+                             f"({self.cycle_max_lr})]")
+        if self.cycle_first_step_size < 1:
+            raise ConfigError(f"--cycle-first-step-size ({self.cycle_first_step_size}) must be >= 1")
+        if self.cycle_second_step_size is not None and self.cycle_second_step_size < 0:
+            raise ConfigError(f"--cycle-second-step-size ({self.cycle_second_step_size}) must be >= 0")
+        for flag, v in (("--cycle-first-stair-count", self.cycle_first_stair_count),
+                        ("--cycle-second-stair-count", self.cycle_second_stair_count),
+                        ("--decay-step-size", self.decay_step_size)):
+            if v is not None and v < 0:
+                raise ConfigError(f"{flag} ({v}) must be >= 0")
+        if self.cycle_momentum and not 0 <= self.cycle_min_mom <= self.cycle_max_mom < 1:
+            raise ConfigError(f"--cycle-min-mom ({self.cycle_min_mom}) and --cycle-max-mom ({self.cycle_max_mom}) must "
+                             f"satisfy 0 <= min <= max < 1 (they are Adam's beta1)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ _TEACHER_FLAGS = (
 
 
 def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
-                 seq_length: Optional[int] = None, vocab_size: Optional[int] = None) -> TeacherRunner:
+                 seq_length: Optional[int] = None, vocab_size: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> TeacherRunner:
     """Builds the teacher GPTModel, loads --load-teacher into it, returns it frozen in a TeacherRunner.
 
     Where each teacher setting comes from:
@@ -43,6 +44,8 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
       device: where the teacher lives (default CPU).
       seq_length: the student's --seq-length; checked against the teacher's learned position table.
       vocab_size: the tokenizer's true vocabulary size (relaxes the padded-vocabulary check, see above).
+      dtype: the student's compute dtype; a bf16/fp16 student gets a teacher whose weights are cast to it once (the
+        teacher only runs forward, so it needs no fp32 master copy).
     Raises:
       CheckpointError (a ValueError; one line) for an unreadable or mismatching teacher checkpoint.
     """
@@ -67,7 +70,7 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
         checkpointing.load_model_state(model, payload, ckpt_dir)
     except CheckpointError as e:
         raise CheckpointError(f"--load-teacher: {e}") from None
-    return TeacherRunner(model.to(device or torch.device("cpu")), cfg)
+    return TeacherRunner(model.to(device or torch.device("cpu")), cfg, dtype)
 
 
 def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: int, ckpt_dir: str,

@@ -169,7 +169,16 @@ def _warmup_decay_lr(block: dict) -> Dict[str, Any]:
             "lr_decay_iters": _int(p["total_num_steps"], "scheduler.params.total_num_steps")}
 
 
-SCHEDULER_READERS.update({"WarmupLR": _warmup_lr, "WarmupDecayLR": _warmup_decay_lr})
+def _cyclic(block: dict) -> Dict[str, Any]:
+    """LRRangeTest / OneCycle blocks onto the --lr-decay-style lr-range-test / one-cycle flags (its errors name the
+    key)."""
+    from megatron.arguments import scheduler_args_from_ds_config
+
+    return scheduler_args_from_ds_config(block)
+
+
+SCHEDULER_READERS.update({"WarmupLR": _warmup_lr, "WarmupDecayLR": _warmup_decay_lr, "LRRangeTest": _cyclic,
+                          "OneCycle": _cyclic})
 _SCHEDULER_PARAMS = {"WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
                      "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
                                        "total_num_steps", "last_batch_iteration"}}

@@ -25,6 +25,7 @@ from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_f
 from megatron.training_log import (format_log, open_writer, print_rank0, summarize_moe, write_optimizer_states,
                                    write_tensorboard)
 from megatron.model import GPTModel
+from megatron.model.fused_lm_loss import DistillTarget
 from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, ZeroOptimizer,
                                 build_optimizer, clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
@@ -93,6 +94,11 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the GEMMs run in: bf16/fp16 under --bf16/--fp16 autocast, else fp32."""
+    return torch.bfloat16 if cfg.optimizer.bf16 else torch.float16 if cfg.optimizer.fp16 else torch.float32
+
+
 def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
     return GPTModel(cfg.model, cfg.moe, groups).to(device)
 
@@ -124,7 +130,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
         from megatron.distillation import load_teacher
 
         st.teacher = load_teacher(d, cfg.model.padded_vocab_size, device, cfg.data.seq_length,
-                                  tokenizer.vocab_size if tokenizer is not None else None)
+                                  tokenizer.vocab_size if tokenizer is not None else None, compute_dtype(cfg))
     if cfg.compile:
         st.model = torch.compile(model)
     return st
@@ -162,33 +168,41 @@ def get_batch(data: dict, device, eod: Optional[int], eod_mask_loss: bool):
 def forward_loss(st: TrainState, tokens, labels, loss_mask):
     """Returns (total, lm loss, moe stats, kd term or None); total = [alpha·]lm [+ beta·T²·KL] + coeff·Σ aux (+ z).
 
-    While a teacher is active (MoS/KD before the staged stop) the student also returns full logits for the KL;
-    otherwise the fused LM-head loss never materialises them.
+    While a teacher is active (MoS/KD before the staged stop) it runs first (inference mode, compute dtype) and the
+    student's LM loss and KL are one fused head loss; otherwise the fused LM-head loss alone. Neither materialises
+    more than the student's logits buffer.
     """
     distil = st.teacher is not None and st.model.training and st.teacher.active(st.iteration, st.consumed_tokens)
+    target = None
     with autocast_context(st.cfg, st.device):
-        out = st.model(tokens, labels, return_logits=distil, parallel_output=True)
-        teacher_logits = st.teacher.forward(tokens) if distil else None
+        if distil:
+            target = distill_target(st, tokens, loss_mask)
+        out = st.model(tokens, labels, parallel_output=True, distill_target=target)
     lm_loss = (out.loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
     total, kd_term = lm_loss, None
     if distil:
-        from moe.distill import kd_loss
-
-        # With TP the student's logits are this rank's vocabulary slice; the (whole, TP=1) teacher's logits are cut
-        # to the same slice (or to the student's padding) and the KL is vocab-parallel. Padded vocabulary columns
-        # are excluded from the KL.
-        g = st.groups
-        tp_group = g.tp_group if g.tp_size > 1 else None
-        width = out.logits.shape[-1]
-        teacher_logits = vocab_slice(teacher_logits, g.tp_rank * width, width)  # a view when paddings agree
-        total, kd_term = kd_loss(lm_loss, out.logits, teacher_logits, loss_mask, st.cfg.distill, tp_group,
-                                 st.tokenizer.vocab_size if st.tokenizer is not None else None)
+        total = out.kd_total
+        T = st.cfg.distill.kd_temp
+        kd_term = T * T * (out.kl * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
     moe = st.cfg.moe
     if moe is not None and out.moe_stats:
         total = total + moe.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
         if moe.z_loss_coeff:
             total = total + moe.z_loss_coeff * sum(s.z_loss for s in out.moe_stats)
     return total, lm_loss, out.moe_stats, kd_term
+
+
+def distill_target(st: TrainState, tokens, loss_mask) -> DistillTarget:
+    """The teacher's logits for this micro-batch and the KD weights, for the student's fused head loss.
+
+    With TP the student's head is this rank's vocabulary slice; the (whole, TP=1) teacher's logits are cut to the
+    same slice (or padded to the student's padding). Padded vocabulary columns are excluded from the KL.
+    """
+    g, d = st.groups, st.cfg.distill
+    width = st.cfg.model.padded_vocab_size // g.tp_size
+    teacher_logits = vocab_slice(st.teacher.forward(tokens), g.tp_rank * width, width)  # a view when paddings agree
+    return DistillTarget(teacher_logits, loss_mask, d.kd_temp, d.kd_alpha_ce, d.kd_beta_ce,
+                         st.tokenizer.vocab_size if st.tokenizer is not None else None)
 
 
 def vocab_slice(logits: torch.Tensor, start: int, width: int) -> torch.Tensor:
@@ -391,6 +405,35 @@ def build_data_iterators(st: TrainState):
 def pretrain(argv=None) -> dict:
     """pretrain_gpt.py's body: flags -> checked config -> groups -> model/optimizer -> data -> train -> eval."""
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
+    st, train_iter, make_valid, make_test = setup_from_argv(argv)
+    cfg = st.cfg
+    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
+    try:
+        result = train(st, train_iter, make_valid, signals, start)
+    except BaseException:
+        if isinstance(st.optimizer, ExpertOffloadAdamW):
+            st.optimizer.close()  # a failed run leaves its offload directory free for the next one
+        raise
+    finally:
+        if signals is not None:
+            signals.restore()
+    if not result["exited"]:
+        if cfg.checkpoint.save and st.iteration > 0 and not (
+                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
+            save(st)
+        if make_valid is not None:
+            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+        if make_test is not None:
+            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+    if st.writer is not None:
+        st.writer.close()
+    result["state"] = st
+    return result
+
+
+def setup_from_argv(argv=None):
+    """Flags -> (TrainState with model, optimizer and scheduler loaded from --load, train iterator, validation and
+    test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
     rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
@@ -416,28 +459,7 @@ def pretrain(argv=None) -> dict:
     print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
     st.writer = open_writer(cfg)
     train_iter, make_valid, make_test = build_data_iterators(st)
-    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
-    try:
-        result = train(st, train_iter, make_valid, signals, start)
-    except BaseException:
-        if isinstance(st.optimizer, ExpertOffloadAdamW):
-            st.optimizer.close()  # a failed run leaves its offload directory free for the next one
-        raise
-    finally:
-        if signals is not None:
-            signals.restore()
-    if not result["exited"]:
-        if cfg.checkpoint.save and st.iteration > 0 and not (
-                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
-            save(st)
-        if make_valid is not None:
-            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-        if make_test is not None:
-            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
-    if st.writer is not None:
-        st.writer.close()
-    result["state"] = st
-    return result
+    return st, train_iter, make_valid, make_test
 
 
 def main(argv=None) -> int:

@@ -235,7 +235,9 @@ class TeacherRunner:
     `model(tokens)` must return an object with `.logits` [b, s, V] (GPTModel's ModelOutput) or the logits.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: DistillConfig):
+    def __init__(self, model: torch.nn.Module, cfg: DistillConfig, dtype: torch.dtype = torch.float32):
+        if dtype in (torch.bfloat16, torch.float16):
+            model = model.to(dtype)  # forward only: no fp32 master weights needed, half the memory and traffic
         self.model: Optional[torch.nn.Module] = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -258,13 +260,17 @@ class TeacherRunner:
             return False
         return True
 
-    @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] int64 -> teacher logits [b, s, V] (the model's dtype/autocast dtype), no graph."""
+        """tokens [b, s] int64 -> teacher logits [b, s, V] (the model's dtype/autocast dtype).
+
+        Runs under torch.inference_mode (no graph, no version counters); the result is an inference tensor: read it,
+        do not modify it in place or save it for a backward.
+        """
         if self.model is None:
             raise RuntimeError("the teacher was released after the staged-KD stop; check active() first")
         if self.model.training:  # e.g. a caller's .train() reached it; the teacher always runs in eval
             self.model.eval()
-        out = self.model(tokens)
+        with torch.inference_mode():
+            out = self.model(tokens)
         self.forward_count += 1
         return out.logits if hasattr(out, "logits") else out

@@ -6,6 +6,8 @@ hits them alike; medians are reported.
 
     python tools/bench_train.py                      # the issue's reference config (8L, h512, s512, b4)
     python tools/bench_train.py --variants eager,compile --rounds 5
+    python tools/bench_train.py --kd                 # staged-KD student step vs the plain student step and the
+                                                     # teacher's forward alone (target: kd <= 1.15 x (student + teacher))
     python tools/bench_train.py --recompute --zero-stage 1   # memory/time of activation recomputation and ZeRO
 
 --recompute and --zero-stage N compare, for the MoE demo config and the 8-layer h512 config, full training steps
@@ -58,6 +60,13 @@ def parse():
     p.add_argument("--variants", default="plain,fused",
                    help="comma list of: plain (unfused LM-head cross entropy, the reference), fused (our default "
                         "step), compile (fused + torch.compile, the --compile flag)")
+    p.add_argument("--kd", action="store_true",
+                   help="distillation: time the student step without KD, with staged KD active (teacher forward + "
+                        "fused KD loss), the unfused KD step it replaces, and the teacher's forward alone")
+    p.add_argument("--teacher-num-layers", type=int, default=None, help="--kd: teacher depth (default: student's)")
+    p.add_argument("--teacher-num-experts", type=int, default=None,
+                   help="--kd: teacher experts per MoE layer (default: student's)")
+    p.add_argument("--kd-temp", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2)
@@ -114,6 +123,84 @@ def step(fwd, opt, tokens, labels, moe_cfg, plain):
     opt.step()
 
 
+def build_teacher(args):
+    """A frozen TeacherRunner of the --teacher-* architecture (random weights: timing only)."""
+    from moe.distill import DistillConfig, TeacherRunner
+
+    t_args = argparse.Namespace(**vars(args))
+    t_args.num_layers = args.teacher_num_layers or args.num_layers
+    t_args.num_experts = args.teacher_num_experts or args.num_experts
+    _, _, model, _, _, _ = build(t_args, "fused")
+    return TeacherRunner(model, DistillConfig(kd=True, load_teacher="unused", kd_temp=args.kd_temp))
+
+
+def kd_step(fwd, opt, tokens, labels, moe_cfg, teacher, temp, fused):
+    """One staged-KD student step as megatron/training.py runs it (fused), or the unfused path it replaced:
+    student logits, F.cross_entropy and moe.distill.kd_loss on [tokens, vocab] tensors, the teacher under no_grad."""
+    from megatron.model.fused_lm_loss import DistillTarget
+    from moe.distill import kd_loss
+
+    opt.zero_grad(set_to_none=True)
+    mask = torch.ones(labels.shape)
+    if fused:
+        target = DistillTarget(teacher.forward(tokens), mask, temp, 1.0, 1.0, None)
+        out = fwd(tokens, labels, distill_target=target)
+        loss = out.kd_total
+    else:
+        out = fwd(tokens, labels, return_logits=True)
+        with torch.no_grad():
+            t_logits = teacher.model(tokens).logits
+        lm = (out.loss * mask).sum() / mask.sum()
+        loss, _ = kd_loss(lm, out.logits, t_logits, mask, teacher.cfg)
+    if moe_cfg is not None and out.moe_stats:
+        loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
+    loss.backward()
+    opt.step()
+
+
+def main_kd(args, tokens, labels):
+    """Interleaved rounds of: student step, staged-KD step (fused), unfused KD step, teacher forward alone."""
+    cfg, moe_cfg, model, fwd, opt, _ = build(args, "fused")
+    teacher = build_teacher(args)
+    temp = args.kd_temp
+    runs = {
+        "student step (no KD)": lambda: step(fwd, opt, tokens, labels, moe_cfg, False),
+        "teacher forward": lambda: teacher.forward(tokens),
+        "KD step (fused, this branch)": lambda: kd_step(fwd, opt, tokens, labels, moe_cfg, teacher, temp, True),
+        "KD step (unfused, before)": lambda: kd_step(fwd, opt, tokens, labels, moe_cfg, teacher, temp, False),
+    }
+    for fn in runs.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {k: [] for k in runs}
+    round_med = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for k, fn in runs.items():
+            start = len(times[k])
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+            round_med[k].append(statistics.median(times[k][start:]))
+    ntok = args.micro_batch_size * args.seq_length
+    print(f"config: student layers {cfg.num_layers} hidden {cfg.hidden_size} experts {args.num_experts} | teacher "
+          f"layers {args.teacher_num_layers or cfg.num_layers} experts {args.teacher_num_experts or args.num_experts} "
+          f"| seq {cfg.seq_length} micro-batch {args.micro_batch_size} vocab {cfg.padded_vocab_size} T {temp} | "
+          f"threads {torch.get_num_threads()} | {args.rounds} rounds x {args.steps} steps, medians")
+    print("| run | median ms | best ms | tokens/s (median) |")
+    print("|---|---|---|---|")
+    for k in runs:
+        med = statistics.median(times[k])
+        print(f"| {k} | {1000 * med:.0f} | {1000 * min(times[k]):.0f} | {ntok / med:.0f} |")
+    s, t = round_med["student step (no KD)"], round_med["teacher forward"]
+    fused, unfused = round_med["KD step (fused, this branch)"], round_med["KD step (unfused, before)"]
+    ratio = statistics.median(f / (a + b) for f, a, b in zip(fused, s, t))
+    print(f"KD step / (student step + teacher forward): {ratio:.3f} (median of per-round ratios; target <= 1.15)")
+    print(f"KD step / student step: {statistics.median(f / a for f, a in zip(fused, s)):.2f}x; "
+          f"unfused KD step / student step: {statistics.median(u / a for u, a in zip(unfused, s)):.2f}x; "
+          f"unfused / fused KD step: {statistics.median(u / f for u, f in zip(unfused, fused)):.2f}x")
+
+
 def main():
     args = parse()
     if args.child is not None:
@@ -123,6 +210,11 @@ def main():
     args.micro_batch_size = args.micro_batch_size or 4
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kd:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), generator=g)
+        labels = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), generator=g)
+        return main_kd(args, tokens, labels)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), generator=g)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.config import ModelConfig
 from megatron.errors import ConfigError
 from megatron.model.attention import KVCache
-from megatron.model.fused_lm_loss import fused_lm_cross_entropy
+from megatron.model.fused_lm_loss import DistillTarget, fused_lm_cross_entropy, fused_lm_kd_loss
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.rope import RotaryEmbedding
 from megatron.model.transformer import TransformerLayer, run_layers
@@ -26,6 +26,8 @@ class ModelOutput(NamedTuple):
     logits: Optional[torch.Tensor]  # [b, s, V] (None when labels were given and logits not requested)
     loss: Optional[torch.Tensor]  # per-token cross entropy [b, s] in fp32 (None without labels)
     moe_stats: List  # one entry per MoE layer (moe.MoEStats), empty for a dense model
+    kd_total: Optional[torch.Tensor] = None  # with a distill_target: alpha·lm + beta·T²·mean KL (scalar, differentiable)
+    kl: Optional[torch.Tensor] = None  # with a distill_target: per-token KL(teacher || student) [b, s], no gradient
 
 
 class GPTModel(torch.nn.Module):
@@ -58,8 +60,13 @@ class GPTModel(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                return_logits: Optional[bool] = None, parallel_output: bool = False) -> ModelOutput:
+                return_logits: Optional[bool] = None, parallel_output: bool = False,
+                distill_target: Optional[DistillTarget] = None) -> ModelOutput:
         """tokens [b, s] int64; labels [b, s] (optional) -> ModelOutput.
+
+        With labels and a distill_target (MoS / KD training) the LM loss and the distillation KL are one fused
+        head loss (megatron/model/fused_lm_loss.py): `kd_total` is the loss to back-propagate, `loss` the per-token
+        cross entropy and `kl` the per-token KL, both without gradient; no logits are returned.
 
         With a kv_cache, positions continue from the cached length and the cache grows by s. With tensor
         parallelism, parallel_output=True returns this rank's vocabulary slice of the logits [b, s, V/tp] instead
@@ -81,6 +88,12 @@ class GPTModel(torch.nn.Module):
         if return_logits is None:
             return_logits = labels is None
         logits = loss = None
+        if distill_target is not None:
+            if labels is None:
+                raise ValueError("a distill_target needs labels (it is a training loss)")
+            x_par = copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
+            total, ce, kl = fused_lm_kd_loss(x_par, self.word_embeddings.weight, labels, distill_target, self.tp_group)
+            return ModelOutput(None, ce, stats, kd_total=total, kl=kl)
         if tp_size(self.tp_group) > 1:
             if not return_logits:  # training: the fused loss over this rank's vocabulary slice
                 x_par = copy_to_tensor_parallel_region(x, self.tp_group)

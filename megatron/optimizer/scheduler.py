@@ -1,10 +1,11 @@
-"""Megatron's learning-rate schedule: linear warmup, then constant/linear/cosine decay to min_lr, counted in
-iterations, samples or consumed tokens (Megatron-DeepSpeed's OptimizerParamScheduler)."""
+"""The learning-rate schedule: Megatron's warmup + constant/linear/cosine decay (counted in iterations, samples or
+consumed tokens, as Megatron-DeepSpeed's OptimizerParamScheduler), and DeepSpeed's LR range test and OneCycle (with
+Adam beta1 cycling), functions of the optimizer steps done."""
 import math
 from typing import Optional
 
 from megatron.config import OptimizerConfig, SchedulerConfig
-from megatron.errors import CheckpointError, ConfigError
+from megatron.errors import CheckpointError
 
 
 class OptimizerParamScheduler:
@@ -16,10 +17,18 @@ class OptimizerParamScheduler:
     --lr-warmup-tokens / --lr-decay-tokens are given, warmup / decay follow `num_tokens`, the tokens consumed
     *before* the update (Megatron reads args.consumed_train_tokens, which the loop advances after the step; under
     a seqlen curriculum these are the truncated tokens). A step skipped for an fp16 overflow advances nothing.
+
+
+    LR range test and one-cycle: `num_steps` = optimizer steps done; `get_lr()` is the LR of the step about to run. DeepSpeed's schedulers count
+    `last_batch_iteration` = steps done - 1 and evaluate their formulas at `last_batch_iteration + 1`, so with
+    k = num_steps our values are theirs after k calls of their step(). One difference: DeepSpeed's OneCycle sets
+    beta1 to cycle_min_mom before the first step (and beta2 to 0.99 throughout); here beta1 follows the formula from
+    step 0 (cycle_max_mom, as every later cycle end) and beta2 stays --adam-beta2.
     """
 
     def __init__(self, optimizer, opt_cfg: OptimizerConfig, cfg: SchedulerConfig):
         self.optimizer = optimizer
+        self.cfg = cfg
         self.max_lr = opt_cfg.lr
         self.min_lr = opt_cfg.min_lr
         self.style = cfg.lr_decay_style
@@ -44,6 +53,10 @@ class OptimizerParamScheduler:
         return self.num_samples if self.sample_based else self.num_steps
 
     def get_lr(self) -> float:
+        if self.style == "lr-range-test":
+            return lr_range_test_lr(self.cfg, self.num_steps)
+        if self.style == "one-cycle":
+            return one_cycle_lr(self.cfg, self.num_steps)
         n = self._progress
         if self.warmup_tokens is None:
             if self.warmup_steps > 0 and n <= self.warmup_steps:
@@ -73,6 +86,12 @@ class OptimizerParamScheduler:
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
+    def get_momentum(self) -> Optional[float]:
+        """Adam's beta1 for the next step under one-cycle with momentum cycling; None when the schedule leaves it."""
+        if self.style == "one-cycle" and self.cfg.cycle_momentum:
+            return one_cycle_momentum(self.cfg, self.num_steps)
+        return None
+
     def step(self, increment: int = 1, samples: int = 0, tokens: Optional[int] = None) -> float:
         """One optimizer update (`increment` 0 only re-applies the LR): `samples` in it, `tokens` consumed before
         it (all ranks). Returns the LR now set."""
@@ -81,8 +100,11 @@ class OptimizerParamScheduler:
         if tokens is not None:
             self.num_tokens = tokens
         lr = self.get_lr()
+        beta1 = self.get_momentum()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+            if beta1 is not None:
+                g["betas"] = (beta1, g["betas"][1])
         return lr
 
     # Schedule values a checkpoint records; on resume they must match the flags unless one of
@@ -120,3 +142,62 @@ class OptimizerParamScheduler:
         self.num_samples = int(sd.get("num_samples", 0))
         self.num_tokens = int(sd.get("num_tokens", 0))
         self.step(0)
+
+
+def lr_range_test_lr(cfg: SchedulerConfig, k: int) -> float:
+    """DeepSpeed LRRangeTest after k steps: min_lr * (1 + step_rate * interval), interval = k / step_size
+    (floored in staircase mode)."""
+    interval = k / cfg.lr_range_test_step_size
+    if cfg.lr_range_test_staircase:
+        interval = math.floor(interval)
+    return cfg.lr_range_test_min_lr * (1 + cfg.lr_range_test_step_rate * interval)
+
+
+def _one_cycle_scale(cfg: SchedulerConfig, k: int) -> float:
+    """DeepSpeed OneCycle's scale factor in [0, 1] at step k <= the cycle length: rises linearly over the first
+    half, falls over the second; with a stair count > 0 it is floored to that many levels per half, computed from
+    the integer step offset (DeepSpeed's rule, so the peak is not lost to float rounding)."""
+    first = float(cfg.cycle_first_step_size)
+    second = float(cfg.cycle_second_step_size if cfg.cycle_second_step_size is not None else first)
+    total = first + second
+    ratio = first / total
+    cycle = math.floor(1 + k / total)
+    x = 1.0 + k / total - cycle
+    if x <= ratio:
+        scale, stairs = x / ratio, cfg.cycle_first_stair_count
+    else:
+        scale = (x - 1) / (ratio - 1)
+        stairs = (cfg.cycle_second_stair_count if cfg.cycle_second_stair_count is not None
+                  else cfg.cycle_first_stair_count)
+    if stairs > 0:
+        pos = k % total
+        position = pos * stairs / first if pos <= first else (total - pos) * stairs / second
+        scale = math.floor(position) / stairs
+    return scale
+
+
+def _cycle_length(cfg: SchedulerConfig) -> int:
+    second = cfg.cycle_second_step_size if cfg.cycle_second_step_size is not None else cfg.cycle_first_step_size
+    return cfg.cycle_first_step_size + second
+
+
+def one_cycle_lr(cfg: SchedulerConfig, k: int) -> float:
+    """DeepSpeed OneCycle's LR after k steps: the cycle up to k = its length, then cycle_min_lr decayed as
+    cycle_min_lr / (1 + decay_lr_rate * (k - length) / decay_step_size) (no decay when either is 0)."""
+    total = _cycle_length(cfg)
+    if k <= total:
+        return cfg.cycle_min_lr + (cfg.cycle_max_lr - cfg.cycle_min_lr) * _one_cycle_scale(cfg, k)
+    if cfg.decay_step_size == 0 or cfg.decay_lr_rate == 0:
+        return cfg.cycle_min_lr
+    return cfg.cycle_min_lr / (1 + cfg.decay_lr_rate * (k - total) / cfg.decay_step_size)
+
+
+def one_cycle_momentum(cfg: SchedulerConfig, k: int) -> float:
+    """DeepSpeed OneCycle's beta1 after k steps: cycle_max_mom - (max - min) * scale over the cycle, then
+    cycle_max_mom * (1 + decay_mom_rate * (k - length) / decay_step_size) (no decay when either is 0)."""
+    total = _cycle_length(cfg)
+    if k <= total:
+        return cfg.cycle_max_mom - (cfg.cycle_max_mom - cfg.cycle_min_mom) * _one_cycle_scale(cfg, k)
+    if cfg.decay_step_size == 0 or cfg.decay_mom_rate == 0:
+        return cfg.cycle_max_mom
+    return cfg.cycle_max_mom * (1 + cfg.decay_mom_rate * (k - total) / cfg.decay_step_size)

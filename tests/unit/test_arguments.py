@@ -15,6 +15,9 @@ with open(_DS_JSON, "w") as _f:
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--train-iters", "100"]
 
+# a valid one-cycle schedule, for the cases whose own flag is one of its two required bounds
+ONE_CYCLE = ["--lr-decay-style", "one-cycle", "--cycle-min-lr", "1e-5", "--cycle-max-lr", "1e-2"]
+
 # flag -> (argv value(s), config field path, expected value). Adding a flag means adding it here on purpose.
 MAPPING = {
     "--num-layers": (["6"], "model.num_layers", 6),
@@ -51,6 +54,22 @@ MAPPING = {
     "--lr": (["0.5"], "optimizer.lr", 0.5),
     "--min-lr": (["1e-5"], "optimizer.min_lr", 1e-5),
     "--lr-decay-style": (["cosine"], "scheduler.lr_decay_style", "cosine"),
+    "--lr-range-test-min-lr": (["1e-5"], "scheduler.lr_range_test_min_lr", 1e-5),
+    "--lr-range-test-step-size": (["50"], "scheduler.lr_range_test_step_size", 50),
+    "--lr-range-test-step-rate": (["4.0"], "scheduler.lr_range_test_step_rate", 4.0),
+    "--lr-range-test-staircase": ([], "scheduler.lr_range_test_staircase", True),
+    "--cycle-min-lr": (["1e-4", *ONE_CYCLE[:2], "--cycle-max-lr", "1e-2"], "scheduler.cycle_min_lr", 1e-4),
+    "--cycle-max-lr": (["2e-3", *ONE_CYCLE[:4]], "scheduler.cycle_max_lr", 2e-3),
+    "--cycle-first-step-size": (["40"], "scheduler.cycle_first_step_size", 40),
+    "--cycle-second-step-size": (["60"], "scheduler.cycle_second_step_size", 60),
+    "--cycle-first-stair-count": (["4"], "scheduler.cycle_first_stair_count", 4),
+    "--cycle-second-stair-count": (["6"], "scheduler.cycle_second_stair_count", 6),
+    "--decay-step-size": (["10"], "scheduler.decay_step_size", 10),
+    "--decay-lr-rate": (["0.5"], "scheduler.decay_lr_rate", 0.5),
+    "--no-cycle-momentum": ([], "scheduler.cycle_momentum", False),
+    "--cycle-min-mom": (["0.85"], "scheduler.cycle_min_mom", 0.85),
+    "--cycle-max-mom": (["0.95"], "scheduler.cycle_max_mom", 0.95),
+    "--decay-mom-rate": (["0.1"], "scheduler.decay_mom_rate", 0.1),
     "--lr-warmup-iters": (["7"], "scheduler.lr_warmup_iters", 7),
     "--lr-warmup-tokens": (["320"], "scheduler.lr_warmup_tokens", 320),  # the LR follows consumed tokens
     "--lr-decay-iters": (["90"], "scheduler.lr_decay_iters", 90),
