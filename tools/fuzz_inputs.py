@@ -225,7 +225,7 @@ def classify(kind, how, path, changed, rc, err, logs, case: Layout, base: Layout
         # every start scans each split's .bin range: an out-of-range id is refused before training, always
         if rc != 2 or len(errors) != 1 or "Traceback" in err:
             return f"{FAIL}: out-of-range token id not refused at start-up (exit {rc}, {len(errors)} error lines)"
-        if not re.fullmatch(rf"error: {re.escape(path)}: holds token id \d+, outside the tokenizer's "
+        if not re.fullmatch(rf"error: {re.escape(path)}: holds token id -?\d+, outside the tokenizer's "
                             rf"{vocab_size} ids .*", errors[0]):
             return f"{FAIL}: out-of-range token id not refused by the start-up check: {errors[0][:300]}"
         return REFUSED
