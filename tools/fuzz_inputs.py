@@ -8,7 +8,9 @@ the GPT-2 vocab.json/merges.txt, run training on each damaged copy and classify 
 
 Cases run in this process through megatron.training.main (a tiny MoE GPT; --subprocess K more as real
 `python pretrain_gpt.py` processes). Every case must end in one of:
-- refused: exit code 2 and ONE `error:` line naming the damaged file, no traceback;
+- refused: exit code 2 and ONE `error:` line naming the damaged file, no traceback; a .bin change that puts a
+  token id outside the vocabulary anywhere in the file must be refused this way by the start-up scan (which reads
+  every split's range at every start), so "trained" is impossible for it;
 - a documented behaviour (docs/design.md §4 "Corrupted inputs"), each checked, not assumed:
   * cache rebuilt: a changed .npy index cache is derived data; rank 0 rebuilds it (a log line naming it), and the
     rebuilt file equals the original;
@@ -196,8 +198,11 @@ def run_subprocess(argv, timeout: float):
 def _bin_tokens_in_range(case: Layout, vocab_size: int) -> bool:
     from megatron.data.indexed_dataset import MMapIndexedDataset
 
+    # The whole file: with --split 90,10,0 and --eval-iters 1 the train and valid splits together cover every
+    # sequence, and both are scanned at start-up.
     ds = MMapIndexedDataset(case.prefix)
-    return int(np.frombuffer(ds._bin, dtype=ds.dtype).max()) < vocab_size
+    tokens = np.frombuffer(ds._bin, dtype=ds.dtype)
+    return int(tokens.min()) >= 0 and int(tokens.max()) < vocab_size
 
 
 def _doc_idx_region(case: Layout):
@@ -216,6 +221,14 @@ def classify(kind, how, path, changed, rc, err, logs, case: Layout, base: Layout
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     if rc in ("hang", "traceback"):
         return f"{FAIL}: {rc}: {err.strip().splitlines()[-1][:200] if err.strip() else ''}"
+    if kind == "bin" and changed is not None and not _bin_tokens_in_range(case, vocab_size):
+        # every start scans each split's .bin range: an out-of-range id is refused before training, always
+        if rc != 2 or len(errors) != 1 or "Traceback" in err:
+            return f"{FAIL}: out-of-range token id not refused at start-up (exit {rc}, {len(errors)} error lines)"
+        if not re.fullmatch(rf"error: {re.escape(path)}: holds token id -?\d+, outside the tokenizer's "
+                            rf"{vocab_size} ids .*", errors[0]):
+            return f"{FAIL}: out-of-range token id not refused by the start-up check: {errors[0][:300]}"
+        return REFUSED
     if rc == 2:
         if len(errors) != 1 or "Traceback" in err:
             return f"{FAIL}: exit 2 with {len(errors)} error lines"
@@ -230,9 +243,8 @@ def classify(kind, how, path, changed, rc, err, logs, case: Layout, base: Layout
         same = sha256(path) == sha256(os.path.join(base.cache, os.path.basename(path)))
         return ("cache rebuilt (log line names it), then trained" if rebuilt and same
                 else f"{FAIL}: cache change neither refused nor rebuilt")
-    if kind == "bin" and changed is not None:
-        return ("trained on changed in-range tokens (undetectable without a data checksum)"
-                if _bin_tokens_in_range(case, vocab_size) else f"{FAIL}: out-of-range token id not caught")
+    if kind == "bin" and changed is not None:  # in range (out-of-range ids were classified above)
+        return "trained on changed in-range tokens (undetectable without a data checksum)"
     if kind == "idx" and changed is not None and all(doc_region[0] <= i < doc_region[1] for i in changed):
         return "trained: doc_idx changed but still rising (GPT training does not read it)"
     if kind in ("sp.model", "vocab.json", "merges.txt"):

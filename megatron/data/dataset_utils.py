@@ -36,7 +36,8 @@ def build_train_valid_test_datasets(
         cache_dir: ``--data-cache-path`` for the index ``.npy`` files (default beside each prefix).
         barrier: callable run by all ranks after rank 0 built the caches (e.g. a torch.distributed barrier).
         rank: global rank; only rank 0 builds caches.
-        vocab_size: the tokenizer's vocabulary size; token ids at or beyond it are a DataError naming the file.
+        vocab_size: the tokenizer's vocabulary size; a token id outside [0, vocab_size) is a DataError naming the
+            file (each split's range scanned at every start, and every sample as it is read).
 
     Returns:
         (train, valid, test): GPTDataset, BlendableDataset, or None where the split is empty or no

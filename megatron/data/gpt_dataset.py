@@ -9,10 +9,12 @@ Three arrays describe this and are cached as ``.npy`` files:
     sample_idx  int64[samples + 1, 2]  (position in doc_idx, token offset) where each sample starts
     shuffle_idx uint32|int64[samples]  the order samples are served in
 
-beside a ``_checks.json`` written last: the xxh3-64 of each ``.npy`` and the largest token id of the split's
-``.bin`` range. A cache file that does not match (changed, truncated, unreadable) is derived data, so rank 0
-rebuilds it, saying so in one log line; a token id beyond the tokenizer's vocabulary is a DataError naming the
-``.bin`` (checked at start-up from the recorded maximum, and again per sample as it is read).
+beside a ``_checks.json`` written last: the xxh3-64 of each ``.npy``. A cache file that does not match (changed,
+truncated, unreadable) is derived data, so rank 0 rebuilds it, saying so in one log line.
+
+No token id outside ``[0, vocab_size)`` reaches the model: every start scans the split's ``.bin`` range (one
+vectorised pass, never cached: a file's size and mtime do not tell whether its bytes changed), and every sample is
+checked again as it is read (train, valid and test, in loader workers too); either is a DataError naming the ``.bin``.
 
 Differences from Megatron-LM's legacy ``gpt_dataset.py``, on purpose: ``doc_idx`` shuffles each epoch
 separately (Megatron shuffles all epochs jointly, so a document can repeat inside one "epoch" of
@@ -25,7 +27,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -172,18 +174,23 @@ def _file_xxh3(path: str) -> str:
     return h.hexdigest()
 
 
-def _max_token_id(indexed: MMapIndexedDataset, documents: np.ndarray) -> int:
-    """The largest token id in the .bin bytes of sequences documents.min() .. documents.max() (a split's range)."""
+def token_id_range(indexed: MMapIndexedDataset, documents: np.ndarray) -> Tuple[int, int]:
+    """(smallest, largest) token id in the .bin bytes of sequences documents.min() .. documents.max() (a split's
+    range); (0, -1) when there are none. One sequential pass over the memory-mapped range, in pieces, never a copy."""
     if not len(documents):
-        return -1
+        return 0, -1
     lo, hi = int(documents.min()), int(documents.max())
     itemsize = np.dtype(indexed.dtype).itemsize
     start, end = int(indexed.pointers[lo]), int(indexed.pointers[hi]) + int(indexed.sizes[hi]) * itemsize
     tokens = np.frombuffer(indexed._bin, dtype=indexed.dtype, count=(end - start) // itemsize, offset=start)
-    best, step = -1, 1 << 24
-    for i in range(0, len(tokens), step):  # in pieces: a large .bin is read once, never copied whole
-        best = max(best, int(tokens[i:i + step].max()))
-    return best
+    signed = np.issubdtype(np.dtype(indexed.dtype), np.signedinteger)
+    smallest, largest, step = 0, -1, 1 << 24
+    for i in range(0, len(tokens), step):
+        piece = tokens[i:i + step]
+        largest = max(largest, int(piece.max()))
+        if signed:  # an unsigned dtype cannot hold a negative id: skip the second pass
+            smallest = min(smallest, int(piece.min()))
+    return smallest, largest
 
 
 class GPTDataset:
@@ -201,7 +208,8 @@ class GPTDataset:
         barrier: optional callable run by every rank between building and loading the cache.
         rank: only rank 0 builds a missing (or rebuilds a corrupted) cache; other ranks wait on ``barrier``, then
             check and load it.
-        vocab_size: the tokenizer's vocabulary size; a token id at or beyond it is a DataError naming the .bin.
+        vocab_size: the tokenizer's vocabulary size; a token id outside [0, vocab_size) in the split's .bin range is a
+            DataError naming the .bin, at every start (a fresh scan) and for every sample read.
 
     ``ds[i]`` returns ``{"text": int64[seq_length + 1]}``.
     """
@@ -253,7 +261,7 @@ class GPTDataset:
         if problem is not None:  # rank 0 checked (and rebuilt) it before the barrier: it changed since
             raise DataError(f"{name}: {problem}; delete it to have it rebuilt")
         self._load_cache()
-        self._check_vocabulary()
+        self._check_vocabulary(documents)
         logger.info("%s: %d samples (%d documents, %d doc_idx entries) from %s", name, len(self), len(documents), len(self.doc_idx), indexed_dataset.prefix)
 
     def _load_cache(self) -> None:
@@ -265,14 +273,12 @@ class GPTDataset:
                                 f"rebuilt") from None
 
     def _cache_problem(self) -> Optional[str]:
-        """None when the three .npy files match the xxh3-64 recorded in _checks.json (and the .bin still has the
-        size and mtime whose largest token id it records); else what is wrong, naming the file."""
+        """None when the three .npy files match the xxh3-64 recorded in _checks.json; else what is wrong, naming the
+        file."""
         try:
             with open(self.checks_path, "rb") as f:
                 checks = json.loads(f.read().decode("utf-8"))
-            recorded = {k: checks[k] for k in self.cache_paths}
-            bin_stat = checks["bin"]
-            int(checks["max_token_id"])
+            recorded = {k: str(checks[k]) for k in self.cache_paths}
         except FileNotFoundError:
             return f"{self.checks_path} is missing"
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -280,17 +286,21 @@ class GPTDataset:
         for k, path in self.cache_paths.items():
             if _file_xxh3(path) != recorded[k]:
                 return f"index cache {path} does not match its checksum (changed or truncated)"
-        st = os.stat(data_file_path(self.indexed_dataset.prefix))
-        if bin_stat != [st.st_size, st.st_mtime_ns]:
-            return f"{data_file_path(self.indexed_dataset.prefix)} changed since its token ids were checked"
-        self.max_token_id = int(checks["max_token_id"])
         return None
 
-    def _check_vocabulary(self) -> None:
-        if self.vocab_size is not None and self.max_token_id >= self.vocab_size:
-            raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: holds token id {self.max_token_id}, "
-                            f"beyond the tokenizer's {self.vocab_size} ids; the data was tokenized with another "
-                            f"tokenizer, or the file (or the tokenizer file) is corrupted")
+    def _check_vocabulary(self, documents: np.ndarray) -> None:
+        """Scans the split's .bin range now, on every rank and at every start (nothing cached: a .bin rewritten in
+        place can keep its size and mtime, and bit rot changes neither), so that all ranks refuse the same data."""
+        if self.vocab_size is None:
+            return
+        t0 = time.time()
+        smallest, largest = token_id_range(self.indexed_dataset, documents)
+        bad = smallest if smallest < 0 else largest if largest >= self.vocab_size else None
+        if bad is not None:
+            raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: holds token id {bad}, outside the "
+                            f"tokenizer's {self.vocab_size} ids (0..{self.vocab_size - 1}); the data was tokenized "
+                            f"with another tokenizer, or the file (or the tokenizer file) is corrupted")
+        logger.debug("%s: token ids checked in %.3f s", self.name, time.time() - t0)
 
     # Pickle without the memory-mapped arrays (DataLoader workers under spawn); they are reopened.
     def __getstate__(self):
@@ -309,10 +319,7 @@ class GPTDataset:
         arrays = build_index_mappings(self.indexed_dataset.sizes, documents, num_samples, self.seq_length, seed)
         for k, path in paths.items():
             _save_atomic(path, arrays[k])
-        st = os.stat(data_file_path(self.indexed_dataset.prefix))
-        self.max_token_id = _max_token_id(self.indexed_dataset, documents)
         checks = {k: _file_xxh3(path) for k, path in paths.items()}
-        checks.update(bin=[st.st_size, st.st_mtime_ns], max_token_id=self.max_token_id)
         tmp = f"{self.checks_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(checks, f)
@@ -335,10 +342,13 @@ class GPTDataset:
             parts.extend(get(int(self.doc_idx[i])) for i in range(doc_f + 1, doc_l))
             parts.append(get(int(self.doc_idx[doc_l]), length=off_l + 1))
             sample = np.concatenate(parts)
-        if self.vocab_size is not None and len(sample) and int(sample.max()) >= self.vocab_size:
-            raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: sample {idx} holds token id "
-                            f"{int(sample.max())}, beyond the tokenizer's {self.vocab_size} ids; the file is corrupted "
-                            f"or was tokenized with another tokenizer")
+        if self.vocab_size is not None and len(sample):  # every sample read: no out-of-range id reaches the model
+            smallest, largest = int(sample.min()), int(sample.max())
+            if smallest < 0 or largest >= self.vocab_size:
+                raise DataError(f"{data_file_path(self.indexed_dataset.prefix)}: sample {idx} holds token id "
+                                f"{smallest if smallest < 0 else largest}, outside the tokenizer's {self.vocab_size} "
+                                f"ids (0..{self.vocab_size - 1}); the file is corrupted (changed since start-up) or "
+                                f"was tokenized with another tokenizer")
         return {"text": np.asarray(sample, dtype=np.int64)}
 
 

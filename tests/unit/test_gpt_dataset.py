@@ -301,7 +301,7 @@ def test_corrupted_cache_file_is_rebuilt_with_a_log_line(tiny_corpus, tmp_path, 
         b = GPTDataset("train", indexed, docs, 50, 16, 3, cache_dir=str(tmp_path / "c"), vocab_size=128)
     said = [m for m in caplog.messages if path in m and "rebuilding the index cache" in m]
     assert b.built_cache and len(said) == 1 and open(path, "rb").read() == original
-    with pytest.raises(DataError, match=r"corpus_text_document.bin: holds token id \d+, beyond the tokenizer's 10 ids"):
+    with pytest.raises(DataError, match=r"document.bin: holds token id \d+, outside the tokenizer's 10 ids"):
         GPTDataset("train", indexed, docs, 50, 16, 3, cache_dir=str(tmp_path / "c"), vocab_size=10)
 
 
@@ -318,5 +318,80 @@ def test_data_error_in_a_loader_worker_is_one_line(tiny_corpus, tmp_path):
     it = user_errors_unwrapped(build_pretraining_data_loader(ds, 0, 2, 0, 1, num_workers=1))
     with pytest.raises(DataError) as e:
         next(it)
-    assert "\n" not in str(e.value) and re.match(r".*corpus_text_document.bin: sample \d+ holds token id \d+, beyond "
+    assert "\n" not in str(e.value) and re.match(r".*corpus_text_document.bin: sample \d+ holds token id \d+, outside "
                                                  r"the tokenizer's 5 ids", str(e.value)), str(e.value)
+
+
+def _flip_in_place_keeping_size_and_mtime(path, position, value, dtype):
+    """Writes token `value` at token `position` of `path` in place and puts the old mtime back (as bit rot, or a
+    rewrite within one kernel timestamp tick, leaves it)."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(position * np.dtype(dtype).itemsize)
+        f.write(np.array([value], dtype=dtype).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_out_of_range_token_refused_at_start_even_with_size_and_mtime_unchanged(tmp_path, split):
+    """The start-up check scans the split's .bin range at every start: a token id changed in place to one outside
+    the vocabulary is refused although the .bin keeps its size and mtime and the index cache is intact (reused, not
+    rebuilt); a change in the other split's range is that split's problem, not this one's."""
+    from megatron.data.indexed_dataset import MMapIndexedDataset, data_file_path
+    from megatron.errors import DataError
+
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, n_docs=12)
+    indexed = MMapIndexedDataset(prefix)
+    vocab = int(np.frombuffer(indexed._bin, dtype=indexed.dtype).max()) + 1  # every id in range, the largest used
+    docs = {"train": np.arange(0, 8), "valid": np.arange(8, 12)}
+    made = {k: GPTDataset(k, indexed, d, 4, 8, 3, cache_dir=str(tmp_path / "c"), vocab_size=vocab)
+            for k, d in docs.items()}
+    assert all(ds.built_cache for ds in made.values())
+    other = "valid" if split == "train" else "train"
+    last_doc = int(docs[split][-1])
+    position = int(indexed.pointers[last_doc]) // np.dtype(indexed.dtype).itemsize + int(indexed.sizes[last_doc]) - 1
+    del indexed, made
+    dtype = np.dtype(MMapIndexedDataset(prefix).dtype)
+    _flip_in_place_keeping_size_and_mtime(data_file_path(prefix), position, vocab, dtype)
+    indexed = MMapIndexedDataset(prefix)
+    with pytest.raises(DataError, match=rf"d.bin: holds token id {vocab}, outside the tokenizer's {vocab} ids"):
+        GPTDataset(split, indexed, docs[split], 4, 8, 3, cache_dir=str(tmp_path / "c"), vocab_size=vocab)
+    ok = GPTDataset(other, indexed, docs[other], 4, 8, 3, cache_dir=str(tmp_path / "c"), vocab_size=vocab)
+    assert not ok.built_cache
+
+
+def test_negative_token_id_refused_at_start_and_per_sample(tmp_path):
+    """With a signed dtype (int32 data) a negative id is out of range too: refused at start-up and per sample."""
+    from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, data_file_path
+    from megatron.errors import DataError
+
+    prefix = str(tmp_path / "s")
+    b = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    rng = np.random.RandomState(0)
+    for _ in range(6):
+        b.add_item(rng.randint(0, 50, size=20))
+        b.end_document()
+    b.finalize(prefix + ".idx")
+    ds = GPTDataset("train", MMapIndexedDataset(prefix), np.arange(6), 4, 8, 3, cache_dir=str(tmp_path / "c"),
+                    vocab_size=50)
+    original = int(np.frombuffer(ds.indexed_dataset._bin, dtype=np.int32, count=1)[0])
+    del ds
+    _flip_in_place_keeping_size_and_mtime(data_file_path(prefix), 0, -7, np.int32)
+    with pytest.raises(DataError, match=r"s.bin: holds token id -7, outside the tokenizer's 50 ids"):
+        GPTDataset("train", MMapIndexedDataset(prefix), np.arange(6), 4, 8, 3, cache_dir=str(tmp_path / "c"),
+                   vocab_size=50)
+    # changed after start-up (the dataset built from good data): the per-sample check stops the samples holding it
+    _flip_in_place_keeping_size_and_mtime(data_file_path(prefix), 0, original, np.int32)
+    ds = GPTDataset("train", MMapIndexedDataset(prefix), np.arange(6), 4, 8, 3, cache_dir=str(tmp_path / "c"),
+                    vocab_size=50)
+    _flip_in_place_keeping_size_and_mtime(data_file_path(prefix), 0, -7, np.int32)
+    refused = []
+    for i in range(len(ds)):  # every token is in some sample of each epoch
+        try:
+            ds[i]
+        except DataError as e:
+            refused.append(str(e))
+    assert refused and all(re.match(r".*s.bin: sample \d+ holds token id -7, outside the tokenizer's 50 ids", m)
+                           for m in refused), refused
