@@ -264,6 +264,38 @@ class MoE(nn.Module):
         self.moe = MoELayer(hidden_size, ffn_hidden_size or 4 * hidden_size, num_experts, cfg,
                             ep_group=ep_group, expert=expert)
 
+    def load_deepspeed_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        """Loads a deepspeed.moe.layer.MoE state_dict (this rank's): gate.wg -> router, deepspeed_experts.{i} ->
+        local expert i (into the stacked weights when built-in: the DeepSpeed expert must then be an MLP whose
+        parameters are, in order, [F, D] and [F] then [D, F] and [D]), mlp/coefficient -> the residual branch."""
+        own: Dict[str, torch.Tensor] = {"moe.router.weight": sd["deepspeed_moe.gate.wg.weight"]}
+        prefix = "deepspeed_moe.experts.deepspeed_experts."
+        stacked = isinstance(self.moe.experts, GroupedMLPExperts)
+        per_expert: Dict[int, list] = {}
+        for key, value in sd.items():
+            if key.startswith(prefix):
+                i, rest = key[len(prefix):].split(".", 1)
+                if stacked:
+                    per_expert.setdefault(int(i), []).append(value)
+                else:
+                    own[f"moe.experts.experts.{i}.{rest}"] = value
+            elif key.startswith("coefficient."):
+                own[f"moe.residual.{key}"] = value
+        mlp_sd = [v for k, v in sd.items() if k.startswith("mlp.")]
+        if mlp_sd:  # the residual branch, parameter by parameter in order (DeepSpeed's is the user `expert`)
+            names = list(self.moe.residual.mlp.state_dict())
+            if [tuple(v.shape) for v in mlp_sd] != [tuple(v.shape) for v in self.moe.residual.mlp.state_dict().values()]:
+                raise ValueError("DeepSpeed's residual MLP does not match this MoE's; build it with the same `expert`")
+            own.update({f"moe.residual.mlp.{n}": v for n, v in zip(names, mlp_sd)})
+        for i, tensors in per_expert.items():
+            if [tuple(t.shape) for t in tensors] != [tuple(p[i].shape) for p in (
+                    self.moe.experts.w1_eFD, self.moe.experts.b1_eF, self.moe.experts.w2_eDF, self.moe.experts.b2_eD)]:
+                raise ValueError(f"DeepSpeed expert {i} is not a D -> F -> D MLP with biases; build this MoE with "
+                                 f"the same `expert` module instead")
+            for name, t in zip(("w1_eFD", "b1_eF", "w2_eDF", "b2_eD"), tensors):
+                own.setdefault(f"moe.experts.{name}", getattr(self.moe.experts, name).detach().clone())[i] = t
+        self.load_state_dict(own, strict=True)
+
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """DeepSpeed's hook for building its expert groups; a no-op here (the groups exist from construction)."""
 

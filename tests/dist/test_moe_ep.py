@@ -13,6 +13,7 @@ def _build(cfg, ep_group, seed=0):
     """Full single-process reference layer and this rank's EP layer holding experts [r*e, (r+1)*e)."""
     torch.manual_seed(seed)
     E = cfg["num_experts"]
+    cfg = {"second_expert_sampling": False, **cfg}  # no random 2nd-expert draws: EP and reference draw differently
     ref = MoELayer(D, FF, E, MoEConfig(**{**cfg, "ep_size": 1})).double()
     with torch.no_grad():
         for p in (ref.experts.b1_eF, ref.experts.b2_eD):
@@ -203,7 +204,7 @@ def test_ep2_training_equals_single_process(tiny_corpus, tmp_path):
 
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
                            "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2", "--topk", "2",
-                           "--disable-moe-token-dropping")
+                           "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling")
     ref = pretrain(argv)
     ranks = run_distributed(_pretrain_weights, 2, argv + ["--moe-expert-parallel-size", "2"])
     for r in ranks:

@@ -445,3 +445,55 @@ def test_cpu_fast_paths_one_switch_probe_and_module_buffers():
     assert meta.device.type == "meta" and "k" not in r._cache
     layer = make_layer(4, 2, drop_tokens=False)
     assert list(layer.experts.buffers()) == []
+
+
+def test_one_expert_equals_the_models_parallel_mlp():
+    """One expert with the weights of the model's own dense MLP (megatron.model.mlp.ParallelMLP, the module the GPT
+    model builds) computes the same function, for each activation; fp64, equal to summation order."""
+    from megatron.model.mlp import ParallelMLP
+
+    for activation in ("gelu_tanh", "gelu"):
+        torch.manual_seed(0)
+        dense = ParallelMLP(D, FF, nn.init.normal_, nn.init.normal_, activation=activation).double()
+        with torch.no_grad():
+            dense.dense_h_to_4h.bias.normal_(), dense.dense_4h_to_h.bias.normal_()
+        layer = MoELayer(D, FF, 1, MoEConfig(num_experts=1), activation=activation).double()
+        with torch.no_grad():
+            layer.experts.w1_eFD[0].copy_(dense.dense_h_to_4h.weight), layer.experts.b1_eF[0].copy_(dense.dense_h_to_4h.bias)
+            layer.experts.w2_eDF[0].copy_(dense.dense_4h_to_h.weight), layer.experts.b2_eD[0].copy_(dense.dense_4h_to_h.bias)
+        x = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+        y_moe = layer(x)[0]
+        y_dense = dense(x)[0]
+        torch.testing.assert_close(y_moe, y_dense, rtol=1e-13, atol=1e-14)  # GEMM summation order only
+        with torch.no_grad():  # the inference path (per-expert GEMMs) too
+            torch.testing.assert_close(layer(x)[0], y_dense, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_path_equals_loop(device, dtype, monkeypatch):
+    """The torch._grouped_mm seam (forced on where it runs: torch 2.13 has a CPU kernel too) computes the per-expert
+    loop's outputs and gradients, empty experts included. fp32: summation order only; bf16: bf16 rounding."""
+    import moe.experts as ex
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    e, Dm, Fm, counts = 4, 16, 32, (5, 0, 9, 3)
+    w = [torch.randn(e, Fm, Dm), torch.randn(e, Fm), torch.randn(e, Dm, Fm), torch.randn(e, Dm)]
+    x = torch.randn(sum(counts), Dm)
+    dy = torch.randn(sum(counts), Dm)
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setattr(ex, "GROUPED_MM", mode)
+        args = [t.to(device, dtype).requires_grad_(True) for t in [x] + w]
+        y = ex.grouped_mlp(args[0], counts, *args[1:])
+        (y.float() * dy.to(device)).sum().backward()
+        results[mode] = [y.detach().float().cpu()] + [a.grad.float().cpu() for a in args]
+    monkeypatch.setattr(ex, "GROUPED_MM", "on")
+    assert ex._grouped_mm_ok(x.to(device, dtype), w[0].to(device, dtype))  # the grouped kernel really ran
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)
+    for got, want in zip(results["on"], results["off"]):
+        torch.testing.assert_close(got, want, **tol)
