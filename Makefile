@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= $(shell if [ -d ../shared/data ]; then echo ../shared/data; else echo ./data; fi)
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.setup-stamp
-SETUP_INPUTS := requirements.txt pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+SETUP_INPUTS := requirements.txt requirements-test.txt pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
 .PHONY: setup test test-all demo libaio clean
 
@@ -33,6 +33,7 @@ $(STAMP): $(SETUP_INPUTS)
 	@$(PIP) install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PIP) install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	@DS_BUILD_OPS=0 $(PIP) install -q -r requirements-test.txt "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
 	@PYTHONWARNINGS=ignore $(PIP) install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch, numpy, datasets, sentencepiece, megatron, moe" 
 	@touch $@

@@ -194,3 +194,22 @@ def test_residual_pyramid_checkpoint_round_trip(tiny_corpus, tmp_path):
         assert torch.equal(v, loaded[k]), k
     with pytest.raises(CheckpointError, match="--mlp-type mismatch"):
         pretrain(_argv(tiny_corpus, tmp_path, "--num-experts", "2", "4", "--load", save))
+
+
+def test_checkpoint_with_old_residual_names_loads():
+    """Checkpoints written before the one MLP class named the Residual-MoE branch's linears fc1/fc2: load_model_state
+    renames them, and the loaded branch holds those weights."""
+    from megatron.checkpointing import load_model_state
+    from megatron.config import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=16, seq_length=8,
+                      max_position_embeddings=8, padded_vocab_size=32)
+    moe_cfg = MoEConfig(num_experts=2, expert_interval=2, mlp_type="residual")
+    torch.manual_seed(0)
+    src, dst = GPTModel(cfg, moe_cfg), GPTModel(cfg, moe_cfg)
+    old = {k.replace("residual.mlp.dense_h_to_4h.", "residual.mlp.fc1.").replace("residual.mlp.dense_4h_to_h.",
+                                                                                  "residual.mlp.fc2."): v
+           for k, v in src.state_dict().items() if ".experts." not in k}
+    assert any(".residual.mlp.fc1." in k for k in old)
+    load_model_state(dst, {"model": old}, "old_ckpt", load_experts=False)
+    assert torch.equal(dst.layers[1].mlp.residual.mlp.dense_h_to_4h.weight, src.layers[1].mlp.residual.mlp.dense_h_to_4h.weight)
