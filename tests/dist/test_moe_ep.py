@@ -126,8 +126,11 @@ CASES = [  # (cfg, tokens per rank, aux coeff)
     (dict(num_experts=2, topk=1, train_capacity_factor=1.0, min_capacity=1, use_rts=False), (11, 11), 0.1),
 ]
 FULL_BATCH, DEEPSPEED_STYLE = len(CASES), len(CASES) + 1
-# float64 end to end: differences are summation order only, so 1e-10 is loose.
+# float64 end to end: differences are summation order only, so 1e-10 is loose. The router runs in fp32 whatever the
+# layer's dtype (as DeepSpeed's gate), so its weight gradient, summed over another split of the tokens, agrees to
+# fp32 rounding: 1e-6.
 TOL = 1e-10
+ROUTER_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ def ep_results():
 def _check(per_rank_errs):
     for rank, errs in enumerate(per_rank_errs):
         for name, err in errs.items():
-            assert err <= TOL, f"rank {rank}: {name} differs by {err}"
+            assert err <= (ROUTER_TOL if name == "router_grad" else TOL), f"rank {rank}: {name} differs by {err}"
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["top1-dropless", "top2-dropless-uneven-T",

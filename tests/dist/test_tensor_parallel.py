@@ -205,9 +205,10 @@ def test_tp2_dp2_ep2_training_equals_single_process(tiny_corpus, tmp_path):
     one process (checks the group layout: TP pairs {0,1},{2,3}; DP/EP pairs {0,2},{1,3})."""
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
                            "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2",
-                           "--topk", "2", "--clip-grad", "0.05", "--disable-moe-token-dropping")
-    # dropless: with capacity dropping, random token selection draws from each rank's generator, so DP ranks
-    # drop differently from one process running the same micro-batches one after another
+                           "--topk", "2", "--clip-grad", "0.05", "--disable-moe-token-dropping",
+                           "--disable-moe-top2-2nd-expert-sampling")
+    # dropless and no 2nd-expert sampling: random token selection and Gumbel sampling draw from each rank's
+    # generator, so DP ranks would route differently from one process running the same micro-batches in turn
     ref = pretrain(argv)
     ranks = run_distributed(_train, 4, argv + ["--tensor-model-parallel-size", "2",
                                                 "--moe-expert-parallel-size", "2"])
