@@ -28,7 +28,9 @@ def _cfg(rope: bool) -> ModelConfig:
 
 
 def _moe_cfg(moe: bool):
-    return MoEConfig(num_experts=(4,), expert_interval=2, topk=2, drop_tokens=False) if moe else None
+    # no random 2nd-expert sampling: each forward would draw other Gumbel noise (DeepSpeed samples in eval too)
+    return (MoEConfig(num_experts=(4,), expert_interval=2, topk=2, drop_tokens=False, second_expert_sampling=False)
+            if moe else None)
 
 
 def _grads(model) -> dict:
@@ -166,7 +168,8 @@ def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, t
     from tools.checkpoint_tp import main as convert_main
 
     base = tiny_train_argv(tiny_corpus, tmp_path, "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
-                           "--num-experts", "4", "--expert-interval", "2", "--train-iters", "6")
+                           "--num-experts", "4", "--expert-interval", "2", "--train-iters", "6", "--no-moe-use-rts")
+    # (no RTS: DeepSpeed's top-1 RTS also draws in eval, so two inference loads below would drop differently)
     straight = run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2"])
     save = str(tmp_path / "tp2")
     run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2", "--exit-interval", "3", "--save", save,
