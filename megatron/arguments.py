@@ -51,6 +51,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="MLP and expert activation: exact (erf) GELU instead of the fused bias-GeLU's tanh "
+                        "approximation (as Megatron without the fusion)")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="tanh-approximate GELU even with --no-bias-gelu-fusion (Megatron's openai_gelu)")
 
 
 def add_moe_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +74,11 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-noisy-gate-policy", type=_none_or_str, default=None, choices=[None, "Jitter", "RSample"])
     g.add_argument("--moe-use-rts", dest="moe_use_rts", action="store_true", default=True)
     g.add_argument("--no-moe-use-rts", dest="moe_use_rts", action="store_false")
+    g.add_argument("--moe-token-drop-policy", choices=["position", "probs", "any"], default=None,
+                   help="which routed tokens an over-full expert keeps; default: DeepSpeed's for --topk (any for "
+                        "1, position for 2, probs above)")
+    g.add_argument("--disable-moe-top2-2nd-expert-sampling", dest="moe_top2_2nd_expert_sampling",
+                   action="store_false", help="top-2: take the 2nd expert by argmax instead of Gumbel sampling")
     g.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
 
 
@@ -478,6 +488,7 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        activation="gelu_tanh" if args.bias_gelu_fusion or args.openai_gelu else "gelu",
     )
 
 
@@ -511,6 +522,8 @@ def moe_config_from_args(args):
         noisy_gate_policy=args.moe_noisy_gate_policy,
         use_rts=args.moe_use_rts,
         mlp_type=args.mlp_type,
+        drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
+        second_expert_sampling=args.moe_top2_2nd_expert_sampling,
     )
 
 

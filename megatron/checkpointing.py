@@ -587,13 +587,25 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _renamed_legacy_keys(sd: dict) -> dict:
+    """Checkpoints written before issue 14 name the Residual-MoE branch's linears fc1/fc2; the one MLP class
+    (moe.experts.MLP) names them as the dense MLP does."""
+    legacy = {".residual.mlp.fc1.": ".residual.mlp.dense_h_to_4h.", ".residual.mlp.fc2.": ".residual.mlp.dense_4h_to_h."}
+    out = {}
+    for k, v in sd.items():
+        for old, new in legacy.items():
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
 def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, load_experts: bool = True,
                      experts: Optional[dict] = None) -> None:
     """Loads dense weights, then (unless `load_experts` is False: experts offloaded to an expert store) each local
     expert's slice from its per-expert file (or from `experts`, read_expert_files' result, when given)."""
     is_expert = is_expert_param_name(model)
     own = model.state_dict()
-    dense_sd = payload["model"]
+    dense_sd = _renamed_legacy_keys(payload["model"])
     for k, v in dense_sd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{ckpt_dir}: parameter {k} has shape {tuple(v.shape)} in the checkpoint but "
@@ -798,6 +810,11 @@ def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, grou
     if saved.get("moe") or cfg.moe:
         check_config_match(saved.get("moe") or {"num_experts": [1]},
                            dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
+    if saved.get("moe") and cfg.moe and "drop_policy" not in saved["moe"]:
+        log.warning("%s was trained before the routing choices were recorded (exact-GELU experts, probability "
+                       "drop priority, gates renormalised before dropping, RTS in training only: "
+                       "moe.config.LEGACY_ROUTING); training resumes with the flags' routing (DeepSpeed's) and "
+                       "activation", ckpt_dir)
     load_model_state(model, payload, ckpt_dir, experts=experts)
     if ck.finetune:
         return None

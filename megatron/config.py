@@ -30,6 +30,7 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0  # RoPE theta
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
+    activation: str = "gelu_tanh"  # MLP (and expert) activation: 'gelu_tanh' (Megatron's fused bias-GeLU) or 'gelu'
     recompute_granularity: Optional[str] = None  # activation recomputation: None | "full" | "selective"
     recompute_method: Optional[str] = None  # full recompute: "uniform" | "block"
     recompute_num_layers: Optional[int] = None  # layers per recomputed chunk (uniform) or recomputed (block)
@@ -55,6 +56,8 @@ class ModelConfig:
             (self.position_embedding_type != "rope" or (self.hidden_size // max(self.num_attention_heads, 1)) % 2 == 0,
              f"--position-embedding-type rope needs an even head dim (got {self.hidden_size} / "
              f"{self.num_attention_heads} = {self.hidden_size // max(self.num_attention_heads, 1)})"),
+            (self.activation in ("gelu_tanh", "gelu"),
+             f"ModelConfig.activation ({self.activation!r}) must be 'gelu_tanh' or 'gelu' (--no-bias-gelu-fusion)"),
         ]
         for ok, msg in checks:
             if not ok:

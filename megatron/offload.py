@@ -154,7 +154,7 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
         if isinstance(block.mlp, MoELayer):
             layer = block.mlp
             layer.experts = OffloadedExperts(cache, layer.layer_index, layer.num_experts, mcfg.hidden_size,
-                                             mcfg.ffn_hidden_size)
+                                             mcfg.ffn_hidden_size, activation=layer.experts.activation)
             moe_blocks.append((idx, layer.layer_index))
     model.to_empty(device=device)
     for mod in model.modules():

@@ -7,6 +7,23 @@ from typing import Optional, Tuple, Union
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 MLP_TYPES = ("standard", "residual")
+DROP_POLICIES = ("position", "probs", "any")
+RENORMALIZE = ("after_drop", "before_drop")
+RTS_SCOPES = ("top1", "train")
+AUX_LOSS_CHOICES = ("first", "all")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+# What a checkpoint written before these fields existed (issue 14) was trained with; MoEConfig.from_recorded fills
+# them in so an old checkpoint keeps its routing and expert function.
+LEGACY_ROUTING = {"drop_policy": "probs", "renormalize": "before_drop", "second_expert_sampling": False,
+                  "rts_scope": "train", "aux_loss_choices": "first", "expert_activation": "gelu"}
+
+
+def deepspeed_drop_policy(topk: int) -> str:
+    """DeepSpeed's drop order for top-k: top1gating keeps what torch.topk returns over equal scores ('any'),
+    top2gating keeps every first choice before any second choice in token order ('position'), topkgating keeps
+    the highest router probabilities ('probs')."""
+    return "any" if topk == 1 else ("position" if topk == 2 else "probs")
 
 
 @dataclass(frozen=True)
@@ -24,8 +41,21 @@ class MoEConfig:
     drop_tokens: bool = True  # False = dropless: every routed token is computed, no capacity
     z_loss_coeff: float = 0.0  # weight of the router z-loss (ST-MoE); 0 disables it
     noisy_gate_policy: Optional[str] = None  # router noise in training: 'Jitter', 'RSample' or None
-    use_rts: bool = True  # random token selection: random (not probability) priority when dropping
+    use_rts: bool = True  # random token selection: uniform random drop priority (where rts_scope applies)
     mlp_type: str = "standard"  # 'standard' MoE or 'residual' (Residual-MoE: dense MLP beside the MoE)
+    # --- routing choices; the defaults are DeepSpeed's (deepspeed/moe/sharded_moe.py) ---
+    drop_policy: Optional[str] = None  # which pairs an over-full expert keeps: 'position' (every first choice
+    #   before any second, then token order), 'probs' (highest router probability), 'any' (torch.topk over equal
+    #   scores, DeepSpeed top-1 without RTS); None = DeepSpeed's choice for topk (deepspeed_drop_policy)
+    renormalize: str = "after_drop"  # k >= 2 gates: divided by the sum over the KEPT choices ('after_drop',
+    #   DeepSpeed: a token whose 2nd choice was dropped gets weight 1.0) or over all k ('before_drop')
+    second_expert_sampling: bool = True  # top-2: 2nd expert = argmax(logits + Gumbel noise), training and eval
+    rts_scope: str = "top1"  # where use_rts applies: 'top1' (top-1 routers, training and eval: DeepSpeed) or
+    #   'train' (any k, training only)
+    aux_loss_choices: Optional[str] = None  # the load fraction in the aux loss counts 'first' choices or 'all'
+    #   k (divided by k); None = DeepSpeed's ('first' for k <= 2, 'all' for k > 2)
+    expert_activation: Optional[str] = None  # built-in experts' activation: 'gelu_tanh' or 'gelu' (exact erf);
+    #   None = the dense MLP's (ModelConfig.activation; 'gelu_tanh' in moe.MoE)
 
     def __post_init__(self):
         num_experts = _as_tuple(self.num_experts)
@@ -59,9 +89,22 @@ class MoEConfig:
             raise ValueError(f"--moe-eval-capacity-factor ({self.eval_capacity_factor}) must be > 0")
         if self.min_capacity < 0:
             raise ValueError(f"--moe-min-capacity ({self.min_capacity}) must be >= 0")
+        if self.noisy_gate_policy == "None":  # DeepSpeed accepts the string 'None' for no noise
+            object.__setattr__(self, "noisy_gate_policy", None)
         if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
             raise ValueError(f"--moe-noisy-gate-policy ({self.noisy_gate_policy!r}) must be one of "
                              f"'Jitter', 'RSample' or None")
+        if self.drop_policy is None:
+            object.__setattr__(self, "drop_policy", deepspeed_drop_policy(self.topk))
+        if self.aux_loss_choices is None:
+            object.__setattr__(self, "aux_loss_choices", "first" if self.topk <= 2 else "all")
+        for flag, value, allowed in (("--moe-token-drop-policy", self.drop_policy, DROP_POLICIES),
+                                     ("MoEConfig.renormalize", self.renormalize, RENORMALIZE),
+                                     ("MoEConfig.rts_scope", self.rts_scope, RTS_SCOPES),
+                                     ("MoEConfig.aux_loss_choices", self.aux_loss_choices, AUX_LOSS_CHOICES),
+                                     ("MoEConfig.expert_activation", self.expert_activation, ACTIVATIONS + (None,))):
+            if value not in allowed:
+                raise ValueError(f"{flag} ({value!r}) must be one of {allowed}")
         if self.mlp_type not in MLP_TYPES:
             raise ValueError(f"--mlp-type ({self.mlp_type!r}) must be one of {MLP_TYPES}")
         if self.loss_coeff < 0:
@@ -72,9 +115,12 @@ class MoEConfig:
     @classmethod
     def from_recorded(cls, recorded: dict, **overrides) -> "MoEConfig":
         """The config a checkpoint recorded (dataclasses.asdict, lists where JSON made them), with `overrides`
-        applied; fields this version does not know are ignored (older/newer checkpoints still load)."""
+        applied; fields this version does not know are ignored (older/newer checkpoints still load). A checkpoint
+        recorded before the routing choices existed gets LEGACY_ROUTING, the behaviour it was trained with."""
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known}
+        if "drop_policy" not in recorded:
+            fields.update({k: v for k, v in LEGACY_ROUTING.items() if k not in recorded})
         fields.update(overrides)
         return cls(**fields)
 

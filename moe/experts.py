@@ -1,5 +1,5 @@
-"""The experts of one rank: stacked GELU MLPs computed by one grouped-GEMM autograd Function, or copies
-of a user expert module; plus the expert-parallel parameter tags.
+"""The experts of one rank: stacked MLPs computed by one grouped-GEMM autograd Function, or copies of a user
+expert module; the one dense MLP (`MLP`) and activation they share with the model; the expert-parallel tags.
 
 Shape legend: N rows (tokens grouped by local expert, expert i owns rows [off_i, off_i + n_i)),
 D hidden, F ffn hidden, e local experts.
@@ -13,6 +13,7 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -211,42 +212,90 @@ def _balanced_pieces(a_list, b_list, c_list, trans_a: bool):
     return pa, pb, pc
 
 
+# GELU variants by name (MoEConfig / ModelConfig `activation`) -> aten's `approximate` argument. 'gelu_tanh' is
+# Megatron's default (its fused bias-GeLU is the tanh approximation); 'gelu' is the exact erf form.
+_APPROXIMATE = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
+def activation_fn(name: str):
+    """The activation called `name` as a function of one tensor (the dense MLP and every expert use it)."""
+    approximate = _APPROXIMATE[name]
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+# The expert GEMM seam (torchtitan's `_grouped_mm` shape): 'auto' runs torch._grouped_mm (one kernel for all
+# experts) on CUDA where it exists and the operands fit its rules, else `batched_mm` (the MKL batch call on CPU,
+# a loop of torch.mm elsewhere); 'on' forces the grouped kernel wherever it runs (torch 2.13 also has a CPU
+# implementation, slower than MKL's batch call here, used by the tests to check this same code path against the
+# loop); 'off' never uses it. Tests and benchmarks set moe.experts.GROUPED_MM.
+GROUPED_MM = os.environ.get("MOE_GROUPED_MM", "auto")
+
+
+def _grouped_mm_ok(x_ND: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: fp32/bf16/fp16, rows 16-byte aligned (its stride rule)."""
+    if GROUPED_MM == "off" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if GROUPED_MM == "auto" and x_ND.device.type != "cuda":
+        return False
+    if x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    per16 = 16 // x_ND.element_size()
+    return all(d % per16 == 0 for d in w.shape[1:])
+
+
+def _gmm(a, b, offs):
+    """torch._grouped_mm; offs: int32 cumulative group ends over the grouped dimension."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 class _GroupedMLP(torch.autograd.Function):
-    """y_i = gelu(x_i W1_i^T + b1_i) W2_i^T + b2_i for every local expert i, forward and backward.
+    """y_i = act(x_i W1_i^T + b1_i) W2_i^T + b2_i for every local expert i, forward and backward.
 
     One Function instead of per-expert autograd ops: each of the six GEMM stages (2 forward, 4 backward)
-    is one batched call over all experts writing straight into slices of one buffer (no per-expert
-    graph nodes, no W[i] indexing inside autograd, which would make backward materialise a full-size
-    [e, ...] gradient per expert). Only real rows are computed: an expert's GEMMs have exactly its
-    row count, so empty capacity costs nothing. Biases: gathered per row and used as the GEMM's C
-    (beta = 1) in forward; their gradients are [1, n_i] x [n_i, D] GEMMs with a ones row. Large
-    buffers (activations, weight gradients) come from the layer's BufferRecycler when one is passed.
+    is one grouped call over all experts: torch._grouped_mm where the seam picks it (GROUPED_MM: one kernel per
+    stage on CUDA), else one batched call writing straight into slices of one buffer (no per-expert graph nodes,
+    no W[i] indexing inside autograd, which would make backward materialise a full-size [e, ...] gradient per
+    expert). Only real rows are computed: an expert's GEMMs have exactly its row count, so empty capacity costs
+    nothing. Biases: gathered per row and used as the GEMM's C (beta = 1) in forward; their gradients are
+    [1, n_i] x [n_i, D] GEMMs with a ones row. Large buffers (activations, weight gradients) come from the
+    layer's BufferRecycler when one is passed.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, counts, w1_eFD, b1_eF, w2_eDF, b2_eD, recycler):
+    def forward(ctx, x_ND, counts, w1_eFD, b1_eF, w2_eDF, b2_eD, recycler, activation):
         offsets = _offsets(counts)
         e, num_rows = len(counts), x_ND.shape[0]
         new = _allocator(recycler)
         x_ND = x_ND.contiguous()
+        approximate = _APPROXIMATE[activation]
         expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
                                            torch.tensor(counts, device=x_ND.device), output_size=num_rows)
         rows = [slice(offsets[i], offsets[i + 1]) for i in range(e)]
-        h_NF = torch.index_select(b1_eF, 0, expert_N, out=new("h", (num_rows, w1_eFD.shape[1]), x_ND))
-        batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0)
-        a_NF = torch.ops.aten.gelu.out(h_NF, out=new("a", h_NF.shape, x_ND))
-        y_ND = torch.index_select(b2_eD, 0, expert_N, out=new("y", (num_rows, w2_eDF.shape[1]), x_ND))
-        batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0)
-        ctx.rows, ctx.recycler = rows, recycler
+        grouped = _grouped_mm_ok(x_ND, w1_eFD)
+        offs = torch.tensor(offsets[1:], dtype=torch.int32, device=x_ND.device) if grouped else None
+        if grouped:
+            h_NF = _gmm(x_ND, w1_eFD.transpose(1, 2), offs).add_(b1_eF.index_select(0, expert_N))
+        else:
+            h_NF = torch.index_select(b1_eF, 0, expert_N, out=new("h", (num_rows, w1_eFD.shape[1]), x_ND))
+            batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0)
+        a_NF = torch.ops.aten.gelu.out(h_NF, approximate=approximate, out=new("a", h_NF.shape, x_ND))
+        if grouped:
+            y_ND = _gmm(a_NF, w2_eDF.transpose(1, 2), offs).add_(b2_eD.index_select(0, expert_N))
+        else:
+            y_ND = torch.index_select(b2_eD, 0, expert_N, out=new("y", (num_rows, w2_eDF.shape[1]), x_ND))
+            batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0)
+        ctx.rows, ctx.recycler, ctx.approximate, ctx.offs = rows, recycler, approximate, offs
         ctx.save_for_backward(x_ND, h_NF, a_NF, w1_eFD, w2_eDF)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, h_NF, a_NF, w1_eFD, w2_eDF = ctx.saved_tensors
+        if ctx.offs is not None:
+            return _GroupedMLP._backward_grouped(ctx, dy_ND.contiguous(), x_ND, h_NF, a_NF, w1_eFD, w2_eDF)
         rows = ctx.rows
         dy_ND = dy_ND.contiguous()
-        need_dx, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        need_dx, _, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
         new = _allocator(ctx.recycler)
         dw1 = new("dw1", w1_eFD.shape, w1_eFD) if need_w1 else None
         dw2 = new("dw2", w2_eDF.shape, w2_eDF) if need_w2 else None
@@ -258,7 +307,8 @@ class _GroupedMLP(torch.autograd.Function):
             db2 = _row_sums(dys, dy_ND)
         da_NF = new("da", h_NF.shape, h_NF)
         batched_mm(dys, list(w2_eDF), [da_NF[r] for r in rows])
-        dh_NF = torch.ops.aten.gelu_backward.grad_input(da_NF, h_NF, grad_input=new("dh", h_NF.shape, h_NF))
+        dh_NF = torch.ops.aten.gelu_backward.grad_input(da_NF, h_NF, approximate=ctx.approximate,
+                                                        grad_input=new("dh", h_NF.shape, h_NF))
         del da_NF
         dhs = [dh_NF[r] for r in rows]
         if need_w1:
@@ -268,7 +318,25 @@ class _GroupedMLP(torch.autograd.Function):
         if need_dx:
             dx_ND = new("dx", x_ND.shape, x_ND)
             batched_mm(dhs, list(w1_eFD), [dx_ND[r] for r in rows])
-        return dx_ND, None, dw1, db1, dw2, db2, None
+        return dx_ND, None, dw1, db1, dw2, db2, None, None
+
+    @staticmethod
+    def _backward_grouped(ctx, dy_ND, x_ND, h_NF, a_NF, w1_eFD, w2_eDF):
+        """backward with torch._grouped_mm: weight gradients as dY_i^T X_i grouped over rows, bias gradients as
+        segment sums (index_add over the expert id of each row)."""
+        need_dx, _, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
+        offs, e = ctx.offs, w1_eFD.shape[0]
+        expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
+                                           torch.tensor([r.stop - r.start for r in ctx.rows], device=x_ND.device),
+                                           output_size=x_ND.shape[0])
+        dw2 = _gmm(dy_ND.t(), a_NF, offs) if need_w2 else None
+        db2 = dy_ND.new_zeros(e, dy_ND.shape[1]).index_add_(0, expert_N, dy_ND) if need_b2 else None
+        da_NF = _gmm(dy_ND, w2_eDF, offs)
+        dh_NF = torch.ops.aten.gelu_backward(da_NF, h_NF, approximate=ctx.approximate)
+        dw1 = _gmm(dh_NF.t(), x_ND, offs) if need_w1 else None
+        db1 = dh_NF.new_zeros(e, dh_NF.shape[1]).index_add_(0, expert_N, dh_NF) if need_b1 else None
+        dx_ND = _gmm(dh_NF, w1_eFD, offs) if need_dx else None
+        return dx_ND, None, dw1, db1, dw2, db2, None, None
 
 
 def _allocator(recycler: Optional["BufferRecycler"]):
@@ -286,14 +354,15 @@ def _row_sums(blocks, like_ND: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD,
-                recycler: Optional[BufferRecycler] = None) -> torch.Tensor:
-    """Apply expert i's GELU MLP to its `counts[i]` consecutive rows of x_ND; differentiable."""
-    return _GroupedMLP.apply(x_ND, tuple(int(n) for n in counts), w1_eFD, b1_eF, w2_eDF, b2_eD, recycler)
+                recycler: Optional[BufferRecycler] = None, activation: str = "gelu_tanh") -> torch.Tensor:
+    """Apply expert i's MLP to its `counts[i]` consecutive rows of x_ND; differentiable."""
+    return _GroupedMLP.apply(x_ND, tuple(int(n) for n in counts), w1_eFD, b1_eF, w2_eDF, b2_eD, recycler,
+                             activation)
 
 
 def expert_rows_forward_(x_nD: torch.Tensor, w1_FD, b1_F, w2_DF, b2_D, h_nF: torch.Tensor,
-                         y_nD: torch.Tensor) -> None:
-    """y_nD = gelu(x_nD w1^T + b1) w2^T + b2 for ONE expert's rows, written in place (h_nF is scratch).
+                         y_nD: torch.Tensor, activation: str = "gelu_tanh") -> None:
+    """y_nD = act(x_nD w1^T + b1) w2^T + b2 for ONE expert's rows, written in place (h_nF is scratch).
 
     Forward only (inference). Each expert is its own GEMM call with pieces cut from its own rows, so an
     expert's output depends only on its rows and weights: not on which other experts run, in which order,
@@ -307,13 +376,13 @@ def expert_rows_forward_(x_nD: torch.Tensor, w1_FD, b1_F, w2_DF, b2_D, h_nF: tor
         return
     h_nF.copy_(b1_F.expand(n, b1_F.shape[0]))
     batched_mm([x_nD], [w1_FD], [h_nF], trans_b=True, beta=1.0)
-    torch.ops.aten.gelu_(h_nF)
+    torch.ops.aten.gelu_(h_nF, approximate=_APPROXIMATE[activation])
     y_nD.copy_(b2_D.expand(n, b2_D.shape[0]))
     batched_mm([h_nF], [w2_DF], [y_nD], trans_b=True, beta=1.0)
 
 
 def grouped_mlp_inference(x_ND: torch.Tensor, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF,
-                          b2_eD) -> torch.Tensor:
+                          b2_eD, activation: str = "gelu_tanh") -> torch.Tensor:
     """grouped_mlp's forward without autograd, one expert at a time (see expert_rows_forward_); [N, D]."""
     offsets = _offsets(counts)
     x_ND = x_ND.contiguous()
@@ -321,7 +390,7 @@ def grouped_mlp_inference(x_ND: torch.Tensor, counts: Sequence[int], w1_eFD, b1_
     h_NF = x_ND.new_empty(x_ND.shape[0], w1_eFD.shape[1])
     for i in range(len(counts)):
         r = slice(offsets[i], offsets[i + 1])
-        expert_rows_forward_(x_ND[r], w1_eFD[i], b1_eF[i], w2_eDF[i], b2_eD[i], h_NF[r], y_ND[r])
+        expert_rows_forward_(x_ND[r], w1_eFD[i], b1_eF[i], w2_eDF[i], b2_eD[i], h_NF[r], y_ND[r], activation)
     return y_ND
 
 
@@ -329,14 +398,46 @@ def _default_init(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
 
 
-class GroupedMLPExperts(nn.Module):
-    """e GELU MLP experts (D -> F -> D, with biases) held as stacked weights, dim 0 = local expert.
+class MLP(nn.Module):
+    """The one dense MLP: x -> dense_4h_to_h(act(dense_h_to_4h(x))), D -> F -> D with biases.
 
-    Weights use nn.Linear's [out, in] layout per expert (w1_eFD[i] is expert i's fc1 weight), so
+    Used as is for the Residual-MoE branch and as the base of the model's ParallelMLP (megatron/model/mlp.py),
+    which passes tensor-parallel linears; a built-in expert (GroupedMLPExperts) computes this same function,
+    so one expert equals this module with the same weights. Default linears: nn.Linear, then `init_method` /
+    `output_layer_init_method` (fill a weight in place) when given; biases start at zero. Dense parameters.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu_tanh",
+                 init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
+                 dense_h_to_4h: Optional[nn.Module] = None, dense_4h_to_h: Optional[nn.Module] = None):
+        super().__init__()
+        self.activation = activation
+        self._act = activation_fn(activation)
+        if dense_h_to_4h is None:
+            dense_h_to_4h, dense_4h_to_h = nn.Linear(hidden_size, ffn_hidden_size), nn.Linear(ffn_hidden_size,
+                                                                                              hidden_size)
+            out_init = output_layer_init_method or init_method
+            with torch.no_grad():
+                if init_method is not None:
+                    init_method(dense_h_to_4h.weight)
+                if out_init is not None:
+                    out_init(dense_4h_to_h.weight)
+                dense_h_to_4h.bias.zero_()
+                dense_4h_to_h.bias.zero_()
+        self.dense_h_to_4h, self.dense_4h_to_h = dense_h_to_4h, dense_4h_to_h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self._act(self.dense_h_to_4h(x)))
+
+
+class GroupedMLPExperts(nn.Module):
+    """e MLP experts (D -> F -> D, with biases; the function of `MLP`) held as stacked weights, dim 0 = expert.
+
+    Weights use nn.Linear's [out, in] layout per expert (w1_eFD[i] is expert i's dense_h_to_4h weight), so
     `init_method` / `output_layer_init_method` (fill a tensor in place) are applied to each expert's
     slice and every expert has exactly that distribution. Biases start at zero (Megatron). No
     communication. forward(x_ND, counts): expert i takes the counts[i] consecutive rows after
-    expert i-1's; returns [N, D].
+    expert i-1's; returns [N, D]. `activation`: 'gelu_tanh' or 'gelu' (activation_fn).
 
     Under expert parallelism (`num_experts` global experts, this rank holding `first_expert` ...
     `first_expert + num_local_experts - 1`) every rank draws the weights of all global experts in
@@ -347,13 +448,13 @@ class GroupedMLPExperts(nn.Module):
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
                  init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
-                 first_expert: int = 0, num_experts: Optional[int] = None):
+                 first_expert: int = 0, num_experts: Optional[int] = None, activation: str = "gelu_tanh"):
         super().__init__()
         e, D, F_ = num_local_experts, hidden_size, ffn_hidden_size
         total = num_experts if num_experts is not None else e
         if not 0 <= first_expert <= total - e:
             raise ValueError(f"local experts {first_expert}..{first_expert + e - 1} are outside 0..{total - 1}")
-        self.num_local_experts = e
+        self.num_local_experts, self.activation = e, activation
         self.w1_eFD = nn.Parameter(torch.empty(e, F_, D))
         self.b1_eF = nn.Parameter(torch.zeros(e, F_))
         self.w2_eDF = nn.Parameter(torch.empty(e, D, F_))
@@ -373,8 +474,10 @@ class GroupedMLPExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x_ND.requires_grad or self.w1_eFD.requires_grad)):
             # inference (no_grad / inference_mode / frozen): the per-expert path that offload matches bitwise
-            return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD)
-        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.recycler)
+            return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD,
+                                         self.activation)
+        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.recycler,
+                           self.activation)
 
 
 class ModuleExperts(nn.Module):

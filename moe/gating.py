@@ -14,6 +14,22 @@ from torch import nn
 
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter range: x * U(1 - eps, 1 + eps)
 
+# Random draws go through torch.distributions exactly as deepspeed/moe/sharded_moe.py makes them (same shapes, same
+# order: jitter on the router input, then Gumbel noise on the logits, then the RTS uniforms), so from the same torch
+# RNG state this router draws the same numbers as DeepSpeed's TopKGate and routes identically.
+
+
+def _uniform(low: float, high: float, shape, device) -> torch.Tensor:
+    """fp32 U(low, high) draws, as DeepSpeed's Uniform(low, high).rsample(shape)."""
+    return torch.distributions.uniform.Uniform(torch.tensor(low, device=device),
+                                               torch.tensor(high, device=device)).rsample(shape)
+
+
+def _gumbel(shape, device) -> torch.Tensor:
+    """fp32 standard Gumbel draws, as DeepSpeed's gumbel_rsample."""
+    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0, device=device),
+                                             torch.tensor(1.0, device=device)).rsample(shape)
+
 
 class Routing(NamedTuple):
     """One router decision for T local tokens.
@@ -40,43 +56,65 @@ class Routing(NamedTuple):
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
-    """C = max(ceil(k * T / E * cf), min_capacity) (DESIGN.md §3)."""
-    return max(int(math.ceil(k * num_tokens / num_experts * capacity_factor)), min_capacity)
+    """C = max(ceil(T / E * (k * cf)), min_capacity) (DESIGN.md §3), rounded as DeepSpeed's _capacity does (the
+    product in fp32), so both pick the same C at every token count."""
+    c = torch.ceil((num_tokens / max(num_experts, 1)) * torch.tensor(capacity_factor * k)).item()
+    return max(int(c), min_capacity)
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter: bool) -> torch.Tensor:
-    """fp32 logits x·W_g (fp64 for fp64 inputs); `jitter` multiplies the router input by U(1-eps, 1+eps).
+    """fp32 logits x·W_g whatever the model dtype (fp64 included, as DeepSpeed's TopKGate); `jitter` multiplies
+    the router input by U(1-eps, 1+eps).
 
-    The router runs in at least fp32 whatever the model dtype: softmax over bf16 logits would make
-    the expert choice and the aux loss noisy (Switch Transformer's "selective precision").
+    Softmax over bf16 logits would make the expert choice and the aux loss noisy (Switch Transformer's
+    "selective precision"); fp32 also for fp64 inputs so an fp64 model routes exactly as DeepSpeed.
     """
-    dtype = torch.promote_types(x_TD.dtype, torch.float32)
-    x_TD = x_TD.to(dtype)
+    x_TD = x_TD.float()
     if jitter:
-        x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - JITTER_EPS, 1.0 + JITTER_EPS)
-    return F.linear(x_TD, weight_ED.to(dtype))
+        x_TD = x_TD * _uniform(1.0 - JITTER_EPS, 1.0 + JITTER_EPS, x_TD.shape, x_TD.device)
+    return F.linear(x_TD, weight_ED.float())
 
 
-def select_topk(logits_TE: torch.Tensor, k: int, gumbel: bool):
-    """Choose k experts per token; returns (probs_TE, expert_TK, gates_TK).
+def choose_experts(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int, gumbel_top1: bool,
+                   second_expert_sampling: bool) -> torch.Tensor:
+    """expert_TK, the k chosen experts per token (DeepSpeed's top1/top2/topkgating choices).
 
-    Gates are the router probabilities of the chosen experts; for k >= 2 they are renormalised over the
-    k choices (before any dropping, so a dropped choice does not enlarge the others). `gumbel`
-    ('RSample') adds Gumbel noise to the logits for the choice only; gates use the clean probabilities.
+    k=1: argmax of the probabilities, or of logits + Gumbel noise (noisy policy 'RSample').
+    k=2: first = argmax of the probabilities; second = argmax of the other logits, + Gumbel noise when
+    `second_expert_sampling` (the Gumbel-max trick: a sample from the softmax over the remaining experts).
+    k>2: the k largest probabilities, in descending order.
     """
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    scores_TE = probs_TE
-    if gumbel:
-        u_TE = torch.rand_like(logits_TE).clamp_(1e-9, 1.0 - 1e-9)
-        scores_TE = logits_TE - torch.log(-torch.log(u_TE))
-    if k == 1:
-        expert_TK = scores_TE.detach().argmax(dim=-1, keepdim=True)
-    else:
-        expert_TK = scores_TE.detach().topk(k, dim=-1, sorted=True).indices
-    gates_TK = probs_TE.gather(1, expert_TK)
-    if k >= 2:
-        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).eps)
-    return probs_TE, expert_TK, gates_TK
+    with torch.no_grad():
+        if k == 1:
+            scores_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device) if gumbel_top1 else probs_TE
+            return scores_TE.argmax(dim=1, keepdim=True)
+        if k == 2:
+            first_T = probs_TE.argmax(dim=1)
+            scores_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device) if second_expert_sampling \
+                else logits_TE
+            second_T = scores_TE.masked_fill(F.one_hot(first_T, probs_TE.shape[1]).bool(), float("-inf")).argmax(1)
+            return torch.stack([first_T, second_T], dim=1)
+        return probs_TE.topk(k, dim=1, sorted=True).indices
+
+
+def drop_priority(policy: str, probs_TE: torch.Tensor, expert_TK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[T, K] priorities (higher = kept first) of the (token, choice) pairs when an expert is over-full.
+
+    'probs': the choice's router probability. 'position': every first choice before any second choice, earlier
+    tokens first. 'any': DeepSpeed top-1 without RTS keeps what torch.topk returns over the equal one-hot scores of
+    each expert's column (an order of torch's choosing, not the position), reproduced with the same call.
+    """
+    num_tokens, k = expert_TK.shape
+    if policy == "probs":
+        return probs_TE.detach().gather(1, expert_TK)
+    if policy == "position":
+        t_T1 = torch.arange(num_tokens, device=expert_TK.device).unsqueeze(1)
+        k_1K = torch.arange(k, device=expert_TK.device).unsqueeze(0)
+        return -(k_1K * num_tokens + t_T1)
+    mask_TE = torch.zeros_like(probs_TE, dtype=torch.long).scatter_(1, expert_TK, 1)
+    chosen = torch.topk(mask_TE, k=min(capacity, num_tokens), dim=0).indices
+    keep_TE = mask_TE * torch.zeros_like(mask_TE).scatter_(0, chosen, 1)
+    return keep_TE.gather(1, expert_TK)
 
 
 def assign_slots(expert_TK: torch.Tensor, priority_TK: Optional[torch.Tensor], num_experts: int,
@@ -99,15 +137,38 @@ def assign_slots(expert_TK: torch.Tensor, priority_TK: Optional[torch.Tensor], n
     return pair_idx_N, routed_E.clamp(max=capacity), routed_E
 
 
-def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
-    """E · Σ_e mean_t(probs[t, e]) · frac_e, with frac_e the fraction of tokens whose *top-1* choice is e.
+def combine_gates(probs_TE: torch.Tensor, expert_TK: torch.Tensor, pair_idx_N: torch.Tensor,
+                  renormalize: str) -> torch.Tensor:
+    """[T, K] fp32 combine weights. k=1: the router probability. k>=2: probabilities divided by their sum over the
+    kept choices ('after_drop', DeepSpeed: computed over the dense [T, E] masked probabilities as DeepSpeed does, so
+    the sums round identically) or over all k choices ('before_drop')."""
+    gates_TK = probs_TE.gather(1, expert_TK)
+    k = expert_TK.shape[1]
+    if k == 1:
+        return gates_TK
+    eps = torch.finfo(gates_TK.dtype).eps
+    if renormalize == "before_drop":
+        return gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(eps)
+    kept_TK = torch.zeros(expert_TK.numel(), dtype=torch.bool, device=expert_TK.device)
+    kept_TK[pair_idx_N] = True
+    kept_TK = kept_TK.view(expert_TK.shape)
+    kept_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, expert_TK, kept_TK)
+    denom_T1 = (probs_TE * kept_TE).sum(dim=-1, keepdim=True).clamp(min=eps)
+    return (gates_TK * kept_TK) / denom_T1
 
-    Top-1 fraction for every k, as DeepSpeed/GShard do for top-2 (counted before dropping).
+
+def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, choices: str) -> torch.Tensor:
+    """E · Σ_e mean_t(probs[t, e]) · frac_e (GShard / Switch load-balancing loss, DeepSpeed's l_aux).
+
+    frac_e: the fraction of tokens whose FIRST choice is e ('first': DeepSpeed's top-1 and top-2), or of all
+    T·k choices that go to e ('all': DeepSpeed's top-k for k > 2, = its mean(me·ce)·E²/k). Counted before dropping.
     """
     num_tokens, num_experts = probs_TE.shape
-    frac_E = torch.bincount(expert_TK[:, 0], minlength=num_experts).to(probs_TE.dtype) / max(num_tokens, 1)
-    mean_probs_E = probs_TE.sum(dim=0) / max(num_tokens, 1)  # a rank with no tokens gives 0, not NaN
-    return num_experts * torch.sum(mean_probs_E * frac_E)
+    if num_tokens == 0:  # a rank with no tokens gives 0, not NaN
+        return probs_TE.new_zeros(())
+    chosen = expert_TK[:, :1] if choices == "first" else expert_TK
+    frac_E = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs_TE.dtype) / chosen.numel()
+    return num_experts * torch.sum(probs_TE.mean(dim=0) * frac_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -120,18 +181,23 @@ class TopKRouter(nn.Module):
 
     Args: hidden_size D, num_experts E, k, train/eval capacity factors (switch with train()/eval()),
     min_capacity, drop_tokens (False = dropless), use_rts (random drop priority), noisy_gate_policy,
-    compute_z_loss, init_method (fills the [E, D] weight in place; default: nn.Linear's init).
+    compute_z_loss, init_method (fills the [E, D] weight in place; default: nn.Linear's init), and the routing
+    choices of MoEConfig (drop_policy, renormalize, second_expert_sampling, rts_scope, aux_loss_choices).
     No communication: capacity uses the local token count T.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, train_capacity_factor: float,
                  eval_capacity_factor: float, min_capacity: int, drop_tokens: bool, use_rts: bool,
-                 noisy_gate_policy: Optional[str], compute_z_loss: bool, init_method=None):
+                 noisy_gate_policy: Optional[str], compute_z_loss: bool, init_method=None,
+                 drop_policy: str = "probs", renormalize: str = "after_drop", second_expert_sampling: bool = True,
+                 rts_scope: str = "top1", aux_loss_choices: str = "first"):
         super().__init__()
         self.num_experts, self.k = num_experts, k
         self.train_capacity_factor, self.eval_capacity_factor = train_capacity_factor, eval_capacity_factor
         self.min_capacity, self.drop_tokens, self.use_rts = min_capacity, drop_tokens, use_rts
         self.noisy_gate_policy, self.compute_z_loss = noisy_gate_policy, compute_z_loss
+        self.drop_policy, self.renormalize, self.rts_scope = drop_policy, renormalize, rts_scope
+        self.second_expert_sampling, self.aux_loss_choices = second_expert_sampling, aux_loss_choices
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         if init_method is None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -140,26 +206,36 @@ class TopKRouter(nn.Module):
                 init_method(self.weight)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        noisy = self.training and self.noisy_gate_policy is not None
-        logits_TE = router_logits(x_TD, self.weight, jitter=noisy and self.noisy_gate_policy == "Jitter")
-        probs_TE, expert_TK, gates_TK = select_topk(logits_TE, self.k,
-                                                    gumbel=noisy and self.noisy_gate_policy == "RSample")
+        """Steps (DeepSpeed's TopKGate + top1/top2/topkgating order, so random draws line up):
+        1. fp32 logits (input jitter in training with 'Jitter'); softmax;
+        2. expert choice (Gumbel noise for 'RSample' top-1 in training, for top-2 second-expert sampling);
+        3. capacity and drop priority (RTS uniforms over [T, E], or drop_policy), then slots;
+        4. combine weights (renormalised over kept or all choices), aux and z losses.
+        """
+        noise = self.noisy_gate_policy if self.training else None
+        logits_TE = router_logits(x_TD, self.weight, jitter=noise == "Jitter")
+        probs_TE = torch.softmax(logits_TE, dim=1)
+        expert_TK = choose_experts(logits_TE, probs_TE, self.k, gumbel_top1=noise == "RSample",
+                                   second_expert_sampling=self.second_expert_sampling)
         num_tokens = x_TD.shape[0]
         capacity = priority_TK = None
         if self.drop_tokens:
             cf = self.train_capacity_factor if self.training else self.eval_capacity_factor
             capacity = expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
-            # Priority = the choice's router probability (not the renormalised gate, which is not
-            # comparable across tokens), or uniform random with RTS. RTS is a training regulariser: eval
-            # uses probability priority so evaluation is deterministic and draws nothing from the RNG.
-            priority_TK = (torch.rand_like(gates_TK) if self.use_rts and self.training
-                           else probs_TE.detach().gather(1, expert_TK))
+            if self.use_rts and self.rts_scope == "top1" and self.k == 1:
+                # DeepSpeed's top1gating: one uniform per (token, expert), in training and eval
+                priority_TK = _uniform(0.0, 1.0, probs_TE.shape, x_TD.device).gather(1, expert_TK)
+            elif self.use_rts and self.rts_scope == "train" and self.training:
+                priority_TK = torch.rand(expert_TK.shape, device=x_TD.device)
+            else:
+                priority_TK = drop_priority(self.drop_policy, probs_TE, expert_TK, capacity)
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
+        gates_TK = combine_gates(probs_TE, expert_TK, pair_idx_N, self.renormalize)
         z_loss = router_z_loss(logits_TE) if self.compute_z_loss else logits_TE.new_zeros(())
         num_pairs = max(expert_TK.numel(), 1)
         return Routing(
             pair_idx_N=pair_idx_N, counts_E=counts_E, gates_TK=gates_TK, expert_TK=expert_TK,
-            aux_loss=gshard_aux_loss(probs_TE, expert_TK), z_loss=z_loss,
+            aux_loss=gshard_aux_loss(probs_TE, expert_TK, self.aux_loss_choices), z_loss=z_loss,
             tokens_per_expert_E=routed_E.detach(),
             dropped_fraction=(1.0 - pair_idx_N.numel() / num_pairs) * torch.ones((), device=x_TD.device),
             capacity=capacity)

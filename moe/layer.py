@@ -7,16 +7,16 @@ e local experts, N kept (token, choice) pairs sent, R rows received by this rank
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe import dispatch
 from moe.config import MoEConfig
-from moe.experts import GroupedMLPExperts, ModuleExperts
+from moe.experts import MLP, GroupedMLPExperts, ModuleExperts
 from moe.gating import Routing, TopKRouter
 
 
@@ -32,31 +32,6 @@ class MoEStats(NamedTuple):
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
-
-
-class DenseGeluMLP(nn.Module):
-    """D -> F -> D GELU MLP with biases, the same function as one built-in expert (exact GELU).
-
-    init_method fills fc1's weight and output_layer_init_method fc2's (nn.Linear's default when None);
-    biases start at zero, as the experts'. Dense parameters: not tagged expert_parallel.
-    """
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method: Optional[Callable] = None,
-                 output_layer_init_method: Optional[Callable] = None):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
-        out_init = output_layer_init_method or init_method
-        with torch.no_grad():
-            if init_method is not None:
-                init_method(self.fc1.weight)
-            if out_init is not None:
-                out_init(self.fc2.weight)
-            self.fc1.bias.zero_()
-            self.fc2.bias.zero_()
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_TD)))
 
 
 class ResidualMix(nn.Module):
@@ -93,10 +68,10 @@ class MoELayer(nn.Module):
     """Mixture-of-Experts MLP: y = Σ_k gate_k · expert_{e_k}(x) per token (0 for dropped choices).
 
     With cfg.mlp_type == 'residual' (Residual-MoE) the result is mixed with a dense MLP of the expert's
-    shape (or a copy of the user `expert`) by a learned per-token 2-way softmax: see ResidualMix.
+    shape (moe.experts.MLP, or a copy of the user `expert`) by a learned per-token 2-way softmax: see ResidualMix.
 
     Args:
-        hidden_size, ffn_hidden_size: D and F of the built-in GELU MLP experts.
+        hidden_size, ffn_hidden_size: D and F of the built-in MLP experts.
         num_experts: E, experts in this layer (global); each EP rank holds e = E / ep_size of them,
             global ids [ep_rank*e, (ep_rank+1)*e).
         cfg: MoEConfig (topk, capacity factors, dropping, noise, z-loss, mlp_type).
@@ -105,6 +80,8 @@ class MoELayer(nn.Module):
         init_method / output_layer_init_method: fill a weight in place; applied to the router weight
             and each expert's fc1 (init_method) and fc2 (output_layer_init_method) slice.
         expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
+        activation: the built-in experts' (and Residual-MoE branch's) activation when cfg.expert_activation is
+            None: the model passes its dense MLP's, so one expert is the model's MLP.
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
     The layer never all-reduces gradients.
@@ -121,8 +98,10 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
                  ep_group=None, init_method: Optional[Callable] = None,
-                 output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None):
+                 output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
+                 activation: str = "gelu_tanh"):
         super().__init__()
+        activation = cfg.expert_activation or activation
         ep_size = 1 if ep_group is None else ep_group.size()
         # MoEConfig checked the flags (experts divisible by EP, 1 <= topk <= experts) for each of its MoE layers;
         # the layer only checks that it is built as one of them
@@ -143,19 +122,21 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(
             hidden_size, num_experts, cfg.topk, cfg.train_capacity_factor, cfg.eval_capacity_factor,
             cfg.min_capacity, cfg.drop_tokens, cfg.use_rts, cfg.noisy_gate_policy,
-            compute_z_loss=cfg.z_loss_coeff > 0, init_method=init_method)
+            compute_z_loss=cfg.z_loss_coeff > 0, init_method=init_method, drop_policy=cfg.drop_policy,
+            renormalize=cfg.renormalize, second_expert_sampling=cfg.second_expert_sampling,
+            rts_scope=cfg.rts_scope, aux_loss_choices=cfg.aux_loss_choices)
         if expert is None:
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
                                              init_method, output_layer_init_method,
                                              first_expert=self.ep_rank * self.num_local_experts,
-                                             num_experts=num_experts)
+                                             num_experts=num_experts, activation=activation)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
         for p in self.experts.parameters():
             p.ep_size = ep_size  # the caller reduces each expert grad over the expert-DP group of this EP size
         self.residual = None
         if cfg.mlp_type == "residual":
-            mlp = (DenseGeluMLP(hidden_size, ffn_hidden_size, init_method, output_layer_init_method)
+            mlp = (MLP(hidden_size, ffn_hidden_size, activation, init_method, output_layer_init_method)
                    if expert is None else copy.deepcopy(expert))
             self.residual = ResidualMix(mlp, hidden_size)
 
@@ -240,36 +221,87 @@ def _default_ep_group(ep_size: int):
 
 
 class MoE(nn.Module):
-    """Drop-in for deepspeed.moe.layer.MoE: same constructor arguments, call and return.
+    """Drop-in for deepspeed.moe.layer.MoE: same constructor arguments and defaults, call and return, and the same
+    routing (deepspeed/moe/sharded_moe.py: top-1 RTS in training and eval, top-2 Gumbel second-expert sampling,
+    every first choice kept before any second, gates renormalised after dropping, top-k aux loss over all k), so
+    with the same weights and torch RNG state it returns what DeepSpeed returns (tests/unit/test_deepspeed_parity.py).
 
-    forward(hidden_states [..., D]) -> (output [..., D], l_aux (scalar, unscaled), exp_counts [E] int64).
-    expert=None builds GELU MLP experts of width ffn_hidden_size (default 4*hidden_size) as stacked
-    weights; a user `expert` module is deep-copied per local expert. ep_group=None with ep_size > 1
-    builds groups of consecutive ranks, like DeepSpeed. use_residual=True is Residual-MoE (ResidualMix):
-    a dense copy of `expert` (or a GELU MLP of width ffn_hidden_size) mixed in per token.
+    forward(hidden_states [..., D]) -> (output [..., D], l_aux (fp32 scalar, unscaled), exp_counts [E] int64).
+    expert=None builds MLP experts (moe.experts.MLP's function, tanh GELU, width ffn_hidden_size, default
+    4*hidden_size) as stacked weights; a user `expert` module is deep-copied per local expert. ep_group=None with
+    ep_size > 1 builds groups of consecutive ranks, like DeepSpeed. use_residual=True is Residual-MoE (ResidualMix):
+    a dense copy of `expert` (or an MLP of width ffn_hidden_size) mixed in per token.
+    use_tutel is accepted and ignored (one warning); enable_expert_tensor_parallelism=True is refused (ValueError):
+    experts here are replicated over tensor parallelism. Beyond DeepSpeed: ffn_hidden_size, ep_group, and `cfg`
+    (a MoEConfig, which then replaces the routing arguments) for this project's other routing choices.
     """
 
-    def __init__(self, hidden_size: int, expert: Optional[nn.Module] = None, num_experts: int = 8,
+    _warned_tutel = False
+
+    def __init__(self, hidden_size: int, expert: Optional[nn.Module] = None, num_experts: int = 1,
                  ep_size: int = 1, k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
                  min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: Optional[str] = None,
-                 drop_tokens: bool = True, use_rts: bool = True, ffn_hidden_size: Optional[int] = None,
-                 ep_group=None, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True):
+                 drop_tokens: bool = True, use_rts: bool = True, use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False, top2_2nd_expert_sampling: bool = True,
+                 ffn_hidden_size: Optional[int] = None, ep_group=None, cfg: Optional[MoEConfig] = None):
         super().__init__()
-        if use_tutel or enable_expert_tensor_parallelism:
-            raise NotImplementedError("use_tutel / enable_expert_tensor_parallelism are not supported")
-        cfg = MoEConfig(num_experts=num_experts, topk=k, ep_size=ep_size, train_capacity_factor=capacity_factor,
-                        eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                        drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
-                        mlp_type="residual" if use_residual else "standard")
+        if enable_expert_tensor_parallelism:
+            raise ValueError("enable_expert_tensor_parallelism=True is not supported: experts are replicated over "
+                             "tensor parallelism here (DeepSpeed's default); pass False")
+        if use_tutel and not MoE._warned_tutel:
+            MoE._warned_tutel = True
+            logging.getLogger(__name__).warning("use_tutel=True is ignored: this MoE dispatches by sorting tokens "
+                                                "(no Tutel kernels needed)")
+        if cfg is None:
+            cfg = MoEConfig(num_experts=num_experts, topk=k, ep_size=ep_size, train_capacity_factor=capacity_factor,
+                            eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                            drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
+                            mlp_type="residual" if use_residual else "standard",
+                            second_expert_sampling=top2_2nd_expert_sampling)
         if ep_group is None:
             ep_group = _default_ep_group(ep_size)
-        self.num_experts, self.ep_size = num_experts, ep_size
+        self.num_experts, self.ep_size, self.use_residual = num_experts, ep_size, use_residual
         self.moe = MoELayer(hidden_size, ffn_hidden_size or 4 * hidden_size, num_experts, cfg,
                             ep_group=ep_group, expert=expert)
 
+    def load_deepspeed_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        """Loads a deepspeed.moe.layer.MoE state_dict (this rank's): gate.wg -> router, deepspeed_experts.{i} ->
+        local expert i (into the stacked weights when built-in: the DeepSpeed expert must then be an MLP whose
+        parameters are, in order, [F, D] and [F] then [D, F] and [D]), mlp/coefficient -> the residual branch."""
+        own: Dict[str, torch.Tensor] = {"moe.router.weight": sd["deepspeed_moe.gate.wg.weight"]}
+        prefix = "deepspeed_moe.experts.deepspeed_experts."
+        stacked = isinstance(self.moe.experts, GroupedMLPExperts)
+        per_expert: Dict[int, list] = {}
+        for key, value in sd.items():
+            if key.startswith(prefix):
+                i, rest = key[len(prefix):].split(".", 1)
+                if stacked:
+                    per_expert.setdefault(int(i), []).append(value)
+                else:
+                    own[f"moe.experts.experts.{i}.{rest}"] = value
+            elif key.startswith("coefficient."):
+                own[f"moe.residual.{key}"] = value
+        mlp_sd = [v for k, v in sd.items() if k.startswith("mlp.")]
+        if mlp_sd:  # the residual branch, parameter by parameter in order (DeepSpeed's is the user `expert`)
+            names = list(self.moe.residual.mlp.state_dict())
+            if [tuple(v.shape) for v in mlp_sd] != [tuple(v.shape) for v in self.moe.residual.mlp.state_dict().values()]:
+                raise ValueError("DeepSpeed's residual MLP does not match this MoE's; build it with the same `expert`")
+            own.update({f"moe.residual.mlp.{n}": v for n, v in zip(names, mlp_sd)})
+        for i, tensors in per_expert.items():
+            if [tuple(t.shape) for t in tensors] != [tuple(p[i].shape) for p in (
+                    self.moe.experts.w1_eFD, self.moe.experts.b1_eF, self.moe.experts.w2_eDF, self.moe.experts.b2_eD)]:
+                raise ValueError(f"DeepSpeed expert {i} is not a D -> F -> D MLP with biases; build this MoE with "
+                                 f"the same `expert` module instead")
+            for name, t in zip(("w1_eFD", "b1_eF", "w2_eDF", "b2_eD"), tensors):
+                own.setdefault(f"moe.experts.{name}", getattr(self.moe.experts, name).detach().clone())[i] = t
+        self.load_state_dict(own, strict=True)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's hook for building its expert groups; a no-op here (the groups exist from construction)."""
+
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if used_token is not None:
-            raise NotImplementedError("used_token masking is not supported")
+            raise NotImplementedError("MoE.forward(used_token=...) is not supported: drop the unused tokens before "
+                                      "the call (DeepSpeed honours it for top-1 only)")
         output, stats = self.moe(hidden_states)
         return output, stats.aux_loss, stats.tokens_per_expert

@@ -5,11 +5,14 @@ its time divided by the same round's "ideal": a dense GELU MLP over T*k rows (sa
 experts with no routing, no dropping and no padding). Rows:
   (E=8,  T=4096, H=512, F=2048, k=1 and 2, cf 1.0 and 1.25)
   (E=64 and E=128, T=8192, H=512, F=1024, k=1, cf 1.0 and 1.25)
-Implementations: ideal, moe (this package), hf_loop (HF-Mixtral-style loop over experts, dropless, so
-it ignores cf), deepspeed (deepspeed.moe.layer.MoE, only when importable). Then expert parallel:
-EP=2 on two processes (1 thread each) vs one process (2 threads), same global tokens, in global tokens/s.
+Implementations: ideal, moe (this package, DeepSpeed's routing semantics: MoEConfig defaults), moe_loop (the
+same with the grouped GEMM seam off: a loop of per-expert GEMMs; differs from moe only where torch._grouped_mm runs,
+i.e. on CUDA), hf_loop (HF-Mixtral-style loop over experts, dropless, so it ignores cf), deepspeed
+(deepspeed.moe.layer.MoE with an MLP expert, only when importable). Then expert parallel: EP=2 on two processes
+(1 thread each) vs one process (2 threads), same global tokens, in global tokens/s (CPU only).
 
     python tools/bench_moe_layer.py [--rounds 7] [--quick] [--skip-ep] [--only-ep]
+    python tools/bench_moe_layer.py --device cuda --dtype bf16 --impls moe,moe_loop,deepspeed --skip-ep  # GPU
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moe.experts  # noqa: E402
 from moe import MoEConfig, MoELayer  # noqa: E402
 
 CASES = [  # (E, T, H, F, k, cf)
@@ -43,7 +47,7 @@ class DenseMLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(H, F_), nn.Linear(F_, H)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # the experts' activation
 
 
 class Ideal(nn.Module):
@@ -81,26 +85,40 @@ class HFLoop(nn.Module):
 
 
 class OurMoE(nn.Module):
-    def __init__(self, H, F_, E, k, cf, ep_group=None):
+    """MoELayer with MoEConfig's defaults: DeepSpeed's routing (RTS, 2nd-expert sampling, drop order)."""
+
+    def __init__(self, H, F_, E, k, cf, ep_group=None, grouped_mm="auto"):
         super().__init__()
         ep_size = 1 if ep_group is None else ep_group.size()
         cfg = MoEConfig(num_experts=E, topk=k, ep_size=ep_size, train_capacity_factor=cf,
                         eval_capacity_factor=cf)
         self.layer = MoELayer(H, F_, E, cfg, ep_group=ep_group)
+        self.grouped_mm = grouped_mm
 
     def forward(self, x_TD):
-        y, stats = self.layer(x_TD)
+        saved, moe.experts.GROUPED_MM = moe.experts.GROUPED_MM, self.grouped_mm  # read in forward only
+        try:
+            y, stats = self.layer(x_TD)
+        finally:
+            moe.experts.GROUPED_MM = saved
         return y, stats.aux_loss
 
 
 def deepspeed_factory():
-    """deepspeed.moe.layer.MoE when importable (needs a process group; a 1-rank gloo one is made)."""
+    """deepspeed.moe.layer.MoE when importable. Its expert groups need DeepSpeed's own communication layer
+    (deepspeed.comm) initialised, not only torch.distributed: a 1-rank gloo group through deepspeed.init_distributed."""
     try:
+        import deepspeed
         from deepspeed.moe.layer import MoE as DSMoE
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
 
     class DS(nn.Module):
         def __init__(self, H, F_, E, k, cf):
@@ -132,6 +150,8 @@ def fwd_bwd(model, x, dy):
     if aux is not None:
         loss = loss + 0.01 * aux
     loss.backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def timed(fn):
@@ -140,18 +160,23 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_case(E, T, H, F_, k, cf, rounds, ds_cls, names):
+def bench_case(E, T, H, F_, k, cf, rounds, ds_cls, names, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
     impls = {"ideal": Ideal(H, F_)}
     if "moe" in names:
         impls["moe"] = OurMoE(H, F_, E, k, cf)
+    if "moe_loop" in names:
+        impls["moe_loop"] = OurMoE(H, F_, E, k, cf, grouped_mm="off")
     if "hf_loop" in names:
         impls["hf_loop"] = HFLoop(H, F_, E, k)
     if "deepspeed" in names:
         impls["deepspeed"] = ds_cls(H, F_, E, k, cf)
-    x = {"ideal": torch.randn(T * k, H, requires_grad=True)}
-    dy = {"ideal": torch.randn(T * k, H)}
-    x_T, dy_T = torch.randn(T, H, requires_grad=True), torch.randn(T, H)
+    for m in impls.values():
+        m.to(device=device, dtype=dtype)
+    dd = dict(device=device, dtype=dtype)
+    x = {"ideal": torch.randn(T * k, H, requires_grad=True, **dd)}
+    dy = {"ideal": torch.randn(T * k, H, **dd)}
+    x_T, dy_T = torch.randn(T, H, requires_grad=True, **dd), torch.randn(T, H, **dd)
     ratios = {name: [] for name in impls}
     ms = {name: [] for name in impls}
     for r in range(rounds + 1):  # round 0 warms up
@@ -217,7 +242,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one row per expert count, 3 rounds")
     ap.add_argument("--cases", type=str, default=None, help="comma-separated row indices to run")
     ap.add_argument("--impls", type=str, default="moe,hf_loop,deepspeed",
-                    help="comma-separated implementations besides the ideal")
+                    help="comma-separated implementations besides the ideal (moe, moe_loop, hf_loop, deepspeed)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--skip-ep", action="store_true")
     ap.add_argument("--only-ep", action="store_true")
     args = ap.parse_args()
@@ -231,15 +258,16 @@ def main():
         ds_cls = deepspeed_factory()
         names = [n for n in args.impls.split(",") if n != "deepspeed" or ds_cls is not None]
         print(f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews the ratios)")
-        print(f"fp32, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        print(f"{args.dtype} on {args.device}, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
               f"(ideal ms = its median step time){'' if ds_cls else '; deepspeed not installed'}")
         print(f"{'E':>4} {'T':>5} {'H':>4} {'F':>5} {'k':>2} {'cf':>5} {'ideal ms':>9} "
               + " ".join(f"{n:>10}" for n in names))
         for E, T, H, F_, k, cf in cases:
-            res = bench_case(E, T, H, F_, k, cf, args.rounds, ds_cls, names)
+            res = bench_case(E, T, H, F_, k, cf, args.rounds, ds_cls, names, args.device, dtype)
             print(f"{E:>4} {T:>5} {H:>4} {F_:>5} {k:>2} {cf:>5} {res['ideal'][1]:>9.1f} "
                   + " ".join(f"{res[n][0]:>9.2f}x" for n in names), flush=True)
-    if not args.skip_ep:
+    if not args.skip_ep and args.device == "cpu":
         E, T, H, F_, k, cf = CASES[0]
         ratio, t1, t2 = bench_ep(E, T, H, F_, k, cf, args.rounds)
         print(f"EP=2 on 2 processes (1 thread each) vs 1 process (2 threads), E={E} T_global={T} H={H} F={F_} "

@@ -1,25 +1,27 @@
-"""Dense GELU MLP, the replaceable per-layer submodule (the MoE layer takes its place on MoE layers)."""
+"""Dense MLP, the replaceable per-layer submodule (the MoE layer takes its place on MoE layers)."""
 import torch
-import torch.nn.functional as F
 
 from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from moe.experts import MLP
 
 
-class ParallelMLP(torch.nn.Module):
-    """h -> ffn -> h with GELU (tanh approximation, as Megatron's bias_gelu fusion).
+class ParallelMLP(MLP):
+    """h -> ffn -> h, moe.experts.MLP (the one MLP the experts also compute) with tensor-parallel linears.
 
-    With tensor parallelism the first projection is column-parallel (each rank holds ffn/tp features) and the
-    second row-parallel (partial sums all-reduced), so the GELU runs on the local slice with no communication.
+    `activation`: 'gelu_tanh' (default: Megatron's fused bias-GeLU is the tanh approximation) or 'gelu' (exact,
+    Megatron with --no-bias-gelu-fusion). With tensor parallelism the first projection is column-parallel (each rank
+    holds ffn/tp features) and the second row-parallel (partial sums all-reduced), so the activation runs on the
+    local slice with no communication.
     forward(x [b, s, h]) -> (y [b, s, h], None); the None slot is where an MoE layer returns its stats.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method, output_layer_init_method,
-                 tp_group=None):
-        super().__init__()
-        self.dense_h_to_4h = ColumnParallelLinear(hidden_size, ffn_hidden_size, tp_group, init_method,
-                                                  what="--ffn-hidden-size")
-        self.dense_4h_to_h = RowParallelLinear(ffn_hidden_size, hidden_size, tp_group, output_layer_init_method,
-                                               what="--ffn-hidden-size")
+                 tp_group=None, activation: str = "gelu_tanh"):
+        super().__init__(hidden_size, ffn_hidden_size, activation,
+                         dense_h_to_4h=ColumnParallelLinear(hidden_size, ffn_hidden_size, tp_group, init_method,
+                                                            what="--ffn-hidden-size"),
+                         dense_4h_to_h=RowParallelLinear(ffn_hidden_size, hidden_size, tp_group,
+                                                         output_layer_init_method, what="--ffn-hidden-size"))
 
     def forward(self, x: torch.Tensor):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")), None
+        return super().forward(x), None

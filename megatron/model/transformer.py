@@ -20,7 +20,7 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
     """The one place the model calls into moe/: a dense MLP, or a MoELayer on every expert_interval-th layer."""
     if moe_cfg is None or not is_moe_layer(layer_idx, moe_cfg.expert_interval):
         return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method,
-                           groups.tp_group if groups is not None else None)
+                           groups.tp_group if groups is not None else None, activation=cfg.activation)
     # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
     # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
@@ -33,7 +33,9 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
         raise ValueError(f"--moe-expert-parallel-size ({ep_size}) of MoE layer {i} needs process groups; build them "
                          f"with parallel_state.initialize(tp, ep_sizes) and pass them to GPTModel")
     layer = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
-                     init_method=init_method, output_layer_init_method=output_init_method)
+                     init_method=init_method, output_layer_init_method=output_init_method,
+                     activation=cfg.activation)  # experts compute the dense MLP's function (unless a checkpoint
+    #                                               recorded another: MoEConfig.expert_activation)
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
     return layer
 

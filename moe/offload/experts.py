@@ -20,14 +20,17 @@ class OffloadedExperts(nn.Module):
             "w2_DF", "b2_D"})).
         layer_index: this MoE layer's index among MoE layers (the store's record key).
         num_experts, hidden_size, ffn_hidden_size: e, D, F.
+        activation: the experts' activation (the replaced GroupedMLPExperts' `activation`).
     Each expert's rows are computed by moe.experts.expert_rows_forward_, the function the resident model's
     inference path runs, so the output is bitwise that of the all-in-memory layer whatever the cache did.
     forward_many runs several micro-batches' rows through the layer with each expert fetched once
     (layer-major scoring).
     """
 
-    def __init__(self, source, layer_index: int, num_experts: int, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, source, layer_index: int, num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 activation: str = "gelu_tanh"):
         super().__init__()
+        self.activation = activation
         self.source, self.layer_index = source, layer_index
         self.num_local_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
 
@@ -48,7 +51,8 @@ class OffloadedExperts(nn.Module):
             for x_ND, off, h_NF, y_ND in prepared:
                 r = slice(off[expert], off[expert + 1])
                 if r.stop > r.start:
-                    expert_rows_forward_(x_ND[r], w["w1_FD"], w["b1_F"], w["w2_DF"], w["b2_D"], h_NF[r], y_ND[r])
+                    expert_rows_forward_(x_ND[r], w["w1_FD"], w["b1_F"], w["w2_DF"], w["b2_D"], h_NF[r], y_ND[r],
+                                         self.activation)
         return [y_ND for _, _, _, y_ND in prepared]
 
     def extra_repr(self) -> str:

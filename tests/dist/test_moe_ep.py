@@ -13,6 +13,7 @@ def _build(cfg, ep_group, seed=0):
     """Full single-process reference layer and this rank's EP layer holding experts [r*e, (r+1)*e)."""
     torch.manual_seed(seed)
     E = cfg["num_experts"]
+    cfg = {"second_expert_sampling": False, **cfg}  # no random 2nd-expert draws: EP and reference draw differently
     ref = MoELayer(D, FF, E, MoEConfig(**{**cfg, "ep_size": 1})).double()
     with torch.no_grad():
         for p in (ref.experts.b1_eF, ref.experts.b2_eD):
@@ -125,8 +126,11 @@ CASES = [  # (cfg, tokens per rank, aux coeff)
     (dict(num_experts=2, topk=1, train_capacity_factor=1.0, min_capacity=1, use_rts=False), (11, 11), 0.1),
 ]
 FULL_BATCH, DEEPSPEED_STYLE = len(CASES), len(CASES) + 1
-# float64 end to end: differences are summation order only, so 1e-10 is loose.
+# float64 end to end: differences are summation order only, so 1e-10 is loose. The router runs in fp32 whatever the
+# layer's dtype (as DeepSpeed's gate), so its weight gradient, summed over another split of the tokens, agrees to
+# fp32 rounding: 1e-6.
 TOL = 1e-10
+ROUTER_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def ep_results():
 def _check(per_rank_errs):
     for rank, errs in enumerate(per_rank_errs):
         for name, err in errs.items():
-            assert err <= TOL, f"rank {rank}: {name} differs by {err}"
+            assert err <= (ROUTER_TOL if name == "router_grad" else TOL), f"rank {rank}: {name} differs by {err}"
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["top1-dropless", "top2-dropless-uneven-T",
@@ -203,7 +207,7 @@ def test_ep2_training_equals_single_process(tiny_corpus, tmp_path):
 
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
                            "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2", "--topk", "2",
-                           "--disable-moe-token-dropping")
+                           "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling")
     ref = pretrain(argv)
     ranks = run_distributed(_pretrain_weights, 2, argv + ["--moe-expert-parallel-size", "2"])
     for r in ranks:

@@ -11,11 +11,12 @@ from megatron.training import pretrain
 from tests.conftest import tiny_train_argv
 from tests.dist.launcher import run_distributed
 
-# Dropless routing, so no token's fate depends on how many tokens a rank holds; no dropout. --clip-grad 0.05 is
+# Dropless routing, so no token's fate depends on how many tokens a rank holds; no dropout; no random 2nd-expert
+# sampling (each DP rank draws from its own generator, unlike one process running the micro-batches in turn). --clip-grad 0.05 is
 # far below the gradient norm, so every step clips and the weights depend on the global norm being summed
 # correctly over experts with different EP sizes (EP-1 experts are replicated, EP-2 experts are split).
 PR_MOE = ["--num-layers", "4", "--num-experts", "2", "4", "--expert-interval", "2", "--mlp-type", "residual",
-          "--disable-moe-token-dropping", "--topk", "2", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+          "--disable-moe-token-dropping", "--topk", "2", "--disable-moe-top2-2nd-expert-sampling", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
           "--micro-batch-size", "2", "--global-batch-size", "4", "--clip-grad", "0.05", "--eval-iters", "0",
           "--lr-decay-iters", "4"]
 

@@ -28,7 +28,9 @@ def _cfg(rope: bool) -> ModelConfig:
 
 
 def _moe_cfg(moe: bool):
-    return MoEConfig(num_experts=(4,), expert_interval=2, topk=2, drop_tokens=False) if moe else None
+    # no random 2nd-expert sampling: each forward would draw other Gumbel noise (DeepSpeed samples in eval too)
+    return (MoEConfig(num_experts=(4,), expert_interval=2, topk=2, drop_tokens=False, second_expert_sampling=False)
+            if moe else None)
 
 
 def _grads(model) -> dict:
@@ -172,7 +174,8 @@ def test_checkpoint_converted_between_tp_sizes_continues_training(tiny_corpus, t
     from tools.checkpoint_tp import main as convert_main
 
     base = tiny_train_argv(tiny_corpus, tmp_path, "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
-                           "--num-experts", "4", "--expert-interval", "2", "--train-iters", "6")
+                           "--num-experts", "4", "--expert-interval", "2", "--train-iters", "6", "--no-moe-use-rts")
+    # (no RTS: DeepSpeed's top-1 RTS also draws in eval, so two inference loads below would drop differently)
     straight = run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2"])
     save = str(tmp_path / "tp2")
     run_distributed(_train, 2, base + ["--tensor-model-parallel-size", "2", "--exit-interval", "3", "--save", save,
@@ -211,9 +214,10 @@ def test_tp2_dp2_ep2_training_equals_single_process(tiny_corpus, tmp_path):
     one process (checks the group layout: TP pairs {0,1},{2,3}; DP/EP pairs {0,2},{1,3})."""
     argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
                            "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2",
-                           "--topk", "2", "--clip-grad", "0.05", "--disable-moe-token-dropping")
-    # dropless: with capacity dropping, random token selection draws from each rank's generator, so DP ranks
-    # drop differently from one process running the same micro-batches one after another
+                           "--topk", "2", "--clip-grad", "0.05", "--disable-moe-token-dropping",
+                           "--disable-moe-top2-2nd-expert-sampling")
+    # dropless and no 2nd-expert sampling: random token selection and Gumbel sampling draw from each rank's
+    # generator, so DP ranks would route differently from one process running the same micro-batches in turn
     ref = pretrain(argv)
     ranks = run_distributed(_train, 4, argv + ["--tensor-model-parallel-size", "2",
                                                 "--moe-expert-parallel-size", "2"])

@@ -33,6 +33,8 @@ MAPPING = {
     "--init-method-std": (["0.006"], "model.init_method_std", 0.006),
     "--layernorm-epsilon": (["1e-6"], "model.layernorm_epsilon", 1e-6),
     "--make-vocab-size-divisible-by": (["64"], "tokenizer.make_vocab_size_divisible_by", 64),
+    "--no-bias-gelu-fusion": ([], "model.activation", "gelu"),
+    "--openai-gelu": ([], "model.activation", "gelu_tanh"),  # after --no-bias-gelu-fusion (PRECEDING)
     "--num-experts": (["8"], "moe.num_experts", (8,)),
     "--expert-interval": (["1", "--num-experts", "4"], "moe.expert_interval", 1),
     "--topk": (["2", "--num-experts", "4"], "moe.topk", 2),
@@ -47,6 +49,8 @@ MAPPING = {
     "--moe-use-rts": (["--num-experts", "4"], "moe.use_rts", True),  # after --no-moe-use-rts (PRECEDING)
     "--no-moe-use-rts": (["--num-experts", "4"], "moe.use_rts", False),
     "--mlp-type": (["residual", "--num-experts", "4"], "moe.mlp_type", "residual"),
+    "--moe-token-drop-policy": (["probs", "--num-experts", "4"], "moe.drop_policy", "probs"),
+    "--disable-moe-top2-2nd-expert-sampling": (["--num-experts", "4"], "moe.second_expert_sampling", False),
     "--micro-batch-size": (["2"], "data.micro_batch_size", 2),
     "--global-batch-size": (["16"], "data.global_batch_size", 16),
     "--train-iters": (["77"], "scheduler.train_iters", 77),
@@ -175,7 +179,7 @@ SAMPLE_BASED = {"--train-samples", "--lr-warmup-samples", "--lr-decay-samples", 
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
 # flags whose mapping is only visible after an opposite flag (every case must move its field off the default)
-PRECEDING = {"--moe-use-rts": ["--no-moe-use-rts"],
+PRECEDING = {"--moe-use-rts": ["--no-moe-use-rts"], "--openai-gelu": ["--no-bias-gelu-fusion"],
              "--check-for-nan-in-loss-and-grad": ["--no-check-for-nan-in-loss-and-grad"]}
 
 

@@ -60,3 +60,24 @@ def test_deepspeed_wrapper_errors():
         MoE(8, num_experts=2, capacity_factor=0)
     with pytest.raises(ValueError, match="--num-experts"):
         MoE(8, num_experts=3, ep_size=2)
+
+
+def test_routing_choices_default_to_deepspeed_and_old_checkpoints_keep_theirs():
+    """New configs route as DeepSpeed (per-k drop policy and aux-loss choices); a config recorded before these fields
+    existed loads with the routing and expert activation it was trained with (moe.config.LEGACY_ROUTING)."""
+    import dataclasses
+
+    from moe.config import LEGACY_ROUTING
+
+    assert [MoEConfig(num_experts=4, topk=k).drop_policy for k in (1, 2, 3)] == ["any", "position", "probs"]
+    assert [MoEConfig(num_experts=4, topk=k).aux_loss_choices for k in (1, 2, 3)] == ["first", "first", "all"]
+    cfg = MoEConfig(num_experts=4, topk=2)
+    assert (cfg.renormalize, cfg.second_expert_sampling, cfg.rts_scope, cfg.expert_activation) == \
+        ("after_drop", True, "top1", None)
+    assert MoEConfig(num_experts=4, noisy_gate_policy="None").noisy_gate_policy is None  # DeepSpeed's string
+    recorded = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LEGACY_ROUTING}
+    old = MoEConfig.from_recorded(recorded)
+    assert {k: getattr(old, k) for k in LEGACY_ROUTING} == LEGACY_ROUTING
+    assert MoEConfig.from_recorded(dataclasses.asdict(cfg)) == cfg  # a new checkpoint round-trips
+    with pytest.raises(ValueError, match=r"--moe-token-drop-policy \('first'\) must be one of"):
+        MoEConfig(num_experts=4, drop_policy="first")

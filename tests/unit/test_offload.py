@@ -35,8 +35,10 @@ def save_moe_checkpoint(root, topk=2, drop_tokens=True, num_experts=8, tokenizer
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=seq,
                       max_position_embeddings=seq, padded_vocab_size=128, hidden_dropout=0.0, attention_dropout=0.0)
+    # deterministic eval routing (DeepSpeed's defaults draw RTS uniforms / Gumbel noise in eval too, which would make
+    # the two runs' routing differ by their RNG use, not by offload)
     moe = MoEConfig(num_experts=num_experts, expert_interval=2, topk=topk, drop_tokens=drop_tokens,
-                    eval_capacity_factor=1.0, min_capacity=1)
+                    eval_capacity_factor=1.0, min_capacity=1, use_rts=False, second_expert_sampling=False)
     model = GPTModel(cfg, moe)
     configs = {"model": dataclasses.asdict(cfg), "moe": dataclasses.asdict(moe),
                "tokenizer": {"tokenizer_type": "SentencePieceTokenizer", "vocab_file": None, "merge_file": None,

@@ -73,14 +73,15 @@ D, FF, E = 8, 16, 4
 
 def _layer(mlp_type, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=E, topk=2, drop_tokens=False, mlp_type=mlp_type, **kw)
+    cfg = MoEConfig(num_experts=E, topk=2, drop_tokens=False, mlp_type=mlp_type, second_expert_sampling=False, **kw)
     return MoELayer(D, FF, E, cfg).double()
 
 
 def _dense_branch(layer, x_TD):
-    """The residual MLP and coefficients recomputed from the raw parameters (exact GELU, as the experts)."""
+    """The residual MLP and coefficients recomputed from the raw parameters (tanh GELU, as the experts)."""
     mlp, lin = layer.residual.mlp, layer.residual.coefficient
-    mlp_TD = F.linear(F.gelu(F.linear(x_TD, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    mlp_TD = F.linear(F.gelu(F.linear(x_TD, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias), approximate="tanh"),
+                      mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias)
     return mlp_TD, torch.softmax(x_TD @ lin.weight.t() + lin.bias, dim=-1)
 
 
@@ -123,7 +124,7 @@ def test_residual_gradients_reach_both_branches_and_the_coefficient():
     y, stats = layer(x)
     (y.pow(2).sum() + stats.aux_loss).backward()
     named = dict(layer.named_parameters())
-    for name in ("residual.mlp.fc1.weight", "residual.mlp.fc2.weight", "residual.coefficient.weight",
+    for name in ("residual.mlp.dense_h_to_4h.weight", "residual.mlp.dense_4h_to_h.weight", "residual.coefficient.weight",
                  "residual.coefficient.bias", "experts.w1_eFD", "experts.w2_eDF", "router.weight"):
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
@@ -193,3 +194,22 @@ def test_residual_pyramid_checkpoint_round_trip(tiny_corpus, tmp_path):
         assert torch.equal(v, loaded[k]), k
     with pytest.raises(CheckpointError, match="--mlp-type mismatch"):
         pretrain(_argv(tiny_corpus, tmp_path, "--num-experts", "2", "4", "--load", save))
+
+
+def test_checkpoint_with_old_residual_names_loads():
+    """Checkpoints written before the one MLP class named the Residual-MoE branch's linears fc1/fc2: load_model_state
+    renames them, and the loaded branch holds those weights."""
+    from megatron.checkpointing import load_model_state
+    from megatron.config import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=16, seq_length=8,
+                      max_position_embeddings=8, padded_vocab_size=32)
+    moe_cfg = MoEConfig(num_experts=2, expert_interval=2, mlp_type="residual")
+    torch.manual_seed(0)
+    src, dst = GPTModel(cfg, moe_cfg), GPTModel(cfg, moe_cfg)
+    old = {k.replace("residual.mlp.dense_h_to_4h.", "residual.mlp.fc1.").replace("residual.mlp.dense_4h_to_h.",
+                                                                                  "residual.mlp.fc2."): v
+           for k, v in src.state_dict().items() if ".experts." not in k}
+    assert any(".residual.mlp.fc1." in k for k in old)
+    load_model_state(dst, {"model": old}, "old_ckpt", load_experts=False)
+    assert torch.equal(dst.layers[1].mlp.residual.mlp.dense_h_to_4h.weight, src.layers[1].mlp.residual.mlp.dense_h_to_4h.weight)
