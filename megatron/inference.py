@@ -61,7 +61,10 @@ def moe_eval_overrides(token_dropping: bool = False, capacity_factor: Optional[f
     if capacity_factor is not None and not capacity_factor > 0:
         raise ConfigError(f"--moe-eval-capacity-factor ({capacity_factor}) must be > 0")
     dropping = token_dropping or capacity_factor is not None
-    out = {"drop_tokens": dropping}
+    # Deterministic routing too: DeepSpeed's defaults draw random numbers in eval (Gumbel noise for a top-2 router's
+    # second expert; RTS drop priority for top-1), which would make a score change from one run to the next. The
+    # second expert is the router's second choice and drops (when asked for) go by the routers' own order.
+    out = {"drop_tokens": dropping, "second_expert_sampling": False, "rts_scope": "train"}
     if capacity_factor is not None:
         out["eval_capacity_factor"] = capacity_factor
     return out
