@@ -706,16 +706,20 @@ def _first_error(err: Optional[str]) -> Optional[str]:
     return next((e for e in out if e), None)
 
 
-def _read_verified(ckpt_dir: str, model, groups):
-    """((dense payload, this rank's expert payloads), None), or (None, why) for a torn or corrupted checkpoint."""
+def _read_verified(ckpt_dir: str, model, groups, check=None):
+    """((dense payload, this rank's expert payloads), None), or (None, why) for a torn or corrupted checkpoint.
+    `check(payload, ckpt_dir)` runs between the dense file and the expert files: a checkpoint of another architecture
+    is reported as that (a CheckpointError naming the flag), not as the expert files it lacks."""
     try:
         payload, _ = load_dense(ckpt_dir, groups.tp_rank, groups.tp_size)
+        if check is not None:
+            check(payload, ckpt_dir)
         return (payload, read_expert_files(model, ckpt_dir)), None
     except CorruptCheckpointError as e:
         return None, str(e)
 
 
-def read_training_checkpoint(ck, model, groups) -> Tuple[str, dict, dict]:
+def read_training_checkpoint(ck, model, groups, check=None) -> Tuple[str, dict, dict]:
     """(directory, dense payload, this rank's expert payloads) of what --load names, every file verified.
 
     A torn or corrupted checkpoint (or tracker) is an error that names the file and the iteration --load-fallback
@@ -728,7 +732,7 @@ def read_training_checkpoint(ck, model, groups) -> Tuple[str, dict, dict]:
     for d, it in candidates:
         if refused and not ck.load_fallback:
             break
-        got, err = _read_verified(d, model, groups)
+        got, err = _read_verified(d, model, groups, check)
         err = _first_error(err)
         tried += 1
         if err is None:
@@ -804,12 +808,16 @@ def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, grou
     consumed_tokens}, or None when they restart from zero (--finetune, --reset-iteration). The checkpoint's
     architecture must match the flags (CheckpointError naming the field)."""
     ck = cfg.checkpoint
-    ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups)
+
+    def check(payload: dict, ckpt_dir: str) -> None:  # the architecture, before any expert file is read
+        saved = payload.get("configs", {})
+        check_config_match(saved.get("model", {}), dataclasses.asdict(cfg.model), "training", ckpt_dir)
+        if saved.get("moe") or cfg.moe:
+            check_config_match(saved.get("moe") or {"num_experts": [1]},
+                               dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
+
+    ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups, check)
     saved = payload.get("configs", {})
-    check_config_match(saved.get("model", {}), dataclasses.asdict(cfg.model), "training", ckpt_dir)
-    if saved.get("moe") or cfg.moe:
-        check_config_match(saved.get("moe") or {"num_experts": [1]},
-                           dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
     if saved.get("moe") and cfg.moe and "drop_policy" not in saved["moe"]:
         log.warning("%s was trained before the routing choices were recorded (exact-GELU experts, probability "
                        "drop priority, gates renormalised before dropping, RTS in training only: "

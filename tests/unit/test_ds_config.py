@@ -129,9 +129,17 @@ def test_scheduler_blocks(tmp_path):
     assert (cfg.optimizer.lr, cfg.scheduler.lr_warmup_iters, cfg.scheduler.lr_decay_style) == (0.002, 5, "constant")
     with pytest.raises(ConfigError, match=r"WarmupLR with warmup_type 'log'"):
         _cfg(tmp_path, {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}})
-    args, _ = _cfg(tmp_path, {"scheduler": {"type": "OneCycle", "params": {}}})
-    assert any("scheduler type 'OneCycle' is not supported here" in n for n in args.config_notes)
-    assert "OneCycle" not in ds_config.SCHEDULER_READERS  # the hook issue 16's reader plugs into
+    # LRRangeTest / OneCycle go through issue 16's reader onto --lr-decay-style lr-range-test / one-cycle
+    _, cfg = _cfg(tmp_path, {"scheduler": {"type": "OneCycle", "params": {
+        "cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3, "cycle_first_step_size": 7}}})
+    s = cfg.scheduler
+    assert (s.lr_decay_style, s.cycle_min_lr, s.cycle_max_lr, s.cycle_first_step_size) == ("one-cycle", 1e-4, 1e-3, 7)
+    _, cfg = _cfg(tmp_path, {"scheduler": {"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 1e-5}}})
+    assert (cfg.scheduler.lr_decay_style, cfg.scheduler.lr_range_test_min_lr) == ("lr-range-test", 1e-5)
+    with pytest.raises(ConfigError, match=r"one-cycle needs --cycle-min-lr and --cycle-max-lr"):
+        _cfg(tmp_path, {"scheduler": {"type": "OneCycle", "params": {}}})
+    args, _ = _cfg(tmp_path, {"scheduler": {"type": "WarmupCosineLR", "params": {}}})
+    assert any("scheduler type 'WarmupCosineLR' is not supported here" in n for n in args.config_notes)
 
 
 def test_unfilled_template_is_one_line(tmp_path):
