@@ -82,11 +82,12 @@ def test_zero_equals_unsharded_optimizer(tiny_corpus, tmp_path, world, ep):
 
 
 def _resume_argv(corpus, tmp, *extra):
-    # no dropout, dropless MoE: a DP=1 run then sees the same global batch as DP=2 (dropout streams and capacity
-    # per micro-batch would differ between the two layouts)
+    # no dropout, dropless MoE, no Gumbel second-expert sampling: a DP=1 run then sees the same global batch as DP=2
+    # (dropout and sampling streams, and capacity per micro-batch, would differ between the two layouts)
     return tiny_train_argv(corpus, pathlib.Path(tmp), "--train-iters", "8", "--global-batch-size", "8",
                            "--micro-batch-size", "2", "--num-experts", "4", "--topk", "2", "--hidden-dropout", "0",
-                           "--attention-dropout", "0", "--disable-moe-token-dropping", *extra)
+                           "--attention-dropout", "0", "--disable-moe-token-dropping",
+                           "--disable-moe-top2-2nd-expert-sampling", *extra)
 
 
 def _resume(rank, world_size, corpus, tmp):

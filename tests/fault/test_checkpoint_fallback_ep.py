@@ -34,7 +34,7 @@ def test_fallback_agreed_by_both_ranks(tiny_corpus, tmp_path):
     data[len(data) // 3] ^= 0xFF
     open(bad, "wb").write(bytes(data))
 
-    r = _torchrun(flags + ["--train-iters", "6", "--load", ck])
+    r = _torchrun(flags + ["--train-iters", "6", "--override-opt_param-scheduler", "--load", ck])
     lines = [ln.split("]:", 1)[-1].strip() for ln in r.stderr.splitlines() if "error: " in ln]
     lines = [ln[ln.index("error: "):] for ln in lines]
     assert r.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], r.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_fallback_agreed_by_both_ranks(tiny_corpus, tmp_path):
     # torchrun itself prints a traceback (ChildFailedError) when a worker exits non-zero; none comes from our code
     assert f'{os.sep}megatron{os.sep}' not in "".join(ln for ln in r.stderr.splitlines() if ln.strip().startswith("File"))
 
-    r = _torchrun(flags + ["--train-iters", "6", "--load", ck, "--load-fallback"])
+    r = _torchrun(flags + ["--train-iters", "6", "--override-opt_param-scheduler", "--load", ck, "--load-fallback"])
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert out.count("--load-fallback: ") == 1 and "loaded iteration 2" in out, out[-3000:]
