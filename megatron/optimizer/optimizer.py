@@ -27,13 +27,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return out
 
 
-def adamw(groups: List[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """torch AdamW over `groups`; the fused kernel where the device supports it (CUDA, and CPU in recent torch)."""
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+def _kernel(param: torch.Tensor) -> dict:
+    """AdamW's fused kernel where the device supports it (CUDA, and CPU in recent torch), else foreach; probed on a
+    stand-in parameter of `param`'s dtype and device."""
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, dtype=param.dtype, device=param.device))], fused=True)
+        return {"fused": True}
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        return {"foreach": True}
+
+
+def _hyper(cfg: OptimizerConfig) -> dict:
+    return dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def adamw(groups: List[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch AdamW over `groups` with the kernel `_kernel` picks for their first parameter."""
+    return torch.optim.AdamW(groups, **_kernel(groups[0]["params"][0]), **_hyper(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups=None, zero_stage: int = 0, offload=None,
@@ -53,14 +63,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, groups=None, z
         return adamw(param_groups(model, cfg.weight_decay), cfg)
     from megatron.optimizer.offload import ExpertOffloadAdamW
 
-    # the kernel adamw() would pick, probed on a stand-in parameter (building the offloaded optimizer opens its
-    # store, so it is built once)
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    p = next(model.parameters())
-    try:
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, dtype=p.dtype, device=p.device))], fused=True)
-        kernel = {"fused": True}
-    except (RuntimeError, TypeError, ValueError):
-        kernel = {"foreach": True}
+    # the kernel adamw() would pick (probed, not tried: building the offloaded optimizer opens its store)
     return ExpertOffloadAdamW(param_groups(model, cfg.weight_decay), model=model, offload=offload, rank=rank,
-                              world_size=world_size, **kernel, **kwargs)
+                              world_size=world_size, **_kernel(next(model.parameters())), **_hyper(cfg))
