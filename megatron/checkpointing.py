@@ -542,13 +542,18 @@ def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1) -> Tuple[dict, str
     return load_checkpoint_file(ckpt_dir, dense_path(ckpt_dir, tp_rank)), ckpt_dir
 
 
-def read_expert_files(model, ckpt_dir: str) -> Dict[Tuple[int, int], dict]:
-    """This rank's expert files of `ckpt_dir` (verified), keyed by (MoE layer, global expert id); each read once."""
+def read_expert_files(model, ckpt_dir: str, keep_optimizer: bool = True) -> Dict[Tuple[int, int], dict]:
+    """This rank's expert files of `ckpt_dir` (verified), keyed by (MoE layer, global expert id); each read once.
+    Without `keep_optimizer` each payload's Adam state is dropped as soon as its file is read (expert optimizer state
+    offloaded to NVMe: it is re-read one file at a time into the store, never all in memory at once)."""
     out = {}
     for moe_idx, _, layer in _moe_layers(model):
         e = layer.num_local_experts
         for gid in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
-            out[(moe_idx, gid)] = load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid))
+            payload = load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid))
+            if not keep_optimizer and isinstance(payload, dict):
+                payload.pop("optimizer", None)
+            out[(moe_idx, gid)] = payload
     return out
 
 
@@ -706,21 +711,23 @@ def _first_error(err: Optional[str]) -> Optional[str]:
     return next((e for e in out if e), None)
 
 
-def _read_verified(ckpt_dir: str, model, groups, check=None):
+def _read_verified(ckpt_dir: str, model, groups, check=None, keep_optimizer: bool = True):
     """((dense payload, this rank's expert payloads), None), or (None, why) for a torn or corrupted checkpoint.
     `check(payload, ckpt_dir)` runs between the dense file and the expert files: a checkpoint of another architecture
-    is reported as that (a CheckpointError naming the flag), not as the expert files it lacks."""
+    is reported as that (a CheckpointError naming the flag), not as the expert files it lacks. `keep_optimizer`: as
+    read_expert_files."""
     try:
         payload, _ = load_dense(ckpt_dir, groups.tp_rank, groups.tp_size)
         if check is not None:
             check(payload, ckpt_dir)
-        return (payload, read_expert_files(model, ckpt_dir)), None
+        return (payload, read_expert_files(model, ckpt_dir, keep_optimizer)), None
     except CorruptCheckpointError as e:
         return None, str(e)
 
 
-def read_training_checkpoint(ck, model, groups, check=None) -> Tuple[str, dict, dict]:
-    """(directory, dense payload, this rank's expert payloads) of what --load names, every file verified.
+def read_training_checkpoint(ck, model, groups, check=None, keep_optimizer: bool = True) -> Tuple[str, dict, dict]:
+    """(directory, dense payload, this rank's expert payloads) of what --load names, every file verified (without
+    `keep_optimizer`, the expert payloads hold no Adam state: see read_expert_files).
 
     A torn or corrupted checkpoint (or tracker) is an error that names the file and the iteration --load-fallback
     would load; with --load-fallback (ck.load_fallback) the newest older iteration that verifies on every rank is
@@ -732,7 +739,7 @@ def read_training_checkpoint(ck, model, groups, check=None) -> Tuple[str, dict, 
     for d, it in candidates:
         if refused and not ck.load_fallback:
             break
-        got, err = _read_verified(d, model, groups, check)
+        got, err = _read_verified(d, model, groups, check, keep_optimizer)
         err = _first_error(err)
         tried += 1
         if err is None:
@@ -776,13 +783,16 @@ def _after_fallback(ck, refused, ckpt_dir: str, iteration: int) -> None:
 
 def _fill_offloaded_expert_state(model, optimizer, ckpt_dir: str, experts: Optional[dict] = None) -> None:
     """Writes each local expert's Adam state from its checkpoint file (or its verified payload in `experts`, keyed by
-    (MoE layer, global expert id)) into the offload store; read here, one file is in memory at a time."""
+    (MoE layer, global expert id), when that still holds its Adam state) into the offload store; the files read here
+    are read (and verified) one at a time, so one expert's state is in memory at a time."""
     for moe_idx, prefix, layer in _moe_layers(model):
         e = layer.num_local_experts
         present = None
         for g in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
             path = expert_path(ckpt_dir, moe_idx, g)
-            optim = (experts[(moe_idx, g)] if experts is not None else load_checkpoint_file(ckpt_dir, path))["optimizer"]
+            given = experts.get((moe_idx, g)) if experts is not None else None
+            optim = (given if given is not None and "optimizer" in given
+                     else load_checkpoint_file(ckpt_dir, path))["optimizer"]
             if present is not None and set(optim) != present:  # the in-memory load would stack unequal sets
                 raise CheckpointError(f"{path}: holds Adam state for {sorted(optim)}, the other experts of MoE layer "
                                       f"{moe_idx} for {sorted(present)}; the checkpoint is inconsistent")
@@ -816,7 +826,10 @@ def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, grou
             check_config_match(saved.get("moe") or {"num_experts": [1]},
                                dataclasses.asdict(cfg.moe) if cfg.moe else {"num_experts": [1]}, "training", ckpt_dir)
 
-    ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups, check)
+    # offloaded expert Adam state is not held for all experts at once: read_training_checkpoint verifies every file
+    # and keeps the expert weights; _fill_offloaded_expert_state re-reads the state one file at a time
+    offloaded = isinstance(optimizer, ExpertOffloadAdamW)
+    ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups, check, keep_optimizer=not offloaded)
     saved = payload.get("configs", {})
     if saved.get("moe") and cfg.moe and "drop_policy" not in saved["moe"]:
         log.warning("%s was trained before the routing choices were recorded (exact-GELU experts, probability "

@@ -111,6 +111,23 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     model = build_model(cfg, groups, device)
     optimizer = build_optimizer(model, cfg.optimizer, groups, cfg.parallel.zero_stage, cfg.optimizer_offload,
                                 groups.rank, groups.world_size)
+    with release_offload_on_error(optimizer):
+        return _finish_setup(cfg, groups, device, tokenizer, model, optimizer)
+
+
+@contextlib.contextmanager
+def release_offload_on_error(optimizer):
+    """An error inside closes an ExpertOffloadAdamW's store (its lock), so that the offload directory is free for the
+    next run in this process (tests, tools calling main twice); the process exiting would release it too."""
+    try:
+        yield
+    except BaseException:
+        if isinstance(optimizer, ExpertOffloadAdamW):
+            optimizer.close()
+        raise
+
+
+def _finish_setup(cfg: TrainConfig, groups, device, tokenizer, model, optimizer) -> TrainState:
     scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
     scaler = None
     if cfg.optimizer.fp16:
@@ -409,11 +426,8 @@ def pretrain(argv=None) -> dict:
     cfg = st.cfg
     signals = ExitSignals() if cfg.logging.exit_signal_handler else None
     try:
-        result = train(st, train_iter, make_valid, signals, start)
-    except BaseException:
-        if isinstance(st.optimizer, ExpertOffloadAdamW):
-            st.optimizer.close()  # a failed run leaves its offload directory free for the next one
-        raise
+        with release_offload_on_error(st.optimizer):  # a failed run leaves its offload directory free for the next
+            result = train(st, train_iter, make_valid, signals, start)
     finally:
         if signals is not None:
             signals.restore()
@@ -443,6 +457,11 @@ def setup_from_argv(argv=None):
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,))
     st = setup_train_state(cfg, groups, device, tokenizer)
+    with release_offload_on_error(st.optimizer):
+        return _report_and_data(st, cfg, world_size, groups, device)
+
+
+def _report_and_data(st: TrainState, cfg: TrainConfig, world_size: int, groups, device):
     n_params = sum(p.numel() for p in st.model.parameters())
     print_rank0(f"> model: {n_params / 1e6:.2f}M parameters on rank 0 | world {world_size} | dp {groups.dp_size} "
                 f"| global batch {st.global_batch_size} = micro {cfg.data.micro_batch_size} x dp "

@@ -74,10 +74,16 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         source = {"kind": "adam-state", "rank": rank, "world_size": world_size,
                   "records": [[m, g] for (m, g), _ in layout],
                   "tensors": sorted({f"{n}:{list(s)}" for _, t in layout for n, (s, _) in t.items()})}
+        self._lock = None
+        StateSwapper.load_aio()  # before any disk space is reserved: a missing op is a one-line error
         self.store, self._lock = open_training_store(offload.directory, rank, ((m, g, t) for (m, g), t in layout),
                                                      source)
-        self.swapper = StateSwapper(self.store, offload.buffer_count, offload.handle_kwargs(), offload.pipeline,
-                                    offload.verify)
+        try:
+            self.swapper = StateSwapper(self.store, offload.buffer_count, offload.handle_kwargs(), offload.pipeline,
+                                        offload.verify)
+        except BaseException:
+            self.close()
+            raise
         # record key -> (index into self.layers, local expert)
         self.local_expert_of = {(m, ep_rank * e + i): (idx, i) for idx, (m, ep_rank, e, _) in enumerate(self.layers)
                                 for i in range(e)}
@@ -115,6 +121,8 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
 
         def update(key, records):
             idx, i = self.local_expert_of[key]
+            if not self.layers[idx][3]:  # a MoE layer whose experts are all frozen: nothing to step
+                return
             device = self.layers[idx][3][0][1].device
             # GPU parameters: the record's state is staged on the device for the update and copied back before the
             # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)

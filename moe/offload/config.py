@@ -115,6 +115,18 @@ _DS_AIO_KEYS = {"block_size": "moe_offload_aio_block_size", "queue_depth": "moe_
                 "thread_count": "moe_offload_aio_intra_op_parallelism"}
 
 
+def _typed(where: str, value, kind):
+    """`value` of DeepSpeed config key `where` as int, float or bool; OffloadError naming the key otherwise (JSON
+    true/false for booleans; a whole number for integers)."""
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise OffloadError(f"{where} must be {want}, got {value!r}")
+    return kind(value)
+
+
 def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional[dict]) -> dict:
     """A DeepSpeed config's `zero_optimization.offload_optimizer` and `aio` blocks as pretrain_gpt.py argparse
     dests ({dest: value}; only what the blocks set), restricted here to expert parameters.
@@ -145,15 +157,20 @@ def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional
             raise OffloadError(f"zero_optimization.offload_optimizer.device ({device!r}) must be nvme or none")
         out["moe_offload_optimizer"] = device
         if "nvme_path" in off:
+            if not isinstance(off["nvme_path"], str):
+                raise OffloadError(f"zero_optimization.offload_optimizer.nvme_path must be a directory path (a string), "
+                                   f"got {off['nvme_path']!r}")
             out["moe_offload_dir"] = off["nvme_path"]
         if device == "nvme" and not off.get("nvme_path"):
             raise OffloadError('zero_optimization.offload_optimizer.device "nvme" needs "nvme_path" (a directory '
                                'on the NVMe disk)')
         if "buffer_count" in off:
-            out["moe_offload_buffer_count"] = int(off["buffer_count"])
+            out["moe_offload_buffer_count"] = _typed("zero_optimization.offload_optimizer.buffer_count",
+                                                     off["buffer_count"], int)
         if "pipeline_read" in off or "pipeline_write" in off:
-            out["moe_offload_pipeline"] = bool(off.get("pipeline_read", False) or off.get("pipeline_write", False))
-        if float(off.get("ratio", 1.0)) != 1.0:
+            out["moe_offload_pipeline"] = any([_typed(f"zero_optimization.offload_optimizer.{k}", off[k], bool)
+                                               for k in ("pipeline_read", "pipeline_write") if k in off])
+        if _typed("zero_optimization.offload_optimizer.ratio", off.get("ratio", 1.0), float) != 1.0:
             raise OffloadError(f"zero_optimization.offload_optimizer.ratio ({off['ratio']}) must be 1.0: partial "
                                f"optimizer offload is not supported (all expert state is offloaded)")
     if aio:
@@ -167,5 +184,5 @@ def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional
         for key, dest in _DS_AIO_KEYS.items():
             if key in aio:
                 value = aio[key]
-                out[dest] = bool(value) if key in ("single_submit", "overlap_events") else int(value)
+                out[dest] = _typed(f"aio.{key}", value, bool if key in ("single_submit", "overlap_events") else int)
     return out

@@ -354,7 +354,8 @@ def open_training_store(directory: str, rank: int, layout: Iterable[Tuple[int, i
                         source: dict) -> Tuple[ExpertStore, object]:
     """(a fresh mutable store for this rank in DIR/rank_XXXXX, the open lock file that must stay open).
 
-    `directory` must be missing, empty, or hold only rank_XXXXX stores this run may reuse: a store whose manifest
+    `directory` must be missing, empty, or hold only rank_XXXXX stores this run may reuse (and a filesystem's
+    lost+found): a store whose manifest
     records another `source` (a run with another model, world size or expert layout), an inference expert store,
     or any other file is refused with one line naming the path; so is a store locked by a running process.
     A reused store's contents are discarded (training fills it from --load, or starts from zeros).
@@ -367,7 +368,9 @@ def open_training_store(directory: str, rank: int, layout: Iterable[Tuple[int, i
                            f"directory") from None
     if not os.access(sub, os.W_OK):
         raise OffloadError(f"--moe-offload-dir {sub}: not writable; choose a writable directory")
-    others = sorted(n for n in os.listdir(directory) if not re.fullmatch(r"rank_\d{5}", n))
+    # lost+found: a filesystem's own folder, there when --moe-offload-dir is a mount point (DeepSpeed's nvme_path is
+    # usually the NVMe mount itself)
+    others = sorted(n for n in os.listdir(directory) if not re.fullmatch(r"rank_\d{5}", n) and n != "lost+found")
     if others:
         kind = "an inference expert store" if MANIFEST in others else f"other files ({', '.join(others[:3])})"
         raise OffloadError(f"--moe-offload-dir {directory}: holds {kind}, not optimizer state of this run; point it "

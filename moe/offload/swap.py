@@ -61,12 +61,7 @@ class StateSwapper:
 
     def __init__(self, store: ExpertStore, buffer_count: int, handle_kwargs: dict, pipeline: bool = True,
                  verify: bool = True):
-        from moe.ops.op_builder import AsyncIOBuilder
-
-        try:
-            aio = AsyncIOBuilder().load()
-        except RuntimeError as e:
-            raise OffloadError(f"--moe-offload-optimizer nvme needs the native aio op: {e}") from None
+        aio = self.load_aio()
         self.store, self.pipeline, self.verify = store, pipeline, verify
         self.read_handle = aio.aio_handle(**handle_kwargs)
         self.write_handle = aio.aio_handle(**handle_kwargs)
@@ -74,6 +69,16 @@ class StateSwapper:
         whole = self.read_handle.new_cpu_locked_tensor(n * rb, torch.empty(0, dtype=torch.uint8))
         self.buffers: List[torch.Tensor] = [whole[i * rb:(i + 1) * rb] for i in range(n)]
         self.stats = SwapStats()
+
+    @staticmethod
+    def load_aio():
+        """The native aio op (csrc/aio), or OffloadError saying why it cannot be loaded."""
+        from moe.ops.op_builder import AsyncIOBuilder
+
+        try:
+            return AsyncIOBuilder().load()
+        except RuntimeError as e:
+            raise OffloadError(f"--moe-offload-optimizer nvme needs the native aio op: {e}") from None
 
     @property
     def resident_bytes(self) -> int:
@@ -93,33 +98,36 @@ class StateSwapper:
             self.stats.steps += 1
 
     def read(self, key: Key) -> Dict[str, torch.Tensor]:
-        """A copy of record `key`'s tensors (checkpoint saving)."""
+        """A copy of record `key`'s tensors (checkpoint saving; not counted in the per-step stats)."""
         buf = self.buffers[0]
-        self._read(key, buf)
+        self._read(key, buf, count=False)
         return {n: t.clone() for n, t in tensor_views(buf, self.store.records[key]).items()}
 
     def write(self, key: Key, tensors: Dict[str, torch.Tensor]) -> None:
-        """Writes record `key` from `tensors` (every tensor of the record, by name; checkpoint loading)."""
+        """Writes record `key` from `tensors` (every tensor of the record, by name; checkpoint loading; not counted in
+        the per-step stats)."""
         buf = self.buffers[0]
         rec = self.store.records[key]
         buf[:rec.nbytes].zero_()
         views = tensor_views(buf, rec)
         for name, view in views.items():
             view.copy_(tensors[name])
-        self._write(key, buf)
+        self._write(key, buf, count=False)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _read(self, key: Key, buf: torch.Tensor) -> None:
+    def _read(self, key: Key, buf: torch.Tensor, count: bool = True) -> None:
         t = time.perf_counter()
         rec = self.store.read_into(self.read_handle, key, buf, self.verify)
-        self.stats.read_s += time.perf_counter() - t
-        self.stats.bytes_read += rec.nbytes
+        if count:
+            self.stats.read_s += time.perf_counter() - t
+            self.stats.bytes_read += rec.nbytes
 
-    def _write(self, key: Key, buf: torch.Tensor) -> None:
+    def _write(self, key: Key, buf: torch.Tensor, count: bool = True) -> None:
         t = time.perf_counter()
         rec = self.store.write_from(self.write_handle, key, buf, self.verify)
-        self.stats.write_s += time.perf_counter() - t
-        self.stats.bytes_written += rec.nbytes
+        if count:
+            self.stats.write_s += time.perf_counter() - t
+            self.stats.bytes_written += rec.nbytes
 
     def _serial(self, keys: List[Key], update: Update) -> None:
         buf = self.buffers[0]

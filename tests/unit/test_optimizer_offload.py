@@ -235,10 +235,49 @@ def test_bad_offload_directories_are_one_line(tiny_corpus, tmp_path, capsys):
     code, err = _main(argv(blocker / "sub"), capsys)
     assert code == 2 and len(err) == 1 and f"--moe-offload-dir {blocker / 'sub'}: cannot create" in err[0], err
     assert not ck.exists()  # the refused runs wrote nothing
+    # a mount point's lost+found is not in the way (DeepSpeed's nvme_path is usually the mount itself)
+    mount = tmp_path / "mount"
+    (mount / "lost+found").mkdir(parents=True)
+    assert _main(argv(mount, "2"), capsys) == (0, [])
+    assert sorted(os.listdir(mount)) == ["lost+found", "rank_00000"]
+    shutil.rmtree(ck)
     # offload of a dense model is a flag error
     code, err = _main(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--moe-offload-optimizer", "nvme",
                                       "--moe-offload-dir", str(tmp_path / "x")), capsys)
     assert code == 2 and len(err) == 1 and "the model is dense" in err[0], err
+
+
+def test_resume_reads_expert_state_one_file_at_a_time_and_failed_setup_frees_the_directory(tiny_corpus, tmp_path,
+                                                                                            capsys, monkeypatch):
+    """Resuming with offload keeps no expert's Adam state in the payloads it verifies (each file's state is re-read
+    into the store on its own, so memory holds one expert's state at a time, never all of them); a run that fails
+    while setting up (a checkpoint of another attention-head count) releases its offload directory: the next run in the same
+    process uses it."""
+    ck, off = tmp_path / "ck", tmp_path / "off"
+    argv = lambda *x: tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "4",  # noqa
+                                      "--save", str(ck), "--moe-offload-optimizer", "nvme", "--moe-offload-dir",
+                                      str(off), "--eval-iters", "0", *x)
+    assert _main(argv("--exit-interval", "2"), capsys) == (0, [])
+    kept, reads = [], []
+    real_read, real_load = checkpointing.read_expert_files, checkpointing.load_checkpoint_file
+    monkeypatch.setattr(checkpointing, "read_expert_files",
+                        lambda *a, **k: kept.append(real_read(*a, **k)) or kept[-1])
+    monkeypatch.setattr(checkpointing, "load_checkpoint_file",
+                        lambda d, path: reads.append(os.path.basename(path)) or real_load(d, path))
+    assert _main(argv("--load", str(ck)), capsys) == (0, [])
+    assert len(kept) == 1 and len(kept[0]) == 4 and all("optimizer" not in p for p in kept[0].values())
+    experts = [f for f in reads if f.startswith("layer_")]
+    assert len(experts) == 8 and sorted(set(experts)) == sorted(experts[:4])  # verified, then re-read one by one
+    monkeypatch.undo()
+    from megatron.errors import CheckpointError
+    from megatron.training import setup_from_argv
+
+    with pytest.raises(CheckpointError, match="num_attention_heads") as failed:  # the same expert layout
+        setup_from_argv(argv("--load", str(ck), "--num-attention-heads", "8"))
+    # `failed` keeps the failed setup's frames (and its optimizer) alive, as a caller's traceback would: without the
+    # release the store's lock would still be held ("in use by another running process")
+    assert _main(argv("--load", str(ck)), capsys) == (0, [])
+    del failed
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) needs root")
@@ -287,7 +326,17 @@ def test_deepspeed_config_blocks_map_onto_the_flags():
                               "ratio"),
                              ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "bogus": 1}}, None,
                               r"unknown key\(s\) \['bogus'\]"),
-                             ({}, {"use_gds": True}, "use_gds")):
+                             ({}, {"use_gds": True}, "use_gds"),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "buffer_count": "four"}},
+                              None, r"offload_optimizer\.buffer_count must be an integer, got 'four'"),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "ratio": None}}, None,
+                              r"offload_optimizer\.ratio must be a number, got None"),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "pipeline_read": True,
+                                                     "pipeline_write": "yes"}}, None,
+                              r"offload_optimizer\.pipeline_write must be true or false"),
+                             ({"offload_optimizer": {"device": "nvme", "nvme_path": 5}}, None, "nvme_path must be"),
+                             ({}, {"block_size": "1M"}, r"aio\.block_size must be an integer, got '1M'"),
+                             ({}, {"single_submit": 1}, r"aio\.single_submit must be true or false")):
         with pytest.raises(OffloadError, match=match):
             offload_args_from_ds_config(zero, aio)
 
@@ -321,8 +370,9 @@ def test_swapper_pipelined_and_serial_apply_every_update_once(tmp_path, monkeypa
             for key, t in expected.items():
                 got = sw.read(key)
                 assert all(torch.equal(got[n], v) for n, v in t.items()), key
-            assert sw.stats.bytes_read == 4 * st.total_bytes()  # 3 rounds + the check's reads
+            assert sw.stats.bytes_read == 3 * st.total_bytes()  # 3 rounds (checkpoint reads are not step traffic)
             assert sw.stats.bytes_written == 3 * st.total_bytes() and sw.resident_bytes == min(buffers, 6) * 4096
+            assert sw.stats.steps == 3
             lock.close()
     monkeypatch.setenv(store.FAULT_ENV, "write:3")
     monkeypatch.setattr(store, "_fault_writes", 0)
@@ -330,6 +380,46 @@ def test_swapper_pipelined_and_serial_apply_every_update_once(tmp_path, monkeypa
         sw.run(st.keys(), update)
     with pytest.raises(OffloadError, match=r"checksum mismatch in the record of MoE layer 0 expert 2"):
         sw.read((0, 2))
+    monkeypatch.delenv(store.FAULT_ENV)
+
+
+@pytest.mark.parametrize("fail", ["update", "read", "write"])
+def test_swapper_pipeline_stops_on_any_failure_without_hanging(tmp_path, monkeypatch, fail):
+    """Pipelined, 3 buffers: an exception from the update, a read error (a corrupted record) or a write error in the
+    middle of a round reaches the caller as itself; both I/O threads have stopped; the store is usable again."""
+    import threading
+
+    from moe.offload import store
+    from moe.offload.swap import StateSwapper
+
+    layout = [(0, e, {"a": ((64,), torch.float32)}) for e in range(8)]
+    st, lock = store.open_training_store(str(tmp_path / "s"), 0, layout, {"run": 1})
+    sw = StateSwapper(st, 3, {"block_size": 4096, "queue_depth": 4}, pipeline=True)
+    sw.run(st.keys(), lambda key, views: views["a"].add_(1))
+
+    def update(key, views):
+        if fail == "update" and key == (0, 4):
+            raise ValueError("update failed")
+        views["a"].add_(1)
+
+    if fail == "read":  # record 5's bytes changed behind the store's back: its checksum no longer matches
+        with open(st.data_path, "r+b") as f:
+            f.seek(st.records[(0, 5)].offset)
+            f.write(b"\xff" * 8)
+    if fail == "write":
+        monkeypatch.setenv(store.FAULT_ENV, "write:4")
+        monkeypatch.setattr(store, "_fault_writes", 0)
+    expect = {"update": (ValueError, "update failed"), "read": (OffloadError, "checksum mismatch .* expert 5"),
+              "write": (OffloadError, "expert 3 .*injected I/O error")}[fail]
+    with pytest.raises(expect[0], match=expect[1]):
+        sw.run(st.keys(), update)
+    assert not [t for t in threading.enumerate() if t.name.startswith("moe-offload-swap")]
+    monkeypatch.delenv(store.FAULT_ENV, raising=False)
+    sw.write((0, 5), {"a": torch.zeros(64)})  # a failed record is usable once rewritten
+    sw.write((0, 3), {"a": torch.zeros(64)})
+    sw.run(st.keys(), lambda key, views: views["a"].add_(1))
+    assert torch.equal(sw.read((0, 5))["a"], torch.ones(64))
+    lock.close()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
