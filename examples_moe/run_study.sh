@@ -38,6 +38,8 @@ SEEDS=${SEEDS:-"1234 1235"}              # dense and MoE are trained once per se
 LRRT_STEPS=${LRRT_STEPS:-60}
 CALIB_ITERS=${CALIB_ITERS:-12}            # iterations of each calibration run (>= 3)
 EVAL_LIMIT=${EVAL_LIMIT:-}               # examples per zero-shot task; empty = the full sets
+EVAL_TASKS=${EVAL_TASKS:-lambada,piqa}   # zero-shot tasks (PIQA has a 303-token solution with the 8k vocabulary: it
+                                         # needs SEQ >= 303, else eval_zeroshot.py refuses it; EVAL_TASKS=lambada)
 EVAL_ITERS=${EVAL_ITERS:-25}             # validation micro-batches (25 x 16 x 256 = 102k held-out tokens)
 
 TOK="$OUT/tokenizer/novels_sp$VOCAB_SIZE"
@@ -130,7 +132,7 @@ evaluate() {  # evaluate NAME: zero-shot LAMBADA + PIQA, skipped when done
   local dir="$OUT/$1"
   [ -f "$dir/eval_zeroshot.json" ] && return
   echo "== $1: zero-shot LAMBADA and PIQA"
-  "$PYTHON" tools/eval_zeroshot.py --load "$dir/checkpoints" --tasks lambada,piqa --data-dir "$DATA_DIR" \
+  "$PYTHON" tools/eval_zeroshot.py --load "$dir/checkpoints" --tasks "$EVAL_TASKS" --data-dir "$DATA_DIR" \
       --micro-batch-size 16 --output "$dir/eval_zeroshot.json.tmp" --no-progress --disable-moe-token-dropping \
       ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} > "$dir/eval.log" 2>&1 || { tail -n 5 "$dir/eval.log" >&2; exit 1; }
   mv "$dir/eval_zeroshot.json.tmp" "$dir/eval_zeroshot.json"
