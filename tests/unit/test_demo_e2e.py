@@ -21,7 +21,7 @@ def _have_data():
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_data(), reason="shared data (corpus, GPT-2 BPE, LAMBADA, PIQA) not found")
 def test_demo_script_runs_end_to_end(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "demo"), TRAIN_ITERS="10", EVAL_LIMIT="20",
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "demo"), TRAIN_ITERS="10", EVAL_LIMIT="20", EVAL_TASKS="lambada,piqa",
                DATA_DIR=str(default_data_dir()))
     p = subprocess.run(["bash", "examples_moe/demo.sh", "--eval-interval", "5", "--lr-warmup-iters", "2"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1200)
