@@ -163,7 +163,15 @@ def load_into_state(st: TrainState) -> None:
                 f"(consumed samples {st.consumed_samples})")
 
 
+def settle(st: TrainState) -> None:
+    """Waits for an offloaded expert step still running behind the training thread (--moe-offload-optimizer nvme
+    with overlap): before anything reads all the weights or the optimizer state (checkpoints, evaluation, the end)."""
+    if isinstance(st.optimizer, ExpertOffloadAdamW):
+        st.optimizer.synchronize()
+
+
 def save(st: TrainState) -> None:
+    settle(st)
     counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
     model = getattr(st.model, "_orig_mod", st.model)
     path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
@@ -371,11 +379,14 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
                                             st.iteration % cfg.checkpoint.save_interval == 0):
                 save(st)
             print_rank0(f"exiting at iteration {st.iteration} ({reason})")
+            settle(st)
             return {"losses": losses, "val_loss": last_val, "exited": True}
+    settle(st)
     return {"losses": losses, "val_loss": last_val, "exited": False}
 
 
 def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
+    settle(st)
     loss = evaluate(st, make_iter, st.cfg.logging.eval_iters)
     if loss is not None:
         ppl = math.exp(min(20.0, loss))

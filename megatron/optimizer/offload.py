@@ -15,6 +15,9 @@ offload: the parameters themselves stay resident for the forward pass.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -29,6 +32,17 @@ from moe.offload.swap import StateSwapper
 
 log = logging.getLogger(__name__)
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class _InFlight:
+    """An expert step running behind the training thread: the MoE layers not yet stepped, its error."""
+
+    pending: set
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    done: bool = False
+    error: Optional[BaseException] = None
+    thread: Optional[threading.Thread] = None
 
 
 class ExpertOffloadAdamW(torch.optim.AdamW):
@@ -52,6 +66,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         # per MoE layer: (moe index, ep_rank, local experts, [(name in layer, stacked param, its group)])
         self.layers: List[Tuple[int, int, int, List[Tuple[str, torch.nn.Parameter, dict]]]] = []
+        moe_modules = []
         for prefix, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)):
             e = layer.num_local_experts
             params = []
@@ -66,6 +81,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                 raise ConfigError(f"--moe-offload-optimizer nvme: MoE layer {prefix} has no layer_index to name its "
                                   f"records by; set it to its position among the model's MoE layers")
             self.layers.append((layer.layer_index, layer.ep_rank, e, params))
+            moe_modules.append(layer)
         self._warn_if_not_exact(adam_kwargs.get("fused"))
         self.expert_steps: Dict[torch.nn.Parameter, torch.Tensor] = {}
         layout = [((m, ep_rank * e + i), {f"{name}.{k}": (tuple(p.shape[1:]), p.dtype)
@@ -75,6 +91,9 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                   "records": [[m, g] for (m, g), _ in layout],
                   "tensors": sorted({f"{n}:{list(s)}" for _, t in layout for n, (s, _) in t.items()})}
         self._lock = None
+        self._inflight: Optional[_InFlight] = None
+        self._hooks = []
+        self.overlap = offload.overlap and offload.pipeline
         StateSwapper.load_aio()  # before any disk space is reserved: a missing op is a one-line error
         self.store, self._lock = open_training_store(offload.directory, rank, ((m, g, t) for (m, g), t in layout),
                                                      source)
@@ -84,13 +103,17 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         except BaseException:
             self.close()
             raise
+        if self.overlap:  # the next forward waits at each MoE layer for that layer's step only
+            self._hooks = [layer.register_forward_pre_hook(lambda _m, _a, m=layer.layer_index: self._wait(m))
+                           for layer in moe_modules]
         # record key -> (index into self.layers, local expert)
         self.local_expert_of = {(m, ep_rank * e + i): (idx, i) for idx, (m, ep_rank, e, _) in enumerate(self.layers)
                                 for i in range(e)}
         log.info("expert optimizer state offloaded to %s: %d records, %.1f MB on disk, %d buffers of %.1f MB "
                  "resident (%s)", self.store.directory, len(self.store.records), self.store.total_bytes() / 1e6,
                  len(self.swapper.buffers), self.store.record_bytes / 1e6,
-                 "pipelined" if offload.pipeline else "not pipelined")
+                 ("pipelined, behind the next forward" if self.overlap else "pipelined") if offload.pipeline
+                 else "not pipelined")
 
     def _warn_if_not_exact(self, fused: Optional[bool]) -> None:
         odd = [name for *_, params in self.layers for name, p, _ in params if p[0].numel() % 16]
@@ -101,7 +124,13 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
+        """Steps the dense groups in memory, then the expert records. With overlap (OptimizerOffloadConfig.overlap,
+        pipelined; pretrain_gpt.py's default) the expert swap runs on a thread of its own and this returns at once: the next forward waits at each MoE
+        layer for that layer's experts only, and `synchronize()` waits for all of it (checkpoints, evaluation,
+        the end of training). The step's gradients, learning rates and step counts are captured here, so
+        zero_grad, a scheduler step or the next backward cannot change an update in flight."""
         assert closure is None, "closures are not supported with offloaded expert state"
+        self.synchronize()
         everything = self.param_groups
         self.param_groups = [g for g in everything if not g.get("moe")]
         try:
@@ -117,33 +146,105 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         for p in stepped:  # torch's lazy init: the count starts at 0 on a parameter's first step
             if p not in self.expert_steps:
                 self.expert_steps[p] = torch.zeros((), dtype=torch.float32, device=p.device)
-        keys = [key for key in self.store.keys() if key in self.local_expert_of]
+        grads = {p: p.grad for p in stepped}
+        steps = {p: self.expert_steps[p].clone() for p in stepped}  # torch adds 1 before the update, in the call
+        for p in stepped:
+            self.expert_steps[p].add_(1)  # what each expert's copy reaches
+        hyper = {id(g): {k: v for k, v in g.items() if k != "params"} for g in self.param_groups}
+        keys = [key for key in self.store.keys() if key in self.local_expert_of]  # MoE-layer (forward) order
+        left = {}  # MoE layer -> records still to update in this step
+        for m, _ in keys:
+            left[m] = left.get(m, 0) + 1
 
         def update(key, records):
             idx, i = self.local_expert_of[key]
-            if not self.layers[idx][3]:  # a MoE layer whose experts are all frozen: nothing to step
-                return
-            device = self.layers[idx][3][0][1].device
-            # GPU parameters: the record's state is staged on the device for the update and copied back before the
-            # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)
-            views = records if device.type == "cpu" else {n: v.to(device, non_blocking=True)
-                                                          for n, v in records.items()}
-            by_group: Dict[int, Tuple[dict, list]] = {}
-            for name, p, group in self.layers[idx][3]:
-                if p.grad is not None:
-                    by_group.setdefault(id(group), (group, []))[1].append((name, p))
-            for group, items in by_group.values():
-                self._adam(group, [p[i] for _, p in items], [p.grad[i] for _, p in items],
-                           [views[f"{n}.exp_avg"] for n, _ in items], [views[f"{n}.exp_avg_sq"] for n, _ in items],
-                           [self.expert_steps[p].clone() for _, p in items])
-            if device.type != "cpu":
-                for n, v in records.items():
-                    v.copy_(views[n], non_blocking=True)
-                torch.cuda.current_stream(device).synchronize()
+            params = [(name, p, group) for name, p, group in self.layers[idx][3] if p in grads]
+            if params:
+                self._update_record(i, params, grads, steps, hyper, records)
+            left[key[0]] -= 1
+            if left[key[0]] == 0:  # this layer's weights are final: its forward may run, its gradients go
+                for _, p, _ in params:
+                    grads.pop(p, None)
+                self._release(key[0])
 
-        self.swapper.run(keys, update)
-        for p in stepped:
-            self.expert_steps[p].add_(1)  # what each expert's copy reached (torch adds 1 before the update)
+        if not (self.overlap and self.offload.pipeline):
+            self.swapper.run(keys, update)
+            return
+        self._inflight = _InFlight({m for m in left})
+        thread = threading.Thread(target=self._swap_behind, args=(keys, update), name="moe-offload-swap-step",
+                                  daemon=True)
+        self._inflight.thread = thread
+        thread.start()
+
+    def _update_record(self, i, params, grads, steps, hyper, records) -> None:
+        """AdamW on local expert i's slices of `params`, with its state in `records` (a buffer's views)."""
+        device = params[0][1].device
+        # GPU parameters: the record's state is staged on the device for the update and copied back before the
+        # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)
+        views = records if device.type == "cpu" else {n: v.to(device, non_blocking=True) for n, v in records.items()}
+        by_group: Dict[int, Tuple[dict, list]] = {}
+        for name, p, group in params:
+            by_group.setdefault(id(group), (hyper[id(group)], []))[1].append((name, p))
+        for group, items in by_group.values():
+            self._adam(group, [p[i] for _, p in items], [grads[p][i] for _, p in items],
+                       [views[f"{n}.exp_avg"] for n, _ in items], [views[f"{n}.exp_avg_sq"] for n, _ in items],
+                       [steps[p].clone() for _, p in items])
+        if device.type != "cpu":
+            for n, v in records.items():
+                v.copy_(views[n], non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+
+    # --------------------------------------------------------------------------- the swap behind the forward
+    def _swap_behind(self, keys, update) -> None:
+        inflight = self._inflight
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                self.swapper.run(keys, update)
+        except BaseException as e:  # noqa: BLE001 - raised on the training thread by the next wait
+            inflight.error = e
+        finally:
+            with inflight.cond:
+                inflight.pending.clear()
+                inflight.done = True
+                inflight.cond.notify_all()
+
+    def _release(self, moe_layer: int) -> None:
+        inflight = self._inflight
+        if inflight is not None and threading.current_thread() is inflight.thread:
+            with inflight.cond:
+                inflight.pending.discard(moe_layer)
+                inflight.cond.notify_all()
+
+    def _wait(self, moe_layer: Optional[int] = None) -> None:
+        """Blocks the training thread until MoE layer `moe_layer`'s experts (None: the whole swap, writes included)
+        are stepped; raises the swap's error, if it failed, here."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        t = time.perf_counter()
+        with inflight.cond:
+            inflight.cond.wait_for(lambda: inflight.done if moe_layer is None else moe_layer not in inflight.pending)
+        if moe_layer is None or inflight.done:
+            inflight.thread.join()
+            self._inflight = None
+        self.swapper.stats.stall_s += time.perf_counter() - t
+        if inflight.error is not None:
+            self._inflight = None
+            raise inflight.error
+
+    def synchronize(self) -> None:
+        """Waits for an expert step still running behind the training thread (every update and write-back done);
+        raises its error. A no-op without overlap."""
+        self._wait(None)
+
+    def zero_grad(self, set_to_none: bool = True):
+        # an expert step in flight holds its own references to the gradients it reads: the parameters let go of
+        # theirs (never zeroed in place, which would change the update)
+        if self._inflight is not None:
+            for *_, params in self.layers:
+                for _, p, _ in params:
+                    p.grad = None
+        super().zero_grad(set_to_none=set_to_none)
 
     @staticmethod
     def _adam(group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
@@ -159,6 +260,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     def expert_state(self, moe_layer: int, expert: int) -> Dict[str, dict]:
         """The Adam state of global expert `expert` of MoE layer `moe_layer` as a checkpoint's per-expert file
         holds it: {parameter name in the layer: {"step", "exp_avg", "exp_avg_sq"}} (empty before the first step)."""
+        self.synchronize()
         idx, _ = self.local_expert_of[(moe_layer, expert)]
         params = [(n, p) for n, p, _ in self.layers[idx][3] if p in self.expert_steps]
         if not params:
@@ -170,6 +272,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     def load_expert_state(self, moe_layer: int, expert: int, state: Dict[str, dict]) -> None:
         """Writes a checkpoint's per-expert Adam state (keyed as expert_state returns it) into the store; the
         step counts are taken from it. Parameters missing from `state` start from zeros (as torch would)."""
+        self.synchronize()
         idx, _ = self.local_expert_of[(moe_layer, expert)]
         params = self.layers[idx][3]
         tensors = {}
@@ -182,7 +285,16 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         self.swapper.write((moe_layer, expert), tensors)
 
     def close(self) -> None:
-        """Releases the store's lock (the run is over; another process may use the directory)."""
+        """Waits for a step in flight (its error is dropped: close runs on the way out, also of a failure), removes
+        the forward hooks and releases the store's lock (the run is over; another process may use the directory)."""
+        if self._inflight is not None:
+            try:
+                self.synchronize()
+            except BaseException:  # noqa: BLE001 - already on the way out; the first error is what is reported
+                pass
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         if self._lock is not None:
             self._lock.close()
             self._lock = None

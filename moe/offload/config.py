@@ -73,6 +73,11 @@ class OptimizerOffloadConfig:
     directory: Optional[str] = None  # --moe-offload-dir: one store per rank in DIR/rank_XXXXX (scratch space)
     buffer_count: int = 4  # --moe-offload-buffer-count: page-locked record buffers (read ahead / write behind)
     pipeline: bool = True  # read expert i+1 and write i-1 while i is updated (False: read, update, write in turn)
+    # with `pipeline`: the swap runs on a thread of its own after step() returns, in the order of the forward pass,
+    # and the next forward waits at each MoE layer for that layer's experts only; whoever reads the weights or the
+    # state otherwise calls optimizer.synchronize() first. Off here (step() returns with every update done, as
+    # torch's optimizers do); pretrain_gpt.py turns it on (--no-moe-offload-overlap: off)
+    overlap: bool = False
     verify: bool = True  # xxh3 of every record written, checked when it is read back (~25 GB/s)
     aio_block_size: int = 1 << 20  # --moe-offload-aio-block-size: bytes per aio request
     aio_queue_depth: int = 32  # --moe-offload-aio-queue-depth: aio requests in flight per thread

@@ -31,6 +31,7 @@ class SwapStats:
     read_s: float = 0.0  # summed duration of record reads (reader thread)
     write_s: float = 0.0  # summed duration of record writes (writer thread)
     exposed_s: float = 0.0  # caller time blocked on I/O (waiting for a read, or for the last writes)
+    stall_s: float = 0.0  # training-thread time blocked on a swap running behind it (overlap: the next forward)
     total_s: float = 0.0  # wall time of the swapped steps (reads + updates + writes)
     steps: int = 0
 
@@ -44,7 +45,8 @@ class SwapStats:
         n = max(self.steps, 1)
         return (f"offload: read {self.bytes_read / n / 1e6:.1f} MB ({gbps(self.bytes_read, self.read_s)}), wrote "
                 f"{self.bytes_written / n / 1e6:.1f} MB ({gbps(self.bytes_written, self.write_s)}) per step | swap "
-                f"exposed {1000 * self.exposed_s / n:.1f} ms of {1000 * self.total_s / n:.1f} ms per step")
+                f"exposed {1000 * self.exposed_s / n:.1f} ms of {1000 * self.total_s / n:.1f} ms per step, training "
+                f"waited {1000 * self.stall_s / n:.1f} ms")
 
 
 class StateSwapper:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -314,7 +315,8 @@ def test_deepspeed_config_blocks_map_onto_the_flags():
         assert hasattr(args, k), k  # every mapped key is a pretrain_gpt.py argparse dest
         setattr(args, k, v)
     assert optimizer_offload_config_from_args(args) == OptimizerOffloadConfig(
-        mode="nvme", directory="/nvme/opt", buffer_count=6, pipeline=True, aio_block_size=262144, aio_queue_depth=8,
+        mode="nvme", directory="/nvme/opt", buffer_count=6, pipeline=True, overlap=True, aio_block_size=262144,
+        aio_queue_depth=8,
         aio_single_submit=True, aio_overlap_events=True, aio_intra_op_parallelism=2)
     assert offload_args_from_ds_config({"offload_optimizer": {"device": "nvme", "nvme_path": "/x",
                                                               "pipeline_read": False, "pipeline_write": False}},
@@ -422,11 +424,14 @@ def test_swapper_pipeline_stops_on_any_failure_without_hanging(tmp_path, monkeyp
     lock.close()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-step", "overlap"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (the record is staged on the GPU for the update)"))])
-def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device):
+def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device, overlap, monkeypatch):
     """A bare MoE layer (on CPU; on the GPU the record is staged on the device): 3 steps with the expert state
-    offloaded equal torch.optim.AdamW's in memory (weights, every expert's exp_avg / exp_avg_sq)."""
+    offloaded equal torch.optim.AdamW's in memory (weights, every expert's exp_avg / exp_avg_sq). With overlap the
+    step returns with the swap still in flight, and what the training loop does next (a new learning rate, gradients
+    zeroed in place, the next forward) must not change it."""
     from megatron.config import OptimizerConfig
     from megatron.optimizer import build_optimizer
     from moe.config import MoEConfig
@@ -437,15 +442,24 @@ def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device):
         layer = MoELayer(32, 64, 4, MoEConfig(num_experts=(4,), expert_interval=1)).to(device)
         layer.layer_index = 0
         opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload=offload)
+        if offload is not None and overlap:  # slow reads: the step surely is still in flight when the loop goes on
+            read = opt.swapper._read
+            monkeypatch.setattr(opt.swapper, "_read", lambda *a, **k: (time.sleep(0.05), read(*a, **k)))
         x = torch.randn(64, 32, device=device)
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
+        for step in range(3):
+            opt.zero_grad(set_to_none=False)
             layer(x)[0].pow(2).mean().backward()
             opt.step()
+            if offload is not None and overlap:
+                assert opt._inflight is not None  # the expert step went on behind this thread
+            for g in opt.param_groups:  # a scheduler's step: the next update's rate, not the one in flight
+                g["lr"] = 1e-2 / (step + 2)
+        if offload is not None:
+            opt.synchronize()
         return layer, opt
 
     ref, ref_opt = run(None)
-    off, opt = run(OptimizerOffloadConfig(mode="nvme", directory=str(tmp_path / "off")))
+    off, opt = run(OptimizerOffloadConfig(mode="nvme", directory=str(tmp_path / "off"), overlap=overlap))
     for (n, p), (_, q) in zip(ref.named_parameters(), off.named_parameters()):
         assert torch.equal(p, q), n
     for e in range(4):
@@ -454,3 +468,34 @@ def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device):
             assert torch.equal(got["step"], want["step"])
             for k in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(got[k], want[k][e]), (e, name, k)
+    opt.close()
+
+
+def test_overlapped_step_error_is_raised_at_the_next_forward(tmp_path, monkeypatch):
+    """A write-back failing behind the training thread surfaces as its OffloadError where the training thread next
+    waits for the swap: the next forward's MoE layer if the layer was not yet stepped, else synchronize() (the
+    training loop's settle, or the next step()); close() afterwards releases the directory."""
+    from megatron.config import OptimizerConfig
+    from megatron.optimizer import build_optimizer
+    from moe.config import MoEConfig
+    from moe.layer import MoELayer
+    from moe.offload import store as store_mod
+
+    torch.manual_seed(0)
+    layer = MoELayer(32, 64, 4, MoEConfig(num_experts=(4,), expert_interval=1))
+    layer.layer_index = 0
+    off = OptimizerOffloadConfig(mode="nvme", directory=str(tmp_path / "off"), overlap=True)
+    opt = build_optimizer(layer, OptimizerConfig(lr=1e-2), offload=off)
+    x = torch.randn(64, 32)
+    monkeypatch.setenv(store_mod.FAULT_ENV, "write:3")
+    monkeypatch.setattr(store_mod, "_fault_writes", 0)
+    layer(x)[0].pow(2).mean().backward()
+    opt.step()
+    with pytest.raises(OffloadError, match="writing the optimizer state of MoE layer 0 expert 2"):
+        layer(x)
+        opt.synchronize()
+    layer(x)  # the error was reported once; nothing is in flight any more
+    opt.synchronize()
+    opt.close()
+    OptimizerOffloadConfig(mode="nvme", directory=str(tmp_path / "off"))  # and the directory is free again
+    build_optimizer(layer, OptimizerConfig(lr=1e-2), offload=off).close()
