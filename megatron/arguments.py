@@ -359,9 +359,9 @@ def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
                         "largest expert's state")
     g.add_argument("--no-moe-offload-pipeline", dest="moe_offload_pipeline", action="store_false", default=True,
                    help="read, update and write one expert at a time instead of overlapping them")
-    g.add_argument("--no-moe-offload-overlap", dest="moe_offload_overlap", action="store_false", default=True,
-                   help="finish the expert swap inside the optimizer step instead of behind the next forward pass "
-                        "(which waits at each MoE layer for that layer's experts); off with --compile")
+    g.add_argument("--moe-offload-overlap", action="store_true",
+                   help="run the expert swap behind the next forward pass (which waits at each MoE layer for that "
+                        "layer's experts) instead of inside the optimizer step; ignored with --compile")
     g.add_argument("--moe-offload-aio-block-size", type=int, default=1 << 20, help="bytes per aio request")
     g.add_argument("--moe-offload-aio-queue-depth", type=int, default=32, help="aio requests in flight per thread")
     g.add_argument("--moe-offload-aio-single-submit", action="store_true", help="one io_submit per request")

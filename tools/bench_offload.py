@@ -234,10 +234,10 @@ class Case:
 # (name, mode, pipelined, checksums, overlap with the next forward); the last row shows what the per-record xxh3
 # (default on) costs
 TRAIN_VARIANTS = (("in-memory AdamW", "none", True, True, False),
-                  ("NVMe offload, pipelined, behind the next forward", "nvme", True, True, True),
-                  ("NVMe offload, pipelined, inside step()", "nvme", True, True, False),
+                  ("NVMe offload, pipelined (default)", "nvme", True, True, False),
+                  ("NVMe offload, pipelined, behind the next forward (--moe-offload-overlap)", "nvme", True, True, True),
                   ("NVMe offload, not pipelined", "nvme", False, True, False),
-                  ("NVMe offload, behind the next forward, no checksums", "nvme", True, False, True))
+                  ("NVMe offload, pipelined, no checksums", "nvme", True, False, False))
 
 
 def train_parser():
@@ -283,14 +283,18 @@ def train_worker(args) -> dict:
     experts = [p for p in model.parameters() if is_expert_param(p)]
     dense = [p for p in model.parameters() if not is_expert_param(p)]
     gen = torch.Generator().manual_seed(1)
-    # a step is timed from its start to the next step's start (with overlap the swap of step i ends inside step
-    # i + 1's forward); the last one ends when its swap has finished (synchronize)
+    # a step is timed from its start to the next step's start, so with overlap it holds the wait for the previous
+    # step's swap in its forward (one swap per interval, as without overlap); steps 1..N are timed (step 0 allocates
+    # and warms up; its swap is waited for in step 1), step N + 1 closes the last interval
     starts, fwd_s, bwd_s, opt_s, waited_s, cpu = [], [], [], [], [], []
-    for i in range(args.steps + 1):
+    swap = None
+    for i in range(args.steps + 2):
         tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=gen)
         t0 = time.perf_counter()
         starts.append(t0)
         cpu.append(cpu_seconds())
+        if mode == "nvme" and i in (1, args.steps + 1):  # swap counters of the timed steps
+            swap = opt.take_stats()
         opt.zero_grad(set_to_none=True)
         out = model(tokens[:, :-1], tokens[:, 1:])
         loss = out.loss.mean() + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
@@ -303,21 +307,20 @@ def train_worker(args) -> dict:
         fwd_s.append(tf - t0)
         bwd_s.append(t1 - tf)
         opt_s.append(t2 - t1)
-    if mode == "nvme":
-        opt.synchronize()
-    starts.append(time.perf_counter())
-    cpu.append(cpu_seconds())
+    # each timed interval: the forward (with overlap: waiting for the previous swap), backward and step() of one step
     step_s = [starts[i + 1] - starts[i] for i in range(1, args.steps + 1)]  # step 0 allocates and warms up
     # CPU seconds (user + system, every thread of the process: compute, the swap threads, the kernel's I/O path)
     cpu_s = [cpu[i + 1] - cpu[i] for i in range(1, args.steps + 1)]
-    swap = opt.take_stats() if mode == "nvme" else None
-    n = args.steps + 1
-    # what the training thread waited for the swap: I/O waits inside step(), or, with overlap, at the MoE layers of
-    # the next forward and in the final synchronize (per step, over all steps)
+    if mode == "nvme":
+        opt.synchronize()
+    n = args.steps
+    # what the training thread waited for the swap per timed step: I/O waits inside step(), or, with overlap, at
+    # the MoE layers of its forward
     if swap is not None:
         waited_s = (swap.stall_s if overlap else swap.exposed_s) / n
-    print(f"  {name}: steps {' '.join(f'{x:.2f}' for x in step_s)} s (forward {sorted(fwd_s)[n // 2]:.2f}, backward "
-          f"{sorted(bwd_s)[n // 2]:.2f}, step() {sorted(opt_s)[n // 2]:.2f} s"
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"  {name}: steps {' '.join(f'{x:.2f}' for x in step_s)} s (forward {med(fwd_s[1:-1]):.2f}, backward "
+          f"{med(bwd_s[1:-1]):.2f}, step() {med(opt_s[1:-1]):.2f} s"
           + (f"; swap per step: waited {waited_s:.2f} s, read {swap.bytes_read / n / 1e9:.2f} GB, wrote "
              f"{swap.bytes_written / n / 1e9:.2f} GB in {swap.total_s / n:.2f} s" if swap else "") + ")",
           file=sys.stderr, flush=True)
@@ -326,9 +329,9 @@ def train_worker(args) -> dict:
                 sum(t.numel() * t.element_size() for p in experts for t in opt.state[p].values()))
     if mode == "nvme":
         opt.close()
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"variant": name, "step_s": med(step_s), "optimizer_s": med(opt_s[1:]), "exposed_s": waited_s or 0.0,
-            "forward_s": med(fwd_s[1:]), "backward_s": med(bwd_s[1:]), "all_step_s": step_s, "cpu_s": med(cpu_s), "peak_rss_bytes": peak_rss(),
+    return {"variant": name, "step_s": med(step_s), "optimizer_s": med(opt_s[1:-1]), "exposed_s": waited_s or 0.0,
+            "forward_s": med(fwd_s[1:-1]), "backward_s": med(bwd_s[1:-1]), "all_step_s": step_s, "cpu_s": med(cpu_s),
+            "peak_rss_bytes": peak_rss(),
             "expert_state_bytes": state_bytes, "resident_expert_state_bytes": resident,
             "expert_params": sum(p.numel() for p in experts)}
 
@@ -423,7 +426,7 @@ def train_main(argv) -> int:
     print(f"I/O bound: {state / 1e9:.2f} GB read / {read_gbps:.2f} GB/s + {state / 1e9:.2f} GB written / "
           f"{write_gbps:.2f} GB/s = {io_bound:.2f} s; target bound = max(in-memory step, I/O bound) = {bound:.2f} s; "
           f"reachable with clipping before the swap = in-memory backward {base['backward_s']:.2f} + max(forward "
-          f"{base['forward_s']:.2f}, I/O bound) = {reachable:.2f} s; CPU: the offloaded step (behind the forward) "
+          f"{base['forward_s']:.2f}, I/O bound) = {reachable:.2f} s; CPU: the offloaded step (pipelined) "
           f"uses {rows[1]['cpu_s']:.2f} CPU s = {cpu_bound:.2f} s on {cores} cores, the in-memory step "
           f"{base['cpu_s']:.2f} CPU s")
     print("| variant | step s | forward s | backward s | step() s | training waited on swap s | CPU s per step | "

@@ -125,7 +125,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         """Steps the dense groups in memory, then the expert records. With overlap (OptimizerOffloadConfig.overlap,
-        pipelined; pretrain_gpt.py's default) the expert swap runs on a thread of its own and this returns at once: the next forward waits at each MoE
+        pipelined; --moe-offload-overlap) the expert swap runs on a thread of its own and this returns at once: the next forward waits at each MoE
         layer for that layer's experts only, and `synchronize()` waits for all of it (checkpoints, evaluation,
         the end of training). The step's gradients, learning rates and step counts are captured here, so
         zero_grad, a scheduler step or the next backward cannot change an update in flight."""

@@ -75,8 +75,8 @@ class OptimizerOffloadConfig:
     pipeline: bool = True  # read expert i+1 and write i-1 while i is updated (False: read, update, write in turn)
     # with `pipeline`: the swap runs on a thread of its own after step() returns, in the order of the forward pass,
     # and the next forward waits at each MoE layer for that layer's experts only; whoever reads the weights or the
-    # state otherwise calls optimizer.synchronize() first. Off here (step() returns with every update done, as
-    # torch's optimizers do); pretrain_gpt.py turns it on (--no-moe-offload-overlap: off)
+    # state otherwise calls optimizer.synchronize() first (--moe-offload-overlap; off: step() returns with every
+    # update done, as torch's optimizers do)
     overlap: bool = False
     verify: bool = True  # xxh3 of every record written, checked when it is read back (~25 GB/s)
     aio_block_size: int = 1 << 20  # --moe-offload-aio-block-size: bytes per aio request

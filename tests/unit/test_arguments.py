@@ -145,7 +145,7 @@ MAPPING = {
     "--moe-offload-dir": (["/tmp/o"], "optimizer_offload.directory", "/tmp/o"),
     "--moe-offload-buffer-count": (["6"], "optimizer_offload.buffer_count", 6),
     "--no-moe-offload-pipeline": ([], "optimizer_offload.pipeline", False),
-    "--no-moe-offload-overlap": ([], "optimizer_offload.overlap", False),
+    "--moe-offload-overlap": ([], "optimizer_offload.overlap", True),
     "--moe-offload-aio-block-size": (["262144"], "optimizer_offload.aio_block_size", 262144),
     "--moe-offload-aio-queue-depth": (["8"], "optimizer_offload.aio_queue_depth", 8),
     "--moe-offload-aio-single-submit": ([], "optimizer_offload.aio_single_submit", True),

@@ -97,6 +97,12 @@ def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
     off = train_and_capture(argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / "off")],
                             capsys)
     assert_same_training(ref, off)
+    # the swap behind the next forward (a thread of its own; each MoE layer waits for its experts) is the same run
+    behind = train_and_capture(argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / "off2"),
+                                       "--moe-offload-overlap"], capsys)
+    assert behind[0].optimizer.overlap and not off[0].optimizer.overlap
+    assert_same_training(ref, behind)
+    behind[0].optimizer.close()
     st, out = off
     # clipping acted on every step, and the starved expert got no token yet was stepped (weight decay, moments)
     norms = [float(x) for x in re.findall(r"grad norm: (\S+)", out)]
@@ -315,7 +321,7 @@ def test_deepspeed_config_blocks_map_onto_the_flags():
         assert hasattr(args, k), k  # every mapped key is a pretrain_gpt.py argparse dest
         setattr(args, k, v)
     assert optimizer_offload_config_from_args(args) == OptimizerOffloadConfig(
-        mode="nvme", directory="/nvme/opt", buffer_count=6, pipeline=True, overlap=True, aio_block_size=262144,
+        mode="nvme", directory="/nvme/opt", buffer_count=6, pipeline=True, aio_block_size=262144,
         aio_queue_depth=8,
         aio_single_submit=True, aio_overlap_events=True, aio_intra_op_parallelism=2)
     assert offload_args_from_ds_config({"offload_optimizer": {"device": "nvme", "nvme_path": "/x",
