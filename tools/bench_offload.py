@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from statistics import median_high
 from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -286,8 +287,8 @@ def train_worker(args) -> dict:
     # a step is timed from its start to the next step's start, so with overlap it holds the wait for the previous
     # step's swap in its forward (one swap per interval, as without overlap); steps 1..N are timed (step 0 allocates
     # and warms up; its swap is waited for in step 1), step N + 1 closes the last interval
-    starts, fwd_s, bwd_s, opt_s, waited_s, cpu = [], [], [], [], [], []
-    swap = None
+    starts, fwd_s, bwd_s, opt_s, cpu = [], [], [], [], []
+    swap, waited_s = None, 0.0
     for i in range(args.steps + 2):
         tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=gen)
         t0 = time.perf_counter()
@@ -318,9 +319,8 @@ def train_worker(args) -> dict:
     # the MoE layers of its forward
     if swap is not None:
         waited_s = (swap.stall_s if overlap else swap.exposed_s) / n
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    print(f"  {name}: steps {' '.join(f'{x:.2f}' for x in step_s)} s (forward {med(fwd_s[1:-1]):.2f}, backward "
-          f"{med(bwd_s[1:-1]):.2f}, step() {med(opt_s[1:-1]):.2f} s"
+    print(f"  {name}: steps {' '.join(f'{x:.2f}' for x in step_s)} s (forward {median_high(fwd_s[1:-1]):.2f}, "
+          f"backward {median_high(bwd_s[1:-1]):.2f}, step() {median_high(opt_s[1:-1]):.2f} s"
           + (f"; swap per step: waited {waited_s:.2f} s, read {swap.bytes_read / n / 1e9:.2f} GB, wrote "
              f"{swap.bytes_written / n / 1e9:.2f} GB in {swap.total_s / n:.2f} s" if swap else "") + ")",
           file=sys.stderr, flush=True)
@@ -329,8 +329,9 @@ def train_worker(args) -> dict:
                 sum(t.numel() * t.element_size() for p in experts for t in opt.state[p].values()))
     if mode == "nvme":
         opt.close()
-    return {"variant": name, "step_s": med(step_s), "optimizer_s": med(opt_s[1:-1]), "exposed_s": waited_s or 0.0,
-            "forward_s": med(fwd_s[1:-1]), "backward_s": med(bwd_s[1:-1]), "all_step_s": step_s, "cpu_s": med(cpu_s),
+    return {"variant": name, "step_s": median_high(step_s), "optimizer_s": median_high(opt_s[1:-1]),
+            "exposed_s": waited_s, "forward_s": median_high(fwd_s[1:-1]), "backward_s": median_high(bwd_s[1:-1]),
+            "all_step_s": step_s, "cpu_s": median_high(cpu_s),
             "peak_rss_bytes": peak_rss(),
             "expert_state_bytes": state_bytes, "resident_expert_state_bytes": resident,
             "expert_params": sum(p.numel() for p in experts)}
@@ -401,13 +402,12 @@ def train_main(argv) -> int:
                 print(f"{name}: failed (exit {r.returncode})", file=sys.stderr)
                 return 1
             runs[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     rows = []
     for name, rs in runs.items():  # medians over every timed step of every round
         row = dict(rs[0])
         row["all_step_s"] = [x for r in rs for x in r["all_step_s"]]
         for k in ("step_s", "optimizer_s", "exposed_s", "forward_s", "backward_s", "cpu_s", "peak_rss_bytes"):
-            row[k] = med([r[k] for r in rs]) if k != "step_s" else med(row["all_step_s"])
+            row[k] = median_high([r[k] for r in rs]) if k != "step_s" else median_high(row["all_step_s"])
         rows.append(row)
     state = rows[0]["expert_state_bytes"]
     io_bound = state / (read_gbps * 1e9) + state / (write_gbps * 1e9)  # every record read once and written once

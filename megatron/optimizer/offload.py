@@ -112,8 +112,8 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         log.info("expert optimizer state offloaded to %s: %d records, %.1f MB on disk, %d buffers of %.1f MB "
                  "resident (%s)", self.store.directory, len(self.store.records), self.store.total_bytes() / 1e6,
                  len(self.swapper.buffers), self.store.record_bytes / 1e6,
-                 ("pipelined, behind the next forward" if self.overlap else "pipelined") if offload.pipeline
-                 else "not pipelined")
+                 "pipelined, behind the next forward" if self.overlap else
+                 "pipelined" if offload.pipeline else "not pipelined")
 
     def _warn_if_not_exact(self, fused: Optional[bool]) -> None:
         odd = [name for *_, params in self.layers for name, p, _ in params if p[0].numel() % 16]
@@ -125,10 +125,10 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         """Steps the dense groups in memory, then the expert records. With overlap (OptimizerOffloadConfig.overlap,
-        pipelined; --moe-offload-overlap) the expert swap runs on a thread of its own and this returns at once: the next forward waits at each MoE
-        layer for that layer's experts only, and `synchronize()` waits for all of it (checkpoints, evaluation,
-        the end of training). The step's gradients, learning rates and step counts are captured here, so
-        zero_grad, a scheduler step or the next backward cannot change an update in flight."""
+        pipelined; --moe-offload-overlap) the expert swap runs on a thread of its own and this returns at once: the
+        next forward waits at each MoE layer for that layer's experts only, and `synchronize()` waits for all of it
+        (checkpoints, evaluation, the end of training). The step's gradients, learning rates and step counts are
+        captured here, so zero_grad, a scheduler step or the next backward cannot change an update in flight."""
         assert closure is None, "closures are not supported with offloaded expert state"
         self.synchronize()
         everything = self.param_groups
@@ -167,7 +167,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                     grads.pop(p, None)
                 self._release(key[0])
 
-        if not (self.overlap and self.offload.pipeline):
+        if not self.overlap:
             self.swapper.run(keys, update)
             return
         self._inflight = _InFlight({m for m in left})
@@ -210,7 +210,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
 
     def _release(self, moe_layer: int) -> None:
         inflight = self._inflight
-        if inflight is not None and threading.current_thread() is inflight.thread:
+        if inflight is not None:  # None: the walk runs inside step(), nobody waits for a layer
             with inflight.cond:
                 inflight.pending.discard(moe_layer)
                 inflight.cond.notify_all()
@@ -228,8 +228,7 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
             inflight.thread.join()
             self._inflight = None
         self.swapper.stats.stall_s += time.perf_counter() - t
-        if inflight.error is not None:
-            self._inflight = None
+        if inflight.error is not None:  # set before `done`: the walk is over and _inflight already cleared
             raise inflight.error
 
     def synchronize(self) -> None:
@@ -287,11 +286,10 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     def close(self) -> None:
         """Waits for a step in flight (its error is dropped: close runs on the way out, also of a failure), removes
         the forward hooks and releases the store's lock (the run is over; another process may use the directory)."""
-        if self._inflight is not None:
-            try:
-                self.synchronize()
-            except BaseException:  # noqa: BLE001 - already on the way out; the first error is what is reported
-                pass
+        try:
+            self.synchronize()
+        except BaseException:  # noqa: BLE001 - already on the way out; the first error is what is reported
+            pass
         for h in self._hooks:
             h.remove()
         self._hooks = []
