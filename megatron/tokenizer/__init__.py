@@ -5,7 +5,9 @@ from megatron.tokenizer.tokenizer import (
     GPT2BPETokenizer,
     SentencePieceTokenizer,
     build_tokenizer,
+    decode_continuation,
     pad_vocab_size,
 )
 
-__all__ = ["AbstractTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer", "build_tokenizer", "pad_vocab_size"]
+__all__ = ["AbstractTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer", "build_tokenizer", "decode_continuation",
+           "pad_vocab_size"]

@@ -274,6 +274,22 @@ class SentencePieceTokenizer(AbstractTokenizer):
         return self.sp.decode([int(i) for i in ids])
 
 
+def decode_continuation(tokenizer: AbstractTokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text of `new_ids` as it reads after the prompt: prompt + continuation decoded as one string, minus the
+    prompt's own decoded text.
+
+    Decoding the continuation alone is wrong for SentencePiece: a sequence's first piece loses its word-boundary
+    space ("▁she" alone decodes to "she"), so a sample printed as prompt + decode(continuation) reads "andshe".
+    When the prompt's text is not a prefix of the whole (a character whose bytes straddle the boundary), the
+    continuation is decoded alone.
+    """
+    whole = tokenizer.detokenize(list(prompt_ids) + list(new_ids))
+    prompt = tokenizer.detokenize(list(prompt_ids))
+    if whole.startswith(prompt):
+        return whole[len(prompt):]
+    return tokenizer.detokenize(list(new_ids))
+
+
 def _check_readable(flag: str, path: Optional[str], tokenizer_type: str) -> str:
     if not path:
         raise ConfigError(f"{flag} is required for --tokenizer-type {tokenizer_type}")

@@ -207,3 +207,36 @@ def test_train_tokenizer_bad_input(tmp_path, capsys):
     assert tool.main(["--input", str(tmp_path / "none.jsonl"), "--vocab-size", "100", "--output-prefix", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--input" in err and "none.jsonl" in err and len(err.splitlines()) == 1
+
+
+def test_continuation_decoded_with_its_prompt(sp_model, gpt2):
+    """The sample's first token keeps its space: prompt + continuation decode as one string (SentencePiece drops a
+    sequence's first word-boundary space, so decoding the continuation alone gives "andshe")."""
+    from megatron.tokenizer import decode_continuation
+
+    sp = build_tokenizer("SentencePieceTokenizer", tokenizer_model=f"{sp_model}.model")
+    for tok in (sp, gpt2):
+        prompt, whole = "The old house and", "The old house and she said"
+        ids, all_ids = tok.tokenize(prompt), tok.tokenize(whole)
+        assert all_ids[:len(ids)] == ids  # the prompt's tokens are a prefix of the whole's
+        new = all_ids[len(ids):]
+        assert prompt + decode_continuation(tok, ids, new) == tok.detokenize(all_ids) == whole
+    assert sp.detokenize(sp.tokenize(whole)[len(sp.tokenize(prompt)):]) == "she said"  # the bug, decoded alone
+    # a character whose bytes straddle the boundary: the prompt's text is not a prefix; the continuation alone
+    ids = gpt2.tokenize("😀")
+    assert len(ids) > 1 and decode_continuation(gpt2, ids[:1], ids[1:]) == gpt2.detokenize(ids[1:])
+
+
+def test_generate_prints_the_first_token_spaced(tmp_path, capsys, monkeypatch, tiny_corpus):
+    """tools/generate.py end to end (the sampler replaced by fixed ids): prompt + " she ..." printed with its space."""
+    from tests.unit.test_eval_cli import save_tiny_checkpoint
+
+    tool = _load_tool("generate")
+    tok = tiny_corpus["tokenizer"]
+    prompt, whole = "The cat sees", "The cat sees the door."
+    new = tok.tokenize(whole)[len(tok.tokenize(prompt)):]
+    assert tok.detokenize(new) == "the door."  # what was printed before the fix: "The cat seesthe door."
+    monkeypatch.setattr(tool, "generate", lambda *a, **k: list(new))
+    ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"])
+    assert tool.main(["--load", ckpt, "--prompt", prompt, "--no-progress"]) == 0
+    assert capsys.readouterr().out == whole + "\n"
