@@ -54,7 +54,8 @@ def get_args(argv=None):
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file; HuggingFaceTokenizer: a directory holding tokenizer.json")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -107,7 +108,17 @@ def test_gpt2_matches_naive_bpe(gpt2):
     except DataFileError:
         pass
     assert gpt2.tokenize(text) == _naive_bpe_ids(gpt2.vocab, gpt2.bpe_ranks, text)
-    assert gpt2.tokenize(text) == gpt2.tokenize(text)  # second pass is served from the word cache
+    assert gpt2.tokenize(text) == gpt2.tokenize(text)  # second pass is served from the BPE's word cache
+
+
+def test_gpt2_rust_bpe_equals_python_reference_tool(gpt2):
+    """The whole-corpus check's reference (tools/check_gpt2_bpe.py: the Python BPE GPT2BPETokenizer used before
+    `tokenizers` backed it) agrees with the Rust BPE and the naive one on a small mixed text; the tool itself
+    runs on a small jsonl (the whole-corpus figure is quoted in docs/design.md)."""
+    tool = _load_tool("check_gpt2_bpe")
+    ref = tool.ReferenceBPE(gpt2.encoder, gpt2.bpe_ranks)
+    text = "Naïve café 😀, don't\tstop   2026!!\n\n Ünïcödé  qwxz antidisestablishmentarianism <|endoftext|>"
+    assert ref.tokenize(text) == gpt2.tokenize(text) == _naive_bpe_ids(gpt2.vocab, gpt2.bpe_ranks, text)
 
 
 def test_build_tokenizer_gpt2_and_errors(tmp_path):
@@ -240,3 +251,89 @@ def test_generate_prints_the_first_token_spaced(tmp_path, capsys, monkeypatch, t
     ckpt = save_tiny_checkpoint(tmp_path / "ck", tiny_corpus["tokenizer_model"])
     assert tool.main(["--load", ckpt, "--prompt", prompt, "--no-progress"]) == 0
     assert capsys.readouterr().out == whole + "\n"
+
+
+def _hf_gpt2_dir(directory, gpt2):
+    """A Hugging Face GPT-2 tokenizer directory as transformers saves one: tokenizer.json (ByteLevel BPE,
+    <|endoftext|> an added special token) and tokenizer_config.json naming the EOS."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tk = Tokenizer(models.BPE(gpt2.encoder, sorted(gpt2.bpe_ranks, key=gpt2.bpe_ranks.get)))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    directory.mkdir(exist_ok=True)
+    tk.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                               "tokenizer_class": "GPT2Tokenizer"}))
+    return directory
+
+
+def test_huggingface_tokenizer_gpt2_dir_equals_gpt2_bpe_and_transformers(tmp_path, gpt2):
+    from megatron.tokenizer import HuggingFaceTokenizer
+
+    d = _hf_gpt2_dir(tmp_path / "gpt2", gpt2)
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d))
+    assert isinstance(tok, HuggingFaceTokenizer) and tok.name == "HuggingFaceTokenizer"
+    assert tok.eod == 50256 and tok.vocab_size == 50257 and tok.vocab["Hello"] == 15496
+    assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d / "tokenizer.json")).eod == 50256
+    text = "Hello world. Naïve café 😀\n\n  It's 2026, isn't it?"
+    assert tok.tokenize(text) == gpt2.tokenize(text) and tok.detokenize(tok.tokenize(text)) == text
+    assert 50256 not in tok.tokenize("a<|endoftext|>b")  # special-token text stays text, as for the others
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), eos_token="<|endoftext|>")
+    assert hf(text, add_special_tokens=False).input_ids == tok.tokenize(text) and hf.eos_token_id == tok.eod
+
+
+def test_huggingface_tokenizer_sentencepiece_style_eod_and_errors(tmp_path):
+    """A Llama-style tokenizer.json (Metaspace, <s> </s> specials) trained here: EOD from tokenizer_config.json,
+    no BOS added, one-line errors naming --tokenizer-model."""
+    from megatron.errors import ConfigError, DataError
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    words = "the old house and she said little time was".split()
+    rng = random.Random(0)
+    tk.train_from_iterator([" ".join(rng.choice(words) for _ in range(30)) for _ in range(50)],
+                           trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<eot>"],
+                                               show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # Llama's BOS
+    (tmp_path / "llama").mkdir()
+    tk.save(str(tmp_path / "llama" / "tokenizer.json"))
+    (tmp_path / "llama" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eot>"}}))
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "llama"))
+    assert tok.eod == tok.vocab["<eot>"] == 3  # the config's eos, not the first candidate </s>
+    ids = tok.tokenize("the old house")
+    assert tk.encode("the old house").ids == [1] + ids  # the file's post-processor adds BOS; encoding skips it
+    assert tok.vocab["<s>"] not in ids and tok.detokenize(ids) == "the old house"
+    (tmp_path / "llama" / "tokenizer_config.json").unlink()
+    assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "llama")).eod == 2  # </s>
+    with pytest.raises(ConfigError, match="--tokenizer-model is required for --tokenizer-type HuggingFaceTokenizer"):
+        build_tokenizer("HuggingFaceTokenizer")
+    with pytest.raises(DataError, match=r"--tokenizer-model .*empty: .*tokenizer.json does not exist"):
+        (tmp_path / "empty").mkdir()
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="is not a Hugging Face tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "bad"))
+
+
+def test_huggingface_tokenizer_flags_recorded_in_checkpoint_configs(tmp_path, gpt2):
+    """pretrain_gpt.py's --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR: configured, the vocabulary
+    padded, and recorded (absolute DIR) like the other types, so inference rebuilds the same tokenizer."""
+    from megatron import checkpointing
+    from megatron.arguments import configure
+
+    d = _hf_gpt2_dir(tmp_path / "gpt2", gpt2)
+    cfg, tok, _ = configure(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                             "--seq-length", "16", "--train-iters", "1", "--tokenizer-type", "HuggingFaceTokenizer",
+                             "--tokenizer-model", os.path.relpath(d)], world_size=1)
+    assert cfg.tokenizer.tokenizer_type == "HuggingFaceTokenizer" and cfg.model.padded_vocab_size == 50304
+    recorded = checkpointing.configs_for_checkpoint(cfg)["tokenizer"]
+    assert recorded["tokenizer_type"] == "HuggingFaceTokenizer" and recorded["tokenizer_model"] == str(d.resolve())
+    rebuilt = build_tokenizer(recorded["tokenizer_type"], vocab_file=recorded["vocab_file"],
+                              merge_file=recorded["merge_file"], tokenizer_model=recorded["tokenizer_model"])
+    assert rebuilt.tokenize("Hello world") == tok.tokenize("Hello world") == [15496, 995]
