@@ -1,4 +1,4 @@
-"""Whole-corpus check that GPT2BPETokenizer (the Rust `tokenizers` BPE) gives the ids of OpenAI's Python BPE.
+"""Whole-corpus check that GPT2BPETokenizer (merges by the Rust `tokenizers` BPE) gives the ids of OpenAI's Python BPE.
 
     python tools/check_gpt2_bpe.py [--input CORPUS.jsonl] [--json-keys text] [--vocab-file V --merge-file M]
 
@@ -77,23 +77,23 @@ def main(argv=None) -> int:
     with open(path, encoding="utf-8") as f:
         texts = [json.loads(line)[k] or "" for line in f if line.strip() for k in args.json_keys]
     texts = texts[:args.max_documents] if args.max_documents else texts
-    seconds = {"rust": 0.0, "python": 0.0}
+    seconds = {"tokenizer": 0.0, "reference": 0.0}
     n_tokens, chars, bad = 0, sum(map(len, texts)), None
     for i, text in enumerate(texts):
         t0 = time.perf_counter()
         mine = tok.tokenize(text)
         t1 = time.perf_counter()
         theirs = ref.tokenize(text)
-        seconds["rust"] += t1 - t0
-        seconds["python"] += time.perf_counter() - t1
+        seconds["tokenizer"] += t1 - t0
+        seconds["reference"] += time.perf_counter() - t1
         n_tokens += len(theirs)
         if mine != theirs and bad is None:
             k = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            bad = f"document {i}: first difference at token {k} (rust {mine[k:k + 5]}, python {theirs[k:k + 5]})"
+            bad = f"document {i}: first difference at token {k} (GPT2BPETokenizer {mine[k:k + 5]}, reference {theirs[k:k + 5]})"
     print(f"{path}: {len(texts)} documents, {chars:,} characters, {n_tokens:,} tokens; "
-          f"rust {seconds['rust']:.1f} s ({n_tokens / max(seconds['rust'], 1e-9):,.0f} tokens/s), "
-          f"python {seconds['python']:.1f} s ({n_tokens / max(seconds['python'], 1e-9):,.0f} tokens/s)")
-    print(f"ids equal on every document" if bad is None else f"MISMATCH: {bad}")
+          f"GPT2BPETokenizer {seconds['tokenizer']:.1f} s ({n_tokens / max(seconds['tokenizer'], 1e-9):,.0f} tokens/s), "
+          f"reference {seconds['reference']:.1f} s ({n_tokens / max(seconds['reference'], 1e-9):,.0f} tokens/s)")
+    print("ids equal on every document" if bad is None else f"MISMATCH: {bad}")
     return 0 if bad is None else 1
 
 

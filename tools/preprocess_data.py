@@ -5,6 +5,8 @@ Example:
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text --output-prefix data/novels \\
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
         --append-eod --workers 2
+    (or --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model, or --tokenizer-type
+    HuggingFaceTokenizer --tokenizer-model DIR with DIR/tokenizer.json, read offline)
 
 Each json key gets its own dataset with one sequence per document; documents whose text tokenizes to
 nothing are skipped (as in Megatron-LM). Outputs are written under temporary names and renamed at the
