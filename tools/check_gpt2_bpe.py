@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-documents", type=int, default=None)
     args = p.parse_args(argv)
     path = args.input or str(resolve("corpus"))
-    tok = GPT2BPETokenizer(args.vocab_file or str(resolve("gpt2-vocab")), args.merge_file or str(resolve("gpt2-merges")))
+    tok = GPT2BPETokenizer(args.vocab_file or str(resolve("gpt2-vocab")),
+                           args.merge_file or str(resolve("gpt2-merges")))
     ref = ReferenceBPE(tok.encoder, tok.bpe_ranks)
     with open(path, encoding="utf-8") as f:
         texts = [json.loads(line)[k] or "" for line in f if line.strip() for k in args.json_keys]
@@ -89,10 +90,11 @@ def main(argv=None) -> int:
         n_tokens += len(theirs)
         if mine != theirs and bad is None:
             k = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            bad = f"document {i}: first difference at token {k} (GPT2BPETokenizer {mine[k:k + 5]}, reference {theirs[k:k + 5]})"
-    print(f"{path}: {len(texts)} documents, {chars:,} characters, {n_tokens:,} tokens; "
-          f"GPT2BPETokenizer {seconds['tokenizer']:.1f} s ({n_tokens / max(seconds['tokenizer'], 1e-9):,.0f} tokens/s), "
-          f"reference {seconds['reference']:.1f} s ({n_tokens / max(seconds['reference'], 1e-9):,.0f} tokens/s)")
+            bad = (f"document {i}: first difference at token {k} (GPT2BPETokenizer {mine[k:k + 5]}, "
+                   f"reference {theirs[k:k + 5]})")
+    timing = ", ".join(f"{name} {t:.1f} s ({n_tokens / max(t, 1e-9):,.0f} tokens/s)"
+                       for name, t in (("GPT2BPETokenizer", seconds["tokenizer"]), ("reference", seconds["reference"])))
+    print(f"{path}: {len(texts)} documents, {chars:,} characters, {n_tokens:,} tokens; {timing}")
     print("ids equal on every document" if bad is None else f"MISMATCH: {bad}")
     return 0 if bad is None else 1
 

@@ -111,7 +111,7 @@ def test_gpt2_matches_naive_bpe(gpt2):
     assert gpt2.tokenize(text) == gpt2.tokenize(text)  # second pass is served from the BPE's word cache
 
 
-def test_gpt2_rust_bpe_equals_python_reference_tool(gpt2):
+def test_gpt2_rust_bpe_equals_python_reference_tool(gpt2, tmp_path, capsys):
     """The whole-corpus check's reference (tools/check_gpt2_bpe.py: the Python BPE GPT2BPETokenizer used before
     `tokenizers` backed it) agrees with the Rust BPE and the naive one on a small mixed text; the tool itself
     runs on a small jsonl (the whole-corpus figure is quoted in docs/design.md)."""
@@ -119,6 +119,14 @@ def test_gpt2_rust_bpe_equals_python_reference_tool(gpt2):
     ref = tool.ReferenceBPE(gpt2.encoder, gpt2.bpe_ranks)
     text = "Naïve café 😀, don't\tstop   2026!!\n\n Ünïcödé  qwxz antidisestablishmentarianism <|endoftext|>"
     assert ref.tokenize(text) == gpt2.tokenize(text) == _naive_bpe_ids(gpt2.vocab, gpt2.bpe_ranks, text)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (text, "Hello world", "")))
+    vocab, merges = _gpt2_files()
+    assert tool.main(["--input", str(corpus), "--vocab-file", str(vocab), "--merge-file", str(merges)]) == 0
+    assert "3 documents" in capsys.readouterr().out
+    tool.ReferenceBPE.tokenize = lambda self, t: [0] + gpt2.tokenize(t)  # a mismatch is reported, exit 1
+    assert tool.main(["--input", str(corpus), "--vocab-file", str(vocab), "--merge-file", str(merges)]) == 1
+    assert "MISMATCH: document 0: first difference at token 0" in capsys.readouterr().out
 
 
 def test_build_tokenizer_gpt2_and_errors(tmp_path):
