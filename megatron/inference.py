@@ -168,6 +168,8 @@ def generate_until(model: GPTModel, tokenizer, context: str, until: Sequence[str
     ids = tokenizer.tokenize(context)[-(window - max_gen_toks):] or [tokenizer.eod]
     new = generate(model, ids, max_gen_toks, temperature, top_k, top_p, eod=tokenizer.eod,
                    stop=lambda out: any(u in tokenizer.detokenize(out) for u in stops), generator=generator)
+    # decoded alone, as the harness's HF model does (tok_decode(cont_toks)): a SentencePiece answer loses its first
+    # space there too, and the tasks strip answers; tools/generate.py, which prints prompt + text, cuts instead
     text = tokenizer.detokenize([t for t in new if t != tokenizer.eod])
     for u in stops:
         text = text.split(u)[0]

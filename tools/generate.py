@@ -12,6 +12,7 @@ from megatron.errors import ConfigError  # noqa: E402
 from megatron.eval.runner import write_report  # noqa: E402
 from megatron.inference import generate, load_model_for_inference, moe_eval_overrides  # noqa: E402
 from megatron.offload import USER_ERRORS, offload_report  # noqa: E402
+from megatron.tokenizer import decode_continuation  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     finally:
         if model is not None and model.offload is not None:
             model.offload.close()
-    print(args.prompt + tok.detokenize(new))
+    print(args.prompt + decode_continuation(tok, ids, new))  # not detokenize(new): SentencePiece drops its space
     if stats is not None:
         stats["new_tokens"] = len(new)
         print(offload_report(stats), file=sys.stderr)

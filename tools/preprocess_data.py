@@ -5,6 +5,8 @@ Example:
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text --output-prefix data/novels \\
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
         --append-eod --workers 2
+    (or --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model, or --tokenizer-type
+    HuggingFaceTokenizer --tokenizer-model DIR with DIR/tokenizer.json, read offline)
 
 Each json key gets its own dataset with one sequence per document; documents whose text tokenizes to
 nothing are skipped (as in Megatron-LM). Outputs are written under temporary names and renamed at the
@@ -54,7 +56,8 @@ def get_args(argv=None):
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file; HuggingFaceTokenizer: a directory holding tokenizer.json")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")

@@ -6,7 +6,9 @@ everything before it, whether every continuation token is the argmax). How a req
 
 1. full = context + continuation; keep the last window + 1 tokens (left truncation); the model input is all
    but the last of those, so the input is at most `window` tokens.
-2. The logits at the last len(continuation) input positions predict the continuation tokens.
+2. The logits at the last len(continuation) input positions predict the continuation tokens; a continuation
+   longer than the window is scored on its last `window` tokens, the ones predicted inside the kept window
+   (`model_input`).
 
 Batching: requests are grouped by their *padded length* (input length rounded up to `pad_multiple`, never
 past the window), each group is cut into micro-batches, and rows are right-padded with token 0 to that length.
@@ -63,17 +65,20 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
 
 
 def model_input(request: Request, window: int) -> Tuple[List[int], List[int]]:
-    """(input ids, continuation ids): input = (context + continuation)[-(window + 1):][:-1].
+    """(input ids, scored continuation ids): input = (context + continuation)[-(window + 1):][:-1].
 
-    Raises ValueError when the continuation alone does not fit the window (nothing sensible to score).
+    The harness's left truncation: of context + continuation, the last window + 1 tokens are kept, the model reads
+    all but the last of them, and every kept continuation token that has a prediction in that input is scored.
+    For a continuation of at most `window` tokens that is all of it (the harness's `hf` backend, lm_eval 0.4.13,
+    `HFLM._loglikelihood_tokens`). A longer continuation keeps its last `window` tokens: the harness asserts
+    `len(continuation) <= max_length` there, and this is its answer for the request whose context also holds
+    the continuation's earlier tokens (the same input window, the same scored positions).
     """
-    if len(request.continuation) > window:
-        raise ValueError(f"a continuation of {len(request.continuation)} tokens does not fit the model window "
-                         f"({window} tokens); raise --seq-length or drop the example")
     if not request.context:
         raise ValueError("a request needs at least one context token (encode_pair puts the EOD token there)")
     full = list(request.context) + list(request.continuation)
-    return full[-(window + 1):][:-1], list(request.continuation)
+    scored = list(request.continuation[-window:]) if request.continuation else []
+    return full[-(window + 1):][:-1], scored
 
 
 def padded_length(n: int, pad_multiple: int, window: int) -> int:

@@ -123,8 +123,61 @@ def test_context_longer_than_window_is_truncated_from_the_left():
     (ans,) = LoglikelihoodScorer(model, WINDOW).score([req])
     ll, greedy = brute_force(model, req)
     assert ans.loglikelihood == pytest.approx(ll, abs=1e-4) and ans.is_greedy == greedy
-    with pytest.raises(ValueError, match="does not fit the model window"):
-        model_input(Request((1,), tuple(range(WINDOW + 1))), WINDOW)
+    # a continuation longer than the window keeps its last WINDOW tokens, all predicted inside the kept window
+    long = Request((1, 2), tuple(range(3, 3 + WINDOW + 5)))
+    inp, cont = model_input(long, WINDOW)
+    assert inp == list(range(3 + 4, 3 + WINDOW + 4)) and cont == list(range(3 + 5, 3 + WINDOW + 5))
+    (ans,) = LoglikelihoodScorer(model, WINDOW).score([long])
+    ll, greedy = brute_force(model, Request(long.context + long.continuation[:5], long.continuation[5:]))
+    assert ans.loglikelihood == pytest.approx(ll, abs=1e-4) and ans.is_greedy == greedy
+
+
+def _harness_hf_model(window):
+    """lm_eval's own `hf` backend (HFLM, lm_eval 0.4.13) around a tiny random GPT-2 of this vocabulary."""
+    pytest.importorskip("accelerate", reason="lm_eval's hf backend imports accelerate (pinned in "
+                                              "requirements-test.txt)")
+    hf_models = pytest.importorskip("lm_eval.models.huggingface")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # only for HFLM's set-up: requests arrive as ids
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="t1", pad_token="t0")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=window, n_embd=32, n_layer=2, n_head=4,
+                                       initializer_range=0.2, bos_token_id=1, eos_token_id=1)).eval()
+    return hf_models.HFLM(pretrained=model, tokenizer=tokenizer, max_length=window, batch_size=1, device="cpu")
+
+
+def test_long_requests_equal_lm_eval_hf_backend():
+    """Requests whose context + continuation exceed the window: the same input windows and the same answers as
+    lm_eval's HFLM._loglikelihood_tokens; a continuation longer than the window, which the harness refuses
+    (assert), equals the harness on the request whose context holds the continuation's cut-off head."""
+    lm = _harness_hf_model(WINDOW)
+    rng = random.Random(3)
+    reqs = [Request(tuple(rng.randrange(VOCAB) for _ in range(n_ctx)), tuple(rng.randrange(VOCAB) for _ in range(n)))
+            for n_ctx, n in ((40, 3), (30, WINDOW), (WINDOW + 2, 1), (5, WINDOW), (60, 7))]
+    assert all(len(r.context) + len(r.continuation) > WINDOW + 1 for r in reqs)
+    windows = []
+    call = lm._model_call
+    lm._model_call = lambda inps, **kw: (windows.append(inps[0].tolist()), call(inps, **kw))[1]
+    theirs = lm._loglikelihood_tokens([(("", ""), list(r.context), list(r.continuation)) for r in reqs],
+                                      disable_tqdm=True)
+    # the harness runs longest first (its Collator); match its windows by content
+    assert sorted(windows) == sorted(model_input(r, WINDOW)[0] for r in reqs)
+    scorer = LoglikelihoodScorer(lm.model, WINDOW, micro_batch_size=1, pad_multiple=1)
+    ours = scorer.score(reqs)
+    for a, (ll, greedy) in zip(ours, theirs):
+        # same input tensor [1, len] through the same model, fp32 log_softmax, gather and sum in both: the last
+        # bits can only differ in the order of the fp32 sum, hence 1e-6 relative
+        assert a.loglikelihood == pytest.approx(ll, rel=1e-6) and a.is_greedy == greedy
+    long = Request((7, 8, 9), tuple(rng.randrange(VOCAB) for _ in range(WINDOW + 6)))
+    with pytest.raises(AssertionError):  # lm_eval 0.4.13: assert len(continuation_enc) <= self.max_length
+        lm._loglikelihood_tokens([(("", ""), list(long.context), list(long.continuation))], disable_tqdm=True)
+    head, tail = long.continuation[:6], long.continuation[6:]
+    ((ll, greedy),) = lm._loglikelihood_tokens([(("", ""), list(long.context + head), list(tail))], disable_tqdm=True)
+    (a,) = scorer.score([long])
+    assert a.loglikelihood == pytest.approx(ll, rel=1e-6) and a.is_greedy == greedy
 
 
 def test_score_logits_needs_every_token_greedy():

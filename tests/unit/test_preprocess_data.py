@@ -119,3 +119,23 @@ def test_unknown_json_key_exit_2(tmp_path, jsonl, gpt2_flags, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--json-keys body" in err[0] and "columns: text, title" in err[0]
     assert not list(tmp_path.glob("o*"))
+
+
+def test_huggingface_tokenizer_dir(tmp_path, jsonl, gpt2_flags, capsys):
+    """--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR (a GPT-2 tokenizer.json): the GPT-2 ids; a
+    directory without tokenizer.json exits 2 with one line naming --tokenizer-model."""
+    from tests.unit.test_tokenizer import _hf_gpt2_dir
+
+    gpt2 = build_tokenizer(*gpt2_flags[1::2])
+    hf_dir = _hf_gpt2_dir(tmp_path / "hf", gpt2)
+    out = tmp_path / "h"
+    tool = _load_tool()
+    assert tool.main(["--input", str(jsonl), "--output-prefix", str(out), "--append-eod", "--tokenizer-type",
+                      "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir)]) == 0
+    ds = MMapIndexedDataset(f"{out}_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [gpt2.tokenize(d["text"]) + [gpt2.eod] for d in DOCS if d["text"]]
+    capsys.readouterr()
+    assert tool.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type",
+                      "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--tokenizer-model {tmp_path}" in err[0] and "tokenizer.json" in err[0]
