@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: verify data -> train a SentencePiece BPE vocabulary (8000) on the novel corpus and tokenize it ->
 # train the study's small MoE GPT (examples_moe/run_study.sh: 6 layers, hidden 128, 16 experts top-1 on every
-# other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA (PIQA: EVAL_TASKS, SEQ >= 303).
+# other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA (EVAL_TASKS=lambada,piqa adds PIQA).
 # Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the study's dense GPT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)
 LR=${LR:-2e-3}
-EVAL_TASKS=${EVAL_TASKS:-lambada}     # PIQA has a 303-token solution with the 8k vocabulary: it needs SEQ >= 303
+EVAL_TASKS=${EVAL_TASKS:-lambada}     # lambada,piqa adds PIQA (continuations past the window are scored on their last tokens, as lm-eval)
 EVAL_LIMIT=${EVAL_LIMIT:-}            # e.g. 500 for a quicker look; empty = the full sets
 PROMPT=${PROMPT:-"It was a dark and stormy night, and"}
 
