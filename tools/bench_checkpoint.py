@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                                                                             "consumed_tokens": 0}, {})
             times["save"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            torch_save_fsync({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat)
+            torch_save_fsync({"model": model.state_dict(), "optimizer": opt.optimizer.state_dict()}, flat)  # torch's
             times["tsave"].append(time.perf_counter() - t)
             drop_caches()
             t = time.perf_counter()
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             sd = torch.load(flat, weights_only=True)
             model.load_state_dict(sd["model"])
-            opt.load_state_dict(sd["optimizer"])
+            opt.optimizer.load_state_dict(sd["optimizer"])
             times["tload"].append(time.perf_counter() - t)
         m = {k: statistics.median(v) for k, v in times.items()}
         nbytes = dir_bytes(root)

@@ -120,7 +120,7 @@ def step(fwd, opt, tokens, labels, moe_cfg, plain):
     if moe_cfg is not None and out.moe_stats:
         loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
     loss.backward()
-    opt.step()
+    opt.step_with_ready_grads()  # the update alone (no clip), as before the optimizer interface
 
 
 def build_teacher(args):
@@ -155,7 +155,7 @@ def kd_step(fwd, opt, tokens, labels, moe_cfg, teacher, temp, fused):
     if moe_cfg is not None and out.moe_stats:
         loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
     loss.backward()
-    opt.step()
+    opt.step_with_ready_grads()  # the update alone (no clip), as before the optimizer interface
 
 
 def main_kd(args, tokens, labels):

@@ -55,7 +55,7 @@ def expert_adam_state(st) -> dict:
         e = layer.num_local_experts
         for name in checkpointing._expert_param_names(st.model, prefix):
             p = dict(st.model.named_parameters())[name]
-            if isinstance(opt, ExpertOffloadAdamW):
+            if opt.offloads_expert_state:
                 per = [opt.expert_state(moe_idx, layer.ep_rank * e + i)[name[len(prefix) + 1:]] for i in range(e)]
                 out[name] = {"step": per[0]["step"], "exp_avg": torch.stack([s["exp_avg"] for s in per]),
                              "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in per])}
@@ -100,7 +100,7 @@ def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
     # the swap behind the next forward (a thread of its own; each MoE layer waits for its experts) is the same run
     behind = train_and_capture(argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / "off2"),
                                        "--moe-offload-overlap"], capsys)
-    assert behind[0].optimizer.overlap and not off[0].optimizer.overlap
+    assert behind[0].optimizer.optimizer.overlap and not off[0].optimizer.optimizer.overlap
     assert_same_training(ref, behind)
     behind[0].optimizer.close()
     st, out = off
@@ -120,7 +120,7 @@ def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
     # swap statistics were logged, and only the buffers are resident
     assert re.search(r"offload: read [\d.]+ MB .* wrote [\d.]+ MB .* swap exposed", out)
     opt = st.optimizer
-    assert opt.swapper.resident_bytes == 4 * opt.store.record_bytes
+    assert opt.optimizer.swapper.resident_bytes == 4 * opt.optimizer.store.record_bytes
     assert not any(p in opt.state for p in (w, layer.experts.b1_eF))
 
 
@@ -449,15 +449,15 @@ def test_moe_layer_offloaded_equals_torch_adamw(tmp_path, device, overlap, monke
         layer.layer_index = 0
         opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload=offload)
         if offload is not None and overlap:  # slow reads: the step surely is still in flight when the loop goes on
-            read = opt.swapper._read
-            monkeypatch.setattr(opt.swapper, "_read", lambda *a, **k: (time.sleep(0.05), read(*a, **k)))
+            read = opt.optimizer.swapper._read
+            monkeypatch.setattr(opt.optimizer.swapper, "_read", lambda *a, **k: (time.sleep(0.05), read(*a, **k)))
         x = torch.randn(64, 32, device=device)
         for step in range(3):
             opt.zero_grad(set_to_none=False)
             layer(x)[0].pow(2).mean().backward()
             opt.step()
             if offload is not None and overlap:
-                assert opt._inflight is not None  # the expert step went on behind this thread
+                assert opt.optimizer._inflight is not None  # the expert step went on behind this thread
             for g in opt.param_groups:  # a scheduler's step: the next update's rate, not the one in flight
                 g["lr"] = 1e-2 / (step + 2)
         if offload is not None:
