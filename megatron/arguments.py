@@ -190,68 +190,6 @@ def add_lr_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="after the cycle: beta1 = cycle_max_mom * (1 + rate * steps / decay_step_size)")
 
 
-# DeepSpeed JSON `scheduler.params` key -> this CLI's argparse dest, per scheduler type
-_DS_SCHEDULER_PARAMS = {
-    "LRRangeTest": {"lr_range_test_min_lr": ("lr_range_test_min_lr", float),
-                    "lr_range_test_step_size": ("lr_range_test_step_size", int),
-                    "lr_range_test_step_rate": ("lr_range_test_step_rate", float),
-                    "lr_range_test_staircase": ("lr_range_test_staircase", bool)},
-    "OneCycle": {"cycle_min_lr": ("cycle_min_lr", float), "cycle_max_lr": ("cycle_max_lr", float),
-                 "cycle_first_step_size": ("cycle_first_step_size", int),
-                 "cycle_second_step_size": ("cycle_second_step_size", int),
-                 "cycle_first_stair_count": ("cycle_first_stair_count", int),
-                 "cycle_second_stair_count": ("cycle_second_stair_count", int),
-                 "decay_step_size": ("decay_step_size", int), "decay_lr_rate": ("decay_lr_rate", float),
-                 "cycle_momentum": ("cycle_momentum", bool), "cycle_min_mom": ("cycle_min_mom", float),
-                 "cycle_max_mom": ("cycle_max_mom", float), "decay_mom_rate": ("decay_mom_rate", float)},
-}
-_DS_SCHEDULER_STYLE = {"LRRangeTest": "lr-range-test", "OneCycle": "one-cycle"}
-
-
-def scheduler_args_from_ds_config(block: dict) -> dict:
-    """A DeepSpeed config's `scheduler` block {"type": "LRRangeTest" | "OneCycle", "params": {...}} -> {argparse dest:
-    value} for this CLI (lr_decay_style plus one dest per given param), to be set on the parsed args.
-
-    Raises ConfigError (one line naming the key) for another scheduler type, an unknown param or a value of the
-    wrong type. WarmupLR / WarmupDecayLR / WarmupCosineLR are not mapped: use --lr-warmup-iters with
-    --lr-decay-style constant / linear / cosine.
-    """
-    if not isinstance(block, dict) or "type" not in block:
-        raise ConfigError(f"DeepSpeed config: scheduler ({block!r}) must be an object with a \"type\"")
-    kind = block["type"]
-    if kind not in _DS_SCHEDULER_PARAMS:
-        raise ConfigError(f"DeepSpeed config: scheduler.type ({kind!r}) is not supported; use LRRangeTest or OneCycle, "
-                          f"or Megatron's --lr-warmup-iters with --lr-decay-style constant/linear/cosine")
-    params = block.get("params") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"DeepSpeed config: scheduler.params ({params!r}) must be an object")
-    out = {"lr_decay_style": _DS_SCHEDULER_STYLE[kind]}
-    known = _DS_SCHEDULER_PARAMS[kind]
-    for key, value in params.items():
-        if key not in known:
-            raise ConfigError(f"DeepSpeed config: scheduler.params.{key} is not a {kind} parameter; known: "
-                              f"{', '.join(sorted(known))}")
-        dest, kind_of = known[key]
-        out[dest] = _ds_value(f"scheduler.params.{key}", value, kind_of)
-    return out
-
-
-def _ds_value(where: str, value, kind_of):
-    """`value` as bool / int / float, or ConfigError naming `where`."""
-    if kind_of is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be true or false")
-        return value
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind_of is int:
-        if not number or not float(value).is_integer():
-            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be an integer")
-        return int(value)
-    if not number:
-        raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be a number")
-    return float(value)
-
-
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and tokenizer")
     g.add_argument("--data-path", nargs="*", default=None)

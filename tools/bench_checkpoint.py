@@ -16,15 +16,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron import checkpointing  # noqa: E402
-from megatron.config import ModelConfig, OptimizerConfig  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.optimizer import build_optimizer  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
+from megatron import checkpointing
+from megatron.config import ModelConfig, OptimizerConfig
+from megatron.model import GPTModel
+from megatron.optimizer import build_optimizer
+from moe.config import MoEConfig
 
 MODELS = {
     "demo (4x128, 8 experts)": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,

@@ -32,19 +32,18 @@ import time
 from statistics import median_high
 from typing import Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron import checkpointing  # noqa: E402
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint  # noqa: E402
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.eval.scorer import LoglikelihoodScorer, Request  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.offload import build_offloaded_model, write_expert_store  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.offload import OffloadConfig  # noqa: E402
-from moe.offload.config import OptimizerOffloadConfig  # noqa: E402
+from megatron import checkpointing
+from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.config import ModelConfig
+from megatron.eval.scorer import LoglikelihoodScorer, Request
+from megatron.model import GPTModel
+from megatron.offload import build_offloaded_model, write_expert_store
+from moe.config import MoEConfig
+from moe.offload import OffloadConfig
+from moe.offload.config import OptimizerOffloadConfig
 
 
 def drop_caches() -> bool:

@@ -30,15 +30,14 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.flops import flops_per_token, measure_gemm_peak  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.optimizer import build_optimizer  # noqa: E402
-from megatron.config import OptimizerConfig  # noqa: E402
+from megatron.config import ModelConfig
+from megatron.flops import flops_per_token, measure_gemm_peak
+from megatron.model import GPTModel
+from megatron.optimizer import build_optimizer
+from megatron.config import OptimizerConfig
 
 
 def parse():

@@ -13,16 +13,14 @@ stderr naming the flag or file).
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
-from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report  # noqa: E402
-from megatron.offload import USER_ERRORS  # noqa: E402
+from megatron.arguments import add_offload_args, offload_config_from_args
+from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report
+from megatron.offload import USER_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,17 +1,15 @@
 """Sample text from a checkpoint: tools/generate.py --load CKPT --prompt "..." --max-new-tokens N."""
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
-from megatron.errors import ConfigError  # noqa: E402
-from megatron.eval.runner import write_report  # noqa: E402
-from megatron.inference import generate, load_model_for_inference, moe_eval_overrides  # noqa: E402
-from megatron.offload import USER_ERRORS, offload_report  # noqa: E402
+from megatron.arguments import add_offload_args, offload_config_from_args
+from megatron.errors import ConfigError
+from megatron.eval.runner import write_report
+from megatron.inference import generate, load_model_for_inference, moe_eval_overrides
+from megatron.offload import USER_ERRORS, offload_report
 
 
 def main(argv=None) -> int:

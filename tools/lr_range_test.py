@@ -23,7 +23,6 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SMOOTH_BETA = 0.9  # EMA factor of the smoothed loss
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum

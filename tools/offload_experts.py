@@ -8,12 +8,10 @@ unwritable directory, or a full disk (nothing partial is left).
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.offload import USER_ERRORS, write_expert_store  # noqa: E402
+from megatron.offload import USER_ERRORS, write_expert_store
 
 
 def main(argv=None) -> int:
