@@ -256,37 +256,10 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
                    help="peak FLOP/s per device for MFU (default: measure an fp32 GEMM at start)")
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
-    """NVMe expert offload at inference (tools/generate.py, tools/eval_zeroshot.py): moe.offload.OffloadConfig."""
-    g = p.add_argument_group("expert offload")
-    g.add_argument("--moe-offload", choices=["none", "nvme"], default="none",
-                   help="nvme: keep the experts in an expert store on disk and read them through a cache")
-    g.add_argument("--moe-offload-dir", default=None,
-                   help="the expert store (tools/offload_experts.py; written from --load when missing or empty)")
-    g.add_argument("--moe-expert-cache-bytes", default="25%",
-                   help="experts kept resident: a byte size (2GB, 512MiB) or a percentage of all expert bytes")
-    g.add_argument("--moe-prefetch", choices=["gate", "none"], default="gate",
-                   help="gate: the next MoE layer's router on the current hidden state picks experts to read ahead")
-    g.add_argument("--moe-offload-readers", type=int, default=2, help="reader threads (one aio handle each)")
-    g.add_argument("--moe-offload-activation-bytes", default="1GiB",
-                   help="activation memory of one layer-major block of micro-batches (offline scoring)")
-    g.add_argument("--no-moe-offload-layer-major", action="store_true",
-                   help="score micro-batches one at a time instead of in layer-major blocks")
-    g.add_argument("--stats-json", default=None, help="write the offload statistics (JSON) here")
-
-
-def offload_config_from_args(args):
-    from moe.offload import OffloadConfig
-
-    return _checked(OffloadConfig, mode=args.moe_offload, directory=args.moe_offload_dir,
-                    cache_bytes=args.moe_expert_cache_bytes, prefetch=args.moe_prefetch,
-                    num_readers=args.moe_offload_readers, activation_bytes=args.moe_offload_activation_bytes,
-                    layer_major=not args.no_moe_offload_layer_major)
-
-
 def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
     """Expert Adam state on NVMe in training: moe.offload.OptimizerOffloadConfig (DeepSpeed's offload_optimizer and
-    aio blocks map onto these dests: moe.offload.config.offload_args_from_ds_config)."""
+    aio blocks map onto these dests: megatron.ds_config.offload_args_from_ds_config). Offloaded inference has
+    its own flags next to its code (megatron/offload.py add_expert_offload_args)."""
     g = p.add_argument_group("expert optimizer offload")
     g.add_argument("--moe-offload-optimizer", choices=["none", "nvme"], default="none",
                    help="nvme: keep the expert parameters' Adam state in files, swapped through a few buffers")

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from megatron.arguments import add_offload_args, offload_config_from_args
+from megatron.offload import add_expert_offload_args, expert_offload_config_from_args
 from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report
 from megatron.offload import USER_ERRORS
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_offload_args(p)
+    add_expert_offload_args(p)
     return p.parse_args(argv)
 
 
@@ -84,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
                              "tokenizer_model": args.tokenizer_model},
         progress=not args.no_progress,
-        offload=offload_config_from_args(args),
+        offload=expert_offload_config_from_args(args),
     )
 
 

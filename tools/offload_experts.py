@@ -3,7 +3,7 @@
 
 One 4 KiB-aligned record per (MoE layer, global expert) in DIR/experts.bin and a manifest (shapes, dtypes, offsets,
 a checksum per record) in DIR/manifest.json; then `tools/eval_zeroshot.py` / `tools/generate.py --moe-offload nvme
---moe-offload-dir DIR` read the experts from it. Exit 2 with one line on a bad checkpoint, a non-empty or
+--moe-expert-store DIR` read the experts from it. Exit 2 with one line on a bad checkpoint, a non-empty or
 unwritable directory, or a full disk (nothing partial is left).
 """
 import argparse

@@ -36,7 +36,7 @@ class OffloadConfig:
     """Where a MoE model's experts live at inference and how they are brought in."""
 
     mode: str = "none"  # --moe-offload: 'none' (experts in memory) or 'nvme' (experts in files, cached)
-    directory: Optional[str] = None  # --moe-offload-dir: the expert store (written from the checkpoint if empty)
+    directory: Optional[str] = None  # --moe-expert-store: the expert store (written from the checkpoint if empty)
     cache_bytes: str = "25%"  # --moe-expert-cache-bytes: byte size or percentage of all expert bytes
     prefetch: str = "gate"  # --moe-prefetch: 'gate' (next layer's router on the current hidden state) or 'none'
     num_readers: int = 2  # --moe-offload-readers: reader threads, one aio handle each
@@ -50,7 +50,7 @@ class OffloadConfig:
         if self.prefetch not in PREFETCH_MODES:
             raise ValueError(f"--moe-prefetch ({self.prefetch!r}) must be one of {', '.join(PREFETCH_MODES)}")
         if self.mode == "nvme" and not self.directory:
-            raise ValueError("--moe-offload nvme needs --moe-offload-dir (a directory on the NVMe disk)")
+            raise ValueError("--moe-offload nvme needs --moe-expert-store (a directory on the NVMe disk)")
         if self.num_readers < 1:
             raise ValueError(f"--moe-offload-readers ({self.num_readers}) must be >= 1")
         parse_bytes(self.cache_bytes, "--moe-expert-cache-bytes", total=1)

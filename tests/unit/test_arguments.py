@@ -299,9 +299,9 @@ def test_config_checks_raise_config_errors(extra, match):
 def test_offload_config_errors_are_config_errors():
     import argparse
 
-    from megatron.arguments import add_offload_args, offload_config_from_args
+    from megatron.offload import add_expert_offload_args, expert_offload_config_from_args
 
     p = argparse.ArgumentParser()
-    add_offload_args(p)
-    with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-offload-dir"):
-        offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))
+    add_expert_offload_args(p)
+    with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-expert-store"):
+        expert_offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))
