@@ -17,7 +17,8 @@ from megatron.errors import UserError
 from megatron.model.fused_lm_loss import DistillTarget
 from megatron.train_state import TrainState, closed_on_error
 from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
-from megatron.training_log import format_log, print_rank0, summarize_moe, write_optimizer_states, write_tensorboard
+from megatron.rank0 import print_rank0
+from megatron.training_log import format_log, summarize_moe, write_optimizer_states, write_tensorboard
 from megatron.training_setup import (autocast_context, build_model, compute_dtype, set_seed,  # noqa: F401
                                      setup_from_argv, setup_train_state)  # (entry points tests and tools import here)
 from moe.offload.store import OffloadError

@@ -1,24 +1,15 @@
-"""Training logs: the per-iteration line (Megatron's format, MoE load per layer), TensorBoard scalars, rank-0 printing."""
+"""Training logs: the per-iteration line (Megatron's format, MoE load per layer) and TensorBoard scalars."""
 from __future__ import annotations
 
 import math
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron.config import TrainConfig
 from megatron.flops import flops_per_token
+from megatron.rank0 import is_rank0
 from megatron.train_state import Progress
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(msg: str) -> None:
-    if is_rank0():
-        print(msg, flush=True)
 
 
 def summarize_moe(per_micro: List[List]) -> List[dict]:

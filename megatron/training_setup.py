@@ -18,7 +18,8 @@ from megatron.flops import measure_gemm_peak
 from megatron.model import GPTModel
 from megatron.optimizer import ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer
 from megatron.train_state import TrainState, closed_on_error
-from megatron.training_log import open_writer, print_rank0
+from megatron.rank0 import log_rank0, print_rank0
+from megatron.training_log import open_writer
 
 log = logging.getLogger("megatron")
 
@@ -82,8 +83,9 @@ def _load_and_teacher(st: TrainState) -> None:
         missing = checkpointing.nothing_to_load(cfg.checkpoint.load)
         if missing is None:
             load_into_state(st)
-        elif not dist.is_initialized() or dist.get_rank() == 0:  # Megatron: warn and start from scratch
-            log.warning(f"WARNING: --load {cfg.checkpoint.load}: {missing}; starting from scratch")
+        else:  # Megatron: warn and start from scratch
+            log_rank0(log, logging.WARNING, "WARNING: --load %s: %s; starting from scratch", cfg.checkpoint.load,
+                      missing)
     d = cfg.distill
     if d.enabled and not d.kd_stopped(st.iteration, st.consumed_tokens):
         from megatron.distillation import load_teacher
@@ -136,10 +138,9 @@ def setup_from_argv(argv=None):
     test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
-    rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
+    _, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
     for note in notes:  # flags and ds_config keys that change nothing here: said once
-        if rank == 0:
-            log.warning(note)
+        log_rank0(log, logging.WARNING, "%s", note)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,))
     st = setup_train_state(cfg, groups, device, tokenizer)

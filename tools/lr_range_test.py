@@ -113,8 +113,7 @@ def one_cycle_flags(max_lr: float, min_lr: float, planned_iters=None) -> str:
 
 
 def run(args, train_argv):
-    import torch.distributed as dist
-
+    from megatron.rank0 import is_rank0
     from megatron.training import setup_from_argv, train_step
     from megatron.training_guards import NonFiniteError
 
@@ -134,7 +133,7 @@ def run(args, train_argv):
         if not args.no_early_stop and (not math.isfinite(sm) or sm > DIVERGE_FACTOR * best):
             break
     st.optimizer.synchronize()  # an offloaded expert step still behind the loop (--moe-offload-optimizer nvme) ends before the exit
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     return lrs, losses, rank0
 
 
