@@ -36,7 +36,6 @@ from megatron.optimizer.adamw import adamw, param_groups
 from megatron.optimizer.base import MegatronOptimizer
 from megatron.optimizer.clip_grads import NormPart
 from megatron.tensor_parallel import is_tensor_parallel_param
-from moe.experts import is_expert_param
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is one scalar per shard
 # torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); older torch has only the old names
