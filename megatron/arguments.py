@@ -125,6 +125,17 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
+    _add_grad_reduce_args(p)
+
+
+def _add_grad_reduce_args(p: argparse.ArgumentParser) -> None:
+    """Gradient reduction overlapped with the backward (Megatron-LM's DDP flags): OptimizerConfig fields."""
+    g = p.add_argument_group("gradient reduction")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="all-reduce (ZeRO-2: reduce-scatter) gradient buckets from gradient hooks while the last "
+                        "micro-batch's backward still runs")
+    g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
+                   help="elements per gradient bucket under --overlap-grad-reduce (ZeRO-2 buckets are its shards)")
 
 
 def add_batch_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -559,6 +570,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+            overlap_grad_reduce=args.overlap_grad_reduce, ddp_bucket_size=args.ddp_bucket_size,
         ),
         scheduler=scheduler_config_from_args(args, data),
         data=data,

@@ -117,11 +117,12 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     moe_logs: List[List] = []
     kd_sum = None
     t = time.perf_counter()
-    for _ in range(n_micro):
+    for i in range(n_micro):
         tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
         # seqlen curriculum: every micro-batch cut to the scheduled length (Megatron-DeepSpeed's legacy curriculum)
         tokens, labels, mask = truncate(tokens, labels, mask, seqlen)
         total, lm_loss, stats, kd_term = forward_loss(st, tokens, labels, mask)
+        st.optimizer.before_backward(last_micro_batch=i == n_micro - 1)  # --overlap-grad-reduce starts in the last
         (total * ((scale or 1.0) / n_micro)).backward()
         lm_sum += lm_loss.detach()
         if kd_term is not None:

@@ -49,6 +49,8 @@ class MegatronOptimizer:
         self.names: Dict[torch.nn.Parameter, str] = {p: n for n, p in model.named_parameters()}
         self.clip_grad = cfg.clip_grad
         self.check_non_finite = cfg.check_for_nan_in_loss_and_grad
+        # --overlap-grad-reduce: the reduction issued from gradient hooks during the last micro-batch's backward
+        self.reducer = self._overlapped_reducer(cfg) if cfg.overlap_grad_reduce and groups is not None else None
 
     # ---------------------------------------------------------------------------- the torch surface in use
     @property
@@ -77,9 +79,21 @@ class MegatronOptimizer:
         self.step_with_ready_grads()
         return StepResult(stepped=True, grad_norm=norm)
 
+    def before_backward(self, last_micro_batch: bool) -> None:
+        """Called before each micro-batch's backward; with --overlap-grad-reduce the last one's gradient hooks
+        start the reduction (earlier micro-batches only accumulate, as under DDP's no_sync)."""
+        if self.reducer is not None and last_micro_batch:
+            self.reducer.arm()
+
+    def _overlapped_reducer(self, cfg: OptimizerConfig):
+        return grad_sync.OverlappedReducer(self.params, self.groups, cfg.ddp_bucket_size)
+
     def reduce_gradients(self) -> None:
-        """Dense gradients averaged over DP, expert gradients over expert-DP (megatron/grad_sync.py)."""
-        if self.groups is not None:
+        """Dense gradients averaged over DP, expert gradients over expert-DP (megatron/grad_sync.py); with
+        --overlap-grad-reduce, waits for the reduction the backward started."""
+        if self.reducer is not None:
+            self.reducer.finish()
+        elif self.groups is not None:
             grad_sync.reduce_gradients(self.params, self.groups)
 
     def main_params(self) -> List[torch.nn.Parameter]:
@@ -122,7 +136,10 @@ class MegatronOptimizer:
         reads every weight or the optimizer state (checkpoints, evaluation, the end of training)."""
 
     def close(self) -> None:
-        """Releases what the optimizer holds outside the process's memory (an offload store's lock)."""
+        """Releases what the optimizer holds outside the process's memory (an offload store's lock) and removes
+        the gradient hooks of --overlap-grad-reduce."""
+        if self.reducer is not None:
+            self.reducer.remove()
 
     def take_stats(self):
         """Offload swap statistics since the last call (moe.offload.swap.SwapStats), or None."""

@@ -323,6 +323,7 @@ class OffloadAdamWOptimizer(AdamWOptimizer):
 
     def close(self) -> None:
         self.optimizer.close()
+        super().close()
 
     def take_stats(self):
         return self.optimizer.take_stats()

@@ -43,7 +43,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the overlapped reduction keys its work by bucket
 class _Bucket:
     params: List[torch.nn.Parameter]  # model parameters, now views of `flat`
     offsets: List[int]  # start of each parameter in `flat` (elements)
@@ -119,6 +119,7 @@ class ZeroOptimizer(MegatronOptimizer):
                 b = _make_bucket(by_group[ep], self._shard_group(ep), ep)
                 self.buckets.append(b)
                 inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [b.shard]})
+        self._launched: Dict[_Bucket, tuple] = {}  # bucket -> (its owned gradient slice, async handle or None)
         super().__init__(adamw(inner_groups, cfg), model, cfg, groups)
 
     def _shard_group(self, ep_size: Optional[int]):
@@ -157,24 +158,38 @@ class ZeroOptimizer(MegatronOptimizer):
         """Stage 2, in place of grad_sync.reduce_gradients: each bucket's local gradients (flattened as the params)
         are reduce-scattered over its group, so each rank receives only the sum for the slice it owns, then
         divided by the DP size (dense: the DP mean; experts: expert-DP sum / DP, as grad_sync). The full gradients
-        are freed afterwards (they are whole until then: no reduction during the backward). Stage 1: the base's."""
+        are freed as each bucket is flattened. With --overlap-grad-reduce a bucket's reduce-scatter was started by
+        the hook of its last gradient during the backward; this waits for it. Stage 1: the base's."""
         if self.stage == 1:
             return super().reduce_gradients()
+        for b in self.buckets:
+            if b not in self._launched:
+                self._launch_reduce_scatter(b)
         dp = self.groups.dp_size if self.groups is not None else 1
         for b in self.buckets:
-            flat_grad = torch.zeros_like(b.flat)
-            for p, off in zip(b.params, b.offsets):
-                if p.grad is not None:
-                    flat_grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None
-            if b.world > 1:
-                shard_grad = torch.empty_like(b.shard)
-                _reduce_scatter(shard_grad, flat_grad, group=b.group)
-            else:
-                shard_grad = flat_grad
+            shard_grad, handle = self._launched.pop(b)
+            if handle is not None:
+                handle.wait()
             if dp != 1:
                 shard_grad.div_(dp)
             b.shard.grad = shard_grad
+        if self.reducer is not None:
+            self.reducer.armed = False
+
+    def _launch_reduce_scatter(self, b: _Bucket) -> None:
+        flat_grad = torch.zeros_like(b.flat)
+        for p, off in zip(b.params, b.offsets):
+            if p.grad is not None:
+                flat_grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+        if b.world > 1:
+            shard_grad = torch.empty_like(b.shard)
+            self._launched[b] = (shard_grad, _reduce_scatter(shard_grad, flat_grad, group=b.group, async_op=True))
+        else:
+            self._launched[b] = (flat_grad, None)
+
+    def _overlapped_reducer(self, cfg: OptimizerConfig):
+        return super()._overlapped_reducer(cfg) if self.stage == 1 else _ShardReducer(self)
 
     def main_params(self) -> List[torch.nn.Parameter]:
         """Stage 2: the owned slices as parameters (their .grad are the reduced gradients); stage 1: the base's."""
@@ -244,3 +259,33 @@ class ZeroOptimizer(MegatronOptimizer):
                     flat[off:off + p.numel()].copy_(state[p][k].reshape(-1))
                 new[k] = flat[lo:lo + b.shard_size].clone()
             self.optimizer.state[b.shard] = new
+
+
+class _ShardReducer:
+    """ZeRO-2 under --overlap-grad-reduce: a bucket's reduce-scatter starts from the hook of the last of its
+    parameters to receive its gradient in the armed (last micro-batch's) backward; `reduce_gradients` waits."""
+
+    def __init__(self, opt: ZeroOptimizer):
+        self.opt, self.armed = opt, False
+        self.hook_launches = 0  # buckets launched from a hook, while the backward ran
+        self.pending: Dict[_Bucket, int] = {}
+        self.bucket_of = {p: b for b in opt.buckets for p in b.params}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of]
+
+    def arm(self) -> None:
+        self.armed = True
+        self.pending = {b: len(b.params) for b in self.opt.buckets}
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        b = self.bucket_of[p]
+        self.pending[b] -= 1
+        if self.pending[b] == 0:
+            self.opt._launch_reduce_scatter(b)
+            self.hook_launches += 1
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

@@ -83,6 +83,8 @@ MAPPING = {
     "--adam-beta2": (["0.95"], "optimizer.adam_beta2", 0.95),
     "--adam-eps": (["1e-6"], "optimizer.adam_eps", 1e-6),
     "--clip-grad": (["0.5"], "optimizer.clip_grad", 0.5),
+    "--overlap-grad-reduce": ([], "optimizer.overlap_grad_reduce", True),
+    "--ddp-bucket-size": (["1000"], "optimizer.ddp_bucket_size", 1000),
     "--no-check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", False),
     "--check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", True),  # (PRECEDING)
     "--bf16": ([], "optimizer.bf16", True),
