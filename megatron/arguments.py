@@ -125,6 +125,17 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
+    _add_grad_reduce_args(p)
+
+
+def _add_grad_reduce_args(p: argparse.ArgumentParser) -> None:
+    """Gradient reduction overlapped with the backward (Megatron-LM's DDP flags): OptimizerConfig fields."""
+    g = p.add_argument_group("gradient reduction")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="all-reduce (ZeRO-2: reduce-scatter) gradient buckets from gradient hooks while the last "
+                        "micro-batch's backward still runs")
+    g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
+                   help="elements per gradient bucket under --overlap-grad-reduce (ZeRO-2 buckets are its shards)")
 
 
 def add_batch_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -188,68 +199,6 @@ def add_lr_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cycle-max-mom", type=float, default=0.9, help="one-cycle: Adam beta1 at the cycle's ends")
     g.add_argument("--decay-mom-rate", type=float, default=0.0,
                    help="after the cycle: beta1 = cycle_max_mom * (1 + rate * steps / decay_step_size)")
-
-
-# DeepSpeed JSON `scheduler.params` key -> this CLI's argparse dest, per scheduler type
-_DS_SCHEDULER_PARAMS = {
-    "LRRangeTest": {"lr_range_test_min_lr": ("lr_range_test_min_lr", float),
-                    "lr_range_test_step_size": ("lr_range_test_step_size", int),
-                    "lr_range_test_step_rate": ("lr_range_test_step_rate", float),
-                    "lr_range_test_staircase": ("lr_range_test_staircase", bool)},
-    "OneCycle": {"cycle_min_lr": ("cycle_min_lr", float), "cycle_max_lr": ("cycle_max_lr", float),
-                 "cycle_first_step_size": ("cycle_first_step_size", int),
-                 "cycle_second_step_size": ("cycle_second_step_size", int),
-                 "cycle_first_stair_count": ("cycle_first_stair_count", int),
-                 "cycle_second_stair_count": ("cycle_second_stair_count", int),
-                 "decay_step_size": ("decay_step_size", int), "decay_lr_rate": ("decay_lr_rate", float),
-                 "cycle_momentum": ("cycle_momentum", bool), "cycle_min_mom": ("cycle_min_mom", float),
-                 "cycle_max_mom": ("cycle_max_mom", float), "decay_mom_rate": ("decay_mom_rate", float)},
-}
-_DS_SCHEDULER_STYLE = {"LRRangeTest": "lr-range-test", "OneCycle": "one-cycle"}
-
-
-def scheduler_args_from_ds_config(block: dict) -> dict:
-    """A DeepSpeed config's `scheduler` block {"type": "LRRangeTest" | "OneCycle", "params": {...}} -> {argparse dest:
-    value} for this CLI (lr_decay_style plus one dest per given param), to be set on the parsed args.
-
-    Raises ConfigError (one line naming the key) for another scheduler type, an unknown param or a value of the
-    wrong type. WarmupLR / WarmupDecayLR / WarmupCosineLR are not mapped: use --lr-warmup-iters with
-    --lr-decay-style constant / linear / cosine.
-    """
-    if not isinstance(block, dict) or "type" not in block:
-        raise ConfigError(f"DeepSpeed config: scheduler ({block!r}) must be an object with a \"type\"")
-    kind = block["type"]
-    if kind not in _DS_SCHEDULER_PARAMS:
-        raise ConfigError(f"DeepSpeed config: scheduler.type ({kind!r}) is not supported; use LRRangeTest or OneCycle, "
-                          f"or Megatron's --lr-warmup-iters with --lr-decay-style constant/linear/cosine")
-    params = block.get("params") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"DeepSpeed config: scheduler.params ({params!r}) must be an object")
-    out = {"lr_decay_style": _DS_SCHEDULER_STYLE[kind]}
-    known = _DS_SCHEDULER_PARAMS[kind]
-    for key, value in params.items():
-        if key not in known:
-            raise ConfigError(f"DeepSpeed config: scheduler.params.{key} is not a {kind} parameter; known: "
-                              f"{', '.join(sorted(known))}")
-        dest, kind_of = known[key]
-        out[dest] = _ds_value(f"scheduler.params.{key}", value, kind_of)
-    return out
-
-
-def _ds_value(where: str, value, kind_of):
-    """`value` as bool / int / float, or ConfigError naming `where`."""
-    if kind_of is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be true or false")
-        return value
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind_of is int:
-        if not number or not float(value).is_integer():
-            raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be an integer")
-        return int(value)
-    if not number:
-        raise ConfigError(f"DeepSpeed config: {where} ({value!r}) must be a number")
-    return float(value)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -319,37 +268,10 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
                    help="peak FLOP/s per device for MFU (default: measure an fp32 GEMM at start)")
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
-    """NVMe expert offload at inference (tools/generate.py, tools/eval_zeroshot.py): moe.offload.OffloadConfig."""
-    g = p.add_argument_group("expert offload")
-    g.add_argument("--moe-offload", choices=["none", "nvme"], default="none",
-                   help="nvme: keep the experts in an expert store on disk and read them through a cache")
-    g.add_argument("--moe-offload-dir", default=None,
-                   help="the expert store (tools/offload_experts.py; written from --load when missing or empty)")
-    g.add_argument("--moe-expert-cache-bytes", default="25%",
-                   help="experts kept resident: a byte size (2GB, 512MiB) or a percentage of all expert bytes")
-    g.add_argument("--moe-prefetch", choices=["gate", "none"], default="gate",
-                   help="gate: the next MoE layer's router on the current hidden state picks experts to read ahead")
-    g.add_argument("--moe-offload-readers", type=int, default=2, help="reader threads (one aio handle each)")
-    g.add_argument("--moe-offload-activation-bytes", default="1GiB",
-                   help="activation memory of one layer-major block of micro-batches (offline scoring)")
-    g.add_argument("--no-moe-offload-layer-major", action="store_true",
-                   help="score micro-batches one at a time instead of in layer-major blocks")
-    g.add_argument("--stats-json", default=None, help="write the offload statistics (JSON) here")
-
-
-def offload_config_from_args(args):
-    from moe.offload import OffloadConfig
-
-    return _checked(OffloadConfig, mode=args.moe_offload, directory=args.moe_offload_dir,
-                    cache_bytes=args.moe_expert_cache_bytes, prefetch=args.moe_prefetch,
-                    num_readers=args.moe_offload_readers, activation_bytes=args.moe_offload_activation_bytes,
-                    layer_major=not args.no_moe_offload_layer_major)
-
-
 def add_optimizer_offload_args(p: argparse.ArgumentParser) -> None:
     """Expert Adam state on NVMe in training: moe.offload.OptimizerOffloadConfig (DeepSpeed's offload_optimizer and
-    aio blocks map onto these dests: moe.offload.config.offload_args_from_ds_config)."""
+    aio blocks map onto these dests: megatron.ds_config.offload_args_from_ds_config). Offloaded inference has
+    its own flags next to its code (megatron/offload.py add_expert_offload_args)."""
     g = p.add_argument_group("expert optimizer offload")
     g.add_argument("--moe-offload-optimizer", choices=["none", "nvme"], default="none",
                    help="nvme: keep the expert parameters' Adam state in files, swapped through a few buffers")
@@ -649,6 +571,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+            overlap_grad_reduce=args.overlap_grad_reduce, ddp_bucket_size=args.ddp_bucket_size,
         ),
         scheduler=scheduler_config_from_args(args, data),
         data=data,

@@ -31,8 +31,6 @@ from moe.experts import is_expert_param
 from moe.layer import MoELayer
 
 from megatron.errors import CheckpointError  # noqa: F401 - re-exported (callers import it from here)
-from megatron.optimizer.offload import ExpertOffloadAdamW
-from megatron.optimizer.zero import ZeroOptimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DENSE_FILE = "model_optim_rng.pt"
@@ -227,13 +225,7 @@ def _fsync_dir(path: str) -> None:
 def _named_optimizer_state(model, optimizer) -> Dict[str, dict]:
     """Adam state keyed by parameter name (index-free, so it survives resharding). A ZeRO optimizer's shards are
     gathered first (collective: every rank calls this), so checkpoints look the same with or without ZeRO."""
-    by_param = optimizer.full_state() if isinstance(optimizer, ZeroOptimizer) else optimizer.state
-    out = {}
-    for name, p in model.named_parameters():
-        st = by_param.get(p)
-        if st:
-            out[name] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-    return out
+    return optimizer.state_dict()
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, loss_scaler, counters: dict,
@@ -380,9 +372,7 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups, optimizer=None)
         for i in range(e):
             gid = layer.ep_rank * e + i
             weights = {n[len(prefix) + 1:]: params[n].detach()[i].clone() for n in names}
-            optim = {}
-            if isinstance(optimizer, ExpertOffloadAdamW):  # state in the offload files: read it back per expert
-                optim = optimizer.expert_state(moe_idx, gid)
+            optim = optimizer.expert_state(moe_idx, gid) if optimizer is not None else {}  # {} unless offloaded
             for n in names:
                 if n in opt_state:
                     optim[n[len(prefix) + 1:]] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
@@ -664,16 +654,11 @@ def _load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[di
 
 def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str, experts: Optional[dict] = None) -> None:
     state = dict(payload.get("optimizer", {}))
-    if isinstance(optimizer, ExpertOffloadAdamW):
+    if optimizer.offloads_expert_state:
         _fill_offloaded_expert_state(model, optimizer, ckpt_dir, experts)
     else:
         state.update(_load_experts(model, ckpt_dir, load_weights=False, experts=experts))
-    by_param = {p: {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in state[name].items()}
-                for name, p in model.named_parameters() if name in state}
-    if isinstance(optimizer, ZeroOptimizer):  # each rank keeps the slice it owns, whatever wrote the checkpoint
-        optimizer.load_full_state(by_param, ckpt_dir)
-    else:
-        optimizer.state.update(by_param)
+    optimizer.load_state_dict(state, ckpt_dir)  # ZeRO: each rank keeps the slice it owns, whatever wrote it
 
 
 # ----------------------------------------------------------------------------------------------- --load-fallback
@@ -828,7 +813,7 @@ def load_training_checkpoint(cfg, model, optimizer, scheduler, loss_scaler, grou
 
     # offloaded expert Adam state is not held for all experts at once: read_training_checkpoint verifies every file
     # and keeps the expert weights; _fill_offloaded_expert_state re-reads the state one file at a time
-    offloaded = isinstance(optimizer, ExpertOffloadAdamW)
+    offloaded = optimizer.offloads_expert_state
     ckpt_dir, payload, experts = read_training_checkpoint(ck, model, groups, check, keep_optimizer=not offloaded)
     saved = payload.get("configs", {})
     if saved.get("moe") and cfg.moe and "drop_policy" not in saved["moe"]:

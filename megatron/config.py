@@ -130,6 +130,8 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000  # good steps before the scale doubles
     hysteresis: int = 2  # overflows tolerated before halving
+    overlap_grad_reduce: bool = False  # reduce gradient buckets from hooks during the last micro-batch's backward
+    ddp_bucket_size: int = 40_000_000  # elements per bucket under overlap_grad_reduce
 
     def __post_init__(self):
         if self.fp16 and self.bf16:
@@ -140,6 +142,8 @@ class OptimizerConfig:
             raise ConfigError(f"--min-lr ({self.min_lr}) must be <= --lr ({self.lr})")
         if self.clip_grad < 0:
             raise ConfigError(f"--clip-grad ({self.clip_grad}) must be >= 0")
+        if self.ddp_bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size ({self.ddp_bucket_size}) must be >= 1 (elements per bucket)")
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "lr-range-test", "one-cycle")

@@ -12,26 +12,39 @@ import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from megatron.errors import ConfigError
+from moe.offload.config import OPTIMIZER_OFFLOAD_MODES
 
 Converter = Callable[[Any], Dict[str, Any]]
 
 
+PREFIX = "--deepspeed_config: "  # every error and note about the JSON starts so
+
+
+def json_value(where: str, value, kind: type):
+    """`value` of JSON key `where` as `kind` (bool, int or float); ConfigError naming the key otherwise.
+
+    One rule for every key (DeepSpeed's Python takes the JSON values as they are): a bool is JSON true/false only;
+    an int is any whole number (2 and 2.0; not 2.5, not true); a float is any number (not true/false).
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (isinstance(value, bool) if kind is bool else
+          is_number and float(value).is_integer() if kind is int else is_number)
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{PREFIX}{where} ({value!r}) must be {want}")
+    return kind(value)
+
+
 def _num(v, key) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"--deepspeed_config: {key} must be a number, got {v!r}")
-    return v
+    return json_value(key, v, float)
 
 
 def _int(v, key) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"--deepspeed_config: {key} must be an integer, got {v!r}")
-    return v
+    return json_value(key, v, int)
 
 
 def _bool(v, key) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"--deepspeed_config: {key} must be true or false, got {v!r}")
-    return v
+    return json_value(key, v, bool)
 
 
 def _to(dest: str, kind: Callable, key: str, post: Callable = lambda x: x) -> Converter:
@@ -41,7 +54,7 @@ def _to(dest: str, kind: Callable, key: str, post: Callable = lambda x: x) -> Co
 def _zero_stage(v) -> Dict[str, Any]:
     stage = _int(v, "zero_optimization.stage")
     if stage not in (0, 1, 2):
-        raise ConfigError(f"--deepspeed_config: zero_optimization.stage ({stage}) is not supported here; use 0, 1 "
+        raise ConfigError(f"{PREFIX}zero_optimization.stage ({stage}) is not supported here; use 0, 1 "
                           f"(optimizer state sharded) or 2 (and gradients)")
     return {"zero_stage": stage}
 
@@ -53,20 +66,20 @@ def _loss_scale(v) -> Dict[str, Any]:
 
 def _betas(v) -> Dict[str, Any]:
     if not (isinstance(v, list) and len(v) == 2):
-        raise ConfigError(f"--deepspeed_config: optimizer.params.betas must be [beta1, beta2], got {v!r}")
+        raise ConfigError(f"{PREFIX}optimizer.params.betas must be [beta1, beta2], got {v!r}")
     return {"adam_beta1": float(_num(v[0], "betas[0]")), "adam_beta2": float(_num(v[1], "betas[1]"))}
 
 
 def _optimizer_type(v) -> Dict[str, Any]:
     if str(v).lower() not in ("adam", "adamw"):
-        raise ConfigError(f"--deepspeed_config: optimizer.type {v!r} is not available here; this project trains with "
+        raise ConfigError(f"{PREFIX}optimizer.type {v!r} is not available here; this project trains with "
                           f"AdamW (decoupled weight decay), which is DeepSpeed's Adam/AdamW: use \"Adam\" or \"AdamW\"")
     return {}
 
 
 def _adam_w_mode(v) -> Dict[str, Any]:
     if not _bool(v, "optimizer.params.adam_w_mode"):
-        raise ConfigError("--deepspeed_config: optimizer.params.adam_w_mode false (L2-coupled Adam) is not available "
+        raise ConfigError(f"{PREFIX}optimizer.params.adam_w_mode false (L2-coupled Adam) is not available "
                           "here; drop it (AdamW is the default)")
     return {}
 
@@ -119,32 +132,87 @@ NO_EFFECT: Dict[str, str] = {
     "fp16.auto_cast": "fp16 always autocasts here",
 }
 
-# ---- Hooks other readers plug into (wired by the lead at merge time; until then their keys warn as unsupported).
-# OFFLOAD_READER(zero_optimization: dict, aio: dict) -> {dest: value}: zero_optimization.offload_optimizer and the
-# aio block (issue 13, `offload_args_from_ds_config`).
-def _offload_reader(zero_optimization: dict, aio: dict) -> Dict[str, Any]:
-    """moe.offload.config.offload_args_from_ds_config, its OffloadError as the ConfigError it is here."""
-    from moe.offload.config import offload_args_from_ds_config
-
-    try:
-        return offload_args_from_ds_config(zero_optimization, aio)
-    except ConfigError:
-        raise
-    except ValueError as e:  # OffloadError: moe/ cannot import megatron.errors
-        raise ConfigError(f"--deepspeed_config: {e}") from None
+# ---- zero_optimization.offload_optimizer and aio: expert Adam state in NVMe files (moe.offload.config)
+# DeepSpeed "aio" key -> argparse dest (thread_count is DeepSpeed's older name of intra_op_parallelism)
+_DS_AIO_KEYS = {"block_size": "moe_offload_aio_block_size", "queue_depth": "moe_offload_aio_queue_depth",
+                "single_submit": "moe_offload_aio_single_submit", "overlap_events": "moe_offload_aio_overlap_events",
+                "intra_op_parallelism": "moe_offload_aio_intra_op_parallelism",
+                "thread_count": "moe_offload_aio_intra_op_parallelism"}
 
 
-OFFLOAD_READER: Optional[Callable[[dict, dict], Dict[str, Any]]] = _offload_reader
+def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional[dict]) -> dict:
+    """A DeepSpeed config's `zero_optimization.offload_optimizer` and `aio` blocks as pretrain_gpt.py argparse
+    dests ({dest: value}; only what the blocks set), restricted here to expert parameters.
+
+    offload_optimizer: device nvme|none -> moe_offload_optimizer, nvme_path -> moe_offload_dir, buffer_count ->
+    moe_offload_buffer_count, pipeline_read/pipeline_write -> moe_offload_pipeline (on if either is on; our
+    default is on when neither is given). pin_memory and fast_init are accepted and need nothing (buffers are
+    always page-locked, records start as zeros). aio: block_size, queue_depth, single_submit, overlap_events,
+    intra_op_parallelism (or thread_count). Raises for what has no meaning
+    here: device cpu, ratio < 1, use_gds, unknown keys
+    (ConfigError naming the key).
+    """
+    out: dict = {}
+    off = (zero_optimization or {}).get("offload_optimizer")
+    if off is not None:
+        if not isinstance(off, dict):
+            raise ConfigError(f"{PREFIX}zero_optimization.offload_optimizer must be an object, got {off!r}")
+        known = {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
+                 "fast_init", "ratio"}
+        unknown = sorted(set(off) - known)
+        if unknown:
+            raise ConfigError(f"{PREFIX}zero_optimization.offload_optimizer: unknown key(s) {unknown}; known: "
+                               f"{sorted(known)}")
+        device = str(off.get("device", "none")).lower()
+        if device == "cpu":
+            raise ConfigError(f'{PREFIX}zero_optimization.offload_optimizer.device "cpu" is not supported (expert Adam state '
+                               'already lives in host memory without offload); use "nvme" or "none"')
+        if device not in OPTIMIZER_OFFLOAD_MODES:
+            raise ConfigError(f"{PREFIX}zero_optimization.offload_optimizer.device ({device!r}) must be nvme or none")
+        out["moe_offload_optimizer"] = device
+        if "nvme_path" in off:
+            if not isinstance(off["nvme_path"], str):
+                raise ConfigError(f"{PREFIX}zero_optimization.offload_optimizer.nvme_path must be a directory path (a string), "
+                                   f"got {off['nvme_path']!r}")
+            out["moe_offload_dir"] = off["nvme_path"]
+        if device == "nvme" and not off.get("nvme_path"):
+            raise ConfigError(f'{PREFIX}zero_optimization.offload_optimizer.device "nvme" needs "nvme_path" (a directory '
+                               'on the NVMe disk)')
+        if "buffer_count" in off:
+            out["moe_offload_buffer_count"] = json_value("zero_optimization.offload_optimizer.buffer_count",
+                                                     off["buffer_count"], int)
+        if "pipeline_read" in off or "pipeline_write" in off:
+            out["moe_offload_pipeline"] = any([json_value(f"zero_optimization.offload_optimizer.{k}", off[k], bool)
+                                               for k in ("pipeline_read", "pipeline_write") if k in off])
+        if json_value("zero_optimization.offload_optimizer.ratio", off.get("ratio", 1.0), float) != 1.0:
+            raise ConfigError(f"{PREFIX}zero_optimization.offload_optimizer.ratio ({off['ratio']}) must be 1.0: partial "
+                               f"optimizer offload is not supported (all expert state is offloaded)")
+    if aio:
+        if not isinstance(aio, dict):
+            raise ConfigError(f"{PREFIX}aio must be an object, got {aio!r}")
+        unknown = sorted(set(aio) - set(_DS_AIO_KEYS) - {"use_gds"})
+        if unknown:
+            raise ConfigError(f"{PREFIX}aio: unknown key(s) {unknown}; known: {sorted(_DS_AIO_KEYS)}")
+        if aio.get("use_gds"):
+            raise ConfigError(f"{PREFIX}aio.use_gds is not supported (GPUDirect Storage); set it to false")
+        for key, dest in _DS_AIO_KEYS.items():
+            if key in aio:
+                value = aio[key]
+                out[dest] = json_value(f"aio.{key}", value, bool if key in ("single_submit", "overlap_events") else int)
+    return out
+
+
+OFFLOAD_READER: Optional[Callable[[dict, dict], Dict[str, Any]]] = offload_args_from_ds_config
 OFFLOAD_KEYS = ("zero_optimization.offload_optimizer", "zero_optimization.offload_param", "aio")
-# scheduler "type" -> reader(block) -> {dest: value}. WarmupLR/WarmupDecayLR are here; issue 16 adds LRRangeTest and
-# OneCycle (`scheduler_args_from_ds_config`).
+# scheduler "type" -> reader(block) -> {dest: value}: WarmupLR/WarmupDecayLR onto Megatron's styles, LRRangeTest and
+# OneCycle onto their own flags (`scheduler_args_from_ds_config`).
 SCHEDULER_READERS: Dict[str, Callable[[dict], Dict[str, Any]]] = {}
 
 
 def _warmup_common(block: dict, type_: str) -> Dict[str, Any]:
     p = block.get("params", {})
     if p.get("warmup_type", "log") != "linear" or p.get("warmup_min_lr", 0) != 0:
-        raise ConfigError(f"--deepspeed_config: scheduler {type_} with warmup_type {p.get('warmup_type', 'log')!r} and "
+        raise ConfigError(f"{PREFIX}scheduler {type_} with warmup_type {p.get('warmup_type', 'log')!r} and "
                           f"warmup_min_lr {p.get('warmup_min_lr', 0)} has no Megatron equivalent; use \"warmup_type\": "
                           f"\"linear\" and \"warmup_min_lr\": 0 (Megatron warms up linearly from 0), or drop the block "
                           f"and use --lr-warmup-iters")
@@ -164,21 +232,59 @@ def _warmup_decay_lr(block: dict) -> Dict[str, Any]:
     style with --lr-decay-iters total_num_steps and --min-lr 0."""
     p = block.get("params", {})
     if "total_num_steps" not in p:
-        raise ConfigError("--deepspeed_config: scheduler WarmupDecayLR needs params.total_num_steps")
+        raise ConfigError(f"{PREFIX}scheduler WarmupDecayLR needs params.total_num_steps")
     return {**_warmup_common(block, "WarmupDecayLR"), "lr_decay_style": "linear", "min_lr": 0.0,
             "lr_decay_iters": _int(p["total_num_steps"], "scheduler.params.total_num_steps")}
 
 
-def _cyclic(block: dict) -> Dict[str, Any]:
-    """LRRangeTest / OneCycle blocks onto the --lr-decay-style lr-range-test / one-cycle flags (its errors name the
-    key)."""
-    from megatron.arguments import scheduler_args_from_ds_config
+# DeepSpeed JSON `scheduler.params` key -> this CLI's argparse dest, per scheduler type
+_DS_SCHEDULER_PARAMS = {
+    "LRRangeTest": {"lr_range_test_min_lr": ("lr_range_test_min_lr", float),
+                    "lr_range_test_step_size": ("lr_range_test_step_size", int),
+                    "lr_range_test_step_rate": ("lr_range_test_step_rate", float),
+                    "lr_range_test_staircase": ("lr_range_test_staircase", bool)},
+    "OneCycle": {"cycle_min_lr": ("cycle_min_lr", float), "cycle_max_lr": ("cycle_max_lr", float),
+                 "cycle_first_step_size": ("cycle_first_step_size", int),
+                 "cycle_second_step_size": ("cycle_second_step_size", int),
+                 "cycle_first_stair_count": ("cycle_first_stair_count", int),
+                 "cycle_second_stair_count": ("cycle_second_stair_count", int),
+                 "decay_step_size": ("decay_step_size", int), "decay_lr_rate": ("decay_lr_rate", float),
+                 "cycle_momentum": ("cycle_momentum", bool), "cycle_min_mom": ("cycle_min_mom", float),
+                 "cycle_max_mom": ("cycle_max_mom", float), "decay_mom_rate": ("decay_mom_rate", float)},
+}
+_DS_SCHEDULER_STYLE = {"LRRangeTest": "lr-range-test", "OneCycle": "one-cycle"}
 
-    return scheduler_args_from_ds_config(block)
+
+def scheduler_args_from_ds_config(block: dict) -> dict:
+    """A DeepSpeed config's `scheduler` block {"type": "LRRangeTest" | "OneCycle", "params": {...}} -> {argparse dest:
+    value} for this CLI (lr_decay_style plus one dest per given param), to be set on the parsed args.
+
+    Raises ConfigError (one line naming the key) for another scheduler type, an unknown param or a value of the
+    wrong type. WarmupLR / WarmupDecayLR / WarmupCosineLR are not mapped: use --lr-warmup-iters with
+    --lr-decay-style constant / linear / cosine.
+    """
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError(f"{PREFIX}scheduler ({block!r}) must be an object with a \"type\"")
+    kind = block["type"]
+    if kind not in _DS_SCHEDULER_PARAMS:
+        raise ConfigError(f"{PREFIX}scheduler.type ({kind!r}) is not supported; use LRRangeTest or OneCycle, "
+                          f"or Megatron's --lr-warmup-iters with --lr-decay-style constant/linear/cosine")
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{PREFIX}scheduler.params ({params!r}) must be an object")
+    out = {"lr_decay_style": _DS_SCHEDULER_STYLE[kind]}
+    known = _DS_SCHEDULER_PARAMS[kind]
+    for key, value in params.items():
+        if key not in known:
+            raise ConfigError(f"{PREFIX}scheduler.params.{key} is not a {kind} parameter; known: "
+                              f"{', '.join(sorted(known))}")
+        dest, kind_of = known[key]
+        out[dest] = json_value(f"scheduler.params.{key}", value, kind_of)
+    return out
 
 
-SCHEDULER_READERS.update({"WarmupLR": _warmup_lr, "WarmupDecayLR": _warmup_decay_lr, "LRRangeTest": _cyclic,
-                          "OneCycle": _cyclic})
+SCHEDULER_READERS.update({"WarmupLR": _warmup_lr, "WarmupDecayLR": _warmup_decay_lr,
+                          "LRRangeTest": scheduler_args_from_ds_config, "OneCycle": scheduler_args_from_ds_config})
 _SCHEDULER_PARAMS = {"WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
                      "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
                                        "total_num_steps", "last_batch_iteration"}}
@@ -189,11 +295,11 @@ def _curriculum(block: dict, notes: List[str]) -> Dict[str, Any]:
     if not block.get("enabled", False):
         return {"curriculum_learning": None}
     if block.get("curriculum_type", "seqlen") != "seqlen":
-        raise ConfigError(f"--deepspeed_config: curriculum_learning.curriculum_type {block['curriculum_type']!r} is "
+        raise ConfigError(f"{PREFIX}curriculum_learning.curriculum_type {block['curriculum_type']!r} is "
                           f"not available here; only \"seqlen\"")
     for k in ("min_difficulty", "max_difficulty", "schedule_type"):
         if k not in block:
-            raise ConfigError(f"--deepspeed_config: curriculum_learning needs {k}")
+            raise ConfigError(f"{PREFIX}curriculum_learning needs {k}")
     sc = block.get("schedule_config", {})
     known = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
     notes += [f"--deepspeed_config: unknown key curriculum_learning.{k} ignored" for k in block if k not in known]

@@ -84,3 +84,92 @@ def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, o
     single = groups.dp_size == 1
     experts = by_ep_size(split.expert)
     return out + [(experts[ep], None if single or ep == 1 else groups.ep_group(ep)) for ep in sorted(experts)]
+
+
+class _Bucket:
+    """Gradients reduced together: parameters of one dtype and one reduction group, in backward order."""
+
+    def __init__(self, params: List[torch.nn.Parameter], group, divisor: int):
+        self.params, self.group, self.divisor = params, group, divisor
+        self.pending = len(params)  # parameters whose last-micro-batch gradient is not yet accumulated
+        self.work = None  # (flat buffer, async handle, grads) once launched
+
+
+class OverlappedReducer:
+    """--overlap-grad-reduce (Megatron-LM's): the all-reduces of `reduce_gradients` issued from gradient hooks
+    while the backward of the last micro-batch still runs, in buckets of about `bucket_size` elements.
+
+    Buckets hold the parameters of one reduction (dense over DP, the experts of each EP size over their expert-DP
+    group) and one dtype, in reverse model order (the order the backward produces gradients). A bucket is launched
+    (flattened, async all-reduce) when each of its parameters' gradient has been accumulated during a backward
+    that `arm()` announced as the last micro-batch's; `finish()` launches what never fired, waits, copies the sums
+    back and divides as `reduce_gradients` does. Each element gets the same sum as in `reduce_gradients` (the same
+    summands; bit for bit on 2 ranks, where the sum's order cannot differ).
+    """
+
+    def __init__(self, split: ParamSplit, groups: ParallelGroups, bucket_size: int):
+        families = [(split.dense, groups.dp_group)]
+        families += [(ps, groups.expert_dp_group(ep) if groups.dp_size > 1 else None)
+                     for ep, ps in by_ep_size(split.expert).items()]
+        self.buckets: List[_Bucket] = []
+        for params, group in families:
+            by_dtype: Dict[torch.dtype, list] = {}
+            for p in reversed([p for p in params if p.requires_grad]):
+                by_dtype.setdefault(p.dtype, []).append(p)
+            for ps in by_dtype.values():
+                start, size = 0, 0
+                for i, p in enumerate(ps):
+                    size += p.numel()
+                    if size >= bucket_size or i == len(ps) - 1:
+                        self.buckets.append(_Bucket(ps[start:i + 1], group, groups.dp_size))
+                        start, size = i + 1, 0
+        self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._armed = False
+        self.hook_launches = 0  # buckets launched from a hook, while the backward ran (a count for tests and logs)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self._bucket_of]
+
+    def arm(self) -> None:
+        """The next backward is the last micro-batch's: reduce each bucket as soon as its gradients are final."""
+        self._armed = True
+        for b in self.buckets:
+            b.pending, b.work = len(b.params), None
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        b = self._bucket_of[p]
+        b.pending -= 1
+        if b.pending == 0:
+            self._launch(b)
+            self.hook_launches += 1
+
+    @staticmethod
+    def _launch(b: _Bucket) -> None:
+        grads = [p.grad for p in b.params if p.grad is not None]
+        if not grads or b.group is None or dist.get_world_size(b.group) == 1:
+            b.work = (None, None, grads)
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        b.work = (flat, dist.all_reduce(flat, group=b.group, async_op=True), grads)
+
+    def finish(self) -> None:
+        """Waits for every bucket's all-reduce (launching those whose hooks did not all fire: a parameter without a
+        gradient this step) and writes the means into the gradients. Every rank launches the same buckets."""
+        for b in self.buckets:
+            if b.work is None:
+                self._launch(b)
+        for b in self.buckets:
+            flat, handle, grads = b.work
+            if handle is not None:
+                handle.wait()
+                for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    g.copy_(synced)
+            if grads and b.divisor != 1:
+                torch._foreach_div_(grads, float(b.divisor))
+            b.work = None
+        self._armed = False
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -6,6 +6,7 @@ moe.offload.OffloadedExperts, and only the dense weights are loaded.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ import torch
 
 from megatron import checkpointing
 from megatron.config import is_moe_layer
-from megatron.errors import UserError
+from megatron.errors import ConfigError, UserError
 from moe.layer import MoELayer
 from moe.offload import (ExpertCache, ExpertStore, GatePrefetcher, OffloadConfig, OffloadedExperts, OffloadError,
                          parse_bytes, write_store)
@@ -98,7 +99,7 @@ def open_or_write_store(ckpt_dir: str, iteration: int, configs: dict, directory:
     otherwise opened and checked (foreign or stale stores are refused with one line)."""
     source = checkpoint_source(ckpt_dir, iteration, configs)
     if not os.path.isdir(directory) or not os.listdir(directory):
-        logger.info("--moe-offload-dir %s is empty: writing the expert store from %s", directory, ckpt_dir)
+        logger.info("--moe-expert-store %s is empty: writing the expert store from %s", directory, ckpt_dir)
         write_store(directory, _records(ckpt_dir, configs), source, checkpoint=os.path.abspath(ckpt_dir))
     return ExpertStore.open(directory, expected_source=source)
 
@@ -200,3 +201,38 @@ def offload_report(s: dict) -> str:
             f" MB/token) at {s['read_GBps'] or 0:.2f} GB/s, stall {s['stall_seconds']:.2f} s "
             f"({pct(s['stall_fraction'])} of wall), {s['evictions']} evictions, peak resident "
             f"{s['peak_resident_bytes'] / 1e6:.1f} MB")
+
+
+# ------------------------------------------------------------------------------------ the inference flags
+def add_expert_offload_args(p: argparse.ArgumentParser) -> None:
+    """NVMe expert offload at inference (tools/generate.py, tools/eval_zeroshot.py): moe.offload.OffloadConfig.
+    The store's flag is --moe-expert-store, distinct from training's --moe-offload-dir (optimizer-state scratch);
+    these CLIs never train, so they also accept --moe-offload-dir as its alias (the spelling earlier releases and
+    the offload guide's commands used)."""
+    g = p.add_argument_group("expert offload")
+    g.add_argument("--moe-offload", choices=["none", "nvme"], default="none",
+                   help="nvme: keep the experts in an expert store on disk and read them through a cache")
+    g.add_argument("--moe-expert-store", "--moe-offload-dir", dest="moe_expert_store", default=None,
+                   help="the expert store directory (tools/offload_experts.py; written from --load when missing or "
+                        "empty)")
+    g.add_argument("--moe-expert-cache-bytes", default="25%",
+                   help="experts kept resident: a byte size (2GB, 512MiB) or a percentage of all expert bytes")
+    g.add_argument("--moe-prefetch", choices=["gate", "none"], default="gate",
+                   help="gate: the next MoE layer's router on the current hidden state picks experts to read ahead")
+    g.add_argument("--moe-offload-readers", type=int, default=2, help="reader threads (one aio handle each)")
+    g.add_argument("--moe-offload-activation-bytes", default="1GiB",
+                   help="activation memory of one layer-major block of micro-batches (offline scoring)")
+    g.add_argument("--no-moe-offload-layer-major", action="store_true",
+                   help="score micro-batches one at a time instead of in layer-major blocks")
+    g.add_argument("--stats-json", default=None, help="write the offload statistics (JSON) here")
+
+
+def expert_offload_config_from_args(args) -> OffloadConfig:
+    """The inference flags above -> OffloadConfig (its checks raised as ConfigError: they name the flag)."""
+    try:
+        return OffloadConfig(mode=args.moe_offload, directory=args.moe_expert_store,
+                             cache_bytes=args.moe_expert_cache_bytes, prefetch=args.moe_prefetch,
+                             num_readers=args.moe_offload_readers, activation_bytes=args.moe_offload_activation_bytes,
+                             layer_major=not args.no_moe_offload_layer_major)
+    except ValueError as e:  # moe/ raises ValueError (it cannot import megatron.errors)
+        raise ConfigError(str(e)) from None

@@ -1,182 +1,48 @@
-"""Training loop: setup from TrainConfig, the train step, evaluation, logging and checkpoint cadence."""
+"""The training loop and the train step (setup: training_setup.py; state: train_state.py; exit guards and logs:
+training_guards.py, training_log.py)."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing, grad_sync, parallel_state
-from megatron.arguments import configure
-from megatron.config import TrainConfig
-from megatron.errors import ConfigError, UserError
-from megatron.curriculum import scheduled_seqlen, truncate
-from megatron.microbatches import global_batch_size_at
-from megatron.flops import measure_gemm_peak
-from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
-from megatron.training_log import (format_log, open_writer, print_rank0, summarize_moe, write_optimizer_states,
-                                   write_tensorboard)
-from megatron.model import GPTModel
+from megatron import checkpointing
+from megatron.curriculum import truncate
+from megatron.errors import UserError
 from megatron.model.fused_lm_loss import DistillTarget
-from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, ZeroOptimizer,
-                                build_optimizer, clip_grad_norm)
-from megatron.optimizer.grad_scaler import unscale_and_check
-from megatron.optimizer.offload import ExpertOffloadAdamW
+from megatron.train_state import TrainState, closed_on_error
+from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
+from megatron.rank0 import print_rank0
+from megatron.training_log import format_log, summarize_moe, write_optimizer_states, write_tensorboard
+from megatron.training_setup import (autocast_context, build_model, compute_dtype, set_seed,  # noqa: F401
+                                     setup_from_argv, setup_train_state)  # (entry points tests and tools import here)
 from moe.offload.store import OffloadError
 
 log = logging.getLogger("megatron")
 
 
-# ------------------------------------------------------------------------------------------------ state
-@dataclass
-class TrainState:
-    cfg: TrainConfig
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: OptimizerParamScheduler
-    loss_scaler: Optional[object]
-    groups: parallel_state.ParallelGroups
-    device: torch.device
-    tokenizer: Optional[object] = None
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    params: Optional[grad_sync.ParamSplit] = None  # the model's parameters by how they are synchronised
-    writer: Optional[object] = None
-    peak_flops: Optional[float] = None
-    teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
-    timers: dict = field(default_factory=dict)  # phase -> seconds summed since the last log line
-
-    @property
-    def global_batch_size(self) -> int:
-        """The global batch of the next step (grows under --rampup-batch-size)."""
-        return global_batch_size_at(self.consumed_samples, self.cfg.data)
-
-    @property
-    def num_micro_batches(self) -> int:
-        return self.global_batch_size // (self.cfg.data.micro_batch_size * self.groups.dp_size)
-
-    @property
-    def seq_length(self) -> int:
-        """Tokens per sample of the next step: the scheduled length under a seqlen curriculum."""
-        cur = self.cfg.curriculum
-        return self.cfg.data.seq_length if cur is None else min(scheduled_seqlen(cur, self.iteration + 1),
-                                                                  self.cfg.data.seq_length)
-
-    def done(self) -> bool:
-        """--train-iters reached, or --train-tokens consumed (Megatron-DeepSpeed stops at whichever comes first)."""
-        sc = self.cfg.scheduler
-        return self.iteration >= sc.train_iters or (sc.train_tokens is not None
-                                                    and self.consumed_tokens >= sc.train_tokens)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def autocast_context(cfg: TrainConfig, device: torch.device):
-    if cfg.optimizer.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.optimizer.fp16:
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype the GEMMs run in: bf16/fp16 under --bf16/--fp16 autocast, else fp32."""
-    return torch.bfloat16 if cfg.optimizer.bf16 else torch.float16 if cfg.optimizer.fp16 else torch.float32
-
-
-def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
-    return GPTModel(cfg.model, cfg.moe, groups).to(device)
-
-
-def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:
-    """Model, optimizer, scheduler and scaler from the config; loads --load when given."""
-    set_seed(cfg.data.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    model = build_model(cfg, groups, device)
-    optimizer = build_optimizer(model, cfg.optimizer, groups, cfg.parallel.zero_stage, cfg.optimizer_offload,
-                                groups.rank, groups.world_size)
-    with release_offload_on_error(optimizer):
-        return _finish_setup(cfg, groups, device, tokenizer, model, optimizer)
-
-
-@contextlib.contextmanager
-def release_offload_on_error(optimizer):
-    """An error inside closes an ExpertOffloadAdamW's store (its lock), so that the offload directory is free for the
-    next run in this process (tests, tools calling main twice); the process exiting would release it too."""
-    try:
-        yield
-    except BaseException:
-        if isinstance(optimizer, ExpertOffloadAdamW):
-            optimizer.close()
-        raise
-
-
-def _finish_setup(cfg: TrainConfig, groups, device, tokenizer, model, optimizer) -> TrainState:
-    scheduler = OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler)
-    scaler = None
-    if cfg.optimizer.fp16:
-        scaler = (ConstantLossScaler(cfg.optimizer.loss_scale) if cfg.optimizer.loss_scale else
-                  DynamicLossScaler(cfg.optimizer.initial_loss_scale, cfg.optimizer.min_loss_scale,
-                                    cfg.optimizer.loss_scale_window, cfg.optimizer.hysteresis))
-    st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
-    st.params = grad_sync.split_params(model)
-    if cfg.checkpoint.load:
-        missing = checkpointing.nothing_to_load(cfg.checkpoint.load)
-        if missing is None:
-            load_into_state(st)
-        elif not dist.is_initialized() or dist.get_rank() == 0:  # Megatron: warn and start from scratch
-            log.warning(f"WARNING: --load {cfg.checkpoint.load}: {missing}; starting from scratch")
-    d = cfg.distill
-    if d.enabled and not d.kd_stopped(st.iteration, st.consumed_tokens):
-        from megatron.distillation import load_teacher
-
-        st.teacher = load_teacher(d, cfg.model.padded_vocab_size, device, cfg.data.seq_length,
-                                  tokenizer.vocab_size if tokenizer is not None else None, compute_dtype(cfg))
-    if cfg.compile:
-        st.model = torch.compile(model)
-    return st
-
-
-def load_into_state(st: TrainState) -> None:
-    restored = checkpointing.load_training_checkpoint(st.cfg, st.model, st.optimizer, st.scheduler, st.loss_scaler,
-                                                      st.groups)
-    if restored is not None:
-        st.iteration = restored["iteration"]
-        st.consumed_samples, st.consumed_tokens = restored["consumed_samples"], restored["consumed_tokens"]
-    print_rank0(f"loaded checkpoint {st.cfg.checkpoint.load} at iteration {st.iteration} "
-                f"(consumed samples {st.consumed_samples})")
-
-
-def settle(st: TrainState) -> None:
-    """Waits for an offloaded expert step still running behind the training thread (--moe-offload-optimizer nvme
-    with overlap): before anything reads all the weights or the optimizer state (checkpoints, evaluation, the end)."""
-    if isinstance(st.optimizer, ExpertOffloadAdamW):
-        st.optimizer.synchronize()
-
-
 def save(st: TrainState) -> None:
-    settle(st)
+    st.optimizer.synchronize()  # an offloaded expert step still running behind the training thread
     counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
     model = getattr(st.model, "_orig_mod", st.model)
     path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
                                          st.loss_scaler, counters, checkpointing.configs_for_checkpoint(st.cfg), st.groups)
+    st.last_saved = st.iteration
     print_rank0(f"saved checkpoint {path}")
+
+
+def maybe_save(st: TrainState, force: bool = False) -> None:
+    """The save cadence, in one place: every --save-interval iterations, and when `force` (the run exits or ends)
+    unless this iteration was just saved. Nothing without --save."""
+    ck = st.cfg.checkpoint
+    due = bool(ck.save_interval) and st.iteration % ck.save_interval == 0
+    if ck.save and (due or force) and st.last_saved != st.iteration:
+        save(st)
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -240,55 +106,39 @@ def vocab_slice(logits: torch.Tensor, start: int, width: int) -> torch.Tensor:
 
 
 def train_step(st: TrainState, data_iter: Iterator) -> dict:
+    """One iteration: forward and backward of every micro-batch, the optimizer's step (reduce, unscale, clip,
+    update: megatron/optimizer/base.py), the LR schedule; returns the iteration's metrics."""
     cfg = st.cfg
     st.model.train()
     st.optimizer.zero_grad(set_to_none=True)
     gbs, n_micro, seqlen = st.global_batch_size, st.num_micro_batches, st.seq_length
-    scale = st.loss_scaler.scale if st.loss_scaler is not None else 1.0
+    scale = st.loss_scaler.scale if st.loss_scaler is not None else None
     lm_sum = torch.zeros((), device=st.device)
     moe_logs: List[List] = []
     kd_sum = None
     t = time.perf_counter()
-    for _ in range(n_micro):
+    for i in range(n_micro):
         tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
         # seqlen curriculum: every micro-batch cut to the scheduled length (Megatron-DeepSpeed's legacy curriculum)
         tokens, labels, mask = truncate(tokens, labels, mask, seqlen)
         total, lm_loss, stats, kd_term = forward_loss(st, tokens, labels, mask)
-        (total * (scale / n_micro)).backward()
+        st.optimizer.before_backward(last_micro_batch=i == n_micro - 1)  # --overlap-grad-reduce starts in the last
+        (total * ((scale or 1.0) / n_micro)).backward()
         lm_sum += lm_loss.detach()
         if kd_term is not None:
             kd_sum = kd_term.detach() + (kd_sum if kd_sum is not None else 0.0)
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
     t = _tick(st, "forward-backward", t)
-    # ZeRO-2 reduce-scatters: each rank keeps the reduced gradients of the slice it owns (megatron/optimizer/zero.py)
-    sharded_grads = isinstance(st.optimizer, ZeroOptimizer) and st.optimizer.stage == 2
-    if sharded_grads:
-        st.optimizer.reduce_gradients()
-    else:
-        grad_sync.reduce_gradients(st.params, st.groups)
-    t = _tick(st, "grads-all-reduce", t)
-    found_inf = False
+    result = st.optimizer.step(scale)
+    if result.non_finite:  # the norm is global (reduced over every group), so every rank stops here together
+        raise NonFiniteError(describe_non_finite(st.iteration, st.groups.rank, lm_sum, moe_logs, result.grad_norm))
     if st.loss_scaler is not None:
-        found_inf = unscale_and_check(st.optimizer.shard_params() if sharded_grads else st.model.parameters(), scale)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([1.0 if found_inf else 0.0], device=st.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            found_inf = bool(flag.item())
-        st.loss_scaler.update(found_inf)
-    grad_norm = float("nan")
-    if not found_inf:
-        grad_norm = (st.optimizer.clip_grad_norm(cfg.optimizer.clip_grad) if sharded_grads else
-                     clip_grad_norm(st.params.replicated, grad_sync.norm_groups(st.params, st.groups),
-                                    cfg.optimizer.clip_grad))
-        if st.loss_scaler is None and cfg.optimizer.check_for_nan_in_loss_and_grad and not math.isfinite(grad_norm):
-            # the norm is global (reduced over every group), so every rank stops here together
-            raise NonFiniteError(describe_non_finite(st, lm_sum, moe_logs, grad_norm))
-        st.optimizer.step()
+        st.loss_scaler.update(result.overflow)
     # a step skipped for an fp16 overflow does not advance the LR schedule (Megatron-LM): the schedule counts
     # optimizer updates, so the next successful step gets the LR the skipped one would have had
     # the scheduler counts samples of this update and the tokens consumed before it (Megatron-DeepSpeed)
-    lr = st.scheduler.get_lr() if found_inf else st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens)
+    lr = st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens) if result.stepped else st.scheduler.get_lr()
     _tick(st, "optimizer", t)
     st.iteration += 1
     st.consumed_samples += gbs
@@ -297,8 +147,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     if st.groups.dp_size > 1:
         dist.all_reduce(lm, group=st.groups.dp_group)
         lm /= st.groups.dp_size
-    return {"lm_loss": float(lm), "lr": lr, "grad_norm": grad_norm, "skipped": found_inf,
-            "loss_scale": scale, "moe_raw": moe_logs, "batch_size": gbs, "seqlen": seqlen,
+    return {"lm_loss": float(lm), "lr": lr, "grad_norm": result.grad_norm, "skipped": result.overflow,
+            "loss_scale": scale or 1.0, "moe_raw": moe_logs, "batch_size": gbs, "seqlen": seqlen,
             "kd_loss": float(kd_sum / n_micro) if kd_sum is not None else None}
 
 
@@ -347,46 +197,49 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
 # ------------------------------------------------------------------------------------------------ loop
 def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callable[[], Iterator]],
           signals: Optional[ExitSignals] = None, start: Optional[float] = None) -> dict:
-    cfg, lg = st.cfg, st.cfg.logging
+    """Steps until done or an exit condition; logs, evaluates and saves on their cadences. Returns the per-step lm
+    losses, the last validation loss and whether an exit condition (not the end) stopped the run."""
+    lg = st.cfg.logging
     start = time.time() if start is None else start
-    t0, last_logged, tokens0 = time.perf_counter(), st.iteration, st.consumed_tokens
+    window = (time.perf_counter(), st.iteration, st.consumed_tokens)  # since the last log line
     st.timers.clear()
     losses: List[float] = []
-    last_val = None
+    last_val, reason = None, None
     while not st.done():
         m = train_step(st, train_iter)
         losses.append(m["lm_loss"])
         if st.iteration % lg.log_interval == 0:
-            m["moe"] = summarize_moe(m.pop("moe_raw"))  # only on logging steps: it syncs on every stat
-            if isinstance(st.optimizer, ExpertOffloadAdamW):  # swap traffic and exposed time since the last log
-                m["offload"] = st.optimizer.take_stats()
-            elapsed = time.perf_counter() - t0
-            iters, tokens = st.iteration - last_logged, st.consumed_tokens - tokens0
-            m["timers_ms"] = {k: 1000.0 * v / iters for k, v in st.timers.items()}
-            print_rank0(format_log(st, m, elapsed, iters, tokens))
-            write_tensorboard(st, m, tokens / elapsed if elapsed > 0 else None, 1000.0 * elapsed / iters)
-            if lg.log_optimizer_states_to_tensorboard:
-                write_optimizer_states(st)
-            t0, last_logged, tokens0 = time.perf_counter(), st.iteration, st.consumed_tokens
-            st.timers.clear()
+            window = log_iteration(st, m, window)
         if make_valid_iter is not None and st.iteration % lg.eval_interval == 0:
             last_val = report_validation(st, make_valid_iter, f"iteration {st.iteration}")
-        if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
-            save(st)
-        reason = exit_reason(st, signals, start) if not st.done() else None
+        reason = exit_reason(lg, st.iteration, signals, start, st.device) if not st.done() else None
+        maybe_save(st, force=reason is not None or st.done())
         if reason is not None:
-            if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and
-                                            st.iteration % cfg.checkpoint.save_interval == 0):
-                save(st)
             print_rank0(f"exiting at iteration {st.iteration} ({reason})")
-            settle(st)
-            return {"losses": losses, "val_loss": last_val, "exited": True}
-    settle(st)
-    return {"losses": losses, "val_loss": last_val, "exited": False}
+            break
+    st.optimizer.synchronize()
+    return {"losses": losses, "val_loss": last_val, "exited": reason is not None}
+
+
+def log_iteration(st: TrainState, m: dict, window):
+    """The log line and TensorBoard scalars of the iterations since `window` = (perf_counter, iteration, consumed
+    tokens) at the last line; returns the new window."""
+    m["moe"] = summarize_moe(m.pop("moe_raw"))  # only on logging steps: it syncs on every stat
+    m["offload"] = st.optimizer.take_stats()  # swap traffic and exposed time since the last log (offload only)
+    elapsed = time.perf_counter() - window[0]
+    iters, tokens = st.iteration - window[1], st.consumed_tokens - window[2]
+    m["timers_ms"] = {k: 1000.0 * v / iters for k, v in st.timers.items()}
+    print_rank0(format_log(st.cfg, st.progress, st.groups.world_size, st.peak_flops, m, elapsed, iters, tokens))
+    write_tensorboard(st.writer, st.cfg, st.progress, m, tokens / elapsed if elapsed > 0 else None,
+                      1000.0 * elapsed / iters)
+    if st.cfg.logging.log_optimizer_states_to_tensorboard:
+        write_optimizer_states(st.writer, st.iteration, st.model, st.optimizer.state)
+    st.timers.clear()
+    return time.perf_counter(), st.iteration, st.consumed_tokens
 
 
 def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
-    settle(st)
+    st.optimizer.synchronize()
     loss = evaluate(st, make_iter, st.cfg.logging.eval_iters)
     if loss is not None:
         ppl = math.exp(min(20.0, loss))
@@ -401,104 +254,34 @@ def report_validation(st: TrainState, make_iter, where: str) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------------------ entry
-def build_data_iterators(st: TrainState):
-    """(train iterator from consumed_samples, factory for a fresh validation iterator, test factory)."""
-    from megatron.data import build_pretraining_data_loader, build_train_valid_test_datasets, user_errors_unwrapped
-
-    cfg, g = st.cfg, st.groups
-    if not cfg.data.data_path:
-        raise ConfigError("--data-path is required for training")
-    eval_samples = cfg.logging.eval_iters * cfg.data.micro_batch_size * g.dp_size
-    sc = cfg.scheduler  # sample-based training indexes --train-samples samples (Megatron)
-    train_samples = sc.train_samples if sc.sample_based else sc.train_iters * cfg.data.global_batch_size
-    num_samples = (train_samples, eval_samples, eval_samples)
-    barrier = (lambda: dist.barrier()) if dist.is_initialized() and dist.get_world_size() > 1 else None
-    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
-        list(cfg.data.data_path), cfg.data.split, num_samples, cfg.data.seq_length, cfg.data.seed,
-        cache_dir=cfg.data.data_cache_path, barrier=barrier, rank=g.rank,
-        vocab_size=st.tokenizer.vocab_size if st.tokenizer is not None else None)
-    if train_ds is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training documents")
-
-    def loader(ds, consumed):
-        return build_pretraining_data_loader(ds, consumed, cfg.data.micro_batch_size, g.dp_rank, g.dp_size,
-                                             cfg.data.num_workers)
-
-    train_iter = user_errors_unwrapped(loader(train_ds, st.consumed_samples))
-    valid = (lambda: user_errors_unwrapped(loader(valid_ds, 0))) if valid_ds is not None and len(valid_ds) > 0 else None
-    test = (lambda: user_errors_unwrapped(loader(test_ds, 0))) if test_ds is not None and len(test_ds) > 0 else None
-    return train_iter, valid, test
-
-
 def pretrain(argv=None) -> dict:
-    """pretrain_gpt.py's body: flags -> checked config -> groups -> model/optimizer -> data -> train -> eval."""
+    """pretrain_gpt.py's body: flags -> checked config -> groups -> model/optimizer -> data -> train -> eval.
+    The returned "state" still holds its resources (an offload store): main() closes them."""
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
     st, train_iter, make_valid, make_test = setup_from_argv(argv)
-    cfg = st.cfg
-    signals = ExitSignals() if cfg.logging.exit_signal_handler else None
-    try:
-        with release_offload_on_error(st.optimizer):  # a failed run leaves its offload directory free for the next
+    signals = ExitSignals() if st.cfg.logging.exit_signal_handler else None
+    with closed_on_error(st.resources):  # a failed run leaves its offload directory free for the next
+        try:
             result = train(st, train_iter, make_valid, signals, start)
-    finally:
-        if signals is not None:
-            signals.restore()
-    if not result["exited"]:
-        if cfg.checkpoint.save and st.iteration > 0 and not (
-                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
-            save(st)
-        if make_valid is not None:
-            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-        if make_test is not None:
-            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+        finally:
+            if signals is not None:
+                signals.restore()
+        if not result["exited"]:
+            if make_valid is not None:
+                result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+            if make_test is not None:
+                result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
     if st.writer is not None:
         st.writer.close()
     result["state"] = st
     return result
 
 
-def setup_from_argv(argv=None):
-    """Flags -> (TrainState with model, optimizer and scheduler loaded from --load, train iterator, validation and
-    test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
-    rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
-    for note in notes:  # flags and ds_config keys that change nothing here: said once
-        if rank == 0:
-            log.warning(note)
-    groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.moe.ep_size if cfg.moe else (1,))
-    st = setup_train_state(cfg, groups, device, tokenizer)
-    with release_offload_on_error(st.optimizer):
-        return _report_and_data(st, cfg, world_size, groups, device)
-
-
-def _report_and_data(st: TrainState, cfg: TrainConfig, world_size: int, groups, device):
-    n_params = sum(p.numel() for p in st.model.parameters())
-    print_rank0(f"> model: {n_params / 1e6:.2f}M parameters on rank 0 | world {world_size} | dp {groups.dp_size} "
-                f"| global batch {st.global_batch_size} = micro {cfg.data.micro_batch_size} x dp "
-                f"{groups.dp_size} x accumulation {st.num_micro_batches}")
-    if cfg.data.rampup_batch_size is not None:
-        start, inc, ramp = cfg.data.rampup_batch_size
-        print_rank0(f"> batch size ramp-up from {start} to {cfg.data.global_batch_size} by {inc} over {ramp} samples "
-                    f"({cfg.scheduler.train_iters} iterations in all)")
-    if cfg.curriculum is not None:
-        c = cfg.curriculum
-        print_rank0(f"> seqlen curriculum ({c.schedule_type}): {c.min_difficulty} -> {c.max_difficulty} tokens "
-                    f"over {c.total_curriculum_step} iterations")
-    st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
-    print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
-    st.writer = open_writer(cfg)
-    train_iter, make_valid, make_test = build_data_iterators(st)
-    return st, train_iter, make_valid, make_test
-
-
 def main(argv=None) -> int:
     """CLI wrapper: a problem the user can fix (megatron.errors.UserError: a flag, file, checkpoint or dataset)
     prints one line and exits 2; anything else is a bug and keeps its traceback."""
     try:
-        st = pretrain(argv)["state"]
-        if isinstance(st.optimizer, ExpertOffloadAdamW):
-            st.optimizer.close()
+        pretrain(argv)["state"].resources.close()
     except (UserError, OffloadError) as e:  # OffloadError: moe's own (--moe-offload-optimizer)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron.config import LoggingConfig
 from megatron.errors import TrainingError
-
-if TYPE_CHECKING:  # the loop's state; for annotations only (training.py imports this module)
-    from megatron.training import TrainState
 
 
 class ExitSignals:
@@ -33,11 +31,12 @@ class ExitSignals:
             signal.signal(s, h)
 
 
-def exit_reason(st: 'TrainState', signals: Optional[ExitSignals], start: float) -> Optional[str]:
-    """Why the loop stops after this step (None: it goes on). Every rank gets the same answer: the signal and the
-    wall-clock budget are agreed by an all-reduce (MAX), as a signal may reach one rank only."""
-    lg = st.cfg.logging
-    if lg.exit_interval and st.iteration % lg.exit_interval == 0:
+def exit_reason(lg: LoggingConfig, iteration: int, signals: Optional[ExitSignals], start: float,
+                device: torch.device) -> Optional[str]:
+    """Why the loop stops after `iteration` (None: it goes on); `start` is the run's time.time() at start. Every
+    rank gets the same answer: the signal and the wall-clock budget are agreed by an all-reduce (MAX) on `device`,
+    as a signal may reach one rank only."""
+    if lg.exit_interval and iteration % lg.exit_interval == 0:
         return f"--exit-interval {lg.exit_interval}"
     if signals is None and lg.exit_duration_in_mins is None:
         return None
@@ -45,7 +44,7 @@ def exit_reason(st: 'TrainState', signals: Optional[ExitSignals], start: float) 
                           float(lg.exit_duration_in_mins is not None
                                 and (time.time() - start) / 60.0 > lg.exit_duration_in_mins)])
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flags = flags.to(st.device)
+        flags = flags.to(device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] > 0:
         name = signal.Signals(signals.received).name if signals is not None and signals.received else "a signal"
@@ -59,9 +58,11 @@ class NonFiniteError(TrainingError):
     """bf16/fp32 training produced a NaN/Inf loss or gradient (--check-for-nan-in-loss-and-grad)."""
 
 
-def describe_non_finite(st: 'TrainState', lm_sum: torch.Tensor, moe_logs: List[List], grad_norm: float) -> str:
-    """One line: the iteration and rank, and where the NaN/Inf showed first on this rank (MoE router, lm loss)."""
-    where = f"iteration {st.iteration + 1}, rank {st.groups.rank}"
+def describe_non_finite(iteration: int, rank: int, lm_sum: torch.Tensor, moe_logs: List[List],
+                        grad_norm: float) -> str:
+    """One line: the step after `iteration` and the rank, and where the NaN/Inf showed first on this rank (MoE
+    router, lm loss)."""
+    where = f"iteration {iteration + 1}, rank {rank}"
     for layer in range(len(moe_logs[0]) if moe_logs else 0):
         if not all(bool(torch.isfinite(m[layer].aux_loss)) for m in moe_logs):
             return (f"{where}: MoE layer {layer}'s router produced a non-finite aux loss (gradient norm "

@@ -1,25 +1,15 @@
-"""Training logs: the per-iteration line (Megatron's format, MoE load per layer), TensorBoard scalars, rank-0 printing."""
+"""Training logs: the per-iteration line (Megatron's format, MoE load per layer) and TensorBoard scalars."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron.config import TrainConfig
 from megatron.flops import flops_per_token
-
-if TYPE_CHECKING:  # the loop's state; imported for annotations only (training.py imports this module)
-    from megatron.training import TrainState
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(msg: str) -> None:
-    if is_rank0():
-        print(msg, flush=True)
+from megatron.rank0 import is_rank0
+from megatron.train_state import Progress
 
 
 def summarize_moe(per_micro: List[List]) -> List[dict]:
@@ -38,22 +28,22 @@ def summarize_moe(per_micro: List[List]) -> List[dict]:
     return out
 
 
-def format_log(st: TrainState, m: dict, elapsed: float, iters: int, tokens: Optional[int] = None) -> str:
-    """The iteration line; `tokens` were consumed over the `iters` iterations of `elapsed` seconds (default: full
-    global batches of full sequences)."""
-    cfg = st.cfg
+def format_log(cfg: TrainConfig, at: Progress, world_size: int, peak_flops: Optional[float], m: dict, elapsed: float,
+               iters: int, tokens: Optional[int] = None) -> str:
+    """The iteration line at `at`; `tokens` were consumed over the `iters` iterations of `elapsed` seconds (default:
+    full global batches of full sequences) on `world_size` devices; MFU against `peak_flops` per device."""
     if tokens is None:
         tokens = cfg.data.global_batch_size * cfg.data.seq_length * iters
     ms = 1000.0 * elapsed / max(iters, 1)
     tok_s = tokens / elapsed if elapsed > 0 else 0.0
-    flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(st.groups.world_size, 1)
-    line = (f" iteration {st.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
-            f"{st.consumed_samples:10d} | consumed tokens: {st.consumed_tokens:12d} | elapsed time per iteration "
+    flops = flops_per_token(cfg.model, cfg.moe) * tok_s / max(world_size, 1)
+    line = (f" iteration {at.iteration:8d}/{cfg.scheduler.train_iters:8d} | consumed samples: "
+            f"{at.consumed_samples:10d} | consumed tokens: {at.consumed_tokens:12d} | elapsed time per iteration "
             f"(ms): {ms:.1f} | learning rate: {m['lr']:.3E} | lm loss: {m['lm_loss']:.6E} | grad norm: "
             f"{m['grad_norm']:.3f} | loss scale: {m['loss_scale']:.1f} | tokens/s: {tok_s:.0f} | "
             f"TFLOP/s/device: {flops / 1e12:.3f}")
-    if st.peak_flops:
-        line += f" | MFU: {100.0 * flops / st.peak_flops:.1f}%"
+    if peak_flops:
+        line += f" | MFU: {100.0 * flops / peak_flops:.1f}%"
     if cfg.data.rampup_batch_size is not None:
         line += f" | global batch size: {m['batch_size']}"
     if cfg.curriculum is not None:
@@ -72,23 +62,24 @@ def format_log(st: TrainState, m: dict, elapsed: float, iters: int, tokens: Opti
     return line
 
 
-def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None,
+def write_tensorboard(writer, cfg: TrainConfig, at: Progress, m: dict, tok_s: Optional[float] = None,
                       iter_ms: Optional[float] = None) -> None:
-    if st.writer is None:
+    """The iteration's scalars at `at` (a SummaryWriter `writer`; None: nothing)."""
+    if writer is None:
         return
-    w, it, lg = st.writer, st.iteration, st.cfg.logging
+    w, it, lg = writer, at.iteration, cfg.logging
     if lg.log_batch_size_to_tensorboard:
         w.add_scalar("batch-size", m["batch_size"], it)
-        w.add_scalar("batch-size vs samples", m["batch_size"], st.consumed_samples)
+        w.add_scalar("batch-size vs samples", m["batch_size"], at.consumed_samples)
     if lg.log_timers_to_tensorboard:
         if iter_ms is not None:
             w.add_scalar("iteration-time", iter_ms, it)
         for k, v in m.get("timers_ms", {}).items():
             w.add_scalar(f"timers/{k}-time", v, it)
-    if st.cfg.curriculum is not None:
+    if cfg.curriculum is not None:
         w.add_scalar("seqlen/curriculum_seqlen", m["seqlen"], it)
     w.add_scalar("lm-loss", m["lm_loss"], it)
-    w.add_scalar("lm-loss vs tokens", m["lm_loss"], st.consumed_tokens)
+    w.add_scalar("lm-loss vs tokens", m["lm_loss"], at.consumed_tokens)
     w.add_scalar("learning-rate", m["lr"], it)
     if not math.isnan(m["grad_norm"]):
         w.add_scalar("grad-norm", m["grad_norm"], it)
@@ -103,16 +94,16 @@ def write_tensorboard(st: TrainState, m: dict, tok_s: Optional[float] = None,
 
 
 @torch.no_grad()
-def write_optimizer_states(st: TrainState) -> None:
+def write_optimizer_states(writer, iteration: int, model: torch.nn.Module, optimizer_state: dict) -> None:
     """--log-optimizer-states-to-tensorboard (Megatron-DeepSpeed): L2 and L1 norms and abs max of Adam's second
     moment (variance), its square root, the first moment (momentum) and the weights, over this rank's parameters
-    (with tensor/expert parallelism: rank 0's shards)."""
-    if st.writer is None:
+    (with tensor/expert parallelism: rank 0's shards); `optimizer_state` is keyed by parameter."""
+    if writer is None:
         return
     stats = {k: [torch.zeros((), dtype=torch.float64) for _ in range(3)]
              for k in ("variance", "variance_sqrt", "momentum", "weight")}
-    for p in st.model.parameters():
-        state = st.optimizer.state.get(p, {})
+    for p in model.parameters():
+        state = optimizer_state.get(p, {})
         if "exp_avg_sq" not in state:
             continue
         for name, t in (("variance", state["exp_avg_sq"]), ("variance_sqrt", state["exp_avg_sq"].sqrt()),
@@ -123,9 +114,9 @@ def write_optimizer_states(st: TrainState) -> None:
             acc[1] += t.abs().sum()
             acc[2] = torch.maximum(acc[2], t.abs().max())
     for name, (sq, l1, mx) in stats.items():
-        st.writer.add_scalar(f"optimizer/{name}_l2", float(sq.sqrt()), st.iteration)
-        st.writer.add_scalar(f"optimizer/{name}_l1", float(l1), st.iteration)
-        st.writer.add_scalar(f"optimizer/{name}_abs_max", float(mx), st.iteration)
+        writer.add_scalar(f"optimizer/{name}_l2", float(sq.sqrt()), iteration)
+        writer.add_scalar(f"optimizer/{name}_l1", float(l1), iteration)
+        writer.add_scalar(f"optimizer/{name}_abs_max", float(mx), iteration)
 
 
 def open_writer(cfg):

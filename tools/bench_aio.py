@@ -26,8 +26,7 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe.ops.op_builder import AsyncIOBuilder  # noqa: E402
+from moe.ops.op_builder import AsyncIOBuilder
 
 DEFAULT_CONFIG = {"block_size": 1048576, "queue_depth": 128, "single_submit": False,
                   "overlap_events": False, "intra_op_parallelism": 1}

@@ -16,15 +16,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron import checkpointing  # noqa: E402
-from megatron.config import ModelConfig, OptimizerConfig  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.optimizer import build_optimizer  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
+from megatron import checkpointing
+from megatron.config import ModelConfig, OptimizerConfig
+from megatron.model import GPTModel
+from megatron.optimizer import build_optimizer
+from moe.config import MoEConfig
 
 MODELS = {
     "demo (4x128, 8 experts)": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
                                                                             "consumed_tokens": 0}, {})
             times["save"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            torch_save_fsync({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat)
+            torch_save_fsync({"model": model.state_dict(), "optimizer": opt.optimizer.state_dict()}, flat)  # torch's
             times["tsave"].append(time.perf_counter() - t)
             drop_caches()
             t = time.perf_counter()
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             sd = torch.load(flat, weights_only=True)
             model.load_state_dict(sd["model"])
-            opt.load_state_dict(sd["optimizer"])
+            opt.optimizer.load_state_dict(sd["optimizer"])
             times["tload"].append(time.perf_counter() - t)
         m = {k: statistics.median(v) for k, v in times.items()}
         nbytes = dir_bytes(root)

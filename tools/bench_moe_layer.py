@@ -20,7 +20,6 @@ import argparse
 import os
 import socket
 import statistics
-import sys
 import time
 
 import torch
@@ -29,9 +28,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import moe.experts  # noqa: E402
-from moe import MoEConfig, MoELayer  # noqa: E402
+import moe.experts
+from moe import MoEConfig, MoELayer
 
 CASES = [  # (E, T, H, F, k, cf)
     (8, 4096, 512, 2048, 1, 1.0), (8, 4096, 512, 2048, 1, 1.25),

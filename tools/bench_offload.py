@@ -32,19 +32,18 @@ import time
 from statistics import median_high
 from typing import Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron import checkpointing  # noqa: E402
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint  # noqa: E402
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.eval.scorer import LoglikelihoodScorer, Request  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.offload import build_offloaded_model, write_expert_store  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.offload import OffloadConfig  # noqa: E402
-from moe.offload.config import OptimizerOffloadConfig  # noqa: E402
+from megatron import checkpointing
+from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.config import ModelConfig
+from megatron.eval.scorer import LoglikelihoodScorer, Request
+from megatron.model import GPTModel
+from megatron.offload import build_offloaded_model, write_expert_store
+from moe.config import MoEConfig
+from moe.offload import OffloadConfig
+from moe.offload.config import OptimizerOffloadConfig
 
 
 def drop_caches() -> bool:
@@ -303,7 +302,7 @@ def train_worker(args) -> dict:
         loss.backward()
         clip_grad_norm(dense, experts, 1.0)
         t1 = time.perf_counter()
-        opt.step()
+        opt.step_with_ready_grads()  # the update alone: the clip above is timed with the backward
         t2 = time.perf_counter()
         fwd_s.append(tf - t0)
         bwd_s.append(t1 - tf)
@@ -325,7 +324,7 @@ def train_worker(args) -> dict:
              f"{swap.bytes_written / n / 1e9:.2f} GB in {swap.total_s / n:.2f} s" if swap else "") + ")",
           file=sys.stderr, flush=True)
     state_bytes = sum(p.numel() * 8 for p in experts)  # exp_avg + exp_avg_sq, fp32
-    resident = (opt.swapper.resident_bytes if mode == "nvme" else
+    resident = (opt.optimizer.swapper.resident_bytes if mode == "nvme" else
                 sum(t.numel() * t.element_size() for p in experts for t in opt.state[p].values()))
     if mode == "nvme":
         opt.close()

@@ -30,15 +30,14 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.flops import flops_per_token, measure_gemm_peak  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.optimizer import build_optimizer  # noqa: E402
-from megatron.config import OptimizerConfig  # noqa: E402
+from megatron.config import ModelConfig
+from megatron.flops import flops_per_token, measure_gemm_peak
+from megatron.model import GPTModel
+from megatron.optimizer import build_optimizer
+from megatron.config import OptimizerConfig
 
 
 def parse():
@@ -120,7 +119,7 @@ def step(fwd, opt, tokens, labels, moe_cfg, plain):
     if moe_cfg is not None and out.moe_stats:
         loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
     loss.backward()
-    opt.step()
+    opt.step_with_ready_grads()  # the update alone (no clip), as before the optimizer interface
 
 
 def build_teacher(args):
@@ -155,7 +154,7 @@ def kd_step(fwd, opt, tokens, labels, moe_cfg, teacher, temp, fused):
     if moe_cfg is not None and out.moe_stats:
         loss = loss + moe_cfg.loss_coeff * sum(s.aux_loss for s in out.moe_stats)
     loss.backward()
-    opt.step()
+    opt.step_with_ready_grads()  # the update alone (no clip), as before the optimizer interface
 
 
 def main_kd(args, tokens, labels):

@@ -20,10 +20,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron import checkpointing  # noqa: E402
-from megatron.checkpoint_tp import merge_shards, partition_layout, shard  # noqa: E402
-from megatron.errors import UserError  # noqa: E402
+from megatron import checkpointing
+from megatron.checkpoint_tp import merge_shards, partition_layout, shard
+from megatron.errors import UserError
 
 
 class ConvertError(UserError):

@@ -13,13 +13,11 @@ Needs transformers (requirements-test.txt). Exit codes: 0 ok, 2 a bad flag, chec
 line on stderr).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron import hf_interop  # noqa: E402
-from megatron.errors import UserError  # noqa: E402
+from megatron import hf_interop
+from megatron.errors import UserError
 
 
 def main(argv=None) -> int:

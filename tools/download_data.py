@@ -17,10 +17,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron.data.data_files import DATA_FILES, GROUPS, sha256_file  # noqa: E402
-from megatron.errors import ConfigError, DataError, UserError  # noqa: E402
+from megatron.data.data_files import DATA_FILES, GROUPS, sha256_file
+from megatron.errors import ConfigError, DataError, UserError
 
 # Tests point a file at a local file:// URL through this mapping instead of touching the network.
 URL_OVERRIDES = {}

@@ -13,16 +13,14 @@ stderr naming the flag or file).
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
-from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report  # noqa: E402
-from megatron.offload import USER_ERRORS  # noqa: E402
+from megatron.offload import add_expert_offload_args, expert_offload_config_from_args
+from megatron.eval.runner import EvalConfig, markdown_table, run_zeroshot, write_report
+from megatron.offload import USER_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_offload_args(p)
+    add_expert_offload_args(p)
     return p.parse_args(argv)
 
 
@@ -86,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,
                              "tokenizer_model": args.tokenizer_model},
         progress=not args.no_progress,
-        offload=offload_config_from_args(args),
+        offload=expert_offload_config_from_args(args),
     )
 
 

@@ -24,11 +24,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron import checkpointing  # noqa: E402
+from megatron import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITER_RE = re.compile(r"^\s*iteration\s+(\d+)/")

@@ -40,9 +40,8 @@ import time
 from collections import Counter, defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 TYPES = ("idx", "bin", "doc_idx.npy", "sample_idx.npy", "shuffle_idx.npy", "tracker", "model_optim_rng.pt",
          "expert", "sp.model", "vocab.json", "merges.txt")

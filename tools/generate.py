@@ -1,18 +1,16 @@
 """Sample text from a checkpoint: tools/generate.py --load CKPT --prompt "..." --max-new-tokens N."""
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import add_offload_args, offload_config_from_args  # noqa: E402
-from megatron.errors import ConfigError  # noqa: E402
-from megatron.eval.runner import write_report  # noqa: E402
-from megatron.inference import generate, load_model_for_inference, moe_eval_overrides  # noqa: E402
-from megatron.offload import USER_ERRORS, offload_report  # noqa: E402
-from megatron.tokenizer import decode_continuation  # noqa: E402
+from megatron.offload import add_expert_offload_args, expert_offload_config_from_args
+from megatron.errors import ConfigError
+from megatron.eval.runner import write_report
+from megatron.inference import generate, load_model_for_inference, moe_eval_overrides
+from megatron.offload import USER_ERRORS, offload_report
+from megatron.tokenizer import decode_continuation
 
 
 def main(argv=None) -> int:
@@ -34,7 +32,7 @@ def main(argv=None) -> int:
                    help="MoE routing with the checkpoint's eval capacity (default: dropless)")
     p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
                    help="token dropping at this eval capacity factor (implies --moe-eval-token-dropping)")
-    add_offload_args(p)
+    add_expert_offload_args(p)
     args = p.parse_args(argv)
     model = None
     try:
@@ -44,7 +42,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--top-p ({args.top_p}) must be in (0, 1]")
         if args.top_k < 0 or args.temperature < 0:
             raise ConfigError("--top-k and --temperature must be >= 0")
-        offload = offload_config_from_args(args)
+        offload = expert_offload_config_from_args(args)
         model, tok, _ = load_model_for_inference(
             args.load, device=args.device,
             tokenizer_overrides={"vocab_file": args.vocab_file, "merge_file": args.merge_file,

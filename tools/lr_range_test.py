@@ -23,7 +23,6 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SMOOTH_BETA = 0.9  # EMA factor of the smoothed loss
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -114,9 +113,8 @@ def one_cycle_flags(max_lr: float, min_lr: float, planned_iters=None) -> str:
 
 
 def run(args, train_argv):
-    import torch.distributed as dist
-
-    from megatron.training import settle, setup_from_argv, train_step
+    from megatron.rank0 import is_rank0
+    from megatron.training import setup_from_argv, train_step
     from megatron.training_guards import NonFiniteError
 
     st, train_iter, _, _ = setup_from_argv(train_argv + sweep_flags(args.steps, args.min_lr, args.max_lr))
@@ -134,8 +132,8 @@ def run(args, train_argv):
         best = min(best, sm)
         if not args.no_early_stop and (not math.isfinite(sm) or sm > DIVERGE_FACTOR * best):
             break
-    settle(st)  # an offloaded expert step still behind the loop (--moe-offload-optimizer nvme) ends before the exit
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    st.optimizer.synchronize()  # an offloaded expert step still behind the loop (--moe-offload-optimizer nvme) ends before the exit
+    rank0 = is_rank0()
     return lrs, losses, rank0
 
 

@@ -18,9 +18,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron.errors import ConfigError  # noqa: E402
-from moe.ops.op_builder import AsyncIOBuilder  # noqa: E402
+from megatron.errors import ConfigError
+from moe.ops.op_builder import AsyncIOBuilder
 
 DEFAULT_SWEEP = {
     "block_size": [262144, 1048576, 4194304],

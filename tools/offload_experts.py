@@ -3,17 +3,15 @@
 
 One 4 KiB-aligned record per (MoE layer, global expert) in DIR/experts.bin and a manifest (shapes, dtypes, offsets,
 a checksum per record) in DIR/manifest.json; then `tools/eval_zeroshot.py` / `tools/generate.py --moe-offload nvme
---moe-offload-dir DIR` read the experts from it. Exit 2 with one line on a bad checkpoint, a non-empty or
+--moe-expert-store DIR` read the experts from it. Exit 2 with one line on a bad checkpoint, a non-empty or
 unwritable directory, or a full disk (nothing partial is left).
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.offload import USER_ERRORS, write_expert_store  # noqa: E402
+from megatron.offload import USER_ERRORS, write_expert_store
 
 
 def main(argv=None) -> int:

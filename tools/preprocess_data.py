@@ -25,14 +25,13 @@ import time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
-from megatron.errors import ConfigError, UserError  # noqa: E402
-from megatron.tokenizer import build_tokenizer  # noqa: E402
-from megatron.tokenizer.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype
+from megatron.errors import ConfigError, UserError
+from megatron.tokenizer import build_tokenizer
+from megatron.tokenizer.tokenizer import TOKENIZER_TYPES
 
 logger = logging.getLogger("preprocess_data")
 

@@ -7,8 +7,7 @@ import os
 import platform
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe.ops.op_builder import AsyncIOBuilder  # noqa: E402
+from moe.ops.op_builder import AsyncIOBuilder
 
 GREEN, RED, YELLOW, END = ("\033[92m", "\033[91m", "\033[93m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
 YES, NO = f"{GREEN}[YES]{END}", f"{YELLOW}[NO]{END}"

@@ -15,7 +15,6 @@ import re
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = ("dense", "moe", "pr_moe", "mos", "student_no_kd")
 LABELS = {"dense": "dense", "moe": "MoE", "pr_moe": "PR-MoE", "mos": "MoS student (staged KD)",

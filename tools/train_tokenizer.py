@@ -13,8 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron.errors import ConfigError, UserError  # noqa: E402
+from megatron.errors import ConfigError, UserError
 
 
 class UsageError(ConfigError):

@@ -1,16 +1,45 @@
-"""Global gradient-norm clipping where expert parameters live on different expert-parallel ranks."""
+"""The one global gradient-norm helper: squared norms of gradient parts, each summed over the process groups that
+hold its other pieces, then one clip coefficient for all of them."""
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 ExpertBucket = Tuple[Iterable[torch.nn.Parameter], Optional[object]]  # (expert params, their EP group)
+# (gradient tensors, the groups their squared norm is all-reduced over, in order; None entries are skipped)
+NormPart = Tuple[List[torch.Tensor], Sequence[Optional[object]]]
+
+
+def global_grad_norm(parts: Sequence[NormPart], device=None) -> torch.Tensor:
+    """sqrt(sum over parts of the part's squared L2 norm summed over its groups): a 0-dim fp32 tensor.
+
+    Communication: one all_reduce per (part, group with more than one rank), in the order given, so every rank must
+    pass the same parts in the same order (even a part with no gradients on this rank: it contributes zero).
+    """
+    if device is None:
+        device = next((g.device for grads, _ in parts for g in grads), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for grads, groups in parts:
+        sq = _sq_norm(grads, device)
+        for group in groups:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(sq, group=group)
+        total = total + sq
+    return torch.sqrt(total)
+
+
+def clip_grads_(grads: List[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scales `grads` in place by min(1, max_norm / (total_norm + 1e-6)); max_norm <= 0 leaves them."""
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
 
 def clip_grad_norm(dense_params: Iterable[torch.nn.Parameter],
                    expert_params: Union[Iterable[torch.nn.Parameter], Sequence[ExpertBucket]],
                    max_norm: float, ep_group=None) -> float:
-    """Clips all grads by the global L2 norm; returns the norm before clipping.
+    """Clips all grads by the global L2 norm; returns the norm before clipping (a parameter-list front end of
+    `global_grad_norm`, for callers without a MegatronOptimizer).
 
     Args:
         dense_params: replicated parameters; their grads are identical on every rank after the DP
@@ -21,25 +50,12 @@ def clip_grad_norm(dense_params: Iterable[torch.nn.Parameter],
             one group would count experts of smaller EP sizes (replicated within that group) several times.
         max_norm: clip threshold; <= 0 only measures.
         ep_group: the EP group of a plain parameter list (None: local, EP size 1).
-    Communication: one all_reduce per pair whose group has more than one rank, in the order given, so
-    every rank must pass the pairs in the same order (even a pair with no grads on this rank).
+    Communication: as global_grad_norm, one all_reduce per pair whose group has more than one rank.
     """
-    dense = [p.grad for p in dense_params if p.grad is not None]
-    buckets = _expert_buckets(expert_params, ep_group)
-    expert = [g for grads, _ in buckets for g in grads]
-    device = (dense or expert)[0].device if (dense or expert) else torch.device("cpu")
-    total_sq = _sq_norm(dense, device)
-    for grads, group in buckets:
-        sq = _sq_norm(grads, device)
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(sq, group=group)
-        total_sq = total_sq + sq
-    total = torch.sqrt(total_sq)
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        grads = dense + expert
-        if grads:
-            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    parts: List[NormPart] = [([p.grad for p in dense_params if p.grad is not None], ())]
+    parts += [(grads, (group,)) for grads, group in _expert_buckets(expert_params, ep_group)]
+    total = global_grad_norm(parts)
+    clip_grads_([g for grads, _ in parts for g in grads], total, max_norm)
     return float(total)
 
 

@@ -24,6 +24,8 @@ import torch
 from torch.optim.adam import adam
 
 from megatron.errors import ConfigError
+from megatron.optimizer.adamw import AdamWOptimizer, hyper, kernel, param_groups
+from megatron.optimizer.base import MegatronOptimizer
 from moe.experts import is_expert_param
 from moe.layer import MoELayer
 from moe.offload.config import OptimizerOffloadConfig
@@ -300,3 +302,34 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
     def take_stats(self):
         """moe.offload.swap.SwapStats since the last call (the log line)."""
         return self.swapper.stats.take()
+
+
+class OffloadAdamWOptimizer(AdamWOptimizer):
+    """The MegatronOptimizer over an ExpertOffloadAdamW: the plain data-parallel phases, with the expert Adam state
+    in the offload store (checkpoints read and write it one expert at a time through the expert-state hooks) and
+    an expert step that may still run behind the training thread (`synchronize`)."""
+
+    offloads_expert_state = True
+
+    def __init__(self, model: torch.nn.Module, cfg, offload: OptimizerOffloadConfig, groups=None, rank: int = 0,
+                 world_size: int = 1):
+        # the kernel adamw() would pick (probed, not tried: building the offloaded optimizer opens its store)
+        inner = ExpertOffloadAdamW(param_groups(model, cfg.weight_decay), model=model, offload=offload, rank=rank,
+                                   world_size=world_size, **kernel(next(model.parameters())), **hyper(cfg))
+        MegatronOptimizer.__init__(self, inner, model, cfg, groups)
+
+    def synchronize(self) -> None:
+        self.optimizer.synchronize()
+
+    def close(self) -> None:
+        self.optimizer.close()
+        super().close()
+
+    def take_stats(self):
+        return self.optimizer.take_stats()
+
+    def expert_state(self, moe_layer: int, expert: int) -> Dict[str, dict]:
+        return self.optimizer.expert_state(moe_layer, expert)
+
+    def load_expert_state(self, moe_layer: int, expert: int, state: Dict[str, dict]) -> None:
+        self.optimizer.load_expert_state(moe_layer, expert, state)

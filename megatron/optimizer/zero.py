@@ -17,7 +17,7 @@ reduce_scatter_tensor / all_gather_into_tensor).
 Step semantics are those of the unsharded path: gradients are the DP mean (experts: sum over expert-DP / DP,
 megatron/grad_sync.py); the global gradient norm, the clip, the fp16 unscale/overflow check and the NaN check see
 the same numbers; the LR schedule drives `param_groups` as usual. Checkpoints hold the gathered, per-parameter
-Adam state (`full_state` / `load_full_state`), so a ZeRO run resumes at another DP size or without ZeRO.
+Adam state (`state_dict` / `load_state_dict`), so a ZeRO run resumes at another DP size or without ZeRO.
 A parameter that got no gradient in a step counts as a zero gradient (AdamW without ZeRO would skip it); in this
 model every trainable parameter gets a gradient every step.
 """
@@ -32,9 +32,10 @@ import torch.distributed as dist
 
 from megatron.config import OptimizerConfig
 from megatron.errors import CheckpointError
-from megatron.optimizer.optimizer import adamw, param_groups
+from megatron.optimizer.adamw import adamw, param_groups
+from megatron.optimizer.base import MegatronOptimizer
+from megatron.optimizer.clip_grads import NormPart
 from megatron.tensor_parallel import is_tensor_parallel_param
-from moe.experts import is_expert_param
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is one scalar per shard
 # torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); older torch has only the old names
@@ -42,7 +43,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the overlapped reduction keys its work by bucket
 class _Bucket:
     params: List[torch.nn.Parameter]  # model parameters, now views of `flat`
     offsets: List[int]  # start of each parameter in `flat` (elements)
@@ -90,17 +91,18 @@ def _make_bucket(params: List[torch.nn.Parameter], group, ep_size: Optional[int]
     return _Bucket(params, offsets, group, world, rank, flat, shard, ep_size)
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(MegatronOptimizer):
     """AdamW with ZeRO stage 1 (state sharded) or 2 (state and reduced gradients sharded).
 
     Args:
         model: its trainable parameters are re-homed into flat per-bucket buffers (views; same Parameter objects).
-        cfg: the optimizer flags (lr, betas, eps, weight decay: Megatron's param groups, optimizer.param_groups).
+        cfg: the optimizer flags (lr, betas, eps, weight decay: Megatron's param groups, adamw.param_groups).
         groups: megatron.parallel_state.ParallelGroups (dp_group; expert_dp_group / ep_group per EP size).
         stage: 1 or 2.
-    Communication: stage 2 `reduce_gradients` reduce-scatters each bucket over its group; `step` all-gathers each
-    bucket; `clip_grad_norm` (stage 2) all-reduces norms; `full_state` all-gathers the Adam state. Every rank of a
-    group must make the same calls in the same order (buckets are built in model order on every rank).
+    Communication: stage 2 `reduce_gradients` reduce-scatters each bucket over its group; `step_with_ready_grads`
+    all-gathers each bucket; `clip_grad_norm` all-reduces norms; `state_dict` all-gathers the Adam state. Every
+    rank of a group must make the same calls in the same order (buckets are built in model order on every rank).
+    Stage 1 reduces, unscales and clips whole gradients as AdamWOptimizer does; only the update is sharded.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, groups, stage: int):
@@ -117,7 +119,8 @@ class ZeroOptimizer:
                 b = _make_bucket(by_group[ep], self._shard_group(ep), ep)
                 self.buckets.append(b)
                 inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [b.shard]})
-        self.optimizer = adamw(inner_groups, cfg)
+        self._launched: Dict[_Bucket, tuple] = {}  # bucket -> (its owned gradient slice, async handle or None)
+        super().__init__(adamw(inner_groups, cfg), model, cfg, groups)
 
     def _shard_group(self, ep_size: Optional[int]):
         g = self.groups
@@ -125,24 +128,13 @@ class ZeroOptimizer:
             return None
         return g.dp_group if ep_size is None else g.expert_dp_group(ep_size)
 
-    # ------------------------------------------------------------------------------------------- torch API
-    @property
-    def param_groups(self) -> List[dict]:
-        """The inner AdamW's groups (one per bucket, with its param group's settings); the LR schedule sets lr."""
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        """This rank's shard state (keyed by shard tensors); `full_state` gives the per-parameter view."""
-        return self.optimizer.state
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
             b.shard.grad = None
             for p in b.params:
                 p.grad = None
 
-    def step(self) -> None:
+    def step_with_ready_grads(self) -> None:
         """AdamW on the owned slices, then every bucket's slices all-gathered into its flat buffer (the params).
         Stage 1 first copies the owned slice of the (already DP-reduced) full gradients into the shard's grad."""
         if self.stage == 1:
@@ -166,75 +158,69 @@ class ZeroOptimizer:
         """Stage 2, in place of grad_sync.reduce_gradients: each bucket's local gradients (flattened as the params)
         are reduce-scattered over its group, so each rank receives only the sum for the slice it owns, then
         divided by the DP size (dense: the DP mean; experts: expert-DP sum / DP, as grad_sync). The full gradients
-        are freed afterwards (they are whole until then: no reduction during the backward)."""
+        are freed as each bucket is flattened. With --overlap-grad-reduce a bucket's reduce-scatter was started by
+        the hook of its last gradient during the backward; this waits for it. Stage 1: the base's."""
+        if self.stage == 1:
+            return super().reduce_gradients()
+        for b in self.buckets:
+            if b not in self._launched:
+                self._launch_reduce_scatter(b)
         dp = self.groups.dp_size if self.groups is not None else 1
         for b in self.buckets:
-            flat_grad = torch.zeros_like(b.flat)
-            for p, off in zip(b.params, b.offsets):
-                if p.grad is not None:
-                    flat_grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None
-            if b.world > 1:
-                shard_grad = torch.empty_like(b.shard)
-                _reduce_scatter(shard_grad, flat_grad, group=b.group)
-            else:
-                shard_grad = flat_grad
+            shard_grad, handle = self._launched.pop(b)
+            if handle is not None:
+                handle.wait()
             if dp != 1:
                 shard_grad.div_(dp)
             b.shard.grad = shard_grad
+        if self.reducer is not None:
+            self.reducer.armed = False
 
-    def shard_params(self) -> List[torch.nn.Parameter]:
-        """The owned slices as parameters; stage 2: their .grad are the reduced gradients (fp16 unscale/check)."""
-        return [b.shard for b in self.buckets]
+    def _launch_reduce_scatter(self, b: _Bucket) -> None:
+        flat_grad = torch.zeros_like(b.flat)
+        for p, off in zip(b.params, b.offsets):
+            if p.grad is not None:
+                flat_grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+        if b.world > 1:
+            shard_grad = torch.empty_like(b.shard)
+            self._launched[b] = (shard_grad, _reduce_scatter(shard_grad, flat_grad, group=b.group, async_op=True))
+        else:
+            self._launched[b] = (flat_grad, None)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Stage 2: the global L2 norm of the gradients from the owned slices, then clips them; returns the norm.
+    def _overlapped_reducer(self, cfg: OptimizerConfig):
+        return super()._overlapped_reducer(cfg) if self.stage == 1 else _ShardReducer(self)
 
-        The same sum as clip_grads.clip_grad_norm over grad_sync.norm_groups:
-        1. per bucket, squared norms of the owned slice, split into tensor-parallel-sharded and replicated params
-           (dense) or summed (experts, by EP size);
-        2. all-reduce over the bucket's group: the slices of a bucket partition its gradients;
-        3. the TP-sharded part summed over TP, each EP size's experts over its EP group; replicated counted once.
-        """
+    def main_params(self) -> List[torch.nn.Parameter]:
+        """Stage 2: the owned slices as parameters (their .grad are the reduced gradients); stage 1: the base's."""
+        return [b.shard for b in self.buckets] if self.stage == 2 else super().main_params()
+
+    def norm_parts(self) -> List[NormPart]:
+        """Stage 2: the owned slices of the gradients, in the base's parts (TP-replicated dense, TP-sharded dense,
+        experts by EP size); each part's squared norm is first summed over the bucket's group (the slices of a
+        bucket partition its gradients), then over TP or EP as in the unsharded sum. Stage 1: the base's."""
+        if self.stage == 1:
+            return super().norm_parts()
         g = self.groups
-        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
-        dense = torch.zeros(2, dtype=torch.float32, device=device)  # [replicated, TP-sharded]
-        experts: Dict[int, torch.Tensor] = {}
+        replicated, tp, experts = [], [], {}
         for b in self.buckets:
             if b.shard.grad is None:
                 continue
-            flat = b.shard.grad
             for p, _, dst in b.pieces():
-                sq = torch.linalg.vector_norm(flat[dst].float()) ** 2
-                if b.ep_size is None:
-                    dense[1 if is_tensor_parallel_param(p) else 0] += sq
+                piece = b.shard.grad[dst]
+                if b.ep_size is not None:
+                    experts.setdefault(b.ep_size, []).append(piece)
                 else:
-                    experts[b.ep_size] = experts.get(b.ep_size, torch.zeros((), device=device)) + sq
-        if g is not None and g.dp_size > 1:
-            dist.all_reduce(dense, group=g.dp_group)
-        total = dense[0]
-        tp_part = dense[1]
-        if g is not None and g.tp_size > 1:
-            dist.all_reduce(tp_part, group=g.tp_group)
-        total = total + tp_part
+                    (tp if is_tensor_parallel_param(p) else replicated).append(piece)
+        multi = g is not None and g.dp_size > 1
+        parts = [(replicated, (self._shard_group(None),)),
+                 (tp, (self._shard_group(None), g.tp_group if g is not None and g.tp_size > 1 else None))]
         for ep in sorted({b.ep_size for b in self.buckets if b.ep_size is not None}):
-            sq = experts.get(ep, torch.zeros((), device=device))
-            edp = self._shard_group(ep)
-            if edp is not None and dist.get_world_size(edp) > 1:
-                dist.all_reduce(sq, group=edp)
-            if g is not None and g.dp_size > 1 and ep > 1:
-                dist.all_reduce(sq, group=g.ep_group(ep))
-            total = total + sq
-        total = torch.sqrt(total)
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            grads = [b.shard.grad for b in self.buckets if b.shard.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        return float(total)
+            parts.append((experts.get(ep, []), (self._shard_group(ep), g.ep_group(ep) if multi and ep > 1 else None)))
+        return parts
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def full_state(self) -> Dict[torch.nn.Parameter, dict]:
+    def _state_by_param(self) -> Dict[torch.nn.Parameter, dict]:
         """{model parameter: {"step", "exp_avg", "exp_avg_sq"} of the whole parameter}, as an unsharded AdamW
         holds it ({} before the first step). Collective: all-gathers every bucket's state over its group."""
         out: Dict[torch.nn.Parameter, dict] = {}
@@ -250,11 +236,11 @@ class ZeroOptimizer:
                 else:
                     full[k].copy_(st[k])
             for p, off in zip(b.params, b.offsets):
-                out[p] = {"step": st["step"].detach().clone(),
-                          **{k: full[k][off:off + p.numel()].view_as(p).clone() for k in _STATE_KEYS}}
+                out[p] = {"step": st["step"].detach(),  # views of the fresh buffers: state_dict copies them
+                          **{k: full[k][off:off + p.numel()].view_as(p) for k in _STATE_KEYS}}
         return out
 
-    def load_full_state(self, state: Dict[torch.nn.Parameter, dict], where: str) -> None:
+    def _load_by_param(self, state: Dict[torch.nn.Parameter, dict], where: str) -> None:
         """Loads per-parameter AdamW state (from a checkpoint written with or without ZeRO, at any DP size): each
         rank keeps the slice it owns. A bucket with state for only some of its parameters is refused."""
         for b in self.buckets:
@@ -274,7 +260,32 @@ class ZeroOptimizer:
                 new[k] = flat[lo:lo + b.shard_size].clone()
             self.optimizer.state[b.shard] = new
 
-    def state_bytes(self) -> int:
-        """Bytes of Adam state tensors held by this rank."""
-        return sum(v.numel() * v.element_size() for st in self.optimizer.state.values() for v in st.values()
-                   if torch.is_tensor(v))
+
+class _ShardReducer:
+    """ZeRO-2 under --overlap-grad-reduce: a bucket's reduce-scatter starts from the hook of the last of its
+    parameters to receive its gradient in the armed (last micro-batch's) backward; `reduce_gradients` waits."""
+
+    def __init__(self, opt: ZeroOptimizer):
+        self.opt, self.armed = opt, False
+        self.hook_launches = 0  # buckets launched from a hook, while the backward ran
+        self.pending: Dict[_Bucket, int] = {}
+        self.bucket_of = {p: b for b in opt.buckets for p in b.params}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of]
+
+    def arm(self) -> None:
+        self.armed = True
+        self.pending = {b: len(b.params) for b in self.opt.buckets}
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        b = self.bucket_of[p]
+        self.pending[b] -= 1
+        if self.pending[b] == 0:
+            self.opt._launch_reduce_scatter(b)
+            self.hook_launches += 1
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

@@ -36,7 +36,7 @@ class OffloadConfig:
     """Where a MoE model's experts live at inference and how they are brought in."""
 
     mode: str = "none"  # --moe-offload: 'none' (experts in memory) or 'nvme' (experts in files, cached)
-    directory: Optional[str] = None  # --moe-offload-dir: the expert store (written from the checkpoint if empty)
+    directory: Optional[str] = None  # --moe-expert-store: the expert store (written from the checkpoint if empty)
     cache_bytes: str = "25%"  # --moe-expert-cache-bytes: byte size or percentage of all expert bytes
     prefetch: str = "gate"  # --moe-prefetch: 'gate' (next layer's router on the current hidden state) or 'none'
     num_readers: int = 2  # --moe-offload-readers: reader threads, one aio handle each
@@ -50,7 +50,7 @@ class OffloadConfig:
         if self.prefetch not in PREFETCH_MODES:
             raise ValueError(f"--moe-prefetch ({self.prefetch!r}) must be one of {', '.join(PREFETCH_MODES)}")
         if self.mode == "nvme" and not self.directory:
-            raise ValueError("--moe-offload nvme needs --moe-offload-dir (a directory on the NVMe disk)")
+            raise ValueError("--moe-offload nvme needs --moe-expert-store (a directory on the NVMe disk)")
         if self.num_readers < 1:
             raise ValueError(f"--moe-offload-readers ({self.num_readers}) must be >= 1")
         parse_bytes(self.cache_bytes, "--moe-expert-cache-bytes", total=1)
@@ -111,83 +111,3 @@ class OptimizerOffloadConfig:
         return dict(block_size=self.aio_block_size, queue_depth=self.aio_queue_depth,
                     single_submit=self.aio_single_submit, overlap_events=self.aio_overlap_events,
                     intra_op_parallelism=self.aio_intra_op_parallelism)
-
-
-# DeepSpeed "aio" key -> argparse dest (thread_count is DeepSpeed's older name of intra_op_parallelism)
-_DS_AIO_KEYS = {"block_size": "moe_offload_aio_block_size", "queue_depth": "moe_offload_aio_queue_depth",
-                "single_submit": "moe_offload_aio_single_submit", "overlap_events": "moe_offload_aio_overlap_events",
-                "intra_op_parallelism": "moe_offload_aio_intra_op_parallelism",
-                "thread_count": "moe_offload_aio_intra_op_parallelism"}
-
-
-def _typed(where: str, value, kind):
-    """`value` of DeepSpeed config key `where` as int, float or bool; OffloadError naming the key otherwise (JSON
-    true/false for booleans; a whole number for integers)."""
-    ok = (isinstance(value, bool) if kind is bool else
-          isinstance(value, int) and not isinstance(value, bool) if kind is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool))
-    if not ok:
-        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-        raise OffloadError(f"{where} must be {want}, got {value!r}")
-    return kind(value)
-
-
-def offload_args_from_ds_config(zero_optimization: Optional[dict], aio: Optional[dict]) -> dict:
-    """A DeepSpeed config's `zero_optimization.offload_optimizer` and `aio` blocks as pretrain_gpt.py argparse
-    dests ({dest: value}; only what the blocks set), restricted here to expert parameters.
-
-    offload_optimizer: device nvme|none -> moe_offload_optimizer, nvme_path -> moe_offload_dir, buffer_count ->
-    moe_offload_buffer_count, pipeline_read/pipeline_write -> moe_offload_pipeline (on if either is on; our
-    default is on when neither is given). pin_memory and fast_init are accepted and need nothing (buffers are
-    always page-locked, records start as zeros). aio: block_size, queue_depth, single_submit, overlap_events,
-    intra_op_parallelism (or thread_count). Raises OffloadError (one line naming the key) for what has no meaning
-    here: device cpu, ratio < 1, use_gds, unknown keys.
-    """
-    out: dict = {}
-    off = (zero_optimization or {}).get("offload_optimizer")
-    if off is not None:
-        if not isinstance(off, dict):
-            raise OffloadError(f"zero_optimization.offload_optimizer must be an object, got {off!r}")
-        known = {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
-                 "fast_init", "ratio"}
-        unknown = sorted(set(off) - known)
-        if unknown:
-            raise OffloadError(f"zero_optimization.offload_optimizer: unknown key(s) {unknown}; known: "
-                               f"{sorted(known)}")
-        device = str(off.get("device", "none")).lower()
-        if device == "cpu":
-            raise OffloadError('zero_optimization.offload_optimizer.device "cpu" is not supported (expert Adam state '
-                               'already lives in host memory without offload); use "nvme" or "none"')
-        if device not in OPTIMIZER_OFFLOAD_MODES:
-            raise OffloadError(f"zero_optimization.offload_optimizer.device ({device!r}) must be nvme or none")
-        out["moe_offload_optimizer"] = device
-        if "nvme_path" in off:
-            if not isinstance(off["nvme_path"], str):
-                raise OffloadError(f"zero_optimization.offload_optimizer.nvme_path must be a directory path (a string), "
-                                   f"got {off['nvme_path']!r}")
-            out["moe_offload_dir"] = off["nvme_path"]
-        if device == "nvme" and not off.get("nvme_path"):
-            raise OffloadError('zero_optimization.offload_optimizer.device "nvme" needs "nvme_path" (a directory '
-                               'on the NVMe disk)')
-        if "buffer_count" in off:
-            out["moe_offload_buffer_count"] = _typed("zero_optimization.offload_optimizer.buffer_count",
-                                                     off["buffer_count"], int)
-        if "pipeline_read" in off or "pipeline_write" in off:
-            out["moe_offload_pipeline"] = any([_typed(f"zero_optimization.offload_optimizer.{k}", off[k], bool)
-                                               for k in ("pipeline_read", "pipeline_write") if k in off])
-        if _typed("zero_optimization.offload_optimizer.ratio", off.get("ratio", 1.0), float) != 1.0:
-            raise OffloadError(f"zero_optimization.offload_optimizer.ratio ({off['ratio']}) must be 1.0: partial "
-                               f"optimizer offload is not supported (all expert state is offloaded)")
-    if aio:
-        if not isinstance(aio, dict):
-            raise OffloadError(f"aio must be an object, got {aio!r}")
-        unknown = sorted(set(aio) - set(_DS_AIO_KEYS) - {"use_gds"})
-        if unknown:
-            raise OffloadError(f"aio: unknown key(s) {unknown}; known: {sorted(_DS_AIO_KEYS)}")
-        if aio.get("use_gds"):
-            raise OffloadError("aio.use_gds is not supported (GPUDirect Storage); set it to false")
-        for key, dest in _DS_AIO_KEYS.items():
-            if key in aio:
-                value = aio[key]
-                out[dest] = _typed(f"aio.{key}", value, bool if key in ("single_submit", "overlap_events") else int)
-    return out

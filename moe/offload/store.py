@@ -109,7 +109,7 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise OffloadError(f"--moe-offload-dir {directory}: cannot create it ({e.strerror})") from None
+        raise OffloadError(f"--moe-expert-store {directory}: cannot create it ({e.strerror})") from None
     data_path, tmp_data = os.path.join(directory, DATA_FILE), os.path.join(directory, DATA_FILE + ".tmp")
     man_path, tmp_man = os.path.join(directory, MANIFEST), os.path.join(directory, MANIFEST + ".tmp")
     entries: List[dict] = []
@@ -144,7 +144,7 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
             if os.path.exists(p):
                 os.remove(p)
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
-        raise OffloadError(f"--moe-offload-dir {directory}: writing the expert store failed ({what}); "
+        raise OffloadError(f"--moe-expert-store {directory}: writing the expert store failed ({what}); "
                            f"free space or choose another directory") from None
     return ExpertStore.open(directory)
 
@@ -161,7 +161,7 @@ class ExpertStore:
     """An opened store: its records by (layer, expert) and positioned reads through an aio handle.
 
     Args:
-        directory: the --moe-offload-dir holding manifest.json and experts.bin.
+        directory: the --moe-expert-store holding manifest.json and experts.bin.
         manifest: the parsed manifest (use ExpertStore.open).
     """
 
@@ -200,7 +200,7 @@ class ExpertStore:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise OffloadError(f"{man_path}: not a megatron-moe expert store (format "
                                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); point "
-                               f"--moe-offload-dir at an empty directory or one written by tools/offload_experts.py")
+                               f"--moe-expert-store at an empty directory or one written by tools/offload_experts.py")
         if manifest.get("version") != VERSION:
             raise OffloadError(f"{man_path}: store version {manifest.get('version')} is not {VERSION}; rewrite it "
                                f"with tools/offload_experts.py")
@@ -208,7 +208,7 @@ class ExpertStore:
             raise OffloadError(f"{man_path}: stale expert store, written from {manifest.get('checkpoint')} "
                                f"({_describe(manifest.get('source'))}), not this checkpoint "
                                f"({_describe(expected_source)}); "
-                               f"rewrite it with tools/offload_experts.py or use another --moe-offload-dir")
+                               f"rewrite it with tools/offload_experts.py or use another --moe-expert-store")
         store = cls(directory, manifest)
         size = os.path.getsize(store.data_path) if os.path.isfile(store.data_path) else None
         if size is None:

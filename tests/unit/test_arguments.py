@@ -83,6 +83,8 @@ MAPPING = {
     "--adam-beta2": (["0.95"], "optimizer.adam_beta2", 0.95),
     "--adam-eps": (["1e-6"], "optimizer.adam_eps", 1e-6),
     "--clip-grad": (["0.5"], "optimizer.clip_grad", 0.5),
+    "--overlap-grad-reduce": ([], "optimizer.overlap_grad_reduce", True),
+    "--ddp-bucket-size": (["1000"], "optimizer.ddp_bucket_size", 1000),
     "--no-check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", False),
     "--check-for-nan-in-loss-and-grad": ([], "optimizer.check_for_nan_in_loss_and_grad", True),  # (PRECEDING)
     "--bf16": ([], "optimizer.bf16", True),
@@ -299,9 +301,9 @@ def test_config_checks_raise_config_errors(extra, match):
 def test_offload_config_errors_are_config_errors():
     import argparse
 
-    from megatron.arguments import add_offload_args, offload_config_from_args
+    from megatron.offload import add_expert_offload_args, expert_offload_config_from_args
 
     p = argparse.ArgumentParser()
-    add_offload_args(p)
-    with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-offload-dir"):
-        offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))
+    add_expert_offload_args(p)
+    with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-expert-store"):
+        expert_offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))

@@ -1,6 +1,7 @@
 """--deepspeed --deepspeed_config: the DeepSpeed JSON the Megatron-DeepSpeed scripts generate maps onto the flags;
 conflicts with explicit flags and unknown keys are reported, never dropped silently."""
 import json
+import re
 
 import pytest
 
@@ -154,3 +155,26 @@ def test_unfilled_template_is_one_line(tmp_path):
         from megatron.arguments import validate
 
         validate(_cfg(tmp_path, template(CONFIG_CL_MAX=128))[1], 1)
+
+
+def test_one_typed_json_rule_for_every_key():
+    """megatron/ds_config.json_value is the one reader of typed JSON values (top-level keys, the scheduler block,
+    offload_optimizer/aio): a whole number is an int whether written 2 or 2.0; 2.5 and true are not; a bool is JSON
+    true/false only; a float is any number. Errors start with the flag and name the key and the value."""
+    from megatron.ds_config import json_value, offload_args_from_ds_config, scheduler_args_from_ds_config
+
+    assert json_value("k", 2.0, int) == 2 and type(json_value("k", 2.0, int)) is int
+    assert json_value("k", 3, float) == 3.0 and type(json_value("k", 3, float)) is float
+    assert json_value("k", False, bool) is False
+    for value, kind, want in ((2.5, int, "an integer"), (True, int, "an integer"), ("2", int, "an integer"),
+                              (1, bool, "true or false"), (True, float, "a number"), (None, float, "a number")):
+        with pytest.raises(ConfigError, match=rf"^--deepspeed_config: k \({re.escape(repr(value))}\) must be {want}$"):
+            json_value("k", value, kind)
+    # the same rule in the three blocks that used to disagree (2.0 for an integer key)
+    sets, _ = ds_config.dest_values({"train_batch_size": 8.0})
+    assert sets == [("train_batch_size", "global_batch_size", 8)]
+    assert scheduler_args_from_ds_config({"type": "OneCycle", "params": {"cycle_first_step_size": 4.0}})[
+        "cycle_first_step_size"] == 4
+    assert offload_args_from_ds_config({"offload_optimizer": {"device": "nvme", "nvme_path": "/x",
+                                                              "buffer_count": 6.0}},
+                                       None)["moe_offload_buffer_count"] == 6

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from megatron.arguments import parse_args, scheduler_args_from_ds_config, train_config_from_args
+from megatron.arguments import parse_args, train_config_from_args
+from megatron.ds_config import scheduler_args_from_ds_config
 from megatron.config import OptimizerConfig, SchedulerConfig
 from megatron.errors import ConfigError
 from megatron.optimizer import OptimizerParamScheduler

@@ -254,7 +254,7 @@ def test_generate_cli_offloaded_tokens_equal_resident(tiny_moe_ckpt, tmp_path):
     for sampling in (["--temperature", "0"], ["--temperature", "0.9", "--top-k", "20", "--seed", "5"]):
         rc, want, err = _cli(gen, *common, *sampling)
         assert rc == 0, err
-        rc, got, err = _cli(gen, *common, *sampling, "--moe-offload", "nvme", "--moe-offload-dir",
+        rc, got, err = _cli(gen, *common, *sampling, "--moe-offload", "nvme", "--moe-expert-store",
                             str(tmp_path / "store"), "--moe-expert-cache-bytes", "25%",
                             "--stats-json", str(tmp_path / "stats.json"))
         assert rc == 0, err
@@ -287,13 +287,13 @@ def test_offload_experts_tool_and_one_line_errors(tiny_moe_ckpt, tmp_path, capsy
     def err_of(directory, *extra):
         capsys.readouterr()
         with torch.no_grad():
-            rc = generate.main([*run, "--moe-offload-dir", str(directory), *extra])
+            rc = generate.main([*run, "--moe-expert-store", str(directory), *extra])
         return _one_error_line(rc, capsys.readouterr().err)
 
     assert "at least 2 resident at once" in err_of(store, "--moe-expert-cache-bytes", "1000")
     assert "cannot create it" in err_of("/dev/null/store")  # an unwritable place for a new store
     capsys.readouterr()
-    assert "needs --moe-offload-dir" in _one_error_line(generate.main(run), capsys.readouterr().err)
+    assert "needs --moe-expert-store" in _one_error_line(generate.main(run), capsys.readouterr().err)
     assert "--moe-expert-cache-bytes ('lots')" in err_of(store, "--moe-expert-cache-bytes", "lots")
     # corrupted record: one flipped byte in the middle of a record
     bad = tmp_path / "bad"
@@ -351,9 +351,9 @@ def test_eval_cli_offloaded_metrics_equal_resident(tiny_moe_ckpt, tmp_path):
               "--moe-eval-token-dropping"]  # capacity routing (dropless is the default): the harder case
     results = {}
     for name, extra in (("resident", []),
-                        ("layer-major", ["--moe-offload", "nvme", "--moe-offload-dir", str(tmp_path / "s"),
+                        ("layer-major", ["--moe-offload", "nvme", "--moe-expert-store", str(tmp_path / "s"),
                                          "--moe-expert-cache-bytes", "25%", "--stats-json", str(tmp_path / "st")]),
-                        ("normal", ["--moe-offload", "nvme", "--moe-offload-dir", str(tmp_path / "s"),
+                        ("normal", ["--moe-offload", "nvme", "--moe-expert-store", str(tmp_path / "s"),
                                     "--moe-expert-cache-bytes", "25%", "--no-moe-offload-layer-major"])):
         out = tmp_path / f"{name}.json"
         rc, _, err = _cli(ev, *common, *extra, "--output", str(out))

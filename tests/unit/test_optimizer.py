@@ -91,7 +91,8 @@ def test_adamw_step_matches_the_update_rule_written_out():
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3).double()
     lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.95, 1e-8
-    opt = build_optimizer(m, OptimizerConfig(lr=lr, weight_decay=wd, adam_beta1=b1, adam_beta2=b2, adam_eps=eps))
+    opt = build_optimizer(m, OptimizerConfig(lr=lr, weight_decay=wd, adam_beta1=b1, adam_beta2=b2, adam_eps=eps,
+                                              clip_grad=0.0))  # step() clips by --clip-grad: off for the rule
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     mom = {n: torch.zeros_like(p) for n, p in ref.items()}
     var = {n: torch.zeros_like(p) for n, p in ref.items()}
@@ -109,3 +110,48 @@ def test_adamw_step_matches_the_update_rule_written_out():
         opt.step()
         for n, p in m.named_parameters():
             torch.testing.assert_close(p.detach(), ref[n], rtol=1e-12, atol=1e-12)  # float64: rounding only
+
+
+def test_step_reports_overflow_and_non_finite_and_leaves_the_weights():
+    """MegatronOptimizer.step: an fp16 overflow (inf gradient with a loss scale) and, without a scale, a non-finite
+    norm under --check-for-nan-in-loss-and-grad skip the update and say why; a finite step unscales and clips."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = build_optimizer(m, OptimizerConfig(lr=1e-2, clip_grad=1.0))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for scale, bad, want in ((4.0, float("inf"), dict(overflow=True)), (None, float("nan"), dict(non_finite=True))):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        m.weight.grad[0, 0] = bad
+        r = opt.step(scale)
+        assert not r.stepped and all(getattr(r, k) == v for k, v in want.items()), r
+        assert all(torch.equal(p, before[n]) for n, p in m.named_parameters()) and not opt.state
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 8.0)  # scaled by 4: unscaled 2.0 each, norm 2 * sqrt(8 elements) -> clipped to 1
+    r = opt.step(4.0)
+    norm = 2.0 * math.sqrt(8.0)
+    assert r.stepped and not r.overflow and abs(r.grad_norm - norm) < 1e-5  # fp32 rounding of the norm
+    torch.testing.assert_close(m.weight.grad, torch.full_like(m.weight, 2.0 / norm), rtol=1e-5, atol=0)
+
+
+def test_state_dict_is_the_checkpoint_layout():
+    """state_dict() is {parameter name: {step, exp_avg, exp_avg_sq}} of whole parameters (copies), and
+    load_state_dict of it into a fresh optimizer gives the same next update."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = build_optimizer(m, OptimizerConfig(lr=1e-2, clip_grad=0.0))
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sorted(sd) == ["bias", "weight"] and set(sd["weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["weight"]["exp_avg"].data_ptr() != opt.state[m.weight]["exp_avg"].data_ptr()  # a copy
+    m2 = torch.nn.Linear(3, 2)
+    m2.load_state_dict(m.state_dict())
+    opt2 = build_optimizer(m2, OptimizerConfig(lr=1e-2, clip_grad=0.0))
+    opt2.load_state_dict(sd, "test")
+    for model in (m, m2):
+        model.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    opt2.step()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
