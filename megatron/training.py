@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing, grad_sync, parallel_state
+from megatron import checkpointing, device_settings, grad_sync, parallel_state
 from megatron.arguments import configure
 from megatron.config import TrainConfig
 from megatron.errors import ConfigError, UserError
 from megatron.curriculum import scheduled_seqlen, truncate
 from megatron.microbatches import global_batch_size_at
-from megatron.flops import measure_gemm_peak
+from megatron.flops import peak_flops
 from megatron.training_guards import ExitSignals, NonFiniteError, describe_non_finite, exit_reason
 from megatron.training_log import (format_log, open_writer, print_rank0, summarize_moe, write_optimizer_states,
                                    write_tensorboard)
@@ -106,8 +106,7 @@ def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
 def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:
     """Model, optimizer, scheduler and scaler from the config; loads --load when given."""
     set_seed(cfg.data.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    device_settings.apply(cfg.tf32, cfg.deterministic)  # TF32 (--no-tf32), --deterministic
     model = build_model(cfg, groups, device)
     optimizer = build_optimizer(model, cfg.optimizer, groups, cfg.parallel.zero_stage, cfg.optimizer_offload,
                                 groups.rank, groups.world_size)
@@ -461,12 +460,14 @@ def setup_from_argv(argv=None):
     test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
-    rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
+    device_settings.set_cublas_workspace(cfg.deterministic)  # before CUDA starts (init_distributed picks the GPU)
+    timeout = cfg.parallel.distributed_timeout_minutes
+    rank, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend, timeout)
     for note in notes:  # flags and ds_config keys that change nothing here: said once
         if rank == 0:
             log.warning(note)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.moe.ep_size if cfg.moe else (1,))
+                                       cfg.moe.ep_size if cfg.moe else (1,), timeout)
     st = setup_train_state(cfg, groups, device, tokenizer)
     with release_offload_on_error(st.optimizer):
         return _report_and_data(st, cfg, world_size, groups, device)
@@ -485,8 +486,8 @@ def _report_and_data(st: TrainState, cfg: TrainConfig, world_size: int, groups, 
         c = cfg.curriculum
         print_rank0(f"> seqlen curriculum ({c.schedule_type}): {c.min_difficulty} -> {c.max_difficulty} tokens "
                     f"over {c.total_curriculum_step} iterations")
-    st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
-    print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
+    st.peak_flops, source = peak_flops(device, compute_dtype(cfg), cfg.tf32, cfg.logging.peak_flops)
+    print_rank0(f"> peak for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device ({source})")
     st.writer = open_writer(cfg)
     train_iter, make_valid, make_test = build_data_iterators(st)
     return st, train_iter, make_valid, make_test
