@@ -19,12 +19,14 @@ def test_script_parses_and_dry_run_lists_every_step():
     assert "-m gpu tests/gpu" in out and "--peak-flops 989e12" in out
 
 
-def test_step_benchmark_runs_a_tiny_config_on_the_cpu():
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_gpu_step.py"), "--config", "tiny",
-                        "--steps", "1", "--warmup", "1", "--vocab-size", "256", "--bf16", "--peak-flops", "1e11"],
-                       check=True, capture_output=True, text=True, env=env)
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+def test_step_benchmark_runs_a_tiny_config_on_the_cpu(monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_gpu_step
+
+    monkeypatch.setattr(sys, "argv", ["bench_gpu_step.py", "--config", "tiny", "--steps", "1", "--warmup", "1",
+                                      "--vocab-size", "256", "--bf16", "--peak-flops", "1e11"])
+    assert bench_gpu_step.main() == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("tokens_per_s", "tflops_per_s", "mfu_percent", "peak_memory_GiB", "host_syncs_per_step"):
         assert key in out
     assert out["dtype"] == "bfloat16" and out["peak_source"] == "--peak-flops"
