@@ -31,23 +31,17 @@ def set_cublas_workspace(deterministic: bool, environ: Optional[MutableMapping[s
 def set_tf32(allowed: bool) -> None:
     """fp32 matmuls and cuDNN convolutions on CUDA: TF32 tensor cores when `allowed` (the default, as Megatron-LM
     runs in NVIDIA's containers: 10-bit mantissa inputs, fp32 accumulation) or IEEE fp32 (--no-tf32). Affects only
-    fp32 GEMMs: under --bf16/--fp16 the GEMMs already run in the compute dtype. No effect on the CPU."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is refused, so use it alone
-        value = "tf32" if allowed else "ieee"
-        matmul.fp32_precision = value
-        cudnn.fp32_precision = cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = value
-    else:
-        matmul.allow_tf32 = allowed
-        cudnn.allow_tf32 = allowed
+    fp32 GEMMs: under --bf16/--fp16 the GEMMs already run in the compute dtype. No effect on the CPU.
+    Through the per-backend allow_tf32 flags: torch >= 2.9 also has fp32_precision, but once that is set to "tf32",
+    torch.get_float32_matmul_precision() and the allow_tf32 getters (read by torch.compile and other libraries)
+    raise; the flags set both views consistently."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def tf32_enabled() -> bool:
     """Whether fp32 CUDA matmuls run on TF32 tensor cores (the peak MFU is taken against)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        return matmul.fp32_precision == "tf32"
-    return bool(matmul.allow_tf32)
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def apply(tf32: bool, deterministic: bool) -> None:

@@ -75,14 +75,14 @@ def test_tf32_setting_changes_fp32_matmul_precision():
     a = torch.randn(1024, 1024, device="cuda")
     b = torch.randn(1024, 1024, device="cuda")
     ref = a.double() @ b.double()
-    before = torch.backends.cuda.matmul.fp32_precision
+    before = torch.backends.cuda.matmul.allow_tf32
     try:
         device_settings.set_tf32(False)
         ieee = (a @ b).double().sub(ref).abs().max().item()
         device_settings.set_tf32(True)
         tf32 = (a @ b).double().sub(ref).abs().max().item()
     finally:
-        torch.backends.cuda.matmul.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert tf32 > 10 * ieee  # TF32's 10-bit mantissa inputs vs IEEE fp32
 
 

@@ -56,17 +56,17 @@ def test_setup_sets_cublas_before_cuda_and_passes_the_timeout(tiny_corpus, tmp_p
 
 # --------------------------------------------------------------------------------------------------- TF32
 def test_tf32_setting_toggles_cuda_matmul_and_cudnn():
-    cudnn = torch.backends.cudnn
-    knobs = (torch.backends.cuda.matmul, cudnn, cudnn.conv, cudnn.rnn)
-    before = [k.fp32_precision for k in knobs]
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         device_settings.set_tf32(False)
-        assert not device_settings.tf32_enabled() and [k.fp32_precision for k in knobs] == ["ieee"] * 4
+        assert not device_settings.tf32_enabled() and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.get_float32_matmul_precision() == "highest"
         device_settings.set_tf32(True)
-        assert device_settings.tf32_enabled() and [k.fp32_precision for k in knobs] == ["tf32"] * 4
+        assert device_settings.tf32_enabled() and torch.backends.cudnn.allow_tf32
+        # both views readable (torch.compile and other libraries read them)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.get_float32_matmul_precision() == "high"
     finally:
-        for k, v in zip(knobs, before):
-            k.fp32_precision = v
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 # ------------------------------------------------------------------------------- --distributed-timeout-minutes
