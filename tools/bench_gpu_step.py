@@ -8,7 +8,8 @@ host syncs per step, the figures examples_moe/gpu_check.sh prints.
 Training steps are megatron.training.train_step on synthetic tokens (no dataset), after --warmup steps. MFU is taken
 against --peak-flops (default: the device's data-sheet peak for the compute dtype, megatron/flops.py). Host syncs:
 on CUDA one more step under torch.cuda.set_sync_debug_mode("warn"), counting its warnings; on the CPU the same step
-under megatron.audit.DispatchAudit (ops that would sync on CUDA). Prints one JSON line per config.
+under megatron.audit.DispatchAudit (ops that would sync on CUDA); then the step's aten op count. Prints one JSON line
+per config.
 """
 import argparse
 import json
@@ -111,6 +112,9 @@ def main() -> int:
            "peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
            if device.type == "cuda" else None}
     out.update(_syncs_in_one_step(st, it))
+    with DispatchAudit(record_sites=False) as audit:  # the step's aten op count (kernel launches, up to fusion)
+        train_step(st, it)
+    out["aten_ops_per_step"] = audit.total_ops
     print(json.dumps(out), flush=True)
     return 0
 

@@ -27,6 +27,7 @@ def test_step_benchmark_runs_a_tiny_config_on_the_cpu(monkeypatch, capsys):
                                       "--vocab-size", "256", "--bf16", "--peak-flops", "1e11"])
     assert bench_gpu_step.main() == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("tokens_per_s", "tflops_per_s", "mfu_percent", "peak_memory_GiB", "host_syncs_per_step"):
+    for key in ("tokens_per_s", "tflops_per_s", "mfu_percent", "peak_memory_GiB", "host_syncs_per_step",
+                "aten_ops_per_step"):
         assert key in out
     assert out["dtype"] == "bfloat16" and out["peak_source"] == "--peak-flops"
