@@ -311,6 +311,17 @@ def optimizer_offload_config_from_args(args):
     )
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """Device and process-group settings applied at start-up (megatron/device_settings.py)."""
+    g = p.add_argument_group("device settings")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false", default=True,
+                   help="fp32 matmuls and cuDNN convolutions on CUDA in IEEE fp32 instead of TF32 (TF32 is the "
+                        "default, as Megatron-LM runs in NVIDIA's containers; no effect on the CPU)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="timeout of init_process_group and of every process group (Megatron-LM's flag; default 10, "
+                        "NCCL's): how long a rank waits in a collective, start-up data barriers included")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Megatron-style GPT (MoE) pretraining", allow_abbrev=False)
     add_model_args(p)
@@ -323,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_logging_args(p)
     add_optimizer_offload_args(p)
     add_deepspeed_args(p)
+    add_device_args(p)
     return p
 
 
@@ -563,6 +575,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             distributed_backend=args.distributed_backend,
             zero_stage=max(args.zero_stage, 1) if args.use_distributed_optimizer else args.zero_stage,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -604,6 +617,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         curriculum=CurriculumConfig(**args.curriculum_learning) if args.curriculum_learning else None,
         compile=args.compile,
         deterministic=args.deterministic,
+        tf32=args.tf32,
     )
 
 

@@ -105,10 +105,13 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP degree
     distributed_backend: str = "auto"  # nccl on GPU, gloo on CPU
     zero_stage: int = 0  # ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients
+    distributed_timeout_minutes: float = 10  # timeout of every process group (minutes; NCCL's default 10)
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ConfigError(f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) must be >= 1")
+        if not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"--distributed-timeout-minutes ({self.distributed_timeout_minutes}) must be > 0")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"--zero-stage ({self.zero_stage}) must be 0, 1 or 2")
 
@@ -380,6 +383,7 @@ class TrainConfig:
     curriculum: Optional[CurriculumConfig] = None  # seqlen curriculum (ds_config curriculum_learning); None = off
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    tf32: bool = True  # fp32 matmuls / cuDNN convolutions on CUDA may use TF32 tensor cores (--no-tf32: IEEE fp32)
 
 
 def num_moe_layers(num_layers: int, expert_interval: int) -> int:

@@ -1,6 +1,7 @@
 """Builds every process group once (TP, DP, EP, expert-DP) and returns them as one frozen ParallelGroups."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
@@ -66,8 +67,9 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(backend: str = "auto") -> tuple:
-    """Initialises torch.distributed from torchrun's env vars when present; returns (rank, world_size, device)."""
+def init_distributed(backend: str = "auto", timeout_minutes: Optional[float] = None) -> tuple:
+    """Initialises torch.distributed from torchrun's env vars when present; returns (rank, world_size, device).
+    timeout_minutes: --distributed-timeout-minutes, the timeout of the default group (None: torch's default)."""
     world = world_size()  # already set up by the caller (tests, a user's own launcher), or torchrun's env
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1))))
@@ -78,32 +80,38 @@ def init_distributed(backend: str = "auto") -> tuple:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=_timeout(timeout_minutes))
     return rank, world, device
 
 
-def _build_dp_groups(world_size: int, tp_size: int, rank: int):
+def _timeout(minutes: Optional[float]):
+    """--distributed-timeout-minutes as a timedelta (None: torch's default; subgroups do not inherit the default
+    group's timeout, so every new_group gets it too, as in Megatron-LM)."""
+    return None if minutes is None else datetime.timedelta(minutes=minutes)
+
+
+def _build_dp_groups(world_size: int, tp_size: int, rank: int, timeout=None):
     """DP groups: ranks sharing a TP rank (stride tp_size). Every rank creates every group (collective)."""
     mine = None
     for tp_rank in range(tp_size):
         ranks = list(range(tp_rank, world_size, tp_size))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = g
     return mine
 
 
-def _build_tp_groups(world_size: int, tp_size: int, rank: int):
+def _build_tp_groups(world_size: int, tp_size: int, rank: int, timeout=None):
     mine = None
     for start in range(0, world_size, tp_size):
         ranks = list(range(start, start + tp_size))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = g
     return mine
 
 
-def _build_expert_groups(world_size: int, tp_size: int, ep_size: int, rank: int):
+def _build_expert_groups(world_size: int, tp_size: int, ep_size: int, rank: int, timeout=None):
     """EP groups: consecutive chunks of ep_size within each DP group; expert-DP: same slot across chunks.
 
     Example world 8, tp 1, ep 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}.
@@ -114,29 +122,32 @@ def _build_expert_groups(world_size: int, tp_size: int, ep_size: int, rank: int)
         dp_ranks = list(range(tp_rank, world_size, tp_size))
         for c in range(0, dp_size, ep_size):
             ranks = dp_ranks[c:c + ep_size]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 ep_mine = g
         for slot in range(ep_size):
             ranks = dp_ranks[slot::ep_size]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 edp_mine = g
     return ep_mine, edp_mine
 
 
-def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,)) -> ParallelGroups:
-    """Builds all groups for the current world (call once, after init_distributed)."""
+def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,),
+               timeout_minutes: Optional[float] = None) -> ParallelGroups:
+    """Builds all groups for the current world (call once, after init_distributed); every group gets the timeout
+    --distributed-timeout-minutes (None: torch's default)."""
     if not dist.is_initialized():
         validate_sizes(1, tp_size, ep_sizes)
         return ParallelGroups(1, 0, tp_size, 1, None, None,
                               {e: None for e in ep_sizes}, {e: None for e in ep_sizes})
     world_size, rank = dist.get_world_size(), dist.get_rank()
     dp_size = validate_sizes(world_size, tp_size, ep_sizes)
-    tp_group = _build_tp_groups(world_size, tp_size, rank)
-    dp_group = _build_dp_groups(world_size, tp_size, rank)
+    timeout = _timeout(timeout_minutes)
+    tp_group = _build_tp_groups(world_size, tp_size, rank, timeout)
+    dp_group = _build_dp_groups(world_size, tp_size, rank, timeout)
     ep_groups, edp_groups = {}, {}
     for ep in sorted(set(ep_sizes)):
-        ep_groups[ep], edp_groups[ep] = _build_expert_groups(world_size, tp_size, ep, rank)
+        ep_groups[ep], edp_groups[ep] = _build_expert_groups(world_size, tp_size, ep, rank, timeout)
     return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups)
 

@@ -52,7 +52,7 @@ def get_batch(data: dict, device, eod: Optional[int], eod_mask_loss: bool):
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
     loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=device)
     if eod_mask_loss and eod is not None:
-        loss_mask[tokens == eod] = 0.0
+        loss_mask.masked_fill_(tokens == eod, 0.0)  # not a boolean-mask index: no host sync on CUDA
     return tokens, labels, loss_mask
 
 

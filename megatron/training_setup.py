@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing, parallel_state
+from megatron import checkpointing, device_settings, parallel_state
 from megatron.arguments import configure
 from megatron.config import TrainConfig
 from megatron.errors import ConfigError
-from megatron.flops import measure_gemm_peak
+from megatron.flops import peak_flops
 from megatron.model import GPTModel
 from megatron.optimizer import ConstantLossScaler, DynamicLossScaler, OptimizerParamScheduler, build_optimizer
 from megatron.train_state import TrainState, closed_on_error
@@ -53,8 +53,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     """Model, optimizer, scheduler and scaler from the config; loads --load when given. The optimizer's close()
     goes on the state's `resources` at once, so that a failure further on releases an offload store."""
     set_seed(cfg.data.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    device_settings.apply(cfg.tf32, cfg.deterministic)  # TF32 (--no-tf32), --deterministic
     model = build_model(cfg, groups, device)
     optimizer = build_optimizer(model, cfg.optimizer, groups, cfg.parallel.zero_stage, cfg.optimizer_offload,
                                 groups.rank, groups.world_size)
@@ -138,16 +137,18 @@ def setup_from_argv(argv=None):
     test iterator factories): everything before the first step (also used by tools/lr_range_test.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg, tokenizer, notes = configure(argv, parallel_state.world_size())  # every check runs here, before anything
-    _, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend)
+    device_settings.set_cublas_workspace(cfg.deterministic)  # before CUDA starts (init_distributed picks the GPU)
+    timeout = cfg.parallel.distributed_timeout_minutes
+    _, world_size, device = parallel_state.init_distributed(cfg.parallel.distributed_backend, timeout)
     for note in notes:  # flags and ds_config keys that change nothing here: said once
         log_rank0(log, logging.WARNING, "%s", note)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.moe.ep_size if cfg.moe else (1,))
+                                       cfg.moe.ep_size if cfg.moe else (1,), timeout)
     st = setup_train_state(cfg, groups, device, tokenizer)
     with closed_on_error(st.resources):
         _report(st, world_size)
-        st.peak_flops = cfg.logging.peak_flops or measure_gemm_peak(device=device)
-        print_rank0(f"> peak fp32 GEMM for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device")
+        st.peak_flops, source = peak_flops(device, compute_dtype(cfg), cfg.tf32, cfg.logging.peak_flops)
+        print_rank0(f"> peak for MFU: {st.peak_flops / 1e12:.3f} TFLOP/s per device ({source})")
         st.writer = open_writer(cfg)
         train_iter, make_valid, make_test = build_data_iterators(st)
     return st, train_iter, make_valid, make_test

@@ -245,6 +245,10 @@ class GPTDataset:
         self.cache_paths = paths
         self.checks_path = os.path.join(cache_dir, f"{base}_{name}_{key}_checks.json")
         self.built_cache = False
+        # the token-id scan runs here, on every rank, before the barrier below: ranks scan side by side (rank 0's
+        # cache build overlaps the others' scans) instead of one rank waiting in a collective, with NCCL's timeout
+        # (--distributed-timeout-minutes), while another scans
+        self._check_vocabulary(documents)
         if rank == 0:
             problem = self._cache_problem() if all(os.path.isfile(p) for p in paths.values()) else "missing"
             if problem != "missing" and problem is not None:
@@ -261,7 +265,6 @@ class GPTDataset:
         if problem is not None:  # rank 0 checked (and rebuilt) it before the barrier: it changed since
             raise DataError(f"{name}: {problem}; delete it to have it rebuilt")
         self._load_cache()
-        self._check_vocabulary(documents)
         logger.info("%s: %d samples (%d documents, %d doc_idx entries) from %s", name, len(self), len(documents), len(self.doc_idx), indexed_dataset.prefix)
 
     def _load_cache(self) -> None:

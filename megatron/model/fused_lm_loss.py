@@ -5,8 +5,9 @@ The unfused path (linear -> log_softmax -> nll_loss) makes four or five passes o
 (412 MB for 2048 tokens x 50304 vocab): write logits, write log-probs, zero-fill the nll gradient, scatter,
 log_softmax backward; the unfused KD loss adds a handful more (tempered copies of both models' logits, log-probs,
 probabilities, their product) and keeps the student's logits alive for the backward. Here the forward writes the
-logits once, then walks them in row chunks small enough to stay in cache (megatron/tensor_parallel/
-cross_entropy.py: chunked_row_passes_), computing each row's statistics and overwriting the logits with the
+logits once, then walks them in row chunks (megatron/tensor_parallel/cross_entropy.py: chunked_row_passes_; a
+few cache-resident rows on the CPU, a few hundred MiB per chunk on a GPU, so the kernel count stays bounded),
+computing each row's statistics and overwriting the logits with the
 gradient of the loss. The backward is then two GEMMs; the upstream gradient is applied to the [N, h] operands,
 never to the [N, V] buffer.
 
@@ -15,13 +16,14 @@ and sums are all-reduced over the group (two collectives per call), and the in-p
 columns. The caller enters the tensor-parallel region first (copy_to_tensor_parallel_region), whose backward sums
 the hidden gradient over the ranks.
 """
+import contextlib
 import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from megatron.tensor_parallel.cross_entropy import (chunked_row_passes_, local_labels, subtract_onehot_,
-                                                    vocab_parallel_softmax_grad_)
+from megatron.tensor_parallel.cross_entropy import (chunked_row_passes_, label_logits, local_labels,
+                                                    subtract_onehot_, vocab_parallel_softmax_grad_)
 from megatron.tensor_parallel.mappings import tp_rank, tp_size
 
 
@@ -60,9 +62,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
+    t = hidden.device.type
+    if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t):
+        return torch.get_autocast_dtype(t)
     return hidden.dtype
+
+
+def _autocast_off(hidden: torch.Tensor):
+    """Autocast disabled for hidden's device (the GEMMs here cast explicitly); nothing on devices without autocast
+    (the `meta` device of the audits)."""
+    t = hidden.device.type
+    return torch.autocast(t, enabled=False) if torch.amp.is_autocast_available(t) else contextlib.nullcontext()
 
 
 def fused_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -75,7 +85,7 @@ def fused_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     """
     b, s, hdim = hidden.shape
     dtype = _compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with _autocast_off(hidden):
         loss = _FusedLinearCrossEntropy.apply(hidden.reshape(b * s, hdim), weight, labels.reshape(b * s), dtype,
                                               tp_group)
     return loss.view(b, s)
@@ -114,29 +124,29 @@ def vocab_parallel_kd_grad_(logits: torch.Tensor, labels: torch.Tensor, teacher:
     padded_anywhere = vocab_size is not None and vocab_size < width * tp_size(group)
     share = T == 1.0 and not padded_anywhere  # then p_sT = p_s: one softmax of the student serves both terms
     local, outside = local_labels(labels, width, group)
-    neg_inf = torch.full((n,), -math.inf, dtype=dtype, device=logits.device)
+    label = label_logits(logits, local, outside)  # read before the buffer is overwritten; 0 off this rank's slice
+    neg_inf = torch.full((1, n), -math.inf, dtype=dtype, device=logits.device)
 
     def max_fn(rows):
         s = logits[rows]
         m_s = s.amax(dim=1)
         if real == 0:
-            return torch.stack([m_s, neg_inf[rows], neg_inf[rows]])
+            return torch.cat([m_s.unsqueeze(0), neg_inf[:, rows], neg_inf[:, rows]])
         m_real = m_s if real == width else s[:, :real].amax(dim=1)
         return torch.stack([m_s, m_real, teacher[rows, :real].to(dtype).amax(dim=1)])
 
     def sum_fn(rows, m):
         s = logits[rows]
-        label = s.gather(1, local[rows].unsqueeze(1)).squeeze(1).masked_fill(outside[rows], 0.0)
         z_s = torch.exp(s - m[0].unsqueeze(1)).sum(dim=1)
         if real == 0:
             zero = torch.zeros_like(z_s)
-            return torch.stack([label, z_s, zero, zero, zero])
+            return torch.stack([label[rows], z_s, zero, zero, zero])
         s_shift = s[:, :real] - m[1].unsqueeze(1)  # s - m', m' the max over real columns
         z_st = z_s if share else torch.exp(s_shift / T).sum(dim=1)
         t_shift = (teacher[rows, :real].to(dtype) - m[2].unsqueeze(1)) / T
         e_t = torch.exp(t_shift)
         a = (e_t * (t_shift - s_shift / T)).sum(dim=1)
-        return torch.stack([label, z_s, z_st, e_t.sum(dim=1), a])
+        return torch.stack([label[rows], z_s, z_st, e_t.sum(dim=1), a])
 
     def write_fn(rows, m, z):
         chunk = logits[rows]
@@ -154,9 +164,9 @@ def vocab_parallel_kd_grad_(logits: torch.Tensor, labels: torch.Tensor, teacher:
                 chunk[:, :real].add_(kd_w * p_st)
         if p_t is not None:
             chunk[:, :real].sub_(kd_w * p_t)
-        subtract_onehot_(chunk, local[rows], outside[rows], ce_weight[rows])
 
-    maxes, sums = chunked_row_passes_(n, group, max_fn, sum_fn, write_fn)
+    maxes, sums = chunked_row_passes_(logits, group, max_fn, sum_fn, write_fn)
+    subtract_onehot_(logits, local, outside, ce_weight)
     ce = maxes[0] + sums[1].log() - sums[0]
     kl = sums[4] / sums[3] - sums[3].log() + sums[2].log()
     return ce, kl
@@ -204,7 +214,7 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     T = float(target.temperature)
     ce_weight = target.alpha * mask / count
     kd_weight = target.beta * T * T * mask / count
-    with torch.autocast(hidden.device.type, enabled=False):
+    with _autocast_off(hidden):
         total, ce, kl = _FusedLinearCrossEntropyKD.apply(
             hidden.reshape(b * s, hdim), weight, labels.reshape(b * s), target.teacher_logits.reshape(b * s, -1),
             ce_weight, kd_weight, T, target.vocab_size, dtype, tp_group)

@@ -11,6 +11,11 @@ and for the fused CPU kernel when each expert's slice of a parameter has a multi
 An expert that got no tokens has a zero gradient row and is stepped (weight decay, bias correction) like any
 other. Mixed precision here is autocast over fp32 parameters, so there are no separate fp32 master weights to
 offload: the parameters themselves stay resident for the forward pass.
+
+On a GPU (`_CudaSwap`) the swap buffers are registered with CUDA and each record's update (copy in, AdamW, copy
+back) is queued on a stream of the swap's own on the parameters' device, ordered by events: the swap stream waits
+for the backward and the dense step; the writer thread waits for a record's copy back (its event) before writing it;
+the training stream waits for a MoE layer's last update before that layer's next forward. No per-record host sync.
 """
 from __future__ import annotations
 
@@ -41,10 +46,67 @@ class _InFlight:
     """An expert step running behind the training thread: the MoE layers not yet stepped, its error."""
 
     pending: set
+    events: dict = field(default_factory=dict)  # CUDA: MoE layer -> event after its last update on the swap stream
     cond: threading.Condition = field(default_factory=threading.Condition)
     done: bool = False
     error: Optional[BaseException] = None
     thread: Optional[threading.Thread] = None
+
+
+class _CudaSwap:
+    """The CUDA side of the swapped expert step: one stream on the parameters' device (explicit, never the current
+    device of whichever thread runs the swap) and the events that order it against the training stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def follow_training(self, grads) -> None:
+        """Training thread, at step(): the swap stream waits for what was queued so far (backward, clipping, the
+        dense step); the gradients it reads are marked in use by it (the training thread drops them at zero_grad)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for g in grads:
+            g.record_stream(self.stream)
+
+    def context(self):
+        """Device and stream for the update's kernels on the swap thread."""
+        return _Both(torch.cuda.device(self.device), torch.cuda.stream(self.stream))
+
+    def mark(self) -> torch.cuda.Event:
+        """An event after everything queued on the swap stream so far."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def training_waits(self, event: Optional[torch.cuda.Event] = None) -> None:
+        """The training stream waits for `event` (None: for all of the swap stream); no host sync."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event) if event is not None else current.wait_stream(self.stream)
+
+
+class _Both:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __enter__(self):
+        self.a.__enter__()
+        self.b.__enter__()
+
+    def __exit__(self, *exc):
+        self.b.__exit__(*exc)
+        return self.a.__exit__(*exc)
+
+
+def cuda_swap_for(device: torch.device) -> Optional[_CudaSwap]:
+    """The CUDA swap machinery for parameters on `device` (its own stream on exactly that device); None elsewhere:
+    the CPU path updates the records in place on the swapping thread."""
+    return _CudaSwap(device) if device.type == "cuda" else None
+
+
+def _step_device(group: dict, p: torch.Tensor) -> torch.device:
+    """Where torch.optim.AdamW keeps a parameter's step count: on its device for capturable or fused, else the CPU
+    (reading a device step count would sync the host on every update)."""
+    return p.device if group["capturable"] or group["fused"] else torch.device("cpu")
 
 
 class ExpertOffloadAdamW(torch.optim.AdamW):
@@ -96,12 +158,14 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         self._inflight: Optional[_InFlight] = None
         self._hooks = []
         self.overlap = offload.overlap and offload.pipeline
+        device = next((p.device for *_, params in self.layers for _, p, _ in params), torch.device("cpu"))
+        self._cuda = cuda_swap_for(device)
         StateSwapper.load_aio()  # before any disk space is reserved: a missing op is a one-line error
         self.store, self._lock = open_training_store(offload.directory, rank, ((m, g, t) for (m, g), t in layout),
                                                      source)
         try:
             self.swapper = StateSwapper(self.store, offload.buffer_count, offload.handle_kwargs(), offload.pipeline,
-                                        offload.verify)
+                                        offload.verify, pin_cuda=self._cuda is not None)
         except BaseException:
             self.close()
             raise
@@ -145,10 +209,13 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         stepped = [p for *_, params in self.layers for _, p, _ in params if p.grad is not None]
         if not stepped:
             return
+        group_of = {p: g for *_, params in self.layers for _, p, g in params}
         for p in stepped:  # torch's lazy init: the count starts at 0 on a parameter's first step
             if p not in self.expert_steps:
-                self.expert_steps[p] = torch.zeros((), dtype=torch.float32, device=p.device)
+                self.expert_steps[p] = torch.zeros((), dtype=torch.float32, device=_step_device(group_of[p], p))
         grads = {p: p.grad for p in stepped}
+        if self._cuda is not None:
+            self._cuda.follow_training(grads.values())
         steps = {p: self.expert_steps[p].clone() for p in stepped}  # torch adds 1 before the update, in the call
         for p in stepped:
             self.expert_steps[p].add_(1)  # what each expert's copy reaches
@@ -161,16 +228,18 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         def update(key, records):
             idx, i = self.local_expert_of[key]
             params = [(name, p, group) for name, p, group in self.layers[idx][3] if p in grads]
-            if params:
-                self._update_record(i, params, grads, steps, hyper, records)
+            fence = self._update_record(i, params, grads, steps, hyper, records) if params else None
             left[key[0]] -= 1
             if left[key[0]] == 0:  # this layer's weights are final: its forward may run, its gradients go
                 for _, p, _ in params:
                     grads.pop(p, None)
-                self._release(key[0])
+                self._release(key[0], self._cuda.mark() if self._cuda is not None else None)
+            return fence  # the writer waits on it (CUDA: the record's copy back) before writing the record
 
         if not self.overlap:
             self.swapper.run(keys, update)
+            if self._cuda is not None:
+                self._cuda.training_waits()
             return
         self._inflight = _InFlight({m for m in left})
         thread = threading.Thread(target=self._swap_behind, args=(keys, update), name="moe-offload-swap-step",
@@ -178,12 +247,22 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         self._inflight.thread = thread
         thread.start()
 
-    def _update_record(self, i, params, grads, steps, hyper, records) -> None:
-        """AdamW on local expert i's slices of `params`, with its state in `records` (a buffer's views)."""
-        device = params[0][1].device
-        # GPU parameters: the record's state is staged on the device for the update and copied back before the
-        # buffer goes to the writer (the host buffers are page-locked, so the copies are DMA)
-        views = records if device.type == "cpu" else {n: v.to(device, non_blocking=True) for n, v in records.items()}
+    def _update_record(self, i, params, grads, steps, hyper, records):
+        """AdamW on local expert i's slices of `params`, with its state in `records` (a buffer's views). On CPU the
+        views are updated in place; on a GPU the record is copied in, updated and copied back on the swap stream,
+        and the returned event (the swapper's fence) marks the copy back."""
+        if self._cuda is None:
+            self._adam_record(i, params, grads, steps, hyper, records)
+            return None
+        with self._cuda.context():
+            # the host buffers are registered with CUDA (pin_cuda): these copies are asynchronous DMA
+            views = {n: v.to(self._cuda.device, non_blocking=True) for n, v in records.items()}
+            self._adam_record(i, params, grads, steps, hyper, views)
+            for n, v in records.items():
+                v.copy_(views[n], non_blocking=True)
+            return self._cuda.mark()
+
+    def _adam_record(self, i, params, grads, steps, hyper, views) -> None:
         by_group: Dict[int, Tuple[dict, list]] = {}
         for name, p, group in params:
             by_group.setdefault(id(group), (hyper[id(group)], []))[1].append((name, p))
@@ -191,10 +270,6 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
             self._adam(group, [p[i] for _, p in items], [grads[p][i] for _, p in items],
                        [views[f"{n}.exp_avg"] for n, _ in items], [views[f"{n}.exp_avg_sq"] for n, _ in items],
                        [steps[p].clone() for _, p in items])
-        if device.type != "cpu":
-            for n, v in records.items():
-                v.copy_(views[n], non_blocking=True)
-            torch.cuda.current_stream(device).synchronize()
 
     # --------------------------------------------------------------------------- the swap behind the forward
     def _swap_behind(self, keys, update) -> None:
@@ -210,10 +285,12 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
                 inflight.done = True
                 inflight.cond.notify_all()
 
-    def _release(self, moe_layer: int) -> None:
+    def _release(self, moe_layer: int, event=None) -> None:
         inflight = self._inflight
         if inflight is not None:  # None: the walk runs inside step(), nobody waits for a layer
             with inflight.cond:
+                if event is not None:
+                    inflight.events[moe_layer] = event
                 inflight.pending.discard(moe_layer)
                 inflight.cond.notify_all()
 
@@ -229,6 +306,8 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         if moe_layer is None or inflight.done:
             inflight.thread.join()
             self._inflight = None
+        if self._cuda is not None:  # the training stream waits for the updates on the swap stream, not the host
+            self._cuda.training_waits(None if self._inflight is None else inflight.events.get(moe_layer))
         self.swapper.stats.stall_s += time.perf_counter() - t
         if inflight.error is not None:  # set before `done`: the walk is over and _inflight already cleared
             raise inflight.error
@@ -277,12 +356,12 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         idx, _ = self.local_expert_of[(moe_layer, expert)]
         params = self.layers[idx][3]
         tensors = {}
-        for n, p, _ in params:
+        for n, p, group in params:
             st = state.get(n)
             for k in STATE_KEYS:
                 tensors[f"{n}.{k}"] = st[k].cpu() if st else torch.zeros(p.shape[1:], dtype=p.dtype)
             if st:
-                self.expert_steps[p] = st["step"].to(device=p.device, dtype=torch.float32).clone()
+                self.expert_steps[p] = st["step"].to(device=_step_device(group, p), dtype=torch.float32).clone()
         self.swapper.write((moe_layer, expert), tensors)
 
     def close(self) -> None:
@@ -295,6 +374,8 @@ class ExpertOffloadAdamW(torch.optim.AdamW):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if getattr(self, "swapper", None) is not None:
+            self.swapper.close()  # CUDA: unregisters the swap buffers
         if self._lock is not None:
             self._lock.close()
             self._lock = None

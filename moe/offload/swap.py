@@ -5,6 +5,12 @@ with one aio handle each); or, without pipelining, read, update, write one recor
 
 The store knows records, this file knows buffers and order; what an update does (an optimizer step) is the
 caller's. Exposed swap time is what the calling thread spends waiting for I/O: the part not hidden behind updates.
+
+On a GPU (`pin_cuda`) the buffers are also registered with CUDA (cudaHostRegister, as DeepSpeed's accelerator pins
+its aio buffers): mlock alone keeps pages resident but CUDA does not know them, so a "non_blocking" copy from them is
+a staged, synchronous pageable copy. An update may then queue its device work and return a fence (anything with
+`synchronize()`, e.g. a CUDA event recorded after its copy back into the buffer): the writer waits on the fence
+before writing the buffer, so the updating thread never waits for the device.
 """
 from __future__ import annotations
 
@@ -12,14 +18,34 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from moe.offload.store import ExpertStore, OffloadError, tensor_views
 
 Key = Tuple[int, int]  # (MoE layer, global expert)
-Update = Callable[[Key, Dict[str, torch.Tensor]], None]
+Update = Callable[[Key, Dict[str, torch.Tensor]], Optional[object]]  # may return a fence: .synchronize()
+
+
+def cuda_host_register(buf: torch.Tensor) -> Callable[[], None]:
+    """Registers `buf`'s (page-locked) host memory with CUDA so that copies between it and a GPU are asynchronous
+    DMA; returns the function that unregisters it (call it before the memory is freed)."""
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = buf.data_ptr(), buf.numel() * buf.element_size()
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)  # cudaHostRegisterDefault
+    if int(getattr(err, "value", err)) != 0:
+        raise OffloadError(f"cudaHostRegister of the {nbytes}-byte swap buffers failed ({err}); lower "
+                           f"--moe-offload-buffer-count or check the locked-memory limit (ulimit -l)")
+    return lambda: cudart.cudaHostUnregister(ptr)
+
+
+def _wait(fence) -> None:
+    """Waits on an update's fence: a returned object with synchronize() (a torch.cuda.Event); other return values
+    (None, or whatever an in-place op returned) are no fence."""
+    synchronize = getattr(fence, "synchronize", None)
+    if callable(synchronize):
+        synchronize()
 
 
 @dataclass
@@ -59,10 +85,11 @@ class StateSwapper:
             intra_op_parallelism); the reader and the writer each get a handle.
         pipeline: overlap reads and writes with updates (else read, update, write in turn on the calling thread).
         verify: check each read against the xxh3 of what was written.
+        pin_cuda: also register the buffers with CUDA (the caller updates records on a GPU); call close() after.
     """
 
     def __init__(self, store: ExpertStore, buffer_count: int, handle_kwargs: dict, pipeline: bool = True,
-                 verify: bool = True):
+                 verify: bool = True, pin_cuda: bool = False):
         aio = self.load_aio()
         self.store, self.pipeline, self.verify = store, pipeline, verify
         self.read_handle = aio.aio_handle(**handle_kwargs)
@@ -70,7 +97,15 @@ class StateSwapper:
         n, rb = max(1, min(buffer_count, len(store.records))), max(store.record_bytes, 1)
         whole = self.read_handle.new_cpu_locked_tensor(n * rb, torch.empty(0, dtype=torch.uint8))
         self.buffers: List[torch.Tensor] = [whole[i * rb:(i + 1) * rb] for i in range(n)]
+        self._unregister = cuda_host_register(whole) if pin_cuda else None
+        self._whole = whole  # the registration names its address: the memory lives until close()
         self.stats = SwapStats()
+
+    def close(self) -> None:
+        """Unregisters the buffers from CUDA (pin_cuda); a no-op otherwise or when called again."""
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
 
     @staticmethod
     def load_aio():
@@ -137,15 +172,17 @@ class StateSwapper:
             t = time.perf_counter()
             self._read(key, buf)
             self.stats.exposed_s += time.perf_counter() - t
-            update(key, tensor_views(buf, self.store.records[key]))
+            fence = update(key, tensor_views(buf, self.store.records[key]))
             t = time.perf_counter()
+            _wait(fence)
             self._write(key, buf)
             self.stats.exposed_s += time.perf_counter() - t
 
     def _pipelined(self, keys: List[Key], update: Update) -> None:
         """1. the reader takes a free buffer and reads the next record into it (up to buffer_count - 1 ahead);
-        2. this thread updates each record as its read lands, and hands the buffer to the writer;
-        3. the writer writes it back and frees the buffer for the reader.
+        2. this thread updates each record as its read lands, and hands the buffer (and the update's fence) to the
+           writer;
+        3. the writer waits on the fence, writes the record back and frees the buffer for the reader.
         An error on either thread stops both and is raised here after they have finished."""
         free: "queue.Queue" = queue.Queue()
         ready: "queue.Queue" = queue.Queue()
@@ -172,8 +209,9 @@ class StateSwapper:
                 item = to_write.get()
                 if item is None:
                     return
-                key, buf = item
+                key, buf, fence = item
                 try:
+                    _wait(fence)
                     self._write(key, buf)
                 except BaseException as e:  # noqa: BLE001 - raised by the updating thread
                     errors.append(e)
@@ -196,8 +234,8 @@ class StateSwapper:
                     raise err
                 if buf is None or errors:  # the writer failed
                     break
-                update(key, tensor_views(buf, self.store.records[key]))
-                to_write.put((key, buf))
+                fence = update(key, tensor_views(buf, self.store.records[key]))
+                to_write.put((key, buf, fence))
         finally:
             stop.set()
             free.put(None)

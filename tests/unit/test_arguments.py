@@ -99,6 +99,8 @@ MAPPING = {
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
+    "--no-tf32": ([], "tf32", False),
+    "--distributed-timeout-minutes": (["45"], "parallel.distributed_timeout_minutes", 45.0),
     "--checkpoint-activations": ([], "model.recompute_granularity", "full"),
     "--recompute-granularity": (["selective"], "model.recompute_granularity", "selective"),
     "--recompute-method": (["block", "--recompute-granularity", "full", "--recompute-num-layers", "1"],
