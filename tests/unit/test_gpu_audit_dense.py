@@ -23,7 +23,7 @@ ARGV = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 # - clip_grad_norm returns the norm as a Python float: the per-step non-finite check (--check-for-nan-in-loss-and-
 #   grad, on by default) reads it on the host before the optimizer step;
 # - train_step returns the LM loss as a float every step (the loop keeps a list of losses).
-KNOWN_STEP_SYNCS = {("megatron/optimizer/clip_grads.py", "clip_grad_norm"), ("megatron/training.py", "train_step")}
+KNOWN_STEP_SYNCS = {("megatron/optimizer/base.py", "clip_grad_norm"), ("megatron/training.py", "train_step")}
 
 
 def _state(*extra):
