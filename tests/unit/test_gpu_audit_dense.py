@@ -78,12 +78,12 @@ def test_model_forward_backward_loss_and_optimizer_step_have_no_host_sync():
     st = _state("--bf16")
     tokens = next(_batches())["text"]
     st.model(tokens[:, :-1], tokens[:, 1:], parallel_output=True).loss.sum().backward()
-    st.optimizer.step()  # creates the state: the audited step is a steady-state one
+    st.optimizer.step_with_ready_grads()  # creates the state: the audited step is a steady-state one
     with cuda_autocast_rules(torch.bfloat16), DispatchAudit() as audit:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = st.model(tokens[:, :-1], tokens[:, 1:], parallel_output=True)
         out.loss.mean().backward()
-        st.optimizer.step()
+        st.optimizer.step_with_ready_grads()  # the update alone (the full step's clip is audited above)
     assert audit.syncs == [], audit.report()
 
 
