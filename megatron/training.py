@@ -30,6 +30,7 @@ from megatron.optimizer import (ConstantLossScaler, DynamicLossScaler, Optimizer
                                 build_optimizer, clip_grad_norm)
 from megatron.optimizer.grad_scaler import unscale_and_check
 from megatron.optimizer.offload import ExpertOffloadAdamW
+from moe import gating as moe_gating
 from moe.offload.store import OffloadError
 
 log = logging.getLogger("megatron")
@@ -290,6 +291,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     # the scheduler counts samples of this update and the tokens consumed before it (Megatron-DeepSpeed)
     lr = st.scheduler.get_lr() if found_inf else st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens)
     _tick(st, "optimizer", t)
+    if cfg.moe is not None:  # routers: expert-bias update (token counts summed over DP) and global-aux reset
+        moe_gating.step_routers(st.model, st.groups.dp_group)
     st.iteration += 1
     st.consumed_samples += gbs
     st.consumed_tokens += gbs * seqlen
