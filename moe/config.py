@@ -42,7 +42,8 @@ class MoEConfig:
     eval_capacity_factor: float = 1.0  # capacity multiplier in eval()
     min_capacity: int = 4  # lower bound on slots per expert (tokens)
     loss_coeff: float = 0.01  # weight of the aux (load-balancing) loss in the total loss
-    drop_tokens: bool = True  # False = dropless: every routed token is computed, no capacity
+    drop_tokens: Optional[bool] = None  # False = dropless: every routed token is computed, no capacity; None = the
+    #   router family's default (DeepSpeed: True; megatron-core: dropless unless a capacity factor is given)
     z_loss_coeff: float = 0.0  # weight of the router z-loss (ST-MoE); 0 disables it
     noisy_gate_policy: Optional[str] = None  # router noise in training: 'Jitter', 'RSample' or None
     use_rts: bool = True  # random token selection: uniform random drop priority (where rts_scope applies)
@@ -136,6 +137,8 @@ class MoEConfig:
         self._check_router()
 
     def _check_router(self):
+        if self.drop_tokens is None:
+            object.__setattr__(self, "drop_tokens", self.router_family != "megatron")
         """The router fields: allowed values, then combinations that cannot route (one line each, flag names)."""
         for flag, value, allowed in (("MoEConfig.router_family", self.router_family, ROUTER_FAMILIES),
                                      ("--moe-router-dtype", self.router_dtype, ROUTER_DTYPES),

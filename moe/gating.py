@@ -1,7 +1,8 @@
-"""Top-k router: fp32 logits, expert choice, capacity and token dropping, aux (GShard) and z losses.
+"""Top-k routers (DeepSpeed's TopKGate and megatron-core's TopKRouter semantics): fp32/fp64 logits with autocast
+off, expert choice, capacity and token dropping, load-balancing (aux/seq/global) and z losses, the expert bias.
 
 Shape legend: T tokens (local), D hidden, E experts (all, global ids), K top-k, P = T*K (token, choice)
-pairs, N kept pairs (P minus dropped).
+pairs, N kept pairs (P minus dropped), B sequences, G expert groups.
 """
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ class Routing(NamedTuple):
     pair_idx_N: kept (token, choice) pairs as flat indices t*K + k into [T, K], sorted by expert
         (stable, so within an expert by priority when dropping, by token otherwise).
     counts_E: kept pairs per expert (sums to N); the dispatch split sizes.
-    gates_TK: fp32 combine weights of every choice (differentiable; dropped pairs simply unused).
+    gates_TK: fp32 combine weights of every choice (differentiable; dropped pairs simply unused), computed in the
+        router dtype (fp32/fp64) with autocast off.
     expert_TK: chosen expert ids.
-    aux_loss, z_loss: scalar fp32 tensors (not multiplied by any coefficient).
+    aux_loss, z_loss: scalar fp32 tensors (not multiplied by any coefficient); aux_loss is the load-balancing loss of
+        the router's family and type (docs/design.md "Routers").
     tokens_per_expert_E: pairs routed to each expert before dropping (detached, int64).
     dropped_fraction: dropped pairs / P (detached fp32 scalar).
     capacity: slots per expert, or None when dropless.
