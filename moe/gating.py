@@ -245,6 +245,13 @@ def score_topk(logits_TE: torch.Tensor, k: int, score_function: str, pre_softmax
     return gates_TK, expert_TK
 
 
+def _counting() -> bool:
+    """Whether this forward counts tokens for the expert bias and global_aux_loss: with gradients on (not evaluation)
+    and not inside a backward pass (the recompute of a non-reentrant activation checkpoint runs there; counting
+    again would double the loads and change global_aux_loss between the forward and its recompute)."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+
 def megatron_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """megatron-core's get_capacity(T·k, E, cf) = ceil(T·k / E · cf) (no lower bound); host ints only, no sync."""
     return math.ceil((num_tokens * k / num_experts) * capacity_factor)
@@ -391,7 +398,7 @@ class TopKRouter(nn.Module):
             capacity = megatron_capacity(x_TD.shape[0], self.num_experts, self.k, cfg.train_capacity_factor)
             priority_TK = capacity_priority(gates_TK, expert_TK, self.num_experts, capacity, cfg.drop_policy)
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
-        if self.local_tokens_per_expert is not None and torch.is_grad_enabled():
+        if self.local_tokens_per_expert is not None and _counting():
             with torch.no_grad():
                 self.local_tokens_per_expert += counts_E.to(self.local_tokens_per_expert.dtype)
         aux_loss = self.load_balancing_loss(logits_TE, num_sequences)
@@ -418,14 +425,14 @@ class TopKRouter(nn.Module):
         if kind == "global_aux_loss" and self.global_tokens_per_expert is not None and self.training \
                 and torch.is_grad_enabled():
             group = self.dp_group
-            dp_size = 1
-            if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-                dp_size = dist.get_world_size(group)
+            dp_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+            if _counting():  # a recompute reuses the counts its forward accumulated (same value, no collective)
                 counts_E = counts_E.float()
-                dist.all_reduce(counts_E, group=group)
-            with torch.no_grad():
-                self.global_tokens_per_expert += counts_E.to(self.global_tokens_per_expert.dtype)
-                self.ga_steps += 1
+                if dp_size > 1:
+                    dist.all_reduce(counts_E, group=group)
+                with torch.no_grad():
+                    self.global_tokens_per_expert += counts_E
+                    self.ga_steps += 1
             counts_E = (self.global_tokens_per_expert / self.ga_steps).to(scores_TE.dtype)
             return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens * dp_size)
         return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens)

@@ -178,3 +178,26 @@ def test_router_runs_in_its_dtype_under_bf16_autocast(family, dtype):
     want = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
     assert audit.gemms and all(set(g.dtypes) == {want} for g in audit.gemms), audit.gemms
     assert r.gates_TK.dtype == r.aux_loss.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_activation_recompute_counts_once_and_recomputes_the_same_loss():
+    """A non-reentrant activation checkpoint reruns the router inside the backward: it must not count the tokens
+    again (expert bias, global_aux_loss) and must recompute the same global_aux_loss (else its gradient differs)."""
+    def run(recompute):
+        cfg = MoEConfig(num_experts=E, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                        load_balancing_type="global_aux_loss")
+        router = TopKRouter(cfg, D)
+        with torch.no_grad():
+            router.weight.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        for x in torch.randn(2, 12, D, generator=torch.Generator().manual_seed(4)):  # two micro-batches
+            def f(x_TD):
+                r = router(x_TD)
+                return r.aux_loss + r.gates_TK.mean()
+            loss = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) if recompute else f(x)
+            loss.backward()
+        return router.weight.grad, router.local_tokens_per_expert.clone(), router.ga_steps.clone()
+
+    plain, recomputed = run(False), run(True)
+    assert torch.equal(plain[1], recomputed[1]) and plain[1].sum() == 2 * 12 * 2
+    assert float(recomputed[2]) == 2.0
+    torch.testing.assert_close(recomputed[0], plain[0], rtol=0, atol=0)  # same ops on the same values: exact
