@@ -2,7 +2,7 @@
 
 Usage: python tests/peers/mcore_router.py CASES.pt RESULTS.pt. CASES is a torch.save'd list of dicts: `config`
 (TransformerConfig moe_* fields), `weight` [E, D], optional `expert_bias` [E], `x` [B, S, D] (batch-first, as this
-project's tokens), `grad` [B*S, E] (the upstream gradient of the probs) and `bias_update_rate`. Each result holds, in
+project's tokens), `grad` [B*S, E] (the upstream gradient of the probs), `bias_update_rate` and `seed` (of the input jitter's draws). Each result holds, in
 this project's batch-first token order: probs [B*S, E], routing_map, the tracked aux/seq/global/z losses (divided by
 their coefficients, as megatron-core logs them), the router weight's gradient, the kept-token counts and the updated
 expert bias. Runs megatron-core 0.16.1 on CPU: torch.cuda.current_device returns "cpu", TransformerEngine's GEMM is
@@ -43,6 +43,7 @@ def run_case(case, group):
     router.train()
     moe_utils.clear_aux_losses_tracker()
     x_SBD = x_BSD.transpose(0, 1).contiguous().requires_grad_(False)
+    torch.manual_seed(case.get("seed", 0))  # input jitter draws from the default generator
     probs, routing_map = router(x_SBD)
     probs_BSE = probs.view(S, B, E).transpose(0, 1).reshape(B * S, E)  # megatron-core orders tokens [S, B]
     map_BSE = routing_map.view(S, B, E).transpose(0, 1).reshape(B * S, E)

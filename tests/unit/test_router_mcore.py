@@ -8,7 +8,6 @@ gradient through probs + coeff·aux + z_coeff·z, and the expert-bias token coun
 import itertools
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,7 +35,8 @@ def grid():
             continue  # padding: a few cases suffice (outputs equal the unpadded ones here)
         groups = (4, 1 if k == 1 else 2) if grouped else None
         cases.append(dict(score=score, pre=pre, bias=bias, k=k, groups=groups, scaling=scaling, lb=lb, cap=cap,
-                          z=i % 2 == 0, dtype="fp64" if i % 7 == 0 else "fp32"))
+                          z=i % 2 == 0, dtype="fp64" if i % 7 == 0 else "fp32",
+                          jitter=0.1 if i % 5 == 1 else None))
     return cases
 
 
@@ -45,7 +45,7 @@ def mcore_config(c):
                moe_router_enable_expert_bias=c["bias"], moe_router_topk_scaling_factor=c["scaling"],
                moe_router_load_balancing_type=c["lb"], moe_aux_loss_coeff=AUX_COEFF,
                moe_z_loss_coeff=Z_COEFF if c["z"] else None, moe_router_dtype=c["dtype"],
-               moe_router_bias_update_rate=RATE)
+               moe_router_bias_update_rate=RATE, moe_input_jitter_eps=c["jitter"])
     if c["groups"]:
         cfg.update(moe_router_num_groups=c["groups"][0], moe_router_group_topk=c["groups"][1])
     if c["cap"]:
@@ -62,7 +62,8 @@ def our_config(c):
                      group_topk=groups[1], load_balancing_type=c["lb"], loss_coeff=AUX_COEFF,
                      z_loss_coeff=Z_COEFF if c["z"] else 0.0, drop_tokens=c["cap"] is not None,
                      train_capacity_factor=c["cap"][0] if c["cap"] else 1.0, min_capacity=0,
-                     drop_policy=c["cap"][1] if c["cap"] else None, pad_to_capacity=bool(c["cap"] and c["cap"][2]))
+                     drop_policy=c["cap"][1] if c["cap"] else None, pad_to_capacity=bool(c["cap"] and c["cap"][2]),
+                     input_jitter_eps=c["jitter"])
 
 
 def ours(c, inputs):
@@ -74,6 +75,7 @@ def ours(c, inputs):
         if c["bias"]:
             router.expert_bias.copy_(inputs["expert_bias"])
     x_BSD = inputs["x"]
+    torch.manual_seed(inputs["seed"])  # the same jitter draws as megatron-core's (torch.distributions.Uniform)
     r = router(x_BSD.reshape(-1, D), num_sequences=x_BSD.shape[0])
     T, K = r.expert_TK.shape
     kept_TK = torch.zeros(T * K).scatter(0, r.pair_idx_N, 1.0).view(T, K)
@@ -99,8 +101,11 @@ def mcore_results(tmp_path_factory):
     cases, gen = grid(), torch.Generator().manual_seed(0)
     inputs = []
     for c in cases:
-        b, s = (1, 32) if c["cap"] else (2, 16)  # capacity cases: one sequence, so both token orders agree
+        # capacity and jitter cases: one sequence, so megatron-core's [S, B] token order (drop order, jitter draws)
+        # is ours
+        b, s = (1, 32) if c["cap"] or c["jitter"] else (2, 16)
         inputs.append(dict(weight=torch.randn(E, D, generator=gen), x=torch.randn(b, s, D, generator=gen),
+                           seed=len(inputs),
                            expert_bias=torch.randn(E, generator=gen) * 0.05 if c["bias"] else None,
                            grad=torch.randn(b * s, E, generator=gen)))
     tmp = tmp_path_factory.mktemp("mcore")
@@ -116,7 +121,7 @@ def mcore_results(tmp_path_factory):
 def test_grid_covers_the_options():
     cases = grid()
     assert len(cases) > 300
-    for key in ("score", "pre", "bias", "k", "groups", "scaling", "lb", "cap", "z", "dtype"):
+    for key in ("score", "pre", "bias", "k", "groups", "scaling", "lb", "cap", "z", "dtype", "jitter"):
         assert len({str(c[key]) for c in cases}) > 1, key
 
 
