@@ -342,6 +342,17 @@ class TopKRouter(nn.Module):
         self.register_buffer("global_tokens_per_expert", zeros_E.clone() if global_aux else None, persistent=False)
         self.register_buffer("ga_steps", torch.zeros(()) if global_aux else None, persistent=False)
 
+    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
+
+    def _apply(self, fn, recurse=True):
+        """Module.to/.bfloat16()/.half() move the router's buffers but keep them fp32 (megatron-core's
+        _maintain_float32_expert_bias): a bf16 bias would misroute near ties, bf16 counts stop being exact at 257."""
+        kept = {name: getattr(self, name) for name in self._FP32_BUFFERS if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, fp32 in kept.items():
+            setattr(self, name, fp32.to(device=getattr(self, name).device))
+        return self
+
     def forward(self, x_TD: torch.Tensor, num_sequences: int = 1) -> Routing:
         """x_TD: [T, D] tokens, batch-first ([B, S] flattened: the B = num_sequences sequences one after another,
         which seq_aux_loss needs). Autocast is off throughout: every float here is in the router dtype."""

@@ -201,3 +201,17 @@ def test_activation_recompute_counts_once_and_recomputes_the_same_loss():
     assert torch.equal(plain[1], recomputed[1]) and plain[1].sum() == 2 * 12 * 2
     assert float(recomputed[2]) == 2.0
     torch.testing.assert_close(recomputed[0], plain[0], rtol=0, atol=0)  # same ops on the same values: exact
+
+
+def test_casting_the_model_keeps_the_router_buffers_fp32():
+    cfg = MoEConfig(num_experts=4, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                    load_balancing_type="global_aux_loss")
+    router = TopKRouter(cfg, 8)
+    router.expert_bias.fill_(0.0123)
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert all(getattr(router, n).dtype == torch.float32 for n in TopKRouter._FP32_BUFFERS)
+    assert router.expert_bias[0].item() == torch.tensor(0.0123).item()  # not rounded through bf16
+    assert set(dict(router.named_buffers())) == set(TopKRouter._FP32_BUFFERS)
+    r = router(torch.randn(5, 8, dtype=torch.bfloat16))
+    assert r.gates_TK.dtype == torch.float32
