@@ -161,7 +161,8 @@ class MoELayer(nn.Module):
         if self.ep_size != 1:
             raise ValueError("MoELayer.forward_many runs on one rank (ep_size 1)")
         flat = [x.reshape(-1, self.hidden_size) for x in xs]
-        routings = [self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1) for x, x_TD in zip(xs, flat)]
+        routings = [self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)
+                    for x, x_TD in zip(xs, flat)]
         jobs = [(dispatch.permute_tokens(x_TD, r), r.counts_E.tolist()) for x_TD, r in zip(flat, routings)]
         many = getattr(self.experts, "forward_many", None)
         ys = many(jobs) if many is not None else [self.experts(t, c) for t, c in jobs]

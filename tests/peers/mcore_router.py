@@ -2,10 +2,10 @@
 
 Usage: python tests/peers/mcore_router.py CASES.pt RESULTS.pt. CASES is a torch.save'd list of dicts: `config`
 (TransformerConfig moe_* fields), `weight` [E, D], optional `expert_bias` [E], `x` [B, S, D] (batch-first, as this
-project's tokens), `grad` [B*S, E] (the upstream gradient of the probs), `bias_update_rate` and `seed` (of the input jitter's draws). Each result holds, in
-this project's batch-first token order: probs [B*S, E], routing_map, the tracked aux/seq/global/z losses (divided by
-their coefficients, as megatron-core logs them), the router weight's gradient, the kept-token counts and the updated
-expert bias. Runs megatron-core 0.16.1 on CPU: torch.cuda.current_device returns "cpu", TransformerEngine's GEMM is
+project's tokens), `grad` [B*S, E] (the upstream gradient of the probs), `bias_update_rate` and `seed` (of the
+input jitter's draws). Each result holds, in this project's batch-first token order: probs [B*S, E], routing_map,
+the tracked aux/seq/global/z losses (divided by their coefficients, as megatron-core logs them), the router weight's
+gradient, the kept-token counts and the updated expert bias. Runs megatron-core 0.16.1 on CPU: torch.cuda.current_device returns "cpu", TransformerEngine's GEMM is
 off, and one single-rank gloo group stands in for every process group.
 """
 import os

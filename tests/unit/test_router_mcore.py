@@ -84,8 +84,8 @@ def ours(c, inputs):
     chosen_TE = torch.zeros(T, E).scatter(1, r.expert_TK, 1.0).bool()
     loss = (probs_TE * inputs["grad"]).sum() + cfg.loss_coeff * r.aux_loss + cfg.z_loss_coeff * r.z_loss
     loss.backward()
-    out = dict(probs=probs_TE.detach(), kept=kept_TE, chosen=chosen_TE, aux=float(r.aux_loss.detach()), z=float(r.z_loss.detach()),
-               weight_grad=router.weight.grad, capacity=r.capacity)
+    out = dict(probs=probs_TE.detach(), kept=kept_TE, chosen=chosen_TE, aux=float(r.aux_loss.detach()),
+               z=float(r.z_loss.detach()), weight_grad=router.weight.grad, capacity=r.capacity)
     if c["bias"]:
         out["tokens"] = router.local_tokens_per_expert.clone()
         step_routers(router)
