@@ -10,9 +10,22 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements-test.txt pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup test test-all demo libaio clean
+MCORE_VENV ?= .venv-mcore
+MCORE_SPEC ?= megatron-core==0.16.1
 
-setup: $(STAMP)
+.PHONY: setup test test-all demo libaio mcore clean
+
+setup: $(STAMP) mcore
+
+# megatron-core, the peer the router tests compare against (tests/unit/test_router_mcore.py). Its import name is also
+# `megatron`, so it gets its own venv with the same torch. Offline or refused: a note, and those tests skip saying why.
+mcore: $(MCORE_VENV)/.mcore-stamp
+
+$(MCORE_VENV)/.mcore-stamp:
+	@((test -x $(MCORE_VENV)/bin/python || $(PYTHON) -m venv $(MCORE_VENV)) \
+	  && $(MCORE_VENV)/bin/pip install -q "$(TORCH_SPEC)" "$(MCORE_SPEC)" 2>&1 | grep -v "^WARNING: Location"; \
+	  $(MCORE_VENV)/bin/python -I -c "import megatron.core, torch" 2>/dev/null && touch $@ && echo "megatron-core venv done ($(MCORE_VENV))") \
+	  || echo "note: could not install $(MCORE_SPEC) into $(MCORE_VENV); tests/unit/test_router_mcore.py will skip"
 
 # libaio-dev backs the native async I/O op (csrc/aio). Installed through apt when root and missing;
 # otherwise the extension is skipped and the aio tests say why.

@@ -82,6 +82,91 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
 
 
+def add_moe_router_args(p: argparse.ArgumentParser) -> None:
+    """megatron-core's router flags (Megatron-LM spellings and meanings). Any of them but --moe-router-dtype selects
+    MoEConfig.router_family 'megatron'; the DeepSpeed flags above keep DeepSpeed's routing (router_fields)."""
+    g = p.add_argument_group("mixture of experts: megatron-core router")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (same as --topk)")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None)
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="top-k over softmax(logits) instead of softmax over the top-k logits")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    g.add_argument("--moe-router-num-groups", type=int, default=None, help="group-limited routing: expert groups")
+    g.add_argument("--moe-router-group-topk", type=int, default=None, help="groups each token may use")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing (DeepSeek-V3): a per-expert bias for the choice, updated each step")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=None, help="default 1e-3")
+    g.add_argument("--moe-router-load-balancing-type", default=None,
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"], help="default aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="load-balancing loss weight (same as --moe-loss-coeff; default 0 with these flags)")
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None)
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32",
+                   help="router GEMM, scores, top-k and losses in this dtype with autocast off (both routers)")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="capacity ceil(k*T/E*cf) per expert; without it the router is dropless")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+
+
+# DeepSpeed routing flag -> (its default, the megatron-core flag that replaces it). With the megatron-core router a
+# DeepSpeed flag set away from its default conflicts unless it is the same setting (--topk, --moe-loss-coeff).
+_DEEPSPEED_ROUTER_FLAGS = {
+    "topk": (1, "--moe-router-topk"),
+    "moe_loss_coeff": (0.01, "--moe-aux-loss-coeff"),
+    "moe_train_capacity_factor": (1.0, "--moe-expert-capacity-factor"),
+    "moe_eval_capacity_factor": (1.0, "--moe-expert-capacity-factor"),
+    "moe_min_capacity": (4, "--moe-expert-capacity-factor"),
+    "moe_noisy_gate_policy": (None, "--moe-input-jitter-eps"),
+}
+_MEGATRON_ROUTER_DESTS = ("moe_router_topk", "moe_router_score_function", "moe_router_topk_scaling_factor",
+                          "moe_router_num_groups", "moe_router_group_topk", "moe_router_bias_update_rate",
+                          "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_input_jitter_eps",
+                          "moe_expert_capacity_factor")
+
+
+def router_fields(args) -> dict:
+    """The MoEConfig router fields, and for the megatron-core router the fields it defines differently (topk, aux
+    coefficient, capacity: ceil(k*T/E*cf) without a minimum, dropless without a capacity factor)."""
+    megatron = (any(getattr(args, d) is not None for d in _MEGATRON_ROUTER_DESTS) or args.moe_router_pre_softmax
+                or args.moe_router_enable_expert_bias or args.moe_pad_expert_input_to_capacity)
+    fields = dict(router_dtype=args.moe_router_dtype)
+    if not megatron:
+        return fields
+    for dest, (default, flag) in _DEEPSPEED_ROUTER_FLAGS.items():
+        value, theirs = getattr(args, dest), getattr(args, flag[2:].replace("-", "_"))
+        synonym = dest in ("topk", "moe_loss_coeff")
+        if value != default and (not synonym or (theirs is not None and theirs != value)):
+            raise ConfigError(f"--{dest.replace('_', '-')} ({value}) conflicts with {flag} ({theirs}): give one "
+                              f"(the --moe-router-* flags select megatron-core routing, which {flag} configures)")
+    cf = args.moe_expert_capacity_factor
+    if args.disable_moe_token_dropping and cf is not None:
+        raise ConfigError(f"--disable-moe-token-dropping conflicts with --moe-expert-capacity-factor ({cf}): "
+                          f"give one (without a capacity factor the megatron-core router is dropless)")
+    coeff = args.moe_aux_loss_coeff
+    fields.update(
+        router_family="megatron",
+        topk=args.moe_router_topk if args.moe_router_topk is not None else args.topk,
+        loss_coeff=coeff if coeff is not None else (args.moe_loss_coeff if args.moe_loss_coeff != 0.01 else 0.0),
+        drop_tokens=cf is not None and cf > 0,  # megatron-core: a negative factor means dropless
+        train_capacity_factor=cf if cf is not None and cf > 0 else 1.0,
+        eval_capacity_factor=cf if cf is not None and cf > 0 else 1.0,
+        min_capacity=0,
+        noisy_gate_policy=None,
+        score_function=args.moe_router_score_function or "softmax",
+        pre_softmax=args.moe_router_pre_softmax,
+        topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        num_groups=args.moe_router_num_groups,
+        group_topk=args.moe_router_group_topk,
+        expert_bias=args.moe_router_enable_expert_bias,
+        bias_update_rate=(args.moe_router_bias_update_rate if args.moe_router_bias_update_rate is not None
+                          else 1e-3),
+        load_balancing_type=args.moe_router_load_balancing_type or "aux_loss",
+        input_jitter_eps=args.moe_input_jitter_eps,
+        pad_to_capacity=args.moe_pad_expert_input_to_capacity,
+    )
+    return fields
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -326,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Megatron-style GPT (MoE) pretraining", allow_abbrev=False)
     add_model_args(p)
     add_moe_args(p)
+    add_moe_router_args(p)
     add_training_args(p)
     add_batch_schedule_args(p)
     add_lr_schedule_args(p)
@@ -446,8 +532,7 @@ def moe_config_from_args(args):
         if len(values) not in (1, n_moe):
             raise ConfigError(f"{flag} has {len(values)} values; give one, or one per MoE layer ({n_moe} = "
                               f"--num-layers {args.num_layers} // --expert-interval {args.expert_interval})")
-    return _checked(
-        MoEConfig,
+    return _checked(MoEConfig, **dict(
         num_experts=tuple(args.num_experts),
         expert_interval=args.expert_interval,
         topk=args.topk,
@@ -463,7 +548,7 @@ def moe_config_from_args(args):
         mlp_type=args.mlp_type,
         drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
         second_expert_sampling=args.moe_top2_2nd_expert_sampling,
-    )
+    ) | router_fields(args))
 
 
 def tokenizer_config_from_args(args) -> TokenizerConfig:

@@ -21,6 +21,7 @@ from megatron.rank0 import print_rank0
 from megatron.training_log import format_log, summarize_moe, write_optimizer_states, write_tensorboard
 from megatron.training_setup import (autocast_context, build_model, compute_dtype, set_seed,  # noqa: F401
                                      setup_from_argv, setup_train_state)  # (entry points tests and tools import here)
+from moe import gating as moe_gating
 from moe.offload.store import OffloadError
 
 log = logging.getLogger("megatron")
@@ -140,6 +141,8 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     # the scheduler counts samples of this update and the tokens consumed before it (Megatron-DeepSpeed)
     lr = st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens) if result.stepped else st.scheduler.get_lr()
     _tick(st, "optimizer", t)
+    if cfg.moe is not None:  # routers: expert-bias update (token counts summed over DP) and global-aux reset
+        moe_gating.step_routers(st.model, st.groups.dp_group)
     st.iteration += 1
     st.consumed_samples += gbs
     st.consumed_tokens += gbs * seqlen

@@ -12,6 +12,10 @@ RENORMALIZE = ("after_drop", "before_drop")
 RTS_SCOPES = ("top1", "train")
 AUX_LOSS_CHOICES = ("first", "all")
 ACTIVATIONS = ("gelu_tanh", "gelu")
+ROUTER_FAMILIES = ("deepspeed", "megatron")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+ROUTER_DTYPES = ("fp32", "fp64")
 
 # What a checkpoint written before these fields existed (issue 14) was trained with; MoEConfig.from_recorded fills
 # them in so an old checkpoint keeps its routing and expert function.
@@ -38,7 +42,8 @@ class MoEConfig:
     eval_capacity_factor: float = 1.0  # capacity multiplier in eval()
     min_capacity: int = 4  # lower bound on slots per expert (tokens)
     loss_coeff: float = 0.01  # weight of the aux (load-balancing) loss in the total loss
-    drop_tokens: bool = True  # False = dropless: every routed token is computed, no capacity
+    drop_tokens: Optional[bool] = None  # False = dropless: every routed token is computed, no capacity; None = the
+    #   router family's default (DeepSpeed: True; megatron-core: dropless unless a capacity factor is given)
     z_loss_coeff: float = 0.0  # weight of the router z-loss (ST-MoE); 0 disables it
     noisy_gate_policy: Optional[str] = None  # router noise in training: 'Jitter', 'RSample' or None
     use_rts: bool = True  # random token selection: uniform random drop priority (where rts_scope applies)
@@ -56,6 +61,22 @@ class MoEConfig:
     #   k (divided by k); None = DeepSpeed's ('first' for k <= 2, 'all' for k > 2)
     expert_activation: Optional[str] = None  # built-in experts' activation: 'gelu_tanh' or 'gelu' (exact erf);
     #   None = the dense MLP's (ModelConfig.activation; 'gelu_tanh' in moe.MoE)
+    # --- router (docs/design.md "Routers"); the --moe-router-* flags select router_family 'megatron' ---
+    router_family: str = "deepspeed"  # 'deepspeed': DeepSpeed TopKGate's routing (the choices above); 'megatron':
+    #   megatron-core TopKRouter's (the fields below; capacity ceil(k*T/E*cf) without min_capacity, no RTS)
+    router_dtype: str = "fp32"  # 'fp32' or 'fp64': logits, scores, top-k and losses, with autocast off (both families)
+    score_function: str = "softmax"  # megatron: 'softmax' or 'sigmoid' (DeepSeek-V3) scores of the logits
+    pre_softmax: bool = False  # megatron softmax: top-k over softmax(logits) (True) or over the logits, then softmax
+    #   over the chosen k (False; needs k >= 2)
+    topk_scaling_factor: Optional[float] = None  # megatron: combine weights multiplied by this (None = 1)
+    num_groups: Optional[int] = None  # megatron group-limited routing: experts split into this many equal groups
+    group_topk: Optional[int] = None  # ... of which each token may use the best this many (None = no limit)
+    expert_bias: bool = False  # megatron sigmoid: aux-loss-free balancing; a per-expert bias added for the choice
+    bias_update_rate: float = 1e-3  # expert bias += rate * sign(mean load - load) once per optimizer step
+    load_balancing_type: str = "aux_loss"  # megatron: 'aux_loss' (micro-batch), 'seq_aux_loss' (per sequence),
+    #   'global_aux_loss' (global batch) or 'none'
+    input_jitter_eps: Optional[float] = None  # megatron: router input times U(1-eps, 1+eps) in training
+    pad_to_capacity: bool = False  # megatron capacity mode: pad each expert to capacity (outputs unchanged here)
 
     def __post_init__(self):
         num_experts = _as_tuple(self.num_experts)
@@ -81,7 +102,8 @@ class MoEConfig:
                     f"--num-experts ({n}) must be divisible by --moe-expert-parallel-size ({p}) at MoE layer {i} "
                     f"(0-based); use an expert count that is a multiple of {p} or a smaller EP size there")
         if self.topk < 1 or self.topk > min(num_experts):
-            raise ValueError(f"--topk ({self.topk}) must be between 1 and the smallest --num-experts "
+            flag = "--moe-router-topk" if self.router_family == "megatron" else "--topk"
+            raise ValueError(f"{flag} ({self.topk}) must be between 1 and the smallest --num-experts "
                              f"({min(num_experts)})")
         if not self.train_capacity_factor > 0:
             raise ValueError(f"--moe-train-capacity-factor ({self.train_capacity_factor}) must be > 0")
@@ -95,7 +117,8 @@ class MoEConfig:
             raise ValueError(f"--moe-noisy-gate-policy ({self.noisy_gate_policy!r}) must be one of "
                              f"'Jitter', 'RSample' or None")
         if self.drop_policy is None:
-            object.__setattr__(self, "drop_policy", deepspeed_drop_policy(self.topk))
+            object.__setattr__(self, "drop_policy", "probs" if self.router_family == "megatron"
+                               else deepspeed_drop_policy(self.topk))
         if self.aux_loss_choices is None:
             object.__setattr__(self, "aux_loss_choices", "first" if self.topk <= 2 else "all")
         for flag, value, allowed in (("--moe-token-drop-policy", self.drop_policy, DROP_POLICIES),
@@ -111,6 +134,69 @@ class MoEConfig:
             raise ValueError(f"--moe-loss-coeff ({self.loss_coeff}) must be >= 0")
         if self.z_loss_coeff < 0:
             raise ValueError(f"--moe-z-loss-coeff ({self.z_loss_coeff}) must be >= 0")
+        self._check_router()
+
+    def _check_router(self):
+        if self.drop_tokens is None:
+            object.__setattr__(self, "drop_tokens", self.router_family != "megatron")
+        """The router fields: allowed values, then combinations that cannot route (one line each, flag names)."""
+        for flag, value, allowed in (("MoEConfig.router_family", self.router_family, ROUTER_FAMILIES),
+                                     ("--moe-router-dtype", self.router_dtype, ROUTER_DTYPES),
+                                     ("--moe-router-score-function", self.score_function, SCORE_FUNCTIONS),
+                                     ("--moe-router-load-balancing-type", self.load_balancing_type,
+                                      LOAD_BALANCING_TYPES)):
+            if value not in allowed:
+                raise ValueError(f"{flag} ({value!r}) must be one of {allowed}")
+        k, experts = self.topk, min(self.num_experts)
+        if self.router_family == "deepspeed":
+            used = [flag for flag, on in (
+                ("--moe-router-score-function sigmoid", self.score_function != "softmax"),
+                ("--moe-router-num-groups", self.num_groups is not None),
+                ("--moe-router-group-topk", self.group_topk is not None),
+                ("--moe-router-enable-expert-bias", self.expert_bias),
+                ("--moe-router-load-balancing-type", self.load_balancing_type != "aux_loss"),
+                ("--moe-router-topk-scaling-factor", self.topk_scaling_factor is not None),
+                ("--moe-input-jitter-eps", self.input_jitter_eps is not None),
+                ("--moe-pad-expert-input-to-capacity", self.pad_to_capacity)) if on]
+            if used:
+                raise ValueError(f"{used[0]} is a megatron-core router option: set router_family='megatron' "
+                                 f"(the --moe-router-* flags do)")
+            return
+        if self.noisy_gate_policy is not None:
+            raise ValueError(f"--moe-noisy-gate-policy ({self.noisy_gate_policy}) is DeepSpeed routing; with the "
+                             f"--moe-router-* flags use --moe-input-jitter-eps")
+        if self.drop_policy not in ("probs", "position"):
+            raise ValueError(f"--moe-token-drop-policy ({self.drop_policy!r}) must be 'probs' or 'position' with "
+                             f"the --moe-router-* flags")
+        if self.score_function == "softmax" and k == 1 and not self.pre_softmax:
+            raise ValueError("--moe-router-topk 1 with --moe-router-score-function softmax needs "
+                             "--moe-router-pre-softmax (a softmax over one logit is 1 and has no gradient)")
+        if self.group_topk is not None or self.num_groups is not None:
+            groups, gk = self.num_groups, self.group_topk
+            if groups is None or gk is None:
+                raise ValueError(f"--moe-router-num-groups ({groups}) and --moe-router-group-topk ({gk}) go "
+                                 f"together: give both or neither")
+            if groups < 1 or any(n % groups for n in self.num_experts):
+                raise ValueError(f"--moe-router-num-groups ({groups}) must divide --num-experts "
+                                 f"({list(self.num_experts)})")
+            if not 1 <= gk <= groups:
+                raise ValueError(f"--moe-router-group-topk ({gk}) must be between 1 and --moe-router-num-groups "
+                                 f"({groups})")
+            if k % gk or k // gk > experts // groups:
+                raise ValueError(f"--moe-router-topk ({k}) must be a multiple of --moe-router-group-topk ({gk}) "
+                                 f"and at most {experts // groups} per group (--num-experts {experts} / "
+                                 f"--moe-router-num-groups {groups})")
+        if self.expert_bias and self.score_function != "sigmoid":
+            raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                             "(megatron-core adds the bias to sigmoid scores only)")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"--moe-router-bias-update-rate ({self.bias_update_rate}) must be >= 0")
+        if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
+            raise ValueError(f"--moe-input-jitter-eps ({self.input_jitter_eps}) must be in (0, 1)")
+        if self.topk_scaling_factor is not None and not self.topk_scaling_factor > 0:
+            raise ValueError(f"--moe-router-topk-scaling-factor ({self.topk_scaling_factor}) must be > 0")
+        if self.pad_to_capacity and not self.drop_tokens:
+            raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
 
     @classmethod
     def from_recorded(cls, recorded: dict, **overrides) -> "MoEConfig":

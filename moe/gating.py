@@ -1,16 +1,20 @@
-"""Top-k router: fp32 logits, expert choice, capacity and token dropping, aux (GShard) and z losses.
+"""Top-k routers (DeepSpeed's TopKGate and megatron-core's TopKRouter semantics): fp32/fp64 logits with autocast
+off, expert choice, capacity and token dropping, load-balancing (aux/seq/global) and z losses, the expert bias.
 
 Shape legend: T tokens (local), D hidden, E experts (all, global ids), K top-k, P = T*K (token, choice)
-pairs, N kept pairs (P minus dropped).
+pairs, N kept pairs (P minus dropped), B sequences, G expert groups.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from moe.config import MoEConfig
 
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter range: x * U(1 - eps, 1 + eps)
 
@@ -37,9 +41,11 @@ class Routing(NamedTuple):
     pair_idx_N: kept (token, choice) pairs as flat indices t*K + k into [T, K], sorted by expert
         (stable, so within an expert by priority when dropping, by token otherwise).
     counts_E: kept pairs per expert (sums to N); the dispatch split sizes.
-    gates_TK: fp32 combine weights of every choice (differentiable; dropped pairs simply unused).
+    gates_TK: fp32 combine weights of every choice (differentiable; dropped pairs simply unused), computed in the
+        router dtype (fp32/fp64) with autocast off.
     expert_TK: chosen expert ids.
-    aux_loss, z_loss: scalar fp32 tensors (not multiplied by any coefficient).
+    aux_loss, z_loss: scalar fp32 tensors (not multiplied by any coefficient); aux_loss is the load-balancing loss of
+        the router's family and type (docs/design.md "Routers").
     tokens_per_expert_E: pairs routed to each expert before dropping (detached, int64).
     dropped_fraction: dropped pairs / P (detached fp32 scalar).
     capacity: slots per expert, or None when dropless.
@@ -62,17 +68,30 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     return max(int(c), min_capacity)
 
 
-def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter: bool) -> torch.Tensor:
-    """fp32 logits x·W_g whatever the model dtype (fp64 included, as DeepSpeed's TopKGate); `jitter` multiplies
-    the router input by U(1-eps, 1+eps).
+ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}  # --moe-router-dtype
 
-    Softmax over bf16 logits would make the expert choice and the aux loss noisy (Switch Transformer's
-    "selective precision"); fp32 also for fp64 inputs so an fp64 model routes exactly as DeepSpeed.
+
+def no_autocast(device: torch.device):
+    """A context with autocast off for `device`: the router's GEMM, scores, top-k and losses run in the router
+    dtype even inside the model's bf16/fp16 autocast (which would lower F.linear to the compute dtype)."""
+    kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    return torch.autocast(kind, enabled=False)
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter: bool, dtype: torch.dtype = torch.float32,
+                  jitter_eps: float = JITTER_EPS) -> torch.Tensor:
+    """Logits x·W_g in `dtype` (fp32 or fp64) whatever the model dtype and autocast; `jitter` multiplies the router
+    input by U(1-eps, 1+eps).
+
+    Softmax over bf16 logits would make the expert choice and the aux loss noisy (Switch Transformer's "selective
+    precision"). Autocast is off here: under a bf16 autocast F.linear would otherwise run in bf16 although both
+    operands are fp32 (issue 23, finding 3).
     """
-    x_TD = x_TD.float()
-    if jitter:
-        x_TD = x_TD * _uniform(1.0 - JITTER_EPS, 1.0 + JITTER_EPS, x_TD.shape, x_TD.device)
-    return F.linear(x_TD, weight_ED.float())
+    with no_autocast(x_TD.device):
+        x_TD = x_TD.to(dtype)
+        if jitter:
+            x_TD = x_TD * _uniform(1.0 - jitter_eps, 1.0 + jitter_eps, x_TD.shape, x_TD.device).to(dtype)
+        return F.linear(x_TD, weight_ED.to(dtype))
 
 
 def choose_experts(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int, gumbel_top1: bool,
@@ -176,66 +195,299 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
-class TopKRouter(nn.Module):
-    """Linear fp32 router choosing k of E experts per token, with capacity-based dropping.
+# --- megatron-core routing (router_family 'megatron'): the functions of megatron/core/transformer/moe/moe_utils.py
+# (core_r0.16), op for op, so that on the same logits they choose the same experts (tests/unit/test_router_mcore.py)
 
-    Args: hidden_size D, num_experts E, k, train/eval capacity factors (switch with train()/eval()),
-    min_capacity, drop_tokens (False = dropless), use_rts (random drop priority), noisy_gate_policy,
-    compute_z_loss, init_method (fills the [E, D] weight in place; default: nn.Linear's init), and the routing
-    choices of MoEConfig (drop_policy, renormalize, second_expert_sampling, rts_scope, aux_loss_choices).
-    No communication: capacity uses the local token count T.
+
+def group_limited_topk(scores_TE: torch.Tensor, k: int, num_groups: int, group_topk: int):
+    """(values_TK, expert_TK): top-k within the `group_topk` best of `num_groups` equal expert groups, a group
+    scored by the sum of its best k/group_topk scores (DeepSeek-V2 device-limited, V3 node-limited routing)."""
+    num_tokens, num_experts = scores_TE.shape
+    group_TG = scores_TE.view(num_tokens, num_groups, -1).topk(k // group_topk, dim=-1)[0].sum(dim=-1)
+    chosen_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, k=group_topk, dim=-1, sorted=False)[1], 1)
+    mask_TE = chosen_TG.unsqueeze(-1).expand(num_tokens, num_groups, num_experts // num_groups).reshape(num_tokens, -1)
+    return scores_TE.masked_fill(~mask_TE.bool(), float("-inf")).topk(k, dim=-1)
+
+
+def score_topk(logits_TE: torch.Tensor, k: int, score_function: str, pre_softmax: bool,
+               num_groups: Optional[int] = None, group_topk: Optional[int] = None,
+               expert_bias_E: Optional[torch.Tensor] = None, scaling_factor: Optional[float] = None):
+    """(gates_TK, expert_TK): megatron-core's topk_routing_with_score_function.
+
+    softmax, pre_softmax: gates = the k largest of softmax(logits) (not renormalised);
+    softmax: the k largest logits, gates = their softmax (renormalised over the chosen k);
+    sigmoid: scores = sigmoid(logits); choice by scores + expert_bias (bias for the choice only, never in the
+        weights); gates = chosen scores / their sum (k > 1);
+    then gates *= scaling_factor. Group-limited routing restricts each choice to group_topk groups.
+    """
+    def topk(scores_TE):
+        if group_topk:
+            return group_limited_topk(scores_TE, k, num_groups, group_topk)
+        return torch.topk(scores_TE, k=k, dim=1)
+
+    if score_function == "softmax":
+        if pre_softmax:
+            gates_TK, expert_TK = topk(torch.softmax(logits_TE, dim=-1))
+        else:
+            top_TK, expert_TK = topk(logits_TE)
+            gates_TK = torch.softmax(top_TK, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+        if expert_bias_E is not None:
+            expert_TK = topk(scores_TE + expert_bias_E)[1]
+            gates_TK = scores_TE.gather(1, expert_TK)
+        else:
+            gates_TK, expert_TK = topk(scores_TE)
+        if k > 1:
+            gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling_factor:
+        gates_TK = gates_TK * scaling_factor
+    return gates_TK, expert_TK
+
+
+def _counting() -> bool:
+    """Whether this forward counts tokens for the expert bias and global_aux_loss: with gradients on (not evaluation)
+    and not inside a backward pass (the recompute of a non-reentrant activation checkpoint runs there; counting
+    again would double the loads and change global_aux_loss between the forward and its recompute)."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+
+def megatron_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """megatron-core's get_capacity(T·k, E, cf) = ceil(T·k / E · cf) (no lower bound); host ints only, no sync."""
+    return math.ceil((num_tokens * k / num_experts) * capacity_factor)
+
+
+def capacity_priority(gates_TK: torch.Tensor, expert_TK: torch.Tensor, num_experts: int, capacity: int,
+                      policy: str) -> torch.Tensor:
+    """[T, K] 1.0 for the pairs megatron-core's apply_router_token_dropping keeps, 0.0 for those it drops.
+
+    Each expert keeps `capacity` of its pairs: 'probs' the highest combine weights, 'position' what torch.topk
+    returns over the 0/1 routing map's column (megatron-core's call, reproduced). Kept pairs number at most
+    `capacity` per expert, so assign_slots with this priority keeps exactly them.
+    """
+    num_tokens = gates_TK.shape[0]
+    if capacity > num_tokens:
+        return torch.ones_like(gates_TK)
+    if policy == "probs":
+        score_TE = torch.zeros(num_tokens, num_experts, dtype=gates_TK.dtype, device=gates_TK.device)
+        score_TE = score_TE.scatter(1, expert_TK, gates_TK.detach())
+    else:
+        score_TE = torch.zeros(num_tokens, num_experts, dtype=torch.int32, device=gates_TK.device)
+        score_TE = score_TE.scatter(1, expert_TK, 1)
+    kept_TE = torch.zeros(num_tokens, num_experts, dtype=gates_TK.dtype, device=gates_TK.device)
+    kept_TE = kept_TE.scatter(0, torch.topk(score_TE, k=capacity, dim=0, sorted=False)[1], 1.0)
+    return kept_TE.gather(1, expert_TK)
+
+
+def aux_loss_scores(logits_TE: torch.Tensor, k: int, score_function: str):
+    """(scores_TE, routed_TE) for the load-balancing losses (megatron-core's compute_routing_scores_for_aux_loss):
+    softmax(logits), or sigmoid(logits) normalised over experts; routed_TE is the 0/1 map of their top-k (no expert
+    bias, no groups: the loss balances the router's own preference)."""
+    if score_function == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+        scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    routed_TE = torch.zeros_like(scores_TE).scatter(1, torch.topk(scores_TE, k=k, dim=1)[1], 1.0)
+    return scores_TE, routed_TE
+
+
+def switch_balance_loss(score_sum_E: torch.Tensor, tokens_E: torch.Tensor, k: int, num_tokens: float,
+                        total_tokens: float) -> torch.Tensor:
+    """E · Σ_e P_e · f_e with P_e = score_sum_E / num_tokens (mean score over the tokens the scores came from) and
+    f_e = tokens_E / (k · total_tokens) (fraction of the k·total choices that went to e, counted over the batch
+    that defines the loss). megatron-core's switch_load_balancing_loss_func is this with num_tokens = total_tokens
+    (its global_aux_loss divides by the global count twice: see docs/design.md "Routers")."""
+    num_experts = score_sum_E.shape[-1]
+    if num_tokens == 0:  # a rank with no tokens gives 0, not NaN
+        return score_sum_E.new_zeros(())
+    return torch.sum(score_sum_E * tokens_E) * (num_experts / (k * num_tokens * total_tokens))
+
+
+class TopKRouter(nn.Module):
+    """Linear router choosing k of E experts per token (fp32/fp64, autocast off), with capacity-based dropping.
+
+    Args:
+        cfg: MoEConfig; router_family picks DeepSpeed TopKGate's routing or megatron-core TopKRouter's.
+        hidden_size: D.
+        init_method: fills the [E, D] weight in place (default: nn.Linear's init).
+        num_experts: E of this layer (default: cfg's single expert count).
+        dp_group: the data-parallel group (all ranks with other tokens: EP ranks included, TP ranks excluded, as
+            they route the same tokens); global_aux_loss all-reduces its per-micro-batch expert counts over it.
+    Buffers (megatron family): expert_bias [E] fp32 (persistent, in checkpoints), local_tokens_per_expert [E] (kept
+    pairs since the last step_routers), global_tokens_per_expert/ga_steps (global_aux_loss).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, k: int, train_capacity_factor: float,
-                 eval_capacity_factor: float, min_capacity: int, drop_tokens: bool, use_rts: bool,
-                 noisy_gate_policy: Optional[str], compute_z_loss: bool, init_method=None,
-                 drop_policy: str = "probs", renormalize: str = "after_drop", second_expert_sampling: bool = True,
-                 rts_scope: str = "top1", aux_loss_choices: str = "first"):
+    def __init__(self, cfg: MoEConfig, hidden_size: int, init_method=None, num_experts: Optional[int] = None,
+                 dp_group=None):
         super().__init__()
-        self.num_experts, self.k = num_experts, k
-        self.train_capacity_factor, self.eval_capacity_factor = train_capacity_factor, eval_capacity_factor
-        self.min_capacity, self.drop_tokens, self.use_rts = min_capacity, drop_tokens, use_rts
-        self.noisy_gate_policy, self.compute_z_loss = noisy_gate_policy, compute_z_loss
-        self.drop_policy, self.renormalize, self.rts_scope = drop_policy, renormalize, rts_scope
-        self.second_expert_sampling, self.aux_loss_choices = second_expert_sampling, aux_loss_choices
+        if num_experts is None:
+            if len(cfg.num_experts) != 1:
+                raise ValueError("TopKRouter needs num_experts when MoEConfig has one count per MoE layer")
+            num_experts = cfg.num_experts[0]
+        self.cfg, self.num_experts, self.k, self.dp_group = cfg, num_experts, cfg.topk, dp_group
+        self.dtype = ROUTER_DTYPES[cfg.router_dtype]
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         if init_method is None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         else:
             with torch.no_grad():
                 init_method(self.weight)
+        megatron = cfg.router_family == "megatron"
+        biased, global_aux = megatron and cfg.expert_bias, megatron and cfg.load_balancing_type == "global_aux_loss"
+        zeros_E = torch.zeros(num_experts, dtype=torch.float32)
+        # None when unused: a registered None buffer is left out of state_dict (older checkpoints load as they are)
+        self.register_buffer("expert_bias", zeros_E.clone() if biased else None)
+        self.register_buffer("local_tokens_per_expert", zeros_E.clone() if biased else None, persistent=False)
+        self.register_buffer("global_tokens_per_expert", zeros_E.clone() if global_aux else None, persistent=False)
+        self.register_buffer("ga_steps", torch.zeros(()) if global_aux else None, persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
-        """Steps (DeepSpeed's TopKGate + top1/top2/topkgating order, so random draws line up):
-        1. fp32 logits (input jitter in training with 'Jitter'); softmax;
+    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
+
+    def _apply(self, fn, recurse=True):
+        """Module.to/.bfloat16()/.half() move the router's buffers but keep them fp32 (megatron-core's
+        _maintain_float32_expert_bias): a bf16 bias would misroute near ties, bf16 counts stop being exact at 257."""
+        kept = {name: getattr(self, name) for name in self._FP32_BUFFERS if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, fp32 in kept.items():
+            setattr(self, name, fp32.to(device=getattr(self, name).device))
+        return self
+
+    def forward(self, x_TD: torch.Tensor, num_sequences: int = 1) -> Routing:
+        """x_TD: [T, D] tokens, batch-first ([B, S] flattened: the B = num_sequences sequences one after another,
+        which seq_aux_loss needs). Autocast is off throughout: every float here is in the router dtype."""
+        with no_autocast(x_TD.device):
+            if self.cfg.router_family == "megatron":
+                return self._route_megatron(x_TD, num_sequences)
+            return self._route_deepspeed(x_TD)
+
+    def _route_deepspeed(self, x_TD: torch.Tensor) -> Routing:
+        """DeepSpeed's TopKGate + top1/top2/topkgating order, so random draws line up:
+        1. logits (input jitter in training with 'Jitter'); softmax;
         2. expert choice (Gumbel noise for 'RSample' top-1 in training, for top-2 second-expert sampling);
         3. capacity and drop priority (RTS uniforms over [T, E], or drop_policy), then slots;
         4. combine weights (renormalised over kept or all choices), aux and z losses.
         """
-        noise = self.noisy_gate_policy if self.training else None
-        logits_TE = router_logits(x_TD, self.weight, jitter=noise == "Jitter")
+        cfg = self.cfg
+        noise = cfg.noisy_gate_policy if self.training else None
+        logits_TE = router_logits(x_TD, self.weight, jitter=noise == "Jitter", dtype=self.dtype)
         probs_TE = torch.softmax(logits_TE, dim=1)
         expert_TK = choose_experts(logits_TE, probs_TE, self.k, gumbel_top1=noise == "RSample",
-                                   second_expert_sampling=self.second_expert_sampling)
+                                   second_expert_sampling=cfg.second_expert_sampling)
         num_tokens = x_TD.shape[0]
         capacity = priority_TK = None
-        if self.drop_tokens:
-            cf = self.train_capacity_factor if self.training else self.eval_capacity_factor
-            capacity = expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
-            if self.use_rts and self.rts_scope == "top1" and self.k == 1:
+        if cfg.drop_tokens:
+            cf = cfg.train_capacity_factor if self.training else cfg.eval_capacity_factor
+            capacity = expert_capacity(num_tokens, self.num_experts, self.k, cf, cfg.min_capacity)
+            if cfg.use_rts and cfg.rts_scope == "top1" and self.k == 1:
                 # DeepSpeed's top1gating: one uniform per (token, expert), in training and eval
                 priority_TK = _uniform(0.0, 1.0, probs_TE.shape, x_TD.device).gather(1, expert_TK)
-            elif self.use_rts and self.rts_scope == "train" and self.training:
+            elif cfg.use_rts and cfg.rts_scope == "train" and self.training:
                 priority_TK = torch.rand(expert_TK.shape, device=x_TD.device)
             else:
-                priority_TK = drop_priority(self.drop_policy, probs_TE, expert_TK, capacity)
+                priority_TK = drop_priority(cfg.drop_policy, probs_TE, expert_TK, capacity)
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
-        gates_TK = combine_gates(probs_TE, expert_TK, pair_idx_N, self.renormalize)
-        z_loss = router_z_loss(logits_TE) if self.compute_z_loss else logits_TE.new_zeros(())
+        gates_TK = combine_gates(probs_TE, expert_TK, pair_idx_N, cfg.renormalize)
+        aux_loss = gshard_aux_loss(probs_TE, expert_TK, cfg.aux_loss_choices)
+        return self._routing(pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity)
+
+    def _route_megatron(self, x_TD: torch.Tensor, num_sequences: int) -> Routing:
+        """megatron-core's TopKRouter.forward:
+        1. logits in the router dtype (input jitter in training with --moe-input-jitter-eps);
+        2. scores, expert choice (groups, expert bias) and combine weights (score_topk);
+        3. capacity mode: each expert keeps `capacity` pairs by drop policy (capacity_priority), then slots;
+        4. the load-balancing loss of its type and the z-loss; kept pairs counted for the expert-bias update.
+        """
+        cfg = self.cfg
+        eps = cfg.input_jitter_eps if self.training else None
+        logits_TE = router_logits(x_TD, self.weight, jitter=eps is not None, dtype=self.dtype,
+                                  jitter_eps=eps or 0.0)
+        gates_TK, expert_TK = score_topk(logits_TE, self.k, cfg.score_function, cfg.pre_softmax, cfg.num_groups,
+                                         cfg.group_topk, self.expert_bias, cfg.topk_scaling_factor)
+        capacity = priority_TK = None
+        if cfg.drop_tokens:
+            capacity = megatron_capacity(x_TD.shape[0], self.num_experts, self.k, cfg.train_capacity_factor)
+            priority_TK = capacity_priority(gates_TK, expert_TK, self.num_experts, capacity, cfg.drop_policy)
+        pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
+        if self.local_tokens_per_expert is not None and _counting():
+            with torch.no_grad():
+                self.local_tokens_per_expert += counts_E.to(self.local_tokens_per_expert.dtype)
+        aux_loss = self.load_balancing_loss(logits_TE, num_sequences)
+        return self._routing(pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity)
+
+    def load_balancing_loss(self, logits_TE: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+        """The megatron family's load-balancing loss (unscaled; docs/design.md "Routers" states each definition):
+        aux_loss over this micro-batch, seq_aux_loss per sequence (mean over the micro-batch's sequences),
+        global_aux_loss with expert counts of the global batch (summed over dp_group, averaged over the step's
+        micro-batches so far; outside training with gradients, the micro-batch's own counts), 'none' = 0."""
+        kind, k = self.cfg.load_balancing_type, self.k
+        if kind == "none":
+            return logits_TE.new_zeros(())
+        scores_TE, routed_TE = aux_loss_scores(logits_TE, k, self.cfg.score_function)
+        num_tokens = scores_TE.shape[0]
+        if kind == "seq_aux_loss":
+            seq_len = num_tokens // max(num_sequences, 1)
+            if seq_len * num_sequences != num_tokens:
+                raise ValueError(f"seq_aux_loss: {num_tokens} tokens are not {num_sequences} equal sequences")
+            sums_BE = scores_TE.view(num_sequences, seq_len, -1).sum(dim=1)
+            counts_BE = routed_TE.view(num_sequences, seq_len, -1).sum(dim=1)
+            return switch_balance_loss(sums_BE, counts_BE, k, seq_len, seq_len) / num_sequences
+        counts_E = routed_TE.sum(dim=0)
+        if kind == "global_aux_loss" and self.global_tokens_per_expert is not None and self.training \
+                and torch.is_grad_enabled():
+            group = self.dp_group
+            dp_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+            if _counting():  # a recompute reuses the counts its forward accumulated (same value, no collective)
+                counts_E = counts_E.float()
+                if dp_size > 1:
+                    dist.all_reduce(counts_E, group=group)
+                with torch.no_grad():
+                    self.global_tokens_per_expert += counts_E
+                    self.ga_steps += 1
+            counts_E = (self.global_tokens_per_expert / self.ga_steps).to(scores_TE.dtype)
+            return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens * dp_size)
+        return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens)
+
+    def _routing(self, pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity):
+        """The Routing tuple: fp32 combine weights and losses (fp64 routers compute in fp64, then round once)."""
+        z_loss = router_z_loss(logits_TE) if self.cfg.z_loss_coeff > 0 else logits_TE.new_zeros(())
         num_pairs = max(expert_TK.numel(), 1)
         return Routing(
-            pair_idx_N=pair_idx_N, counts_E=counts_E, gates_TK=gates_TK, expert_TK=expert_TK,
-            aux_loss=gshard_aux_loss(probs_TE, expert_TK, self.aux_loss_choices), z_loss=z_loss,
-            tokens_per_expert_E=routed_E.detach(),
-            dropped_fraction=(1.0 - pair_idx_N.numel() / num_pairs) * torch.ones((), device=x_TD.device),
+            pair_idx_N=pair_idx_N, counts_E=counts_E, gates_TK=gates_TK.float(), expert_TK=expert_TK,
+            aux_loss=aux_loss.float(), z_loss=z_loss.float(), tokens_per_expert_E=routed_E.detach(),
+            dropped_fraction=(1.0 - pair_idx_N.numel() / num_pairs) * torch.ones((), device=expert_TK.device),
             capacity=capacity)
+
+
+def routers(model_or_routers: Union[nn.Module, Iterable[nn.Module]]):
+    """The TopKRouters in a model (or an iterable of models/routers), in module order."""
+    mods = [model_or_routers] if isinstance(model_or_routers, nn.Module) else list(model_or_routers)
+    return [r for m in mods for r in m.modules() if isinstance(r, TopKRouter)]
+
+
+@torch.no_grad()
+def step_routers(model_or_routers, dp_group=None) -> None:
+    """Once per optimizer step, after it: the aux-loss-free expert-bias update and the global_aux_loss reset.
+
+    1. one all-reduce (SUM over dp_group: every rank with other tokens, EP ranks included) of every router's kept
+       pairs per expert since the last call, concatenated;
+    2. expert_bias += bias_update_rate · sign(mean_e load - load_e) (megatron-core's get_updated_expert_bias,
+       DeepSeek-V3's aux-loss-free balancing); the counts restart from 0;
+    3. global_aux_loss's accumulated counts restart from 0.
+    Identical on every rank of dp_group, so the buffer stays replicated; it is a persistent buffer, so checkpoints
+    carry it and a resumed run continues exactly.
+    """
+    found = routers(model_or_routers)
+    biased = [r for r in found if r.expert_bias is not None]
+    if biased:
+        counts = torch.cat([r.local_tokens_per_expert for r in biased])
+        if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(counts, group=dp_group)
+        for r, c_E in zip(biased, counts.split([r.num_experts for r in biased])):
+            offset_E = c_E.sum() / c_E.numel() - c_E
+            r.expert_bias.add_(torch.sign(offset_E) * r.cfg.bias_update_rate)
+            r.local_tokens_per_expert.zero_()
+    for r in found:
+        if r.global_tokens_per_expert is not None:
+            r.global_tokens_per_expert.zero_()
+            r.ga_steps.zero_()

@@ -82,6 +82,7 @@ class MoELayer(nn.Module):
         expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
         activation: the built-in experts' (and Residual-MoE branch's) activation when cfg.expert_activation is
             None: the model passes its dense MLP's, so one expert is the model's MLP.
+        dp_group: data-parallel group, for the router's global_aux_loss counts (TopKRouter); None = one rank.
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
     The layer never all-reduces gradients.
@@ -99,7 +100,7 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
                  ep_group=None, init_method: Optional[Callable] = None,
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
-                 activation: str = "gelu_tanh"):
+                 activation: str = "gelu_tanh", dp_group=None):
         super().__init__()
         activation = cfg.expert_activation or activation
         ep_size = 1 if ep_group is None else ep_group.size()
@@ -119,12 +120,7 @@ class MoELayer(nn.Module):
         self.ep_group, self.ep_size = ep_group, ep_size
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
         self.num_local_experts = num_experts // ep_size
-        self.router = TopKRouter(
-            hidden_size, num_experts, cfg.topk, cfg.train_capacity_factor, cfg.eval_capacity_factor,
-            cfg.min_capacity, cfg.drop_tokens, cfg.use_rts, cfg.noisy_gate_policy,
-            compute_z_loss=cfg.z_loss_coeff > 0, init_method=init_method, drop_policy=cfg.drop_policy,
-            renormalize=cfg.renormalize, second_expert_sampling=cfg.second_expert_sampling,
-            rts_scope=cfg.rts_scope, aux_loss_choices=cfg.aux_loss_choices)
+        self.router = TopKRouter(cfg, hidden_size, init_method, num_experts=num_experts, dp_group=dp_group)
         if expert is None:
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
                                              init_method, output_layer_init_method,
@@ -143,7 +139,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor):
         """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape and dtype, MoEStats)."""
         x_TD = x.reshape(-1, self.hidden_size)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)  # [B, S, D]: B sequences
         if self.ep_size == 1:
             y_TD = self.forward_local(x_TD, routing)
         else:
@@ -165,7 +161,8 @@ class MoELayer(nn.Module):
         if self.ep_size != 1:
             raise ValueError("MoELayer.forward_many runs on one rank (ep_size 1)")
         flat = [x.reshape(-1, self.hidden_size) for x in xs]
-        routings = [self.router(x_TD) for x_TD in flat]
+        routings = [self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)
+                    for x, x_TD in zip(xs, flat)]
         jobs = [(dispatch.permute_tokens(x_TD, r), r.counts_E.tolist()) for x_TD, r in zip(flat, routings)]
         many = getattr(self.experts, "forward_many", None)
         ys = many(jobs) if many is not None else [self.experts(t, c) for t, c in jobs]

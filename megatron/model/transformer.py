@@ -34,8 +34,9 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                          f"with parallel_state.initialize(tp, ep_sizes) and pass them to GPTModel")
     layer = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
                      init_method=init_method, output_layer_init_method=output_init_method,
-                     activation=cfg.activation)  # experts compute the dense MLP's function (unless a checkpoint
-    #                                               recorded another: MoEConfig.expert_activation)
+                     activation=cfg.activation,  # experts compute the dense MLP's function (unless a checkpoint
+                     #                             recorded another: MoEConfig.expert_activation)
+                     dp_group=groups.dp_group if groups is not None else None)  # global_aux_loss counts
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
     return layer
 

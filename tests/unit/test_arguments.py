@@ -51,6 +51,30 @@ MAPPING = {
     "--mlp-type": (["residual", "--num-experts", "4"], "moe.mlp_type", "residual"),
     "--moe-token-drop-policy": (["probs", "--num-experts", "4"], "moe.drop_policy", "probs"),
     "--disable-moe-top2-2nd-expert-sampling": (["--num-experts", "4"], "moe.second_expert_sampling", False),
+    # megatron-core router flags (router_fields): any but --moe-router-dtype selects router_family 'megatron'
+    "--moe-router-topk": (["2", "--num-experts", "4"], "moe.topk", 2),
+    "--moe-router-score-function": (["sigmoid", "--num-experts", "4"], "moe.score_function", "sigmoid"),
+    "--moe-router-pre-softmax": (["--num-experts", "4"], "moe.pre_softmax", True),
+    "--moe-router-topk-scaling-factor": (["2.5", "--num-experts", "4", "--moe-router-topk", "2"],
+                                         "moe.topk_scaling_factor", 2.5),
+    "--moe-router-num-groups": (["2", "--moe-router-group-topk", "1", "--num-experts", "4", "--moe-router-topk",
+                                 "2"], "moe.num_groups", 2),
+    "--moe-router-group-topk": (["1", "--moe-router-num-groups", "2", "--num-experts", "4", "--moe-router-topk",
+                                 "2"], "moe.group_topk", 1),
+    "--moe-router-enable-expert-bias": (["--moe-router-score-function", "sigmoid", "--num-experts", "4"],
+                                        "moe.expert_bias", True),
+    "--moe-router-bias-update-rate": (["0.01", "--moe-router-topk", "2", "--num-experts", "4"],
+                                      "moe.bias_update_rate", 0.01),
+    "--moe-router-load-balancing-type": (["seq_aux_loss", "--moe-router-topk", "2", "--num-experts", "4"],
+                                         "moe.load_balancing_type", "seq_aux_loss"),
+    "--moe-aux-loss-coeff": (["0.02", "--moe-router-topk", "2", "--num-experts", "4"], "moe.loss_coeff", 0.02),
+    "--moe-input-jitter-eps": (["0.1", "--moe-router-topk", "2", "--num-experts", "4"], "moe.input_jitter_eps",
+                               0.1),
+    "--moe-router-dtype": (["fp64", "--num-experts", "4"], "moe.router_dtype", "fp64"),
+    "--moe-expert-capacity-factor": (["1.5", "--moe-router-topk", "2", "--num-experts", "4"], "moe.drop_tokens",
+                                     True),
+    "--moe-pad-expert-input-to-capacity": (["--moe-expert-capacity-factor", "1.0", "--moe-router-topk", "2",
+                                            "--num-experts", "4"], "moe.pad_to_capacity", True),
     "--micro-batch-size": (["2"], "data.micro_batch_size", 2),
     "--global-batch-size": (["16"], "data.global_batch_size", 16),
     "--train-iters": (["77"], "scheduler.train_iters", 77),
@@ -309,3 +333,38 @@ def test_offload_config_errors_are_config_errors():
     add_expert_offload_args(p)
     with pytest.raises(ConfigError, match=r"--moe-offload nvme needs --moe-expert-store"):
         expert_offload_config_from_args(p.parse_args(["--moe-offload", "nvme"]))
+
+
+def test_megatron_router_flags_make_one_moe_config():
+    """A Megatron-LM MoE flag set: dropless without a capacity factor, Megatron's aux coefficient default (0)."""
+    args = parse_args(BASE + ["--num-experts", "8", "--moe-router-topk", "2", "--moe-router-score-function",
+                              "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4",
+                              "--moe-router-group-topk", "2", "--moe-router-dtype", "fp64"])
+    moe = train_config_from_args(args, 128, 1).moe
+    assert (moe.router_family, moe.topk, moe.drop_tokens, moe.loss_coeff, moe.min_capacity, moe.router_dtype,
+            moe.bias_update_rate, moe.load_balancing_type) == ("megatron", 2, False, 0.0, 0, "fp64", 1e-3, "aux_loss")
+    ds = train_config_from_args(parse_args(BASE + ["--num-experts", "8", "--moe-router-dtype", "fp64"]), 128, 1).moe
+    assert (ds.router_family, ds.drop_tokens, ds.loss_coeff, ds.router_dtype) == ("deepspeed", True, 0.01, "fp64")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--topk", "1", "--moe-router-topk", "2"], None),  # --topk's default: no conflict
+    (["--topk", "4", "--moe-router-topk", "2"], r"^--topk \(4\) conflicts with --moe-router-topk \(2\)"),
+    (["--moe-loss-coeff", "0.1", "--moe-aux-loss-coeff", "0.2", "--moe-router-topk", "2"],
+     r"^--moe-loss-coeff \(0.1\) conflicts with --moe-aux-loss-coeff \(0.2\)"),
+    (["--moe-train-capacity-factor", "2", "--moe-expert-capacity-factor", "1"],
+     r"^--moe-train-capacity-factor \(2.0\) conflicts with --moe-expert-capacity-factor \(1.0\)"),
+    (["--moe-min-capacity", "8", "--moe-router-topk", "2"], r"^--moe-min-capacity \(8\) conflicts with"),
+    (["--moe-noisy-gate-policy", "Jitter", "--moe-router-topk", "2"],
+     r"^--moe-noisy-gate-policy \(Jitter\) conflicts with --moe-input-jitter-eps"),
+    (["--disable-moe-token-dropping", "--moe-expert-capacity-factor", "1"],
+     r"^--disable-moe-token-dropping conflicts with --moe-expert-capacity-factor \(1.0\)"),
+])
+def test_conflicting_router_flags_are_one_line(extra, match):
+    args = parse_args(BASE + ["--num-experts", "8"] + extra)
+    if match is None:
+        assert train_config_from_args(args, 128, 1).moe.topk == 2
+        return
+    with pytest.raises(ConfigError, match=match) as err:
+        train_config_from_args(args, 128, 1)
+    assert "\n" not in str(err.value)

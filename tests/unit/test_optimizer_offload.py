@@ -36,8 +36,8 @@ def starve_expert(expert: int = STARVED):
     """Routes no token to `expert` (its router logit pushed far down), so its gradient rows are zero."""
     original = moe.gating.router_logits
 
-    def logits(x_TD, weight_ED, jitter):
-        out = original(x_TD, weight_ED, jitter)
+    def logits(x_TD, weight_ED, jitter, **kwargs):
+        out = original(x_TD, weight_ED, jitter, **kwargs)
         return out - 1e4 * (torch.arange(out.shape[-1], device=out.device) == expert).to(out.dtype)
 
     moe.gating.router_logits = logits
