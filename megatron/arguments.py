@@ -193,7 +193,7 @@ def _core_moe_fields(args) -> dict:
 
     return dict(
         layer_freq=_checked(parse_layer_freq, args.moe_layer_freq) if args.moe_layer_freq is not None else None,
-        ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
         shared_expert_gate=args.moe_shared_expert_gate,
     )

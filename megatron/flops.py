@@ -21,7 +21,7 @@ def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> fl
         total += 2 * 2 * s * h  # QK^T and attention x V
         if plan[layer] is not None:
             n_exp = plan[layer].num_experts
-            fe = moe_cfg.ffn_hidden_size or f
+            fe = moe_cfg.moe_ffn_hidden_size or f
             total += moe_cfg.topk * 2 * 2 * h * fe + 2 * h * n_exp  # active experts + router
             if moe_cfg.mlp_type == "residual":
                 total += 2 * 2 * h * f + 2 * h * 2  # Residual-MoE: dense MLP + 2-way mixing coefficient

@@ -60,7 +60,7 @@ class MoEConfig:
     # --- layer placement and expert sizes (Megatron-LM core's flags) ---
     layer_freq: Union[None, int, Tuple[int, ...]] = None  # --moe-layer-freq: N = layers 0, N, 2N.. are MoE, or a
     #   0/1 per layer; None = DeepSpeed's --expert-interval rule (layer i is MoE iff (i + 1) % interval == 0)
-    ffn_hidden_size: Optional[int] = None  # --moe-ffn-hidden-size: each routed expert's F; None = the dense MLP's
+    moe_ffn_hidden_size: Optional[int] = None  # --moe-ffn-hidden-size: each routed expert's F; None = the dense MLP's
     shared_expert_ffn_hidden_size: Optional[int] = None  # --moe-shared-expert-intermediate-size: width of the
     #   shared expert(s) computed for every token beside the routed ones; None = no shared expert
     shared_expert_gate: bool = False  # scale the shared expert's output by sigmoid(x · w_gate) (Qwen2-MoE)
@@ -131,7 +131,7 @@ class MoEConfig:
         if isinstance(freq, tuple) and (any(v not in (0, 1) for v in freq) or 1 not in freq):
             raise ValueError(f"--moe-layer-freq ({list(freq)}) must be a list of 0 (dense) and 1 (MoE) per layer "
                              f"with at least one 1")
-        for flag, v in (("--moe-ffn-hidden-size", self.ffn_hidden_size),
+        for flag, v in (("--moe-ffn-hidden-size", self.moe_ffn_hidden_size),
                         ("--moe-shared-expert-intermediate-size", self.shared_expert_ffn_hidden_size)):
             if v is not None and v < 1:
                 raise ValueError(f"{flag} ({v}) must be >= 1")

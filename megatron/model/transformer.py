@@ -30,7 +30,7 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
     if groups is None and ep_size != 1:
         raise ValueError(f"--moe-expert-parallel-size ({ep_size}) of MoE layer {i} needs process groups; build them "
                          f"with parallel_state.initialize(tp, ep_sizes) and pass them to GPTModel")
-    ffn = moe_cfg.ffn_hidden_size if moe_cfg.ffn_hidden_size is not None else cfg.ffn_hidden_size
+    ffn = moe_cfg.moe_ffn_hidden_size if moe_cfg.moe_ffn_hidden_size is not None else cfg.ffn_hidden_size
     layer = MoELayer(cfg.hidden_size, ffn, num_experts, moe_cfg, ep_group=ep_group,
                      init_method=init_method, output_layer_init_method=output_init_method,
                      activation=cfg.activation, bias=cfg.add_bias_linear)  # experts compute the dense MLP's function (unless a checkpoint

@@ -183,7 +183,7 @@ MAPPING = {
     "--qk-head-dim": (["16"], "model.qk_head_dim", 16),
     "--qk-pos-emb-head-dim": (["16"], "model.qk_pos_emb_head_dim", 16),
     "--v-head-dim": (["16"], "model.v_head_dim", 16),
-    "--moe-ffn-hidden-size": (["32", "--num-experts", "2"], "moe.ffn_hidden_size", 32),
+    "--moe-ffn-hidden-size": (["32", "--num-experts", "2"], "moe.moe_ffn_hidden_size", 32),
     "--moe-shared-expert-intermediate-size": (["48", "--num-experts", "2"], "moe.shared_expert_ffn_hidden_size", 48),
     "--moe-shared-expert-gate": (["--moe-shared-expert-intermediate-size", "8", "--num-experts", "2"],
                                  "moe.shared_expert_gate", True),
