@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
-from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint, tp_size
+from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
+                                      copy_to_tensor_parallel_region, tp_size)
 from megatron.tensor_parallel.layers import divide
 
 
@@ -59,6 +60,7 @@ class SelfAttention(torch.nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.layer_idx = layer_idx
         self.rng_tracker = rng_tracker if tp > 1 else None
+        self.tp_group = tp_group if tp > 1 else None
         self._build_projections(cfg, init_method, output_layer_init_method, tp_group)
 
     def _build_projections(self, cfg, init_method, output_layer_init_method, tp_group) -> None:
@@ -92,12 +94,21 @@ class SelfAttention(torch.nn.Module):
         else:  # [b, s, 3, heads, d]
             q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
         if self.q_layernorm is not None:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
+            q, k = self._head_norm(self.q_layernorm, q), self._head_norm(self.k_layernorm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, n, d] -> [b, n, s, d]
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
+
+    def _head_norm(self, norm: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """norm(t) over each head's d. Under TP the norm's weights are replicated but each rank normalises only its
+        own heads, so their gradient is a partial sum: the weights pass through copy_to_tensor_parallel_region
+        (identity forward, all-reduce backward) and come out with the full gradient on every rank."""
+        if self.tp_group is None:
+            return norm(t)
+        params = {n: copy_to_tensor_parallel_region(p, self.tp_group) for n, p in norm.named_parameters()}
+        return torch.func.functional_call(norm, params, (t,))
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:

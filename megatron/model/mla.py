@@ -18,8 +18,7 @@ import torch
 from megatron.model.attention import SelfAttention
 from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
-from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, copy_to_tensor_parallel_region,
-                                      tp_size)
+from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_parallel_region
 
 
 def _replicated_linear(n_in: int, n_out: int, bias: bool, init_method) -> torch.nn.Linear:
@@ -37,7 +36,6 @@ class MultiLatentAttention(SelfAttention):
 
     def _build_projections(self, cfg, init_method, output_layer_init_method, tp_group) -> None:
         h, heads, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.add_bias_linear
-        self.tp_group = tp_group if tp_size(tp_group) > 1 else None
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.head_dim = self.nope_dim + self.rope_dim
