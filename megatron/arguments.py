@@ -143,6 +143,10 @@ def _core_block_notes(args) -> list:
     if args.transformer_impl == "transformer_engine":
         notes.append("--transformer-impl transformer_engine: TransformerEngine is not used here; the local "
                      "implementation computes the same layers")
+    megatron_core_moe = args.moe_grouped_gemm or args.moe_token_dispatcher_type is not None
+    if megatron_core_moe and args.moe_layer_freq is None and list(args.num_experts) != [1]:
+        notes.append(f"--moe-layer-freq not given: MoE layers every --expert-interval ({args.expert_interval}) "
+                     f"layers (DeepSpeed's default); Megatron-LM puts one on every layer: add --moe-layer-freq 1")
     if args.moe_token_dispatcher_type is not None:
         notes.append(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: tokens are always sorted by "
                      f"expert and exchanged with all-to-all over the EP group here (same results)")
