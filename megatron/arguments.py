@@ -98,6 +98,14 @@ _CORE_NO_EFFECT = {
                                                                   "no separate stream here"),
 }
 
+# ... and refused in one line where they would change results.
+_CORE_REFUSED = {
+    "apply_layernorm_1p": ("--apply-layernorm-1p", "zero-centred norm weights (1 + w) are not implemented here"),
+    "rotary_interleaved": ("--rotary-interleaved", "interleaved RoPE pairs are not implemented here; permute the "
+                                                   "rotary rows of the q/k weights to the rotate-half layout"),
+    "use_rope_scaling": ("--use-rope-scaling", "Llama-3.1 RoPE scaling is not implemented here"),
+}
+
 
 def add_megatron_core_block_args(p: argparse.ArgumentParser) -> None:
     """Megatron-LM core's block (norm, SwiGLU, GQA, QK-norm, RoPE, MLA, biases, untied head) and expert flags."""
@@ -134,7 +142,7 @@ def add_megatron_core_block_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-model-parallel-size", dest="moe_expert_parallel_size", type=int, nargs="+",
                    default=[1], help="same as --moe-expert-parallel-size")
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default=None)
-    for dest, (flag, _) in _CORE_NO_EFFECT.items():
+    for dest, (flag, _) in {**_CORE_NO_EFFECT, **_CORE_REFUSED}.items():
         g.add_argument(flag, dest=dest, action="store_true")
 
 
@@ -163,6 +171,9 @@ def _core_activation(args) -> str:
 
 def _core_block_fields(args) -> dict:
     """ModelConfig fields of the Megatron-LM core block flags."""
+    for dest, (flag, why) in _CORE_REFUSED.items():
+        if getattr(args, dest):
+            raise ConfigError(f"{flag}: {why}; drop the flag")
     if args.rotary_scaling_factor != 1.0:
         raise ConfigError(f"--rotary-scaling-factor {args.rotary_scaling_factor}: RoPE scaling (YaRN) is not "
                           f"implemented here; use 1.0")

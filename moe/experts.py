@@ -301,7 +301,7 @@ class _GroupedMLP(torch.autograd.Function):
         expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
                                            torch.tensor(counts, device=x_ND.device), output_size=num_rows)
         rows = [slice(offsets[i], offsets[i + 1]) for i in range(e)]
-        grouped = _grouped_mm_ok(x_ND, w1_eFD)
+        grouped = _grouped_mm_ok(x_ND, w1_eFD) and _grouped_mm_ok(x_ND, w2_eDF)  # (swiglu: w1 has 2F rows, w2 F)
         offs = torch.tensor(offsets[1:], dtype=torch.int32, device=x_ND.device) if grouped else None
         if grouped:
             h_NF = _gmm(x_ND, w1_eFD.transpose(1, 2), offs).add_(b1_eF.index_select(0, expert_N))

@@ -214,6 +214,9 @@ NOTE_ONLY = {
 ERROR_ONLY = {"--pipeline-model-parallel-size": (["2"], r"--pipeline-model-parallel-size 2: pipeline parallelism "
                                                         r"does not exist here; use 1"),
               "--rotary-scaling-factor": (["40"], r"--rotary-scaling-factor 40.0: RoPE scaling \(YaRN\) is not")}
+# Megatron-LM core flags that would change results and are refused in one line (issue 25)
+REFUSED = {"--apply-layernorm-1p": "zero-centred", "--rotary-interleaved": "interleaved RoPE",
+           "--use-rope-scaling": "Llama-3.1 RoPE scaling"}
 SAMPLE_BASED = {"--train-samples", "--lr-warmup-samples", "--lr-decay-samples", "--rampup-batch-size"}
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
@@ -228,7 +231,7 @@ def _all_flags():
 
 
 def test_flag_list_is_complete():
-    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY)
+    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY) | set(REFUSED)
     assert _all_flags() == listed, sorted(_all_flags() ^ listed)
 
 
@@ -248,6 +251,12 @@ def test_unsupported_value_is_one_config_error(flag):
     train_config_from_args(parse_args(BASE + [flag, "1"]), 128, 1)  # the supported value is accepted
     with pytest.raises(ConfigError, match=match):
         train_config_from_args(parse_args(BASE + [flag] + values), 128, 1)
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED))
+def test_result_changing_flag_is_refused_in_one_line(flag):
+    with pytest.raises(ConfigError, match=f"^{flag}: .*{REFUSED[flag]}.*; drop the flag$"):
+        train_config_from_args(parse_args(BASE + [flag]), 128, 1)
 
 
 def test_data_impl_other_than_mmap_is_a_config_error():
