@@ -2,7 +2,7 @@
 # Mixtral-style MoE GPT at CPU size: Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh flag set
 # (RMSNorm, SwiGLU, GQA 32/8, RoPE base 1e6, untied head, no biases, 8 experts top-2 on every layer, grouped GEMM,
 # all-to-all dispatch) with the sizes shrunk; runs a few iterations.
-# Mixtral 8x7B itself: NUM_LAYERS=32 HIDDEN=4096 FFN=14336 HEADS=32 GROUPS=8 SEQ=4096 NUM_EXPERTS=8 TOPK=2
+# Mixtral 8x7B itself: NUM_LAYERS=32 HIDDEN=4096 FFN=14336 HEADS=32 QUERY_GROUPS=8 SEQ=4096 NUM_EXPERTS=8 TOPK=2
 # EP_SIZE=8 PRECISION=--bf16 (Megatron-LM's script also sets router flags: --moe-router-topk 2
 # --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2; here TOPK and MLC give the same routing).
 set -euo pipefail
@@ -19,7 +19,7 @@ NUM_LAYERS=${NUM_LAYERS:-4}
 HIDDEN=${HIDDEN:-128}
 FFN=${FFN:-448}                        # Mixtral's 3.5 x hidden
 HEADS=${HEADS:-8}
-GROUPS=${GROUPS:-2}                    # key/value heads (GQA)
+QUERY_GROUPS=${QUERY_GROUPS:-2}            # key/value heads (GQA)
 SEQ=${SEQ:-128}
 ROPE_BASE=${ROPE_BASE:-1000000}
 # MoE
@@ -41,7 +41,7 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN" --num-attention-heads "$HEADS" \
     --init-method-std 0.01 --attention-dropout 0.0 --hidden-dropout 0.0 --normalization RMSNorm \
     --position-embedding-type rope --swiglu --untie-embeddings-and-output-weights --group-query-attention \
-    --num-query-groups "$GROUPS" --no-masked-softmax-fusion --no-position-embedding --rotary-base "$ROPE_BASE" \
+    --num-query-groups "$QUERY_GROUPS" --no-masked-softmax-fusion --no-position-embedding --rotary-base "$ROPE_BASE" \
     --num-experts "$NUM_EXPERTS" --moe-layer-freq 1 --topk "$TOPK" --disable-moe-token-dropping \
     --moe-loss-coeff "$MLC" --moe-grouped-gemm --moe-token-dispatcher-type alltoall \
     --expert-model-parallel-size "$EP_SIZE" \

@@ -3,7 +3,7 @@
 # examples/post_training/modelopt/conf/Qwen/Qwen3-30B-A3B.sh (RMSNorm, SwiGLU, GQA with --kv-channels, QK-norm,
 # RoPE base 1e6, untied head, no biases, fine-grained experts: many small experts, top-8, on every layer) with the
 # sizes shrunk; runs a few iterations.
-# Qwen3-30B-A3B itself: NUM_LAYERS=48 HIDDEN=2048 FFN=6144 HEADS=32 GROUPS=4 KV_CHANNELS=128 NUM_EXPERTS=128
+# Qwen3-30B-A3B itself: NUM_LAYERS=48 HIDDEN=2048 FFN=6144 HEADS=32 QUERY_GROUPS=4 KV_CHANNELS=128 NUM_EXPERTS=128
 # MOE_FFN=768 TOPK=8 MLC=1e-3 SEQ=4096 (Megatron-LM names the routing --moe-router-topk 8 --moe-aux-loss-coeff 1e-3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ NUM_LAYERS=${NUM_LAYERS:-4}
 HIDDEN=${HIDDEN:-128}
 FFN=${FFN:-384}
 HEADS=${HEADS:-8}
-GROUPS=${GROUPS:-2}
+QUERY_GROUPS=${QUERY_GROUPS:-2}
 KV_CHANNELS=${KV_CHANNELS:-32}         # head dim independent of hidden / heads, as Qwen3
 SEQ=${SEQ:-128}
 # MoE: fine-grained experts
@@ -41,7 +41,7 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 
     --no-masked-softmax-fusion --disable-bias-linear --untie-embeddings-and-output-weights \
     --position-embedding-type rope --no-rope-fusion --normalization RMSNorm --swiglu \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN" --num-attention-heads "$HEADS" \
-    --group-query-attention --num-query-groups "$GROUPS" --kv-channels "$KV_CHANNELS" --qk-layernorm \
+    --group-query-attention --num-query-groups "$QUERY_GROUPS" --kv-channels "$KV_CHANNELS" --qk-layernorm \
     --num-experts "$NUM_EXPERTS" --moe-ffn-hidden-size "$MOE_FFN" --moe-layer-freq 1 --topk "$TOPK" \
     --disable-moe-token-dropping --moe-loss-coeff "$MLC" --moe-token-dispatcher-type alltoall \
     --expert-model-parallel-size "$EP_SIZE" \

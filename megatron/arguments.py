@@ -186,7 +186,8 @@ def _core_block_fields(args) -> dict:
     return dict(
         normalization=args.normalization,
         activation=_core_activation(args),
-        num_query_groups=(args.num_query_groups or 1) if args.group_query_attention else None,
+        num_query_groups=((args.num_query_groups if args.num_query_groups is not None else 1)
+                          if args.group_query_attention else None),  # Megatron-LM: 1 (MQA) when not given
         kv_channels=args.kv_channels,
         qk_layernorm=args.qk_layernorm,
         position_embedding_type=position,
