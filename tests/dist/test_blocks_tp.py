@@ -44,16 +44,27 @@ def _run(model):
 
 
 def _tp2(rank, world_size):
+    """One spawn for both tests (each spawn costs seconds): the TP=2 models, then the EP=2 layer."""
     groups = parallel_state.initialize(2, (1,))
     out = {}
     for name, (cfg, moe) in _cases().items():
         torch.manual_seed(11)
         out[name] = _run(GPTModel(cfg, moe, groups))
+    out["ep2"] = _ep2(rank, world_size)
     return out
 
 
+_RANKS = []
+
+
+def _ranks():
+    if not _RANKS:
+        _RANKS.extend(run_distributed(_tp2, 2))
+    return _RANKS
+
+
 def test_tp2_blocks_equal_tp1():
-    ranks = run_distributed(_tp2, 2)
+    ranks = _ranks()
     for name, (cfg, moe) in _cases().items():
         torch.manual_seed(11)
         ref = _run(GPTModel(cfg, moe))
@@ -105,5 +116,5 @@ def _ep2(rank, world_size):
 
 def test_ep2_swiglu_shared_expert_equals_ep1():
     """float64: differences are summation order only (1e-12)."""
-    for r in run_distributed(_ep2, 2):
-        assert r["y"] < 1e-12 and r["x_grad"] < 1e-12, r
+    for r in _ranks():
+        assert r["ep2"]["y"] < 1e-12 and r["ep2"]["x_grad"] < 1e-12, r["ep2"]
