@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 from megatron import parallel_state
 from megatron.config import (LR_DECAY_STYLES, CheckpointConfig, CurriculumConfig, DataConfig, LoggingConfig, ModelConfig,
                              OptimizerConfig, ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig)
+from megatron.arguments_mcore import (add_megatron_core_block_args, core_block_fields, core_block_notes,
+                                      core_moe_fields, validate_core_blocks)
 from megatron.errors import ConfigError, UserError
 from megatron.microbatches import rampup_batch_sizes, train_iters_from_samples
 from moe.distill import DistillConfig, validate_distill
@@ -81,146 +83,6 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
 
 
-# ------------------------------------------------------------------ Megatron-LM core blocks and experts (issue 25)
-# Flags of Megatron-LM core that cannot apply here: accepted with one note where they change nothing.
-_CORE_NO_EFFECT = {
-    "use_mcore_models": ("--use-mcore-models", "there is one model implementation here; nothing to change"),
-    "no_masked_softmax_fusion": ("--no-masked-softmax-fusion", "attention is F.scaled_dot_product_attention"),
-    "no_bias_swiglu_fusion": ("--no-bias-swiglu-fusion", "SwiGLU is computed unfused here; same result"),
-    "no_bias_dropout_fusion": ("--no-bias-dropout-fusion", "bias and dropout are applied unfused here"),
-    "no_rope_fusion": ("--no-rope-fusion", "RoPE is computed unfused (in fp32) here; same result"),
-    "no_gradient_accumulation_fusion": ("--no-gradient-accumulation-fusion", "gradients accumulate in .grad"),
-    "no_persist_layer_norm": ("--no-persist-layer-norm", "norms are torch modules here"),
-    "use_flash_attn": ("--use-flash-attn", "F.scaled_dot_product_attention picks the flash kernel where it applies"),
-    "moe_grouped_gemm": ("--moe-grouped-gemm", "experts always run as one grouped GEMM here (moe/experts.py)"),
-    "moe_per_layer_logging": ("--moe-per-layer-logging", "the log prints every MoE layer's load on each log line"),
-    "moe_shared_expert_overlap": ("--moe-shared-expert-overlap", "the shared expert runs beside the routed ones; "
-                                                                  "no separate stream here"),
-}
-
-# ... and refused in one line where they would change results.
-_CORE_REFUSED = {
-    "apply_layernorm_1p": ("--apply-layernorm-1p", "zero-centred norm weights (1 + w) are not implemented here"),
-    "rotary_interleaved": ("--rotary-interleaved", "interleaved RoPE pairs are not implemented here; permute the "
-                                                   "rotary rows of the q/k weights to the rotate-half layout"),
-    "use_rope_scaling": ("--use-rope-scaling", "Llama-3.1 RoPE scaling is not implemented here"),
-}
-
-
-def add_megatron_core_block_args(p: argparse.ArgumentParser) -> None:
-    """Megatron-LM core's block (norm, SwiGLU, GQA, QK-norm, RoPE, MLA, biases, untied head) and expert flags."""
-    g = p.add_argument_group("Megatron-LM core blocks and experts")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=1e-5,
-                   help="eps of every norm (same as --layernorm-epsilon)")
-    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs and experts (gate and up fused in one GEMM)")
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None, help="key/value heads with --group-query-attention "
-                                                                      "(default 1)")
-    g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden / heads)")
-    g.add_argument("--qk-layernorm", action="store_true")
-    g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
-                   help="no learned absolute position table (RoPE, when chosen, still applies)")
-    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--multi-latent-attention", action="store_true")
-    g.add_argument("--q-lora-rank", type=int, default=None)
-    g.add_argument("--kv-lora-rank", type=int, default=32)
-    g.add_argument("--qk-head-dim", type=int, default=128)
-    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64)
-    g.add_argument("--v-head-dim", type=int, default=128)
-    g.add_argument("--rotary-scaling-factor", type=float, default=1.0, help="only 1.0: no RoPE scaling here")
-    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
-    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
-    g.add_argument("--moe-shared-expert-gate", action="store_true",
-                   help="scale the shared expert by sigmoid(x . w) per token (Qwen2-MoE)")
-    g.add_argument("--moe-layer-freq", type=str, default=None,
-                   help="N (layers 0, N, 2N, ... are MoE) or a list such as '([0]*3+[1]*5)'; default: "
-                        "--expert-interval")
-    g.add_argument("--expert-model-parallel-size", dest="moe_expert_parallel_size", type=int, nargs="+",
-                   default=[1], help="same as --moe-expert-parallel-size")
-    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default=None)
-    for dest, (flag, _) in {**_CORE_NO_EFFECT, **_CORE_REFUSED}.items():
-        g.add_argument(flag, dest=dest, action="store_true")
-
-
-def _core_block_notes(args) -> list:
-    notes = [f"{flag}: {why}" for dest, (flag, why) in _CORE_NO_EFFECT.items() if getattr(args, dest)]
-    if args.transformer_impl == "transformer_engine":
-        notes.append("--transformer-impl transformer_engine: TransformerEngine is not used here; the local "
-                     "implementation computes the same layers")
-    megatron_core_moe = args.moe_grouped_gemm or args.moe_token_dispatcher_type is not None
-    if megatron_core_moe and args.moe_layer_freq is None and list(args.num_experts) != [1]:
-        notes.append(f"--moe-layer-freq not given: MoE layers every --expert-interval ({args.expert_interval}) "
-                     f"layers (DeepSpeed's default); Megatron-LM puts one on every layer: add --moe-layer-freq 1")
-    if args.moe_token_dispatcher_type is not None:
-        notes.append(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: tokens are always sorted by "
-                     f"expert and exchanged with all-to-all over the EP group here (same results)")
-    return notes
-
-
-def _core_activation(args) -> str:
-    if not args.swiglu:
-        return "gelu_tanh" if args.bias_gelu_fusion or args.openai_gelu else "gelu"
-    if args.openai_gelu or not args.bias_gelu_fusion:
-        raise ConfigError("--swiglu replaces the GELU; drop --openai-gelu/--no-bias-gelu-fusion")
-    return "swiglu"
-
-
-def _core_block_fields(args) -> dict:
-    """ModelConfig fields of the Megatron-LM core block flags."""
-    for dest, (flag, why) in _CORE_REFUSED.items():
-        if getattr(args, dest):
-            raise ConfigError(f"{flag}: {why}; drop the flag")
-    if args.rotary_scaling_factor != 1.0:
-        raise ConfigError(f"--rotary-scaling-factor {args.rotary_scaling_factor}: RoPE scaling (YaRN) is not "
-                          f"implemented here; use 1.0")
-    if args.num_query_groups is not None and not args.group_query_attention:
-        raise ConfigError(f"--num-query-groups {args.num_query_groups} needs --group-query-attention (without it "
-                          f"every head has its own key/value)")
-    position = args.position_embedding_type
-    if not args.add_position_embedding and position == "learned_absolute":
-        position = "none"
-    return dict(
-        normalization=args.normalization,
-        activation=_core_activation(args),
-        num_query_groups=((args.num_query_groups if args.num_query_groups is not None else 1)
-                          if args.group_query_attention else None),  # Megatron-LM: 1 (MQA) when not given
-        kv_channels=args.kv_channels,
-        qk_layernorm=args.qk_layernorm,
-        position_embedding_type=position,
-        rotary_percent=args.rotary_percent,
-        add_bias_linear=args.add_bias_linear,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        multi_latent_attention=args.multi_latent_attention,
-        q_lora_rank=args.q_lora_rank,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_head_dim=args.qk_head_dim,
-        qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
-        v_head_dim=args.v_head_dim,
-    )
-
-
-def _core_moe_fields(args) -> dict:
-    """MoEConfig fields of the Megatron-LM core expert flags."""
-    from moe.config import parse_layer_freq
-
-    return dict(
-        layer_freq=_checked(parse_layer_freq, args.moe_layer_freq) if args.moe_layer_freq is not None else None,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
-        shared_expert_gate=args.moe_shared_expert_gate,
-    )
-
-
-def _validate_core_blocks(m: ModelConfig, tp: int) -> None:
-    """TP rules of the new blocks: whole key/value groups per rank; SwiGLU halves split alike (ffn % tp)."""
-    if m.num_query_groups is not None and m.num_query_groups % tp != 0:
-        raise ConfigError(f"--num-query-groups ({m.num_query_groups}) must be divisible by "
-                          f"--tensor-model-parallel-size ({tp}): each rank holds whole key/value groups")
-# ------------------------------------------------------------------ end of Megatron-LM core blocks and experts
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -568,7 +430,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
         # the Megatron-DeepSpeed MoE scripts pass --vocab-file/--merge-file only: that pair is GPT-2's BPE
         args.tokenizer_type = "GPT2BPETokenizer"
         args.config_notes.append("--tokenizer-type not given: GPT2BPETokenizer (from --vocab-file and --merge-file)")
-    args.config_notes += _flag_notes(args) + _core_block_notes(args)
+    args.config_notes += _flag_notes(args) + core_block_notes(args)
     return args
 
 
@@ -633,7 +495,7 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
-        **_core_block_fields(args),  # activation, norm, attention kind, position embedding, biases, head
+        **core_block_fields(args),  # activation, norm, attention kind, position embedding, biases, head
     )
 
 
@@ -660,7 +522,7 @@ def moe_config_from_args(args):
         mlp_type=args.mlp_type,
         drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
         second_expert_sampling=args.moe_top2_2nd_expert_sampling,
-        **_core_moe_fields(args),  # layer placement, expert and shared-expert sizes
+        **core_moe_fields(args),  # layer placement, expert and shared-expert sizes
     )
     _require(args, "--num-layers")
     _checked(cfg.layer_plan, args.num_layers)  # at least one MoE layer; per-layer lists of the right length
@@ -840,7 +702,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ConfigError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
-    _validate_core_blocks(m, tp)
+    validate_core_blocks(m, tp)
     if cfg.optimizer_offload.enabled and cfg.parallel.zero_stage:
         raise ConfigError(f"--moe-offload-optimizer nvme and --zero-stage {cfg.parallel.zero_stage} do not combine: "
                           f"the offloaded expert state is not sharded; use one of them")
