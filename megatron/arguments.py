@@ -14,8 +14,9 @@ from typing import Optional, Sequence, Tuple
 
 from megatron import parallel_state
 from megatron.config import (LR_DECAY_STYLES, CheckpointConfig, CurriculumConfig, DataConfig, LoggingConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig,
-                             num_moe_layers)
+                             OptimizerConfig, ParallelConfig, SchedulerConfig, TokenizerConfig, TrainConfig)
+from megatron.arguments_mcore import (add_megatron_core_block_args, core_block_fields, core_block_notes,
+                                      core_moe_fields, validate_core_blocks)
 from megatron.errors import ConfigError, UserError
 from megatron.microbatches import rampup_batch_sizes, train_iters_from_samples
 from moe.distill import DistillConfig, validate_distill
@@ -44,7 +45,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"], default="learned_absolute")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
@@ -412,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_moe_args(p)
     add_moe_router_args(p)
+    add_megatron_core_block_args(p)
     add_training_args(p)
     add_batch_schedule_args(p)
     add_lr_schedule_args(p)
@@ -447,7 +449,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
         # the Megatron-DeepSpeed MoE scripts pass --vocab-file/--merge-file only: that pair is GPT-2's BPE
         args.tokenizer_type = "GPT2BPETokenizer"
         args.config_notes.append("--tokenizer-type not given: GPT2BPETokenizer (from --vocab-file and --merge-file)")
-    args.config_notes += _flag_notes(args)
+    args.config_notes += _flag_notes(args) + core_block_notes(args)
     return args
 
 
@@ -507,13 +509,12 @@ def model_config_from_args(args, padded_vocab_size: int) -> ModelConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
-        position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         layernorm_epsilon=args.layernorm_epsilon,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
-        activation="gelu_tanh" if args.bias_gelu_fusion or args.openai_gelu else "gelu",
+        **core_block_fields(args),  # activation, norm, attention kind, position embedding, biases, head
     )
 
 
@@ -523,16 +524,7 @@ def moe_config_from_args(args):
         return None
     from moe.config import MoEConfig
 
-    n_moe = num_moe_layers(args.num_layers, args.expert_interval) if args.num_layers else 0
-    if n_moe == 0:
-        raise ConfigError(f"--num-experts {args.num_experts} needs at least one MoE layer, but --num-layers "
-                          f"({args.num_layers}) // --expert-interval ({args.expert_interval}) is 0")
-    for flag, values in (("--num-experts", args.num_experts), ("--moe-expert-parallel-size",
-                                                                args.moe_expert_parallel_size)):
-        if len(values) not in (1, n_moe):
-            raise ConfigError(f"{flag} has {len(values)} values; give one, or one per MoE layer ({n_moe} = "
-                              f"--num-layers {args.num_layers} // --expert-interval {args.expert_interval})")
-    return _checked(MoEConfig, **dict(
+    cfg = _checked(MoEConfig, **dict(
         num_experts=tuple(args.num_experts),
         expert_interval=args.expert_interval,
         topk=args.topk,
@@ -548,7 +540,10 @@ def moe_config_from_args(args):
         mlp_type=args.mlp_type,
         drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
         second_expert_sampling=args.moe_top2_2nd_expert_sampling,
-    ) | router_fields(args))
+    ) | router_fields(args) | core_moe_fields(args))  # router flags; layer placement, expert and shared sizes
+    _require(args, "--num-layers")
+    _checked(cfg.layer_plan, args.num_layers)  # at least one MoE layer; per-layer lists of the right length
+    return cfg
 
 
 def tokenizer_config_from_args(args) -> TokenizerConfig:
@@ -727,6 +722,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                         (m.padded_vocab_size, "padded vocabulary size")):
         if value % tp != 0:
             raise ConfigError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+    validate_core_blocks(m, tp)
     if cfg.optimizer_offload.enabled and cfg.parallel.zero_stage:
         raise ConfigError(f"--moe-offload-optimizer nvme and --zero-stage {cfg.parallel.zero_stage} do not combine: "
                           f"the offloaded expert state is not sharded; use one of them")

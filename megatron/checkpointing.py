@@ -568,6 +568,16 @@ _FLAG_OF_FIELD = {
     "ffn_hidden_size": "--ffn-hidden-size", "padded_vocab_size": "vocabulary size (--vocab-file/--tokenizer-model)",
     "max_position_embeddings": "--max-position-embeddings", "position_embedding_type": "--position-embedding-type",
     "num_experts": "--num-experts", "expert_interval": "--expert-interval", "mlp_type": "--mlp-type",
+    # Megatron-LM core blocks and experts (issue 25)
+    "normalization": "--normalization", "activation": "--swiglu (or the GELU flags)",
+    "num_query_groups": "--num-query-groups", "kv_channels": "--kv-channels", "qk_layernorm": "--qk-layernorm",
+    "rotary_percent": "--rotary-percent", "add_bias_linear": "--disable-bias-linear",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "multi_latent_attention": "--multi-latent-attention", "q_lora_rank": "--q-lora-rank",
+    "kv_lora_rank": "--kv-lora-rank", "qk_head_dim": "--qk-head-dim", "qk_pos_emb_head_dim": "--qk-pos-emb-head-dim",
+    "v_head_dim": "--v-head-dim", "layer_freq": "--moe-layer-freq", "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+    "shared_expert_ffn_hidden_size": "--moe-shared-expert-intermediate-size",
+    "shared_expert_gate": "--moe-shared-expert-gate",
 }
 
 

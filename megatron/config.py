@@ -27,10 +27,25 @@ class ModelConfig:
     hidden_dropout: float = 0.1  # dropout after attention/MLP output projections
     attention_dropout: float = 0.1  # dropout on attention probabilities
     init_method_std: float = 0.02  # std of normal init; output projections use std/sqrt(2*layers)
-    position_embedding_type: str = "learned_absolute"  # or "rope"
+    position_embedding_type: str = "learned_absolute"  # "learned_absolute", "rope" or "none"
     rotary_base: float = 10000.0  # RoPE theta
-    layernorm_epsilon: float = 1e-5  # LayerNorm eps
-    activation: str = "gelu_tanh"  # MLP (and expert) activation: 'gelu_tanh' (Megatron's fused bias-GeLU) or 'gelu'
+    layernorm_epsilon: float = 1e-5  # eps of every normalisation layer (--layernorm-epsilon / --norm-epsilon)
+    activation: str = "gelu_tanh"  # MLP (and expert) activation: 'gelu_tanh' (Megatron's fused bias-GeLU), 'gelu',
+    #   or 'swiglu' (silu(x W_gate) * x W_up: the first projection holds [gate; up], 2 x ffn rows)
+    # --- block architecture (Megatron-LM core's flags; the defaults are the GPT-3 block) ---
+    normalization: str = "LayerNorm"  # "LayerNorm" or "RMSNorm" (every norm of the model)
+    num_query_groups: Optional[int] = None  # grouped-query attention: key/value heads; None = one per head (MHA)
+    kv_channels: Optional[int] = None  # head dim of q, k, v; None = hidden_size / num_attention_heads
+    qk_layernorm: bool = False  # norm over each head's q and k before RoPE (Qwen3); with MLA: the latents' norms
+    rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (the first ones), in (0, 1]
+    add_bias_linear: bool = True  # biases in attention and MLP/expert linears (--disable-bias-linear: False)
+    untie_embeddings_and_output_weights: bool = False  # the LM head has its own [V, h] weight
+    multi_latent_attention: bool = False  # DeepSeek-V2/V3 MLA instead of (GQA) self-attention
+    q_lora_rank: Optional[int] = None  # MLA: rank of the query down-projection; None = a full-rank q projection
+    kv_lora_rank: int = 32  # MLA: rank of the joint key/value latent
+    qk_head_dim: int = 128  # MLA: per-head q/k dims without position information (Megatron's qk_head_dim)
+    qk_pos_emb_head_dim: int = 64  # MLA: per-head q/k dims that carry RoPE (shared by all heads for k)
+    v_head_dim: int = 128  # MLA: per-head value dim
     recompute_granularity: Optional[str] = None  # activation recomputation: None | "full" | "selective"
     recompute_method: Optional[str] = None  # full recompute: "uniform" | "block"
     recompute_num_layers: Optional[int] = None  # layers per recomputed chunk (uniform) or recomputed (block)
@@ -41,28 +56,57 @@ class ModelConfig:
             (self.hidden_size > 0, f"--hidden-size ({self.hidden_size}) must be positive"),
             (self.num_attention_heads > 0,
              f"--num-attention-heads ({self.num_attention_heads}) must be positive"),
-            (self.hidden_size % max(self.num_attention_heads, 1) == 0,
+            (self.kv_channels is not None or self.multi_latent_attention
+             or self.hidden_size % max(self.num_attention_heads, 1) == 0,
              f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads "
-             f"({self.num_attention_heads})"),
+             f"({self.num_attention_heads}) (or give --kv-channels)"),
             (self.seq_length > 0, f"--seq-length ({self.seq_length}) must be positive"),
-            (self.position_embedding_type == "rope" or self.max_position_embeddings >= self.seq_length,
+            (self.position_embedding_type != "learned_absolute" or self.max_position_embeddings >= self.seq_length,
              f"--max-position-embeddings ({self.max_position_embeddings}) must be >= --seq-length "
              f"({self.seq_length})"),
             (0.0 <= self.hidden_dropout < 1.0, f"--hidden-dropout ({self.hidden_dropout}) must be in [0, 1)"),
             (0.0 <= self.attention_dropout < 1.0,
              f"--attention-dropout ({self.attention_dropout}) must be in [0, 1)"),
-            (self.position_embedding_type in ("learned_absolute", "rope"),
-             f"--position-embedding-type ({self.position_embedding_type}) must be learned_absolute or rope"),
-            (self.position_embedding_type != "rope" or (self.hidden_size // max(self.num_attention_heads, 1)) % 2 == 0,
-             f"--position-embedding-type rope needs an even head dim (got {self.hidden_size} / "
-             f"{self.num_attention_heads} = {self.hidden_size // max(self.num_attention_heads, 1)})"),
-            (self.activation in ("gelu_tanh", "gelu"),
-             f"ModelConfig.activation ({self.activation!r}) must be 'gelu_tanh' or 'gelu' (--no-bias-gelu-fusion)"),
+            (self.position_embedding_type in ("learned_absolute", "rope", "none"),
+             f"--position-embedding-type ({self.position_embedding_type}) must be learned_absolute, rope or none"),
+            (self.activation in ("gelu_tanh", "gelu", "swiglu"),
+             f"ModelConfig.activation ({self.activation!r}) must be 'gelu_tanh', 'gelu' (--no-bias-gelu-fusion) or "
+             f"'swiglu' (--swiglu)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        self._check_attention()
         self._check_recompute()
+
+    def _check_attention(self) -> None:
+        """Norm kind, GQA groups, head dims, RoPE fraction and MLA sizes (TP divisibility: arguments.validate)."""
+        heads, groups = self.num_attention_heads, self.num_query_groups
+        checks = [
+            (self.normalization in ("LayerNorm", "RMSNorm"),
+             f"--normalization ({self.normalization}) must be LayerNorm or RMSNorm"),
+            (self.layernorm_epsilon > 0, f"--norm-epsilon ({self.layernorm_epsilon}) must be > 0"),
+            (groups is None or (groups >= 1 and heads % groups == 0),
+             f"--num-query-groups ({groups}) must divide --num-attention-heads ({heads}); pick a divisor of {heads}"),
+            (self.kv_channels is None or self.kv_channels >= 1, f"--kv-channels ({self.kv_channels}) must be >= 1"),
+            (0.0 < self.rotary_percent <= 1.0, f"--rotary-percent ({self.rotary_percent}) must be in (0, 1]"),
+            (not self.multi_latent_attention or groups is None,
+             "--multi-latent-attention and --group-query-attention/--num-query-groups do not combine (MLA shares "
+             "one latent over all heads); drop one"),
+            (not self.multi_latent_attention or self.position_embedding_type == "rope",
+             f"--multi-latent-attention needs --position-embedding-type rope (got {self.position_embedding_type})"),
+            (not self.multi_latent_attention or min(self.kv_lora_rank, self.qk_head_dim, self.v_head_dim,
+                                                    self.qk_pos_emb_head_dim, self.q_lora_rank or 1) >= 1,
+             f"--kv-lora-rank ({self.kv_lora_rank}), --q-lora-rank ({self.q_lora_rank}), --qk-head-dim "
+             f"({self.qk_head_dim}), --qk-pos-emb-head-dim ({self.qk_pos_emb_head_dim}) and --v-head-dim "
+             f"({self.v_head_dim}) must be >= 1"),
+            (self.position_embedding_type != "rope" or self.rotary_dim % 2 == 0,
+             f"--position-embedding-type rope needs an even head dim (the rotated dims per head: got "
+             f"{self.rotary_dim} = {'--qk-pos-emb-head-dim' if self.multi_latent_attention else 'head dim x --rotary-percent'})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
 
     def _check_recompute(self) -> None:
         """Megatron-LM's rules: full needs a method and a layer count (uniform: it divides --num-layers; block:
@@ -97,7 +141,20 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Per-head q/k/v dim of (GQA) self-attention: --kv-channels, default hidden / heads."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims per head that RoPE rotates: MLA's --qk-pos-emb-head-dim, else head_dim x --rotary-percent."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (--num-query-groups; all heads without GQA)."""
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -385,11 +442,3 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     tf32: bool = True  # fp32 matmuls / cuDNN convolutions on CUDA may use TF32 tensor cores (--no-tf32: IEEE fp32)
 
-
-def num_moe_layers(num_layers: int, expert_interval: int) -> int:
-    """MoE layers under the Megatron-DeepSpeed convention: layer i (0-based) is MoE iff (i+1) % interval == 0."""
-    return num_layers // expert_interval
-
-
-def is_moe_layer(layer_idx: int, expert_interval: int) -> bool:
-    return (layer_idx + 1) % expert_interval == 0

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron.config import ModelConfig, is_moe_layer
+from megatron.config import ModelConfig
 
 
 def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> float:
@@ -18,14 +18,14 @@ def flops_per_token(cfg: ModelConfig, moe_cfg=None, training: bool = True) -> fl
     """
     h, f, s, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length, cfg.padded_vocab_size
     total = 0.0
-    moe_idx = 0
+    plan = moe_cfg.layer_plan(cfg.num_layers) if moe_cfg is not None else (None,) * cfg.num_layers
     for layer in range(cfg.num_layers):
         total += 2 * 4 * h * h  # QKV (3h^2) + output projection (h^2)
         total += 2 * 2 * s * h  # QK^T and attention x V
-        if moe_cfg is not None and is_moe_layer(layer, moe_cfg.expert_interval):
-            n_exp = moe_cfg.num_experts_for_layer(moe_idx)
-            moe_idx += 1
-            total += moe_cfg.topk * 2 * 2 * h * f + 2 * h * n_exp  # active experts + router
+        if plan[layer] is not None:
+            n_exp = plan[layer].num_experts
+            fe = moe_cfg.moe_ffn_hidden_size or f
+            total += moe_cfg.topk * 2 * 2 * h * fe + 2 * h * n_exp  # active experts + router
             if moe_cfg.mlp_type == "residual":
                 total += 2 * 2 * h * f + 2 * h * 2  # Residual-MoE: dense MLP + 2-way mixing coefficient
         else:

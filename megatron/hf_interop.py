@@ -172,6 +172,13 @@ def export_gpt2(load: str, out_dir: str) -> str:
     if cfg.position_embedding_type != "learned_absolute":
         raise ConfigError(f"--load {load} uses {cfg.position_embedding_type} positions: GPT-2 has learned absolute "
                           f"positions; export it with --format safetensors")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    other = [f for f in ("normalization", "num_query_groups", "kv_channels", "qk_layernorm", "add_bias_linear",
+                         "untie_embeddings_and_output_weights", "multi_latent_attention") if getattr(cfg, f) != defaults[f]]
+    other += ["activation"] if cfg.activation == "swiglu" else []
+    if other:  # issue 25's blocks: GPT-2 has LayerNorm, GELU, MHA with biases and a tied head
+        raise ConfigError(f"--load {load} has a block GPT-2 does not ({', '.join(other)}); export it with "
+                          f"--format safetensors")
     hf_cfg, hf_sd = gpt2_from_state_dict(model.state_dict(), cfg)
     hf_model = tf.GPT2LMHeadModel(tf.GPT2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"}))
     missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)

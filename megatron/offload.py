@@ -15,7 +15,6 @@ from typing import Iterator, Mapping, Optional, Tuple
 import torch
 
 from megatron import checkpointing
-from megatron.config import is_moe_layer
 from megatron.errors import ConfigError, UserError
 from moe.layer import MoELayer
 from moe.offload import (ExpertCache, ExpertStore, GatePrefetcher, OffloadConfig, OffloadedExperts, OffloadError,
@@ -31,11 +30,12 @@ RECORD_TENSORS = (("w1_FD", "experts.w1_eFD"), ("b1_F", "experts.b1_eF"), ("w2_D
 
 def moe_layer_sizes(configs: dict) -> Tuple[int, ...]:
     """Experts of each MoE layer of the checkpoint's model, in order."""
-    moe, model = configs.get("moe") or {}, configs["model"]
-    num = moe.get("num_experts") or [1]
-    num = [num] if isinstance(num, int) else list(num)
-    n_moe = sum(1 for i in range(model["num_layers"]) if is_moe_layer(i, moe.get("expert_interval", 2)))
-    return tuple(num[0] if len(num) == 1 else num[m] for m in range(n_moe))
+    if not configs.get("moe"):
+        return ()
+    from moe.config import MoEConfig
+
+    plan = MoEConfig.from_recorded(configs["moe"]).layer_plan(configs["model"]["num_layers"])
+    return tuple(spec.num_experts for spec in plan if spec is not None)
 
 
 def checkpoint_source(ckpt_dir: str, iteration: int, configs: dict) -> dict:
@@ -155,7 +155,7 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
         if isinstance(block.mlp, MoELayer):
             layer = block.mlp
             layer.experts = OffloadedExperts(cache, layer.layer_index, layer.num_experts, mcfg.hidden_size,
-                                             mcfg.ffn_hidden_size, activation=layer.experts.activation)
+                                             layer.experts.w2_eDF.shape[-1], activation=layer.experts.activation)
             moe_blocks.append((idx, layer.layer_index))
     model.to_empty(device=device)
     for mod in model.modules():

@@ -1,9 +1,10 @@
 """`MoEConfig`: the frozen settings of every MoE layer, checked once before any module is built."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 MLP_TYPES = ("standard", "residual")
@@ -11,7 +12,7 @@ DROP_POLICIES = ("position", "probs", "any")
 RENORMALIZE = ("after_drop", "before_drop")
 RTS_SCOPES = ("top1", "train")
 AUX_LOSS_CHOICES = ("first", "all")
-ACTIVATIONS = ("gelu_tanh", "gelu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
 ROUTER_FAMILIES = ("deepspeed", "megatron")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
@@ -59,8 +60,15 @@ class MoEConfig:
     #   'train' (any k, training only)
     aux_loss_choices: Optional[str] = None  # the load fraction in the aux loss counts 'first' choices or 'all'
     #   k (divided by k); None = DeepSpeed's ('first' for k <= 2, 'all' for k > 2)
-    expert_activation: Optional[str] = None  # built-in experts' activation: 'gelu_tanh' or 'gelu' (exact erf);
-    #   None = the dense MLP's (ModelConfig.activation; 'gelu_tanh' in moe.MoE)
+    expert_activation: Optional[str] = None  # built-in experts' activation: 'gelu_tanh', 'gelu' (exact erf) or
+    #   'swiglu'; None = the dense MLP's (ModelConfig.activation; 'gelu_tanh' in moe.MoE)
+    # --- layer placement and expert sizes (Megatron-LM core's flags) ---
+    layer_freq: Union[None, int, Tuple[int, ...]] = None  # --moe-layer-freq: N = layers 0, N, 2N.. are MoE, or a
+    #   0/1 per layer; None = DeepSpeed's --expert-interval rule (layer i is MoE iff (i + 1) % interval == 0)
+    moe_ffn_hidden_size: Optional[int] = None  # --moe-ffn-hidden-size: each routed expert's F; None = the dense MLP's
+    shared_expert_ffn_hidden_size: Optional[int] = None  # --moe-shared-expert-intermediate-size: width of the
+    #   shared expert(s) computed for every token beside the routed ones; None = no shared expert
+    shared_expert_gate: bool = False  # scale the shared expert's output by sigmoid(x · w_gate) (Qwen2-MoE)
     # --- router (docs/design.md "Routers"); the --moe-router-* flags select router_family 'megatron' ---
     router_family: str = "deepspeed"  # 'deepspeed': DeepSpeed TopKGate's routing (the choices above); 'megatron':
     #   megatron-core TopKRouter's (the fields below; capacity ceil(k*T/E*cf) without min_capacity, no RTS)
@@ -135,6 +143,7 @@ class MoEConfig:
         if self.z_loss_coeff < 0:
             raise ValueError(f"--moe-z-loss-coeff ({self.z_loss_coeff}) must be >= 0")
         self._check_router()
+        self._check_layers_and_sizes()
 
     def _check_router(self):
         if self.drop_tokens is None:
@@ -198,6 +207,62 @@ class MoEConfig:
         if self.pad_to_capacity and not self.drop_tokens:
             raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
 
+    def _check_layers_and_sizes(self) -> None:
+        freq = self.layer_freq
+        if isinstance(freq, list):
+            freq = tuple(freq)
+            object.__setattr__(self, "layer_freq", freq)
+        if isinstance(freq, int) and freq < 1:
+            raise ValueError(f"--moe-layer-freq ({freq}) must be >= 1")
+        if isinstance(freq, tuple) and (any(v not in (0, 1) for v in freq) or 1 not in freq):
+            raise ValueError(f"--moe-layer-freq ({list(freq)}) must be a list of 0 (dense) and 1 (MoE) per layer "
+                             f"with at least one 1")
+        for flag, v in (("--moe-ffn-hidden-size", self.moe_ffn_hidden_size),
+                        ("--moe-shared-expert-intermediate-size", self.shared_expert_ffn_hidden_size)):
+            if v is not None and v < 1:
+                raise ValueError(f"{flag} ({v}) must be >= 1")
+        if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
+            raise ValueError("--moe-shared-expert-gate gates the shared expert; it needs "
+                             "--moe-shared-expert-intermediate-size")
+
+    def is_moe_pattern(self, num_layers: int) -> Tuple[bool, ...]:
+        """Whether each of the model's `num_layers` layers is a MoE layer (see layer_freq)."""
+        freq = self.layer_freq
+        if freq is None:
+            return tuple((i + 1) % self.expert_interval == 0 for i in range(num_layers))
+        if isinstance(freq, int):
+            return tuple(i % freq == 0 for i in range(num_layers))
+        if len(freq) != num_layers:
+            raise ValueError(f"--moe-layer-freq lists {len(freq)} layers but --num-layers is {num_layers}; give "
+                             f"one 0/1 per layer")
+        return tuple(bool(v) for v in freq)
+
+    def layer_plan(self, num_layers: int) -> Tuple[Optional["MoELayerSpec"], ...]:
+        """Per transformer layer: None (dense MLP) or its MoELayerSpec; the one place MoE placement is computed.
+
+        Raises ValueError when no layer is MoE or a per-layer list (--num-experts, --moe-expert-parallel-size)
+        has neither one value nor one per MoE layer."""
+        pattern = self.is_moe_pattern(num_layers)
+        n_moe = sum(pattern)
+        if n_moe == 0:
+            raise ValueError(f"--num-experts {list(self.num_experts)} needs at least one MoE layer, but --num-layers "
+                             f"({num_layers}) with {self._placement_flags()} gives none")
+        for flag, values in (("--num-experts", self.num_experts), ("--moe-expert-parallel-size", self.ep_size)):
+            if len(values) not in (1, n_moe):
+                raise ValueError(f"{flag} has {len(values)} values; give one, or one per MoE layer ({n_moe} with "
+                                 f"--num-layers {num_layers} and {self._placement_flags()})")
+        plan, m = [], 0
+        for is_moe in pattern:
+            plan.append(MoELayerSpec(m, self.num_experts_for_layer(m), self.ep_size_for_layer(m)) if is_moe else None)
+            m += bool(is_moe)
+        return tuple(plan)
+
+    def _placement_flags(self) -> str:
+        if self.layer_freq is None:
+            return f"--expert-interval {self.expert_interval}"
+        freq = self.layer_freq
+        return f"--moe-layer-freq {freq if isinstance(freq, int) else list(freq)}"
+
     @classmethod
     def from_recorded(cls, recorded: dict, **overrides) -> "MoEConfig":
         """The config a checkpoint recorded (dataclasses.asdict, lists where JSON made them), with `overrides`
@@ -221,6 +286,39 @@ class MoEConfig:
         if len(self.ep_size) == 1:
             return self.ep_size[0]
         return self.ep_size[moe_layer_index]
+
+
+class MoELayerSpec(NamedTuple):
+    """One MoE layer of a model (MoEConfig.layer_plan)."""
+    moe_index: int  # position among the model's MoE layers (indexes per-layer lists; names expert files)
+    num_experts: int  # E of this layer
+    ep_size: int  # expert-parallel size of this layer
+
+
+def parse_layer_freq(text: str) -> Union[int, Tuple[int, ...]]:
+    """--moe-layer-freq as Megatron-LM reads it: an int, or a Python list expression of 0/1 such as
+    `([0]*3+[1]*5)` or `[1,0,1]` (evaluated over int/list literals, `*` and `+` only; nothing else runs)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Add)):
+            a, b = ev(node.left), ev(node.right)
+            return a * b if isinstance(node.op, ast.Mult) else a + b
+        raise ValueError
+    try:
+        value = ev(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        value = None
+    if not isinstance(value, list):
+        raise ValueError(f"--moe-layer-freq ({text!r}) must be an int or a list expression such as "
+                         f"'([0]*3+[1]*5)' (0 = dense layer, 1 = MoE layer)")
+    return tuple(value)
 
 
 def _as_tuple(value) -> tuple:

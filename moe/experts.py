@@ -213,14 +213,45 @@ def _balanced_pieces(a_list, b_list, c_list, trans_a: bool):
 
 
 # GELU variants by name (MoEConfig / ModelConfig `activation`) -> aten's `approximate` argument. 'gelu_tanh' is
-# Megatron's default (its fused bias-GeLU is the tanh approximation); 'gelu' is the exact erf form.
+# Megatron's default (its fused bias-GeLU is the tanh approximation); 'gelu' is the exact erf form. 'swiglu' is
+# gated (Shazeer 2020, Megatron-LM's --swiglu): the first projection has 2F rows [gate; up] and the activation is
+# silu(gate) * up, [.., 2F] -> [.., F].
 _APPROXIMATE = {"gelu_tanh": "tanh", "gelu": "none"}
+GATED = ("swiglu",)
 
 
 def activation_fn(name: str):
     """The activation called `name` as a function of one tensor (the dense MLP and every expert use it)."""
+    if name == "swiglu":
+        return lambda x: _swiglu(*x.chunk(2, dim=-1))
     approximate = _APPROXIMATE[name]
     return lambda x: F.gelu(x, approximate=approximate)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _act_forward(activation: str, h_NH: torch.Tensor, new) -> torch.Tensor:
+    """a_NF = act(h_NH) into a buffer from `new` (H = F, or 2F for a gated activation)."""
+    if activation == "swiglu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        return torch.mul(F.silu(gate), up, out=new("a", up.shape, h_NH))
+    return torch.ops.aten.gelu.out(h_NH, approximate=_APPROXIMATE[activation], out=new("a", h_NH.shape, h_NH))
+
+
+def _act_backward(activation: str, da_NF: torch.Tensor, h_NH: torch.Tensor, new) -> torch.Tensor:
+    """dL/dh from dL/da. swiglu: d gate = da · up · σ(g)(1 + g(1 − σ(g))), d up = da · silu(g)."""
+    dh_NH = new("dh", h_NH.shape, h_NH)
+    if activation == "swiglu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        d_gate, d_up = dh_NH.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        torch.mul(da_NF, gate * sig, out=d_up)
+        torch.mul(da_NF * up, sig * (1 + gate * (1 - sig)), out=d_gate)
+        return dh_NH
+    return torch.ops.aten.gelu_backward.grad_input(da_NF, h_NH, approximate=_APPROXIMATE[activation],
+                                                   grad_input=dh_NH)
 
 
 # The expert GEMM seam (torchtitan's `_grouped_mm` shape): 'auto' runs torch._grouped_mm (one kernel for all
@@ -267,24 +298,23 @@ class _GroupedMLP(torch.autograd.Function):
         e, num_rows = len(counts), x_ND.shape[0]
         new = _allocator(recycler)
         x_ND = x_ND.contiguous()
-        approximate = _APPROXIMATE[activation]
         expert_N = torch.repeat_interleave(torch.arange(e, device=x_ND.device),
                                            torch.tensor(counts, device=x_ND.device), output_size=num_rows)
         rows = [slice(offsets[i], offsets[i + 1]) for i in range(e)]
-        grouped = _grouped_mm_ok(x_ND, w1_eFD)
+        grouped = _grouped_mm_ok(x_ND, w1_eFD) and _grouped_mm_ok(x_ND, w2_eDF)  # (swiglu: w1 has 2F rows, w2 F)
         offs = torch.tensor(offsets[1:], dtype=torch.int32, device=x_ND.device) if grouped else None
         if grouped:
             h_NF = _gmm(x_ND, w1_eFD.transpose(1, 2), offs).add_(b1_eF.index_select(0, expert_N))
         else:
             h_NF = torch.index_select(b1_eF, 0, expert_N, out=new("h", (num_rows, w1_eFD.shape[1]), x_ND))
             batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0)
-        a_NF = torch.ops.aten.gelu.out(h_NF, approximate=approximate, out=new("a", h_NF.shape, x_ND))
+        a_NF = _act_forward(activation, h_NF, new)
         if grouped:
             y_ND = _gmm(a_NF, w2_eDF.transpose(1, 2), offs).add_(b2_eD.index_select(0, expert_N))
         else:
             y_ND = torch.index_select(b2_eD, 0, expert_N, out=new("y", (num_rows, w2_eDF.shape[1]), x_ND))
             batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0)
-        ctx.rows, ctx.recycler, ctx.approximate, ctx.offs = rows, recycler, approximate, offs
+        ctx.rows, ctx.recycler, ctx.activation, ctx.offs = rows, recycler, activation, offs
         ctx.save_for_backward(x_ND, h_NF, a_NF, w1_eFD, w2_eDF)
         return y_ND
 
@@ -305,10 +335,9 @@ class _GroupedMLP(torch.autograd.Function):
             batched_mm(dys, [a_NF[r] for r in rows], list(dw2), trans_a=True)
         if need_b2:
             db2 = _row_sums(dys, dy_ND)
-        da_NF = new("da", h_NF.shape, h_NF)
+        da_NF = new("da", a_NF.shape, h_NF)
         batched_mm(dys, list(w2_eDF), [da_NF[r] for r in rows])
-        dh_NF = torch.ops.aten.gelu_backward.grad_input(da_NF, h_NF, approximate=ctx.approximate,
-                                                        grad_input=new("dh", h_NF.shape, h_NF))
+        dh_NF = _act_backward(ctx.activation, da_NF, h_NF, new)
         del da_NF
         dhs = [dh_NF[r] for r in rows]
         if need_w1:
@@ -332,7 +361,7 @@ class _GroupedMLP(torch.autograd.Function):
         dw2 = _gmm(dy_ND.t(), a_NF, offs) if need_w2 else None
         db2 = dy_ND.new_zeros(e, dy_ND.shape[1]).index_add_(0, expert_N, dy_ND) if need_b2 else None
         da_NF = _gmm(dy_ND, w2_eDF, offs)
-        dh_NF = torch.ops.aten.gelu_backward(da_NF, h_NF, approximate=ctx.approximate)
+        dh_NF = _act_backward(ctx.activation, da_NF, h_NF, _allocator(None))
         dw1 = _gmm(dh_NF.t(), x_ND, offs) if need_w1 else None
         db1 = dh_NF.new_zeros(e, dh_NF.shape[1]).index_add_(0, expert_N, dh_NF) if need_b1 else None
         dx_ND = _gmm(dh_NF, w1_eFD, offs) if need_dx else None
@@ -374,11 +403,17 @@ def expert_rows_forward_(x_nD: torch.Tensor, w1_FD, b1_F, w2_DF, b2_D, h_nF: tor
     n = x_nD.shape[0]
     if n == 0:
         return
+    if h_nF.shape[1] != w1_FD.shape[0]:  # a gated activation's [gate; up] rows: 2F scratch columns
+        h_nF = x_nD.new_empty(n, w1_FD.shape[0])
     h_nF.copy_(b1_F.expand(n, b1_F.shape[0]))
     batched_mm([x_nD], [w1_FD], [h_nF], trans_b=True, beta=1.0)
-    torch.ops.aten.gelu_(h_nF, approximate=_APPROXIMATE[activation])
+    if activation == "swiglu":  # silu(gate) * up written over the gate half: a row-major [n, F] view
+        gate, up = h_nF.chunk(2, dim=-1)
+        a_nF = F.silu(gate, inplace=True).mul_(up)
+    else:
+        a_nF = torch.ops.aten.gelu_(h_nF, approximate=_APPROXIMATE[activation])
     y_nD.copy_(b2_D.expand(n, b2_D.shape[0]))
-    batched_mm([h_nF], [w2_DF], [y_nD], trans_b=True, beta=1.0)
+    batched_mm([a_nF], [w2_DF], [y_nD], trans_b=True, beta=1.0)
 
 
 def grouped_mlp_inference(x_ND: torch.Tensor, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF,
@@ -399,7 +434,8 @@ def _default_init(weight: torch.Tensor) -> None:
 
 
 class MLP(nn.Module):
-    """The one dense MLP: x -> dense_4h_to_h(act(dense_h_to_4h(x))), D -> F -> D with biases.
+    """The one dense MLP: x -> dense_4h_to_h(act(dense_h_to_4h(x))), D -> F -> D (biases unless bias=False;
+    a gated activation's dense_h_to_4h has 2F rows [gate; up], as Megatron-LM's fused linear_fc1).
 
     Used as is for the Residual-MoE branch and as the base of the model's ParallelMLP (megatron/model/mlp.py),
     which passes tensor-parallel linears; a built-in expert (GroupedMLPExperts) computes this same function,
@@ -409,21 +445,24 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu_tanh",
                  init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
-                 dense_h_to_4h: Optional[nn.Module] = None, dense_4h_to_h: Optional[nn.Module] = None):
+                 dense_h_to_4h: Optional[nn.Module] = None, dense_4h_to_h: Optional[nn.Module] = None,
+                 bias: bool = True):
         super().__init__()
         self.activation = activation
         self._act = activation_fn(activation)
         if dense_h_to_4h is None:
-            dense_h_to_4h, dense_4h_to_h = nn.Linear(hidden_size, ffn_hidden_size), nn.Linear(ffn_hidden_size,
-                                                                                              hidden_size)
+            width = 2 * ffn_hidden_size if activation in GATED else ffn_hidden_size  # swiglu: [gate; up]
+            dense_h_to_4h = nn.Linear(hidden_size, width, bias=bias)
+            dense_4h_to_h = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
             out_init = output_layer_init_method or init_method
             with torch.no_grad():
                 if init_method is not None:
                     init_method(dense_h_to_4h.weight)
                 if out_init is not None:
                     out_init(dense_4h_to_h.weight)
-                dense_h_to_4h.bias.zero_()
-                dense_4h_to_h.bias.zero_()
+                if bias:
+                    dense_h_to_4h.bias.zero_()
+                    dense_4h_to_h.bias.zero_()
         self.dense_h_to_4h, self.dense_4h_to_h = dense_h_to_4h, dense_4h_to_h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,7 +476,8 @@ class GroupedMLPExperts(nn.Module):
     `init_method` / `output_layer_init_method` (fill a tensor in place) are applied to each expert's
     slice and every expert has exactly that distribution. Biases start at zero (Megatron). No
     communication. forward(x_ND, counts): expert i takes the counts[i] consecutive rows after
-    expert i-1's; returns [N, D]. `activation`: 'gelu_tanh' or 'gelu' (activation_fn).
+    expert i-1's; returns [N, D]. `activation`: 'gelu_tanh', 'gelu' or 'swiglu' (activation_fn; swiglu's w1_eFD
+    has 2F rows per expert, [gate; up]). bias=False (--disable-bias-linear) freezes the biases at zero.
 
     Under expert parallelism (`num_experts` global experts, this rank holding `first_expert` ...
     `first_expert + num_local_experts - 1`) every rank draws the weights of all global experts in
@@ -448,15 +488,17 @@ class GroupedMLPExperts(nn.Module):
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
                  init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
-                 first_expert: int = 0, num_experts: Optional[int] = None, activation: str = "gelu_tanh"):
+                 first_expert: int = 0, num_experts: Optional[int] = None, activation: str = "gelu_tanh",
+                 bias: bool = True):
         super().__init__()
         e, D, F_ = num_local_experts, hidden_size, ffn_hidden_size
+        F1 = 2 * F_ if activation in GATED else F_  # swiglu: w1 holds [gate; up], the grouped GEMM stays one
         total = num_experts if num_experts is not None else e
         if not 0 <= first_expert <= total - e:
             raise ValueError(f"local experts {first_expert}..{first_expert + e - 1} are outside 0..{total - 1}")
         self.num_local_experts, self.activation = e, activation
-        self.w1_eFD = nn.Parameter(torch.empty(e, F_, D))
-        self.b1_eF = nn.Parameter(torch.zeros(e, F_))
+        self.w1_eFD = nn.Parameter(torch.empty(e, F1, D))
+        self.b1_eF = nn.Parameter(torch.zeros(e, F1))
         self.w2_eDF = nn.Parameter(torch.empty(e, D, F_))
         self.b2_eD = nn.Parameter(torch.zeros(e, D))
         with torch.no_grad():
@@ -469,6 +511,9 @@ class GroupedMLPExperts(nn.Module):
                     self.w2_eDF[g - first_expert].copy_(w2)
         for p in self.parameters():
             _tag_stacked(p, e)
+        if not bias:  # --disable-bias-linear: the biases stay zero (frozen), so the stacked layout is kept
+            self.b1_eF.requires_grad_(False)
+            self.b2_eD.requires_grad_(False)
         self.recycler = BufferRecycler()  # (not `buffers`: that would shadow nn.Module.buffers())
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:

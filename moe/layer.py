@@ -64,6 +64,31 @@ class ResidualMix(nn.Module):
         return (moe_TD * coef_T2[:, 0:1] + mlp_TD * coef_T2[:, 1:2]).to(moe_TD.dtype)  # autocast may widen
 
 
+class SharedExpert(nn.Module):
+    """Shared expert(s) (DeepSeek-MoE, Qwen2-MoE, Megatron-LM's --moe-shared-expert-intermediate-size): one dense
+    MLP of that width computed for every token beside the routed experts and added to their output; with
+    `gated` (Qwen2-MoE's shared_expert_gate) scaled per token by sigmoid(x · w_gate), w_gate [1, D] without bias.
+    Dense parameters (replicated over EP, reduced over DP like the router); no communication."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, gated: bool,
+                 init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
+                 bias: bool = True):
+        super().__init__()
+        self.mlp = MLP(hidden_size, ffn_hidden_size, activation, init_method, output_layer_init_method, bias=bias)
+        self.gate = None
+        if gated:
+            self.gate = nn.Linear(hidden_size, 1, bias=False)
+            if init_method is not None:
+                with torch.no_grad():
+                    init_method(self.gate.weight)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.mlp(x_TD)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+        return y_TD
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts MLP: y = Σ_k gate_k · expert_{e_k}(x) per token (0 for dropped choices).
 
@@ -83,6 +108,8 @@ class MoELayer(nn.Module):
         activation: the built-in experts' (and Residual-MoE branch's) activation when cfg.expert_activation is
             None: the model passes its dense MLP's, so one expert is the model's MLP.
         dp_group: data-parallel group, for the router's global_aux_loss counts (TopKRouter); None = one rank.
+        bias: biases in the built-in experts and the shared expert (False: --disable-bias-linear).
+    With cfg.shared_expert_ffn_hidden_size a SharedExpert of that width runs beside the routed experts.
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
     The layer never all-reduces gradients.
@@ -100,7 +127,7 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
                  ep_group=None, init_method: Optional[Callable] = None,
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
-                 activation: str = "gelu_tanh", dp_group=None):
+                 activation: str = "gelu_tanh", bias: bool = True, dp_group=None):
         super().__init__()
         activation = cfg.expert_activation or activation
         ep_size = 1 if ep_group is None else ep_group.size()
@@ -125,7 +152,7 @@ class MoELayer(nn.Module):
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
                                              init_method, output_layer_init_method,
                                              first_expert=self.ep_rank * self.num_local_experts,
-                                             num_experts=num_experts, activation=activation)
+                                             num_experts=num_experts, activation=activation, bias=bias)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
         for p in self.experts.parameters():
@@ -135,6 +162,10 @@ class MoELayer(nn.Module):
             mlp = (MLP(hidden_size, ffn_hidden_size, activation, init_method, output_layer_init_method)
                    if expert is None else copy.deepcopy(expert))
             self.residual = ResidualMix(mlp, hidden_size)
+        self.shared_expert = None
+        if cfg.shared_expert_ffn_hidden_size is not None:
+            self.shared_expert = SharedExpert(hidden_size, cfg.shared_expert_ffn_hidden_size, activation,
+                                              cfg.shared_expert_gate, init_method, output_layer_init_method, bias)
 
     def forward(self, x: torch.Tensor):
         """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape and dtype, MoEStats)."""
@@ -147,9 +178,11 @@ class MoELayer(nn.Module):
         return self._finish(x, x_TD, routing, y_TD)
 
     def _finish(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
-        """The residual mix (Residual-MoE) and the stats: (y of x's shape, MoEStats)."""
+        """The residual mix (Residual-MoE), the shared expert and the stats: (y of x's shape, MoEStats)."""
         if self.residual is not None:
             y_TD = self.residual(x_TD, y_TD)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD).to(y_TD.dtype)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
                          routing.dropped_fraction)
         return y_TD.view(x.shape), stats

@@ -1,4 +1,5 @@
-"""Causal self-attention: fused QKV projection, scaled_dot_product_attention, optional RoPE and KV cache.
+"""Causal self-attention (MHA or grouped-query): fused QKV projection, optional QK-norm, RoPE and KV cache,
+scaled_dot_product_attention. Multi-latent attention (DeepSeek) subclasses it in mla.py.
 
 With tensor parallelism the heads are split: QKV is column-parallel (each rank computes its heads' q, k, v), the
 output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
@@ -14,8 +15,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
-from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint, tp_size
+from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
+                                      copy_to_tensor_parallel_region, tp_size)
 from megatron.tensor_parallel.layers import divide
 
 
@@ -37,31 +40,80 @@ class KVCache:
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float,
-                 init_method, output_layer_init_method, layer_idx: int, tp_group=None, rng_tracker=None,
-                 recompute_core_attention: bool = False):
+    """Multi-head or grouped-query self-attention over this rank's heads.
+
+    Projection layouts (output features of the fused column-parallel `query_key_value`):
+    - MHA (cfg.num_query_groups None): [3, heads, d], split over TP with stride 3 (GPT-2 / Megatron's old layout);
+    - GQA (--group-query-attention): [groups, heads/groups + 2, d] (each group's queries, then its key and value:
+      Megatron-LM core's layout), split over TP by whole groups, so --num-query-groups must be divisible by TP.
+    Query head i uses key/value group i // (heads/groups) (transformers' repeat_kv). With cfg.qk_layernorm each
+    head's q and k go through the model's norm over d (weights shared by heads) before RoPE (Qwen3).
+    forward(x [b, s, h], rotary (cos, sin) or None, kv_cache) -> [b, s, h].
+    """
+
+    def __init__(self, cfg, layer_idx: int, init_method, output_layer_init_method, tp_group=None,
+                 rng_tracker=None):
         super().__init__()
-        self.recompute_core_attention = recompute_core_attention
+        self.recompute_core_attention = cfg.recompute_granularity == "selective"
         tp = tp_size(tp_group)
-        self.num_heads = divide(num_heads, tp, "--num-attention-heads")  # this rank's heads
-        self.head_dim = hidden_size // num_heads
-        self.attention_dropout = attention_dropout
+        self.num_heads = divide(cfg.num_attention_heads, tp, "--num-attention-heads")  # this rank's heads
+        self.attention_dropout = cfg.attention_dropout
         self.layer_idx = layer_idx
         self.rng_tracker = rng_tracker if tp > 1 else None
-        # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
-        self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, tp_group, init_method, stride=3,
-                                                    what="3 x --hidden-size")
-        self.dense = RowParallelLinear(hidden_size, hidden_size, tp_group, output_layer_init_method)
+        self.tp_group = tp_group if tp > 1 else None
+        self._build_projections(cfg, init_method, output_layer_init_method, tp_group)
 
-    def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        b, s, h = x.shape
-        qkv = self.query_key_value(x)  # [b, s, 3h/tp]
-        # [b, s, 3, heads, d] -> 3 x [b, heads, s, d]
-        q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def _build_projections(self, cfg, init_method, output_layer_init_method, tp_group) -> None:
+        h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.add_bias_linear
+        self.head_dim = d
+        self.grouped = cfg.num_query_groups is not None
+        if self.grouped:
+            self.num_groups = divide(cfg.num_query_groups, tp_size(tp_group), "--num-query-groups")
+            out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
+            self.query_key_value = ColumnParallelLinear(h, out, tp_group, init_method, bias=bias,
+                                                        what="(heads + 2 x --num-query-groups) x head dim")
+        else:
+            self.num_groups = self.num_heads
+            # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
+            self.query_key_value = ColumnParallelLinear(h, 3 * cfg.num_attention_heads * d, tp_group, init_method,
+                                                        bias=bias, stride=3, what="3 x --hidden-size")
+        self.q_layernorm = self.k_layernorm = None
+        if cfg.qk_layernorm:
+            self.q_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
+            self.k_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
+        self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias)
+
+    def _project(self, x: torch.Tensor, rotary: Optional[tuple]):
+        """x [b, s, h] -> q [b, heads, s, d], k and v [b, groups, s, d] (this rank's), q/k normed and rotated."""
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x)
+        if self.grouped:  # [b, s, groups, heads/groups + 2, d]
+            qkv = qkv.view(b, s, self.num_groups, -1, self.head_dim)
+            q = qkv[:, :, :, :-2].reshape(b, s, self.num_heads, self.head_dim)
+            k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, groups, d]
+        else:  # [b, s, 3, heads, d]
+            q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
+        if self.q_layernorm is not None:
+            q, k = self._head_norm(self.q_layernorm, q), self._head_norm(self.k_layernorm, k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, n, d] -> [b, n, s, d]
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def _head_norm(self, norm: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """norm(t) over each head's d. Under TP the norm's weights are replicated but each rank normalises only its
+        own heads, so their gradient is a partial sum: the weights pass through copy_to_tensor_parallel_region
+        (identity forward, all-reduce backward) and come out with the full gradient on every rank."""
+        if self.tp_group is None:
+            return norm(t)
+        params = {n: copy_to_tensor_parallel_region(p, self.tp_group) for n, p in norm.named_parameters()}
+        return torch.func.functional_call(norm, params, (t,))
+
+    def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self._project(x, rotary)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
@@ -70,7 +122,7 @@ class SelfAttention(torch.nn.Module):
             ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s)
         else:
             ctx = self._core_attention(q, k, v, past, s)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, heads, s, d] -> [b, s, h/tp]
+        ctx = ctx.transpose(1, 2).reshape(b, s, -1)  # [b, heads, s, dv] -> [b, s, heads * dv]
         return self.dense(ctx)
 
     def _core_attention(self, q, k, v, past: int, s: int) -> torch.Tensor:
@@ -83,13 +135,16 @@ class SelfAttention(torch.nn.Module):
 
     @staticmethod
     def _attend(q, k, v, past: int, s: int, dropout_p: float) -> torch.Tensor:
+        """F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA where they apply); k, v with
+        fewer heads than q (GQA) are shared by consecutive query heads (enable_gqa)."""
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         if past == 0:
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         elif s == 1:
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **gqa)
         else:  # a chunk after a cached prefix: query i sees keys <= past + i
             kpos = torch.arange(past + s, device=q.device)
             qpos = torch.arange(past, past + s, device=q.device)
             mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # [s, past+s]
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
         return ctx

@@ -1,6 +1,7 @@
-"""GPTModel: embeddings, L transformer layers, final LayerNorm, tied LM head and per-token cross entropy.
+"""GPTModel: embeddings, L transformer layers, final norm, LM head (tied to the embedding, or its own weight with
+--untie-embeddings-and-output-weights) and per-token cross entropy.
 
-With tensor parallelism (groups.tp_group of size > 1) the embedding and the tied LM head are vocab-parallel: each
+With tensor parallelism (groups.tp_group of size > 1) the embedding and the LM head are vocab-parallel: each
 rank holds V/tp rows, computes logits for its vocabulary slice only, and the loss is the vocab-parallel cross
 entropy; logits are gathered only when asked for.
 """
@@ -14,9 +15,10 @@ from megatron.errors import ConfigError
 from megatron.model.attention import KVCache
 from megatron.model.fused_lm_loss import DistillTarget, fused_lm_cross_entropy, fused_lm_kd_loss
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
+from megatron.model.norms import build_norm
 from megatron.model.rope import RotaryEmbedding
 from megatron.model.transformer import TransformerLayer, run_layers
-from megatron.tensor_parallel import (TensorParallelRNGTracker, VocabParallelEmbedding,
+from megatron.tensor_parallel import (ColumnParallelLinear, TensorParallelRNGTracker, VocabParallelEmbedding,
                                       copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, tp_rank,
                                       tp_size, vocab_parallel_cross_entropy)
 from megatron.tensor_parallel.layers import parallel_lm_logits
@@ -46,11 +48,20 @@ class GPTModel(torch.nn.Module):
         if cfg.position_embedding_type == "learned_absolute":
             self.position_embeddings = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             init(self.position_embeddings.weight)
-        else:
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
+        elif cfg.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base)
         self.layers = torch.nn.ModuleList(
             TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker) for i in range(cfg.num_layers))
-        self.final_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.final_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        self.output_layer = None  # untied head: [V/tp, h] rows of this rank's vocabulary slice, as the embedding
+        if cfg.untie_embeddings_and_output_weights:
+            self.output_layer = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, self.tp_group, init,
+                                                     bias=False, what="padded vocabulary size")
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's weight [V/tp, h]: the word embedding's (tied, the default) or output_layer's."""
+        return self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
     def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
@@ -92,23 +103,23 @@ class GPTModel(torch.nn.Module):
             if labels is None:
                 raise ValueError("a distill_target needs labels (it is a training loss)")
             x_par = copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
-            total, ce, kl = fused_lm_kd_loss(x_par, self.word_embeddings.weight, labels, distill_target, self.tp_group)
+            total, ce, kl = fused_lm_kd_loss(x_par, self.output_weight, labels, distill_target, self.tp_group)
             return ModelOutput(None, ce, stats, kd_total=total, kl=kl)
         if tp_size(self.tp_group) > 1:
             if not return_logits:  # training: the fused loss over this rank's vocabulary slice
                 x_par = copy_to_tensor_parallel_region(x, self.tp_group)
-                loss = fused_lm_cross_entropy(x_par, self.word_embeddings.weight, labels, self.tp_group)
+                loss = fused_lm_cross_entropy(x_par, self.output_weight, labels, self.tp_group)
                 return ModelOutput(None, loss, stats)
-            local = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)
+            local = parallel_lm_logits(x, self.output_weight, self.tp_group)
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)
             logits = local if parallel_output else gather_from_tensor_parallel_region(local, self.tp_group)
             return ModelOutput(logits, loss, stats)
         if return_logits:
-            logits = F.linear(x, self.word_embeddings.weight)
+            logits = F.linear(x, self.output_weight)
         if labels is not None:
             if logits is None:  # training: never materialise log-probs (megatron/model/fused_lm_loss.py)
-                loss = fused_lm_cross_entropy(x, self.word_embeddings.weight, labels)
+                loss = fused_lm_cross_entropy(x, self.output_weight, labels)
             else:
                 b, s, v = logits.shape
                 loss = F.cross_entropy(logits.float().view(b * s, v), labels.reshape(b * s),

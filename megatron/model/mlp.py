@@ -2,26 +2,29 @@
 import torch
 
 from megatron.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from moe.experts import MLP
+from moe.experts import GATED, MLP
 
 
 class ParallelMLP(MLP):
     """h -> ffn -> h, moe.experts.MLP (the one MLP the experts also compute) with tensor-parallel linears.
 
-    `activation`: 'gelu_tanh' (default: Megatron's fused bias-GeLU is the tanh approximation) or 'gelu' (exact,
-    Megatron with --no-bias-gelu-fusion). With tensor parallelism the first projection is column-parallel (each rank
-    holds ffn/tp features) and the second row-parallel (partial sums all-reduced), so the activation runs on the
-    local slice with no communication.
+    `activation`: 'gelu_tanh' (default: Megatron's fused bias-GeLU is the tanh approximation), 'gelu' (exact,
+    Megatron with --no-bias-gelu-fusion) or 'swiglu' (--swiglu: the first projection holds [gate; up], 2 x ffn
+    rows). With tensor parallelism the first projection is column-parallel (each rank holds ffn/tp features; for
+    swiglu stride 2, so each rank holds [gate_r; up_r], the matching halves) and the second row-parallel (partial
+    sums all-reduced), so the activation runs on the local slice with no communication.
     forward(x [b, s, h]) -> (y [b, s, h], None); the None slot is where an MoE layer returns its stats.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method, output_layer_init_method,
-                 tp_group=None, activation: str = "gelu_tanh"):
+                 tp_group=None, activation: str = "gelu_tanh", bias: bool = True):
+        gated = activation in GATED
         super().__init__(hidden_size, ffn_hidden_size, activation,
-                         dense_h_to_4h=ColumnParallelLinear(hidden_size, ffn_hidden_size, tp_group, init_method,
+                         dense_h_to_4h=ColumnParallelLinear(hidden_size, (2 if gated else 1) * ffn_hidden_size,
+                                                            tp_group, init_method, bias=bias, stride=2 if gated else 1,
                                                             what="--ffn-hidden-size"),
                          dense_4h_to_h=RowParallelLinear(ffn_hidden_size, hidden_size, tp_group,
-                                                         output_layer_init_method, what="--ffn-hidden-size"))
+                                                         output_layer_init_method, bias=bias, what="--ffn-hidden-size"))
 
     def forward(self, x: torch.Tensor):
         return super().forward(x), None

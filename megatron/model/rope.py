@@ -29,6 +29,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, heads, s, d]; rotation computed in fp32 then cast back."""
+    """x [b, heads, s, d]; rotation computed in fp32 then cast back. When the tables cover r < d dims
+    (--rotary-percent, as Megatron-LM and GPT-NeoX), the first r dims are rotated and the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)

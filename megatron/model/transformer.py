@@ -1,59 +1,58 @@
-"""Pre-LayerNorm transformer layer, the per-layer MLP factory (dense MLP or MoE layer), and running the stack of
-layers with Megatron-LM's full activation recomputation (`run_layers`)."""
+"""Pre-norm transformer layer (LayerNorm or RMSNorm; MHA/GQA or MLA attention), the per-layer MLP factory (dense
+MLP or MoE layer), and running the stack of layers with Megatron-LM's full activation recomputation
+(`run_layers`)."""
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron.config import ModelConfig, is_moe_layer
+from megatron.config import ModelConfig
 from megatron.model.attention import SelfAttention
+from megatron.model.mla import MultiLatentAttention
 from megatron.model.mlp import ParallelMLP
+from megatron.model.norms import build_norm
 from megatron.tensor_parallel import checkpoint
 
 
-def moe_layer_index(layer_idx: int, expert_interval: int) -> int:
-    """Position of a MoE layer among MoE layers (index into per-layer lists such as --num-experts)."""
-    return (layer_idx + 1) // expert_interval - 1
-
-
 def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, output_init_method):
-    """The one place the model calls into moe/: a dense MLP, or a MoELayer on every expert_interval-th layer."""
-    if moe_cfg is None or not is_moe_layer(layer_idx, moe_cfg.expert_interval):
+    """The one place the model calls into moe/: a dense MLP, or a MoELayer where moe_cfg.layer_plan puts one."""
+    spec = moe_cfg.layer_plan(cfg.num_layers)[layer_idx] if moe_cfg is not None else None
+    if spec is None:
         return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method,
-                           groups.tp_group if groups is not None else None, activation=cfg.activation)
+                           groups.tp_group if groups is not None else None, activation=cfg.activation,
+                           bias=cfg.add_bias_linear)
     # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
     # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
 
-    i = moe_layer_index(layer_idx, moe_cfg.expert_interval)
-    num_experts = moe_cfg.num_experts_for_layer(i)
-    ep_size = moe_cfg.ep_size_for_layer(i)  # per-layer EP sizes: each MoE layer uses its own EP group
+    i, num_experts, ep_size = spec  # per-layer EP sizes: each MoE layer uses its own EP group
     ep_group = groups.ep_group(ep_size) if groups is not None else None  # raises for a size never built
     if groups is None and ep_size != 1:
         raise ValueError(f"--moe-expert-parallel-size ({ep_size}) of MoE layer {i} needs process groups; build them "
                          f"with parallel_state.initialize(tp, ep_sizes) and pass them to GPTModel")
-    layer = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, num_experts, moe_cfg, ep_group=ep_group,
+    ffn = moe_cfg.moe_ffn_hidden_size if moe_cfg.moe_ffn_hidden_size is not None else cfg.ffn_hidden_size
+    layer = MoELayer(cfg.hidden_size, ffn, num_experts, moe_cfg, ep_group=ep_group,
                      init_method=init_method, output_layer_init_method=output_init_method,
                      activation=cfg.activation,  # experts compute the dense MLP's function (unless a checkpoint
                      #                             recorded another: MoEConfig.expert_activation)
+                     bias=cfg.add_bias_linear,
                      dp_group=groups.dp_group if groups is not None else None)  # global_aux_loss counts
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
     return layer
 
 
 class TransformerLayer(torch.nn.Module):
-    """x + drop(attn(LN(x))), then x + drop(mlp(LN(x))); forward returns (x, moe_stats or None)."""
+    """x + drop(attn(norm(x))), then x + drop(mlp(norm(x))); forward returns (x, moe_stats or None)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, init_method, output_init_method,
                  moe_cfg=None, groups=None, rng_tracker=None):
         super().__init__()
         self.hidden_dropout = cfg.hidden_dropout
-        self.input_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.self_attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout,
-                                            init_method, output_init_method, layer_idx,
-                                            groups.tp_group if groups is not None else None, rng_tracker,
-                                            recompute_core_attention=cfg.recompute_granularity == "selective")
-        self.post_attention_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.input_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        attention = MultiLatentAttention if cfg.multi_latent_attention else SelfAttention
+        self.self_attention = attention(cfg, layer_idx, init_method, output_init_method,
+                                        groups.tp_group if groups is not None else None, rng_tracker)
+        self.post_attention_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
         # called with the residual stream after attention (expert prefetch at inference, moe/offload); None = off
         self.after_attention: Optional[Callable[[torch.Tensor], None]] = None

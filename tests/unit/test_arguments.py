@@ -193,9 +193,46 @@ MAPPING = {
     "--log-batch-size-to-tensorboard": ([], "logging.log_batch_size_to_tensorboard", True),
     "--log-validation-ppl-to-tensorboard": ([], "logging.log_validation_ppl_to_tensorboard", True),
     "--log-optimizer-states-to-tensorboard": ([], "logging.log_optimizer_states_to_tensorboard", True),
+    # Megatron-LM core blocks and experts (issue 25)
+    "--normalization": (["RMSNorm"], "model.normalization", "RMSNorm"),
+    "--norm-epsilon": (["1e-6"], "model.layernorm_epsilon", 1e-6),
+    "--swiglu": ([], "model.activation", "swiglu"),
+    "--group-query-attention": ([], "model.num_query_groups", 1),
+    "--num-query-groups": (["2", "--group-query-attention"], "model.num_query_groups", 2),
+    "--kv-channels": (["32"], "model.kv_channels", 32),
+    "--qk-layernorm": ([], "model.qk_layernorm", True),
+    "--rotary-percent": (["0.5"], "model.rotary_percent", 0.5),
+    "--no-position-embedding": ([], "model.position_embedding_type", "none"),
+    "--disable-bias-linear": ([], "model.add_bias_linear", False),
+    "--untie-embeddings-and-output-weights": ([], "model.untie_embeddings_and_output_weights", True),
+    "--multi-latent-attention": (["--position-embedding-type", "rope"], "model.multi_latent_attention", True),
+    "--q-lora-rank": (["16"], "model.q_lora_rank", 16),
+    "--kv-lora-rank": (["16"], "model.kv_lora_rank", 16),
+    "--qk-head-dim": (["16"], "model.qk_head_dim", 16),
+    "--qk-pos-emb-head-dim": (["16"], "model.qk_pos_emb_head_dim", 16),
+    "--v-head-dim": (["16"], "model.v_head_dim", 16),
+    "--moe-ffn-hidden-size": (["32", "--num-experts", "2"], "moe.moe_ffn_hidden_size", 32),
+    "--moe-shared-expert-intermediate-size": (["48", "--num-experts", "2"], "moe.shared_expert_ffn_hidden_size", 48),
+    "--moe-shared-expert-gate": (["--moe-shared-expert-intermediate-size", "8", "--num-experts", "2"],
+                                 "moe.shared_expert_gate", True),
+    "--moe-layer-freq": (["([0]*1+[1]*3)", "--num-experts", "2"], "moe.layer_freq", (0, 1, 1, 1)),
+    "--expert-model-parallel-size": (["2", "--num-experts", "2"], "moe.ep_size", (2,)),
 }
 # Megatron-DeepSpeed flags that change nothing here: each is accepted and says so once (args.config_notes).
 NOTE_ONLY = {
+    "--use-mcore-models": ([], "one model implementation"),
+    "--no-masked-softmax-fusion": ([], "scaled_dot_product_attention"),
+    "--no-bias-swiglu-fusion": ([], "unfused"),
+    "--no-bias-dropout-fusion": ([], "unfused"),
+    "--no-rope-fusion": ([], "unfused"),
+    "--no-gradient-accumulation-fusion": ([], ".grad"),
+    "--no-persist-layer-norm": ([], "torch modules"),
+    "--use-flash-attn": ([], "flash kernel"),
+    "--moe-grouped-gemm": ([], "grouped GEMM"),
+    "--moe-per-layer-logging": ([], "every MoE layer"),
+    "--moe-shared-expert-overlap": ([], "beside the routed ones"),
+    "--transformer-impl": (["transformer_engine"], "TransformerEngine is not used"),
+    "--moe-token-dispatcher-type": (["allgather"], "all-to-all"),
     "--deepspeed-activation-checkpointing": ([], "torch.utils.checkpoint"),
     "--create-moe-param-group": ([], "own optimizer groups"),
     "--no-pipeline-parallel": ([], "no pipeline engine"),
@@ -203,7 +240,11 @@ NOTE_ONLY = {
 }
 # Flags whose only other accepted value is an error until the capability exists.
 ERROR_ONLY = {"--pipeline-model-parallel-size": (["2"], r"--pipeline-model-parallel-size 2: pipeline parallelism "
-                                                        r"does not exist here; use 1")}
+                                                        r"does not exist here; use 1"),
+              "--rotary-scaling-factor": (["40"], r"--rotary-scaling-factor 40.0: RoPE scaling \(YaRN\) is not")}
+# Megatron-LM core flags that would change results and are refused in one line (issue 25)
+REFUSED = {"--apply-layernorm-1p": "zero-centred", "--rotary-interleaved": "interleaved RoPE",
+           "--use-rope-scaling": "Llama-3.1 RoPE scaling"}
 SAMPLE_BASED = {"--train-samples", "--lr-warmup-samples", "--lr-decay-samples", "--rampup-batch-size"}
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
@@ -218,7 +259,7 @@ def _all_flags():
 
 
 def test_flag_list_is_complete():
-    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY)
+    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY) | set(REFUSED)
     assert _all_flags() == listed, sorted(_all_flags() ^ listed)
 
 
@@ -238,6 +279,12 @@ def test_unsupported_value_is_one_config_error(flag):
     train_config_from_args(parse_args(BASE + [flag, "1"]), 128, 1)  # the supported value is accepted
     with pytest.raises(ConfigError, match=match):
         train_config_from_args(parse_args(BASE + [flag] + values), 128, 1)
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED))
+def test_result_changing_flag_is_refused_in_one_line(flag):
+    with pytest.raises(ConfigError, match=f"^{flag}: .*{REFUSED[flag]}.*; drop the flag$"):
+        train_config_from_args(parse_args(BASE + [flag]), 128, 1)
 
 
 def test_data_impl_other_than_mmap_is_a_config_error():
