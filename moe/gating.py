@@ -108,7 +108,9 @@ def choose_experts(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int, gumb
             first_T = probs_TE.argmax(dim=1)
             scores_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device) if second_expert_sampling \
                 else logits_TE
-            second_T = scores_TE.masked_fill(F.one_hot(first_T, probs_TE.shape[1]).bool(), float("-inf")).argmax(1)
+            # the first choice's mask by scatter_ (F.one_hot checks its input's range with .item() off CUDA)
+            first_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, first_T.unsqueeze(1), True)
+            second_T = scores_TE.masked_fill(first_TE, float("-inf")).argmax(1)
             return torch.stack([first_T, second_T], dim=1)
         return probs_TE.topk(k, dim=1, sorted=True).indices
 
