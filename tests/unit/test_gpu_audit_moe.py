@@ -251,3 +251,26 @@ def test_slot_table_compacts_to_the_former_kept_pairs():
     want = order[rank < C]
     assert torch.equal(dispatch.compact_slots(table, int(counts.sum()), T * k), want)
     assert torch.equal(routed, torch.bincount(expert_P, minlength=E_)) and torch.equal(counts, routed.clamp(max=C))
+
+
+def test_grouped_kernel_traces_on_meta_in_bf16_only():
+    """Finding 6 (--compile traces torch._grouped_mm through its meta kernel, which takes bf16 only): the bf16
+    grouped path runs forward + backward on meta (dtype, 16-byte stride and offs rules all checked there), and an
+    fp32 call never reaches the kernel, even forced 'on' (the seam refuses it on meta; 'auto' picks it only for CUDA
+    bf16)."""
+    from moe import experts as ex
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    with torch.device("meta"):
+        layer = _layer(pad=True, drop_tokens=True).to(torch.bfloat16)
+    layer.experts.grouped_mm = "on"
+    x = torch.empty(64, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with DispatchAudit() as audit:
+        y, stats = layer(x)
+        (y.float().sum() + stats.aux_loss).backward()
+    assert {g.op for g in audit.gemms if g.site.startswith(("moe/experts.py", "moe/ops/"))} == {"_grouped_mm"}
+    w = torch.empty(E, F_, D, device="meta")
+    assert not ex.grouped_mm_ok(torch.empty(8, D, device="meta"), w, "on")
+    assert not ex.grouped_mm_ok(torch.empty(8, D, dtype=torch.bfloat16), torch.empty(E, F_, D, dtype=torch.bfloat16),
+                                "auto")
