@@ -82,8 +82,9 @@ class MoELayer(nn.Module):
         expert: optional user module, deep-copied once per local expert instead of the built-in MLP.
         activation: the built-in experts' (and Residual-MoE branch's) activation when cfg.expert_activation is
             None: the model passes its dense MLP's, so one expert is the model's MLP.
-        pad_to_capacity: capacity mode only: run every expert on exactly C rows (empty slots computed and
-            discarded) so no shape depends on the routing: no host sync. None = on for CUDA inputs.
+        pad_to_capacity: capacity mode, single rank: run every expert on exactly C rows (empty slots computed and
+            discarded) so no shape depends on the routing: no host sync. None = on for CUDA inputs with resident
+            experts. The EP path always sends real rows only (its one sync sizes the all-to-all anyway).
         grouped_mm, cpu_fast_paths: the built-in experts' GEMM choices (GroupedMLPExperts).
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
@@ -178,10 +179,12 @@ class MoELayer(nn.Module):
         return self.experts(tokens_ND, counts)  # e.g. offloaded experts: host counts only
 
     def _padded(self, x_TD: torch.Tensor, routing: Routing) -> bool:
+        """Padded capacity dispatch (single rank; EP exchanges only real rows)? Auto: CUDA, resident experts
+        (offloaded experts fetch only the experts that have rows, so they keep the compact dispatch)."""
         if routing.capacity is None:
             return False
         if self.pad_to_capacity is None:
-            return x_TD.device.type == "cuda"
+            return x_TD.device.type == "cuda" and isinstance(self.experts, (GroupedMLPExperts, ModuleExperts))
         return self.pad_to_capacity
 
     def _finish(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
