@@ -82,6 +82,17 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
 
 
+def add_moe_dispatch_args(p: argparse.ArgumentParser) -> None:
+    """MoE dispatch flags (issue 23: host syncs), Megatron-LM's spelling plus its negation (default: automatic)."""
+    g = p.add_argument_group("mixture of experts: dispatch")
+    g.add_argument("--moe-pad-expert-input-to-capacity", dest="moe_pad_expert_input_to_capacity",
+                   action="store_true", default=None,
+                   help="capacity mode: every expert computes exactly C rows (no host sync per MoE layer); "
+                        "default: on for CUDA")
+    g.add_argument("--no-moe-pad-expert-input-to-capacity", dest="moe_pad_expert_input_to_capacity",
+                   action="store_false", help="capacity mode: compute only the kept rows (one host sync per layer)")
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -392,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Megatron-style GPT (MoE) pretraining", allow_abbrev=False)
     add_model_args(p)
     add_moe_args(p)
+    add_moe_dispatch_args(p)
     add_training_args(p)
     add_batch_schedule_args(p)
     add_lr_schedule_args(p)
@@ -528,6 +540,7 @@ def moe_config_from_args(args):
         mlp_type=args.mlp_type,
         drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
         second_expert_sampling=args.moe_top2_2nd_expert_sampling,
+        pad_to_capacity=args.moe_pad_expert_input_to_capacity,  # None: automatic (CUDA)
     )
 
 

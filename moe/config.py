@@ -56,6 +56,10 @@ class MoEConfig:
     #   k (divided by k); None = DeepSpeed's ('first' for k <= 2, 'all' for k > 2)
     expert_activation: Optional[str] = None  # built-in experts' activation: 'gelu_tanh' or 'gelu' (exact erf);
     #   None = the dense MLP's (ModelConfig.activation; 'gelu_tanh' in moe.MoE)
+    # --- dispatch (issue 23) ---
+    pad_to_capacity: Optional[bool] = None  # capacity mode, one rank: every expert computes exactly C rows (empty
+    #   slots computed and discarded), so no shape depends on routing and the layer needs no host sync; None = on
+    #   for CUDA inputs with resident experts (--[no-]moe-pad-expert-input-to-capacity)
 
     def __post_init__(self):
         num_experts = _as_tuple(self.num_experts)

@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         # capacity mode: give every expert exactly C rows (Megatron-LM's --moe-pad-expert-input-to-capacity), so no
         # size depends on the routing and the layer needs no host sync; None = on CUDA only (on CPU, computing the
         # empty slots would cost more than the sync-free shapes save)
-        self.pad_to_capacity = pad_to_capacity
+        self.pad_to_capacity = cfg.pad_to_capacity if pad_to_capacity is None else pad_to_capacity
         ep_size = 1 if ep_group is None else ep_group.size()
         # MoEConfig checked the flags (experts divisible by EP, 1 <= topk <= experts) for each of its MoE layers;
         # the layer only checks that it is built as one of them

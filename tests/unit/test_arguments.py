@@ -51,6 +51,8 @@ MAPPING = {
     "--mlp-type": (["residual", "--num-experts", "4"], "moe.mlp_type", "residual"),
     "--moe-token-drop-policy": (["probs", "--num-experts", "4"], "moe.drop_policy", "probs"),
     "--disable-moe-top2-2nd-expert-sampling": (["--num-experts", "4"], "moe.second_expert_sampling", False),
+    "--moe-pad-expert-input-to-capacity": (["--num-experts", "4"], "moe.pad_to_capacity", True),
+    "--no-moe-pad-expert-input-to-capacity": (["--num-experts", "4"], "moe.pad_to_capacity", False),
     "--micro-batch-size": (["2"], "data.micro_batch_size", 2),
     "--global-batch-size": (["16"], "data.global_batch_size", 16),
     "--train-iters": (["77"], "scheduler.train_iters", 77),

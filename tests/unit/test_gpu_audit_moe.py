@@ -274,3 +274,13 @@ def test_grouped_kernel_traces_on_meta_in_bf16_only():
     assert not ex.grouped_mm_ok(torch.empty(8, D, device="meta"), w, "on")
     assert not ex.grouped_mm_ok(torch.empty(8, D, dtype=torch.bfloat16), torch.empty(E, F_, D, dtype=torch.bfloat16),
                                 "auto")
+
+
+def test_pad_to_capacity_config_field_and_constructor_override():
+    """--[no-]moe-pad-expert-input-to-capacity -> MoEConfig.pad_to_capacity -> the layer; the constructor argument
+    overrides it; None (automatic) pads only CUDA inputs."""
+    assert _layer(pad_to_capacity=True).pad_to_capacity is True
+    assert _layer(pad_to_capacity=True, pad=False).pad_to_capacity is False
+    auto = _layer()
+    routing = auto.router(torch.randn(8, D))
+    assert auto.pad_to_capacity is None and not auto._padded(torch.empty(8, D), routing)
