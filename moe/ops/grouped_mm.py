@@ -2,9 +2,10 @@
 an expert stage, and the call itself.
 
 Modes (GroupedMLPExperts(grouped_mm=...), default GROUPED_MM):
-- 'auto': the grouped kernel on CUDA in bf16 only. That is its fast path (CUTLASS on sm90+); for fp32 on CUDA
+- 'auto': the grouped kernel on CUDA in bf16 on sm90+ only. That is its fast path (CUTLASS); for fp32 on CUDA
   torch falls back to a per-expert loop that first copies `offs` to the host (a sync), and its meta kernel (what
-  `torch.compile` traces) accepts bf16 only, so an fp32 call would fail at trace time. Everything else (CPU, fp32)
+  `torch.compile` traces) accepts bf16 only, so an fp32 call would fail at trace time; below sm90 torch's own
+  fallback loops over experts after the same host copy. Everything else (CPU, fp32, older GPUs)
   takes `moe.ops.cpu_gemm.batched_mm` (MKL's batch call on CPU, a torch.mm loop elsewhere).
 - 'on': the grouped kernel wherever it runs (torch 2.13 has a CPU kernel too, slower than MKL's batch call here);
   tests use it to check the grouped code path against the loop on CPU.
@@ -33,6 +34,8 @@ def grouped_mm_ok(x_ND: torch.Tensor, w: torch.Tensor, mode: str = "auto") -> bo
         return False
     if mode == "auto":
         if x_ND.device.type != "cuda" or x_ND.dtype != torch.bfloat16:
+            return False
+        if torch.cuda.get_device_capability(x_ND.device) < (9, 0):  # below sm90 torch loops (and syncs) itself
             return False
     elif x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x_ND.device.type == "meta" and \
             x_ND.dtype != torch.bfloat16:  # the meta kernel takes bf16 only
