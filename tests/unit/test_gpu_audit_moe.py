@@ -284,3 +284,20 @@ def test_pad_to_capacity_config_field_and_constructor_override():
     auto = _layer()
     routing = auto.router(torch.randn(8, D))
     assert auto.pad_to_capacity is None and not auto._padded(torch.empty(8, D), routing)
+
+
+@pytest.mark.slow  # ~30 s: dynamo + AOT autograd tracing
+def test_compile_traces_the_bf16_grouped_path():
+    """Finding 6: torch.compile (aot_eager: dynamo + AOT autograd with fake tensors, i.e. the meta kernels the CUDA
+    backend also traces) runs the MoE layer's padded capacity path with the bf16 grouped kernel, forward and
+    backward, and returns what eager returns (same kernels: bitwise in bf16)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    torch.manual_seed(0)
+    layer = _layer(pad=True, second_expert_sampling=False).to(torch.bfloat16)  # no random draws: eager == compiled
+    layer.experts.grouped_mm = "on"
+    x = torch.randn(64, D, dtype=torch.bfloat16, requires_grad=True)
+    y_ref, _ = layer(x)
+    y, stats = torch.compile(layer, backend="aot_eager")(x)
+    (y.float().sum() + stats.aux_loss).backward()
+    assert torch.equal(y, y_ref) and x.grad is not None
