@@ -106,7 +106,6 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
                    help="router GEMM, scores, top-k and losses in this dtype with autocast off (both routers)")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="capacity ceil(k*T/E*cf) per expert; without it the router is dropless")
-    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
 
 
 # DeepSpeed routing flag -> (its default, the megatron-core flag that replaces it). With the megatron-core router a
@@ -129,7 +128,7 @@ def router_fields(args) -> dict:
     """The MoEConfig router fields, and for the megatron-core router the fields it defines differently (topk, aux
     coefficient, capacity: ceil(k*T/E*cf) without a minimum, dropless without a capacity factor)."""
     megatron = (any(getattr(args, d) is not None for d in _MEGATRON_ROUTER_DESTS) or args.moe_router_pre_softmax
-                or args.moe_router_enable_expert_bias or args.moe_pad_expert_input_to_capacity)
+                or args.moe_router_enable_expert_bias)
     fields = dict(router_dtype=args.moe_router_dtype)
     if not megatron:
         return fields
@@ -163,9 +162,19 @@ def router_fields(args) -> dict:
                           else 1e-3),
         load_balancing_type=args.moe_router_load_balancing_type or "aux_loss",
         input_jitter_eps=args.moe_input_jitter_eps,
-        pad_to_capacity=args.moe_pad_expert_input_to_capacity,
     )
     return fields
+
+
+def add_moe_dispatch_args(p: argparse.ArgumentParser) -> None:
+    """MoE dispatch flags (issue 23: host syncs), Megatron-LM's spelling plus its negation (default: automatic)."""
+    g = p.add_argument_group("mixture of experts: dispatch")
+    g.add_argument("--moe-pad-expert-input-to-capacity", dest="moe_pad_expert_input_to_capacity",
+                   action="store_true", default=None,
+                   help="capacity mode: every expert computes exactly C rows (no host sync per MoE layer); "
+                        "default: on for CUDA")
+    g.add_argument("--no-moe-pad-expert-input-to-capacity", dest="moe_pad_expert_input_to_capacity",
+                   action="store_false", help="capacity mode: compute only the kept rows (one host sync per layer)")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -414,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_moe_args(p)
     add_moe_router_args(p)
     add_megatron_core_block_args(p)
+    add_moe_dispatch_args(p)
     add_training_args(p)
     add_batch_schedule_args(p)
     add_lr_schedule_args(p)
@@ -540,6 +550,7 @@ def moe_config_from_args(args):
         mlp_type=args.mlp_type,
         drop_policy=args.moe_token_drop_policy,  # None: DeepSpeed's policy for --topk
         second_expert_sampling=args.moe_top2_2nd_expert_sampling,
+        pad_to_capacity=args.moe_pad_expert_input_to_capacity,  # None: automatic (CUDA)
     ) | router_fields(args) | core_moe_fields(args))  # router flags; layer placement, expert and shared sizes
     _require(args, "--num-layers")
     _checked(cfg.layer_plan, args.num_layers)  # at least one MoE layer; per-layer lists of the right length

@@ -84,7 +84,10 @@ class MoEConfig:
     load_balancing_type: str = "aux_loss"  # megatron: 'aux_loss' (micro-batch), 'seq_aux_loss' (per sequence),
     #   'global_aux_loss' (global batch) or 'none'
     input_jitter_eps: Optional[float] = None  # megatron: router input times U(1-eps, 1+eps) in training
-    pad_to_capacity: bool = False  # megatron capacity mode: pad each expert to capacity (outputs unchanged here)
+        # --- dispatch (issue 23) ---
+    pad_to_capacity: Optional[bool] = None  # capacity mode, one rank: every expert computes exactly C rows (empty
+    #   slots computed and discarded), so no shape depends on routing and the layer needs no host sync; None = on
+    #   for CUDA inputs with resident experts (--[no-]moe-pad-expert-input-to-capacity)
 
     def __post_init__(self):
         num_experts = _as_tuple(self.num_experts)
@@ -165,8 +168,7 @@ class MoEConfig:
                 ("--moe-router-enable-expert-bias", self.expert_bias),
                 ("--moe-router-load-balancing-type", self.load_balancing_type != "aux_loss"),
                 ("--moe-router-topk-scaling-factor", self.topk_scaling_factor is not None),
-                ("--moe-input-jitter-eps", self.input_jitter_eps is not None),
-                ("--moe-pad-expert-input-to-capacity", self.pad_to_capacity)) if on]
+                ("--moe-input-jitter-eps", self.input_jitter_eps is not None)) if on]
             if used:
                 raise ValueError(f"{used[0]} is a megatron-core router option: set router_family='megatron' "
                                  f"(the --moe-router-* flags do)")

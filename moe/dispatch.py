@@ -7,7 +7,7 @@ and only real tokens move: empty capacity slots are neither sent nor computed.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,40 +15,92 @@ import torch.distributed as dist
 from moe.gating import Routing
 
 
+# ---- host counts: the one sync -----------------------------------------------------------------------
+
+def counts_to_host(*counts: torch.Tensor) -> List[List[int]]:
+    """Several int64 count vectors as host lists, by ONE device->host copy and ONE wait.
+
+    This is the layer's one host sync per micro-batch in dropless or expert-parallel mode (Megatron-LM core does the
+    same: a non-blocking copy of the split sizes into pinned memory, then one synchronisation), instead of one
+    blocking `.tolist()` per vector. Capacity mode with padding (MoELayer pad_to_capacity) needs none.
+    """
+    sizes = [c.numel() for c in counts]
+    flat = torch.cat([c.reshape(-1).to(torch.int64) for c in counts]) if len(counts) > 1 else \
+        counts[0].reshape(-1).to(torch.int64)
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # the sync: the split sizes decide the next kernels' shapes
+        flat = host
+    values = flat.tolist()
+    out, start = [], 0
+    for n in sizes:
+        out.append(values[start:start + n])
+        start += n
+    return out
+
+
 # ---- local prep / local post (both paths) -------------------------------------------------------------
+
+def compact_slots(slots_S: torch.Tensor, num_kept: int, num_pairs: int) -> torch.Tensor:
+    """[N] kept pairs from assign_slots' [E*C] slot table (sentinel num_pairs = empty), in slot order: grouped by
+    expert, by rank within an expert. `num_kept` (= counts_E.sum()) comes from the host counts, so this adds no
+    sync; a stable sort moves the empty slots last instead of a boolean mask."""
+    empty_S = (slots_S == num_pairs).to(torch.uint8)
+    return slots_S.index_select(0, torch.argsort(empty_S, stable=True)[:num_kept])
+
 
 class _GatherPairs(torch.autograd.Function):
     """rows_ND = x_TD[pair_idx_N // K]; backward scatters into one row per (token, choice) pair and sums
     over K. Every pair index is unique, so backward is a plain copy, not an atomic/accumulating
-    index_add (which is ~5x slower on CPU)."""
+    index_add (which is ~5x slower on CPU). With `padded`, pair_idx_N is a slot table whose sentinel P marks empty
+    slots: they read some real row (their outputs are discarded and their gradients are zero) and their backward
+    rows land in one extra discarded row."""
 
     @staticmethod
-    def forward(ctx, x_TD, pair_idx_N, k: int):
+    def forward(ctx, x_TD, pair_idx_N, k: int, padded: bool):
         ctx.save_for_backward(pair_idx_N)
-        ctx.k, ctx.num_tokens = k, x_TD.shape[0]
-        return x_TD.index_select(0, pair_idx_N // k if k > 1 else pair_idx_N)
+        ctx.k, ctx.num_tokens, ctx.padded = k, x_TD.shape[0], padded
+        num_pairs = x_TD.shape[0] * k
+        src_N = pair_idx_N.clamp(max=max(num_pairs - 1, 0)) if padded else pair_idx_N
+        return x_TD.index_select(0, src_N // k if k > 1 else src_N)
 
     @staticmethod
     def backward(ctx, grad_ND):
         (pair_idx_N,) = ctx.saved_tensors
-        grad_PD = _scatter_rows(grad_ND, pair_idx_N, ctx.num_tokens * ctx.k)
+        num_pairs = ctx.num_tokens * ctx.k
+        if ctx.padded:
+            grad_PD = grad_ND.new_zeros(num_pairs + 1, grad_ND.shape[1]).index_put_(
+                (pair_idx_N,), grad_ND, accumulate=True)[:num_pairs]
+        else:
+            grad_PD = _scatter_rows(grad_ND, pair_idx_N, num_pairs)
         if ctx.k > 1:
             grad_PD = grad_PD.view(ctx.num_tokens, ctx.k, grad_PD.shape[1]).sum(dim=1)
-        return grad_PD, None, None
+        return grad_PD, None, None, None
 
 
 class _ScatterPairs(torch.autograd.Function):
-    """rows_PD[pair_idx_N] = y_ND, zero rows for dropped pairs; backward is the gather."""
+    """rows_PD[pair_idx_N] = y_ND, zero rows for dropped pairs; backward is the gather. With `padded` (a slot
+    table), empty slots' rows go to one extra discarded row and get zero gradient."""
 
     @staticmethod
-    def forward(ctx, y_ND, pair_idx_N, num_pairs: int):
+    def forward(ctx, y_ND, pair_idx_N, num_pairs: int, padded: bool):
         ctx.save_for_backward(pair_idx_N)
+        ctx.num_pairs, ctx.padded = num_pairs, padded
+        if padded:
+            return y_ND.new_zeros(num_pairs + 1, y_ND.shape[1]).index_put_((pair_idx_N,), y_ND,
+                                                                         accumulate=True)[:num_pairs]
         return _scatter_rows(y_ND, pair_idx_N, num_pairs)
 
     @staticmethod
     def backward(ctx, grad_PD):
         (pair_idx_N,) = ctx.saved_tensors
-        return grad_PD.index_select(0, pair_idx_N), None, None
+        if not ctx.padded:
+            return grad_PD.index_select(0, pair_idx_N), None, None, None
+        grad_ND = grad_PD.index_select(0, pair_idx_N.clamp(max=max(ctx.num_pairs - 1, 0)))
+        return grad_ND.masked_fill_((pair_idx_N >= ctx.num_pairs).unsqueeze(1), 0), None, None, None
 
 
 def _scatter_rows(rows_ND: torch.Tensor, pair_idx_N: torch.Tensor, num_pairs: int) -> torch.Tensor:
@@ -59,15 +111,21 @@ def _scatter_rows(rows_ND: torch.Tensor, pair_idx_N: torch.Tensor, num_pairs: in
     return out_PD.index_copy_(0, pair_idx_N, rows_ND)
 
 
-def permute_tokens(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Gather the kept pairs' token rows, grouped by expert (expert order = routing.pair_idx_N order)."""
-    return _GatherPairs.apply(x_TD, routing.pair_idx_N, routing.expert_TK.shape[1])
+def permute_tokens(x_TD: torch.Tensor, routing: Routing, pair_idx_N: Optional[torch.Tensor] = None,
+                   padded: bool = False) -> torch.Tensor:
+    """Gather the pairs' token rows, grouped by expert. pair_idx_N: the kept pairs (default routing.pair_idx_N,
+    the dropless order), or with `padded` the [E*C] slot table (rows of empty slots are filler)."""
+    pair_idx_N = routing.pair_idx_N if pair_idx_N is None else pair_idx_N
+    return _GatherPairs.apply(x_TD, pair_idx_N, routing.expert_TK.shape[1], padded)
 
 
-def unpermute_tokens(y_ND: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-    """Weight each expert output by its gate and sum a token's K outputs; dropped pairs contribute 0."""
+def unpermute_tokens(y_ND: torch.Tensor, routing: Routing, num_tokens: int,
+                     pair_idx_N: Optional[torch.Tensor] = None, padded: bool = False) -> torch.Tensor:
+    """Weight each expert output by its gate and sum a token's K outputs; dropped pairs contribute 0.
+    pair_idx_N / padded: as given to permute_tokens."""
     k = routing.expert_TK.shape[1]
-    y_PD = _ScatterPairs.apply(y_ND, routing.pair_idx_N, num_tokens * k)
+    pair_idx_N = routing.pair_idx_N if pair_idx_N is None else pair_idx_N
+    y_PD = _ScatterPairs.apply(y_ND, pair_idx_N, num_tokens * k, padded)
     gates_TK = routing.gates_TK.to(y_ND.dtype)
     if k == 1:
         return y_PD * gates_TK
@@ -112,17 +170,25 @@ def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     return recv_E.view(ep_size, -1)
 
 
-def dispatch_ep(tokens_ND: torch.Tensor, counts_E: torch.Tensor, recv_counts_Pe: torch.Tensor, group
-                ) -> Tuple[torch.Tensor, List[int], List[int]]:
-    """Send each rank the rows for its experts; returns (recv_RD, send_splits, recv_splits).
+def ep_splits(counts_E: List[int], recv_counts_Pe: List[int], ep_size: int) -> Tuple[List[int], List[int], List[int]]:
+    """From the host counts (counts_to_host): (send_splits [P], recv_splits [P], counts_e [e]) in Python.
+
+    send_splits[p]: rows this rank sends to rank p (its experts' counts summed); recv_splits[p]: rows it receives
+    from rank p; counts_e[j]: rows its local expert j receives from all ranks."""
+    e = len(counts_E) // ep_size
+    send_splits = [sum(counts_E[p * e:(p + 1) * e]) for p in range(ep_size)]
+    recv_splits = [sum(recv_counts_Pe[p * e:(p + 1) * e]) for p in range(ep_size)]
+    counts_e = [sum(recv_counts_Pe[p * e + j] for p in range(ep_size)) for j in range(e)]
+    return send_splits, recv_splits, counts_e
+
+
+def dispatch_ep(tokens_ND: torch.Tensor, send_splits: List[int], recv_splits: List[int], group) -> torch.Tensor:
+    """Send each rank the rows for its experts; returns recv_RD, ordered by (source rank, local expert).
 
     tokens_ND is grouped by global expert, and experts of rank p are ids [p*e, (p+1)*e), so the rows for
-    rank p are one contiguous block. recv_RD is ordered by (source rank, local expert).
+    rank p are one contiguous block. Splits from ep_splits.
     """
-    ep_size = group.size()
-    send_splits = counts_E.view(ep_size, -1).sum(dim=1).tolist()
-    recv_splits = recv_counts_Pe.sum(dim=1).tolist()
-    return all_to_all(tokens_ND, recv_splits, send_splits, group), send_splits, recv_splits
+    return all_to_all(tokens_ND, recv_splits, send_splits, group)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -142,18 +208,17 @@ class _PermuteRows(torch.autograd.Function):
 def group_by_local_expert(recv_RD: torch.Tensor, recv_counts_Pe: torch.Tensor):
     """Reorder received rows from (source rank, local expert) to (local expert, source rank) order.
 
-    Returns (rows_RD, counts_e as a list, (order_R, inverse_R) or None when no reorder is needed).
+    Returns (rows_RD, (order_R, inverse_R) or None when no reorder is needed). Sizes from recv_RD's shape: no sync.
     """
     ep_size, num_local = recv_counts_Pe.shape
-    counts_e = recv_counts_Pe.sum(dim=0).tolist()
     if num_local == 1:  # one local expert: rows are already grouped
-        return recv_RD, counts_e, None
+        return recv_RD, None
     block_expert_B = torch.arange(num_local, device=recv_counts_Pe.device).repeat(ep_size)
     expert_R = torch.repeat_interleave(block_expert_B, recv_counts_Pe.reshape(-1), output_size=recv_RD.shape[0])
     order_R = torch.argsort(expert_R, stable=True)
     inverse_R = torch.empty_like(order_R)
     inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-    return _PermuteRows.apply(recv_RD, order_R, inverse_R), counts_e, (order_R, inverse_R)
+    return _PermuteRows.apply(recv_RD, order_R, inverse_R), (order_R, inverse_R)
 
 
 def regroup_by_source_rank(y_RD: torch.Tensor, perm) -> torch.Tensor:

@@ -7,6 +7,7 @@ pairs, N kept pairs (P minus dropped), B sequences, G expert groups.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
@@ -18,28 +19,41 @@ from moe.config import MoEConfig
 
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter range: x * U(1 - eps, 1 + eps)
 
-# Random draws go through torch.distributions exactly as deepspeed/moe/sharded_moe.py makes them (same shapes, same
+# Random draws reproduce deepspeed/moe/sharded_moe.py's torch.distributions draws bit for bit (same shapes, same
 # order: jitter on the router input, then Gumbel noise on the logits, then the RTS uniforms), so from the same torch
-# RNG state this router draws the same numbers as DeepSpeed's TopKGate and routes identically.
+# RNG state this router draws the same numbers as DeepSpeed's TopKGate and routes identically. They are written
+# with torch.rand directly: a torch.distributions object per call copies its parameters host->device (a sync on
+# CUDA). Uniform(low, high).rsample(shape) is `low + rand(shape) * (high - low)` with fp32 parameter tensors; the
+# same arithmetic with Python scalars rounded to fp32 (_f32) gives the same bits (fp32 operands, fp32 ops).
+
+
+def _f32(x: float) -> float:
+    """x rounded to the nearest fp32 value (as torch.tensor(x) would store it)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _uniform(low: float, high: float, shape, device) -> torch.Tensor:
-    """fp32 U(low, high) draws, as DeepSpeed's Uniform(low, high).rsample(shape)."""
-    return torch.distributions.uniform.Uniform(torch.tensor(low, device=device),
-                                               torch.tensor(high, device=device)).rsample(shape)
+    """fp32 U(low, high) draws, bitwise DeepSpeed's Uniform(low, high).rsample(shape)."""
+    lo = _f32(low)
+    scale = _f32(_f32(high) - lo)  # fp32 (high - low): the exact difference of two fp32 values, rounded once
+    return torch.rand(shape, dtype=torch.float32, device=device).mul_(scale).add_(lo)
 
 
 def _gumbel(shape, device) -> torch.Tensor:
-    """fp32 standard Gumbel draws, as DeepSpeed's gumbel_rsample."""
-    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0, device=device),
-                                             torch.tensor(1.0, device=device)).rsample(shape)
+    """fp32 standard Gumbel draws, bitwise DeepSpeed's gumbel_rsample (torch's Gumbel(0, 1): the uniform base over
+    [tiny, 1 - eps), then log, negate, log, negate)."""
+    finfo = torch.finfo(torch.float32)
+    u = _uniform(finfo.tiny, 1.0 - finfo.eps, shape, device)
+    return u.log_().neg_().log_().neg_()
 
 
 class Routing(NamedTuple):
     """One router decision for T local tokens.
 
-    pair_idx_N: kept (token, choice) pairs as flat indices t*K + k into [T, K], sorted by expert
-        (stable, so within an expert by priority when dropping, by token otherwise).
+    pair_idx_N: (token, choice) pairs as flat indices t*K + k into [T, K], grouped by expert. Dropless: all P
+        pairs sorted by expert (stable: by token within an expert). With a capacity: the fixed-size [E*C] slot
+        table, slot e*C + r = the pair in expert e's r-th slot (by priority), P for an empty slot; no host sync to
+        build it (dispatch.compact_slots gives the [N] kept pairs, in the same order).
     counts_E: kept pairs per expert (sums to N); the dispatch split sizes.
     gates_TK: fp32 combine weights of every choice (differentiable; dropped pairs simply unused), computed in the
         router dtype (fp32/fp64) with autocast off.
@@ -63,8 +77,10 @@ class Routing(NamedTuple):
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = max(ceil(T / E * (k * cf)), min_capacity) (DESIGN.md §3), rounded as DeepSpeed's _capacity does (the
-    product in fp32), so both pick the same C at every token count."""
-    c = torch.ceil((num_tokens / max(num_experts, 1)) * torch.tensor(capacity_factor * k)).item()
+    product in fp32), so both pick the same C at every token count. Pure Python (no tensor, so no `.item()` sync):
+    fp32(T / E) * fp32(k * cf) is exact in double (two 24-bit significands), and rounding it to fp32 once is the
+    fp32 multiplication torch performs."""
+    c = math.ceil(_f32(_f32(num_tokens / max(num_experts, 1)) * _f32(capacity_factor * k)))
     return max(int(c), min_capacity)
 
 
@@ -111,7 +127,9 @@ def choose_experts(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int, gumb
             first_T = probs_TE.argmax(dim=1)
             scores_TE = logits_TE + _gumbel(logits_TE.shape, logits_TE.device) if second_expert_sampling \
                 else logits_TE
-            second_T = scores_TE.masked_fill(F.one_hot(first_T, probs_TE.shape[1]).bool(), float("-inf")).argmax(1)
+            # the first choice's mask by scatter_ (F.one_hot checks its input's range with .item() off CUDA)
+            first_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, first_T.unsqueeze(1), True)
+            second_T = scores_TE.masked_fill(first_TE, float("-inf")).argmax(1)
             return torch.stack([first_T, second_T], dim=1)
         return probs_TE.topk(k, dim=1, sorted=True).indices
 
@@ -136,31 +154,50 @@ def drop_priority(policy: str, probs_TE: torch.Tensor, expert_TK: torch.Tensor, 
     return keep_TE.gather(1, expert_TK)
 
 
+def expert_counts(expert_P: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 number of entries equal to each expert id: a fixed-size scatter_add (bincount's output size is
+    the data's maximum, a host sync on CUDA)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_P.device).scatter_add_(
+        0, expert_P, torch.ones_like(expert_P, dtype=torch.int64))
+
+
 def assign_slots(expert_TK: torch.Tensor, priority_TK: Optional[torch.Tensor], num_experts: int,
                  capacity: Optional[int]):
-    """Sort pairs by expert and drop those beyond `capacity`; returns (pair_idx_N, counts_E, routed_E).
+    """Sort pairs by expert and drop those beyond `capacity`; returns (pair_idx, counts_E, routed_E).
 
-    With a capacity, each expert keeps its `capacity` highest-priority pairs: pairs are first ordered by
-    priority (descending), then stably by expert, so the position within an expert's run is its rank.
+    Dropless (capacity None): pair_idx is the [P] pairs sorted by expert (stable). With a capacity, each expert keeps
+    its `capacity` highest-priority pairs: pairs are first ordered by priority (descending), then stably by expert,
+    so the position within an expert's run is its rank; pair_idx is then the fixed-size [E*C] slot table: slot
+    e*C + r holds the pair in expert e's r-th slot, or P (a sentinel) when expert e has fewer than r + 1 pairs.
+    Fixed sizes throughout: no boolean mask, no data-dependent shape, no host sync. `dispatch.compact_slots`
+    turns the table into the [N] kept pairs when the caller wants them.
     """
     expert_P = expert_TK.reshape(-1)
-    routed_E = torch.bincount(expert_P, minlength=num_experts)
+    routed_E = expert_counts(expert_P, num_experts)
     if capacity is None:
         pair_idx_N = torch.argsort(expert_P, stable=True)
         return pair_idx_N, routed_E, routed_E
+    num_pairs = expert_P.numel()
     by_priority_P = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)
     order_P = by_priority_P[torch.argsort(expert_P[by_priority_P], stable=True)]
+    expert_order_P = expert_P[order_P]
     starts_E = torch.cumsum(routed_E, 0) - routed_E
-    rank_P = torch.arange(order_P.numel(), device=order_P.device) - starts_E[expert_P[order_P]]
-    pair_idx_N = order_P[rank_P < capacity]
-    return pair_idx_N, routed_E.clamp(max=capacity), routed_E
+    rank_P = torch.arange(num_pairs, device=order_P.device) - starts_E[expert_order_P]
+    # kept pairs go to their slot; each dropped pair to its own overflow slot past E*C (unique indices: a
+    # deterministic scatter), cut off below
+    overflow_P = num_experts * capacity + torch.arange(num_pairs, device=order_P.device)
+    slot_P = torch.where(rank_P < capacity, expert_order_P * capacity + rank_P, overflow_P)
+    table = torch.full((num_experts * capacity + num_pairs,), num_pairs, dtype=order_P.dtype, device=order_P.device)
+    table.scatter_(0, slot_P, order_P)
+    return table[:num_experts * capacity], routed_E.clamp(max=capacity), routed_E
 
 
 def combine_gates(probs_TE: torch.Tensor, expert_TK: torch.Tensor, pair_idx_N: torch.Tensor,
                   renormalize: str) -> torch.Tensor:
     """[T, K] fp32 combine weights. k=1: the router probability. k>=2: probabilities divided by their sum over the
     kept choices ('after_drop', DeepSpeed: computed over the dense [T, E] masked probabilities as DeepSpeed does, so
-    the sums round identically) or over all k choices ('before_drop')."""
+    the sums round identically) or over all k choices ('before_drop'). pair_idx_N: assign_slots' pair_idx (sorted
+    pairs, or the slot table whose sentinel P marks empty slots)."""
     gates_TK = probs_TE.gather(1, expert_TK)
     k = expert_TK.shape[1]
     if k == 1:
@@ -168,9 +205,10 @@ def combine_gates(probs_TE: torch.Tensor, expert_TK: torch.Tensor, pair_idx_N: t
     eps = torch.finfo(gates_TK.dtype).eps
     if renormalize == "before_drop":
         return gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(eps)
-    kept_TK = torch.zeros(expert_TK.numel(), dtype=torch.bool, device=expert_TK.device)
-    kept_TK[pair_idx_N] = True
-    kept_TK = kept_TK.view(expert_TK.shape)
+    num_pairs = expert_TK.numel()
+    # one extra entry takes the slot table's sentinels (index_fill_ with a long index: fixed size, no sync)
+    kept_TK = torch.zeros(num_pairs + 1, dtype=torch.bool, device=expert_TK.device).index_fill_(0, pair_idx_N, True)
+    kept_TK = kept_TK[:num_pairs].view(expert_TK.shape)
     kept_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, expert_TK, kept_TK)
     denom_T1 = (probs_TE * kept_TE).sum(dim=-1, keepdim=True).clamp(min=eps)
     return (gates_TK * kept_TK) / denom_T1
@@ -186,7 +224,7 @@ def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, choices: st
     if num_tokens == 0:  # a rank with no tokens gives 0, not NaN
         return probs_TE.new_zeros(())
     chosen = expert_TK[:, :1] if choices == "first" else expert_TK
-    frac_E = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs_TE.dtype) / chosen.numel()
+    frac_E = expert_counts(chosen.reshape(-1), num_experts).to(probs_TE.dtype) / chosen.numel()
     return num_experts * torch.sum(probs_TE.mean(dim=0) * frac_E)
 
 
@@ -455,7 +493,7 @@ class TopKRouter(nn.Module):
         return Routing(
             pair_idx_N=pair_idx_N, counts_E=counts_E, gates_TK=gates_TK.float(), expert_TK=expert_TK,
             aux_loss=aux_loss.float(), z_loss=z_loss.float(), tokens_per_expert_E=routed_E.detach(),
-            dropped_fraction=(1.0 - pair_idx_N.numel() / num_pairs) * torch.ones((), device=expert_TK.device),
+            dropped_fraction=1.0 - counts_E.sum().to(torch.float32) / num_pairs,
             capacity=capacity)
 
 

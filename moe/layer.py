@@ -16,7 +16,7 @@ from torch import nn
 
 from moe import dispatch
 from moe.config import MoEConfig
-from moe.experts import MLP, GroupedMLPExperts, ModuleExperts
+from moe.experts import MLP, GroupedMLPExperts, ModuleExperts, _autocast_on, compute_dtype
 from moe.gating import Routing, TopKRouter
 
 
@@ -110,6 +110,10 @@ class MoELayer(nn.Module):
         dp_group: data-parallel group, for the router's global_aux_loss counts (TopKRouter); None = one rank.
         bias: biases in the built-in experts and the shared expert (False: --disable-bias-linear).
     With cfg.shared_expert_ffn_hidden_size a SharedExpert of that width runs beside the routed experts.
+        pad_to_capacity: capacity mode, single rank: run every expert on exactly C rows (empty slots computed and
+            discarded) so no shape depends on the routing: no host sync. None = on for CUDA inputs with resident
+            experts. The EP path always sends real rows only (its one sync sizes the all-to-all anyway).
+        grouped_mm, cpu_fast_paths: the built-in experts' GEMM choices (GroupedMLPExperts).
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
     The layer never all-reduces gradients.
@@ -127,9 +131,15 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, cfg: MoEConfig,
                  ep_group=None, init_method: Optional[Callable] = None,
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
-                 activation: str = "gelu_tanh", bias: bool = True, dp_group=None):
+                 activation: str = "gelu_tanh", bias: bool = True, dp_group=None,
+                 pad_to_capacity: Optional[bool] = None, grouped_mm: Optional[str] = None,
+                 cpu_fast_paths: Optional[bool] = None):
         super().__init__()
         activation = cfg.expert_activation or activation
+        # capacity mode: give every expert exactly C rows (Megatron-LM's --moe-pad-expert-input-to-capacity), so no
+        # size depends on the routing and the layer needs no host sync; None = on CUDA only (on CPU, computing the
+        # empty slots would cost more than the sync-free shapes save)
+        self.pad_to_capacity = cfg.pad_to_capacity if pad_to_capacity is None else pad_to_capacity
         ep_size = 1 if ep_group is None else ep_group.size()
         # MoEConfig checked the flags (experts divisible by EP, 1 <= topk <= experts) for each of its MoE layers;
         # the layer only checks that it is built as one of them
@@ -152,7 +162,8 @@ class MoELayer(nn.Module):
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
                                              init_method, output_layer_init_method,
                                              first_expert=self.ep_rank * self.num_local_experts,
-                                             num_experts=num_experts, activation=activation, bias=bias)
+                                             num_experts=num_experts, activation=activation, bias=bias,
+                                             grouped_mm=grouped_mm, cpu_fast_paths=cpu_fast_paths)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
         for p in self.experts.parameters():
@@ -168,14 +179,41 @@ class MoELayer(nn.Module):
                                               cfg.shared_expert_gate, init_method, output_layer_init_method, bias)
 
     def forward(self, x: torch.Tensor):
-        """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape and dtype, MoEStats)."""
+        """x: [..., D] (e.g. [B, S, D] or [T, D]) -> (y of x's shape, MoEStats).
+
+        y's dtype is the experts' compute dtype (the autocast dtype under autocast, as nn.Linear's output; else the
+        weights' dtype). Host syncs (on CUDA): none in capacity mode with padding (pad_to_capacity); otherwise one,
+        the copy of the split sizes (dispatch.counts_to_host).
+        """
         x_TD = x.reshape(-1, self.hidden_size)
         routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)  # [B, S, D]: B sequences
+        x_TD_c = self._to_compute_dtype(x_TD)  # cast before dispatch: the all-to-all carries the compute dtype
         if self.ep_size == 1:
-            y_TD = self.forward_local(x_TD, routing)
+            y_TD = self.forward_local(x_TD_c, routing)
         else:
-            y_TD = self.forward_ep(x_TD, routing)
+            y_TD = self.forward_ep(x_TD_c, routing)
         return self._finish(x, x_TD, routing, y_TD)
+
+    def _to_compute_dtype(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.experts, GroupedMLPExperts):
+            return x_TD.to(compute_dtype(x_TD, self.experts.w1_eFD))
+        if x_TD.dtype == torch.float32 and _autocast_on(x_TD.device.type):  # user experts: autocast's dtype
+            return x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        return x_TD
+
+    def _run_experts(self, tokens_ND: torch.Tensor, counts, counts_e: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.experts, (GroupedMLPExperts, ModuleExperts)):
+            return self.experts(tokens_ND, counts, counts_e=counts_e)
+        return self.experts(tokens_ND, counts)  # e.g. offloaded experts: host counts only
+
+    def _padded(self, x_TD: torch.Tensor, routing: Routing) -> bool:
+        """Padded capacity dispatch (single rank; EP exchanges only real rows)? Auto: CUDA, resident experts
+        (offloaded experts fetch only the experts that have rows, so they keep the compact dispatch)."""
+        if routing.capacity is None:
+            return False
+        if self.pad_to_capacity is None:
+            return x_TD.device.type == "cuda" and isinstance(self.experts, (GroupedMLPExperts, ModuleExperts))
+        return self.pad_to_capacity
 
     def _finish(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
         """The residual mix (Residual-MoE), the shared expert and the stats: (y of x's shape, MoEStats)."""
@@ -187,6 +225,12 @@ class MoELayer(nn.Module):
                          routing.dropped_fraction)
         return y_TD.view(x.shape), stats
 
+    def _kept_pairs(self, routing: Routing, counts) -> torch.Tensor:
+        """The [N] kept pairs grouped by expert (the slot table compacted when there is a capacity)."""
+        if routing.capacity is None:
+            return routing.pair_idx_N
+        return dispatch.compact_slots(routing.pair_idx_N, sum(counts), routing.expert_TK.numel())
+
     def forward_many(self, xs):
         """[forward(x) for x in xs], with every micro-batch routed on its own (capacity, dropping and results as
         in forward) and the experts applied to all of them in one pass, so an offloaded expert is fetched once
@@ -196,38 +240,58 @@ class MoELayer(nn.Module):
         flat = [x.reshape(-1, self.hidden_size) for x in xs]
         routings = [self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)
                     for x, x_TD in zip(xs, flat)]
-        jobs = [(dispatch.permute_tokens(x_TD, r), r.counts_E.tolist()) for x_TD, r in zip(flat, routings)]
+        all_counts = dispatch.counts_to_host(*[r.counts_E for r in routings])
+        pairs = [self._kept_pairs(r, c) for r, c in zip(routings, all_counts)]
+        jobs = [(dispatch.permute_tokens(self._to_compute_dtype(x_TD), r, p), c)
+                for x_TD, r, p, c in zip(flat, routings, pairs, all_counts)]
         many = getattr(self.experts, "forward_many", None)
-        ys = many(jobs) if many is not None else [self.experts(t, c) for t, c in jobs]
-        return [self._finish(x, x_TD, routing, dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0]))
-                for x, x_TD, routing, y_ND in zip(xs, flat, routings, ys)]
+        ys = many(jobs) if many is not None else [self._run_experts(t, c, r.counts_E)
+                                                  for (t, c), r in zip(jobs, routings)]
+        return [self._finish(x, x_TD, routing, dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0], p))
+                for x, x_TD, routing, y_ND, p in zip(xs, flat, routings, ys, pairs)]
 
     def forward_local(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Single-rank path: permute -> experts -> unpermute/combine."""
-        tokens_ND = dispatch.permute_tokens(x_TD, routing)
-        y_ND = self.experts(tokens_ND, routing.counts_E.tolist())
-        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
+        """Single-rank path: permute -> experts -> unpermute/combine.
+
+        Capacity mode with padding: every expert gets exactly C rows (the slot table; empty slots are filler rows
+        whose outputs are discarded), so all sizes are known on the host: no sync. Otherwise the kept rows only,
+        sized by one host copy of the counts (dispatch.counts_to_host), as Megatron-LM's dropless path.
+        """
+        if self._padded(x_TD, routing):
+            e, c = self.num_local_experts, routing.capacity
+            tokens_SD = dispatch.permute_tokens(x_TD, routing, padded=True)
+            counts_e = torch.full((e,), c, dtype=torch.int64, device=x_TD.device)
+            y_SD = self._run_experts(tokens_SD, [c] * e, counts_e)
+            return dispatch.unpermute_tokens(y_SD, routing, x_TD.shape[0], padded=True)
+        (counts,) = dispatch.counts_to_host(routing.counts_E)  # the one host sync
+        pair_idx_N = self._kept_pairs(routing, counts)
+        tokens_ND = dispatch.permute_tokens(x_TD, routing, pair_idx_N)
+        y_ND = self._run_experts(tokens_ND, counts, routing.counts_E)
+        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0], pair_idx_N)
 
     def forward_ep(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Expert-parallel path over ep_group.
 
-        1. local prep: gather kept pairs grouped by global expert (experts of rank p are contiguous);
-        2. all_to_all the per-expert counts, so each rank knows its receive sizes (no global capacity);
-        3. all_to_all_single the rows (variable splits);
-        4. regroup received rows from (source rank, local expert) to (local expert, source rank) order;
-        5. expert compute;
-        6. undo step 4, all_to_all_single the outputs back, and combine with the gates.
-        Backward mirrors steps 3 and 6 with the reversed splits.
+        1. all_to_all the per-expert counts, so each rank knows its receive sizes (no global capacity);
+        2. ONE device->host copy of the send and receive counts (the layer's one host sync): every split size;
+        3. local prep: gather kept pairs grouped by global expert (experts of rank p are contiguous);
+        4. all_to_all_single the rows (variable splits, in the compute dtype);
+        5. regroup received rows from (source rank, local expert) to (local expert, source rank) order;
+        6. expert compute;
+        7. undo step 5, all_to_all_single the outputs back, and combine with the gates.
+        Backward mirrors steps 4 and 7 with the reversed splits.
         """
         group = self.ep_group
-        tokens_ND = dispatch.permute_tokens(x_TD, routing)
         recv_counts_Pe = dispatch.exchange_counts(routing.counts_E, group)
-        recv_RD, send_splits, recv_splits = dispatch.dispatch_ep(tokens_ND, routing.counts_E,
-                                                                 recv_counts_Pe, group)
-        rows_RD, counts_e, perm = dispatch.group_by_local_expert(recv_RD, recv_counts_Pe)
-        y_RD = dispatch.regroup_by_source_rank(self.experts(rows_RD, counts_e), perm)
-        y_ND = dispatch.combine_ep(y_RD, send_splits, recv_splits, group)
-        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0])
+        counts, recv_counts = dispatch.counts_to_host(routing.counts_E, recv_counts_Pe)
+        send_splits, recv_splits, counts_e = dispatch.ep_splits(counts, recv_counts, self.ep_size)
+        pair_idx_N = self._kept_pairs(routing, counts)
+        tokens_ND = dispatch.permute_tokens(x_TD, routing, pair_idx_N)
+        recv_RD = dispatch.dispatch_ep(tokens_ND, send_splits, recv_splits, group)
+        rows_RD, perm = dispatch.group_by_local_expert(recv_RD, recv_counts_Pe)
+        y_RD = self._run_experts(rows_RD, counts_e, recv_counts_Pe.sum(dim=0))
+        y_ND = dispatch.combine_ep(dispatch.regroup_by_source_rank(y_RD, perm), send_splits, recv_splits, group)
+        return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0], pair_idx_N)
 
 
 _DEFAULT_EP_GROUPS: Dict[int, object] = {}  # ep_size -> this rank's group, built once per process

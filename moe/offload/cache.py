@@ -124,7 +124,12 @@ class _Readers:
 
     def _run(self, i: int) -> None:
         handle, staging = self.handles[i], self.staging[i]
-        copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        copy_stream = None
+        if self.device.type == "cuda":
+            # a new thread's current CUDA device is 0: make this reader's device (explicit index) current, so the
+            # stream, its events and the copies all live on the cache's device
+            torch.cuda.set_device(self.device)
+            copy_stream = torch.cuda.Stream(device=self.device)
         while True:
             entry = self._next()
             if entry is None:
@@ -161,6 +166,15 @@ class _Readers:
             t.join()
 
 
+def _explicit_device(device) -> torch.device:
+    """torch.device(device) with an explicit index for CUDA ('cuda' = the caller's current device, resolved now: the
+    reader threads would otherwise see device 0, the default of every new thread)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ExpertCache:
     """Experts of a store held in a fixed number of slots under `budget_bytes`, evicted least recently used.
 
@@ -184,7 +198,7 @@ class ExpertCache:
                  prefetch_slots: Optional[int] = None, num_readers: int = 2, verify: bool = True,
                  handle_kwargs: Optional[dict] = None, record_trace: bool = False):
         self.store = store
-        self.device = torch.device(device or "cpu")
+        self.device = _explicit_device(device)
         self.record_bytes = store.record_bytes
         self.num_slots = min(int(budget_bytes // self.record_bytes), len(store.records))
         if self.num_slots < min_slots:
