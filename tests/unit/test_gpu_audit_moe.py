@@ -54,8 +54,6 @@ def test_expert_gemms_run_in_bf16_with_fp32_input_under_autocast(drop_tokens, gr
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
-@pytest.mark.xfail(reason="the router's GEMM under autocast is the routers helper's fix (--moe-router-dtype, autocast "
-                          "off); F.linear after x.float() is still lowered to bf16 on this branch", strict=False)
 def test_router_gemm_is_fp32_under_autocast():
     layer, ln = _layer(), nn.LayerNorm(D)
     with cuda_autocast_rules(torch.bfloat16), DispatchAudit() as audit:

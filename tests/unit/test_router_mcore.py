@@ -78,7 +78,8 @@ def ours(c, inputs):
     torch.manual_seed(inputs["seed"])  # the same jitter draws as megatron-core's (torch.distributions.Uniform)
     r = router(x_BSD.reshape(-1, D), num_sequences=x_BSD.shape[0])
     T, K = r.expert_TK.shape
-    kept_TK = torch.zeros(T * K).scatter(0, r.pair_idx_N, 1.0).view(T, K)
+    # capacity mode: pair_idx_N is the fixed-size slot table, empty slots hold the sentinel T*K (dropped here)
+    kept_TK = torch.zeros(T * K + 1).scatter(0, r.pair_idx_N, 1.0)[:T * K].view(T, K)
     probs_TE = torch.zeros(T, E, dtype=r.gates_TK.dtype).scatter(1, r.expert_TK, r.gates_TK * kept_TK)
     kept_TE = torch.zeros(T, E).scatter(1, r.expert_TK, kept_TK).bool()
     chosen_TE = torch.zeros(T, E).scatter(1, r.expert_TK, 1.0).bool()
