@@ -54,6 +54,7 @@ class TrainState:
     peak_flops: Optional[float] = None
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
     timers: dict = field(default_factory=dict)  # phase -> seconds summed since the last log line
+    checkpoints: Optional[checkpointing.CheckpointManager] = None  # --save: maybe_save each iteration
 
     @property
     def global_batch_size(self) -> int:
@@ -136,6 +137,7 @@ def _finish_setup(cfg: TrainConfig, groups, device, tokenizer, model, optimizer)
                                     cfg.optimizer.loss_scale_window, cfg.optimizer.hysteresis))
     st = TrainState(cfg, model, optimizer, scheduler, scaler, groups, device, tokenizer)
     st.params = grad_sync.split_params(model)
+    st.checkpoints = checkpoint_manager(st)
     if cfg.checkpoint.load:
         missing = checkpointing.nothing_to_load(cfg.checkpoint.load)
         if missing is None:
@@ -170,13 +172,29 @@ def settle(st: TrainState) -> None:
         st.optimizer.synchronize()
 
 
-def save(st: TrainState) -> None:
-    settle(st)
-    counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
-    model = getattr(st.model, "_orig_mod", st.model)
-    path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
-                                         st.loss_scaler, counters, checkpointing.configs_for_checkpoint(st.cfg), st.groups)
-    print_rank0(f"saved checkpoint {path}")
+# --- checkpoint call sites (ckpt): the manager and what the loop registers with it --------------------------------
+class _Counters:
+    """The consumed-data counters of a TrainState, as a Stateful the checkpoint records under "counters"."""
+
+    def __init__(self, st: TrainState):
+        self.st = st
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.st.consumed_samples, "consumed_tokens": self.st.consumed_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.st.consumed_samples, self.st.consumed_tokens = state["consumed_samples"], state["consumed_tokens"]
+
+
+def checkpoint_manager(st: TrainState) -> checkpointing.CheckpointManager:
+    ck = st.cfg.checkpoint
+    m = checkpointing.CheckpointManager(ck.save, ck.save_interval, st.model, st.optimizer, st.groups,
+                                        checkpointing.configs_for_checkpoint(st.cfg), async_save=ck.async_save)
+    m.register("scheduler", st.scheduler)
+    m.register("loss_scaler", st.loss_scaler)
+    m.register("counters", _Counters(st))
+    return m
+# --- end of checkpoint call sites ----------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -371,13 +389,9 @@ def train(st: TrainState, train_iter: Iterator, make_valid_iter: Optional[Callab
             st.timers.clear()
         if make_valid_iter is not None and st.iteration % lg.eval_interval == 0:
             last_val = report_validation(st, make_valid_iter, f"iteration {st.iteration}")
-        if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
-            save(st)
         reason = exit_reason(st, signals, start) if not st.done() else None
+        st.checkpoints.maybe_save(st.iteration, force=reason is not None)  # on its interval, and before an exit
         if reason is not None:
-            if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and
-                                            st.iteration % cfg.checkpoint.save_interval == 0):
-                save(st)
             print_rank0(f"exiting at iteration {st.iteration} ({reason})")
             settle(st)
             return {"losses": losses, "val_loss": last_val, "exited": True}
@@ -436,20 +450,21 @@ def pretrain(argv=None) -> dict:
     st, train_iter, make_valid, make_test = setup_from_argv(argv)
     cfg = st.cfg
     signals = ExitSignals() if cfg.logging.exit_signal_handler else None
+    ok = False
     try:
         with release_offload_on_error(st.optimizer):  # a failed run leaves its offload directory free for the next
             result = train(st, train_iter, make_valid, signals, start)
+            if not result["exited"]:
+                st.checkpoints.maybe_save(st.iteration, force=st.iteration > 0)  # (--async-save: behind the evals)
+                if make_valid is not None:
+                    result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+                if make_test is not None:
+                    result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+            ok = True
     finally:
+        st.checkpoints.close(ok)  # a pending --async-save write is finished (and committed) before anything exits
         if signals is not None:
             signals.restore()
-    if not result["exited"]:
-        if cfg.checkpoint.save and st.iteration > 0 and not (
-                cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0):
-            save(st)
-        if make_valid is not None:
-            result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-        if make_test is not None:
-            result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
     if st.writer is not None:
         st.writer.close()
     result["state"] = st

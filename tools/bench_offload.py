@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron import checkpointing  # noqa: E402
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint  # noqa: E402
+from megatron.checkpointing import load_dense_whole, model_configs_from_checkpoint  # noqa: E402
 from megatron.config import ModelConfig  # noqa: E402
 from megatron.eval.scorer import LoglikelihoodScorer, Request  # noqa: E402
 from megatron.model import GPTModel  # noqa: E402

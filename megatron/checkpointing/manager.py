@@ -1,0 +1,152 @@
+"""The training loop's one entry to saving: `CheckpointManager.maybe_save(iteration, force)` decides whether a
+checkpoint is due, collects the state of the objects the loop registered (torchtitan's `Stateful` idea), and saves
+synchronously or, with --async-save, writes on a background thread while training goes on."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Dict, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron.checkpointing import optim_state, save
+
+log = logging.getLogger("megatron.checkpointing")
+
+
+class Stateful(Protocol):
+    """What the loop registers: an object whose state_dict() a checkpoint records under its name."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class AsyncWrite:
+    """Phase 2 of one save (save.write: files, hashes, fsyncs into the temporary directory) on a daemon thread."""
+
+    def __init__(self, pending: save.PendingSave):
+        self.pending = pending
+        self.started = time.perf_counter()
+        self._thread = threading.Thread(target=save.write, args=(pending,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self) -> save.PendingSave:
+        self._thread.join()
+        return self.pending
+
+
+class CheckpointManager:
+    """Saves `model` and `optimizer` (and every registered Stateful) to `root` every `interval` iterations.
+
+    Args:
+      root: --save (None: maybe_save does nothing).
+      interval: --save-interval (None: only forced saves).
+      model, optimizer, groups: what is saved and the process groups (dense state by DP rank 0, experts by
+        expert-DP rank 0; see save.py).
+      configs: what the checkpoint records of the configuration (load.configs_for_checkpoint).
+      async_save: --async-save: `maybe_save` snapshots every tensor to CPU memory and returns; a background thread
+        writes, hashes and fsyncs; the commit (checksums.json, rename, then the tracker) happens on the training
+        thread at the first `maybe_save`/`wait` after the write finished (a collective when distributed: every rank
+        calls maybe_save every iteration). A second save waits for the first; a failed write raises CheckpointError
+        (one line) at that commit, and the previous checkpoint stays the tracker's.
+    """
+
+    def __init__(self, root: Optional[str], interval: Optional[int], model, optimizer, groups, configs: dict,
+                 async_save: bool = False):
+        self.root, self.interval, self.async_save = root, interval, async_save
+        self.model, self.optimizer, self.groups, self.configs = model, optimizer, groups, configs
+        self.states: Dict[str, Optional[Stateful]] = {}
+        self.last_saved: Optional[int] = None  # the iteration of the newest save started (committed or pending)
+        self.stall_seconds: list = []  # the training thread's time inside each save (benchmarks report it)
+        self._inflight: Optional[AsyncWrite] = None
+
+    def register(self, name: str, obj: Optional[Stateful]) -> None:
+        """Records obj.state_dict() under `name` in the dense payload ("scheduler", "loss_scaler", "counters")."""
+        self.states[name] = obj
+
+    def due(self, iteration: int, force: bool = False) -> bool:
+        if not self.root or iteration == self.last_saved:
+            return False
+        return force or bool(self.interval and iteration % self.interval == 0)
+
+    def maybe_save(self, iteration: int, force: bool = False) -> Optional[str]:
+        """Commits a finished asynchronous save; then saves `iteration` when it is due (every `interval` iterations,
+        or `force`: exit, end of training), unless it was the last one saved. Returns the directory of a
+        synchronous save (the final name of an asynchronous one), else None. Collective: every rank calls it."""
+        self.poll()
+        if not self.due(iteration, force):
+            return None
+        self.wait()  # a second save waits for the first
+        t0 = time.perf_counter()
+        optim_state.settle(self.optimizer)
+        states = {name: (obj.state_dict() if obj is not None else None) for name, obj in self.states.items()}
+        pending = save.prepare(self.root, iteration, self.model, self.optimizer, states, self.configs, self.groups,
+                               snapshot=self.async_save)
+        self.last_saved = iteration
+        if self.async_save:
+            self._inflight = AsyncWrite(pending)
+            self.stall_seconds.append(time.perf_counter() - t0)
+            _log_rank0(f"saving checkpoint of iteration {iteration} in the background "
+                       f"({pending.snapshot_bytes / 1e6:.1f} MB snapshot in {self.stall_seconds[-1]:.2f} s)")
+            return save.iter_dir(self.root, iteration)
+        path = save.commit(save.write(pending))
+        self.stall_seconds.append(time.perf_counter() - t0)
+        _log_rank0(f"saved checkpoint {path}")
+        return path
+
+    def poll(self) -> None:
+        """Commits the pending asynchronous save if every rank's write has finished (without waiting)."""
+        if self._inflight is None:
+            return
+        if _all_ranks(self._inflight.done(), self._inflight.pending):
+            self._commit()
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save (if any) is written and committed; before exit, at the end of
+        training, before a second save. Raises CheckpointError when its write failed."""
+        if self._inflight is not None:
+            self._inflight.join()
+            self._commit()
+
+    def close(self, ok: bool = True) -> None:
+        """wait(); after an error elsewhere (`ok` False) the write is still awaited, and committed only in a single
+        process (a distributed commit needs every rank, which may have gone), with a failure logged, not raised."""
+        if self._inflight is None:
+            return
+        if ok:
+            self.wait()
+            return
+        pending = self._inflight.join()
+        self._inflight = None
+        if not pending.distributed:
+            try:
+                save.commit(pending)
+                _log_rank0(f"saved checkpoint {save.iter_dir(pending.root, pending.iteration)}")
+            except Exception as e:  # noqa: BLE001 - the first error is the one reported
+                log.error("the pending checkpoint save of iteration %d failed too: %s", pending.iteration, e)
+
+    def _commit(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        path = save.commit(inflight.pending)
+        _log_rank0(f"saved checkpoint {path} (written in the background in "
+                   f"{time.perf_counter() - inflight.started:.2f} s)")
+
+
+def _all_ranks(flag: bool, pending: save.PendingSave) -> bool:
+    """Whether `flag` holds on every rank (one all-reduce when distributed, so all ranks commit together)."""
+    if not pending.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=pending.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _log_rank0(msg: str) -> None:
+    if not (dist.is_initialized() and dist.get_rank() != 0):
+        print(msg, flush=True)

@@ -1,0 +1,60 @@
+"""The optimizer's side of a checkpoint, in one place: every `isinstance(optimizer, ...)` of the checkpoint code is
+here, so that the optimizer interface (issue 24, deliverable 1) can replace these five functions with its methods.
+
+The checkpoint layout is the unsharded AdamW's: per-parameter {"step", "exp_avg", "exp_avg_sq"} keyed by parameter
+name, whatever optimizer (plain, ZeRO, expert offload) holds it.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from megatron.optimizer.offload import ExpertOffloadAdamW
+from megatron.optimizer.zero import ZeroOptimizer
+
+
+def settle(optimizer) -> None:
+    """Waits for an offloaded expert step still running behind the training thread, before its state is read."""
+    if isinstance(optimizer, ExpertOffloadAdamW):
+        optimizer.synchronize()
+
+
+def gathered_state(model: torch.nn.Module, optimizer) -> Dict[str, dict]:
+    """Adam state keyed by parameter name (index-free, so it survives resharding), as live tensors (no copies).
+
+    A ZeRO optimizer's shards are gathered to the rank that writes them (group rank 0 of each bucket's group), into
+    CPU memory; other ranks get no entry for those parameters. Collective under ZeRO: every rank calls this."""
+    by_param = optimizer.full_state(writer_only=True) if isinstance(optimizer, ZeroOptimizer) else optimizer.state
+    out = {}
+    for name, p in model.named_parameters():
+        st = by_param.get(p)
+        if st:
+            out[name] = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in st.items()}
+    return out
+
+
+def offloaded_expert_state(optimizer, moe_layer: int, expert_id: int) -> dict:
+    """{parameter short name: Adam state} of one expert whose state lives in an offload store; {} otherwise."""
+    if isinstance(optimizer, ExpertOffloadAdamW):
+        return optimizer.expert_state(moe_layer, expert_id)
+    return {}
+
+
+def expert_state_offloaded(optimizer) -> bool:
+    """Whether the experts' Adam state lives in an offload store (loaded one expert at a time, never stacked)."""
+    return isinstance(optimizer, ExpertOffloadAdamW)
+
+
+def load_state(optimizer, by_param: Dict[torch.nn.Parameter, dict], where: str) -> None:
+    """Installs per-parameter Adam state (unsharded layout): a ZeRO optimizer keeps the slice each rank owns."""
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.load_full_state(by_param, where)
+    else:
+        optimizer.state.update(by_param)
+
+
+def load_offloaded_expert_state(optimizer, moe_layer: int, expert_id: int, state: dict) -> None:
+    optimizer.load_expert_state(moe_layer, expert_id, state)
+
+

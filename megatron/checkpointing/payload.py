@@ -1,0 +1,97 @@
+"""What one rank writes: the dense payload (model, optimizer, scheduler, loss scaler, RNG, counters, configs) and its
+expert payloads, built from live tensors (synchronous save) or from a CPU snapshot of them (asynchronous save)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron.checkpointing import optim_state
+from megatron.checkpointing.experts import expert_payloads, is_expert_param_name, model_tp_rank
+from megatron.checkpointing.layout import dense_path
+from megatron.checkpointing.rng import get_rng_state
+
+CHECKPOINT_VERSION = 1
+
+
+def compact_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with its own storage of exactly t's elements (one expert's slice of a stacked tensor)."""
+    return t.detach().to("cpu", copy=True)
+
+
+class CpuSnapshot:
+    """Copies every distinct tensor storage reached from a payload once into CPU memory (pinned when it comes from a
+    GPU: the copies are then asynchronous and `finish` waits once) and rebuilds each tensor as a view of its copy
+    with the same offset, size and stride. Sharing (tied weights, ZeRO's flat buffers) is kept, so torch.save
+    writes the same bytes as it would from the live tensors."""
+
+    def __init__(self):
+        self._memo: Dict[Tuple[str, int], torch.UntypedStorage] = {}
+        self._from_gpu = False
+        self.bytes = 0
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """Registers a tensor that is already a private CPU copy (compact_copy): it is used as it is."""
+        s = t.untyped_storage()
+        self._memo[(str(t.device), s.data_ptr())] = s
+        return t
+
+    def __call__(self, obj):
+        if torch.is_tensor(obj):
+            return self._tensor(obj)
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self(v) for v in obj)
+        return obj
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        key = (str(t.device), s.data_ptr())
+        copy = self._memo.get(key)
+        if copy is None:
+            gpu = t.device.type != "cpu"
+            buf = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=gpu and torch.cuda.is_available())
+            buf.untyped_storage().copy_(s, non_blocking=gpu)
+            copy = self._memo[key] = buf.untyped_storage()
+            self._from_gpu |= gpu
+            self.bytes += s.nbytes()
+        return torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(), t.size(), t.stride())
+
+    def finish(self) -> None:
+        """Waits for the GPU-to-CPU copies (after this the live tensors may change)."""
+        if self._from_gpu:
+            torch.cuda.synchronize()
+
+
+def rank_payloads(iteration: int, model, optimizer, states: Dict[str, Optional[dict]], configs: dict, groups,
+                  snapshot: Optional[CpuSnapshot] = None) -> List[Tuple[str, object]]:
+    """(path relative to the iteration directory, payload) of every file this rank writes.
+
+    `states`: the state_dict()s of the registered objects ("scheduler", "loss_scaler", "counters"), each stored under
+    its name in the dense payload. With `snapshot`, every tensor is a CPU copy that training may not change (the
+    asynchronous save writes them while training goes on); without, the live tensors (and compact copies of expert
+    slices). Collective under ZeRO (the optimizer state is gathered to the writing ranks)."""
+    own = snapshot if snapshot is not None else (lambda x: x)
+    take_slice = (lambda t: snapshot.own(compact_copy(t))) if snapshot is not None else compact_copy
+    is_expert = is_expert_param_name(model)
+    opt_state = optim_state.gathered_state(model, optimizer) if optimizer is not None else {}
+    dp_rank = groups.dp_rank if groups is not None else 0
+    out = []
+    if dp_rank == 0:
+        payload = {
+            "iteration": iteration,
+            "model": own({k: v for k, v in model.state_dict().items() if not is_expert.get(k, False)}),
+            "optimizer": own({k: v for k, v in opt_state.items() if not is_expert.get(k, False)}),
+            "scheduler": own(states.get("scheduler")),
+            "loss_scaler": own(states.get("loss_scaler")),
+            "rng": own(get_rng_state(model)),
+            "counters": own(dict(states.get("counters") or {})),
+            "configs": configs,
+            "checkpoint_version": CHECKPOINT_VERSION,
+        }
+        out.append((dense_path("", model_tp_rank(model)), payload))
+    out.extend(expert_payloads(model, opt_state, groups, optimizer, take_slice))
+    if snapshot is not None:
+        snapshot.finish()
+    return out
