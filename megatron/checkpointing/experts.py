@@ -47,8 +47,9 @@ def expert_payloads(model, opt_state: dict, groups, optimizer, take_slice: Calla
 
     Experts are replicated over tensor parallelism (not sharded), so TP rank 0 writes the one file per
     (MoE layer, global expert) that DESIGN §5 specifies, named ..._mp_rank_00_..., and every TP rank reads it; of the
-    replicas over expert-data parallelism, expert-DP rank 0 writes. `take_slice(t[i])` makes one expert's compact
-    copy (a view would make torch.save write the whole stacked tensor)."""
+    replicas over expert-data parallelism, expert-DP rank 0 writes. `take_slice(t[i])` gives one expert's tensor
+    whose storage holds only its bytes (payload.exact_view; a plain view would make torch.save write the whole
+    stacked tensor)."""
     out = []
     if model_tp_rank(model) != 0:
         return out

@@ -14,9 +14,17 @@ from megatron.checkpointing.rng import get_rng_state
 CHECKPOINT_VERSION = 1
 
 
-def compact_copy(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy with its own storage of exactly t's elements (one expert's slice of a stacked tensor)."""
-    return t.detach().to("cpu", copy=True)
+def exact_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` (one expert's slice of a stacked tensor) as a tensor whose storage is exactly its own bytes, without a
+    copy: torch.save of a plain slice would write the stacked tensor's whole storage. A storage slice shares the
+    memory (on the GPU too), so the synchronous save clones nothing; a non-contiguous slice is copied instead."""
+    t = t.detach()
+    if not t.is_contiguous():
+        return t.contiguous()
+    n = t.element_size()
+    start = t.storage_offset() * n
+    storage = t.untyped_storage()[start:start + t.numel() * n]
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.size(), t.stride())
 
 
 class CpuSnapshot:
@@ -26,15 +34,9 @@ class CpuSnapshot:
     writes the same bytes as it would from the live tensors."""
 
     def __init__(self):
-        self._memo: Dict[Tuple[str, int], torch.UntypedStorage] = {}
+        self._memo: Dict[Tuple[str, int, int], torch.UntypedStorage] = {}  # (device, address, bytes) -> copy
         self._from_gpu = False
         self.bytes = 0
-
-    def own(self, t: torch.Tensor) -> torch.Tensor:
-        """Registers a tensor that is already a private CPU copy (compact_copy): it is used as it is."""
-        s = t.untyped_storage()
-        self._memo[(str(t.device), s.data_ptr())] = s
-        return t
 
     def __call__(self, obj):
         if torch.is_tensor(obj):
@@ -47,7 +49,7 @@ class CpuSnapshot:
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        key = (str(t.device), s.data_ptr())
+        key = (str(t.device), s.data_ptr(), s.nbytes())  # a storage slice (exact_view) is its own entry
         copy = self._memo.get(key)
         if copy is None:
             gpu = t.device.type != "cpu"
@@ -70,10 +72,10 @@ def rank_payloads(iteration: int, model, optimizer, states: Dict[str, Optional[d
 
     `states`: the state_dict()s of the registered objects ("scheduler", "loss_scaler", "counters"), each stored under
     its name in the dense payload. With `snapshot`, every tensor is a CPU copy that training may not change (the
-    asynchronous save writes them while training goes on); without, the live tensors (and compact copies of expert
-    slices). Collective under ZeRO (the optimizer state is gathered to the writing ranks)."""
+    asynchronous save writes them while training goes on); without, the live tensors (expert slices as exact
+    views: nothing is cloned). Collective under ZeRO (the optimizer state is gathered to the writing ranks)."""
     own = snapshot if snapshot is not None else (lambda x: x)
-    take_slice = (lambda t: snapshot.own(compact_copy(t))) if snapshot is not None else compact_copy
+    take_slice = (lambda t: snapshot(exact_view(t))) if snapshot is not None else exact_view
     is_expert = is_expert_param_name(model)
     opt_state = optim_state.gathered_state(model, optimizer) if optimizer is not None else {}
     dp_rank = groups.dp_rank if groups is not None else 0
