@@ -11,6 +11,7 @@ from moe.experts import is_expert_param
 from moe.layer import MoELayer
 
 from megatron.checkpointing import integrity, optim_state
+from megatron.checkpointing.copies import one_intra_op_thread
 from megatron.checkpointing.layout import expert_path
 from megatron.errors import CheckpointError
 
@@ -96,9 +97,14 @@ def load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[dic
     Without `load_weights`, returns the per-parameter Adam state stacked over the local experts (keyed by
     parameter name); with it, {} (the optimizer state is not needed then).
     """
+    experts = read_expert_files(model, ckpt_dir) if experts is None else experts
+    with one_intra_op_thread():
+        return _install_experts(model, ckpt_dir, load_weights, experts)
+
+
+def _install_experts(model, ckpt_dir: str, load_weights: bool, experts: dict) -> Dict[str, dict]:
     stacked_opt: Dict[str, dict] = {}
     params = dict(model.named_parameters())
-    experts = read_expert_files(model, ckpt_dir) if experts is None else experts
     for moe_idx, prefix, layer in moe_layers(model):
         e = layer.num_local_experts
         names = expert_param_names(model, prefix)

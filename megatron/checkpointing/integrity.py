@@ -3,7 +3,6 @@ reads verified against it before anything is unpickled."""
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 from typing import Dict, Optional
@@ -41,23 +40,56 @@ class _HashingWriter:
         self.f.flush()
 
 
-def atomic_torch_save(obj, path: str) -> dict:
-    """Writes `obj` to `path` (tmp file, fsync, rename); returns its manifest entry {"bytes", "xxh3_64"}."""
+def _no_zip_crc32():
+    """torch.save without the zip format's CRC32 of each record: torch.load never checks it, and our xxh3-64 of the
+    whole file (computed on the way, verified before every load) covers the same bytes; the CRC costs ~0.3 s/GB
+    (measured: 0.65 s of a 2.2 s save of 860 MB). `unzip -t` reports the missing CRCs; torch.load does not care."""
+    from torch.utils.serialization import config
+
+    return config.patch({"save.compute_crc32": False})
+
+
+def atomic_torch_save(obj, path: str, sync: bool = True) -> dict:
+    """Writes `obj` to `path` (tmp file, fsync, rename); returns its manifest entry {"bytes", "xxh3_64"}. Without
+    `sync` the fsync is left to the caller (fsync_files: one pass over every file of a save)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         w = _HashingWriter(f)
         try:
-            torch.save(obj, w)
+            with _no_zip_crc32():
+                torch.save(obj, w)
         except RuntimeError:
             if w.error is not None:  # e.g. ENOSPC: the caller reports a failed write, not an internal error
                 raise w.error from None
             raise
         fault_point("write", f)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"bytes": w.bytes, "xxh3_64": w.hash.hexdigest()}
+
+
+def fsync_files(paths) -> None:
+    """fsync of every file, from a few threads at once: the file system commits concurrent fsyncs together (ext4 and
+    xfs group their journal commits), where one at a time each waits for its own commit (measured on the shared
+    machine: 134 sequential fsyncs of a 860 MB checkpoint took 1.3 s). fsync releases the GIL."""
+    def one(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    paths = list(paths)
+    if len(paths) <= 1:
+        for path in paths:
+            one(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(paths)), thread_name_prefix="fsync") as pool:
+        list(pool.map(one, paths))  # re-raises the first OSError
 
 
 def _manifest_digest(files: dict) -> str:
@@ -131,35 +163,52 @@ def read_manifest(ckpt_dir: str) -> Optional[Dict[str, dict]]:
 
 
 def load_checkpoint_file(ckpt_dir: str, path: str):
-    """torch.load of one checkpoint file, after checking its size and xxh3-64 against the directory's checksums.json
-    (one read: the verified bytes are what is unpickled). Missing, truncated or changed: CorruptCheckpointError."""
-    import xxhash
+    """torch.load of one checkpoint file, after checking its size and xxh3-64 against the directory's checksums.json.
+    Missing, truncated or changed: CorruptCheckpointError.
 
+    The file is hashed through a read-only memory map and then loaded with torch.load(mmap=True), which maps the
+    same page-cache pages: the bytes are read from disk once and copied only where they are installed (into the
+    parameters, or the stacked expert state), as a plain torch.load would copy them once into new storages. A file
+    rewritten in place between the check and the load would not be caught; no writer of checkpoints does that
+    (every file is written under a temporary name and renamed), and damage at rest is what the checksum is for."""
     if not os.path.isfile(path):
         raise CorruptCheckpointError(f"checkpoint file {path} is missing; the checkpoint is torn or corrupted")
     files = read_manifest(ckpt_dir)
-    if files is None:
-        source = path
-    else:
+    if files is not None:
         entry = files.get(os.path.relpath(path, ckpt_dir))
         if entry is None:
             raise CorruptCheckpointError(f"checkpoint file {path} is not listed in {os.path.join(ckpt_dir, MANIFEST)}"
                                          f"; the checkpoint is torn or corrupted")
-        with open(path, "rb") as f:
-            data = f.read(entry["bytes"] + 1)
-        if len(data) != entry["bytes"]:
-            raise CorruptCheckpointError(f"checkpoint file {path} has {'fewer' if len(data) < entry['bytes'] else 'more'}"
-                                         f" bytes than recorded ({len(data) if len(data) < entry['bytes'] else 'more'}"
-                                         f" vs {entry['bytes']}); the checkpoint is torn or corrupted")
-        if xxhash.xxh3_64_hexdigest(data) != entry["xxh3_64"]:
-            raise CorruptCheckpointError(f"checkpoint file {path} does not match its checksum in {MANIFEST}; the "
-                                         f"checkpoint is torn or corrupted")
-        source = io.BytesIO(data)
+        _verify(path, entry)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=files is not None)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint
         raise CorruptCheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: "
                                      f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def _verify(path: str, entry: dict) -> None:
+    """The file's size and xxh3-64 against its manifest entry (one sequential pass through a memory map)."""
+    import mmap
+
+    import xxhash
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != entry["bytes"]:
+            raise CorruptCheckpointError(f"checkpoint file {path} has {'fewer' if size < entry['bytes'] else 'more'}"
+                                         f" bytes than recorded ({size if size < entry['bytes'] else 'more'}"
+                                         f" vs {entry['bytes']}); the checkpoint is torn or corrupted")
+        if size == 0:
+            digest = xxhash.xxh3_64_hexdigest(b"")
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if hasattr(m, "madvise"):
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                digest = xxhash.xxh3_64_hexdigest(m)
+    if digest != entry["xxh3_64"]:
+        raise CorruptCheckpointError(f"checkpoint file {path} does not match its checksum in {MANIFEST}; the "
+                                     f"checkpoint is torn or corrupted")
 
 
 def checkpoint_complete(ckpt_dir: str) -> bool:

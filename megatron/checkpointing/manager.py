@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing import optim_state, save
+from megatron.checkpointing.payload import StagingPool
 
 log = logging.getLogger("megatron.checkpointing")
 
@@ -65,6 +66,7 @@ class CheckpointManager:
         self.last_saved: Optional[int] = None  # the iteration of the newest save started (committed or pending)
         self.stall_seconds: list = []  # the training thread's time inside each save (benchmarks report it)
         self._inflight: Optional[AsyncWrite] = None
+        self._pool = StagingPool() if async_save else None  # snapshot buffers reused from save to save
 
     def register(self, name: str, obj: Optional[Stateful]) -> None:
         """Records obj.state_dict() under `name` in the dense payload ("scheduler", "loss_scaler", "counters")."""
@@ -87,7 +89,7 @@ class CheckpointManager:
         optim_state.settle(self.optimizer)
         states = {name: (obj.state_dict() if obj is not None else None) for name, obj in self.states.items()}
         pending = save.prepare(self.root, iteration, self.model, self.optimizer, states, self.configs, self.groups,
-                               snapshot=self.async_save)
+                               snapshot=self.async_save, pool=self._pool)
         self.last_saved = iteration
         if self.async_save:
             self._inflight = AsyncWrite(pending)
@@ -124,6 +126,7 @@ class CheckpointManager:
             return
         pending = self._inflight.join()
         self._inflight = None
+        self._pool.give_back()
         if not pending.distributed:
             try:
                 save.commit(pending)
@@ -133,6 +136,7 @@ class CheckpointManager:
 
     def _commit(self) -> None:
         inflight, self._inflight = self._inflight, None
+        self._pool.give_back()  # written (or failed): the payloads are released, the buffers are free
         path = save.commit(inflight.pending)
         _log_rank0(f"saved checkpoint {path} (written in the background in "
                    f"{time.perf_counter() - inflight.started:.2f} s)")

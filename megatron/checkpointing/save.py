@@ -2,8 +2,8 @@
 
 1. `prepare` (training thread, collective): the temporary directory, and this rank's payloads (live tensors, or a
    CPU snapshot of them for an asynchronous save);
-2. `write` (any thread, local file I/O only): each file written to the temporary directory, hashed on its way and
-   fsynced (`integrity.atomic_torch_save`);
+2. `write` (any thread, local file I/O only): each file written to the temporary directory, hashed on its way
+   (`integrity.atomic_torch_save`), then all of them fsynced together (`integrity.fsync_files`);
 3. `commit` (training thread, collective): every rank's file list and failures gathered; rank 0 writes
    checksums.json, fsyncs, renames the directory into place, then replaces the tracker. A crash at any moment
    leaves the previous checkpoint loadable; a failed write keeps nothing of the new one.
@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.experts import moe_layers
-from megatron.checkpointing.integrity import atomic_torch_save, write_manifest
+from megatron.checkpointing.integrity import atomic_torch_save, fsync_files, write_manifest
 from megatron.checkpointing.layout import fsync_dir, iter_dir, read_tracker_or_none, tmp_iter_dir, write_tracker
-from megatron.checkpointing.payload import CpuSnapshot, rank_payloads
+from megatron.checkpointing.payload import CpuSnapshot, StagingPool, rank_payloads
 from megatron.errors import CheckpointError
 
 
@@ -42,9 +42,10 @@ class PendingSave:
 
 
 def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optional[dict]], configs: dict,
-            groups=None, snapshot: bool = False) -> PendingSave:
+            groups=None, snapshot: bool = False, pool: Optional[StagingPool] = None) -> PendingSave:
     """Phase 1 (collective): refuses experts it could not name (before anything is written), empties the temporary
-    directory, builds this rank's payloads; with `snapshot`, every tensor in them is a CPU copy."""
+    directory, builds this rank's payloads; with `snapshot`, every tensor in them is a CPU copy (in `pool`'s
+    buffers when given)."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     moe_layers(model)
@@ -53,7 +54,7 @@ def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optio
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    snap = CpuSnapshot() if snapshot else None
+    snap = CpuSnapshot(pool) if snapshot else None
     try:
         items = rank_payloads(iteration, model, optimizer, states, configs, groups, snap)
     except BaseException:
@@ -71,7 +72,8 @@ def write(p: PendingSave) -> PendingSave:
     (OSError) is recorded in p.failure, anything else in p.error; the payloads are released either way."""
     try:
         for rel, obj in p.items:
-            p.files[rel] = atomic_torch_save(obj, os.path.join(p.tmp, rel))
+            p.files[rel] = atomic_torch_save(obj, os.path.join(p.tmp, rel), sync=False)
+        fsync_files(os.path.join(p.tmp, rel) for rel in p.files)  # before commit's rename makes them the checkpoint
     except OSError as e:
         p.files, p.failure = {}, e
     except BaseException as e:  # noqa: BLE001 - handed to the training thread, which re-raises it

@@ -123,7 +123,7 @@ def test_failed_async_write_is_reported_at_the_next_step_and_keeps_the_previous_
     m.maybe_save(1)
     m.wait()
 
-    def full_disk(obj, path):
+    def full_disk(obj, path, sync=True):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(save_phases, "atomic_torch_save", full_disk)
     m.maybe_save(2)  # no error yet: the write fails on the background thread
