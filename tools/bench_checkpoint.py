@@ -12,8 +12,10 @@ writing checksums.json; our load verifies every file against it before unpicklin
 
 --async (64-expert model): the training thread's stall per save through CheckpointManager.maybe_save, synchronous
 against --async-save. The asynchronous stall is every moment the training thread spends inside maybe_save for that
-save: the CPU snapshot when it starts, and the commit (checksums.json, rename, tracker) at the first step after the
-background write finished; between them the loop runs optimizer steps (every weight and Adam tensor changes in
+save: the CPU snapshot of buffers, RNG and counters when it starts (parameters and Adam state are copied on the
+writing thread behind the next step's gradient computation), the time the next optimizer step is held until those
+copies are done, and the commit (checksums.json, rename, tracker) at the first step after the background write
+finished; between them the loop runs optimizer steps (every weight and Adam tensor changes in
 place), as training would. Also printed: the background write's wall time and the steps it overlapped.
 """
 import argparse
@@ -87,7 +89,7 @@ def bench_async(args) -> None:
     roots = {mode: os.path.join(args.work_dir, mode) for mode in ("sync", "async")}
     managers = {mode: checkpointing.CheckpointManager(roots[mode], None, model, opt, None, {}, async_save=mode == "async")
                 for mode in roots}
-    rows = {k: [] for k in ("sync", "async", "snap", "write", "steps", "step", "step_alone")}
+    rows = {k: [] for k in ("sync", "async", "snap", "held", "write", "steps", "step", "step_alone")}
     it = 0
     for _ in range(args.repeats):
         for root in roots.values():
@@ -100,6 +102,7 @@ def bench_async(args) -> None:
         managers["sync"].maybe_save(it, force=True)
         rows["sync"].append(time.perf_counter() - t)
         m = managers["async"]
+        waited0 = m.waited_seconds
         t = time.perf_counter()
         m.maybe_save(it, force=True)
         stall, steps, step_time, t_write = time.perf_counter() - t, 0, 0.0, time.perf_counter()
@@ -114,18 +117,20 @@ def bench_async(args) -> None:
             m.maybe_save(it)
             stall += time.perf_counter() - t
         rows["write"].append(time.perf_counter() - t_write)
-        rows["async"].append(stall)
+        rows["held"].append(m.waited_seconds - waited0)
+        rows["async"].append(stall + rows["held"][-1])
         rows["steps"].append(steps)
         rows["step"].append(step_time / max(steps, 1))
     first = {k: v[0] for k, v in rows.items()}  # the first async save also faults its staging buffers in
     med = {k: statistics.median(v[1:] or v) for k, v in rows.items()}
     nbytes = dir_bytes(checkpointing.iter_dir(roots["sync"], checkpointing.read_tracker(roots["sync"])))
-    print("| model | save | bytes | sync save stall s | async stall s (snapshot + commit) | async / sync | "
+    print("| model | save | bytes | sync save stall s | async stall s (snapshot + step held + commit) | async / sync | "
           "background write s | steps during write | step s during write | step s alone |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, m in ((f"later (median of {max(args.repeats - 1, 1)})", med), ("first", first)):
         print(f"| 64 experts (4x256, ffn 1024) | {label} | {nbytes / 1e6:.0f} MB | {m['sync']:.3f} | "
-              f"{m['async']:.3f} ({m['snap']:.3f} + {m['async'] - m['snap']:.3f}) | {m['async'] / m['sync']:.1%} | "
+              f"{m['async']:.3f} ({m['snap']:.3f} + {m['held']:.3f} + {m['async'] - m['snap'] - m['held']:.3f}) | "
+              f"{m['async'] / m['sync']:.1%} | "
               f"{m['write']:.2f} | {m['steps']:.0f} | {m['step']:.3f} | {m['step_alone']:.3f} |")
     print("(target: async stall <= 15% of the synchronous save; the first async save also faults its staging "
           "buffers in, later saves reuse them)")

@@ -26,13 +26,29 @@ class Stateful(Protocol):
 
 
 class AsyncWrite:
-    """Phase 2 of one save (save.write: files, hashes, fsyncs into the temporary directory) on a daemon thread."""
+    """The rest of one save on a daemon thread: the snapshot's deferred copies (then `copied` is set), then phase 2
+    (save.write: files, hashes, fsyncs into the temporary directory)."""
 
     def __init__(self, pending: save.PendingSave):
         self.pending = pending
         self.started = time.perf_counter()
-        self._thread = threading.Thread(target=save.write, args=(pending,), name="checkpoint-writer", daemon=True)
+        self.copied = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.pending.snapshot is not None:
+                self.pending.snapshot.copy_deferred()
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by commit
+            self.pending.error = e
+        finally:
+            self.copied.set()
+        self.pending.snapshot = None
+        if self.pending.error is None:
+            save.write(self.pending)
+        else:
+            self.pending.items = []
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -67,6 +83,11 @@ class CheckpointManager:
         self.stall_seconds: list = []  # the training thread's time inside each save (benchmarks report it)
         self._inflight: Optional[AsyncWrite] = None
         self._pool = StagingPool() if async_save else None  # snapshot buffers reused from save to save
+        self.waited_seconds = 0.0  # optimizer steps held for the deferred snapshot copies (part of the stall)
+        # parameters and optimizer state change only in the optimizer step: their snapshot copies run on the
+        # writing thread behind the next forward/backward, and the step waits for them (when it offers a hook)
+        self._defer = bool(async_save and optimizer is not None
+                           and optim_state.register_step_pre_hook(optimizer, self._before_optimizer_step))
 
     def register(self, name: str, obj: Optional[Stateful]) -> None:
         """Records obj.state_dict() under `name` in the dense payload ("scheduler", "loss_scaler", "counters")."""
@@ -89,7 +110,7 @@ class CheckpointManager:
         optim_state.settle(self.optimizer)
         states = {name: (obj.state_dict() if obj is not None else None) for name, obj in self.states.items()}
         pending = save.prepare(self.root, iteration, self.model, self.optimizer, states, self.configs, self.groups,
-                               snapshot=self.async_save, pool=self._pool)
+                               snapshot=self.async_save, pool=self._pool, defer_params=self._defer)
         self.last_saved = iteration
         if self.async_save:
             self._inflight = AsyncWrite(pending)
@@ -101,6 +122,13 @@ class CheckpointManager:
         self.stall_seconds.append(time.perf_counter() - t0)
         _log_rank0(f"saved checkpoint {path}")
         return path
+
+    def _before_optimizer_step(self) -> None:
+        inflight = self._inflight
+        if inflight is not None and not inflight.copied.is_set():
+            t0 = time.perf_counter()
+            inflight.copied.wait()
+            self.waited_seconds += time.perf_counter() - t0
 
     def poll(self) -> None:
         """Commits the pending asynchronous save if every rank's write has finished (without waiting)."""

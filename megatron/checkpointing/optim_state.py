@@ -34,6 +34,16 @@ def gathered_state(model: torch.nn.Module, optimizer) -> Dict[str, dict]:
     return out
 
 
+def register_step_pre_hook(optimizer, hook) -> bool:
+    """Calls hook() before every step that changes parameters or state (torch.optim's step pre-hooks; ZeRO: its
+    inner AdamW's, which updates the shards the parameters alias). False when the optimizer offers none."""
+    inner = optimizer.optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        return False
+    inner.register_step_pre_hook(lambda *_: hook())
+    return True
+
+
 def offloaded_expert_state(optimizer, moe_layer: int, expert_id: int) -> dict:
     """{parameter short name: Adam state} of one expert whose state lives in an offload store; {} otherwise."""
     if isinstance(optimizer, ExpertOffloadAdamW):

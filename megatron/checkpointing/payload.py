@@ -58,39 +58,57 @@ class CpuSnapshot:
     """Copies every distinct tensor storage reached from a payload once into CPU memory (pinned when it comes from a
     GPU: the copies are then asynchronous and `finish` waits once) and rebuilds each tensor as a view of its copy
     with the same offset, size and stride. Sharing (tied weights, ZeRO's flat buffers) is kept, so torch.save
-    writes the same bytes as it would from the live tensors."""
+    writes the same bytes as it would from the live tensors.
 
-    def __init__(self, pool: Optional[StagingPool] = None):
+    With `defer_params`, the copies of CPU parameters and optimizer state (which only the optimizer step changes)
+    are only recorded; `copy_deferred` (the save's background thread) makes them while the next forward and backward
+    run, and the manager holds the next optimizer step until they are done. Buffers, RNG, scheduler and counters
+    are copied at once (the forward may change buffers)."""
+
+    def __init__(self, pool: Optional[StagingPool] = None, defer_params: bool = False):
         self._memo: Dict[Tuple[str, int, int], torch.UntypedStorage] = {}  # (device, address, bytes) -> copy
         self._pool = pool if pool is not None else StagingPool()
         self._from_gpu = False
+        self._deferred: List[Tuple[torch.UntypedStorage, torch.UntypedStorage]] = []  # (copy, live) to fill
+        self.defer_params = defer_params
         self.bytes = 0
 
-    def __call__(self, obj):
+    def __call__(self, obj, defer: bool = False):
+        """`obj` with every tensor replaced by its CPU copy; `defer`: obj holds parameters or optimizer state."""
         if torch.is_tensor(obj):
-            return self._tensor(obj)
+            return self._tensor(obj, defer)
         if isinstance(obj, dict):
-            return {k: self(v) for k, v in obj.items()}
+            return {k: self(v, defer) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self(v) for v in obj)
+            return type(obj)(self(v, defer) for v in obj)
         return obj
 
-    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+    def _tensor(self, t: torch.Tensor, defer: bool) -> torch.Tensor:
         s = t.untyped_storage()
         key = (str(t.device), s.data_ptr(), s.nbytes())  # a storage slice (exact_view) is its own entry
         copy = self._memo.get(key)
         if copy is None:
             gpu = t.device.type != "cpu"
             copy = self._memo[key] = self._pool.take(s.nbytes(), pinned=gpu and torch.cuda.is_available())
-            _bytes_of(copy).copy_(_bytes_of(s), non_blocking=gpu)  # a tensor copy: parallel, unlike storage.copy_
+            if defer and self.defer_params and not gpu:
+                self._deferred.append((copy, s))
+            else:
+                _bytes_of(copy).copy_(_bytes_of(s), non_blocking=gpu)  # a tensor copy: parallel, unlike storage's
             self._from_gpu |= gpu
             self.bytes += s.nbytes()
         return torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(), t.size(), t.stride())
 
     def finish(self) -> None:
-        """Waits for the GPU-to-CPU copies (after this the live tensors may change)."""
+        """Waits for the GPU-to-CPU copies (after this the live tensors may change, except the deferred ones)."""
         if self._from_gpu:
             torch.cuda.synchronize()
+
+    def copy_deferred(self) -> None:
+        """Makes the deferred copies (parameters and optimizer state must not change meanwhile)."""
+        with one_intra_op_thread():
+            for copy, live in self._deferred:
+                _bytes_of(copy).copy_(_bytes_of(live))
+        self._deferred = []
 
 
 def _bytes_of(s: torch.UntypedStorage) -> torch.Tensor:
@@ -114,16 +132,17 @@ def rank_payloads(iteration: int, model, optimizer, states: Dict[str, Optional[d
 
 
 def _payloads(iteration, model, optimizer, opt_state, states, configs, groups, snapshot):
-    own = snapshot if snapshot is not None else (lambda x: x)
-    take_slice = (lambda t: snapshot(exact_view(t))) if snapshot is not None else exact_view
-    is_expert = is_expert_param_name(model)
+    own = snapshot if snapshot is not None else (lambda x, defer=False: x)
+    take_slice = (lambda t: snapshot(exact_view(t), defer=True)) if snapshot is not None else exact_view
+    is_expert = is_expert_param_name(model)  # {parameter name: is an expert's}
     dp_rank = groups.dp_rank if groups is not None else 0
     out = []
     if dp_rank == 0:
         payload = {
             "iteration": iteration,
-            "model": own({k: v for k, v in model.state_dict().items() if not is_expert.get(k, False)}),
-            "optimizer": own({k: v for k, v in opt_state.items() if not is_expert.get(k, False)}),
+            "model": {k: own(v, defer=k in is_expert) for k, v in model.state_dict().items()
+                      if not is_expert.get(k, False)},  # parameters deferred, buffers copied at once
+            "optimizer": own({k: v for k, v in opt_state.items() if not is_expert.get(k, False)}, defer=True),
             "scheduler": own(states.get("scheduler")),
             "loss_scaler": own(states.get("loss_scaler")),
             "rng": own(get_rng_state(model)),

@@ -36,16 +36,19 @@ class PendingSave:
     distributed: bool
     rank: int
     snapshot_bytes: int = 0
+    snapshot: Optional[CpuSnapshot] = None  # holds the copies deferred to the writing thread (copy_deferred)
     files: Dict[str, dict] = field(default_factory=dict)  # written: {relative path: {"bytes", "xxh3_64"}}
     failure: Optional[OSError] = None  # a failed write (full disk, vanished mount, ...)
     error: Optional[BaseException] = None  # anything else raised by the write (a bug): re-raised by commit
 
 
 def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optional[dict]], configs: dict,
-            groups=None, snapshot: bool = False, pool: Optional[StagingPool] = None) -> PendingSave:
+            groups=None, snapshot: bool = False, pool: Optional[StagingPool] = None,
+            defer_params: bool = False) -> PendingSave:
     """Phase 1 (collective): refuses experts it could not name (before anything is written), empties the temporary
     directory, builds this rank's payloads; with `snapshot`, every tensor in them is a CPU copy (in `pool`'s
-    buffers when given)."""
+    buffers when given); with `defer_params` too, the copies of CPU parameters and optimizer state are left to the
+    writing thread (CpuSnapshot.copy_deferred), which must make them before the next optimizer step."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     moe_layers(model)
@@ -54,7 +57,7 @@ def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optio
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    snap = CpuSnapshot(pool) if snapshot else None
+    snap = CpuSnapshot(pool, defer_params) if snapshot else None
     try:
         items = rank_payloads(iteration, model, optimizer, states, configs, groups, snap)
     except BaseException:
@@ -64,7 +67,7 @@ def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optio
     if distributed:
         dist.barrier()  # the temporary directory exists before any rank writes into it
     device = next(model.parameters()).device
-    return PendingSave(root, iteration, tmp, items, device, distributed, rank, snap.bytes if snap else 0)
+    return PendingSave(root, iteration, tmp, items, device, distributed, rank, snap.bytes if snap else 0, snap)
 
 
 def write(p: PendingSave) -> PendingSave:
@@ -74,6 +77,8 @@ def write(p: PendingSave) -> PendingSave:
         for rel, obj in p.items:
             p.files[rel] = atomic_torch_save(obj, os.path.join(p.tmp, rel), sync=False)
         fsync_files(os.path.join(p.tmp, rel) for rel in p.files)  # before commit's rename makes them the checkpoint
+        for d in {os.path.dirname(os.path.join(p.tmp, rel)) for rel in p.files}:
+            fsync_dir(d)  # their names too (a rank's own subdirectories; rank 0 fsyncs the temporary directory)
     except OSError as e:
         p.files, p.failure = {}, e
     except BaseException as e:  # noqa: BLE001 - handed to the training thread, which re-raises it
@@ -109,8 +114,7 @@ def commit(p: PendingSave) -> str:
                               f"free space or point --save elsewhere, then resume with --load") from None
     final = iter_dir(p.root, p.iteration)
     if p.rank == 0:
-        for dirpath, _, _ in os.walk(p.tmp):
-            fsync_dir(dirpath)
+        fsync_dir(p.tmp)  # checksums.json's name (each rank fsynced the directories of its own files)
         old = None
         if os.path.exists(final):  # re-saving the same iteration: keep the old one until the new is in place
             old = final + ".old"

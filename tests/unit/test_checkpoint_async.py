@@ -61,7 +61,12 @@ def _files(d):
             for dp, _, fs in os.walk(d) for f in fs}
 
 
-def test_async_save_writes_the_synchronous_bytes_while_training_changes_the_weights(tmp_path):
+def test_async_save_writes_the_synchronous_bytes_while_training_changes_the_weights(tmp_path, monkeypatch):
+    """Parameters and Adam state are copied on the writing thread (slowed down here); the next optimizer step waits."""
+    from megatron.checkpointing.payload import CpuSnapshot
+
+    real_copy = CpuSnapshot.copy_deferred
+    monkeypatch.setattr(CpuSnapshot, "copy_deferred", lambda self: time.sleep(0.3) or real_copy(self))
     model, opt = _model_and_optimizer()
     sync = _manager(tmp_path / "sync", model, opt, async_save=False)
     asyn = _manager(tmp_path / "async", model, opt, async_save=True)
@@ -69,7 +74,8 @@ def test_async_save_writes_the_synchronous_bytes_while_training_changes_the_weig
     sync.maybe_save(1)
     torch.set_rng_state(rng)  # the RNG state recorded is the same for both
     asyn.maybe_save(1)
-    _step(model, opt)  # training goes on while the background thread writes
+    _step(model, opt)  # training goes on while the background thread copies and writes
+    assert asyn.waited_seconds > 0.1  # the step waited for the deferred copies
     asyn.wait()
     a, b = _files(tmp_path / "sync" / "iter_0000001"), _files(tmp_path / "async" / "iter_0000001")
     assert sorted(a) == sorted(b) and len(a) == 1 + 4 + 1  # dense, 4 experts, checksums.json
