@@ -451,20 +451,22 @@ def pretrain(argv=None) -> dict:
     cfg = st.cfg
     signals = ExitSignals() if cfg.logging.exit_signal_handler else None
     ok = False
-    try:
-        with release_offload_on_error(st.optimizer):  # a failed run leaves its offload directory free for the next
-            result = train(st, train_iter, make_valid, signals, start)
-            if not result["exited"]:
-                st.checkpoints.maybe_save(st.iteration, force=st.iteration > 0)  # (--async-save: behind the evals)
-                if make_valid is not None:
-                    result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-                if make_test is not None:
-                    result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
-            ok = True
+    try:  # (ckpt) a pending --async-save write is finished, and committed, before pretrain returns or raises
+        try:
+            with release_offload_on_error(st.optimizer):  # a failed run leaves its offload directory free
+                result = train(st, train_iter, make_valid, signals, start)
+        finally:
+            if signals is not None:
+                signals.restore()
+        if not result["exited"]:
+            st.checkpoints.maybe_save(st.iteration, force=st.iteration > 0)  # (async: written behind the evals)
+            if make_valid is not None:
+                result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+            if make_test is not None:
+                result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+        ok = True
     finally:
-        st.checkpoints.close(ok)  # a pending --async-save write is finished (and committed) before anything exits
-        if signals is not None:
-            signals.restore()
+        st.checkpoints.close(ok)
     if st.writer is not None:
         st.writer.close()
     result["state"] = st

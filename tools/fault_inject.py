@@ -8,7 +8,7 @@ done, and check that the result equals an uninterrupted run bit for bit.
 Each interrupted launch gets one fault, drawn from the seeded generator (printed, so a failure reproduces):
 - `step`: SIGKILL a random rank once the log shows a randomly chosen iteration (mid-step, mid-all-to-all);
 - `write:N`: the ranks SIGKILL themselves in the middle of their N-th checkpoint file write (a torn file on disk,
-  MEGATRON_FAULT_INJECT, megatron/checkpointing.py);
+  MEGATRON_FAULT_INJECT, megatron/checkpointing/faults.py);
 - `tracker`: rank 0 dies between writing the new tracker file and renaming it over the old one.
 With `--async-save` among the pretrain flags the checkpoint files are written on a background thread while training
 goes on, so `write:N` kills a rank during an asynchronous write (mid-step on the training thread), and `step` kills

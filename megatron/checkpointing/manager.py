@@ -67,8 +67,10 @@ class CheckpointManager:
       model, optimizer, groups: what is saved and the process groups (dense state by DP rank 0, experts by
         expert-DP rank 0; see save.py).
       configs: what the checkpoint records of the configuration (load.configs_for_checkpoint).
-      async_save: --async-save: `maybe_save` snapshots every tensor to CPU memory and returns; a background thread
-        writes, hashes and fsyncs; the commit (checksums.json, rename, then the tracker) happens on the training
+      async_save: --async-save: `maybe_save` snapshots every tensor into CPU staging buffers (kept for the next
+        save) and returns; the copies of CPU parameters and optimizer state are made on the background thread while
+        the next forward/backward runs (an optimizer step pre-hook holds the next step until they are done); the
+        thread then writes, hashes and fsyncs; the commit (checksums.json, rename, then the tracker) happens on the training
         thread at the first `maybe_save`/`wait` after the write finished (a collective when distributed: every rank
         calls maybe_save every iteration). A second save waits for the first; a failed write raises CheckpointError
         (one line) at that commit, and the previous checkpoint stays the tracker's.
@@ -116,7 +118,7 @@ class CheckpointManager:
             self._inflight = AsyncWrite(pending)
             self.stall_seconds.append(time.perf_counter() - t0)
             _log_rank0(f"saving checkpoint of iteration {iteration} in the background "
-                       f"({pending.snapshot_bytes / 1e6:.1f} MB snapshot in {self.stall_seconds[-1]:.2f} s)")
+                       f"({pending.snapshot_bytes / 1e6:.1f} MB staged; training held {self.stall_seconds[-1]:.2f} s)")
             return save.iter_dir(self.root, iteration)
         path = save.commit(save.write(pending))
         self.stall_seconds.append(time.perf_counter() - t0)
