@@ -84,7 +84,7 @@ def read_expert_files(model, ckpt_dir: str, keep_optimizer: bool = True) -> Dict
     for moe_idx, _, layer in moe_layers(model):
         e = layer.num_local_experts
         for gid in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
-            payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid))
+            payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid), mmap=True)
             if not keep_optimizer and isinstance(payload, dict):
                 payload.pop("optimizer", None)
             out[(moe_idx, gid)] = payload
@@ -143,7 +143,7 @@ def fill_offloaded_expert_state(model, optimizer, ckpt_dir: str, experts: Option
             path = expert_path(ckpt_dir, moe_idx, g)
             given = experts.get((moe_idx, g)) if experts is not None else None
             optim = (given if given is not None and "optimizer" in given
-                     else integrity.load_checkpoint_file(ckpt_dir, path))["optimizer"]
+                     else integrity.load_checkpoint_file(ckpt_dir, path, mmap=True))["optimizer"]
             if present is not None and set(optim) != present:  # the in-memory load would stack unequal sets
                 raise CheckpointError(f"{path}: holds Adam state for {sorted(optim)}, the other experts of MoE layer "
                                       f"{moe_idx} for {sorted(present)}; the checkpoint is inconsistent")

@@ -162,13 +162,13 @@ def read_manifest(ckpt_dir: str) -> Optional[Dict[str, dict]]:
     return _read_manifest_file(path, st.st_mtime_ns, st.st_size)
 
 
-def load_checkpoint_file(ckpt_dir: str, path: str):
+def load_checkpoint_file(ckpt_dir: str, path: str, mmap: bool = False):
     """torch.load of one checkpoint file, after checking its size and xxh3-64 against the directory's checksums.json.
     Missing, truncated or changed: CorruptCheckpointError.
 
-    The file is hashed through a read-only memory map and then loaded with torch.load(mmap=True), which maps the
-    same page-cache pages: the bytes are read from disk once and copied only where they are installed (into the
-    parameters, or the stacked expert state), as a plain torch.load would copy them once into new storages. A file
+    The file is hashed through a read-only memory map (the disk read), then loaded from the page cache. With `mmap`
+    (expert files, whose tensors are always copied where they are installed: into the parameters, the stacked Adam
+    state, the offload store) torch.load maps those same pages instead of copying them into new storages. A file
     rewritten in place between the check and the load would not be caught; no writer of checkpoints does that
     (every file is written under a temporary name and renamed), and damage at rest is what the checksum is for."""
     if not os.path.isfile(path):
@@ -181,7 +181,7 @@ def load_checkpoint_file(ckpt_dir: str, path: str):
                                          f"; the checkpoint is torn or corrupted")
         _verify(path, entry)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=files is not None)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and files is not None)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint
         raise CorruptCheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: "
                                      f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

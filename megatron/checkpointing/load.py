@@ -74,9 +74,7 @@ def load_model_state(model, payload: dict, ckpt_dir: str, strict: bool = True, l
 
 
 def load_optimizer_state(model, optimizer, payload: dict, ckpt_dir: str, experts: Optional[dict] = None) -> None:
-    # the payload's tensors map the checkpoint file (integrity.load_checkpoint_file): owned copies for the optimizer
-    state = {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-             for name, st in (payload.get("optimizer") or {}).items()}
+    state = dict(payload.get("optimizer") or {})
     if optim_state.expert_state_offloaded(optimizer):
         expert_files.fill_offloaded_expert_state(model, optimizer, ckpt_dir, experts)
     else:

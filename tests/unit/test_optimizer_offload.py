@@ -270,7 +270,7 @@ def test_resume_reads_expert_state_one_file_at_a_time_and_failed_setup_frees_the
     monkeypatch.setattr(checkpointing.experts, "read_expert_files",
                         lambda *a, **k: kept.append(real_read(*a, **k)) or kept[-1])
     monkeypatch.setattr(checkpointing.integrity, "load_checkpoint_file",
-                        lambda d, path: reads.append(os.path.basename(path)) or real_load(d, path))
+                        lambda d, path, **k: reads.append(os.path.basename(path)) or real_load(d, path, **k))
     assert _main(argv("--load", str(ck)), capsys) == (0, [])
     assert len(kept) == 1 and len(kept[0]) == 4 and all("optimizer" not in p for p in kept[0].values())
     experts = [f for f in reads if f.startswith("layer_")]
