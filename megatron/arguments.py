@@ -341,6 +341,9 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-fallback", action="store_true",
                    help="when the --load checkpoint (or its tracker) is torn or corrupted, load the newest older "
                         "iteration that verifies instead of stopping")
+    g.add_argument("--async-save", action="store_true",
+                   help="snapshot the state to CPU memory and write the checkpoint on a background thread while "
+                        "training goes on (the tracker moves only once it is complete)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
@@ -683,7 +686,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng, finetune=args.finetune, reset_iteration=args.reset_iteration,
-            load_fallback=args.load_fallback,
+            load_fallback=args.load_fallback, async_save=args.async_save,
         ),
         distill=_checked(
             DistillConfig, mos=args.mos, kd=args.kd, load_teacher=args.load_teacher,

@@ -389,6 +389,7 @@ class CheckpointConfig:
     finetune: bool = False  # load weights only, reset iteration/optimizer/consumed counters
     reset_iteration: bool = False  # load weights (+optimizer) but restart iteration, counters and LR schedule
     load_fallback: bool = False  # a torn/corrupted --load checkpoint: load the newest older one that verifies
+    async_save: bool = False  # --async-save: write checkpoints on a background thread from a CPU snapshot
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval <= 0:

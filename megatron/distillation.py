@@ -5,11 +5,9 @@ from typing import Optional
 
 import torch
 
-from megatron import checkpointing
-from megatron.checkpoint_tp import load_dense_whole
-from megatron.checkpointing import CheckpointError
+from megatron.checkpointing import build_model_from_checkpoint
+from megatron.errors import CheckpointError
 from megatron.config import ModelConfig
-from megatron.model import GPTModel
 from moe.config import MoEConfig
 from moe.distill import DistillConfig, TeacherRunner
 
@@ -50,27 +48,19 @@ def load_teacher(cfg: DistillConfig, padded_vocab_size: int, device=None,
       CheckpointError (a ValueError; one line) for an unreadable or mismatching teacher checkpoint.
     """
     assert cfg.load_teacher, "DistillConfig requires --load-teacher whenever --mos or --kd is given"
-    try:
-        payload, ckpt_dir = load_dense_whole(cfg.load_teacher)  # any TP size: a whole teacher per rank
-    except CheckpointError as e:  # its messages name --load; this path came from --load-teacher
-        msg = str(e)
-        raise CheckpointError("--load-teacher " + msg[len("--load "):] if msg.startswith("--load ") else
-                              f"--load-teacher: {msg}") from None
-    configs = payload.get("configs") or {}
-    if "model" not in configs:
-        raise CheckpointError(f"--load-teacher {ckpt_dir}: no model configuration recorded; not a megatron-moe "
-                              f"checkpoint")
-    mcfg = teacher_model_config(cfg, configs["model"], padded_vocab_size, ckpt_dir, seq_length, vocab_size)
-    moe_cfg = teacher_moe_config(cfg, configs.get("moe"), ckpt_dir)
-    # Built on the CPU under a forked RNG: the random init is overwritten by the checkpoint, and not consuming
-    # the global generator keeps resume exact (the teacher is built after --load restored the RNG state).
-    with torch.random.fork_rng(devices=[]):
-        model = GPTModel(mcfg, moe_cfg, None)
-    try:
-        checkpointing.load_model_state(model, payload, ckpt_dir)
-    except CheckpointError as e:
-        raise CheckpointError(f"--load-teacher: {e}") from None
-    return TeacherRunner(model.to(device or torch.device("cpu")), cfg, dtype)
+    def configs_to_model(configs: dict, ckpt_dir: str):
+        if "model" not in configs:
+            raise CheckpointError(f"--load-teacher {ckpt_dir}: no model configuration recorded; not a megatron-moe "
+                                  f"checkpoint")
+        return (teacher_model_config(cfg, configs["model"], padded_vocab_size, ckpt_dir, seq_length, vocab_size),
+                teacher_moe_config(cfg, configs.get("moe"), ckpt_dir))
+
+    # any TP size (a whole teacher per rank); built under a forked RNG: the random init is overwritten by the
+    # checkpoint, and not consuming the global generator keeps resume exact (the teacher is built after --load
+    # restored the RNG state)
+    loaded = build_model_from_checkpoint(cfg.load_teacher, device, flag="--load-teacher",
+                                         configs_to_model=configs_to_model, keep_rng=True)
+    return TeacherRunner(loaded.model, cfg, dtype)
 
 
 def teacher_model_config(cfg: DistillConfig, recorded: dict, padded_vocab_size: int, ckpt_dir: str,

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron import checkpointing
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.checkpointing import model_configs_from_checkpoint
 from megatron.config import ModelConfig
 from megatron.errors import CheckpointError, ConfigError
 from megatron.model import GPTModel
@@ -153,12 +153,8 @@ def _existing(d: str, name: str) -> Optional[str]:
 
 def load_whole_model(load: str) -> Tuple[GPTModel, dict]:
     """(model on CPU in eval mode with every weight, experts included, recorded configs) of any checkpoint."""
-    payload, ckpt_dir = load_dense_whole(load)
-    configs = payload.get("configs") or {}
-    mcfg, moe_cfg = model_configs_from_checkpoint(configs, ckpt_dir)
-    model = GPTModel(mcfg, moe_cfg, None)
-    checkpointing.load_model_state(model, payload, ckpt_dir)
-    return model.eval(), configs
+    loaded = checkpointing.build_model_from_checkpoint(load)
+    return loaded.model, loaded.configs
 
 
 def export_gpt2(load: str, out_dir: str) -> str:

@@ -7,9 +7,8 @@ import logging
 
 import torch
 
-from megatron import checkpointing
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
-from megatron.errors import ConfigError
+from megatron.checkpointing import build_model_from_checkpoint
+from megatron.errors import CheckpointError, ConfigError
 from megatron.model import GPTModel
 
 logger = logging.getLogger(__name__)
@@ -19,7 +18,7 @@ def load_model_for_inference(load: str, device=None, tokenizer_overrides: Option
                              moe_overrides: Optional[dict] = None, offload=None) -> Tuple[GPTModel, object, dict]:
     """Builds the architecture recorded in the checkpoint, loads its weights, returns (model, tokenizer, configs).
 
-    A checkpoint saved with tensor parallelism is merged in memory (megatron/checkpoint_tp.py). Dropout is
+    A checkpoint saved with tensor parallelism is merged in memory (megatron/checkpointing/tp_shards.py). Dropout is
     disabled (eval mode). `tokenizer_overrides` (vocab_file, merge_file, tokenizer_model) replace the
     recorded paths; `moe_overrides` replace MoEConfig fields (e.g. drop_tokens=False for dropless evaluation).
     `offload` (moe.offload.OffloadConfig, mode 'nvme') keeps the experts in an expert store and reads them through
@@ -27,25 +26,18 @@ def load_model_for_inference(load: str, device=None, tokenizer_overrides: Option
     """
     from megatron.tokenizer import build_tokenizer
 
-    payload, ckpt_dir = load_dense_whole(load)  # any tensor-parallel size, merged in memory
-    configs = payload.get("configs") or {}
-    mcfg, moe_cfg = model_configs_from_checkpoint(configs, ckpt_dir, moe_overrides)
-    device = torch.device(device or "cpu")
+    build = None
     if offload is not None and offload.enabled:
-        from megatron.offload import build_offloaded_model
+        from megatron.offload import offloaded_builder
 
-        _, iteration = checkpointing.resolve_checkpoint_dir(ckpt_dir)
-        model, runtime = build_offloaded_model(mcfg, moe_cfg, payload, ckpt_dir, iteration, configs, offload, device)
-        model.offload = runtime
-    else:
-        model = GPTModel(mcfg, moe_cfg, None)
-        checkpointing.load_model_state(model, payload, ckpt_dir)
-        model.to(device).eval()
-        model.offload = None
+        build = offloaded_builder(offload)
+    loaded = build_model_from_checkpoint(load, device, moe_overrides=moe_overrides, build=build)
+    model, configs, ckpt_dir = loaded.model, loaded.configs, loaded.ckpt_dir
+    model.offload = loaded.runtime
     tcfg = dict(configs.get("tokenizer") or {})
     tcfg.update({k: v for k, v in (tokenizer_overrides or {}).items() if v is not None})
     if not tcfg.get("tokenizer_type"):
-        raise checkpointing.CheckpointError(f"{ckpt_dir}: no tokenizer recorded; pass --tokenizer-type and files")
+        raise CheckpointError(f"{ckpt_dir}: no tokenizer recorded; pass --tokenizer-type and files")
     tokenizer = build_tokenizer(tcfg["tokenizer_type"], vocab_file=tcfg.get("vocab_file"),
                                 merge_file=tcfg.get("merge_file"), tokenizer_model=tcfg.get("tokenizer_model"))
     return model, tokenizer, configs

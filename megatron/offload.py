@@ -78,10 +78,8 @@ def _records(ckpt_dir: str, configs: dict) -> Iterator[Tuple[int, int, Mapping[s
 
 def write_expert_store(load: str, out: str) -> ExpertStore:
     """tools/offload_experts.py: the store of checkpoint `load`'s experts in `out` (refused if `out` holds files)."""
-    from megatron.checkpoint_tp import load_dense_whole
-
     ckpt_dir, iteration = checkpointing.resolve_checkpoint_dir(load)
-    configs = load_dense_whole(ckpt_dir)[0].get("configs") or {}
+    configs = checkpointing.load_dense_whole(ckpt_dir)[0].get("configs") or {}
     if not configs.get("moe"):
         raise OffloadError(f"--load {load}: a dense checkpoint has no experts to offload")
     if os.path.isdir(out) and os.listdir(out):
@@ -134,6 +132,14 @@ class OffloadRuntime:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def offloaded_builder(cfg: OffloadConfig):
+    """The `build` of megatron.checkpointing.build_model_from_checkpoint for a model with offloaded experts."""
+    def build(mcfg, moe_cfg, payload: dict, ckpt_dir: str, configs: dict, device: torch.device):
+        _, iteration = checkpointing.resolve_checkpoint_dir(ckpt_dir)
+        return build_offloaded_model(mcfg, moe_cfg, payload, ckpt_dir, iteration, configs, cfg, device)
+    return build
 
 
 def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration: int, configs: dict,

@@ -27,23 +27,14 @@ from moe.offload.store import OffloadError
 log = logging.getLogger("megatron")
 
 
-def save(st: TrainState) -> None:
-    st.optimizer.synchronize()  # an offloaded expert step still running behind the training thread
-    counters = {"consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens}
-    model = getattr(st.model, "_orig_mod", st.model)
-    path = checkpointing.save_checkpoint(st.cfg.checkpoint.save, st.iteration, model, st.optimizer, st.scheduler,
-                                         st.loss_scaler, counters, checkpointing.configs_for_checkpoint(st.cfg), st.groups)
-    st.last_saved = st.iteration
-    print_rank0(f"saved checkpoint {path}")
 
 
 def maybe_save(st: TrainState, force: bool = False) -> None:
-    """The save cadence, in one place: every --save-interval iterations, and when `force` (the run exits or ends)
-    unless this iteration was just saved. Nothing without --save."""
-    ck = st.cfg.checkpoint
-    due = bool(ck.save_interval) and st.iteration % ck.save_interval == 0
-    if ck.save and (due or force) and st.last_saved != st.iteration:
-        save(st)
+    """The save cadence, in one place (megatron.checkpointing.CheckpointManager): every --save-interval
+    iterations, and when `force` (the run exits or ends) unless this iteration was just saved; with --async-save
+    written behind the next steps. Nothing without --save."""
+    if st.checkpoints.maybe_save(st.iteration, force=force) is not None:
+        st.last_saved = st.iteration
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -263,17 +254,22 @@ def pretrain(argv=None) -> dict:
     start = time.time()  # --exit-duration-in-mins counts from here (Megatron's _TRAIN_START_TIME)
     st, train_iter, make_valid, make_test = setup_from_argv(argv)
     signals = ExitSignals() if st.cfg.logging.exit_signal_handler else None
-    with closed_on_error(st.resources):  # a failed run leaves its offload directory free for the next
-        try:
-            result = train(st, train_iter, make_valid, signals, start)
-        finally:
-            if signals is not None:
-                signals.restore()
-        if not result["exited"]:
-            if make_valid is not None:
-                result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
-            if make_test is not None:
-                result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+    ok = False
+    try:  # a pending --async-save write is finished, and committed, before pretrain returns or raises
+        with closed_on_error(st.resources):  # a failed run leaves its offload directory free for the next
+            try:
+                result = train(st, train_iter, make_valid, signals, start)
+            finally:
+                if signals is not None:
+                    signals.restore()
+            if not result["exited"]:
+                if make_valid is not None:
+                    result["val_loss"] = report_validation(st, make_valid, "the end of training (validation set)")
+                if make_test is not None:
+                    result["test_loss"] = report_validation(st, make_test, "the end of training (test set)")
+        ok = True
+    finally:
+        st.checkpoints.close(ok)
     if st.writer is not None:
         st.writer.close()
     result["state"] = st

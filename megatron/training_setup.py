@@ -62,7 +62,10 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     with closed_on_error(resources):
         st = TrainState(cfg, model, optimizer, OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler),
                         _loss_scaler(cfg), groups, device, tokenizer, resources=resources)
+        st.checkpoints = checkpoint_manager(st)
         _load_and_teacher(st)
+        if st.iteration:  # the checkpoint just loaded is not written again (a resumed run that is already done)
+            st.checkpoints.last_saved = st.last_saved = st.iteration
         if cfg.compile:
             st.model = torch.compile(model)
         return st
@@ -168,3 +171,27 @@ def _report(st: TrainState, world_size: int) -> None:
         c = cfg.curriculum
         print_rank0(f"> seqlen curriculum ({c.schedule_type}): {c.min_difficulty} -> {c.max_difficulty} tokens "
                     f"over {c.total_curriculum_step} iterations")
+
+
+# ------------------------------------------------------------------- checkpoints: the manager and its Statefuls
+class _Counters:
+    """The consumed-data counters of a TrainState, as a Stateful the checkpoint records under "counters"."""
+
+    def __init__(self, st: TrainState):
+        self.st = st
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.st.consumed_samples, "consumed_tokens": self.st.consumed_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.st.consumed_samples, self.st.consumed_tokens = state["consumed_samples"], state["consumed_tokens"]
+
+
+def checkpoint_manager(st: TrainState) -> checkpointing.CheckpointManager:
+    ck = st.cfg.checkpoint
+    m = checkpointing.CheckpointManager(ck.save, ck.save_interval, st.model, st.optimizer, st.groups,
+                                        checkpointing.configs_for_checkpoint(st.cfg), async_save=ck.async_save)
+    m.register("scheduler", st.scheduler)
+    m.register("loss_scaler", st.loss_scaler)
+    m.register("counters", _Counters(st))
+    return m

@@ -36,7 +36,7 @@ from typing import Tuple
 import torch
 
 from megatron import checkpointing
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.checkpointing import load_dense_whole, model_configs_from_checkpoint
 from megatron.config import ModelConfig
 from megatron.eval.scorer import LoglikelihoodScorer, Request
 from megatron.model import GPTModel

@@ -4,7 +4,7 @@ Megatron-LM's tools/checkpoint_util for the TP dimension.
     python tools/checkpoint_tp.py --load CKPT --save OUT --target-tp 1 [--true-vocab-size V]
 
 Only training at another TP size needs this: one-process loaders (tools/generate.py, tools/eval_zeroshot.py,
-a distillation teacher) merge shards in memory. The merging and cutting live in megatron/checkpoint_tp.py.
+a distillation teacher) merge shards in memory. The merging and cutting live in megatron/checkpointing/tp_shards.py.
 The padded vocabulary depends on the TP size (a multiple of --make-vocab-size-divisible-by x TP): embedding
 rows are cut to, or extended (repeating the last row, as Megatron does) to, the target's padding of the true
 vocabulary size, taken from the recorded tokenizer unless --true-vocab-size is given. Expert files (one per MoE
@@ -21,7 +21,7 @@ import sys
 import torch
 
 from megatron import checkpointing
-from megatron.checkpoint_tp import merge_shards, partition_layout, shard
+from megatron.checkpointing.tp_shards import merge_shards, partition_layout, shard
 from megatron.errors import UserError
 
 

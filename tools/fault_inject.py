@@ -8,11 +8,15 @@ done, and check that the result equals an uninterrupted run bit for bit.
 Each interrupted launch gets one fault, drawn from the seeded generator (printed, so a failure reproduces):
 - `step`: SIGKILL a random rank once the log shows a randomly chosen iteration (mid-step, mid-all-to-all);
 - `write:N`: the ranks SIGKILL themselves in the middle of their N-th checkpoint file write (a torn file on disk,
-  MEGATRON_FAULT_INJECT, megatron/checkpointing.py);
+  MEGATRON_FAULT_INJECT, megatron/checkpointing/faults.py);
 - `tracker`: rank 0 dies between writing the new tracker file and renaming it over the old one.
+With `--async-save` among the pretrain flags the checkpoint files are written on a background thread while training
+goes on, so `write:N` kills a rank during an asynchronous write (mid-step on the training thread), and `step` kills
+land while a write may be in flight.
 Invariants, checked after every restart and at the end: each restart loads the last complete checkpoint (the
 tracker before the launch), never a torn one; no more steps are recomputed than were run since that checkpoint
-(at most --save-interval); the final dense weights, Adam state and every expert file equal the uninterrupted run's.
+(at most --save-interval; with --async-save at most twice that, as a save is committed only once its write has
+finished, at the latest when the next one is due); the final dense weights, Adam state and every expert file equal the uninterrupted run's.
 Prints one line per kill and a summary; exit 0 when every invariant held, 1 otherwise.
 """
 import argparse
@@ -138,12 +142,13 @@ def main(argv=None) -> int:
             return 2
     train_iters = int(flags[flags.index("--train-iters") + 1])
     save_interval = int(flags[flags.index("--save-interval") + 1])
+    max_lost = 2 * save_interval if "--async-save" in flags else save_interval  # steps a kill may cost
     os.makedirs(args.work_dir, exist_ok=True)
     ref, ck = os.path.join(args.work_dir, "reference"), os.path.join(args.work_dir, "faulty")
     log = open(os.path.join(args.work_dir, "launches.log"), "w")
     rng = random.Random(args.seed)
     print(f"fault injection: seed {args.seed}, {args.kills} kills, {args.nproc} ranks, {train_iters} iterations, "
-          f"save every {save_interval}")
+          f"save every {save_interval}{' (asynchronous writes)' if '--async-save' in flags else ''}")
     t0 = time.time()
     rc, last, _ = run_with_fault(args.nproc, [*flags, "--log-interval", "1", "--save", ref], None, rng, log)
     if rc != 0 or last != train_iters:
@@ -181,8 +186,9 @@ def main(argv=None) -> int:
         after = checkpointing.read_tracker(ck) if os.path.isdir(ck) else None
         lost = last - (after or 0)
         recomputed.append(lost)
-        if lost > save_interval:
-            failures.append(f"kill {kills}: {lost} steps to recompute > --save-interval {save_interval}")
+        if lost > max_lost:
+            failures.append(f"kill {kills}: {lost} steps to recompute > {max_lost} (--save-interval {save_interval}"
+                            f"{', --async-save' if max_lost > save_interval else ''})")
         print(f"kill {kills}/{args.kills}: {fault} | resumed from {start}, reached {last}, last complete "
               f"checkpoint now {after} | {lost} step(s) to recompute")
     if checkpointing.read_tracker(ck) != train_iters:

@@ -160,7 +160,19 @@ class MegatronOptimizer:
         self._load_by_param({by_name[n]: {k: (v.to(by_name[n].device) if torch.is_tensor(v) else v)
                                           for k, v in st.items()} for n, st in state.items() if n in by_name}, where)
 
-    def _state_by_param(self) -> Dict[torch.nn.Parameter, dict]:
+    def checkpoint_state(self) -> Dict[str, dict]:
+        """`state_dict()`'s layout without copies, for a checkpoint about to be written: ZeRO gathers each bucket
+        to the rank that writes it, into CPU memory (other ranks get no entry for it; issue 23, finding 7). Values
+        are live views: write or snapshot them before the next step. Collective under ZeRO."""
+        by_param = self._state_by_param(writer_only=True)
+        return {n: {k: (v.detach() if torch.is_tensor(v) else v) for k, v in by_param[p].items()}
+                for p, n in self.names.items() if by_param.get(p)}
+
+    def load_param_state(self, state: Dict[torch.nn.Parameter, dict], where: str) -> None:
+        """Installs per-parameter Adam state in the unsharded layout (ZeRO keeps the slice each rank owns)."""
+        self._load_by_param(state, where)
+
+    def _state_by_param(self, writer_only: bool = False) -> Dict[torch.nn.Parameter, dict]:
         return self.optimizer.state
 
     def _load_by_param(self, state: Dict[torch.nn.Parameter, dict], where: str) -> None:

@@ -91,6 +91,17 @@ def _make_bucket(params: List[torch.nn.Parameter], group, ep_size: Optional[int]
     return _Bucket(params, offsets, group, world, rank, flat, shard, ep_size)
 
 
+def _gather_to_rank0_cpu(shard: torch.Tensor, b: "_Bucket") -> Optional[torch.Tensor]:
+    """The bucket's whole flat tensor on group rank 0, in CPU memory (None on the other ranks): a gather, not an
+    all-gather, so only the writer ever holds the whole state (for one key of one bucket at a time on the device)."""
+    if b.world == 1:
+        return shard.cpu()
+    dst = dist.get_global_rank(b.group, 0)
+    parts = [torch.empty_like(shard) for _ in range(b.world)] if b.rank == 0 else None
+    dist.gather(shard.contiguous(), parts, dst=dst, group=b.group)
+    return torch.cat([t.cpu() for t in parts]) if parts is not None else None
+
+
 class ZeroOptimizer(MegatronOptimizer):
     """AdamW with ZeRO stage 1 (state sharded) or 2 (state and reduced gradients sharded).
 
@@ -220,23 +231,34 @@ class ZeroOptimizer(MegatronOptimizer):
         return parts
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def _state_by_param(self) -> Dict[torch.nn.Parameter, dict]:
+    def _state_by_param(self, writer_only: bool = False) -> Dict[torch.nn.Parameter, dict]:
         """{model parameter: {"step", "exp_avg", "exp_avg_sq"} of the whole parameter}, as an unsharded AdamW
-        holds it ({} before the first step). Collective: all-gathers every bucket's state over its group."""
+        holds it ({} before the first step). Collective: gathers every bucket's state over its group.
+
+        writer_only (checkpoints): a gather to group rank 0 of each bucket's group (the rank that writes that state)
+        instead of an all-gather to every rank, into CPU memory (one bucket's state key on the device at a time); the
+        other ranks get no entry for that bucket's parameters."""
         out: Dict[torch.nn.Parameter, dict] = {}
         for b in self.buckets:
             st = self.optimizer.state.get(b.shard)
             if not st:
                 continue
-            full = {}
-            for k in _STATE_KEYS:
-                full[k] = torch.empty_like(b.flat)
-                if b.world > 1:
-                    _all_gather(full[k], st[k].detach().contiguous(), group=b.group)
-                else:
-                    full[k].copy_(st[k])
+            if writer_only:
+                full = {k: _gather_to_rank0_cpu(st[k].detach(), b) for k in _STATE_KEYS}
+                if full[_STATE_KEYS[0]] is None:  # not this bucket's writer
+                    continue
+                step = st["step"].detach().cpu()
+            else:
+                full = {}
+                for k in _STATE_KEYS:
+                    full[k] = torch.empty_like(b.flat)
+                    if b.world > 1:
+                        _all_gather(full[k], st[k].detach().contiguous(), group=b.group)
+                    else:
+                        full[k].copy_(st[k])
+                step = st["step"].detach()
             for p, off in zip(b.params, b.offsets):
-                out[p] = {"step": st["step"].detach(),  # views of the fresh buffers: state_dict copies them
+                out[p] = {"step": step,  # views of the fresh buffers: state_dict copies them
                           **{k: full[k][off:off + p.numel()].view_as(p) for k in _STATE_KEYS}}
         return out
 

@@ -148,6 +148,7 @@ MAPPING = {
     "--no-load-rng": ([], "checkpoint.no_load_rng", True),
     "--finetune": ([], "checkpoint.finetune", True),
     "--load-fallback": ([], "checkpoint.load_fallback", True),
+    "--async-save": ([], "checkpoint.async_save", True),
     "--log-interval": (["3"], "logging.log_interval", 3),
     "--eval-interval": (["9"], "logging.eval_interval", 9),
     "--eval-iters": (["4"], "logging.eval_iters", 4),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron import checkpointing
-from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
+from megatron.checkpointing import load_dense_whole, model_configs_from_checkpoint
 from megatron.config import ModelConfig
 from megatron.model import GPTModel
 from megatron.offload import build_offloaded_model

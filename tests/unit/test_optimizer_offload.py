@@ -52,9 +52,9 @@ def expert_adam_state(st) -> dict:
     from wherever the optimizer keeps it."""
     out = {}
     opt = st.optimizer
-    for moe_idx, prefix, layer in checkpointing._moe_layers(st.model):
+    for moe_idx, prefix, layer in checkpointing.moe_layers(st.model):
         e = layer.num_local_experts
-        for name in checkpointing._expert_param_names(st.model, prefix):
+        for name in checkpointing.expert_param_names(st.model, prefix):
             p = dict(st.model.named_parameters())[name]
             if opt.offloads_expert_state:
                 per = [opt.expert_state(moe_idx, layer.ep_rank * e + i)[name[len(prefix) + 1:]] for i in range(e)]
@@ -268,10 +268,10 @@ def test_resume_reads_expert_state_one_file_at_a_time_and_failed_setup_frees_the
     assert _main(argv("--exit-interval", "2"), capsys) == (0, [])
     kept, reads = [], []
     real_read, real_load = checkpointing.read_expert_files, checkpointing.load_checkpoint_file
-    monkeypatch.setattr(checkpointing, "read_expert_files",
+    monkeypatch.setattr(checkpointing.experts, "read_expert_files",
                         lambda *a, **k: kept.append(real_read(*a, **k)) or kept[-1])
-    monkeypatch.setattr(checkpointing, "load_checkpoint_file",
-                        lambda d, path: reads.append(os.path.basename(path)) or real_load(d, path))
+    monkeypatch.setattr(checkpointing.integrity, "load_checkpoint_file",
+                        lambda d, path, **k: reads.append(os.path.basename(path)) or real_load(d, path, **k))
     assert _main(argv("--load", str(ck)), capsys) == (0, [])
     assert len(kept) == 1 and len(kept[0]) == 4 and all("optimizer" not in p for p in kept[0].values())
     experts = [f for f in reads if f.startswith("layer_")]

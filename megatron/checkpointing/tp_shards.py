@@ -9,8 +9,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron import checkpointing
-from megatron.checkpointing import CheckpointError
+from megatron.checkpointing.layout import num_tp_shards, resolve_checkpoint_dir
+from megatron.checkpointing.read import load_dense
+from megatron.errors import CheckpointError
 from megatron.config import ModelConfig
 from megatron.model import GPTModel
 from megatron.tensor_parallel import merge_partitions, partition
@@ -99,10 +100,10 @@ def shard(whole: dict, layout: Dict[str, Tuple[int, int]], rank: int, size: int)
 
 def load_dense_whole(load: str) -> Tuple[dict, str]:
     """The dense payload of a checkpoint of any TP size, as one process's (TP=1): shards merged in memory."""
-    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)
-    n = checkpointing.num_tp_shards(ckpt_dir)
+    ckpt_dir, _ = resolve_checkpoint_dir(load)
+    n = num_tp_shards(ckpt_dir)
     if n <= 1:
-        return checkpointing.load_dense(load)
-    shards = [checkpointing.load_dense(load, r, n)[0] for r in range(n)]
+        return load_dense(load)
+    shards = [load_dense(load, r, n)[0] for r in range(n)]
     layout = partition_layout(shards[0].get("configs") or {}, ckpt_dir)
     return merge_shards(shards, layout), ckpt_dir
