@@ -19,9 +19,11 @@ import pytest
 from megatron import training
 from megatron.errors import ConfigError
 from tests.conftest import ROOT, tiny_train_argv
+from tests.inprocess import run_cli
 
 
 def _run(argv, env_extra=None, pythonpath_first=None):
+    """pretrain_gpt.py in a fresh process (the traceback test below: a sitecustomize hook and the exit code)."""
     env = dict(os.environ)
     env.update(env_extra or {})
     paths = [p for p in (pythonpath_first, ROOT, env.get("PYTHONPATH")) if p]
@@ -55,7 +57,9 @@ SINGLE_CHECKS = [
 
 @pytest.mark.parametrize("extra,world,needle", SINGLE_CHECKS, ids=[c[2][:40] for c in SINGLE_CHECKS])
 def test_each_check_fires_once_as_one_line(tiny_corpus, tmp_path, extra, world, needle):
-    p = _run(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", *extra), {"WORLD_SIZE": world})
+    # in-process main(argv): validation reads WORLD_SIZE before any process group exists
+    p = run_cli("pretrain_gpt.py", tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", *extra),
+                env={"WORLD_SIZE": world})
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr

@@ -199,11 +199,10 @@ def test_one_cycle_resume_from_the_command_line_is_exact(tiny_corpus, tmp_path):
     """pretrain_gpt.py: 6 steps straight == 3 steps (--exit-interval, mid-cycle) + --load + 3, bit for bit: every
     logged loss and LR, the weights and the Adam state (beta1 cycles, so a wrong restore would change the update)."""
     import re
-    import subprocess
-    import sys
 
     from megatron import checkpointing
-    from tests.conftest import ROOT, tiny_train_argv
+    from tests.conftest import tiny_train_argv
+    from tests.inprocess import run_cli
 
     def run(save, *extra):
         argv = tiny_train_argv(tiny_corpus, save, "--train-iters", "6", "--save", str(save), "--save-interval", "6",
@@ -211,8 +210,7 @@ def test_one_cycle_resume_from_the_command_line_is_exact(tiny_corpus, tmp_path):
                                "--cycle-min-lr", "1e-3", "--cycle-max-lr", "1e-2", "--cycle-first-step-size", "2",
                                "--cycle-second-step-size", "3", "--cycle-min-mom", "0.7", "--cycle-max-mom", "0.9",
                                "--hidden-dropout", "0", "--attention-dropout", "0", *extra)
-        r = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+        r = run_cli("pretrain_gpt.py", argv)
         assert r.returncode == 0, r.stderr[-3000:]
         return {int(m.group(1)): m.group(2) for m in
                 re.finditer(r"iteration\s+(\d+)/.*?(learning rate: \S+ \| lm loss: \S+)", r.stdout)}

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +22,8 @@ from megatron.optimizer.offload import ExpertOffloadAdamW
 from megatron.training import build_model, pretrain, set_seed
 from moe.offload.config import OptimizerOffloadConfig, offload_args_from_ds_config
 from moe.offload.store import OffloadError
-from tests.conftest import ROOT, tiny_train_argv
+from tests.conftest import tiny_train_argv
+from tests.inprocess import run_cli
 
 MOE = ["--num-experts", "4", "--expert-interval", "1", "--topk", "1", "--clip-grad", "0.05", "--log-interval", "1",
        "--weight-decay", "0.1", "--eval-iters", "0"]
@@ -125,8 +125,8 @@ def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
 
 
 def _cli(argv, env=None, check=True):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *argv], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})})
+    """pretrain_gpt.py's main(argv) in this process (stdout holds the logged losses)."""
+    r = run_cli("pretrain_gpt.py", argv, env=env)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -1,14 +1,13 @@
 """Training loop: loss falls, exact resume, bad-input exit codes, generation from a checkpoint."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron.training import pretrain
-from tests.conftest import ROOT, tiny_train_argv
+from tests.conftest import tiny_train_argv
+from tests.inprocess import run_cli
 
 
 def _weights(st):
@@ -41,8 +40,9 @@ def test_exact_resume_bitwise(tiny_corpus, tmp_path):
     assert second["state"].consumed_samples == straight["state"].consumed_samples == 80
 
 
-def _run_cli(args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run_cli(args):
+    """`python SCRIPT ARGS...` as its main(argv) in this process (the exit-code smoke tests are in tests/cli)."""
+    return run_cli(args[0], args[1:])
 
 
 def _one_error_line(p):
