@@ -1,6 +1,6 @@
 """One exit-code smoke test per command-line tool that the other tests call in-process (tests/inprocess.run_cli):
 the real script, in a fresh interpreter, turns a user's mistake into one `error:` line on stderr and exit code 2.
-(pretrain_gpt.py: tests/unit/test_cli_errors.py and test_graceful_exit.py; tools/eval_zeroshot.py:
+(pretrain_gpt.py: tests/cli/test_cli_errors.py and test_graceful_exit.py; tools/eval_zeroshot.py:
 test_eval_cli.py; tools/study_budget.py: test_study_tools.py.)"""
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import torch
 from megatron.training import pretrain
 from tests.conftest import tiny_train_argv
 from tests.dist.launcher import run_distributed_jobs
-from tests.unit.test_optimizer_offload import MOE, STARVED, expert_adam_state, starve_expert
+from tests.integration.test_optimizer_offload import MOE, STARVED, expert_adam_state, starve_expert
 
 
 def _run(rank, world_size, argv):

@@ -34,7 +34,7 @@ def _one_error_line(p):
     (["--hidden-size", "30"], "--hidden-size (30) must be divisible by --num-attention-heads (4)"),
     (["--global-batch-size", "5"], "--global-batch-size (5) must be divisible by --micro-batch-size (2)"),
     (["--data-path", "/nonexistent/corpus_text_document"], "/nonexistent/corpus_text_document"),
-    # a missing --load root starts fresh (Megatron; tests/unit/test_megatron_compat.py); a missing iter_ dir is a typo
+    # a missing --load root starts fresh (Megatron; tests/integration/test_megatron_compat.py); a missing iter_ dir is a typo
     (["--load", "/nonexistent/ckpt/iter_0000005"], "--load /nonexistent/ckpt/iter_0000005: no such directory"),
     (["--tensor-model-parallel-size", "2"], "world size (1) must be divisible by --tensor-model-parallel-size (2)"),
 ])

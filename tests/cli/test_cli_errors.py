@@ -38,7 +38,7 @@ SINGLE_CHECKS = [
     # TP divisibility: arguments.validate (pretrain's own check and the attention layer's are gone)
     (["--tensor-model-parallel-size", "3"], "3",
      "--num-attention-heads (4) must be divisible by --tensor-model-parallel-size (3)"),
-    # (world % TP, parallel_state.validate_sizes: test_training.py::test_bad_input_exits_2_with_one_line)
+    # (world % TP, parallel_state.validate_sizes: tests/integration/test_training.py::test_bad_input_exits_2_with_one_line)
     # experts % EP: MoEConfig only (MoELayer no longer repeats it)
     (["--num-experts", "3", "--moe-expert-parallel-size", "2"], "2",
      "--num-experts (3) must be divisible by --moe-expert-parallel-size (2)"),
@@ -50,7 +50,7 @@ SINGLE_CHECKS = [
     # fp16 vs bf16: OptimizerConfig only (validate no longer repeats it)
     (["--fp16", "--bf16"], "1", "--fp16 and --bf16 are mutually exclusive; pick one"),
     # iterations vs samples: the flag mapping only (--train-tokens beside --train-iters is Megatron-DeepSpeed's extra
-    # stop condition, tests/unit/test_megatron_compat.py::test_train_tokens_stops_first)
+    # stop condition, tests/integration/test_megatron_compat.py::test_train_tokens_stops_first)
     (["--train-samples", "64"], "1", "--train-iters and --train-samples are mutually exclusive; give one"),
 ]
 
