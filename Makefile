@@ -13,7 +13,7 @@ SETUP_INPUTS := requirements.txt requirements-test.txt pyproject.toml setup.py $
 MCORE_VENV ?= .venv-mcore
 MCORE_SPEC ?= megatron-core==0.16.1
 
-.PHONY: setup test test-all demo libaio mcore clean
+.PHONY: setup test test-unit test-all demo libaio mcore clean
 
 setup: $(STAMP) mcore
 
@@ -52,8 +52,13 @@ $(STAMP): $(SETUP_INPUTS)
 	@touch $@
 	@echo "setup done ($(VENV))"
 
+# tests/unit (fast, pure), tests/integration (small training runs in-process), tests/cli (real processes where a
+# signal, kill or exit code is the point), tests/dist (gloo, multi-process), tests/csrc; the slowest 15 are listed
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS) tests
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests/unit
 
 test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

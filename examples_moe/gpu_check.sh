@@ -37,7 +37,7 @@ export MEGATRON_REQUIRE_GPU=1          # tests/gpu fail (never skip) without CUD
 
 step gpu-tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu tests/csrc/test_aio.py
 step cuda-unit-tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/unit/test_offload.py \
-    tests/unit/test_optimizer_offload.py tests/unit/test_moe_layer.py -k "cuda or grouped_mm_path"
+    tests/integration/test_optimizer_offload.py tests/unit/test_moe_layer.py -k "cuda or grouped_mm_path"
 step train-moe-h512-bf16 "$PYTHON" tools/bench_gpu_step.py --config moe-h512 --bf16 --steps "$STEPS" \
     --peak-flops "$PEAK_FLOPS"
 step train-moe-h512-bf16-dropless "$PYTHON" tools/bench_gpu_step.py --config moe-h512 --bf16 --steps "$STEPS" \

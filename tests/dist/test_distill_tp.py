@@ -1,10 +1,11 @@
 """The vocab-parallel KD loss over a 2-way TP vocabulary split (gloo) equals the unsplit loss: values and the
 student gradient, with and without Megatron vocabulary padding."""
+import pytest
 import torch
 import torch.distributed as dist
 
 from moe.distill import DistillConfig, kd_loss
-from tests.dist.launcher import run_distributed
+from tests.dist.launcher import run_distributed_jobs
 
 B, S, V, T = 2, 3, 10, 2.0
 
@@ -32,9 +33,19 @@ def _sharded(rank, world_size, vocab_sizes):
     return [_loss_and_grad(student[..., shard], teacher[..., shard], mask, dist.group.WORLD, vs) for vs in vocab_sizes]
 
 
-def test_vocab_parallel_kd_equals_unsplit():
-    vocab_sizes = (None, 7)  # 7: columns 7..9 of rank 1's shard are padding
-    ranks = run_distributed(_sharded, 2, vocab_sizes)  # one spawn for both cases
+VOCAB_SIZES = (None, 7)  # 7: columns 7..9 of rank 1's shard are padding
+
+
+@pytest.fixture(scope="module")
+def sharded_runs():
+    """Both tests' 2-rank runs in one spawn."""
+    kd, fused = run_distributed_jobs([(_sharded, (VOCAB_SIZES,)), (_fused_sharded, ())], 2)
+    return {"kd": kd, "fused": fused}
+
+
+def test_vocab_parallel_kd_equals_unsplit(sharded_runs):
+    vocab_sizes = VOCAB_SIZES
+    ranks = sharded_runs["kd"]
     for i, vocab_size in enumerate(vocab_sizes):
         ref_total, ref_kd, ref_grad = _loss_and_grad(*_inputs(), None, vocab_size)
         for r, outs in enumerate(ranks):
@@ -77,11 +88,11 @@ def _fused_sharded(rank, world_size):
             for T_, vs in FUSED_CASES]
 
 
-def test_fused_kd_over_a_two_way_vocab_split_equals_unsplit():
+def test_fused_kd_over_a_two_way_vocab_split_equals_unsplit(sharded_runs):
     """Each rank holds half the head's rows and the teacher's matching columns (as under TP 2); the loss and KL are
     the unsplit ones on both ranks, each rank's head gradient is its rows of the unsplit gradient, and the hidden
     gradients sum to the unsplit one (what copy_to_tensor_parallel_region's backward all-reduce does)."""
-    ranks = run_distributed(_fused_sharded, 2)
+    ranks = sharded_runs["fused"]
     for i, (T_, vocab_size) in enumerate(FUSED_CASES):
         ref_total, ref_kl, ref_gh, ref_gw = _fused(*_fused_inputs(), T_, vocab_size, None)
         for r, outs in enumerate(ranks):

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from moe import MoE, MoEConfig, MoELayer
-from tests.dist.launcher import run_distributed
+from tests.dist.launcher import run_distributed_jobs
 
 D, FF, E = 6, 10, 4
 
@@ -133,9 +133,27 @@ TOL = 1e-10
 ROUTER_TOL = 1e-6
 
 
+def _ep_training_argv(corpus, tmp):
+    from tests.conftest import tiny_train_argv
+
+    return tiny_train_argv(corpus, tmp, "--train-iters", "4", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+                           "--num-experts", "4", "--expert-interval", "2", "--topk", "2",
+                           "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling")
+
+
 @pytest.fixture(scope="module")
-def ep_results():
-    return run_distributed(_all_cases, 2, CASES)
+def ep_runs(tiny_corpus, tmp_path_factory):
+    """All of this module's 2-rank runs in one spawn: {"cases", "init", "training"} -> per-rank results."""
+    argv = _ep_training_argv(tiny_corpus, tmp_path_factory.mktemp("ep_runs"))
+    cases, init, training = run_distributed_jobs([(_all_cases, (CASES,)), (_init_experts, ()),
+                                                  (_pretrain_weights, (argv + ["--moe-expert-parallel-size", "2"],))],
+                                                 2)
+    return {"cases": cases, "init": init, "training": training}
+
+
+@pytest.fixture(scope="module")
+def ep_results(ep_runs):
+    return ep_runs["cases"]
 
 
 def _check(per_rank_errs):
@@ -180,7 +198,7 @@ def _init_experts(rank, world_size):
     return {n: p.detach().clone() for n, p in layer.named_parameters()}, after
 
 
-def test_ep2_init_holds_the_ep1_experts():
+def test_ep2_init_holds_the_ep1_experts(ep_runs):
     """Each EP rank draws all global experts in order and keeps its own: distinct experts per rank, equal to
     the EP=1 layer's from the same seed, and the generator ends where EP=1 leaves it."""
     from moe import MoELayer
@@ -189,7 +207,7 @@ def test_ep2_init_holds_the_ep1_experts():
     torch.manual_seed(5)
     ref = MoELayer(8, 16, 4, MoEConfig(num_experts=(4,)))
     ref_after = torch.rand(3)
-    ranks = run_distributed(_init_experts, 2)
+    ranks = ep_runs["init"]
     for name, want in ref.named_parameters():
         if name.startswith("experts."):
             torch.testing.assert_close(torch.cat([ranks[0][0][name], ranks[1][0][name]]), want.detach(), rtol=0,
@@ -201,15 +219,11 @@ def test_ep2_init_holds_the_ep1_experts():
         assert torch.equal(after, ref_after)
 
 
-def test_ep2_training_equals_single_process(tiny_corpus, tmp_path):
+def test_ep2_training_equals_single_process(tiny_corpus, tmp_path, ep_runs):
     from megatron.training import pretrain
-    from tests.conftest import tiny_train_argv
 
-    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
-                           "--attention-dropout", "0.0", "--num-experts", "4", "--expert-interval", "2", "--topk", "2",
-                           "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling")
-    ref = pretrain(argv)
-    ranks = run_distributed(_pretrain_weights, 2, argv + ["--moe-expert-parallel-size", "2"])
+    ref = pretrain(_ep_training_argv(tiny_corpus, tmp_path))
+    ranks = ep_runs["training"]
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
     for name, want in ref["state"].model.state_dict().items():

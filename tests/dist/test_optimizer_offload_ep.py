@@ -5,8 +5,8 @@ import torch
 
 from megatron.training import pretrain
 from tests.conftest import tiny_train_argv
-from tests.dist.launcher import run_distributed
-from tests.unit.test_optimizer_offload import MOE, STARVED, expert_adam_state, starve_expert
+from tests.dist.launcher import run_distributed_jobs
+from tests.integration.test_optimizer_offload import MOE, STARVED, expert_adam_state, starve_expert
 
 
 def _run(rank, world_size, argv):
@@ -24,9 +24,9 @@ def _run(rank, world_size, argv):
 def test_ep2_offload_equals_in_memory(tiny_corpus, tmp_path):
     argv = tiny_train_argv(tiny_corpus, tmp_path, *MOE, "--train-iters", "10", "--moe-expert-parallel-size", "2",
                            "--global-batch-size", "8")
-    ref = run_distributed(_run, 2, argv)
-    off = run_distributed(_run, 2, argv + ["--moe-offload-optimizer", "nvme", "--moe-offload-dir",
-                                           str(tmp_path / "off")])
+    ref, off = run_distributed_jobs([(_run, (argv,)), (_run, (argv + ["--moe-offload-optimizer", "nvme",
+                                                                      "--moe-offload-dir", str(tmp_path / "off")],))],
+                                    2)  # one spawn for both
     assert ref[1]["starved_rows"] == [0, 0]  # rank 1 holds experts 2 and 3; 3 got no token in either MoE layer
     for a, b in zip(ref, off):
         assert a["losses"] == b["losses"] and len(a["losses"]) == 10

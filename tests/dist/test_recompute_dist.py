@@ -9,7 +9,7 @@ import torch
 
 from megatron import parallel_state
 from moe.config import MoEConfig
-from tests.dist.launcher import run_distributed
+from tests.dist.launcher import run_distributed_jobs
 from tests.unit.test_recompute import BASE, RECOMPUTE
 
 
@@ -47,8 +47,17 @@ def _compare(rank, world_size, tp, ep):
     return {"mismatches": mismatches, "n_grads": len(results["off"][0][1])}
 
 
-@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
-def test_recompute_equals_no_recompute_tp_ep(tp, ep):
-    for r in run_distributed(_compare, 2, tp, ep):
+LAYOUTS = [(2, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def compared():
+    """Both layouts in one spawn: {(tp, ep): per-rank results}."""
+    return dict(zip(LAYOUTS, run_distributed_jobs([(_compare, layout) for layout in LAYOUTS], 2)))
+
+
+@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=["tp2", "ep2"])
+def test_recompute_equals_no_recompute_tp_ep(compared, tp, ep):
+    for r in compared[(tp, ep)]:
         # bit for bit, as on one process: the same kernels on the same inputs with the same masks and routes
         assert r["n_grads"] > 10 and r["mismatches"] == []

@@ -60,6 +60,7 @@ def _one_error_line(rc, stderr):
 def test_bad_hash_exits_2_with_one_line_naming_the_file(tmp_path):
     (tmp_path / "lambada").mkdir()
     (tmp_path / "lambada" / "lambada_test.jsonl").write_text('{"text": "not the real file"}\n')
+    # the exit-code smoke test of tools/eval_zeroshot.py: a real process
     p = subprocess.run([sys.executable, "tools/eval_zeroshot.py", "--load", str(tmp_path / "no_ckpt"), "--tasks",
                         "lambada", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

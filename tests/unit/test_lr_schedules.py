@@ -1,6 +1,6 @@
 """DeepSpeed's LRRangeTest and OneCycle in the scheduler: LR and Adam beta1 sequences against DeepSpeed's formulas
-written out here (and deepspeed.runtime.lr_schedules itself when importable), staircase modes, exact resume
-mid-cycle, and the DeepSpeed JSON `scheduler` block mapped onto the flags."""
+written out here (and deepspeed.runtime.lr_schedules itself when importable), staircase modes, and the DeepSpeed
+JSON `scheduler` block mapped onto the flags. (Exact resume mid-cycle: tests/integration/test_resume_exactness.py.)"""
 import math
 
 import pytest
@@ -194,39 +194,3 @@ def test_ds_config_block_maps_onto_the_flags():
 def test_ds_config_block_errors_name_the_key(block, match):
     with pytest.raises(ConfigError, match=match):
         scheduler_args_from_ds_config(block)
-
-
-def test_one_cycle_resume_from_the_command_line_is_exact(tiny_corpus, tmp_path):
-    """pretrain_gpt.py: 6 steps straight == 3 steps (--exit-interval, mid-cycle) + --load + 3, bit for bit: every
-    logged loss and LR, the weights and the Adam state (beta1 cycles, so a wrong restore would change the update)."""
-    import re
-    import subprocess
-    import sys
-
-    from megatron import checkpointing
-    from tests.conftest import ROOT, tiny_train_argv
-
-    def run(save, *extra):
-        argv = tiny_train_argv(tiny_corpus, save, "--train-iters", "6", "--save", str(save), "--save-interval", "6",
-                               "--log-interval", "1", "--lr-warmup-iters", "0", "--lr-decay-style", "one-cycle",
-                               "--cycle-min-lr", "1e-3", "--cycle-max-lr", "1e-2", "--cycle-first-step-size", "2",
-                               "--cycle-second-step-size", "3", "--cycle-min-mom", "0.7", "--cycle-max-mom", "0.9",
-                               "--hidden-dropout", "0", "--attention-dropout", "0", *extra)
-        r = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return {int(m.group(1)): m.group(2) for m in
-                re.finditer(r"iteration\s+(\d+)/.*?(learning rate: \S+ \| lm loss: \S+)", r.stdout)}
-
-    straight = run(tmp_path / "a")
-    first = run(tmp_path / "b", "--exit-interval", "3")
-    second = run(tmp_path / "b", "--load", str(tmp_path / "b"))
-    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
-    assert {**first, **second} == straight
-    a, _ = checkpointing.load_dense(str(tmp_path / "a"))
-    b, _ = checkpointing.load_dense(str(tmp_path / "b"))
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for name, st in a["optimizer"].items():
-        for key, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"][name][key])), (name, key)

@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from moe.config import MoEConfig
 from moe.offload import ExpertCache, ExpertStore, OffloadConfig, OffloadError, write_store
 from moe.ops.op_builder import AsyncIOBuilder
 from tests.conftest import ROOT
+from tests.inprocess import run_cli
 
 try:
     AsyncIOBuilder().load()
@@ -230,7 +230,8 @@ def test_prefetch_recall_and_precision_recomputed_from_router_choices(tmp_path):
 
 
 def _cli(*argv):
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    """`python SCRIPT ARGS...` as its main(argv) in this process: (exit code, stdout, stderr)."""
+    r = run_cli(argv[0], argv[1:])
     return r.returncode, r.stdout, r.stderr
 
 

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from megatron.data.data_files import DataFileError, resolve
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.tokenizer import build_tokenizer
+from tests.inprocess import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "preprocess_data.py"
@@ -90,8 +90,8 @@ def test_failure_mid_run_leaves_nothing(tmp_path, jsonl, gpt2_flags, monkeypatch
 
 
 def _run_cli(args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(TOOL)] + args, capture_output=True, text=True, env=env, timeout=120)
+    """tools/preprocess_data.py's main(argv) in this process (its exit-code smoke test is in tests/cli)."""
+    return run_cli("tools/preprocess_data.py", args)
 
 
 @pytest.mark.parametrize(

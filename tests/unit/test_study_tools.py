@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.inprocess import run_cli
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import study_budget  # noqa: E402
@@ -24,10 +25,9 @@ def test_budget_cli_fits_the_minutes(tmp_path):
     tps = {"dense": 4000, "moe": 3000, "pr_moe": 2500, "student": 2800}
     logs = [f"{k}={_log(tmp_path / f'{k}.log', v)}" for k, v in tps.items()]
     out = tmp_path / "budget.json"
-    r = subprocess.run([sys.executable, "tools/study_budget.py", "--minutes", "100", "--elapsed-seconds", "600",
-                        "--runs", "dense=2", "moe=2", "pr_moe=1", "student=2", "--kd-fraction", "0.6",
-                        "--tokens-per-iter", "8192", "--calibration", *logs, "--output", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run_cli("tools/study_budget.py", ["--minutes", "100", "--elapsed-seconds", "600",
+                                          "--runs", "dense=2", "moe=2", "pr_moe=1", "student=2", "--kd-fraction", "0.6",
+                                          "--tokens-per-iter", "8192", "--calibration", *logs, "--output", str(out)])
     assert r.returncode == 0, r.stderr
     b = json.loads(out.read_text())
     assert b["tokens_per_s"] == {k: float(v) for k, v in tps.items()}  # the last log line of each calibration
@@ -37,7 +37,8 @@ def test_budget_cli_fits_the_minutes(tmp_path):
     want = int((6000 - 600 - reserve) / per_token) // 8192 * 8192
     assert b["tokens_per_run"] == want and b["tokens_per_run"] % 8192 == 0
     assert b["planned_minutes"] <= 100 and b["planned_minutes"] > 99  # rounded down by less than one iteration
-    bad = subprocess.run([sys.executable, "tools/study_budget.py", "--minutes", "0.5", "--runs", "dense=1",
+    bad = subprocess.run(  # the exit-code smoke test of this CLI: a real process
+        [sys.executable, "tools/study_budget.py", "--minutes", "0.5", "--runs", "dense=1",
                           "--calibration", logs[0], "--tokens-per-iter", "8192", "--output", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --minutes 0.5: nothing left")

@@ -20,14 +20,10 @@ def test_staged_mos_teacher_stops_and_student_trains(tiny_corpus, tmp_path, caps
 
 
 def test_teacher_flag_mismatch_is_one_line(tiny_corpus, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.inprocess import run_cli
 
     teacher = str(tmp_path / "teacher")
     pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--save", teacher))
-    p = subprocess.run([sys.executable, "pretrain_gpt.py", *tiny_train_argv(
-        tiny_corpus, tmp_path, "--train-iters", "2", "--kd", "--load-teacher", teacher, "--num-layers-teacher", "3")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = run_cli("pretrain_gpt.py", tiny_train_argv(
+        tiny_corpus, tmp_path, "--train-iters", "2", "--kd", "--load-teacher", teacher, "--num-layers-teacher", "3"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--num-layers-teacher" in p.stderr, p.stderr

@@ -1,6 +1,7 @@
 """Expert Adam state on NVMe in training (--moe-offload-optimizer nvme): the same training, bit for bit, as the
-in-memory AdamW (the reference is torch.optim.AdamW itself, run by the normal path); exact resume and checkpoint
-interchange from the command line; one-line errors for bad directories and full disks; a failed write-back.
+in-memory AdamW (the reference is torch.optim.AdamW itself, run by the normal path); one-line errors for bad
+directories and full disks; a failed write-back. (Exact resume and checkpoint interchange with the in-memory
+optimizer: tests/integration/test_resume_exactness.py.)
 
 Every equality here is exact (torch.equal): fp32 on CPU, the same kernels on the same element slices, so any
 difference is a bug, not rounding.
@@ -11,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -24,7 +24,7 @@ from megatron.errors import ConfigError
 from megatron.training import build_model, pretrain, set_seed
 from moe.offload.config import OptimizerOffloadConfig
 from moe.offload.store import OffloadError
-from tests.conftest import ROOT, tiny_train_argv
+from tests.conftest import tiny_train_argv
 
 MOE = ["--num-experts", "4", "--expert-interval", "1", "--topk", "1", "--clip-grad", "0.05", "--log-interval", "1",
        "--weight-decay", "0.1", "--eval-iters", "0"]
@@ -123,69 +123,6 @@ def test_ten_steps_offloaded_equal_in_memory(tiny_corpus, tmp_path, capsys):
     opt = st.optimizer
     assert opt.optimizer.swapper.resident_bytes == 4 * opt.optimizer.store.record_bytes
     assert not any(p in opt.state for p in (w, layer.experts.b1_eF))
-
-
-def _cli(argv, env=None, check=True):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *argv], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def _losses(stdout):
-    return {int(m.group(1)): m.group(2) for m in re.finditer(r"iteration\s+(\d+)/.*?lm loss: (\S+)", stdout)}
-
-
-def _checkpoint(root):
-    payload, ckpt_dir = checkpointing.load_dense(root)
-    experts = {f: torch.load(os.path.join(ckpt_dir, f), weights_only=True)
-               for f in sorted(os.listdir(ckpt_dir)) if f.startswith("layer_")}
-    return payload, experts
-
-
-def _assert_same_checkpoint(a, b):
-    (pa, ea), (pb, eb) = _checkpoint(a), _checkpoint(b)
-    assert pa["iteration"] == pb["iteration"]
-    for k, v in pa["model"].items():
-        assert torch.equal(v, pb["model"][k]), k
-    for n, st in pa["optimizer"].items():
-        for k, v in st.items():
-            assert torch.equal(v, pb["optimizer"][n][k]), (n, k)
-    assert sorted(ea) == sorted(eb) and ea
-    for f in ea:
-        for part in ("model", "optimizer"):
-            assert sorted(ea[f][part]) == sorted(eb[f][part]), (f, part)
-        for k, v in ea[f]["model"].items():
-            assert torch.equal(v, eb[f]["model"][k]), (f, k)
-        for n, st in ea[f]["optimizer"].items():
-            assert sorted(st) == sorted(eb[f]["optimizer"][n])
-            for k, v in st.items():
-                assert torch.equal(v, eb[f]["optimizer"][n][k]), (f, n, k)
-
-
-def test_exact_resume_and_checkpoint_interchange_from_the_command_line(tiny_corpus, tmp_path):
-    """pretrain_gpt.py in separate processes, default offload flags. In memory, 6 straight steps (saving at 3 and 6)
-    are the reference; with offload, 3 (--exit-interval) + --load + 3 equals them (every logged loss, and the
-    checkpoint at 6: weights, dense and per-expert Adam state); the offload-saved checkpoint at 3 resumed without
-    offload, and the in-memory one at 3 resumed with offload, equal them too."""
-    base = lambda d, *x: tiny_train_argv(tiny_corpus, tmp_path / d, "--num-experts", "4", "--topk", "2",  # noqa
-                                         "--log-interval", "1", "--train-iters", "6", "--save-interval", "3",
-                                         "--save", str(tmp_path / d), *x)
-    off = lambda d: ["--moe-offload-optimizer", "nvme", "--moe-offload-dir", str(tmp_path / d)]  # noqa: E731
-    straight = _losses(_cli(base("a")).stdout)
-    first = _losses(_cli(base("b", "--exit-interval", "3", *off("ob"))).stdout)
-    second = _losses(_cli(base("b", "--load", str(tmp_path / "b"), *off("ob"))).stdout)
-    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
-    assert {**first, **second} == straight
-    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
-    # across modes: the offload-saved checkpoint at 3 without offload, the in-memory one at 3 with offload
-    b3 = checkpointing.iter_dir(str(tmp_path / "b"), 3)
-    a3 = checkpointing.iter_dir(str(tmp_path / "a"), 3)
-    assert _losses(_cli(base("c", "--load", b3)).stdout) == second
-    assert _losses(_cli(base("d", "--load", a3, *off("od"))).stdout) == second
-    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "c"))
-    _assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "d"))
 
 
 def _main(argv, capsys):

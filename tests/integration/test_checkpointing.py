@@ -65,9 +65,8 @@ def test_full_disk_during_save_from_the_command_line(tiny_corpus, tmp_path):
     """pretrain_gpt.py --save on a disk with room for one checkpoint: the second save fails with one line and exit
     2; the first checkpoint and the tracker are intact and load, and no partial directory is left."""
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.inprocess import run_cli
 
     probe = tmp_path / "probe"
     pretrain(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", "--save", str(probe)))
@@ -80,8 +79,7 @@ def test_full_disk_during_save_from_the_command_line(tiny_corpus, tmp_path):
     try:
         argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--save-interval", "2",
                                "--save", str(mnt / "ck"))
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *argv], capture_output=True,
-                           text=True, cwd=ROOT, timeout=300)
+        r = run_cli("pretrain_gpt.py", argv)  # main(argv) in-process: its exit code and stderr
         lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error")]  # (data logs aside)
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
         assert "iteration 4 failed (the disk is full)" in lines[0] and "(iteration 2) is intact" in lines[0]

@@ -1,18 +1,12 @@
-"""Training loop: loss falls, exact resume, bad-input exit codes, generation from a checkpoint."""
+"""Training loop: loss falls, bad-input exit codes, generation from a checkpoint (exact resume:
+tests/integration/test_resume_exactness.py)."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from megatron.training import pretrain
-from tests.conftest import ROOT, tiny_train_argv
-
-
-def _weights(st):
-    return {k: v.detach().clone() for k, v in st.model.state_dict().items()}
+from tests.conftest import tiny_train_argv
+from tests.inprocess import run_cli
 
 
 def test_loss_falls_on_tiny_run(tiny_corpus, tmp_path):
@@ -24,25 +18,9 @@ def test_loss_falls_on_tiny_run(tiny_corpus, tmp_path):
     assert r["val_loss"] is not None and r["val_loss"] < first
 
 
-def test_exact_resume_bitwise(tiny_corpus, tmp_path):
-    """20 iterations straight == 10 + save + resume + 10: losses and weights bit-identical (fp32, dropout on)."""
-    common = ["--train-iters", "20", "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-interval", "5"]
-    straight = pretrain(tiny_train_argv(tiny_corpus, tmp_path / "a", *common))
-    save = str(tmp_path / "ckpt")
-    first = pretrain(tiny_train_argv(tiny_corpus, tmp_path / "b", *common, "--save", save, "--save-interval", "10",
-                                     "--exit-interval", "10"))
-    assert first["exited"] and open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
-    second = pretrain(tiny_train_argv(tiny_corpus, tmp_path / "b", *common, "--load", save))
-    assert straight["losses"] == first["losses"] + second["losses"]
-    wa, wb = _weights(straight["state"]), _weights(second["state"])
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert second["state"].consumed_samples == straight["state"].consumed_samples == 80
-
-
-def _run_cli(args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run_cli(args):
+    """`python SCRIPT ARGS...` as its main(argv) in this process (the exit-code smoke tests are in tests/cli)."""
+    return run_cli(args[0], args[1:])
 
 
 def _one_error_line(p):
@@ -56,7 +34,7 @@ def _one_error_line(p):
     (["--hidden-size", "30"], "--hidden-size (30) must be divisible by --num-attention-heads (4)"),
     (["--global-batch-size", "5"], "--global-batch-size (5) must be divisible by --micro-batch-size (2)"),
     (["--data-path", "/nonexistent/corpus_text_document"], "/nonexistent/corpus_text_document"),
-    # a missing --load root starts fresh (Megatron; tests/unit/test_megatron_compat.py); a missing iter_ dir is a typo
+    # a missing --load root starts fresh (Megatron; tests/integration/test_megatron_compat.py); a missing iter_ dir is a typo
     (["--load", "/nonexistent/ckpt/iter_0000005"], "--load /nonexistent/ckpt/iter_0000005: no such directory"),
     (["--tensor-model-parallel-size", "2"], "world size (1) must be divisible by --tensor-model-parallel-size (2)"),
 ])

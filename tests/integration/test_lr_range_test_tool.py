@@ -3,12 +3,12 @@ suggested maximum LR (with the OneCycle flags) lies inside the swept range."""
 import csv
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT, tiny_train_argv
+from tests.inprocess import run_cli
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import lr_range_test  # noqa: E402
@@ -19,9 +19,8 @@ def test_range_test_cli_writes_csv_png_and_a_suggestion_in_range(tiny_corpus, tm
     # the pasted training command keeps its own length, schedule and save flags: the tool replaces them
     train = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "500", "--save", str(tmp_path / "nope"),
                             "--lr-warmup-iters", "5")
-    r = subprocess.run([sys.executable, "tools/lr_range_test.py", "--steps", "30", "--min-lr", "1e-4", "--max-lr",
-                        "1.0", "--planned-iters", "200", "--output-dir", str(out), "--", *train],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_cli("tools/lr_range_test.py", ["--steps", "30", "--min-lr", "1e-4", "--max-lr", "1.0", "--planned-iters",
+                                           "200", "--output-dir", str(out), "--", *train])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "lr_range_test.csv")))
     assert 2 <= len(rows) <= 30 and float(rows[0]["lr"]) == pytest.approx(1e-4)

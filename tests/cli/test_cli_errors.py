@@ -19,9 +19,11 @@ import pytest
 from megatron import training, training_setup
 from megatron.errors import ConfigError
 from tests.conftest import ROOT, tiny_train_argv
+from tests.inprocess import run_cli
 
 
 def _run(argv, env_extra=None, pythonpath_first=None):
+    """pretrain_gpt.py in a fresh process (the traceback test below: a sitecustomize hook and the exit code)."""
     env = dict(os.environ)
     env.update(env_extra or {})
     paths = [p for p in (pythonpath_first, ROOT, env.get("PYTHONPATH")) if p]
@@ -36,7 +38,7 @@ SINGLE_CHECKS = [
     # TP divisibility: arguments.validate (pretrain's own check and the attention layer's are gone)
     (["--tensor-model-parallel-size", "3"], "3",
      "--num-attention-heads (4) must be divisible by --tensor-model-parallel-size (3)"),
-    # (world % TP, parallel_state.validate_sizes: test_training.py::test_bad_input_exits_2_with_one_line)
+    # (world % TP, parallel_state.validate_sizes: tests/integration/test_training.py::test_bad_input_exits_2_with_one_line)
     # experts % EP: MoEConfig only (MoELayer no longer repeats it)
     (["--num-experts", "3", "--moe-expert-parallel-size", "2"], "2",
      "--num-experts (3) must be divisible by --moe-expert-parallel-size (2)"),
@@ -48,14 +50,16 @@ SINGLE_CHECKS = [
     # fp16 vs bf16: OptimizerConfig only (validate no longer repeats it)
     (["--fp16", "--bf16"], "1", "--fp16 and --bf16 are mutually exclusive; pick one"),
     # iterations vs samples: the flag mapping only (--train-tokens beside --train-iters is Megatron-DeepSpeed's extra
-    # stop condition, tests/unit/test_megatron_compat.py::test_train_tokens_stops_first)
+    # stop condition, tests/integration/test_megatron_compat.py::test_train_tokens_stops_first)
     (["--train-samples", "64"], "1", "--train-iters and --train-samples are mutually exclusive; give one"),
 ]
 
 
 @pytest.mark.parametrize("extra,world,needle", SINGLE_CHECKS, ids=[c[2][:40] for c in SINGLE_CHECKS])
 def test_each_check_fires_once_as_one_line(tiny_corpus, tmp_path, extra, world, needle):
-    p = _run(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", *extra), {"WORLD_SIZE": world})
+    # in-process main(argv): validation reads WORLD_SIZE before any process group exists
+    p = run_cli("pretrain_gpt.py", tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "2", *extra),
+                env={"WORLD_SIZE": world})
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr

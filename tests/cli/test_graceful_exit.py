@@ -1,5 +1,6 @@
-"""Graceful stops from the command line: SIGTERM to a running pretrain_gpt.py with --exit-signal-handler, and the
---exit-duration-in-mins budget, each finish the step, save a checkpoint that resumes, and exit 0."""
+"""Graceful stops from the command line: SIGTERM to a running pretrain_gpt.py with --exit-signal-handler (a real
+process: the signal is the point), and the --exit-duration-in-mins budget (main(argv) in-process), each finish the
+step, save a checkpoint that resumes, and exit 0; a NaN loss stops before the step with exit 2."""
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import time
 
 from megatron import checkpointing
 from tests.conftest import ROOT, tiny_train_argv
+from tests.inprocess import run_cli
 
 
 def _argv(corpus, tmp_path, *extra):
@@ -41,8 +43,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_corpus, tmp_path):
 
 
 def test_exit_duration_saves_and_exits_0(tiny_corpus, tmp_path):
-    r = subprocess.run(_argv(tiny_corpus, tmp_path, "--exit-duration-in-mins", "0.0001"), cwd=ROOT, text=True,
-                       capture_output=True, timeout=300)
+    r = run_cli("pretrain_gpt.py", _argv(tiny_corpus, tmp_path, "--exit-duration-in-mins", "0.0001")[2:])
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"exiting at iteration (\d+) \(--exit-duration-in-mins 0.0001\)", r.stdout)
     assert m, r.stdout[-2000:]
@@ -54,10 +55,9 @@ def test_nan_loss_stops_before_the_step_and_never_saves_it(tiny_corpus, tmp_path
     line naming iteration 2, rank 0 and the MoE router (exit 2), and the only checkpoint is step 1's (finite)."""
     import torch
 
-    argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"),
-            *tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "6", "--lr", "1e30", "--lr-warmup-iters", "0",
-                             "--save", str(tmp_path / "ck"), "--save-interval", "1", "--num-experts", "4")]
-    r = subprocess.run(argv, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    r = run_cli("pretrain_gpt.py", tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "6", "--lr", "1e30",
+                                                   "--lr-warmup-iters", "0", "--save", str(tmp_path / "ck"),
+                                                   "--save-interval", "1", "--num-experts", "4"))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "iteration 2, rank 0" in errors[0] and "stopped before the optimizer step" in errors[0], errors[0]
