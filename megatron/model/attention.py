@@ -3,7 +3,8 @@ scaled_dot_product_attention. Multi-latent attention (DeepSeek) subclasses it in
 
 With tensor parallelism the heads are split: QKV is column-parallel (each rank computes its heads' q, k, v), the
 output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
-from the tensor-parallel RNG tracker.
+from the tensor-parallel RNG tracker. With sequence parallelism the input is this rank's sequence chunk
+[b, s/tp, h]: the QKV projection all-gathers it and the output projection reduce-scatters back to [b, s/tp, h].
 
 Selective recomputation (`recompute_core_attention`, Megatron-LM's --recompute-granularity selective) keeps only
 q, k, v of the core attention softmax(QK^T/sqrt(d))V and recomputes the rest (the [b, heads, s, s] probabilities
@@ -52,8 +53,9 @@ class SelfAttention(torch.nn.Module):
     """
 
     def __init__(self, cfg, layer_idx: int, init_method, output_layer_init_method, tp_group=None,
-                 rng_tracker=None):
+                 rng_tracker=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel and tp_size(tp_group) > 1
         self.recompute_core_attention = cfg.recompute_granularity == "selective"
         tp = tp_size(tp_group)
         self.num_heads = divide(cfg.num_attention_heads, tp, "--num-attention-heads")  # this rank's heads
@@ -71,22 +73,26 @@ class SelfAttention(torch.nn.Module):
             self.num_groups = divide(cfg.num_query_groups, tp_size(tp_group), "--num-query-groups")
             out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
             self.query_key_value = ColumnParallelLinear(h, out, tp_group, init_method, bias=bias,
-                                                        what="(heads + 2 x --num-query-groups) x head dim")
+                                                        what="(heads + 2 x --num-query-groups) x head dim",
+                                                        sequence_parallel=self.sequence_parallel)
         else:
             self.num_groups = self.num_heads
             # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
             self.query_key_value = ColumnParallelLinear(h, 3 * cfg.num_attention_heads * d, tp_group, init_method,
-                                                        bias=bias, stride=3, what="3 x --hidden-size")
+                                                        bias=bias, stride=3, what="3 x --hidden-size",
+                                                        sequence_parallel=self.sequence_parallel)
         self.q_layernorm = self.k_layernorm = None
         if cfg.qk_layernorm:
             self.q_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
             self.k_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
-        self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias)
+        self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias,
+                                       sequence_parallel=self.sequence_parallel)
 
     def _project(self, x: torch.Tensor, rotary: Optional[tuple]):
-        """x [b, s, h] -> q [b, heads, s, d], k and v [b, groups, s, d] (this rank's), q/k normed and rotated."""
-        b, s, _ = x.shape
+        """x [b, s, h] -> q [b, heads, s, d], k and v [b, groups, s, d] (this rank's), q/k normed and rotated
+        (sequence parallel: x is [b, s/tp, h], gathered by the projection)."""
         qkv = self.query_key_value(x)
+        b, s = qkv.shape[:2]
         if self.grouped:  # [b, s, groups, heads/groups + 2, d]
             qkv = qkv.view(b, s, self.num_groups, -1, self.head_dim)
             q = qkv[:, :, :, :-2].reshape(b, s, self.num_heads, self.head_dim)
@@ -112,8 +118,8 @@ class SelfAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        b, s, _ = x.shape
         q, k, v = self._project(x, rotary)
+        b, s = q.shape[0], q.shape[2]  # the whole sequence (x holds a chunk of it under sequence parallelism)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length

@@ -4,6 +4,10 @@
 With tensor parallelism (groups.tp_group of size > 1) the embedding and the LM head are vocab-parallel: each
 rank holds V/tp rows, computes logits for its vocabulary slice only, and the loss is the vocab-parallel cross
 entropy; logits are gathered only when asked for.
+
+With --sequence-parallel (groups.sequence_parallel, TP > 1) the embedding output is scattered along the sequence
+(each TP rank keeps [b, s/tp, h]), the layers run on chunks (megatron/model/transformer.py) and the final norm's
+output is all-gathered for the head (backward: reduce-scatter, in place of the head input's all-reduce).
 """
 from typing import List, NamedTuple, Optional
 
@@ -17,10 +21,12 @@ from megatron.model.fused_lm_loss import DistillTarget, fused_lm_cross_entropy, 
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.norms import build_norm
 from megatron.model.rope import RotaryEmbedding
-from megatron.model.transformer import TransformerLayer, run_layers
+from megatron.model.transformer import TransformerLayer, run_layers, sequence_parallel
 from megatron.tensor_parallel import (ColumnParallelLinear, TensorParallelRNGTracker, VocabParallelEmbedding,
-                                      copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, tp_rank,
-                                      tp_size, vocab_parallel_cross_entropy)
+                                      copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                                      gather_from_tensor_parallel_region, mark_sequence_parallel,
+                                      scatter_to_sequence_parallel_region, tp_rank, tp_size,
+                                      vocab_parallel_cross_entropy)
 from megatron.tensor_parallel.layers import parallel_lm_logits
 
 
@@ -53,6 +59,9 @@ class GPTModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker) for i in range(cfg.num_layers))
         self.final_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        self.sequence_parallel = sequence_parallel(groups)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.final_layernorm.parameters())
         self.output_layer = None  # untied head: [V/tp, h] rows of this rank's vocabulary slice, as the embedding
         if cfg.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, self.tp_group, init,
@@ -67,7 +76,20 @@ class GPTModel(torch.nn.Module):
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
+        if self.sequence_parallel:  # this rank's chunk [b, s/tp, h]; dropout masks differ between the chunks
+            x = scatter_to_sequence_parallel_region(x, self.tp_group)
+            if self.training and self.cfg.hidden_dropout > 0:
+                with self.rng_tracker.fork(x.device):
+                    return F.dropout(x, self.cfg.hidden_dropout, self.training)
         return F.dropout(x, self.cfg.hidden_dropout, self.training)
+
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's output entering the vocab-parallel head, whose gradient is summed over TP: the
+        all-reduce of copy_to_tensor_parallel_region, or under sequence parallelism the all-gather of the chunks
+        (its backward reduce-scatters, giving each rank the summed gradient of its chunk)."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.tp_group)
+        return copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
@@ -84,6 +106,8 @@ class GPTModel(torch.nn.Module):
         of gathering all of them (vocab-parallel losses such as the distillation KL use the slice).
         """
         b, s = tokens.shape
+        if self.sequence_parallel and kv_cache is not None:
+            raise ValueError("a KV cache (incremental decoding) needs a model built without --sequence-parallel")
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
             if self.position_embeddings is not None and start + s > self.cfg.max_position_embeddings:
@@ -102,14 +126,16 @@ class GPTModel(torch.nn.Module):
         if distill_target is not None:
             if labels is None:
                 raise ValueError("a distill_target needs labels (it is a training loss)")
-            x_par = copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
+            x_par = self._head_input(x)
             total, ce, kl = fused_lm_kd_loss(x_par, self.output_weight, labels, distill_target, self.tp_group)
             return ModelOutput(None, ce, stats, kd_total=total, kl=kl)
         if tp_size(self.tp_group) > 1:
             if not return_logits:  # training: the fused loss over this rank's vocabulary slice
-                x_par = copy_to_tensor_parallel_region(x, self.tp_group)
+                x_par = self._head_input(x)
                 loss = fused_lm_cross_entropy(x_par, self.output_weight, labels, self.tp_group)
                 return ModelOutput(None, loss, stats)
+            if self.sequence_parallel:  # whole sequences; parallel_lm_logits all-reduces the gradient itself
+                x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=False)
             local = parallel_lm_logits(x, self.output_weight, self.tp_group)
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)

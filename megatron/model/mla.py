@@ -35,6 +35,8 @@ class MultiLatentAttention(SelfAttention):
     and the core attention are SelfAttention's. The KV cache holds the expanded per-head k and v."""
 
     def _build_projections(self, cfg, init_method, output_layer_init_method, tp_group) -> None:
+        if self.sequence_parallel:  # the replicated down projections would need their own SP handling
+            raise ValueError("--sequence-parallel with --multi-latent-attention is not supported; drop one of them")
         h, heads, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.add_bias_linear
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
