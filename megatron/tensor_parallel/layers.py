@@ -166,22 +166,26 @@ def is_sequence_parallel_param(p: torch.nn.Parameter) -> bool:
 
 def allreduce_sequence_parallel_grads(model: torch.nn.Module, group) -> None:
     """After the backward (before the data-parallel reduction; both are sums, so the order does not matter), sums
-    the gradients of the parameters marked sequence_parallel over the TP group in one flat all-reduce (Megatron-LM's
-    _allreduce_layernorm_grads / sequence-parallel grads in finalize_model_grads). A marked parameter without a
-    gradient on this rank (an expert no local token reached) joins with zeros, so every rank sends the same sizes."""
+    the gradients of the parameters marked sequence_parallel over the TP group (Megatron-LM's
+    _allreduce_layernorm_grads / sequence-parallel grads in finalize_model_grads)."""
     if tp_size(group) <= 1:
         return
-    params = [p for p in model.parameters() if p.requires_grad and is_sequence_parallel_param(p)]
-    if not params:
+    sum_grads_over([p for p in model.parameters() if p.requires_grad and is_sequence_parallel_param(p)], group)
+
+
+def sum_grads_over(params: List[torch.nn.Parameter], group) -> None:
+    """Sums the gradients of `params` over `group`, one flat all-reduce per dtype. A parameter without a gradient
+    on this rank (an expert no local token reached) joins with zeros, so every rank sends the same sizes; one
+    without a gradient on every rank keeps None, as it would without the split."""
+    if not params or tp_size(group) <= 1:
         return
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)  # unused on every rank: stays None, as without SP
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
     params = [p for p, h in zip(params, has.tolist()) if h]
+    by_dtype = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_dtype = {}
-    for p in params:
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for ps in by_dtype.values():
         flat = torch.cat([p.grad.reshape(-1) for p in ps])

@@ -104,3 +104,29 @@ def test_sequence_parallel_equals_sp_off_at_tp2(case):
             torch.testing.assert_close(on["grads"][n], off["grads"][n], **TOL, msg=lambda m: f"rank {rank} {n}: {m}")
         for n in off["buffers"]:
             torch.testing.assert_close(on["buffers"][n], off["buffers"][n], rtol=0, atol=0)
+
+
+def _train(rank, world_size, argv):
+    from megatron.training import pretrain
+    r = pretrain(argv)
+    return {"losses": r["losses"], "weights": {k: v.detach().clone() for k, v in r["state"].model.state_dict().items()}}
+
+
+@pytest.mark.slow  # two 2-process CLI runs: ~50 s on the shared 2 cores
+def test_sequence_parallel_training_equals_tp2_training(tiny_corpus, tmp_path):
+    """Whole CLI runs: TP=2 + --sequence-parallel (MoE, dropless top-2, clip every step so the grad norm must be
+    right) against TP=2 without it, 4 steps; losses and every weight to 1e-5 (fp32 reduction order). The router's
+    random draws (DeepSpeed's Gumbel 2nd-expert sampling, RTS, jitter) are drawn per sequence chunk under SP, so
+    they agree with SP off in distribution only: this run switches them off."""
+    from tests.conftest import tiny_train_argv
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--clip-grad", "0.05", "--num-experts", "4",
+                           "--expert-interval", "2", "--topk", "2", "--disable-moe-token-dropping",
+                           "--disable-moe-top2-2nd-expert-sampling",  # Gumbel draws are per chunk under SP
+                           "--tensor-model-parallel-size", "2")
+    off = run_distributed(_train, 2, argv)
+    on = run_distributed(_train, 2, argv + ["--sequence-parallel"])
+    for a, b in zip(on, off):
+        torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-5, atol=1e-5)
+        for k in b["weights"]:
+            torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=1e-5, atol=1e-5, msg=k)
