@@ -7,7 +7,7 @@ PP groups stride TP x CP x DP. Groups built (each rank keeps the one it belongs 
 - tp_group   : same (cp, dp, pp) rank, TP ranks;        - cp_group: same (tp, dp, pp), CP ranks;
 - dp_group   : same (tp, cp, pp), DP ranks;             - dp_cp_group: same (tp, pp), DP x CP ranks (the group
   dense gradients are reduced over when CP > 1: each CP rank holds other tokens of the same sequences);
-- pp_group   : same (tp, cp, dp), PP ranks;
+- pp_group   : same (tp, cp, dp), PP ranks;          - tp_cp_group: same (dp, pp), TP x CP ranks;
 - per EP size: ep_group = EP consecutive ranks of this rank's DP group, expert_dp_group = the ranks of the DP group
   with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1).
 With CP = PP = 1 every group is the one the project built before (TP, DP, EP, expert-DP), in the same creation
@@ -77,6 +77,7 @@ class ParallelGroups:
     cp_group: Optional[object] = None  # None: CP = 1 (or one process)
     pp_group: Optional[object] = None
     dp_cp_group: Optional[object] = None  # DP x CP ranks (equals dp_group's ranks when CP = 1)
+    tp_cp_group: Optional[object] = None  # TP x CP ranks: the chunks of the same sequences under SP and CP
     sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
 
     @property
@@ -216,6 +217,8 @@ def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,), timeout_minutes
     cp_group = _new_groups(layout.groups(("cp",)), rank, timeout) if cp_size > 1 else None
     dp_cp_group = _new_groups(layout.groups(("cp", "dp")), rank, timeout) if cp_size > 1 else dp_group
     pp_group = _new_groups(layout.groups(("pp",)), rank, timeout) if pp_size > 1 else None
+    tp_cp_group = (_new_groups(layout.groups(("tp", "cp")), rank, timeout) if cp_size > 1 and tp_size > 1
+                   else (cp_group if cp_size > 1 else tp_group))
     return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups,
                           cp_size=cp_size, pp_size=pp_size, etp_size=etp_size, cp_group=cp_group, pp_group=pp_group,
-                          dp_cp_group=dp_cp_group, sequence_parallel=sequence_parallel)
+                          dp_cp_group=dp_cp_group, tp_cp_group=tp_cp_group, sequence_parallel=sequence_parallel)

@@ -5,6 +5,8 @@ With tensor parallelism the heads are split: QKV is column-parallel (each rank c
 output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
 from the tensor-parallel RNG tracker. With sequence parallelism the input is this rank's sequence chunk
 [b, s/tp, h]: the QKV projection all-gathers it and the output projection reduce-scatters back to [b, s/tp, h].
+With context parallelism (cp_group) the queries are this CP rank's load-balanced chunks; keys and values are
+all-gathered over CP (megatron/context_parallel.py) and the causal mask compares global positions.
 
 Selective recomputation (`recompute_core_attention`, Megatron-LM's --recompute-granularity selective) keeps only
 q, k, v of the core attention softmax(QK^T/sqrt(d))V and recomputes the rest (the [b, heads, s, s] probabilities
@@ -16,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron.context_parallel import gather_sequence, local_indices
 from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
 from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
@@ -53,9 +56,10 @@ class SelfAttention(torch.nn.Module):
     """
 
     def __init__(self, cfg, layer_idx: int, init_method, output_layer_init_method, tp_group=None,
-                 rng_tracker=None, sequence_parallel: bool = False):
+                 rng_tracker=None, sequence_parallel: bool = False, cp_group=None):
         super().__init__()
         self.sequence_parallel = sequence_parallel and tp_size(tp_group) > 1
+        self.cp_group = cp_group if tp_size(cp_group) > 1 else None
         self.recompute_core_attention = cfg.recompute_granularity == "selective"
         tp = tp_size(tp_group)
         self.num_heads = divide(cfg.num_attention_heads, tp, "--num-attention-heads")  # this rank's heads
@@ -120,30 +124,38 @@ class SelfAttention(torch.nn.Module):
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         q, k, v = self._project(x, rotary)
         b, s = q.shape[0], q.shape[2]  # the whole sequence (x holds a chunk of it under sequence parallelism)
-        past = 0
+        past, qpos = 0, None
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)
+        if self.cp_group is not None:  # keys/values of the whole sequence; queries at their global positions
+            n = tp_size(self.cp_group)
+            qpos = local_indices(s * n, torch.distributed.get_rank(self.cp_group), n, q.device)
+            k, v = gather_sequence(k, 2, self.cp_group), gather_sequence(v, 2, self.cp_group)
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s)
+            ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s, qpos)
         else:
-            ctx = self._core_attention(q, k, v, past, s)
+            ctx = self._core_attention(q, k, v, past, s, qpos)
         ctx = ctx.transpose(1, 2).reshape(b, s, -1)  # [b, heads, s, dv] -> [b, s, heads * dv]
         return self.dense(ctx)
 
-    def _core_attention(self, q, k, v, past: int, s: int) -> torch.Tensor:
+    def _core_attention(self, q, k, v, past: int, s: int, qpos=None) -> torch.Tensor:
         """softmax(QK^T/sqrt(d))V with attention dropout (drawn from the TP tracker when heads are sharded)."""
         dropout_p = self.attention_dropout if self.training else 0.0
         rng = (self.rng_tracker.fork(q.device) if self.rng_tracker is not None and dropout_p > 0
                else contextlib.nullcontext())
         with rng:
-            return self._attend(q, k, v, past, s, dropout_p)
+            return self._attend(q, k, v, past, s, dropout_p, qpos)
 
     @staticmethod
-    def _attend(q, k, v, past: int, s: int, dropout_p: float) -> torch.Tensor:
+    def _attend(q, k, v, past: int, s: int, dropout_p: float, qpos=None) -> torch.Tensor:
         """F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA where they apply); k, v with
-        fewer heads than q (GQA) are shared by consecutive query heads (enable_gqa)."""
+        fewer heads than q (GQA) are shared by consecutive query heads (enable_gqa). qpos (context parallelism):
+        the global positions of the queries; k, v hold the whole sequence, key j visible to query i iff j <= qpos[i]."""
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        if qpos is not None:
+            mask = torch.arange(k.shape[2], device=q.device).unsqueeze(0) <= qpos.unsqueeze(1)  # [s/cp, s]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
         if past == 0:
             ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         elif s == 1:

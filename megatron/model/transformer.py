@@ -19,6 +19,21 @@ def sequence_parallel(groups) -> bool:
     return groups is not None and getattr(groups, "sequence_parallel", False) and tp_size(groups.tp_group) > 1
 
 
+def context_parallel_group(groups):
+    """The CP group when --context-parallel-size > 1, else None."""
+    g = getattr(groups, "cp_group", None) if groups is not None else None
+    return g if tp_size(g) > 1 else None
+
+
+def token_group(groups):
+    """The ranks holding other chunks of this rank's sequences (TP under SP, CP, or TP x CP; None: nobody), over
+    which MoE routers sum their token statistics."""
+    sp, cp = sequence_parallel(groups), context_parallel_group(groups) is not None
+    if sp and cp:
+        return groups.tp_cp_group
+    return groups.tp_group if sp else (groups.cp_group if cp else None)
+
+
 def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, output_init_method):
     """The one place the model calls into moe/: a dense MLP, or a MoELayer where moe_cfg.layer_plan puts one."""
     spec = moe_cfg.layer_plan(cfg.num_layers)[layer_idx] if moe_cfg is not None else None
@@ -43,11 +58,12 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                      bias=cfg.add_bias_linear,
                      dp_group=groups.dp_group if groups is not None else None)  # global_aux_loss counts
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
+    # --sequence-parallel / CP: each rank routes its own sequence chunk through the (TP/CP-replicated) experts, no
+    # gather; the router's loss statistics are summed over the chunks' ranks (moe/gating.py sp_group) and every
+    # parameter's gradient, a partial sum over this rank's tokens, is summed after the backward (over TP: marked
+    # sequence_parallel; over CP: every parameter, megatron/context_parallel.py)
+    layer.router.sp_group = token_group(groups)
     if sequence_parallel(groups):
-        # --sequence-parallel: each TP rank routes its own sequence chunk through the (TP-replicated) experts, no
-        # gather; the router's loss statistics are summed over TP (moe/gating.py sp_group) and every parameter's
-        # gradient, a partial sum over this rank's tokens, is summed over TP after the backward
-        layer.router.sp_group = groups.tp_group
         mark_sequence_parallel(layer.parameters())
     return layer
 
@@ -66,7 +82,8 @@ class TransformerLayer(torch.nn.Module):
         attention = MultiLatentAttention if cfg.multi_latent_attention else SelfAttention
         self.self_attention = attention(cfg, layer_idx, init_method, output_init_method,
                                         groups.tp_group if groups is not None else None, rng_tracker,
-                                        sequence_parallel=self.sequence_parallel)
+                                        sequence_parallel=self.sequence_parallel,
+                                        cp_group=context_parallel_group(groups))
         self.post_attention_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
         if self.sequence_parallel:  # the norms see this rank's chunk: partial gradients, summed over TP
             mark_sequence_parallel(list(self.input_layernorm.parameters())
