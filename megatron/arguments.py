@@ -238,9 +238,17 @@ def validate_sequence_context_parallel(cfg: TrainConfig) -> None:
         if m.multi_latent_attention:
             raise ConfigError("--sequence-parallel with --multi-latent-attention is not supported (the replicated "
                               "latent projections); drop one of them")
-        if cfg.optimizer.overlap_grad_reduce:
-            raise ConfigError("--sequence-parallel with --overlap-grad-reduce is not supported (norm and MoE "
-                              "gradients are summed over TP after the backward); drop --overlap-grad-reduce")
+    if cp > 1 and cfg.distill.enabled:
+        raise ConfigError(f"--context-parallel-size ({cp}) with --mos/--kd is not supported (the teacher's logits "
+                          f"are not split by sequence); use --context-parallel-size 1 for distillation")
+    sp_cp = " and ".join(f for f, on in (("--sequence-parallel", par.sequence_parallel),
+                                         (f"--context-parallel-size {cp}", cp > 1)) if on)
+    if sp_cp and cfg.optimizer.overlap_grad_reduce:
+        raise ConfigError(f"{sp_cp} with --overlap-grad-reduce is not supported (their partial gradients are summed "
+                          f"after the backward, the overlapped buckets during it); drop --overlap-grad-reduce")
+    if sp_cp and cfg.curriculum is not None:
+        raise ConfigError(f"{sp_cp} with the --deepspeed_config seqlen curriculum is not supported (the truncated "
+                          f"lengths need not split into equal chunks); drop curriculum_learning")
     if par.sequence_parallel or cp > 1:
         chunks = (tp if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
         if seq % chunks != 0:

@@ -111,3 +111,23 @@ def test_load_balanced_chunks():
     assert cat[natural_order(12, 3)].tolist() == list(range(12))
     work = [int((local_indices(16, r, 4) + 1).sum()) for r in range(4)]  # keys each rank's queries attend to
     assert len(set(work)) == 1
+
+
+@pytest.mark.slow  # a 2-process CLI run and a 1-process one: ~40 s on the shared cores
+def test_context_parallel_training_equals_single_process(tiny_corpus, tmp_path):
+    """Whole CLI runs: --context-parallel-size 2 on two ranks (DP 1) against one process, MoE top-2 dropless,
+    clipped every step (the grad norm must be right), 4 steps: losses and every weight to 1e-5."""
+    from megatron.training import pretrain
+    from tests.conftest import tiny_train_argv
+    from tests.dist.test_sequence_parallel import _train
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", "--hidden-dropout", "0.0",
+                           "--attention-dropout", "0.0", "--clip-grad", "0.05", "--num-experts", "4",
+                           "--expert-interval", "2", "--topk", "2", "--disable-moe-token-dropping",
+                           "--disable-moe-top2-2nd-expert-sampling")
+    ref = pretrain(argv)
+    ranks = run_distributed(_train, 2, argv + ["--context-parallel-size", "2"])
+    want = ref["state"].model.state_dict()
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+        for k in want:
+            torch.testing.assert_close(r["weights"][k], want[k], rtol=1e-5, atol=1e-5, msg=k)
