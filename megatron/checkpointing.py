@@ -327,7 +327,7 @@ def _write_files(tmp: str, iteration: int, model, optimizer, scheduler, loss_sca
     opt_state = _named_optimizer_state(model, optimizer) if optimizer is not None else {}
     dp_rank = groups.dp_rank if groups is not None else 0
     tp = _model_tp_rank(model)
-    if dp_rank == 0:
+    if dp_rank == 0 and getattr(groups, "cp_rank", 0) == 0:  # CP ranks hold identical replicas: one writes
         sd = {k: v for k, v in model.state_dict().items() if not is_expert.get(k, False)}
         rng = get_rng_state()
         tracker = getattr(model, "rng_tracker", None)
@@ -359,7 +359,7 @@ def _save_experts(ckpt_dir: str, model, opt_state: dict, groups, optimizer=None)
     # Experts are replicated over tensor parallelism (not sharded), so TP rank 0 writes the one file per
     # (MoE layer, global expert) that DESIGN §5 specifies, named ..._mp_rank_00_..., and every TP rank reads it.
     files = {}
-    if _model_tp_rank(model) != 0:
+    if _model_tp_rank(model) != 0 or getattr(groups, "cp_rank", 0) != 0:  # experts are replicated over CP too
         return files
     for moe_idx, prefix, layer in _moe_layers(model):
         # one replica of each expert writes its file: rank 0 of the expert-data-parallel group of this EP size

@@ -131,3 +131,25 @@ def test_context_parallel_training_equals_single_process(tiny_corpus, tmp_path):
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
         for k in want:
             torch.testing.assert_close(r["weights"][k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow  # three 2-process CLI runs
+def test_context_parallel_cli_resume_is_exact(tiny_corpus, tmp_path):
+    """CP=2 (MoE, dropout on): stop at 3 with a checkpoint (one writer per file: CP rank 0), resume to 6: the
+    resumed losses and weights are bitwise those of the straight run."""
+    import os
+
+    from tests.conftest import tiny_train_argv
+    from tests.dist.test_sequence_parallel import _train
+    base = tiny_train_argv(tiny_corpus, tmp_path, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+                           "--context-parallel-size", "2", "--num-experts", "4", "--expert-interval", "2")
+    straight = run_distributed(_train, 2, base + ["--train-iters", "6"])
+    save = str(tmp_path / "ckpt")
+    run_distributed(_train, 2, base + ["--train-iters", "6", "--exit-interval", "3", "--save", save,
+                                       "--save-interval", "3"])
+    assert "mp_rank_00" in os.listdir(os.path.join(save, "iter_0000003"))
+    resumed = run_distributed(_train, 2, base + ["--train-iters", "6", "--load", save])
+    for a, b in zip(straight, resumed):
+        assert a["losses"][3:] == b["losses"]
+        for k in a["weights"]:
+            assert torch.equal(a["weights"][k], b["weights"][k]), k
