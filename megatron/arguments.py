@@ -229,15 +229,12 @@ def _add_sequence_context_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def validate_sequence_context_parallel(cfg: TrainConfig) -> None:
     """The combinations --sequence-parallel and --context-parallel-size need, each refused in one line."""
-    par, m, seq = cfg.parallel, cfg.model, cfg.data.seq_length
+    par, seq = cfg.parallel, cfg.data.seq_length
     tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
     if par.sequence_parallel:
         if tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1): it shards the "
                               "TP group's norm/dropout regions; raise TP or drop --sequence-parallel")
-        if m.multi_latent_attention:
-            raise ConfigError("--sequence-parallel with --multi-latent-attention is not supported (the replicated "
-                              "latent projections); drop one of them")
     if cp > 1 and cfg.distill.enabled:
         raise ConfigError(f"--context-parallel-size ({cp}) with --mos/--kd is not supported (the teacher's logits "
                           f"are not split by sequence); use --context-parallel-size 1 for distillation")

@@ -82,10 +82,14 @@ class ColumnParallelLinear(torch.nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
-                 stride: int = 1, what: str = "output features", sequence_parallel: bool = False):
+                 stride: int = 1, what: str = "output features", sequence_parallel: bool = False,
+                 input_in_region: bool = False):
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel and tp_size(group) > 1
+        # the caller has already entered the parallel region (gathered the sequence once for several consumers,
+        # as MLA under SP): no collective here, and this layer's input gradient stays this rank's partial sum
+        self.input_in_region = input_in_region
         size = tp_size(group)
         divide(out_features, size * stride, what)
         self.weight = _sharded_param(out_features, in_features, 0, stride, group, init_method)
@@ -94,6 +98,8 @@ class ColumnParallelLinear(torch.nn.Module):
             self.bias = _mark(torch.nn.Parameter(torch.zeros(out_features // size)), 0, stride, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_in_region:
+            return F.linear(x, self.weight, self.bias)
         if self.sequence_parallel:  # [b, s/tp, h] -> [b, s, h]; the backward reduce-scatters the input gradient
             return F.linear(gather_from_sequence_parallel_region(x, self.group), self.weight, self.bias)
         return F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)

@@ -4,7 +4,8 @@ Both models are built from the same seed on the same rank (weights initialised w
 the same batch, and compare: the per-token loss, the MoE aux and z losses, and every parameter's gradient after
 the SP model's sequence-parallel gradients are summed over TP (allreduce_sequence_parallel_grads). Cases: a
 GPT-2-style block (LayerNorm, MHA, biases, learned positions, tied head; the logits path too), a Llama/Qwen-style
-block (RMSNorm, GQA, QK-norm, SwiGLU, RoPE, untied head, no biases), and MoE layers with the megatron-core router
+block (RMSNorm, GQA, QK-norm, SwiGLU, RoPE, untied head, no biases), MLA (with and without the query
+latent; the replicated down projections then hold partial gradients, summed over TP), and MoE layers with the megatron-core router
 (softmax top-2, aux loss, z-loss; seq_aux_loss; sigmoid with expert bias) and with the DeepSpeed router (top-2
 gshard aux loss), all dropless (with dropping, capacity is per rank's tokens under SP, as in Megatron-LM).
 Tolerance rtol 1e-5 / atol 1e-6 (fp32): SP sums the same partial products in another order (reduce-scatter vs
@@ -27,6 +28,8 @@ COMMON = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_si
               max_position_embeddings=16, seq_length=16, hidden_dropout=0.0, attention_dropout=0.0)
 LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
              untie_embeddings_and_output_weights=True, num_query_groups=2, qk_layernorm=True)
+MLA_SP = dict(position_embedding_type="rope", normalization="RMSNorm", multi_latent_attention=True, q_lora_rank=16,
+              kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, qk_layernorm=True)
 MOE = dict(topk=2, drop_tokens=False, layer_freq=(0, 1), moe_ffn_hidden_size=16, loss_coeff=0.01)
 
 
@@ -34,6 +37,9 @@ def _cases():
     return {
         "gpt2-dense": (ModelConfig(**COMMON), None, True),
         "llama-dense": (ModelConfig(**COMMON, **LLAMA), None, False),
+        "mla-q-lora": (ModelConfig(**COMMON, **MLA_SP), None, True),
+        "mla-no-q-lora-bias": (ModelConfig(**COMMON, **dict(MLA_SP, q_lora_rank=None, qk_layernorm=False)), None,
+                               False),
         "moe-megatron-aux-z": (ModelConfig(**COMMON, **LLAMA),
                                MoEConfig(num_experts=(4,), router_family="megatron", z_loss_coeff=1e-3,
                                          shared_expert_ffn_hidden_size=16, shared_expert_gate=True, **MOE), False),

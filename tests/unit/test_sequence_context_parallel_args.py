@@ -27,9 +27,6 @@ def _validate(extra, world_size):
      r"^--context-parallel-size 2 with --overlap-grad-reduce is not supported"),
     (["--context-parallel-size", "2", "--kd", "--load-teacher", "T"], 2,
      r"^--context-parallel-size \(2\) with --mos/--kd is not supported"),
-    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--multi-latent-attention", "--kv-lora-rank", "8",
-      "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--position-embedding-type", "rope"],
-     2, r"^--sequence-parallel with --multi-latent-attention is not supported"),
     (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"], 6,
      r"^world size \(6\) must be divisible by --tensor-model-parallel-size \(2\) x --context-parallel-size \(2\) x "
      r"--pipeline-model-parallel-size \(1\) = 4"),
