@@ -1,6 +1,6 @@
 """Context parallelism (--context-parallel-size N, Megatron-LM's CP): each sequence is split over the N ranks of a
 CP group for the whole model; attention all-gathers keys and values (torchtitan's / Megatron-LM's all-gather CP;
-a ring would overlap the transfers, the arithmetic is the same).
+a ring would overlap the transfers, the arithmetic is the same). Backward of the gather: one reduce-scatter.
 
 Causal load balancing: the sequence is cut into 2N equal chunks and CP rank i keeps chunks i and 2N-1-i, so every
 rank holds as many early (cheap) as late (expensive) queries of the causal mask.
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.tensor_parallel.layers import allreduce_sequence_parallel_grads, sum_grads_over
-from megatron.tensor_parallel.mappings import tp_rank, tp_size
+from megatron.tensor_parallel.mappings import reduce_scatter_along_dim, tp_rank, tp_size
 
 
 def local_indices(seq_len: int, rank: int, size: int, device=None) -> torch.Tensor:
@@ -59,9 +59,8 @@ class _GatherSequence(torch.autograd.Function):
         (perm,) = ctx.saved_tensors
         n, dim = tp_size(ctx.group), ctx.dim
         cat = torch.empty_like(grad).index_copy_(dim, perm, grad)  # back to [rank 0's, rank 1's, ...] order
-        if ctx.reduce_grad:  # gradients from every rank's consumers: summed, then this rank's chunk
-            cat = cat.contiguous()
-            dist.all_reduce(cat, group=ctx.group)
+        if ctx.reduce_grad:  # gradients from every rank's consumers: summed, this rank's part (one reduce-scatter)
+            return reduce_scatter_along_dim(cat, ctx.group, dim), None, None, None
         return cat.chunk(n, dim=dim)[tp_rank(ctx.group)].contiguous(), None, None, None
 
 

@@ -114,16 +114,16 @@ def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out.transpose(0, SEQ_DIM).contiguous()
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_along_dim(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Sum over `group` of x, this rank's 1/n of it along `dim` (one reduce-scatter)."""
     n = tp_size(group)
-    if x.shape[SEQ_DIM] % n != 0:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel size {n} "
-                         f"(--sequence-parallel)")
-    xs = _seq_first(x)
+    if x.shape[dim] % n != 0:
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the group size {n}")
+    xs = x.transpose(0, dim).contiguous()
     out = xs.new_empty((xs.shape[0] // n,) + tuple(xs.shape[1:]))
     rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the newer name where it exists
     rs(out, xs, group=group)
-    return out.transpose(0, SEQ_DIM).contiguous()
+    return out.transpose(0, dim).contiguous()
 
 
 class _ScatterToSequenceRegion(torch.autograd.Function):
@@ -146,7 +146,7 @@ class _GatherFromSequenceRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.reduce_grad:
-            return _reduce_scatter_seq(grad, ctx.group), None, None
+            return reduce_scatter_along_dim(grad, ctx.group), None, None
         return _split_seq(grad, ctx.group), None, None
 
 
@@ -154,7 +154,7 @@ class _ReduceScatterToSequenceRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_seq(x, group)
+        return reduce_scatter_along_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
