@@ -221,6 +221,46 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
     _add_grad_reduce_args(p)
+    _add_sequence_context_parallel_args(p)
+
+
+# ---------------------------------------------------------------- sequence and context parallelism (issue 27)
+def _add_sequence_context_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's --sequence-parallel and --context-parallel-size: ParallelConfig fields."""
+    g = p.add_argument_group("sequence and context parallelism")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP > 1: norms, dropout and MoE layers on sequence chunks; all-gather / reduce-scatter "
+                        "around the TP linears in place of all-reduces (Megatron-LM)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="ranks splitting each sequence (attention over all-gathered keys/values, causal load "
+                        "balancing: 2 x CP chunks, rank i holds chunks i and 2CP-1-i)")
+
+
+def validate_sequence_context_parallel(cfg: TrainConfig) -> None:
+    """The combinations --sequence-parallel and --context-parallel-size need, each refused in one line."""
+    par, seq = cfg.parallel, cfg.data.seq_length
+    tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+    if par.sequence_parallel:
+        if tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1): it shards the "
+                              "TP group's norm/dropout regions; raise TP or drop --sequence-parallel")
+    if cp > 1 and cfg.distill.enabled:
+        raise ConfigError(f"--context-parallel-size ({cp}) with --mos/--kd is not supported (the teacher's logits "
+                          f"are not split by sequence); use --context-parallel-size 1 for distillation")
+    sp_cp = " and ".join(f for f, on in (("--sequence-parallel", par.sequence_parallel),
+                                         (f"--context-parallel-size {cp}", cp > 1)) if on)
+    if sp_cp and cfg.optimizer.overlap_grad_reduce:
+        raise ConfigError(f"{sp_cp} with --overlap-grad-reduce is not supported (their partial gradients are summed "
+                          f"after the backward, the overlapped buckets during it); drop --overlap-grad-reduce")
+    if sp_cp and cfg.curriculum is not None:
+        raise ConfigError(f"{sp_cp} with the --deepspeed_config seqlen curriculum is not supported (the truncated "
+                          f"lengths need not split into equal chunks); drop curriculum_learning")
+    if par.sequence_parallel or cp > 1:
+        chunks = (tp if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
+        if seq % chunks != 0:
+            raise ConfigError(f"--seq-length ({seq}) must be divisible by {chunks} = "
+                              f"--tensor-model-parallel-size ({tp}) with --sequence-parallel "
+                              f"({par.sequence_parallel}) x 2 x --context-parallel-size ({cp}); pick a multiple")
 
 
 def _add_grad_reduce_args(p: argparse.ArgumentParser) -> None:
@@ -670,6 +710,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             distributed_backend=args.distributed_backend,
             zero_stage=max(args.zero_stage, 1) if args.use_distributed_optimizer else args.zero_stage,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
+            sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -718,7 +759,9 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks that span several concerns; runs before any group or module is built."""
     tp = cfg.parallel.tensor_model_parallel_size
-    dp = parallel_state.validate_sizes(world_size, tp, cfg.moe.ep_size if cfg.moe is not None else (1,))
+    dp = parallel_state.validate_sizes(world_size, tp, cfg.moe.ep_size if cfg.moe is not None else (1,),
+                                       cp_size=cfg.parallel.context_parallel_size)
+    validate_sequence_context_parallel(cfg)
     d = cfg.data
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "
@@ -767,6 +810,7 @@ def configure(argv: Optional[Sequence[str]], world_size: int) -> Tuple[TrainConf
                                 tokenizer_model=tok.tokenizer_model)
     tp = args.tensor_model_parallel_size
     padded = pad_vocab_size(tokenizer.vocab_size, tok.make_vocab_size_divisible_by, tp)  # checks TP >= 1
-    cfg = train_config_from_args(args, padded, dp_size=max(world_size // tp, 1))  # validate checks world % TP
+    cp = max(args.context_parallel_size, 1)
+    cfg = train_config_from_args(args, padded, dp_size=max(world_size // (tp * cp), 1))  # validate checks world
     validate(cfg, world_size)
     return cfg, tokenizer, list(args.config_notes)

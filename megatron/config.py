@@ -163,6 +163,8 @@ class ParallelConfig:
     distributed_backend: str = "auto"  # nccl on GPU, gloo on CPU
     zero_stage: int = 0  # ZeRO: 1 shards optimizer state over data-parallel ranks, 2 also gradients
     distributed_timeout_minutes: float = 10  # timeout of every process group (minutes; NCCL's default 10)
+    sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
+    context_parallel_size: int = 1  # --context-parallel-size: ranks splitting each sequence for attention (CP)
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:

@@ -1,15 +1,63 @@
-"""Builds every process group once (TP, DP, EP, expert-DP) and returns them as one frozen ParallelGroups."""
+"""Builds every process group once from (TP, CP, DP, PP, EP, ETP) and returns them as one frozen ParallelGroups.
+
+Rank order (Megatron-LM's): TP fastest, then CP, then DP, then PP:
+    rank = tp_rank + TP * (cp_rank + CP * (dp_rank + DP * pp_rank)),   world = TP x CP x DP x PP.
+So a TP group is TP consecutive ranks (one node's GPUs first), CP groups stride TP, DP groups stride TP x CP and
+PP groups stride TP x CP x DP. Groups built (each rank keeps the one it belongs to):
+- tp_group   : same (cp, dp, pp) rank, TP ranks;        - cp_group: same (tp, dp, pp), CP ranks;
+- dp_group   : same (tp, cp, pp), DP ranks;             - dp_cp_group: same (tp, pp), DP x CP ranks (the group
+  dense gradients are reduced over when CP > 1: each CP rank holds other tokens of the same sequences);
+- pp_group   : same (tp, cp, dp), PP ranks;          - tp_cp_group: same (dp, pp), TP x CP ranks;
+- per EP size: ep_group = EP consecutive ranks of this rank's DP group, expert_dp_group = the ranks of the DP group
+  with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1).
+With CP = PP = 1 every group is the one the project built before (TP, DP, EP, expert-DP), in the same creation
+order. Expert tensor parallelism (ETP > 1, folding EP over TP/CP) and pipeline schedules are not built here.
+"""
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """The (TP, CP, DP, PP) grid of ranks, TP fastest: coordinates of a rank and the members of each group."""
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp * self.dp * self.pp
+
+    def coords(self, rank: int) -> Dict[str, int]:
+        """{'tp', 'cp', 'dp', 'pp'} ranks of global `rank`."""
+        out = {}
+        for name in ("tp", "cp", "dp", "pp"):
+            size = getattr(self, name)
+            out[name], rank = rank % size, rank // size
+        return out
+
+    def rank(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
+    def groups(self, vary: Sequence[str]) -> List[List[int]]:
+        """Every group whose members differ only in the `vary` coordinates (e.g. ('tp',): the TP groups), each a
+        sorted rank list; groups in order of their smallest rank, so every rank creates them in the same order."""
+        seen: Dict[tuple, List[int]] = {}
+        for r in range(self.world):
+            c = self.coords(r)
+            key = tuple(c[n] for n in ("tp", "cp", "dp", "pp") if n not in vary)
+            seen.setdefault(key, []).append(r)
+        return sorted(seen.values(), key=lambda g: g[0])
 
 
 @dataclass(frozen=True)
@@ -23,14 +71,34 @@ class ParallelGroups:
     # keyed by EP size: this rank's expert-parallel group and expert-data-parallel group
     ep_groups: Dict[int, Optional[object]] = field(default_factory=dict)
     expert_dp_groups: Dict[int, Optional[object]] = field(default_factory=dict)
+    cp_size: int = 1
+    pp_size: int = 1
+    etp_size: int = 1
+    cp_group: Optional[object] = None  # None: CP = 1 (or one process)
+    pp_group: Optional[object] = None
+    dp_cp_group: Optional[object] = None  # DP x CP ranks (equals dp_group's ranks when CP = 1)
+    tp_cp_group: Optional[object] = None  # TP x CP ranks: the chunks of the same sequences under SP and CP
+    sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
+
+    @property
+    def layout(self) -> RankLayout:
+        return RankLayout(self.tp_size, self.cp_size, self.dp_size, self.pp_size)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.layout.coords(self.rank)["dp"] if self.world_size > 1 else 0
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.coords(self.rank)["cp"] if self.world_size > 1 else 0
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coords(self.rank)["pp"] if self.world_size > 1 else 0
 
     def ep_group(self, ep_size: int):
         """This rank's expert-parallel group of `ep_size` ranks (None: one rank, no communication)."""
@@ -48,17 +116,31 @@ class ParallelGroups:
         return groups[ep_size]
 
 
-def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int]) -> int:
+def validate_sizes(world_size: int, tp_size: int, ep_sizes: Sequence[int], cp_size: int = 1, pp_size: int = 1,
+                   etp_size: int = 1) -> int:
     """Checks the degrees multiply out (the one home of this check: `arguments.validate` calls it before anything
-    is built, `initialize` again for callers that build groups directly); returns the data-parallel size."""
-    if world_size % tp_size != 0:
-        raise ConfigError(f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp_size}); "
-                          f"launch with torchrun --nproc_per_node=<TP x data-parallel size>")
-    dp_size = world_size // tp_size
+    is built, `initialize` again for callers that build groups directly); returns the data-parallel size.
+    world = TP x CP x DP x PP, and EP x ETP divides DP (experts are spread over data-parallel ranks)."""
+    factors = (f"--tensor-model-parallel-size ({tp_size}) x --context-parallel-size ({cp_size}) x "
+               f"--pipeline-model-parallel-size ({pp_size})")
+    for value, flag in ((tp_size, "--tensor-model-parallel-size"), (cp_size, "--context-parallel-size"),
+                        (pp_size, "--pipeline-model-parallel-size"), (etp_size, "--expert-tensor-parallel-size")):
+        if value < 1:
+            raise ConfigError(f"{flag} ({value}) must be >= 1")
+    model_parallel = tp_size * cp_size * pp_size
+    if world_size % model_parallel != 0:
+        raise ConfigError(f"world size ({world_size}) must be divisible by {factors} = {model_parallel} (world = "
+                          f"TP x CP x data-parallel x PP); launch with torchrun --nproc_per_node=<a multiple of "
+                          f"{model_parallel}>")
+    dp_size = world_size // model_parallel
+    if etp_size != 1:
+        raise ConfigError(f"--expert-tensor-parallel-size ({etp_size}): expert tensor parallelism is not built here; "
+                          f"use 1 (experts are replicated over TP and spread by --moe-expert-parallel-size)")
     for ep in ep_sizes:
-        if dp_size % ep != 0:
+        if dp_size % (ep * etp_size) != 0:
             raise ConfigError(f"--moe-expert-parallel-size ({ep}) must divide the data-parallel size ({dp_size}) = "
-                              f"world size ({world_size}) / --tensor-model-parallel-size ({tp_size})")
+                              f"world size ({world_size}) / ({factors}), with --expert-tensor-parallel-size "
+                              f"({etp_size}); pick an EP size dividing {dp_size}")
     return dp_size
 
 
@@ -90,64 +172,53 @@ def _timeout(minutes: Optional[float]):
     return None if minutes is None else datetime.timedelta(minutes=minutes)
 
 
-def _build_dp_groups(world_size: int, tp_size: int, rank: int, timeout=None):
-    """DP groups: ranks sharing a TP rank (stride tp_size). Every rank creates every group (collective)."""
+def _new_groups(rank_lists: List[List[int]], rank: int, timeout=None):
+    """Creates every group of `rank_lists` (collective: all ranks create all, in the same order); returns the one
+    holding `rank` (None when none does)."""
     mine = None
-    for tp_rank in range(tp_size):
-        ranks = list(range(tp_rank, world_size, tp_size))
+    for ranks in rank_lists:
         g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = g
     return mine
 
 
-def _build_tp_groups(world_size: int, tp_size: int, rank: int, timeout=None):
-    mine = None
-    for start in range(0, world_size, tp_size):
-        ranks = list(range(start, start + tp_size))
-        g = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            mine = g
-    return mine
+def _expert_rank_lists(layout: RankLayout, ep_size: int):
+    """(EP groups, expert-DP groups): inside every DP group, consecutive chunks of ep_size ranks, and the ranks with
+    the same slot across chunks. Example world 8, TP 1, EP 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}."""
+    ep, edp = [], []
+    for dp_ranks in layout.groups(("dp",)):
+        ep += [dp_ranks[c:c + ep_size] for c in range(0, len(dp_ranks), ep_size)]
+        edp += [dp_ranks[slot::ep_size] for slot in range(ep_size)]
+    return ep, edp
 
 
-def _build_expert_groups(world_size: int, tp_size: int, ep_size: int, rank: int, timeout=None):
-    """EP groups: consecutive chunks of ep_size within each DP group; expert-DP: same slot across chunks.
-
-    Example world 8, tp 1, ep 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}.
-    """
-    dp_size = world_size // tp_size
-    ep_mine = edp_mine = None
-    for tp_rank in range(tp_size):
-        dp_ranks = list(range(tp_rank, world_size, tp_size))
-        for c in range(0, dp_size, ep_size):
-            ranks = dp_ranks[c:c + ep_size]
-            g = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                ep_mine = g
-        for slot in range(ep_size):
-            ranks = dp_ranks[slot::ep_size]
-            g = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                edp_mine = g
-    return ep_mine, edp_mine
-
-
-def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,),
-               timeout_minutes: Optional[float] = None) -> ParallelGroups:
+def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,), timeout_minutes: Optional[float] = None, *,
+               cp_size: int = 1, pp_size: int = 1, etp_size: int = 1,
+               sequence_parallel: bool = False) -> ParallelGroups:
     """Builds all groups for the current world (call once, after init_distributed); every group gets the timeout
-    --distributed-timeout-minutes (None: torch's default)."""
+    --distributed-timeout-minutes (None: torch's default). Sizes: TP, EP sizes (one per MoE layer size used), CP,
+    PP, ETP (module docstring: rank order and the groups)."""
     if not dist.is_initialized():
-        validate_sizes(1, tp_size, ep_sizes)
-        return ParallelGroups(1, 0, tp_size, 1, None, None,
-                              {e: None for e in ep_sizes}, {e: None for e in ep_sizes})
+        validate_sizes(1, tp_size, ep_sizes, cp_size, pp_size, etp_size)
+        return ParallelGroups(1, 0, tp_size, 1, None, None, {e: None for e in ep_sizes}, {e: None for e in ep_sizes},
+                              sequence_parallel=sequence_parallel)
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    dp_size = validate_sizes(world_size, tp_size, ep_sizes)
+    dp_size = validate_sizes(world_size, tp_size, ep_sizes, cp_size, pp_size, etp_size)
+    layout = RankLayout(tp_size, cp_size, dp_size, pp_size)
     timeout = _timeout(timeout_minutes)
-    tp_group = _build_tp_groups(world_size, tp_size, rank, timeout)
-    dp_group = _build_dp_groups(world_size, tp_size, rank, timeout)
+    # creation order: TP, DP, then the expert groups (the order before CP/PP existed), then CP, DP x CP, PP
+    tp_group = _new_groups(layout.groups(("tp",)), rank, timeout)
+    dp_group = _new_groups(layout.groups(("dp",)), rank, timeout)
     ep_groups, edp_groups = {}, {}
     for ep in sorted(set(ep_sizes)):
-        ep_groups[ep], edp_groups[ep] = _build_expert_groups(world_size, tp_size, ep, rank, timeout)
-    return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups)
-
+        ep_lists, edp_lists = _expert_rank_lists(layout, ep)
+        ep_groups[ep], edp_groups[ep] = _new_groups(ep_lists, rank, timeout), _new_groups(edp_lists, rank, timeout)
+    cp_group = _new_groups(layout.groups(("cp",)), rank, timeout) if cp_size > 1 else None
+    dp_cp_group = _new_groups(layout.groups(("cp", "dp")), rank, timeout) if cp_size > 1 else dp_group
+    pp_group = _new_groups(layout.groups(("pp",)), rank, timeout) if pp_size > 1 else None
+    tp_cp_group = (_new_groups(layout.groups(("tp", "cp")), rank, timeout) if cp_size > 1 and tp_size > 1
+                   else (cp_group if cp_size > 1 else tp_group))
+    return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups,
+                          cp_size=cp_size, pp_size=pp_size, etp_size=etp_size, cp_group=cp_group, pp_group=pp_group,
+                          dp_cp_group=dp_cp_group, tp_cp_group=tp_cp_group, sequence_parallel=sequence_parallel)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron import checkpointing
 from megatron.curriculum import truncate
+from megatron.context_parallel import finalize_model_grads
 from megatron.errors import UserError
 from megatron.model.fused_lm_loss import DistillTarget
 from megatron.train_state import TrainState, closed_on_error
@@ -121,6 +122,7 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
             kd_sum = kd_term.detach() + (kd_sum if kd_sum is not None else 0.0)
         moe_logs.append([x._replace(aux_loss=x.aux_loss.detach(), z_loss=torch.as_tensor(x.z_loss).detach())
                          for x in stats])
+    finalize_model_grads(st.model, st.groups)  # --sequence-parallel / --context-parallel-size: partial sums
     t = _tick(st, "forward-backward", t)
     result = st.optimizer.step(scale)
     if result.non_finite:  # the norm is global (reduced over every group), so every rank stops here together

@@ -146,7 +146,9 @@ def setup_from_argv(argv=None):
     for note in notes:  # flags and ds_config keys that change nothing here: said once
         log_rank0(log, logging.WARNING, "%s", note)
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.moe.ep_size if cfg.moe else (1,), timeout)
+                                       cfg.moe.ep_size if cfg.moe else (1,), timeout,
+                                       cp_size=cfg.parallel.context_parallel_size,
+                                       sequence_parallel=cfg.parallel.sequence_parallel)
     st = setup_train_state(cfg, groups, device, tokenizer)
     with closed_on_error(st.resources):
         _report(st, world_size)

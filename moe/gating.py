@@ -214,16 +214,54 @@ def combine_gates(probs_TE: torch.Tensor, expert_TK: torch.Tensor, pair_idx_N: t
     return (gates_TK * kept_TK) / denom_T1
 
 
-def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, choices: str) -> torch.Tensor:
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: all-reduce SUM over `group`; backward: identity. For token statistics of sequence-parallel ranks
+    (each holds a chunk of the same sequences): every rank computes the loss over all the group's tokens and
+    differentiates it w.r.t. its own tokens' share; the router's gradient is then summed over the group."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def group_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """t summed over `group` (None: t itself); gradients pass through unchanged (see _SumOverGroup)."""
+    if group is None:
+        return t
+    if not t.requires_grad:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+    return _SumOverGroup.apply(t, group)
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def gshard_aux_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, choices: str, group=None) -> torch.Tensor:
     """E · Σ_e mean_t(probs[t, e]) · frac_e (GShard / Switch load-balancing loss, DeepSpeed's l_aux).
 
     frac_e: the fraction of tokens whose FIRST choice is e ('first': DeepSpeed's top-1 and top-2), or of all
     T·k choices that go to e ('all': DeepSpeed's top-k for k > 2, = its mean(me·ce)·E²/k). Counted before dropping.
+    group: sequence-parallel ranks holding the other chunks of these sequences: means and fractions are over all
+    their tokens (equal to the loss of the whole sequences on one rank).
     """
     num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:  # a rank with no tokens gives 0, not NaN
         return probs_TE.new_zeros(())
     chosen = expert_TK[:, :1] if choices == "first" else expert_TK
+    if group is not None:
+        n = group_size(group)
+        counts_E = group_sum(expert_counts(chosen.reshape(-1), num_experts).to(probs_TE.dtype), group)
+        mean_E = group_sum(probs_TE.sum(dim=0), group) / (num_tokens * n)
+        return num_experts * torch.sum(mean_E * counts_E / (chosen.numel() * n))
     frac_E = expert_counts(chosen.reshape(-1), num_experts).to(probs_TE.dtype) / chosen.numel()
     return num_experts * torch.sum(probs_TE.mean(dim=0) * frac_E)
 
@@ -354,7 +392,12 @@ class TopKRouter(nn.Module):
             they route the same tokens); global_aux_loss all-reduces its per-micro-batch expert counts over it.
     Buffers (megatron family): expert_bias [E] fp32 (persistent, in checkpoints), local_tokens_per_expert [E] (kept
     pairs since the last step_routers), global_tokens_per_expert/ga_steps (global_aux_loss).
+    sp_group (attribute, set by the model under --sequence-parallel): the TP ranks holding the other chunks of this
+    rank's sequences; the losses' token statistics and the kept-pair counts are summed over it, so they equal the
+    values of the whole sequences (capacity, when tokens are dropped, stays per rank, as in Megatron-LM).
     """
+
+    sp_group = None
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, init_method=None, num_experts: Optional[int] = None,
                  dp_group=None):
@@ -426,7 +469,7 @@ class TopKRouter(nn.Module):
                 priority_TK = drop_priority(cfg.drop_policy, probs_TE, expert_TK, capacity)
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
         gates_TK = combine_gates(probs_TE, expert_TK, pair_idx_N, cfg.renormalize)
-        aux_loss = gshard_aux_loss(probs_TE, expert_TK, cfg.aux_loss_choices)
+        aux_loss = gshard_aux_loss(probs_TE, expert_TK, cfg.aux_loss_choices, self.sp_group)
         return self._routing(pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity)
 
     def _route_megatron(self, x_TD: torch.Tensor, num_sequences: int) -> Routing:
@@ -449,7 +492,8 @@ class TopKRouter(nn.Module):
         pair_idx_N, counts_E, routed_E = assign_slots(expert_TK, priority_TK, self.num_experts, capacity)
         if self.local_tokens_per_expert is not None and _counting():
             with torch.no_grad():
-                self.local_tokens_per_expert += counts_E.to(self.local_tokens_per_expert.dtype)
+                kept_E = group_sum(counts_E.to(self.local_tokens_per_expert.dtype), self.sp_group)
+                self.local_tokens_per_expert += kept_E
         aux_loss = self.load_balancing_loss(logits_TE, num_sequences)
         return self._routing(pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity)
 
@@ -463,14 +507,17 @@ class TopKRouter(nn.Module):
             return logits_TE.new_zeros(())
         scores_TE, routed_TE = aux_loss_scores(logits_TE, k, self.cfg.score_function)
         num_tokens = scores_TE.shape[0]
+        g, n = self.sp_group, group_size(self.sp_group)  # sequence parallel: statistics over the chunks of the group
         if kind == "seq_aux_loss":
             seq_len = num_tokens // max(num_sequences, 1)
             if seq_len * num_sequences != num_tokens:
                 raise ValueError(f"seq_aux_loss: {num_tokens} tokens are not {num_sequences} equal sequences")
-            sums_BE = scores_TE.view(num_sequences, seq_len, -1).sum(dim=1)
-            counts_BE = routed_TE.view(num_sequences, seq_len, -1).sum(dim=1)
-            return switch_balance_loss(sums_BE, counts_BE, k, seq_len, seq_len) / num_sequences
-        counts_E = routed_TE.sum(dim=0)
+            sums_BE = group_sum(scores_TE.view(num_sequences, seq_len, -1).sum(dim=1), g)
+            counts_BE = group_sum(routed_TE.view(num_sequences, seq_len, -1).sum(dim=1), g)
+            return switch_balance_loss(sums_BE, counts_BE, k, seq_len * n, seq_len * n) / num_sequences
+        counts_E = group_sum(routed_TE.sum(dim=0), g)
+        score_sum_E = group_sum(scores_TE.sum(dim=0), g)
+        num_tokens *= n
         if kind == "global_aux_loss" and self.global_tokens_per_expert is not None and self.training \
                 and torch.is_grad_enabled():
             group = self.dp_group
@@ -483,12 +530,16 @@ class TopKRouter(nn.Module):
                     self.global_tokens_per_expert += counts_E
                     self.ga_steps += 1
             counts_E = (self.global_tokens_per_expert / self.ga_steps).to(scores_TE.dtype)
-            return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens * dp_size)
-        return switch_balance_loss(scores_TE.sum(dim=0), counts_E, k, num_tokens, num_tokens)
+            return switch_balance_loss(score_sum_E, counts_E, k, num_tokens, num_tokens * dp_size)
+        return switch_balance_loss(score_sum_E, counts_E, k, num_tokens, num_tokens)
 
     def _routing(self, pair_idx_N, counts_E, gates_TK, expert_TK, aux_loss, logits_TE, routed_E, capacity):
         """The Routing tuple: fp32 combine weights and losses (fp64 routers compute in fp64, then round once)."""
-        z_loss = router_z_loss(logits_TE) if self.cfg.z_loss_coeff > 0 else logits_TE.new_zeros(())
+        if self.cfg.z_loss_coeff > 0 and self.sp_group is not None:  # mean over the sequence-parallel group's tokens
+            z_loss = (group_sum(torch.logsumexp(logits_TE, dim=-1).square().sum(), self.sp_group)
+                      / max(logits_TE.shape[0] * group_size(self.sp_group), 1))
+        else:
+            z_loss = router_z_loss(logits_TE) if self.cfg.z_loss_coeff > 0 else logits_TE.new_zeros(())
         num_pairs = max(expert_TK.numel(), 1)
         return Routing(
             pair_idx_N=pair_idx_N, counts_E=counts_E, gates_TK=gates_TK.float(), expert_TK=expert_TK,

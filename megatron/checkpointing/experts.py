@@ -52,7 +52,7 @@ def expert_payloads(model, opt_state: dict, groups, optimizer, take_slice: Calla
     whose storage holds only its bytes (payload.exact_view; a plain view would make torch.save write the whole
     stacked tensor)."""
     out = []
-    if model_tp_rank(model) != 0:
+    if model_tp_rank(model) != 0 or getattr(groups, "cp_rank", 0) != 0:  # experts are replicated over CP too
         return out
     params = dict(model.named_parameters())
     for moe_idx, prefix, layer in moe_layers(model):

@@ -137,7 +137,7 @@ def _payloads(iteration, model, optimizer, opt_state, states, configs, groups, s
     is_expert = is_expert_param_name(model)  # {parameter name: is an expert's}
     dp_rank = groups.dp_rank if groups is not None else 0
     out = []
-    if dp_rank == 0:
+    if dp_rank == 0 and getattr(groups, "cp_rank", 0) == 0:  # CP ranks hold identical replicas: one writes
         payload = {
             "iteration": iteration,
             "model": {k: own(v, defer=k in is_expert) for k, v in model.state_dict().items()

@@ -3,7 +3,10 @@ scaled_dot_product_attention. Multi-latent attention (DeepSeek) subclasses it in
 
 With tensor parallelism the heads are split: QKV is column-parallel (each rank computes its heads' q, k, v), the
 output projection row-parallel (partial products all-reduced), and attention dropout on this rank's heads draws
-from the tensor-parallel RNG tracker.
+from the tensor-parallel RNG tracker. With sequence parallelism the input is this rank's sequence chunk
+[b, s/tp, h]: the QKV projection all-gathers it and the output projection reduce-scatters back to [b, s/tp, h].
+With context parallelism (cp_group) the queries are this CP rank's load-balanced chunks; keys and values are
+all-gathered over CP (megatron/context_parallel.py) and the causal mask compares global positions.
 
 Selective recomputation (`recompute_core_attention`, Megatron-LM's --recompute-granularity selective) keeps only
 q, k, v of the core attention softmax(QK^T/sqrt(d))V and recomputes the rest (the [b, heads, s, s] probabilities
@@ -15,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron.context_parallel import gather_sequence, local_indices
 from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
 from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
@@ -52,8 +56,10 @@ class SelfAttention(torch.nn.Module):
     """
 
     def __init__(self, cfg, layer_idx: int, init_method, output_layer_init_method, tp_group=None,
-                 rng_tracker=None):
+                 rng_tracker=None, sequence_parallel: bool = False, cp_group=None):
         super().__init__()
+        self.sequence_parallel = sequence_parallel and tp_size(tp_group) > 1
+        self.cp_group = cp_group if tp_size(cp_group) > 1 else None
         self.recompute_core_attention = cfg.recompute_granularity == "selective"
         tp = tp_size(tp_group)
         self.num_heads = divide(cfg.num_attention_heads, tp, "--num-attention-heads")  # this rank's heads
@@ -71,22 +77,26 @@ class SelfAttention(torch.nn.Module):
             self.num_groups = divide(cfg.num_query_groups, tp_size(tp_group), "--num-query-groups")
             out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
             self.query_key_value = ColumnParallelLinear(h, out, tp_group, init_method, bias=bias,
-                                                        what="(heads + 2 x --num-query-groups) x head dim")
+                                                        what="(heads + 2 x --num-query-groups) x head dim",
+                                                        sequence_parallel=self.sequence_parallel)
         else:
             self.num_groups = self.num_heads
             # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
             self.query_key_value = ColumnParallelLinear(h, 3 * cfg.num_attention_heads * d, tp_group, init_method,
-                                                        bias=bias, stride=3, what="3 x --hidden-size")
+                                                        bias=bias, stride=3, what="3 x --hidden-size",
+                                                        sequence_parallel=self.sequence_parallel)
         self.q_layernorm = self.k_layernorm = None
         if cfg.qk_layernorm:
             self.q_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
             self.k_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
-        self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias)
+        self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias,
+                                       sequence_parallel=self.sequence_parallel)
 
     def _project(self, x: torch.Tensor, rotary: Optional[tuple]):
-        """x [b, s, h] -> q [b, heads, s, d], k and v [b, groups, s, d] (this rank's), q/k normed and rotated."""
-        b, s, _ = x.shape
+        """x [b, s, h] -> q [b, heads, s, d], k and v [b, groups, s, d] (this rank's), q/k normed and rotated
+        (sequence parallel: x is [b, s/tp, h], gathered by the projection)."""
         qkv = self.query_key_value(x)
+        b, s = qkv.shape[:2]
         if self.grouped:  # [b, s, groups, heads/groups + 2, d]
             qkv = qkv.view(b, s, self.num_groups, -1, self.head_dim)
             q = qkv[:, :, :, :-2].reshape(b, s, self.num_heads, self.head_dim)
@@ -112,32 +122,40 @@ class SelfAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        b, s, _ = x.shape
         q, k, v = self._project(x, rotary)
-        past = 0
+        b, s = q.shape[0], q.shape[2]  # the whole sequence (x holds a chunk of it under sequence parallelism)
+        past, qpos = 0, None
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)
+        if self.cp_group is not None:  # keys/values of the whole sequence; queries at their global positions
+            n = tp_size(self.cp_group)
+            qpos = local_indices(s * n, torch.distributed.get_rank(self.cp_group), n, q.device)
+            k, v = gather_sequence(k, 2, self.cp_group), gather_sequence(v, 2, self.cp_group)
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s)
+            ctx = checkpoint(self._core_attention, self.rng_tracker, q, k, v, past, s, qpos)
         else:
-            ctx = self._core_attention(q, k, v, past, s)
+            ctx = self._core_attention(q, k, v, past, s, qpos)
         ctx = ctx.transpose(1, 2).reshape(b, s, -1)  # [b, heads, s, dv] -> [b, s, heads * dv]
         return self.dense(ctx)
 
-    def _core_attention(self, q, k, v, past: int, s: int) -> torch.Tensor:
+    def _core_attention(self, q, k, v, past: int, s: int, qpos=None) -> torch.Tensor:
         """softmax(QK^T/sqrt(d))V with attention dropout (drawn from the TP tracker when heads are sharded)."""
         dropout_p = self.attention_dropout if self.training else 0.0
         rng = (self.rng_tracker.fork(q.device) if self.rng_tracker is not None and dropout_p > 0
                else contextlib.nullcontext())
         with rng:
-            return self._attend(q, k, v, past, s, dropout_p)
+            return self._attend(q, k, v, past, s, dropout_p, qpos)
 
     @staticmethod
-    def _attend(q, k, v, past: int, s: int, dropout_p: float) -> torch.Tensor:
+    def _attend(q, k, v, past: int, s: int, dropout_p: float, qpos=None) -> torch.Tensor:
         """F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA where they apply); k, v with
-        fewer heads than q (GQA) are shared by consecutive query heads (enable_gqa)."""
+        fewer heads than q (GQA) are shared by consecutive query heads (enable_gqa). qpos (context parallelism):
+        the global positions of the queries; k, v hold the whole sequence, key j visible to query i iff j <= qpos[i]."""
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        if qpos is not None:
+            mask = torch.arange(k.shape[2], device=q.device).unsqueeze(0) <= qpos.unsqueeze(1)  # [s/cp, s]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
         if past == 0:
             ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         elif s == 1:

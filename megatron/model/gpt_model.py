@@ -4,6 +4,15 @@
 With tensor parallelism (groups.tp_group of size > 1) the embedding and the LM head are vocab-parallel: each
 rank holds V/tp rows, computes logits for its vocabulary slice only, and the loss is the vocab-parallel cross
 entropy; logits are gathered only when asked for.
+
+With --sequence-parallel (groups.sequence_parallel, TP > 1) the embedding output is scattered along the sequence
+(each TP rank keeps [b, s/tp, h]), the layers run on chunks (megatron/model/transformer.py) and the final norm's
+output is all-gathered for the head (backward: reduce-scatter, in place of the head input's all-reduce).
+
+With --context-parallel-size N (groups.cp_group) each CP rank runs its load-balanced chunks (2N chunks of the
+sequence, rank i keeps i and 2N-1-i: megatron/context_parallel.py) through the whole model at their global
+positions, attention reading the all-gathered keys/values; the per-token loss (and logits) are all-gathered back
+to [b, s] in natural order, so callers see the CP=1 outputs.
 """
 from typing import List, NamedTuple, Optional
 
@@ -11,16 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from megatron.config import ModelConfig
+from megatron.context_parallel import gather_sequence, local_indices
 from megatron.errors import ConfigError
 from megatron.model.attention import KVCache
 from megatron.model.fused_lm_loss import DistillTarget, fused_lm_cross_entropy, fused_lm_kd_loss
 from megatron.model.init_methods import init_method_normal, scaled_init_method_normal
 from megatron.model.norms import build_norm
 from megatron.model.rope import RotaryEmbedding
-from megatron.model.transformer import TransformerLayer, run_layers
+from megatron.model.transformer import TransformerLayer, context_parallel_group, run_layers, sequence_parallel
 from megatron.tensor_parallel import (ColumnParallelLinear, TensorParallelRNGTracker, VocabParallelEmbedding,
-                                      copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, tp_rank,
-                                      tp_size, vocab_parallel_cross_entropy)
+                                      copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                                      gather_from_tensor_parallel_region, mark_sequence_parallel,
+                                      scatter_to_sequence_parallel_region, tp_rank, tp_size,
+                                      vocab_parallel_cross_entropy)
 from megatron.tensor_parallel.layers import parallel_lm_logits
 
 
@@ -53,6 +65,10 @@ class GPTModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker) for i in range(cfg.num_layers))
         self.final_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        self.sequence_parallel = sequence_parallel(groups)
+        self.cp_group = context_parallel_group(groups)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.final_layernorm.parameters())
         self.output_layer = None  # untied head: [V/tp, h] rows of this rank's vocabulary slice, as the embedding
         if cfg.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, self.tp_group, init,
@@ -67,7 +83,20 @@ class GPTModel(torch.nn.Module):
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
+        if self.sequence_parallel:  # this rank's chunk [b, s/tp, h]; dropout masks differ between the chunks
+            x = scatter_to_sequence_parallel_region(x, self.tp_group)
+            if self.training and self.cfg.hidden_dropout > 0:
+                with self.rng_tracker.fork(x.device):
+                    return F.dropout(x, self.cfg.hidden_dropout, self.training)
         return F.dropout(x, self.cfg.hidden_dropout, self.training)
+
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's output entering the vocab-parallel head, whose gradient is summed over TP: the
+        all-reduce of copy_to_tensor_parallel_region, or under sequence parallelism the all-gather of the chunks
+        (its backward reduce-scatters, giving each rank the summed gradient of its chunk)."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.tp_group)
+        return copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
@@ -83,7 +112,34 @@ class GPTModel(torch.nn.Module):
         parallelism, parallel_output=True returns this rank's vocabulary slice of the logits [b, s, V/tp] instead
         of gathering all of them (vocab-parallel losses such as the distillation KL use the slice).
         """
+        if self.cp_group is not None:
+            return self._forward_context_parallel(tokens, labels, position_ids, kv_cache, return_logits,
+                                                  parallel_output, distill_target)
+        return self._forward(tokens, labels, position_ids, kv_cache, return_logits, parallel_output, distill_target)
+
+    def _forward_context_parallel(self, tokens, labels, position_ids, kv_cache, return_logits, parallel_output,
+                                  distill_target) -> ModelOutput:
+        """forward() on this CP rank's chunks; loss and logits gathered back to the whole sequence."""
+        if kv_cache is not None or distill_target is not None:
+            raise ValueError("--context-parallel-size > 1 is for LM training and scoring: build the model without "
+                             "it for KV-cache decoding or distillation")
         b, s = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        n = tp_size(self.cp_group)
+        idx = local_indices(s, torch.distributed.get_rank(self.cp_group), n, tokens.device)
+        out = self._forward(tokens[:, idx], labels[:, idx] if labels is not None else None, position_ids[:, idx],
+                            None, return_logits, parallel_output, None)
+
+        def whole(t):  # every CP rank computes the same loss of the whole sequence: the gradient is complete
+            return None if t is None else gather_sequence(t, 1, self.cp_group, reduce_grad=False)
+        return out._replace(logits=whole(out.logits), loss=whole(out.loss))
+
+    def _forward(self, tokens, labels, position_ids, kv_cache, return_logits, parallel_output,
+                 distill_target) -> ModelOutput:
+        b, s = tokens.shape
+        if self.sequence_parallel and kv_cache is not None:
+            raise ValueError("a KV cache (incremental decoding) needs a model built without --sequence-parallel")
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
             if self.position_embeddings is not None and start + s > self.cfg.max_position_embeddings:
@@ -102,14 +158,16 @@ class GPTModel(torch.nn.Module):
         if distill_target is not None:
             if labels is None:
                 raise ValueError("a distill_target needs labels (it is a training loss)")
-            x_par = copy_to_tensor_parallel_region(x, self.tp_group) if tp_size(self.tp_group) > 1 else x
+            x_par = self._head_input(x)
             total, ce, kl = fused_lm_kd_loss(x_par, self.output_weight, labels, distill_target, self.tp_group)
             return ModelOutput(None, ce, stats, kd_total=total, kl=kl)
         if tp_size(self.tp_group) > 1:
             if not return_logits:  # training: the fused loss over this rank's vocabulary slice
-                x_par = copy_to_tensor_parallel_region(x, self.tp_group)
+                x_par = self._head_input(x)
                 loss = fused_lm_cross_entropy(x_par, self.output_weight, labels, self.tp_group)
                 return ModelOutput(None, loss, stats)
+            if self.sequence_parallel:  # whole sequences; parallel_lm_logits all-reduces the gradient itself
+                x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=False)
             local = parallel_lm_logits(x, self.output_weight, self.tp_group)
             if labels is not None:
                 loss = vocab_parallel_cross_entropy(local, labels, self.tp_group)

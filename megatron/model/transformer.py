@@ -11,7 +11,27 @@ from megatron.model.attention import SelfAttention
 from megatron.model.mla import MultiLatentAttention
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
-from megatron.tensor_parallel import checkpoint
+from megatron.tensor_parallel import checkpoint, mark_sequence_parallel, tp_size
+
+
+def sequence_parallel(groups) -> bool:
+    """--sequence-parallel in effect: asked for (groups.sequence_parallel) and more than one TP rank."""
+    return groups is not None and getattr(groups, "sequence_parallel", False) and tp_size(groups.tp_group) > 1
+
+
+def context_parallel_group(groups):
+    """The CP group when --context-parallel-size > 1, else None."""
+    g = getattr(groups, "cp_group", None) if groups is not None else None
+    return g if tp_size(g) > 1 else None
+
+
+def token_group(groups):
+    """The ranks holding other chunks of this rank's sequences (TP under SP, CP, or TP x CP; None: nobody), over
+    which MoE routers sum their token statistics."""
+    sp, cp = sequence_parallel(groups), context_parallel_group(groups) is not None
+    if sp and cp:
+        return groups.tp_cp_group
+    return groups.tp_group if sp else (groups.cp_group if cp else None)
 
 
 def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, output_init_method):
@@ -20,7 +40,7 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
     if spec is None:
         return ParallelMLP(cfg.hidden_size, cfg.ffn_hidden_size, init_method, output_init_method,
                            groups.tp_group if groups is not None else None, activation=cfg.activation,
-                           bias=cfg.add_bias_linear)
+                           bias=cfg.add_bias_linear, sequence_parallel=sequence_parallel(groups))
     # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
     # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
@@ -38,6 +58,13 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                      bias=cfg.add_bias_linear,
                      dp_group=groups.dp_group if groups is not None else None)  # global_aux_loss counts
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
+    # --sequence-parallel / CP: each rank routes its own sequence chunk through the (TP/CP-replicated) experts, no
+    # gather; the router's loss statistics are summed over the chunks' ranks (moe/gating.py sp_group) and every
+    # parameter's gradient, a partial sum over this rank's tokens, is summed after the backward (over TP: marked
+    # sequence_parallel; over CP: every parameter, megatron/context_parallel.py)
+    layer.router.sp_group = token_group(groups)
+    if sequence_parallel(groups):
+        mark_sequence_parallel(layer.parameters())
     return layer
 
 
@@ -48,22 +75,36 @@ class TransformerLayer(torch.nn.Module):
                  moe_cfg=None, groups=None, rng_tracker=None):
         super().__init__()
         self.hidden_dropout = cfg.hidden_dropout
+        self.sequence_parallel = sequence_parallel(groups)
+        # sequence parallel: hidden dropout acts on this rank's chunk, drawn from the TP tracker (Megatron-LM)
+        self.rng_tracker = rng_tracker if self.sequence_parallel else None
         self.input_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
         attention = MultiLatentAttention if cfg.multi_latent_attention else SelfAttention
         self.self_attention = attention(cfg, layer_idx, init_method, output_init_method,
-                                        groups.tp_group if groups is not None else None, rng_tracker)
+                                        groups.tp_group if groups is not None else None, rng_tracker,
+                                        sequence_parallel=self.sequence_parallel,
+                                        cp_group=context_parallel_group(groups))
         self.post_attention_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        if self.sequence_parallel:  # the norms see this rank's chunk: partial gradients, summed over TP
+            mark_sequence_parallel(list(self.input_layernorm.parameters())
+                                   + list(self.post_attention_layernorm.parameters()))
         self.mlp = build_mlp(layer_idx, cfg, moe_cfg, groups, init_method, output_init_method)
         # called with the residual stream after attention (expert prefetch at inference, moe/offload); None = off
         self.after_attention: Optional[Callable[[torch.Tensor], None]] = None
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rng_tracker is not None and self.training and self.hidden_dropout > 0:
+            with self.rng_tracker.fork(x.device):
+                return F.dropout(x, self.hidden_dropout, self.training)
+        return F.dropout(x, self.hidden_dropout, self.training)
+
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, kv_cache=None):
         attn = self.self_attention(self.input_layernorm(x), rotary, kv_cache)
-        x = x + F.dropout(attn, self.hidden_dropout, self.training)
+        x = x + self._dropout(attn)
         if self.after_attention is not None:
             self.after_attention(x)
         mlp_out, stats = self.mlp(self.post_attention_layernorm(x))
-        x = x + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        x = x + self._dropout(mlp_out)
         return x, stats
 
     def forward_many(self, xs: List[torch.Tensor], rotaries: List[Optional[tuple]]):

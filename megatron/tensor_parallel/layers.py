@@ -7,14 +7,22 @@ TP=1 exactly, and `merge_partitions` puts the shards of a checkpoint back togeth
 A parameter that is sharded carries `tensor_model_parallel = True`, `partition_dim` (0: rows/output features,
 1: columns/input features) and `partition_stride`; the rest (biases of row-parallel layers, LayerNorms) are
 replicated, and their gradients are identical on every tensor-parallel rank.
+
+Sequence parallelism (sequence_parallel=True, Megatron-LM's --sequence-parallel): the column-parallel input is
+this rank's [b, s/tp, h] chunk, all-gathered along the sequence before the product (backward: reduce-scatter), and
+the row-parallel output is reduce-scattered to [b, s/tp, h] in place of the all-reduce. Replicated parameters that
+act on sequence chunks (norms, the row-parallel bias, MoE layers) then hold partial gradients: they are marked
+`sequence_parallel = True` and `allreduce_sequence_parallel_grads` sums them over TP after the backward.
 """
-from typing import Callable, List
+from typing import Callable, Iterable, List
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region,
-                                               tp_rank, tp_size)
+from megatron.tensor_parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                                               reduce_from_tensor_parallel_region,
+                                               reduce_scatter_to_sequence_parallel_region, tp_rank, tp_size)
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -74,9 +82,14 @@ class ColumnParallelLinear(torch.nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
-                 stride: int = 1, what: str = "output features"):
+                 stride: int = 1, what: str = "output features", sequence_parallel: bool = False,
+                 input_in_region: bool = False):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel and tp_size(group) > 1
+        # the caller has already entered the parallel region (gathered the sequence once for several consumers,
+        # as MLA under SP): no collective here, and this layer's input gradient stays this rank's partial sum
+        self.input_in_region = input_in_region
         size = tp_size(group)
         divide(out_features, size * stride, what)
         self.weight = _sharded_param(out_features, in_features, 0, stride, group, init_method)
@@ -85,6 +98,10 @@ class ColumnParallelLinear(torch.nn.Module):
             self.bias = _mark(torch.nn.Parameter(torch.zeros(out_features // size)), 0, stride, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_in_region:
+            return F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel:  # [b, s/tp, h] -> [b, s, h]; the backward reduce-scatters the input gradient
+            return F.linear(gather_from_sequence_parallel_region(x, self.group), self.weight, self.bias)
         return F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)
 
 
@@ -94,16 +111,22 @@ class RowParallelLinear(torch.nn.Module):
     all-reduced; the bias is replicated and added once, after the reduction."""
 
     def __init__(self, in_features: int, out_features: int, group, init_method: Callable, bias: bool = True,
-                 what: str = "input features"):
+                 what: str = "input features", sequence_parallel: bool = False):
         super().__init__()
         self.group = group
         size = tp_size(group)
+        self.sequence_parallel = sequence_parallel and size > 1
         divide(in_features, size, what)
         self.weight = _sharded_param(out_features, in_features, 1, 1, group, init_method)
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+        if self.bias is not None and self.sequence_parallel:  # added to this rank's sequence chunk only
+            self.bias.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
+        if self.sequence_parallel:  # partial sums [b, s, h] -> this rank's chunk of the sum [b, s/tp, h]
+            y = reduce_scatter_to_sequence_parallel_region(F.linear(x, self.weight), self.group)
+        else:
+            y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -135,3 +158,46 @@ def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Te
     """This rank's vocabulary slice of the logits against a vocab-parallel head weight (the input enters the
     tensor-parallel region, so its gradient is summed over the ranks)."""
     return F.linear(copy_to_tensor_parallel_region(x, group), weight)
+
+
+def mark_sequence_parallel(params: Iterable[torch.nn.Parameter]) -> None:
+    """Marks replicated parameters that see only this rank's sequence chunk (their gradients are partial sums)."""
+    for p in params:
+        p.sequence_parallel = True
+
+
+def is_sequence_parallel_param(p: torch.nn.Parameter) -> bool:
+    return bool(getattr(p, "sequence_parallel", False))
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module, group) -> None:
+    """After the backward (before the data-parallel reduction; both are sums, so the order does not matter), sums
+    the gradients of the parameters marked sequence_parallel over the TP group (Megatron-LM's
+    _allreduce_layernorm_grads / sequence-parallel grads in finalize_model_grads)."""
+    if tp_size(group) <= 1:
+        return
+    sum_grads_over([p for p in model.parameters() if p.requires_grad and is_sequence_parallel_param(p)], group)
+
+
+def sum_grads_over(params: List[torch.nn.Parameter], group) -> None:
+    """Sums the gradients of `params` over `group`, one flat all-reduce per dtype. A parameter without a gradient
+    on this rank (an expert no local token reached) joins with zeros, so every rank sends the same sizes; one
+    without a gradient on every rank keeps None, as it would without the split."""
+    if not params or tp_size(group) <= 1:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+    params = [p for p, h in zip(params, has.tolist()) if h]
+    by_dtype = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n

@@ -120,6 +120,8 @@ MAPPING = {
     "--hysteresis": (["3"], "optimizer.hysteresis", 3),
     "--seed": (["42"], "data.seed", 42),
     "--tensor-model-parallel-size": (["2"], "parallel.tensor_model_parallel_size", 2),
+    "--sequence-parallel": ([], "parallel.sequence_parallel", True),
+    "--context-parallel-size": (["2"], "parallel.context_parallel_size", 2),
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
