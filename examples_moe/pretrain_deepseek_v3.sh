@@ -4,8 +4,8 @@
 # RMSNorm eps 1e-6, SwiGLU, untied head, no biases, dense first layers then MoE via --moe-layer-freq, fine-grained
 # experts plus a shared expert) with the sizes shrunk; runs a few iterations.
 # Not here (yet): YaRN RoPE scaling (--rotary-scaling-factor 40 is refused in one line) and multi-token prediction.
-# DeepSeek-V3's routing (--moe-router-score-function sigmoid, expert bias, group-limited top-k) comes with the
-# router flags; this script routes softmax top-k, dropless.
+# Routing as DeepSeek-V3 (Megatron-LM's flags): sigmoid scores, aux-loss-free expert bias, group-limited top-k,
+# scaled combine weights, a small sequence-level aux loss, dropless.
 # DeepSeek-V3 itself: NUM_LAYERS=61 HIDDEN=7168 FFN=18432 HEADS=128 LAYER_FREQ='[0]*3+[1]*58' NUM_EXPERTS=256
 # MOE_FFN=2048 SHARED_FFN=2048 TOPK=8 Q_LORA=1536 KV_LORA=512 QK_DIM=128 ROPE_DIM=64 V_DIM=128 SEQ=4096.
 set -euo pipefail
@@ -36,6 +36,9 @@ SHARED_FFN=${SHARED_FFN:-32}
 TOPK=${TOPK:-4}
 EP_SIZE=${EP_SIZE:-1}
 MLC=${MLC:-1e-4}
+ROUTER_GROUPS=${ROUTER_GROUPS:-4}          # DeepSeek-V3: 8 groups, 4 used per token, weights x 2.5
+ROUTER_GROUP_TOPK=${ROUTER_GROUP_TOPK:-2}
+ROUTER_SCALE=${ROUTER_SCALE:-2.5}
 # optimisation and run length
 MICRO_BATCH=${MICRO_BATCH:-2}
 GLOBAL_BATCH=${GLOBAL_BATCH:-4}
@@ -54,8 +57,10 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 
     --qk-layernorm --q-lora-rank "$Q_LORA" --kv-lora-rank "$KV_LORA" --qk-head-dim "$QK_DIM" \
     --qk-pos-emb-head-dim "$ROPE_DIM" --v-head-dim "$V_DIM" \
     --num-experts "$NUM_EXPERTS" --moe-layer-freq "$LAYER_FREQ" --moe-ffn-hidden-size "$MOE_FFN" \
-    --moe-shared-expert-intermediate-size "$SHARED_FFN" --topk "$TOPK" --disable-moe-token-dropping \
-    --moe-loss-coeff "$MLC" --moe-grouped-gemm --init-method-std 0.02 \
+    --moe-shared-expert-intermediate-size "$SHARED_FFN" --moe-router-topk "$TOPK" --moe-router-score-function sigmoid \
+    --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3 --moe-router-num-groups "$ROUTER_GROUPS" \
+    --moe-router-group-topk "$ROUTER_GROUP_TOPK" --moe-router-topk-scaling-factor "$ROUTER_SCALE" \
+    --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff "$MLC" --moe-grouped-gemm --init-method-std 0.02 \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --lr "$LR" --train-iters "$TRAIN_ITERS" \
     --lr-decay-style cosine --min-lr 1e-4 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 \
     --lr-warmup-iters 2 --clip-grad 1.0 $PRECISION \

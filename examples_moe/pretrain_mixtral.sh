@@ -3,8 +3,8 @@
 # (RMSNorm, SwiGLU, GQA 32/8, RoPE base 1e6, untied head, no biases, 8 experts top-2 on every layer, grouped GEMM,
 # all-to-all dispatch) with the sizes shrunk; runs a few iterations.
 # Mixtral 8x7B itself: NUM_LAYERS=32 HIDDEN=4096 FFN=14336 HEADS=32 QUERY_GROUPS=8 SEQ=4096 NUM_EXPERTS=8 TOPK=2
-# EP_SIZE=8 PRECISION=--bf16 (Megatron-LM's script also sets router flags: --moe-router-topk 2
-# --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2; here TOPK and MLC give the same routing).
+# EP_SIZE=8 PRECISION=--bf16. Routing with Megatron-LM's router flags, as its script: softmax top-2 over the
+# chosen logits, dropless, aux_loss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +42,8 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 
     --init-method-std 0.01 --attention-dropout 0.0 --hidden-dropout 0.0 --normalization RMSNorm \
     --position-embedding-type rope --swiglu --untie-embeddings-and-output-weights --group-query-attention \
     --num-query-groups "$QUERY_GROUPS" --no-masked-softmax-fusion --no-position-embedding --rotary-base "$ROPE_BASE" \
-    --num-experts "$NUM_EXPERTS" --moe-layer-freq 1 --topk "$TOPK" --disable-moe-token-dropping \
-    --moe-loss-coeff "$MLC" --moe-grouped-gemm --moe-token-dispatcher-type alltoall \
+    --num-experts "$NUM_EXPERTS" --moe-layer-freq 1 --moe-router-topk "$TOPK" --moe-router-load-balancing-type aux_loss \
+    --moe-aux-loss-coeff "$MLC" --moe-grouped-gemm --moe-token-dispatcher-type alltoall \
     --expert-model-parallel-size "$EP_SIZE" \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --lr "$LR" --train-iters "$TRAIN_ITERS" \
     --lr-decay-style cosine --min-lr 1e-4 --weight-decay 0.1 --lr-warmup-iters 2 --clip-grad 1.0 $PRECISION \

@@ -4,7 +4,7 @@
 # RoPE base 1e6, untied head, no biases, fine-grained experts: many small experts, top-8, on every layer) with the
 # sizes shrunk; runs a few iterations.
 # Qwen3-30B-A3B itself: NUM_LAYERS=48 HIDDEN=2048 FFN=6144 HEADS=32 QUERY_GROUPS=4 KV_CHANNELS=128 NUM_EXPERTS=128
-# MOE_FFN=768 TOPK=8 MLC=1e-3 SEQ=4096 (Megatron-LM names the routing --moe-router-topk 8 --moe-aux-loss-coeff 1e-3).
+# MOE_FFN=768 TOPK=8 MLC=1e-3 SEQ=4096 (routed with Megatron-LM's router flags, as its config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +42,8 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 
     --position-embedding-type rope --no-rope-fusion --normalization RMSNorm --swiglu \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN" --num-attention-heads "$HEADS" \
     --group-query-attention --num-query-groups "$QUERY_GROUPS" --kv-channels "$KV_CHANNELS" --qk-layernorm \
-    --num-experts "$NUM_EXPERTS" --moe-ffn-hidden-size "$MOE_FFN" --moe-layer-freq 1 --topk "$TOPK" \
-    --disable-moe-token-dropping --moe-loss-coeff "$MLC" --moe-token-dispatcher-type alltoall \
+    --num-experts "$NUM_EXPERTS" --moe-ffn-hidden-size "$MOE_FFN" --moe-layer-freq 1 --moe-router-topk "$TOPK" \
+    --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff "$MLC" --moe-token-dispatcher-type alltoall \
     --expert-model-parallel-size "$EP_SIZE" \
     --seq-length "$SEQ" --max-position-embeddings "$SEQ" --use-mcore-models --rotary-percent 1.0 \
     --rotary-base 1000000 --no-bias-swiglu-fusion --attention-dropout 0.0 --hidden-dropout 0.0 \

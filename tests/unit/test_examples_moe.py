@@ -35,6 +35,11 @@ def test_example_script_builds_its_model(script):
     for field, want in SCRIPTS[script].items():
         assert getattr(cfg.model, field) == want, field
     assert not cfg.model.add_bias_linear and cfg.moe is not None and not cfg.moe.drop_tokens
+    assert cfg.moe.router_family == "megatron"  # Megatron-LM's --moe-router-* flags, as the original scripts
+    if script == "pretrain_deepseek_v3.sh":
+        assert (cfg.moe.score_function, cfg.moe.expert_bias, cfg.moe.num_groups, cfg.moe.group_topk,
+                cfg.moe.topk_scaling_factor, cfg.moe.load_balancing_type) == ("sigmoid", True, 4, 2, 2.5,
+                                                                              "seq_aux_loss")
     plan = cfg.moe.layer_plan(cfg.model.num_layers)
     if script == "pretrain_deepseek_v3.sh":
         assert plan[0] is None and all(plan[1:]) and cfg.moe.shared_expert_ffn_hidden_size == 32
