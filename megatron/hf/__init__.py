@@ -1,0 +1,129 @@
+"""Hugging Face Llama-style families in and out of this project's checkpoints (issue 26; GPT-2: hf_interop.py).
+
+    import_hf(hf_dir, save)   config.json (read with transformers' config classes) + safetensors shards, one
+                              tensor at a time, -> a checkpoint at iteration 0 (configs record the HF config and,
+                              when the directory has tokenizer.json, --tokenizer-type HuggingFaceTokenizer)
+    export_hf(load, out_dir)  checkpoint -> config.json + model.safetensors shards AutoModelForCausalLM loads
+
+Families: megatron/hf/configs.py (FAMILIES); names and layouts: megatron/hf/weights.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron.errors import CheckpointError, ConfigError
+from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf
+from megatron.hf.weights import SafetensorsReader, export_tensors, import_tensors, write_shards
+
+__all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "write_checkpoint"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def hf_architecture(hf_dir: str) -> str:
+    """architectures[0] of HF_DIR/config.json (one-line errors for a missing or unreadable file)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--hf-dir {hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.load(open(path))
+    except ValueError as e:
+        raise CheckpointError(f"--hf-dir {hf_dir}: config.json is not JSON ({e})") from None
+    archs = raw.get("architectures") or []
+    if not archs and raw.get("model_type") == "gpt2":
+        return "GPT2LMHeadModel"
+    if len(archs) != 1:
+        raise ConfigError(f"--hf-dir {hf_dir}: config.json architectures {archs} must name one architecture")
+    return archs[0]
+
+
+def _hf_config(hf_dir: str):
+    from megatron.hf_interop import _transformers
+
+    return _transformers().AutoConfig.from_pretrained(hf_dir)
+
+
+def write_checkpoint(save: str, model, configs: dict) -> str:
+    """The one place converted weights become a checkpoint (iteration 0): the checkpointing package's writer."""
+    from megatron import checkpointing
+
+    if checkpointing.read_tracker(save) is not None:
+        raise CheckpointError(f"--save {save}: already holds a checkpoint; choose an empty directory")
+    return checkpointing.save_checkpoint(save, 0, model, None, None, None, {}, configs)
+
+
+def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
+              tokenizer_model: Optional[str] = None) -> str:
+    """A directory of one of FAMILIES -> a checkpoint under `save`; returns its directory."""
+    from megatron.model import GPTModel
+    from megatron.tokenizer import pad_vocab_size
+
+    arch = hf_architecture(hf_dir)
+    if arch not in FAMILIES:
+        raise ConfigError(f"--hf-dir {hf_dir}: architecture {arch!r} is not supported; supported: GPT2LMHeadModel, "
+                          f"{', '.join(FAMILIES)}")
+    hf_cfg = _hf_config(hf_dir)
+    if getattr(hf_cfg, "quantization_config", None):
+        raise ConfigError(f"--hf-dir {hf_dir}: quantization_config ({hf_cfg.quantization_config.get('quant_method')}"
+                          f" weights) is not supported; dequantize to bf16/fp32 first")
+    cfg, moe = from_hf(hf_cfg, arch)
+    if make_vocab_size_divisible_by != 1:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, padded_vocab_size=pad_vocab_size(cfg.padded_vocab_size,
+                                                                         make_vocab_size_divisible_by))
+    reader = SafetensorsReader(hf_dir)
+    model = GPTModel(cfg, moe, None)  # on CPU: its parameters (with their TP/expert attributes) are overwritten
+    targets = model.state_dict(keep_vars=True)
+    done = set()
+    try:
+        with torch.no_grad():
+            for name, t in import_tensors(reader, cfg, moe, arch, hf_cfg):
+                if name not in targets or targets[name].shape != t.shape:
+                    raise CheckpointError(f"--hf-dir {hf_dir}: {name} {tuple(t.shape)} does not fit this model "
+                                          f"({tuple(targets[name].shape) if name in targets else 'no such tensor'})")
+                targets[name].copy_(t)
+                done.add(name)
+    finally:
+        reader.close()
+    missing = sorted(set(targets) - done)
+    if missing:
+        raise CheckpointError(f"--hf-dir {hf_dir}: no weights for {missing[:3]} ({len(missing)} tensors)")
+    tok_dir = tokenizer_model or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
+    tokenizer = {"tokenizer_type": "HuggingFaceTokenizer" if tok_dir else None, "vocab_file": None,
+                 "merge_file": None, "tokenizer_model": os.path.abspath(tok_dir) if tok_dir else None,
+                 "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
+    raw = json.load(open(os.path.join(hf_dir, "config.json")))
+    configs = {**recorded(cfg, moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
+               "converted_from": os.path.abspath(hf_dir), "hf_config": raw}
+    return write_checkpoint(save, model.eval(), configs)
+
+
+def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,
+              max_shard_bytes: int = 5 * 2 ** 30, dtype: str = "float32") -> str:
+    """Checkpoint -> `architecture` (default: the one it was imported from, else the one its blocks imply)."""
+    from megatron.checkpoint_tp import model_configs_from_checkpoint
+    from megatron.hf_interop import load_whole_model
+
+    model, configs = load_whole_model(load)
+    cfg, moe = model_configs_from_checkpoint(configs, load)
+    base = configs.get("hf_config") or {}
+    arch = architecture or (base.get("architectures") or [None])[0] or infer_architecture(cfg, moe)
+    hf_json = to_hf(cfg, moe, arch, base)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    hf_json["dtype"] = dtype
+    os.makedirs(out_dir, exist_ok=True)
+    sd = model.state_dict()
+    write_shards(export_tensors(sd, cfg, moe, arch), out_dir, max_shard_bytes, torch_dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_json, f, indent=2)
+    tok = configs.get("tokenizer") or {}
+    if tok.get("tokenizer_type") == "HuggingFaceTokenizer" and tok.get("tokenizer_model"):
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tok["tokenizer_model"], name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+    return out_dir
