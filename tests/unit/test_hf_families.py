@@ -1,0 +1,230 @@
+"""tools/convert_hf.py for the Llama-style families (issue 26) against transformers' own AutoModelForCausalLM.
+
+Each family is a random-initialised tiny config made with transformers' config class, saved with save_pretrained
+(per-expert Hub names; one family in several shards) and imported with the CLI; then exported and loaded back by
+AutoModelForCausalLM. Everything is fp32 on CPU with the same weights: the two implementations differ only in the
+order of their reductions (fused vs split projections, SDPA vs eager attention, grouped vs per-expert GEMMs), so
+logits of O(1) agree to 1e-5 (about 100 ulps; a layout or routing mistake shows as O(1e-1)). Routing is compared
+implicitly: a different expert choice would move logits far beyond that.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers not installed (requirements-test.txt)")
+
+from megatron.checkpoint_tp import model_configs_from_checkpoint  # noqa: E402
+from megatron.hf_interop import load_whole_model  # noqa: E402
+from megatron.inference import generate  # noqa: E402
+from tests.unit.test_convert_hf import cli  # noqa: E402  (tools/convert_hf.py loaded as a module)
+
+ATOL = 1e-5  # fp32 round-off, see the module docstring
+V = 96
+
+
+def _configs():
+    tf = transformers
+    common = dict(hidden_size=32, num_attention_heads=4, vocab_size=V, max_position_embeddings=64,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return {
+        "llama": tf.LlamaConfig(intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2, **common),
+        "llama-mha-tied": tf.LlamaConfig(intermediate_size=48, num_hidden_layers=2, num_key_value_heads=4,
+                                         tie_word_embeddings=True, **common),
+        "qwen3_moe": tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                       num_key_value_heads=2, head_dim=12, num_experts=6, num_experts_per_tok=2,
+                                       mlp_only_layers=[0], norm_topk_prob=True, **common),
+        "qwen3_moe-no-renorm-step2": tf.Qwen3MoeConfig(
+            intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, num_key_value_heads=1, head_dim=8,
+            num_experts=4, num_experts_per_tok=3, decoder_sparse_step=2, norm_topk_prob=False, **common),
+        "mixtral": tf.MixtralConfig(intermediate_size=24, num_hidden_layers=2, num_key_value_heads=2,
+                                    num_local_experts=4, num_experts_per_tok=2, **common),
+        "qwen2_moe": tf.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16,
+                                       shared_expert_intermediate_size=24, num_hidden_layers=2,
+                                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **common),
+        "olmoe": tf.OlmoeConfig(intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2, num_experts=4,
+                                num_experts_per_tok=2, **common),
+        "deepseek_v3": tf.DeepseekV3Config(
+            intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=4,
+            n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            n_shared_experts=1, routed_scaling_factor=2.5, rope_interleave=True, **common),
+        "deepseek_v3-q-full": tf.DeepseekV3Config(
+            intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_key_value_heads=4,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
+            q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            n_shared_experts=2, **common),
+    }
+
+
+def _hf_dir(tmp_path, name, shard=None):
+    """A saved random transformers model of config `name` (weights moved off their init so nothing is trivial)."""
+    cfg = _configs()[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in n else 0.0))
+        for n, b in model.named_buffers():
+            if "e_score_correction_bias" in n:  # DeepSeek-V3's expert bias: changes the choice, not the weight
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    d = tmp_path / "hf"
+    model.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+    return model, str(d)
+
+
+def _ids(seed=0):
+    return torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+@torch.no_grad()
+def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
+    hf, d = _hf_dir(tmp_path, name, shard="20KB" if name == "qwen3_moe" else None)
+    if name == "qwen3_moe":
+        assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))  # the sharded read path
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0, capsys.readouterr().err
+    ours, configs = load_whole_model(str(tmp_path / "ck"))
+    ids = _ids()
+    want = hf(ids).logits
+    diff = (ours(ids).logits - want).abs().max().item()
+    assert diff < ATOL, f"{name} import: {diff}"
+    assert configs["hf_config"]["architectures"] == hf.config.architectures
+    # export (auto: the imported architecture), then transformers loads it with the same logits
+    assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out"),
+                     "--max-shard-size-gb", "0.00002"]) == 0, capsys.readouterr().err
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert type(back) is type(hf)
+    diff = (back(ids).logits - want).abs().max().item()
+    assert diff < ATOL, f"{name} export: {diff}"
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+@torch.no_grad()
+def test_greedy_generation_tokens_equal_transformers(tmp_path, name):
+    hf, d = _hf_dir(tmp_path, name)
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    ours, _ = load_whole_model(str(tmp_path / "ck"))
+    prompt = _ids(3)[0, :6].tolist()
+    mine = generate(ours, prompt, 16, temperature=0.0)  # KV-cached decode
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert mine == theirs[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def test_export_of_a_model_trained_here_as_qwen3_moe(tmp_path):
+    """A checkpoint written by this project with Qwen3-MoE's blocks (no HF origin) exports under the implied
+    architecture; transformers' logits equal ours."""
+    from megatron import checkpointing
+    from megatron.config import ModelConfig
+    from megatron.hf.configs import recorded
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, seq_length=32,
+                      max_position_embeddings=32, padded_vocab_size=V, position_embedding_type="rope",
+                      normalization="RMSNorm", activation="swiglu", num_query_groups=2, kv_channels=8,
+                      qk_layernorm=True, add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                      hidden_dropout=0.0, attention_dropout=0.0, rotary_base=1e6)
+    moe = MoEConfig(num_experts=4, topk=2, layer_freq=1, moe_ffn_hidden_size=16, router_family="megatron")
+    model = GPTModel(cfg, moe, None).eval()
+    checkpointing.save_checkpoint(str(tmp_path / "ck"), 5, model, None, None, None, {}, recorded(cfg, moe))
+    assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out")]) == 0
+    hf_cfg = json.load(open(tmp_path / "out" / "config.json"))
+    assert hf_cfg["architectures"] == ["Qwen3MoeForCausalLM"] and hf_cfg["norm_topk_prob"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    ids = _ids(2)
+    assert (hf(ids).logits - model(ids).logits).abs().max().item() < ATOL
+
+
+def test_tokenizer_json_recorded_as_huggingface_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron.tokenizer import build_tokenizer
+
+    _, d = _hf_dir(tmp_path, "llama")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["</s>", "<unk>", "hello", "world"])}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    _, configs = load_whole_model(str(tmp_path / "ck"))
+    t = configs["tokenizer"]
+    assert t["tokenizer_type"] == "HuggingFaceTokenizer" and t["tokenizer_model"] == os.path.abspath(d)
+    assert build_tokenizer(t["tokenizer_type"], tokenizer_model=t["tokenizer_model"]).tokenize("hello world") == [2, 3]
+    assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out")]) == 0
+    assert os.path.isfile(tmp_path / "out" / "tokenizer.json")  # copied beside the weights
+
+
+def _edit_config(d, **changes):
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(changes)
+    json.dump(cfg, open(path, "w"))
+
+
+@pytest.mark.parametrize("name,changes,needle", [
+    ("llama", {"architectures": ["FalconForCausalLM"]}, "architecture 'FalconForCausalLM' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                   "original_max_position_embeddings": 16}}, "rope_type 'yarn'"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("llama", {"attention_bias": True}, "attention_bias=True"),
+    ("mixtral", {"sliding_window": 16}, "sliding_window 16"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise 0.1"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 8}, "sliding_window 8"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv 8.0"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob false"),
+    ("deepseek_v3", {"topk_group": 1}, "topk_group 1 != 2"),
+])
+def test_unmapped_config_fields_refused_in_one_line(tmp_path, capsys, name, changes, needle):
+    _, d = _hf_dir(tmp_path, name)
+    _edit_config(d, **changes)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "ck")
+
+
+def test_missing_shard_and_missing_tensor_refused_in_one_line(tmp_path, capsys):
+    _, d = _hf_dir(tmp_path, "qwen3_moe", shard="20KB")
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    os.remove(os.path.join(d, sorted(set(index["weight_map"].values()))[-1]))
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is missing" in err and "shard model-" in err and len(err.splitlines()) == 1, err
+    # an index naming a tensor nowhere: the tensor is named
+    _, d2 = _hf_dir(tmp_path / "b", "llama")
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(d2, "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, os.path.join(d2, "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", d2, "--save", str(tmp_path / "ck2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.layers.1.mlp.up_proj.weight is missing" in err and len(err.splitlines()) == 1, err
+
+
+def test_export_refuses_a_model_no_family_computes(tmp_path, capsys):
+    from megatron import checkpointing
+    from megatron.config import ModelConfig
+    from megatron.hf.configs import recorded
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, seq_length=32,
+                      max_position_embeddings=32, padded_vocab_size=V, position_embedding_type="rope",
+                      normalization="RMSNorm", activation="swiglu", add_bias_linear=False)
+    moe = MoEConfig(num_experts=4, topk=2, layer_freq=1)  # DeepSpeed routing (capacity, RTS): no HF equivalent
+    checkpointing.save_checkpoint(str(tmp_path / "ck"), 1, GPTModel(cfg, moe, None), None, None, None, {},
+                                  recorded(cfg, moe))
+    capsys.readouterr()
+    assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out"), "--format", "hf",
+                     "--architecture", "MixtralForCausalLM"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "export as MixtralForCausalLM: router_family deepspeed" in err and len(err.splitlines()) == 1, err
+    mcfg, _ = model_configs_from_checkpoint(recorded(cfg, moe), str(tmp_path))
+    assert mcfg == cfg
