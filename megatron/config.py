@@ -92,6 +92,8 @@ class ModelConfig:
             (groups is None or (groups >= 1 and heads % groups == 0),
              f"--num-query-groups ({groups}) must divide --num-attention-heads ({heads}); pick a divisor of {heads}"),
             (self.kv_channels is None or self.kv_channels >= 1, f"--kv-channels ({self.kv_channels}) must be >= 1"),
+            (not self.qk_layernorm_full or (self.qk_layernorm and not self.multi_latent_attention),
+             "--qk-layernorm-full needs --qk-layernorm (and no --multi-latent-attention)"),
             (0.0 < self.rotary_percent <= 1.0, f"--rotary-percent ({self.rotary_percent}) must be in (0, 1]"),
             (not self.multi_latent_attention or groups is None,
              "--multi-latent-attention and --group-query-attention/--num-query-groups do not combine (MLA shares "
