@@ -22,6 +22,7 @@ Needs transformers (requirements-test.txt). Exit codes: 0 ok, 2 a bad flag, chec
 line on stderr).
 """
 import argparse
+import os
 import sys
 
 
@@ -39,6 +40,10 @@ def main(argv=None) -> int:
     imp.add_argument("--merge-file", default=None, help="GPT-2 merges to record (default: HF_DIR/merges.txt)")
     imp.add_argument("--tokenizer-model", default=None,
                      help="HuggingFaceTokenizer directory to record (default: HF_DIR when it has tokenizer.json)")
+    imp.add_argument("--target-tp", type=int, default=1,
+                     help="write TP shards for this --tensor-model-parallel-size (tools/checkpoint_tp.py)")
+    imp.add_argument("--target-ep", type=int, default=1,
+                     help="record this --expert-model-parallel-size (expert files are per expert, any EP reads them)")
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
                      help="pad the vocabulary (default 1: exact, logits equal to GPT-2's; padded rows get logit 0)")
     exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory")
@@ -74,15 +79,29 @@ def main(argv=None) -> int:
 
 
 def _import(args) -> str:
-    import os
-
     if os.path.isfile(os.path.join(args.hf_dir, hf_interop.MEGATRON_CONFIG)):
         return hf_interop.import_safetensors(args.hf_dir, args.save)
     if hf.hf_architecture(args.hf_dir) == "GPT2LMHeadModel":
         return hf_interop.import_gpt2(args.hf_dir, args.save, vocab_file=args.vocab_file, merge_file=args.merge_file,
                                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-    return hf.import_hf(args.hf_dir, args.save, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                        tokenizer_model=args.tokenizer_model)
+    if args.target_tp == 1:
+        return hf.import_hf(args.hf_dir, args.save, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                            tokenizer_model=args.tokenizer_model, target_ep=args.target_ep)
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("checkpoint_tp_tool",
+                                                  os.path.join(os.path.dirname(__file__), "checkpoint_tp.py"))
+    tp_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp_tool)
+    tmp = os.path.join(args.save, ".import_tp1")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.import_hf(args.hf_dir, tmp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                     tokenizer_model=args.tokenizer_model, target_ep=args.target_ep, target_tp=args.target_tp)
+        return tp_tool.convert(tmp, args.save, args.target_tp, true_vocab_size=hf.hf_vocab_size(args.hf_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _auto_format(load: str, architecture) -> str:

@@ -20,7 +20,7 @@ from megatron.errors import CheckpointError, ConfigError
 from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf
 from megatron.hf.weights import SafetensorsReader, export_tensors, import_tensors, write_shards
 
-__all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "write_checkpoint"]
+__all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -56,9 +56,40 @@ def write_checkpoint(save: str, model, configs: dict) -> str:
     return checkpointing.save_checkpoint(save, 0, model, None, None, None, {}, configs)
 
 
+def hf_vocab_size(hf_dir: str) -> int:
+    return int(json.load(open(os.path.join(hf_dir, "config.json")))["vocab_size"])
+
+
+def check_parallel(cfg, moe, target_tp: int, target_ep: int):
+    """One-line refusals for a --target-tp/--target-ep the model cannot be split by; the MoEConfig to record."""
+    import dataclasses
+
+    if target_tp < 1 or target_ep < 1:
+        raise ConfigError(f"--target-tp ({target_tp}) and --target-ep ({target_ep}) must be >= 1")
+    sizes = [("num_attention_heads", cfg.num_attention_heads), ("ffn_hidden_size", cfg.ffn_hidden_size)]
+    if not cfg.multi_latent_attention:
+        sizes.append(("num_key_value_heads", cfg.query_groups))
+    if moe is not None and moe.shared_expert_ffn_hidden_size:
+        sizes.append(("shared expert width", moe.shared_expert_ffn_hidden_size))
+    for what, n in sizes:
+        if n % target_tp:
+            raise ConfigError(f"--target-tp {target_tp}: {what} ({n}) is not divisible by it")
+    if target_tp > 1 and cfg.qk_layernorm_full:
+        raise ConfigError(f"--target-tp {target_tp}: OLMoE's whole-projection q/k norms need TP 1")
+    if target_ep == 1:
+        return moe
+    if moe is None:
+        raise ConfigError(f"--target-ep {target_ep}: a dense model has no experts to split")
+    if any(n % target_ep for n in moe.num_experts):
+        raise ConfigError(f"--target-ep {target_ep}: the expert count ({moe.num_experts[0]}) is not divisible by it")
+    return dataclasses.replace(moe, ep_size=target_ep)
+
+
 def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
-              tokenizer_model: Optional[str] = None) -> str:
-    """A directory of one of FAMILIES -> a checkpoint under `save`; returns its directory."""
+              tokenizer_model: Optional[str] = None, target_ep: int = 1, target_tp: int = 1) -> str:
+    """A directory of one of FAMILIES -> a checkpoint (TP 1; experts one file each, so any EP size loads it) under
+    `save`, recording `target_ep` as the MoE config's EP size; returns its directory. `target_tp` is only checked
+    here (tools/convert_hf.py splits the written checkpoint)."""
     from megatron.model import GPTModel
     from megatron.tokenizer import pad_vocab_size
 
@@ -71,6 +102,7 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
         raise ConfigError(f"--hf-dir {hf_dir}: quantization_config ({hf_cfg.quantization_config.get('quant_method')}"
                           f" weights) is not supported; dequantize to bf16/fp32 first")
     cfg, moe = from_hf(hf_cfg, arch)
+    recorded_moe = check_parallel(cfg, moe, target_tp, target_ep)
     if make_vocab_size_divisible_by != 1:
         import dataclasses
         cfg = dataclasses.replace(cfg, padded_vocab_size=pad_vocab_size(cfg.padded_vocab_size,
@@ -82,10 +114,13 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     try:
         with torch.no_grad():
             for name, t in import_tensors(reader, cfg, moe, arch, hf_cfg):
-                if name not in targets or targets[name].shape != t.shape:
+                name, _, row = name.partition("#")
+                dst = targets.get(name)
+                dst = dst[int(row)] if dst is not None and row else dst
+                if dst is None or dst.shape != t.shape:
                     raise CheckpointError(f"--hf-dir {hf_dir}: {name} {tuple(t.shape)} does not fit this model "
-                                          f"({tuple(targets[name].shape) if name in targets else 'no such tensor'})")
-                targets[name].copy_(t)
+                                          f"({tuple(dst.shape) if dst is not None else 'no such tensor'})")
+                dst.copy_(t)
                 done.add(name)
     finally:
         reader.close()
@@ -97,7 +132,7 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
                  "merge_file": None, "tokenizer_model": os.path.abspath(tok_dir) if tok_dir else None,
                  "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     raw = json.load(open(os.path.join(hf_dir, "config.json")))
-    configs = {**recorded(cfg, moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
+    configs = {**recorded(cfg, recorded_moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
                "converted_from": os.path.abspath(hf_dir), "hf_config": raw}
     return write_checkpoint(save, model.eval(), configs)
 

@@ -132,7 +132,7 @@ def _shared_prefix(fam: str, p: str) -> str:
 # ------------------------------------------------------------------------------------------------ import
 def import_tensors(r: SafetensorsReader, cfg: ModelConfig, moe, arch: str, hf_cfg) -> Iterator[Tuple[str, torch.Tensor]]:
     """(this model's name, tensor) for every parameter and persistent buffer, read one tensor (one expert) at a
-    time from `r`."""
+    time from `r`; a name `stacked#e` is expert e's row of the stacked expert tensor `stacked`."""
     fam = FAMILIES[arch]
     plan = moe.is_moe_pattern(cfg.num_layers) if moe is not None else (False,) * cfg.num_layers
     yield "word_embeddings.weight", _pad_rows(r.get("model.embed_tokens.weight"), cfg.padded_vocab_size)
@@ -194,14 +194,10 @@ def _import_moe(r, cfg, moe, fam, p, o):
         yield o + "experts.w1_eFD", r.get(p + "mlp.experts.gate_up_proj")
         yield o + "experts.w2_eDF", r.get(p + "mlp.experts.down_proj")
     else:
-        w1 = torch.empty(n, 2 * f, cfg.hidden_size)
-        w2 = torch.empty(n, cfg.hidden_size, f)
-        for e in range(n):
+        for e in range(n):  # "name#e": row e of the stacked expert tensor, so no layer-sized copy is made
             g, u, d = _expert_names(fam, p, e)
-            w1[e, :f], w1[e, f:] = r.get(g), r.get(u)
-            w2[e] = r.get(d)
-        yield o + "experts.w1_eFD", w1
-        yield o + "experts.w2_eDF", w2
+            yield f"{o}experts.w1_eFD#{e}", torch.cat((r.get(g), r.get(u)))
+            yield f"{o}experts.w2_eDF#{e}", r.get(d)
     yield o + "experts.b1_eF", torch.zeros(n, 2 * f)
     yield o + "experts.b2_eD", torch.zeros(n, cfg.hidden_size)
     if moe.shared_expert_ffn_hidden_size is not None:

@@ -101,6 +101,27 @@ def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
     assert diff < ATOL, f"{name} export: {diff}"
 
 
+@torch.no_grad()
+def test_import_for_target_tp_and_ep(tmp_path, capsys):
+    """--target-tp 2 writes two TP shards (tools/checkpoint_tp.py), --target-ep 2 is recorded; merged back they
+    compute transformers' logits. A size the model cannot be split by is one line."""
+    from megatron import checkpointing
+
+    hf, d = _hf_dir(tmp_path, "qwen2_moe")
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck"), "--target-tp", "2",
+                     "--target-ep", "2"]) == 0, capsys.readouterr().err
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(str(tmp_path / "ck"))
+    assert checkpointing.num_tp_shards(ckpt_dir) == 2
+    ours, configs = load_whole_model(str(tmp_path / "ck"))
+    assert list(configs["moe"]["ep_size"]) == [2]
+    ids = _ids()
+    assert (ours(ids).logits - hf(ids).logits).abs().max().item() < ATOL
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "bad"), "--target-ep", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--target-ep 3: the expert count (4) is not divisible by it" in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
 @torch.no_grad()
 def test_greedy_generation_tokens_equal_transformers(tmp_path, name):
