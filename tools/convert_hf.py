@@ -110,8 +110,11 @@ def _auto_format(load: str, architecture) -> str:
     from megatron.errors import ConfigError
     from megatron.hf.configs import infer_architecture, to_hf
 
-    _, configs = hf_interop.load_whole_model(load)
-    cfg, moe = model_configs_from_checkpoint(configs, load)
+    from megatron import checkpointing
+
+    payload, ckpt_dir = checkpointing.load_dense(load)  # the dense file only: the configs decide the format
+    configs = payload.get("configs") or {}
+    cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
     arch = architecture or ((configs.get("hf_config") or {}).get("architectures") or [None])[0]
     try:
         to_hf(cfg, moe, arch if arch in hf.FAMILIES else infer_architecture(cfg, moe))

@@ -140,7 +140,8 @@ def _deepseek_v3(hf, arch: str) -> Tuple[ModelConfig, MoEConfig]:
     _refuse(arch, [
         (hf.hidden_act == "silu", f"hidden_act {hf.hidden_act!r}: only 'silu' (SwiGLU) is supported"),
         (not hf.attention_bias, "attention_bias true is not supported"),
-        (hf.norm_topk_prob or k == 1, "norm_topk_prob false (sigmoid weights not renormalised) is not supported"),
+        (bool(hf.norm_topk_prob) == (k > 1), f"norm_topk_prob {str(bool(hf.norm_topk_prob)).lower()} with "
+         f"num_experts_per_tok {k}: megatron-core's sigmoid router renormalises exactly when k > 1"),
         (not grouped or k // gk == 2 and k % gk == 0,
          f"num_experts_per_tok {k} / topk_group {gk} != 2: transformers scores a group by its best 2 experts, "
          f"megatron-core by its best k/topk_group; only k = 2 x topk_group maps"),
@@ -208,7 +209,7 @@ def to_hf(cfg: ModelConfig, moe: Optional[MoEConfig], arch: str, base: Optional[
                    rope_interleave=False, attention_bias=False, first_k_dense_replace=k,
                    n_routed_experts=moe.num_experts[0], num_experts_per_tok=moe.topk,
                    moe_intermediate_size=moe.moe_ffn_hidden_size or cfg.ffn_hidden_size,
-                   n_shared_experts=_n_shared(moe, cfg), norm_topk_prob=True,
+                   n_shared_experts=_n_shared(moe, cfg), norm_topk_prob=moe.topk > 1,
                    routed_scaling_factor=moe.topk_scaling_factor or 1.0, n_group=moe.num_groups or 1,
                    topk_group=moe.group_topk or 1, num_nextn_predict_layers=0)
         return out
