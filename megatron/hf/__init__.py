@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from megatron.errors import CheckpointError, ConfigError
-from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf
+from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf, training_flags
 from megatron.hf.weights import SafetensorsReader, export_tensors, import_tensors, write_shards
 
 __all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint"]
@@ -134,7 +134,11 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     raw = json.load(open(os.path.join(hf_dir, "config.json")))
     configs = {**recorded(cfg, recorded_moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
                "converted_from": os.path.abspath(hf_dir), "hf_config": raw}
-    return write_checkpoint(save, model.eval(), configs)
+    configs["training_flags"] = training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"])
+    out = write_checkpoint(save, model.eval(), configs)
+    with open(os.path.join(save, "hf_import_flags.txt"), "w") as f:  # beside the checkpoint, for --finetune
+        f.write(" ".join(configs["training_flags"]) + "\n")
+    return out
 
 
 def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,

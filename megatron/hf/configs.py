@@ -80,8 +80,9 @@ def _router(hf, arch: str, num_experts: int, plan, moe_ffn: int, **extra) -> MoE
     jitter = getattr(hf, "router_jitter_noise", 0.0) or 0.0
     _refuse(arch, [(jitter == 0.0, f"router_jitter_noise {jitter} (jitter on the expert inputs in training) is "
                                    f"not supported; set it to 0")])
-    return MoEConfig(num_experts=num_experts, topk=hf.num_experts_per_tok, layer_freq=tuple(plan),
-                     moe_ffn_hidden_size=moe_ffn, router_family="megatron", drop_tokens=False,
+    return MoEConfig(num_experts=num_experts, topk=hf.num_experts_per_tok,
+                     layer_freq=1 if all(plan) else tuple(plan), moe_ffn_hidden_size=moe_ffn,
+                     router_family="megatron", drop_tokens=False, min_capacity=0,
                      loss_coeff=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0), **extra)
 
 
@@ -298,3 +299,44 @@ def _inexpressible(cfg: ModelConfig, moe: Optional[MoEConfig], arch: str) -> Opt
 
 def recorded(cfg, moe) -> dict:
     return {"model": dataclasses.asdict(cfg), "moe": dataclasses.asdict(moe) if moe is not None else None}
+
+
+def training_flags(cfg: ModelConfig, moe: Optional[MoEConfig], tokenizer_model: Optional[str] = None,
+                   seq_length: Optional[int] = None) -> list:
+    """pretrain_gpt.py flags that build this model (to continue training an import with --load ... --finetune);
+    tests/unit/test_hf_families.py parses them back into the same configs."""
+    f = ["--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size, "--ffn-hidden-size", cfg.ffn_hidden_size,
+         "--num-attention-heads", cfg.num_attention_heads,
+         "--seq-length", seq_length or min(cfg.seq_length, 4096), "--max-position-embeddings",
+         cfg.max_position_embeddings, "--position-embedding-type", "rope", "--rotary-base", cfg.rotary_base,
+         "--normalization", cfg.normalization, "--norm-epsilon", cfg.layernorm_epsilon, "--swiglu",
+         "--disable-bias-linear", "--init-method-std", cfg.init_method_std, "--hidden-dropout", cfg.hidden_dropout,
+         "--attention-dropout", cfg.attention_dropout, "--make-vocab-size-divisible-by", 1]
+    f += ["--add-qkv-bias"] * cfg.add_qkv_bias + ["--untie-embeddings-and-output-weights"] * \
+        cfg.untie_embeddings_and_output_weights + ["--qk-layernorm"] * cfg.qk_layernorm + \
+        ["--qk-layernorm-full"] * cfg.qk_layernorm_full
+    if cfg.num_query_groups is not None:
+        f += ["--group-query-attention", "--num-query-groups", cfg.num_query_groups]
+    if cfg.kv_channels is not None:
+        f += ["--kv-channels", cfg.kv_channels]
+    if cfg.multi_latent_attention:
+        f += ["--multi-latent-attention", "--kv-lora-rank", cfg.kv_lora_rank, "--qk-head-dim", cfg.qk_head_dim,
+              "--qk-pos-emb-head-dim", cfg.qk_pos_emb_head_dim, "--v-head-dim", cfg.v_head_dim]
+        f += ["--q-lora-rank", cfg.q_lora_rank] if cfg.q_lora_rank is not None else []
+    if moe is not None:
+        plan = [int(m) for m in moe.is_moe_pattern(cfg.num_layers)]
+        f += ["--num-experts", moe.num_experts[0], "--moe-layer-freq", "1" if all(plan) else str(plan).replace(" ", ""),
+              "--moe-ffn-hidden-size", moe.moe_ffn_hidden_size or cfg.ffn_hidden_size, "--moe-router-topk", moe.topk,
+              "--moe-router-score-function", moe.score_function, "--moe-aux-loss-coeff", moe.loss_coeff,
+              "--expert-model-parallel-size", moe.ep_size[0]]
+        f += ["--moe-router-pre-softmax"] * moe.pre_softmax + ["--moe-router-enable-expert-bias"] * moe.expert_bias
+        if moe.topk_scaling_factor is not None:
+            f += ["--moe-router-topk-scaling-factor", moe.topk_scaling_factor]
+        if moe.num_groups is not None:
+            f += ["--moe-router-num-groups", moe.num_groups, "--moe-router-group-topk", moe.group_topk]
+        if moe.shared_expert_ffn_hidden_size is not None:
+            f += ["--moe-shared-expert-intermediate-size", moe.shared_expert_ffn_hidden_size]
+            f += ["--moe-shared-expert-gate"] * moe.shared_expert_gate
+    if tokenizer_model:
+        f += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_model]
+    return [str(x) for x in f]

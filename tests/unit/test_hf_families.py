@@ -101,6 +101,31 @@ def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
     assert diff < ATOL, f"{name} export: {diff}"
 
 
+@pytest.mark.parametrize("name", [n for n in _configs() if "-" not in n])
+def test_recorded_training_flags_rebuild_the_imported_configs(tmp_path, name):
+    """The pretrain_gpt.py flags written beside the import (hf_import_flags.txt) parse into the same ModelConfig and
+    MoEConfig, so --load IMPORT --finetune with them resumes the model (the resume check compares these fields)."""
+    import dataclasses
+
+    from megatron.arguments import model_config_from_args, moe_config_from_args, parse_args
+    from megatron.config import ModelConfig
+    from moe.config import MoEConfig
+
+    _, d = _hf_dir(tmp_path, name)
+    ep = [] if name == "llama" else ["--target-ep", "2"]
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")] + ep) == 0
+    flags = open(tmp_path / "ck" / "hf_import_flags.txt").read().split()
+    _, configs = load_whole_model(str(tmp_path / "ck"))
+    args = parse_args(flags + ["--train-iters", "1"])
+    model = model_config_from_args(args, configs["model"]["padded_vocab_size"])
+    want = ModelConfig.from_recorded(configs["model"])
+    assert dataclasses.replace(model, seq_length=want.seq_length) == want
+    moe = moe_config_from_args(args)
+    assert (moe is None) == (configs["moe"] is None)
+    if moe is not None:
+        assert moe == MoEConfig.from_recorded(configs["moe"])
+
+
 @torch.no_grad()
 def test_import_for_target_tp_and_ep(tmp_path, capsys):
     """--target-tp 2 writes two TP shards (tools/checkpoint_tp.py), --target-ep 2 is recorded; merged back they
