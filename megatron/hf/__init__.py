@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from typing import Optional
 
@@ -137,7 +138,7 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     configs["training_flags"] = training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"])
     out = write_checkpoint(save, model.eval(), configs)
     with open(os.path.join(save, "hf_import_flags.txt"), "w") as f:  # beside the checkpoint, for --finetune
-        f.write(" ".join(configs["training_flags"]) + "\n")
+        f.write(shlex.join(configs["training_flags"]) + "\n")
     return out
 
 

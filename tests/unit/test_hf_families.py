@@ -9,6 +9,7 @@ implicitly: a different expert choice would move logits far beyond that.
 """
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_recorded_training_flags_rebuild_the_imported_configs(tmp_path, name):
     _, d = _hf_dir(tmp_path, name)
     ep = [] if name == "llama" else ["--target-ep", "2"]
     assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")] + ep) == 0
-    flags = open(tmp_path / "ck" / "hf_import_flags.txt").read().split()
+    flags = shlex.split(open(tmp_path / "ck" / "hf_import_flags.txt").read())  # quoted for a shell
     _, configs = load_whole_model(str(tmp_path / "ck"))
     args = parse_args(flags + ["--train-iters", "1"])
     model = model_config_from_args(args, configs["model"]["padded_vocab_size"])
