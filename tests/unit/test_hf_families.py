@@ -128,6 +128,28 @@ def test_recorded_training_flags_rebuild_the_imported_configs(tmp_path, name):
 
 
 @torch.no_grad()
+def test_import_reads_fused_expert_tensors(tmp_path):
+    """transformers 5's in-memory form (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]) in the
+    safetensors imports like the Hub's per-expert form."""
+    from safetensors.torch import load_file, save_file
+
+    hf, d = _hf_dir(tmp_path, "qwen2_moe")
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+    for i in range(hf.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        n = hf.config.num_experts
+        sd[p + "gate_up_proj"] = torch.stack([torch.cat((sd.pop(f"{p}{e}.gate_proj.weight"),
+                                                         sd.pop(f"{p}{e}.up_proj.weight"))) for e in range(n)])
+        sd[p + "down_proj"] = torch.stack([sd.pop(f"{p}{e}.down_proj.weight") for e in range(n)])
+    save_file(sd, path, metadata={"format": "pt"})
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    ours, _ = load_whole_model(str(tmp_path / "ck"))
+    ids = _ids()
+    assert (ours(ids).logits - hf(ids).logits).abs().max().item() < ATOL
+
+
+@torch.no_grad()
 def test_import_for_target_tp_and_ep(tmp_path, capsys):
     """--target-tp 2 writes two TP shards (tools/checkpoint_tp.py), --target-ep 2 is recorded; merged back they
     compute transformers' logits. A size the model cannot be split by is one line."""
