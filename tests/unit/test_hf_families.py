@@ -297,3 +297,39 @@ def test_export_refuses_a_model_no_family_computes(tmp_path, capsys):
     assert "export as MixtralForCausalLM: router_family deepspeed" in err and len(err.splitlines()) == 1, err
     mcfg, _ = model_configs_from_checkpoint(recorded(cfg, moe), str(tmp_path))
     assert mcfg == cfg
+
+
+@pytest.mark.slow  # ~25 s on 2 cores (the SentencePiece corpus fixture and a 2-step run)
+def test_continue_training_an_import_then_export_loads_in_transformers(tiny_corpus, tmp_path, capsys):
+    """Import a Qwen3-MoE, train 2 steps from it with the recorded flags (pretrain in-process, --finetune), export
+    the result: transformers loads it and its logits equal the trained checkpoint's (1e-5, fp32 round-off)."""
+    from megatron.training import pretrain
+
+    vocab = tiny_corpus["tokenizer"].vocab_size
+    cfg = transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=vocab,
+                                      max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    assert cli.main(["import", "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")]) == 0
+    flags = shlex.split(open(tmp_path / "ck" / "hf_import_flags.txt").read())
+    data = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2",
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tiny_corpus["tokenizer_model"],
+            "--data-path", tiny_corpus["prefix"], "--split", "90,10,0", "--data-cache-path", str(tmp_path / "cache"),
+            "--num-workers", "0", "--eval-interval", "1000", "--eval-iters", "1", "--peak-flops", "1e11",
+            "--load", str(tmp_path / "ck"), "--finetune", "--save", str(tmp_path / "trained"), "--save-interval", "2"]
+    r = pretrain(flags + data)
+    r["state"].resources.close()
+    trained, _ = load_whole_model(str(tmp_path / "trained"))
+    imported, _ = load_whole_model(str(tmp_path / "ck"))
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, imported.state_dict()[k])]
+    assert any("experts" in k for k in moved) and any("router" in k for k in moved)  # it trained from the import
+    capsys.readouterr()
+    assert cli.main(["export", "--load", str(tmp_path / "trained"), "--save", str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (hf(ids).logits - trained(ids).logits).abs().max().item() < ATOL
