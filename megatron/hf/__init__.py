@@ -19,7 +19,7 @@ import torch
 
 from megatron.errors import CheckpointError, ConfigError
 from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf, training_flags
-from megatron.hf.weights import SafetensorsReader, export_tensors, import_tensors, write_shards
+from megatron.hf.weights import SafetensorsReader, export_tensors, import_experts, import_tensors, write_shards
 
 __all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -48,13 +48,61 @@ def _hf_config(hf_dir: str):
     return _transformers().AutoConfig.from_pretrained(hf_dir)
 
 
-def write_checkpoint(save: str, model, configs: dict) -> str:
-    """The one place converted weights become a checkpoint (iteration 0): the checkpointing package's writer."""
+def write_checkpoint(save: str, model, configs: dict, experts=None) -> str:
+    """The one place converted weights become a checkpoint (iteration 0), through the checkpointing package's
+    writer. `experts`: None when the model holds its experts; else the model's routed experts are on the meta
+    device and `experts` yields (MoE layer index, expert id, {expert-file name: tensor}) one expert at a time:
+    the writer saves the model (meta experts) under a temporary root, each expert file is then rewritten from
+    the iterator (the writer's expert-file layout), the checksums recomputed (write_manifest_of), and the
+    directory and tracker moved into `save`, so an interrupted import leaves no checkpoint behind."""
     from megatron import checkpointing
 
     if checkpointing.read_tracker(save) is not None:
         raise CheckpointError(f"--save {save}: already holds a checkpoint; choose an empty directory")
-    return checkpointing.save_checkpoint(save, 0, model, None, None, None, {}, configs)
+    if experts is None:
+        return checkpointing.save_checkpoint(save, 0, model, None, None, None, {}, configs)
+    tmp_root = os.path.join(save, ".hf_import_tmp")
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    try:
+        ckpt = checkpointing.save_checkpoint(tmp_root, 0, model, None, None, None, {}, configs)
+        for moe_idx, gid, weights in experts:
+            path = checkpointing.expert_path(ckpt, moe_idx, gid)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"--save {save}: the writer wrote no {os.path.basename(path)}")
+            num = torch.load(path, map_location="meta", weights_only=True)["num_experts"]
+            torch.save({"moe_layer": moe_idx, "expert_id": gid, "num_experts": num, "model": weights,
+                        "optimizer": {}}, path)
+        checkpointing.write_manifest_of(ckpt, 0)
+        final = checkpointing.iter_dir(save, 0)
+        os.replace(ckpt, final)
+        checkpointing.write_tracker(save, 0)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return final
+
+
+def _model_without_experts(cfg, moe):
+    """GPTModel with every parameter on CPU (uninitialised) except the routed experts, which stay on the meta
+    device (no memory): Parameter objects are replaced keeping their attributes (TP layout, expert tags)."""
+    from megatron.model import GPTModel
+    from moe.experts import is_expert_param
+
+    with torch.device("meta"):
+        model = GPTModel(cfg, moe, None)
+    made = {}
+    for mod in model.modules():
+        for n, p in list(mod._parameters.items()):
+            if p is None or is_expert_param(p):
+                continue
+            if id(p) not in made:  # a parameter shared by two modules stays shared
+                new = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                made[id(p)] = new
+            mod._parameters[n] = made[id(p)]
+        for n, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:  # persistent ones are overwritten; the others are never used here
+                mod._buffers[n] = torch.zeros(b.shape, dtype=b.dtype)
+    return model
 
 
 def hf_vocab_size(hf_dir: str) -> int:
@@ -86,12 +134,30 @@ def check_parallel(cfg, moe, target_tp: int, target_ep: int):
     return dataclasses.replace(moe, ep_size=target_ep)
 
 
+@torch.no_grad()
+def _fill(model, tensors, hf_dir: str) -> None:
+    """Copies (name, tensor) pairs into the model's non-meta parameters and buffers; every one must be given."""
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if not v.is_meta}
+    done = set()
+    for name, t in tensors:
+        name, _, row = name.partition("#")
+        dst = targets.get(name)
+        dst = dst[int(row)] if dst is not None and row else dst
+        if dst is None or dst.shape != t.shape:
+            raise CheckpointError(f"--hf-dir {hf_dir}: {name} {tuple(t.shape)} does not fit this model "
+                                  f"({tuple(dst.shape) if dst is not None else 'no such tensor'})")
+        dst.copy_(t)
+        done.add(name)
+    missing = sorted(set(targets) - done)
+    if missing:
+        raise CheckpointError(f"--hf-dir {hf_dir}: no weights for {missing[:3]} ({len(missing)} tensors)")
+
+
 def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
               tokenizer_model: Optional[str] = None, target_ep: int = 1, target_tp: int = 1) -> str:
     """A directory of one of FAMILIES -> a checkpoint (TP 1; experts one file each, so any EP size loads it) under
     `save`, recording `target_ep` as the MoE config's EP size; returns its directory. `target_tp` is only checked
     here (tools/convert_hf.py splits the written checkpoint)."""
-    from megatron.model import GPTModel
     from megatron.tokenizer import pad_vocab_size
 
     arch = hf_architecture(hf_dir)
@@ -108,35 +174,22 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
         import dataclasses
         cfg = dataclasses.replace(cfg, padded_vocab_size=pad_vocab_size(cfg.padded_vocab_size,
                                                                          make_vocab_size_divisible_by))
-    reader = SafetensorsReader(hf_dir)
-    model = GPTModel(cfg, moe, None)  # on CPU: its parameters (with their TP/expert attributes) are overwritten
-    targets = model.state_dict(keep_vars=True)
-    done = set()
-    try:
-        with torch.no_grad():
-            for name, t in import_tensors(reader, cfg, moe, arch, hf_cfg):
-                name, _, row = name.partition("#")
-                dst = targets.get(name)
-                dst = dst[int(row)] if dst is not None and row else dst
-                if dst is None or dst.shape != t.shape:
-                    raise CheckpointError(f"--hf-dir {hf_dir}: {name} {tuple(t.shape)} does not fit this model "
-                                          f"({tuple(dst.shape) if dst is not None else 'no such tensor'})")
-                dst.copy_(t)
-                done.add(name)
-    finally:
-        reader.close()
-    missing = sorted(set(targets) - done)
-    if missing:
-        raise CheckpointError(f"--hf-dir {hf_dir}: no weights for {missing[:3]} ({len(missing)} tensors)")
     tok_dir = tokenizer_model or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
     tokenizer = {"tokenizer_type": "HuggingFaceTokenizer" if tok_dir else None, "vocab_file": None,
                  "merge_file": None, "tokenizer_model": os.path.abspath(tok_dir) if tok_dir else None,
                  "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     raw = json.load(open(os.path.join(hf_dir, "config.json")))
     configs = {**recorded(cfg, recorded_moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
-               "converted_from": os.path.abspath(hf_dir), "hf_config": raw}
-    configs["training_flags"] = training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"])
-    out = write_checkpoint(save, model.eval(), configs)
+               "converted_from": os.path.abspath(hf_dir), "hf_config": raw,
+               "training_flags": training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"])}
+    reader = SafetensorsReader(hf_dir)
+    try:
+        model = _model_without_experts(cfg, moe)  # the routed experts go from safetensors to their files
+        _fill(model, import_tensors(reader, cfg, moe, arch, hf_cfg, experts=False), hf_dir)
+        experts = import_experts(reader, cfg, moe, arch) if moe is not None else None
+        out = write_checkpoint(save, model.eval(), configs, experts)
+    finally:
+        reader.close()
     with open(os.path.join(save, "hf_import_flags.txt"), "w") as f:  # beside the checkpoint, for --finetune
         f.write(shlex.join(configs["training_flags"]) + "\n")
     return out

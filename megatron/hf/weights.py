@@ -130,9 +130,11 @@ def _shared_prefix(fam: str, p: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def import_tensors(r: SafetensorsReader, cfg: ModelConfig, moe, arch: str, hf_cfg) -> Iterator[Tuple[str, torch.Tensor]]:
+def import_tensors(r: SafetensorsReader, cfg: ModelConfig, moe, arch: str, hf_cfg,
+                   experts: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
     """(this model's name, tensor) for every parameter and persistent buffer, read one tensor (one expert) at a
-    time from `r`; a name `stacked#e` is expert e's row of the stacked expert tensor `stacked`."""
+    time from `r`; a name `stacked#e` is expert e's row of the stacked expert tensor `stacked`. experts=False
+    leaves out the routed experts (import_experts gives them one expert at a time)."""
     fam = FAMILIES[arch]
     plan = moe.is_moe_pattern(cfg.num_layers) if moe is not None else (False,) * cfg.num_layers
     yield "word_embeddings.weight", _pad_rows(r.get("model.embed_tokens.weight"), cfg.padded_vocab_size)
@@ -142,7 +144,7 @@ def import_tensors(r: SafetensorsReader, cfg: ModelConfig, moe, arch: str, hf_cf
         yield o + "post_attention_layernorm.weight", r.get(p + "post_attention_layernorm.weight")
         yield from _import_attention(r, cfg, fam, hf_cfg, p + "self_attn.", o + "self_attention.")
         if plan[i]:
-            yield from _import_moe(r, cfg, moe, fam, p, o + "mlp.")
+            yield from _import_moe(r, cfg, moe, fam, p, o + "mlp.", experts)
         else:
             yield o + "mlp.dense_h_to_4h.weight", torch.cat((r.get(p + "mlp.gate_proj.weight"),
                                                              r.get(p + "mlp.up_proj.weight")))
@@ -185,12 +187,36 @@ def _import_attention(r, cfg, fam, hf_cfg, p, o):
         yield o + "k_layernorm.weight", r.get(p + "k_norm.weight")
 
 
-def _import_moe(r, cfg, moe, fam, p, o):
+def import_experts(r: SafetensorsReader, cfg: ModelConfig, moe, arch: str
+                   ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
+    """(MoE layer index, expert id, {checkpoint expert-file name: tensor}) for every routed expert, one expert in
+    memory at a time (a fused [E, ...] HF tensor: one layer's)."""
+    fam = FAMILIES[arch]
+    f, h = moe.moe_ffn_hidden_size or cfg.ffn_hidden_size, cfg.hidden_size
+    for i, spec in enumerate(moe.layer_plan(cfg.num_layers)):
+        if spec is None:
+            continue
+        p = f"model.layers.{i}."
+        fused = (r.get(p + "mlp.experts.gate_up_proj"), r.get(p + "mlp.experts.down_proj")) \
+            if p + "mlp.experts.gate_up_proj" in r else None
+        for e in range(spec.num_experts):
+            if fused is not None:
+                w1, w2 = fused[0][e].clone(), fused[1][e].clone()
+            else:
+                g, u, d = _expert_names(fam, p, e)
+                w1, w2 = torch.cat((r.get(g), r.get(u))), r.get(d)
+            yield spec.moe_index, e, {"experts.w1_eFD": w1, "experts.b1_eF": torch.zeros(2 * f),
+                                      "experts.w2_eDF": w2, "experts.b2_eD": torch.zeros(h)}
+
+
+def _import_moe(r, cfg, moe, fam, p, o, experts=True):
     n, f = moe.num_experts[0], moe.moe_ffn_hidden_size or cfg.ffn_hidden_size
     yield o + "router.weight", r.get(_router_name(fam, p))
     if fam == "deepseek_v3":
         yield o + "router.expert_bias", r.get(p + "mlp.gate.e_score_correction_bias")
-    if p + "mlp.experts.gate_up_proj" in r:  # transformers 5's fused form
+    if not experts:
+        pass
+    elif p + "mlp.experts.gate_up_proj" in r:  # transformers 5's fused form
         yield o + "experts.w1_eFD", r.get(p + "mlp.experts.gate_up_proj")
         yield o + "experts.w2_eDF", r.get(p + "mlp.experts.down_proj")
     else:
@@ -198,8 +224,9 @@ def _import_moe(r, cfg, moe, fam, p, o):
             g, u, d = _expert_names(fam, p, e)
             yield f"{o}experts.w1_eFD#{e}", torch.cat((r.get(g), r.get(u)))
             yield f"{o}experts.w2_eDF#{e}", r.get(d)
-    yield o + "experts.b1_eF", torch.zeros(n, 2 * f)
-    yield o + "experts.b2_eD", torch.zeros(n, cfg.hidden_size)
+    if experts:
+        yield o + "experts.b1_eF", torch.zeros(n, 2 * f)
+        yield o + "experts.b2_eD", torch.zeros(n, cfg.hidden_size)
     if moe.shared_expert_ffn_hidden_size is not None:
         s = _shared_prefix(fam, p)
         yield o + "shared_expert.mlp.dense_h_to_4h.weight", torch.cat((r.get(s + "gate_proj.weight"),
