@@ -198,19 +198,24 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
 def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,
               max_shard_bytes: int = 5 * 2 ** 30, dtype: str = "float32") -> str:
     """Checkpoint -> `architecture` (default: the one it was imported from, else the one its blocks imply)."""
-    from megatron.checkpoint_tp import model_configs_from_checkpoint
-    from megatron.hf_interop import load_whole_model
+    from megatron import checkpointing
+    from megatron.checkpoint_tp import load_dense_whole, model_configs_from_checkpoint
 
-    model, configs = load_whole_model(load)
-    cfg, moe = model_configs_from_checkpoint(configs, load)
+    payload, ckpt_dir = load_dense_whole(load)  # the dense part (TP shards merged); experts are read one by one
+    configs = payload.get("configs") or {}
+    cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
+
+    def expert(layer: int, moe_index: int, e: int):
+        path = checkpointing.expert_path(ckpt_dir, moe_index, e)
+        return checkpointing.load_checkpoint_file(ckpt_dir, path)["model"]
+
     base = configs.get("hf_config") or {}
     arch = architecture or (base.get("architectures") or [None])[0] or infer_architecture(cfg, moe)
     hf_json = to_hf(cfg, moe, arch, base)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     hf_json["dtype"] = dtype
     os.makedirs(out_dir, exist_ok=True)
-    sd = model.state_dict()
-    write_shards(export_tensors(sd, cfg, moe, arch), out_dir, max_shard_bytes, torch_dtype)
+    write_shards(export_tensors(payload["model"], cfg, moe, arch, expert), out_dir, max_shard_bytes, torch_dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_json, f, indent=2)
     tok = configs.get("tokenizer") or {}

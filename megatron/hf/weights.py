@@ -237,11 +237,21 @@ def _import_moe(r, cfg, moe, fam, p, o, experts=True):
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, moe, arch: str
+def stacked_expert_fn(sd: Dict[str, torch.Tensor]):
+    """expert(layer, moe_index, e) over a full state dict holding the stacked expert tensors."""
+    def expert(layer: int, moe_index: int, e: int) -> Dict[str, torch.Tensor]:
+        m = f"layers.{layer}.mlp."
+        return {k: sd[m + k][e] for k in ("experts.w1_eFD", "experts.b1_eF", "experts.w2_eDF", "experts.b2_eD")}
+    return expert
+
+
+def export_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, moe, arch: str, expert=None
                    ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) for `arch` from this model's full (TP 1, all experts) state dict."""
+    """(transformers name, tensor) for `arch` from this model's TP-1 dense state dict `sd`; `expert(layer,
+    moe_index, e)` gives one routed expert's {experts.w1_eFD: [2F, D], ...} (default: sliced from `sd`)."""
     fam = FAMILIES[arch]
-    plan = moe.is_moe_pattern(cfg.num_layers) if moe is not None else (False,) * cfg.num_layers
+    plan = moe.layer_plan(cfg.num_layers) if moe is not None else (None,) * cfg.num_layers
+    expert = expert or stacked_expert_fn(sd)
     yield "model.embed_tokens.weight", sd["word_embeddings.weight"]
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
@@ -272,16 +282,17 @@ def export_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, moe, arch: str
         yield _router_name(fam, p), sd[m + "router.weight"]
         if fam == "deepseek_v3":
             yield p + "mlp.gate.e_score_correction_bias", sd[m + "router.expert_bias"]
-        for b in ("experts.b1_eF", "experts.b2_eD"):
-            if sd[m + b].abs().max() != 0:
-                raise ConfigError(f"export as {arch}: {m}{b} is not zero (experts with biases); transformers' "
-                                  f"experts have none")
-        w1, w2 = sd[m + "experts.w1_eFD"], sd[m + "experts.w2_eDF"]
-        for e in range(w1.shape[0]):
+        for e in range(plan[i].num_experts):  # one expert in memory at a time
+            w = expert(i, plan[i].moe_index, e)
+            for b in ("experts.b1_eF", "experts.b2_eD"):
+                if w[b].abs().max() != 0:
+                    raise ConfigError(f"export as {arch}: {m}{b} of expert {e} is not zero (experts with biases); "
+                                      f"transformers' experts have none")
             g, u, d = _expert_names(fam, p, e)
-            yield g, w1[e].chunk(2)[0]
-            yield u, w1[e].chunk(2)[1]
-            yield d, w2[e]
+            gate, up = w["experts.w1_eFD"].chunk(2)
+            yield g, gate
+            yield u, up
+            yield d, w["experts.w2_eDF"]
         if moe.shared_expert_ffn_hidden_size is not None:
             s = _shared_prefix(fam, p)
             g, u = sd[m + "shared_expert.mlp.dense_h_to_4h.weight"].chunk(2)
