@@ -33,9 +33,12 @@ SINGLE = "model.safetensors"
 
 class SafetensorsReader:
     """Name -> tensor over a directory's safetensors shards, each tensor read on demand (safe_open memory-maps the
-    shard; nothing but the requested tensor is materialised)."""
+    shard; nothing but the requested tensor is materialised). The pages a mapping has touched count in the
+    process's RSS until it is closed, so a shard is re-opened after every `remap_bytes` read from it."""
 
-    def __init__(self, hf_dir: str):
+    def __init__(self, hf_dir: str, remap_bytes: int = 256 * 2 ** 20):
+        self.remap_bytes = remap_bytes
+        self._read = {}
         from safetensors import safe_open
 
         self._open = safe_open
@@ -63,7 +66,12 @@ class SafetensorsReader:
         shard = self.where[name]
         if shard not in self._files:
             self._files[shard] = self._open(os.path.join(self.hf_dir, shard), "pt").__enter__()
-        return self._files[shard].get_tensor(name).to(torch.float32)
+            self._read[shard] = 0
+        t = self._files[shard].get_tensor(name)
+        self._read[shard] += t.numel() * t.element_size()
+        if self._read[shard] >= self.remap_bytes:
+            self._files.pop(shard).__exit__(None, None, None)
+        return t.to(torch.float32)
 
     def close(self) -> None:
         for f in self._files.values():
