@@ -277,6 +277,22 @@ def test_missing_shard_and_missing_tensor_refused_in_one_line(tmp_path, capsys):
     assert "model.layers.1.mlp.up_proj.weight is missing" in err and len(err.splitlines()) == 1, err
 
 
+def test_missing_expert_tensor_leaves_no_checkpoint(tmp_path, capsys):
+    """Experts are written after the rest (one at a time); a missing one is one line and nothing is left in --save
+    (no tracker, no iteration directory, no temporary root)."""
+    from safetensors.torch import load_file, save_file
+
+    _, d = _hf_dir(tmp_path, "mixtral")
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    del sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "experts.3.w2.weight is missing" in err and len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path / "ck") == []
+
+
 def test_export_refuses_a_model_no_family_computes(tmp_path, capsys):
     from megatron import checkpointing
     from megatron.config import ModelConfig
