@@ -207,6 +207,24 @@ def test_export_of_a_model_trained_here_as_qwen3_moe(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
     ids = _ids(2)
     assert (hf(ids).logits - model(ids).logits).abs().max().item() < ATOL
+    # --dtype bfloat16 writes bf16 tensors and says so in config.json
+    assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "bf16"),
+                     "--dtype", "bfloat16"]) == 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+
+
+def test_target_tp_refusals_are_one_line(tmp_path, capsys):
+    _, d = _hf_dir(tmp_path, "olmoe")
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck"), "--target-tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--target-tp 2: OLMoE's whole-projection q/k norms need TP 1" in err and len(err.splitlines()) == 1, err
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck"), "--target-tp", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--target-tp 3: num_attention_heads (4) is not divisible by it" in err, err
 
 
 def test_tokenizer_json_recorded_as_huggingface_tokenizer(tmp_path):
