@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face directory -> checkpoint")
-    imp.add_argument("--hf-dir", required=True, help="GPT2LMHeadModel directory, or a safetensors export of ours")
+    imp.add_argument("--hf-dir", required=True, help="a Hugging Face directory (GPT2LMHeadModel or a Llama-style "
+                                                     "family), or a safetensors export of ours")
     imp.add_argument("--save", required=True, help="checkpoint root to create (must hold no checkpoint)")
     imp.add_argument("--vocab-file", default=None, help="GPT-2 vocab to record (default: HF_DIR/vocab.json)")
     imp.add_argument("--merge-file", default=None, help="GPT-2 merges to record (default: HF_DIR/merges.txt)")
@@ -79,7 +80,13 @@ def main(argv=None) -> int:
 
 
 def _import(args) -> str:
-    if os.path.isfile(os.path.join(args.hf_dir, hf_interop.MEGATRON_CONFIG)):
+    from megatron.errors import ConfigError
+
+    ours = os.path.isfile(os.path.join(args.hf_dir, hf_interop.MEGATRON_CONFIG))
+    if (ours or hf.hf_architecture(args.hf_dir) == "GPT2LMHeadModel") and (args.target_tp, args.target_ep) != (1, 1):
+        raise ConfigError("--target-tp/--target-ep apply to the Llama-style families; split a GPT-2 or safetensors "
+                          "import with tools/checkpoint_tp.py")
+    if ours:
         return hf_interop.import_safetensors(args.hf_dir, args.save)
     if hf.hf_architecture(args.hf_dir) == "GPT2LMHeadModel":
         return hf_interop.import_gpt2(args.hf_dir, args.save, vocab_file=args.vocab_file, merge_file=args.merge_file,
