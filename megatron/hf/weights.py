@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -96,7 +96,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 def split_qkv(w: torch.Tensor, cfg: ModelConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vec = w.dim() == 1
     w = w.unsqueeze(-1) if vec else w
-    h, d, n = w.shape[-1], cfg.head_dim, cfg.num_attention_heads
+    h, d = w.shape[-1], cfg.head_dim
     if cfg.num_query_groups is None:
         out = w.chunk(3)
     else:
@@ -321,8 +321,6 @@ def write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: str, max_
     memory at a time)."""
     from safetensors.torch import save_file
 
-    shards: List[Dict[str, torch.Tensor]] = []
-    names: List[str] = []
     where: Dict[str, str] = {}
     cur: Dict[str, torch.Tensor] = {}
     size, total, n = 0, 0, 0
@@ -347,7 +345,6 @@ def write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: str, max_
         size += b
         total += b
     flush()
-    del shards, names
     if n == 1:
         os.replace(os.path.join(out_dir, tmp_names[0][0]), os.path.join(out_dir, SINGLE))
         return [SINGLE]
