@@ -46,6 +46,10 @@ def add_megatron_core_block_args(p: argparse.ArgumentParser) -> None:
                                                                       "(default 1)")
     g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden / heads)")
     g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--qk-layernorm-full", action="store_true",
+                   help="with --qk-layernorm: one norm over all heads' q (and k) together (OLMoE), TP 1 only")
+    g.add_argument("--add-qkv-bias", action="store_true", help="biases on q/k/v even with --disable-bias-linear "
+                                                              "(Qwen2)")
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
                    help="no learned absolute position table (RoPE, when chosen, still applies)")
@@ -117,6 +121,8 @@ def core_block_fields(args) -> dict:
                           if args.group_query_attention else None),  # Megatron-LM: 1 (MQA) when not given
         kv_channels=args.kv_channels,
         qk_layernorm=args.qk_layernorm,
+        qk_layernorm_full=args.qk_layernorm_full,
+        add_qkv_bias=args.add_qkv_bias,
         position_embedding_type=position,
         rotary_percent=args.rotary_percent,
         add_bias_linear=args.add_bias_linear,

@@ -39,6 +39,9 @@ class ModelConfig:
     qk_layernorm: bool = False  # norm over each head's q and k before RoPE (Qwen3); with MLA: the latents' norms
     rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (the first ones), in (0, 1]
     add_bias_linear: bool = True  # biases in attention and MLP/expert linears (--disable-bias-linear: False)
+    add_qkv_bias: bool = False  # biases on the q/k/v projection even without add_bias_linear (--add-qkv-bias; Qwen2)
+    qk_layernorm_full: bool = False  # with qk_layernorm: one norm over all heads' q (and k) together, not per head
+    #   (OLMoE's q_norm/k_norm over the whole projection); TP 1 only
     untie_embeddings_and_output_weights: bool = False  # the LM head has its own [V, h] weight
     multi_latent_attention: bool = False  # DeepSeek-V2/V3 MLA instead of (GQA) self-attention
     q_lora_rank: Optional[int] = None  # MLA: rank of the query down-projection; None = a full-rank q projection
@@ -89,6 +92,8 @@ class ModelConfig:
             (groups is None or (groups >= 1 and heads % groups == 0),
              f"--num-query-groups ({groups}) must divide --num-attention-heads ({heads}); pick a divisor of {heads}"),
             (self.kv_channels is None or self.kv_channels >= 1, f"--kv-channels ({self.kv_channels}) must be >= 1"),
+            (not self.qk_layernorm_full or (self.qk_layernorm and not self.multi_latent_attention),
+             "--qk-layernorm-full needs --qk-layernorm (and no --multi-latent-attention)"),
             (0.0 < self.rotary_percent <= 1.0, f"--rotary-percent ({self.rotary_percent}) must be in (0, 1]"),
             (not self.multi_latent_attention or groups is None,
              "--multi-latent-attention and --group-query-attention/--num-query-groups do not combine (MLA shares "

@@ -35,6 +35,7 @@ _FLAG_OF_FIELD = {
     "v_head_dim": "--v-head-dim", "layer_freq": "--moe-layer-freq", "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
     "shared_expert_ffn_hidden_size": "--moe-shared-expert-intermediate-size",
     "shared_expert_gate": "--moe-shared-expert-gate",
+    "add_qkv_bias": "--add-qkv-bias", "qk_layernorm_full": "--qk-layernorm-full",
 }
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.context_parallel import gather_sequence, local_indices
+from megatron.errors import ConfigError
 from megatron.model.norms import build_norm
 from megatron.model.rope import apply_rotary
 from megatron.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
@@ -76,19 +77,25 @@ class SelfAttention(torch.nn.Module):
         if self.grouped:
             self.num_groups = divide(cfg.num_query_groups, tp_size(tp_group), "--num-query-groups")
             out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
-            self.query_key_value = ColumnParallelLinear(h, out, tp_group, init_method, bias=bias,
+            self.query_key_value = ColumnParallelLinear(h, out, tp_group, init_method, bias=bias or cfg.add_qkv_bias,
                                                         what="(heads + 2 x --num-query-groups) x head dim",
                                                         sequence_parallel=self.sequence_parallel)
         else:
             self.num_groups = self.num_heads
             # output features laid out [3, heads, head_dim]: stride 3 splits each of Q, K, V by heads
             self.query_key_value = ColumnParallelLinear(h, 3 * cfg.num_attention_heads * d, tp_group, init_method,
-                                                        bias=bias, stride=3, what="3 x --hidden-size",
+                                                        bias=bias or cfg.add_qkv_bias, stride=3,
+                                                        what="3 x --hidden-size",
                                                         sequence_parallel=self.sequence_parallel)
         self.q_layernorm = self.k_layernorm = None
-        if cfg.qk_layernorm:
-            self.q_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
-            self.k_layernorm = build_norm(cfg.normalization, d, cfg.layernorm_epsilon)
+        self.qk_norm_full = cfg.qk_layernorm and cfg.qk_layernorm_full
+        if self.qk_norm_full and tp_size(tp_group) > 1:
+            raise ConfigError("qk_layernorm_full (one q/k norm over all heads, OLMoE) needs "
+                              "--tensor-model-parallel-size 1")
+        if cfg.qk_layernorm:  # per head over d, or (qk_layernorm_full) over all heads' q / all groups' k
+            qn, kn = (cfg.num_attention_heads * d, cfg.query_groups * d) if self.qk_norm_full else (d, d)
+            self.q_layernorm = build_norm(cfg.normalization, qn, cfg.layernorm_epsilon)
+            self.k_layernorm = build_norm(cfg.normalization, kn, cfg.layernorm_epsilon)
         self.dense = RowParallelLinear(cfg.num_attention_heads * d, h, tp_group, output_layer_init_method, bias=bias,
                                        sequence_parallel=self.sequence_parallel)
 
@@ -103,7 +110,10 @@ class SelfAttention(torch.nn.Module):
             k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, groups, d]
         else:  # [b, s, 3, heads, d]
             q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
-        if self.q_layernorm is not None:
+        if self.qk_norm_full:
+            q = self.q_layernorm(q.reshape(b, s, -1)).view(q.shape)
+            k = self.k_layernorm(k.reshape(b, s, -1)).view(k.shape)
+        elif self.q_layernorm is not None:
             q, k = self._head_norm(self.q_layernorm, q), self._head_norm(self.k_layernorm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, n, d] -> [b, n, s, d]
         if rotary is not None:

@@ -204,6 +204,8 @@ MAPPING = {
     "--num-query-groups": (["2", "--group-query-attention"], "model.num_query_groups", 2),
     "--kv-channels": (["32"], "model.kv_channels", 32),
     "--qk-layernorm": ([], "model.qk_layernorm", True),
+    "--qk-layernorm-full": (["--qk-layernorm"], "model.qk_layernorm_full", True),
+    "--add-qkv-bias": ([], "model.add_qkv_bias", True),
     "--rotary-percent": (["0.5"], "model.rotary_percent", 0.5),
     "--no-position-embedding": ([], "model.position_embedding_type", "none"),
     "--disable-bias-linear": ([], "model.add_bias_linear", False),
