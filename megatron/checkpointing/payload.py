@@ -21,6 +21,8 @@ def exact_view(t: torch.Tensor) -> torch.Tensor:
     copy: torch.save of a plain slice would write the stacked tensor's whole storage. A storage slice shares the
     memory (on the GPU too), so the synchronous save clones nothing; a non-contiguous slice is copied instead."""
     t = t.detach()
+    if t.device.type == "meta":  # no storage to cut (a model built with meta experts: HF import writes them later)
+        return t
     if not t.is_contiguous():
         return t.contiguous()
     n = t.element_size()

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (requirements-test.txt)")
 
-from megatron.checkpoint_tp import model_configs_from_checkpoint  # noqa: E402
+from megatron.checkpointing import model_configs_from_checkpoint  # noqa: E402
 from megatron.hf_interop import load_whole_model  # noqa: E402
 from megatron.inference import generate  # noqa: E402
 from tests.unit.test_convert_hf import cli  # noqa: E402  (tools/convert_hf.py loaded as a module)
