@@ -31,7 +31,8 @@ def _state_bytes(optimizer) -> int:
                if torch.is_tensor(v))
 
 
-FP16 = ["--fp16", "--initial-loss-scale", "2e5"]  # overflows in the first step on this model, then trains
+FP16 = ["--fp16", "--initial-loss-scale", "4e6"]  # overflows in the first steps on this model, then trains
+# (2e5 overflowed while the router ran its GEMM in fp16 under autocast; in fp32 with autocast off it does not)
 
 
 def _variants(rank, world_size, argv, fp16: bool):
@@ -73,7 +74,7 @@ def test_zero_equals_unsharded_optimizer(tiny_corpus, tmp_path, world, ep):
             # fp16: the overflow check on the owned gradient slices skips the same step (same loss-scale history)
             # and training goes on alike. Weights are not compared: the ~1e-7 change of the clip coefficient
             # (norm summation order) flips fp16 roundings of activations a few steps later.
-            assert r["fp16-zero2"]["scaler"] == r["fp16-off"]["scaler"] and r["fp16-off"]["scaler"]["scale"] < 2e5
+            assert r["fp16-zero2"]["scaler"] == r["fp16-off"]["scaler"] and r["fp16-off"]["scaler"]["scale"] < 4e6
             torch.testing.assert_close(torch.tensor(r["fp16-zero2"]["losses"]), torch.tensor(r["fp16-off"]["losses"]),
                                        rtol=1e-5, atol=1e-5)
     if world > ep:  # ranks 0 and ep hold the same experts (an expert-DP pair): their replicas stay identical

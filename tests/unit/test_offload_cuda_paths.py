@@ -137,8 +137,9 @@ def test_event_ordered_update_path_equals_torch_adamw(tmp_path, overlap):
         opt = build_optimizer(layer, OptimizerConfig(lr=1e-2, weight_decay=0.1), offload=offload)
         fake = None
         if offload is not None:
-            assert opt._cuda is None and opt.swapper._unregister is None  # CPU parameters: no CUDA machinery
-            opt._cuda = fake = _FakeCudaSwap()
+            inner = opt.optimizer  # the ExpertOffloadAdamW behind the optimizer interface
+            assert inner._cuda is None and inner.swapper._unregister is None  # CPU parameters: no CUDA machinery
+            inner._cuda = fake = _FakeCudaSwap()
         x = torch.randn(64, 32)
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
