@@ -263,6 +263,7 @@ def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD,
                 counts_e: Optional[torch.Tensor] = None, grouped_mm: Optional[str] = None,
                 cpu_fast_paths: bool = True) -> torch.Tensor:
     """Apply expert i's MLP to its `counts[i]` consecutive rows of x_ND; differentiable; [N, D] in compute_dtype.
+    b1_eF / b2_eD may be None: no biases (GroupedMLPExperts(bias=False) passes None for its frozen zero biases).
 
     counts_e: the same counts as an int64 tensor on x's device, when the caller has it (the router's): the row ->
     expert map and the grouped kernel's offsets are then built on the device, with no host->device copy.
