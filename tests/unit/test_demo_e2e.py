@@ -30,3 +30,7 @@ def test_demo_script_runs_end_to_end(tmp_path):
     assert "validation loss at the end of training" in out and "moe layer 0: aux" in out
     assert "| lambada |" in out and "| piqa |" in out
     assert os.path.isfile(tmp_path / "demo" / "eval_zeroshot.json")
+    # the modern recipe is dropless; the loss curve lies beside the checkpoint; the last line sums the run up
+    assert "dropped 0.00%" in out and os.path.isfile(tmp_path / "demo" / "checkpoints" / "loss_curve.png")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("demo: validation ppl ") and "expert load max/mean" in last and "sample: " in last

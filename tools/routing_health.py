@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Routing health over the first iterations: train each recipe ("arm") for --iters steps in-process through the
+training code and record, per MoE layer and iteration, tokens/expert max/mean (routed pairs before dropping) and
+the dropped fraction; write them as CSV + PNG and print the iterations that break the bounds.
+
+    python tools/routing_health.py --iters 50 --output-dir outputs/routing \\
+        --arm "deepspeed=--topk 1 --moe-train-capacity-factor 1.25 --moe-loss-coeff 0.01" \\
+        --arm "modern=--moe-router-score-function sigmoid --moe-router-enable-expert-bias" \\
+        -- <pretrain_gpt.py flags shared by every arm: model, data, batch, LR, tokenizer ...>
+
+Iteration 1's figures are the routing at initialisation (its forward runs before the first update). An arm's flags
+come after the shared ones, so an arm may override a shared flag. A --train-iters among them sets the LR
+schedule's length (the run stops after --iters regardless); without one the schedule is --iters long. The bounds (issue 28): max/mean <= 2.0 and
+dropped <= 5% from iteration 20 on.
+"""
+import argparse
+import csv
+import os
+import shlex
+import sys
+
+MAX_OVER_MEAN = 2.0  # tokens/expert max/mean bound
+MAX_DROPPED = 0.05  # dropped fraction bound (capacity mode)
+FROM_ITERATION = 20  # the bounds hold from this iteration on
+
+_REPLACED = {"--save", "--save-interval", "--load", "--log-interval", "--eval-interval",
+             "--tensorboard-dir", "--exit-interval", "--exit-duration-in-mins"}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                usage="%(prog)s [options] -- <pretrain_gpt.py flags>")
+    p.add_argument("--iters", type=int, default=50, help="optimizer steps per arm")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a recipe: its name and the flags added to the shared ones (repeatable; none: one arm "
+                        "'run' with the shared flags alone)")
+    p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
+    p.add_argument("--title", default="", help="the PNG's title")
+    p.add_argument("--plot-csv", nargs="+", default=None, metavar="CSV",
+                   help="no training: plot these routing_health.csv files (arms of separate runs) into --output-dir")
+    if argv is None:
+        argv = sys.argv[1:]
+    ours, train = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = p.parse_args(ours)
+    if args.iters < 1:
+        p.error(f"--iters ({args.iters}) must be >= 1")
+    arms = []
+    for a in args.arm or ["run="]:
+        if "=" not in a:
+            p.error(f"--arm {a!r}: expected NAME=FLAGS, e.g. 'modern=--moe-router-enable-expert-bias'")
+        name, flags = a.split("=", 1)
+        arms.append((name, shlex.split(flags)))
+    return args, strip_replaced(train), arms
+
+
+def strip_replaced(argv):
+    """The training flags without those this tool sets itself (length, saving, logging cadence)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in _REPLACED:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def layer_rows(moe_raw):
+    """Per MoE layer of one iteration's micro-batch stats: (max/mean tokens per expert, dropped fraction), the
+    counts summed over the iteration's micro-batches (a global-batch view), the dropped fraction averaged."""
+    import torch
+
+    rows = []
+    for layer in range(len(moe_raw[0]) if moe_raw else 0):
+        stats = [m[layer] for m in moe_raw]
+        counts = torch.stack([s.tokens_per_expert.float() for s in stats]).sum(0)
+        mean = float(counts.mean())
+        rows.append((float(counts.max()) / mean if mean > 0 else 0.0,
+                     sum(float(s.dropped_fraction) for s in stats) / len(stats)))
+    return rows
+
+
+def run_arm(train_argv, iters, on_record=None):
+    """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
+    after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
+    from megatron.training import setup_from_argv, train_step
+
+    given = any(a.split("=", 1)[0] in ("--train-iters", "--train-tokens") for a in train_argv)
+    length = [] if given else ["--train-iters", str(iters)]  # a given length keeps its LR schedule
+    st, train_iter, _, _ = setup_from_argv(train_argv + length + ["--log-interval", str(10 ** 9),
+                                                                  "--eval-interval", str(10 ** 9)])
+    out = []
+    try:
+        for _ in range(iters):
+            m = train_step(st, train_iter)
+            out.append((st.iteration, m["lm_loss"], layer_rows(m["moe_raw"])))
+            if on_record is not None:
+                on_record(out[-1])
+        st.optimizer.synchronize()
+    finally:
+        st.resources.close()
+    return out
+
+
+def violations(records):
+    """Iterations >= FROM_ITERATION where some layer breaks a bound: [(iteration, layer, max/mean, dropped)]."""
+    return [(it, i, r, d) for it, _, layers in records if it >= FROM_ITERATION
+            for i, (r, d) in enumerate(layers) if r > MAX_OVER_MEAN or d > MAX_DROPPED]
+
+
+CSV_HEADER = ["arm", "iteration", "layer", "max_over_mean", "dropped", "lm_loss"]
+
+
+def csv_rows(name, record):
+    it, loss, layers = record
+    return [[name, it, i, f"{r:.4f}", f"{d:.4f}", f"{loss:.5f}"] for i, (r, d) in enumerate(layers)]
+
+
+def read_csv(path):
+    """[(arm, records)] from a routing_health.csv (to re-plot, or to merge runs made separately)."""
+    results = {}
+    for row in csv.DictReader(open(path)):
+        records = results.setdefault(row["arm"], {})
+        it = int(row["iteration"])
+        records.setdefault(it, (it, float(row["lm_loss"]), []))[2].append(
+            (float(row["max_over_mean"]), float(row["dropped"])))
+    return [(name, [recs[i] for i in sorted(recs)]) for name, recs in results.items()]
+
+
+def write_png(png_path, results, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for a, (name, records) in enumerate(results):
+        its = [it for it, _, _ in records]
+        n_layers = len(records[0][2]) if records else 0
+        for i in range(n_layers):
+            kw = dict(color=colors[a % len(colors)], alpha=0.8, linestyle=["-", "--", ":", "-."][i % 4],
+                      label=f"{name} layer {i}")
+            axes[0].plot(its, [layers[i][0] for _, _, layers in records], **kw)
+            axes[1].plot(its, [100 * layers[i][1] for _, _, layers in records], **kw)
+        axes[2].plot(its, [loss for _, loss, _ in records], color=colors[a % len(colors)], label=name)
+    axes[0].axhline(MAX_OVER_MEAN, color="red", linestyle="--", linewidth=1)
+    axes[1].axhline(100 * MAX_DROPPED, color="red", linestyle="--", linewidth=1)
+    for ax in axes[:2]:
+        ax.axvline(FROM_ITERATION, color="gray", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("tokens/expert max / mean")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("dropped tokens (%)")
+    axes[2].set_ylabel("training lm loss")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def summary(name, records):
+    """One line per arm: routing at init, worst from FROM_ITERATION on, the final loss."""
+    init = records[0][2]
+    late = [layers for it, _, layers in records if it >= FROM_ITERATION]
+    worst_r = max((r for layers in late for r, _ in layers), default=float("nan"))
+    worst_d = max((d for layers in late for _, d in layers), default=float("nan"))
+    bad = violations(records)
+    if not late:
+        return (f"{name}: init max/mean {max(r for r, _ in init):.2f}, dropped {100 * max(d for _, d in init):.1f}% | "
+                f"lm loss {records[-1][1]:.3f} at {records[-1][0]} | fewer than {FROM_ITERATION} iterations")
+    return (f"{name}: init max/mean {max(r for r, _ in init):.2f}, dropped {100 * max(d for _, d in init):.1f}% | "
+            f"from iteration {FROM_ITERATION}: worst max/mean {worst_r:.2f}, worst dropped {100 * worst_d:.1f}% | "
+            f"lm loss {records[-1][1]:.3f} at {records[-1][0]} | "
+            + ("balanced" if not bad else f"{len(bad)} layer-iterations out of bounds (first: iteration {bad[0][0]})"))
+
+
+def main(argv=None) -> int:
+    from megatron.errors import UserError
+
+    args, train_argv, arms = parse(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    csv_path, png_path = os.path.join(args.output_dir, "routing_health.csv"), os.path.join(args.output_dir,
+                                                                                        "routing_health.png")
+    if args.plot_csv:
+        results = [arm for path in args.plot_csv for arm in read_csv(path)]
+        for name, records in results:
+            print(summary(name, records))
+        write_png(png_path, results, args.title)
+        print(f"wrote {png_path}")
+        return 0
+    results = []
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_HEADER)
+        for name, flags in arms:
+            def on_record(rec, name=name):
+                w.writerows(csv_rows(name, rec))
+                f.flush()
+                print(f"{name} iteration {rec[0]}: lm loss {rec[1]:.3f} | max/mean "
+                      + " ".join(f"{r:.2f}" for r, _ in rec[2]) + " | dropped "
+                      + " ".join(f"{100 * d:.1f}%" for _, d in rec[2]), flush=True)
+            try:
+                records = run_arm(train_argv + flags, args.iters, on_record)
+            except UserError as e:
+                print(f"error: arm {name}: {e}", file=sys.stderr)
+                return 2
+            if not records or not records[0][2]:
+                print(f"error: arm {name}: the model has no MoE layer (set --num-experts)", file=sys.stderr)
+                return 2
+            results.append((name, records))
+            print(summary(name, records), flush=True)
+    write_png(png_path, results, args.title)
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
