@@ -36,6 +36,8 @@ def parse(argv=None):
                         "'run' with the shared flags alone)")
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
+    p.add_argument("--router-init-std", type=float, default=None,
+                   help="experiment: draw every router weight from N(0, std^2) before the first step")
     p.add_argument("--plot-csv", nargs="+", default=None, metavar="CSV",
                    help="no training: plot these routing_health.csv files (arms of separate runs) into --output-dir")
     if argv is None:
@@ -82,7 +84,19 @@ def layer_rows(moe_raw):
     return rows
 
 
-def run_arm(train_argv, iters, on_record=None):
+def reinit_routers(model, std):
+    """An experiment knob, not a training flag: every router weight drawn again from N(0, std^2) (the model's own
+    init is N(0, --init-method-std^2)). Before the first step, so the optimizer has no state yet."""
+    import torch
+
+    from moe.gating import routers
+
+    with torch.no_grad():
+        for r in routers(model):
+            r.weight.normal_(0.0, std)
+
+
+def run_arm(train_argv, iters, on_record=None, router_init_std=None):
     """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
     after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
     from megatron.training import setup_from_argv, train_step
@@ -91,31 +105,56 @@ def run_arm(train_argv, iters, on_record=None):
     length = [] if given else ["--train-iters", str(iters)]  # a given length keeps its LR schedule
     st, train_iter, _, _ = setup_from_argv(train_argv + length + ["--log-interval", str(10 ** 9),
                                                                   "--eval-interval", str(10 ** 9)])
+    if router_init_std is not None:
+        reinit_routers(st.model, router_init_std)
+    shares, hooks = common_direction_hooks(st.model)
     out = []
     try:
         for _ in range(iters):
             m = train_step(st, train_iter)
-            out.append((st.iteration, m["lm_loss"], layer_rows(m["moe_raw"])))
+            rows = layer_rows(m["moe_raw"])
+            last = shares[-len(rows):] if len(shares) >= len(rows) else [float("nan")] * len(rows)
+            # the common-direction share of the last micro-batch (its forward ran last), per layer
+            out.append((st.iteration, m["lm_loss"], [(r, d, c) for (r, d), c in zip(rows, last)]))
+            shares.clear()
             if on_record is not None:
                 on_record(out[-1])
         st.optimizer.synchronize()
     finally:
+        for h in hooks:
+            h.remove()
         st.resources.close()
     return out
 
 
+def common_direction_hooks(model):
+    """Forward pre-hooks on every router recording the common-direction share of its input x [T, D]:
+    |mean_t x|^2 / mean_t |x|^2 (0 when tokens point every way, 1 when all are the same vector). A large share makes
+    every token's logits move together, so one expert takes them all. Returns (list the shares go to, hooks)."""
+    from moe.gating import routers
+
+    shares = []
+
+    def hook(_, args):
+        x = args[0].detach().float()
+        shares.append(float(x.mean(0).pow(2).sum() / x.pow(2).sum(1).mean()))
+
+    return shares, [r.register_forward_pre_hook(hook) for r in routers(model)]
+
+
 def violations(records):
     """Iterations >= FROM_ITERATION where some layer breaks a bound: [(iteration, layer, max/mean, dropped)]."""
-    return [(it, i, r, d) for it, _, layers in records if it >= FROM_ITERATION
-            for i, (r, d) in enumerate(layers) if r > MAX_OVER_MEAN or d > MAX_DROPPED]
+    return [(it, i, x[0], x[1]) for it, _, layers in records if it >= FROM_ITERATION
+            for i, x in enumerate(layers) if x[0] > MAX_OVER_MEAN or x[1] > MAX_DROPPED]
 
 
-CSV_HEADER = ["arm", "iteration", "layer", "max_over_mean", "dropped", "lm_loss"]
+CSV_HEADER = ["arm", "iteration", "layer", "max_over_mean", "dropped", "lm_loss", "common_share"]
 
 
 def csv_rows(name, record):
     it, loss, layers = record
-    return [[name, it, i, f"{r:.4f}", f"{d:.4f}", f"{loss:.5f}"] for i, (r, d) in enumerate(layers)]
+    return [[name, it, i, f"{x[0]:.4f}", f"{x[1]:.4f}", f"{loss:.5f}", f"{x[2]:.4f}" if len(x) > 2 else ""]
+            for i, x in enumerate(layers)]
 
 
 def read_csv(path):
@@ -124,8 +163,9 @@ def read_csv(path):
     for row in csv.DictReader(open(path)):
         records = results.setdefault(row["arm"], {})
         it = int(row["iteration"])
+        share = row.get("common_share") or "nan"
         records.setdefault(it, (it, float(row["lm_loss"]), []))[2].append(
-            (float(row["max_over_mean"]), float(row["dropped"])))
+            (float(row["max_over_mean"]), float(row["dropped"]), float(share)))
     return [(name, [recs[i] for i in sorted(recs)]) for name, recs in results.items()]
 
 
@@ -135,7 +175,7 @@ def write_png(png_path, results, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for a, (name, records) in enumerate(results):
         its = [it for it, _, _ in records]
@@ -145,6 +185,8 @@ def write_png(png_path, results, title=""):
                       label=f"{name} layer {i}")
             axes[0].plot(its, [layers[i][0] for _, _, layers in records], **kw)
             axes[1].plot(its, [100 * layers[i][1] for _, _, layers in records], **kw)
+            axes[3].plot(its, [layers[i][2] if len(layers[i]) > 2 else float("nan") for _, _, layers in records],
+                         **kw)
         axes[2].plot(its, [loss for _, loss, _ in records], color=colors[a % len(colors)], label=name)
     axes[0].axhline(MAX_OVER_MEAN, color="red", linestyle="--", linewidth=1)
     axes[1].axhline(100 * MAX_DROPPED, color="red", linestyle="--", linewidth=1)
@@ -154,6 +196,7 @@ def write_png(png_path, results, title=""):
     axes[0].set_yscale("log")
     axes[1].set_ylabel("dropped tokens (%)")
     axes[2].set_ylabel("training lm loss")
+    axes[3].set_ylabel("router input: common-direction share")
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -168,8 +211,8 @@ def write_png(png_path, results, title=""):
 
 def summary(name, records):
     """One line per arm: routing at init, worst from FROM_ITERATION on, the final loss."""
-    init = records[0][2]
-    late = [layers for it, _, layers in records if it >= FROM_ITERATION]
+    init = [x[:2] for x in records[0][2]]
+    late = [[x[:2] for x in layers] for it, _, layers in records if it >= FROM_ITERATION]
     worst_r = max((r for layers in late for r, _ in layers), default=float("nan"))
     worst_d = max((d for layers in late for _, d in layers), default=float("nan"))
     bad = violations(records)
@@ -205,10 +248,11 @@ def main(argv=None) -> int:
                 w.writerows(csv_rows(name, rec))
                 f.flush()
                 print(f"{name} iteration {rec[0]}: lm loss {rec[1]:.3f} | max/mean "
-                      + " ".join(f"{r:.2f}" for r, _ in rec[2]) + " | dropped "
-                      + " ".join(f"{100 * d:.1f}%" for _, d in rec[2]), flush=True)
+                      + " ".join(f"{x[0]:.2f}" for x in rec[2]) + " | dropped "
+                      + " ".join(f"{100 * x[1]:.1f}%" for x in rec[2]) + " | common share "
+                      + " ".join(f"{x[2]:.2f}" for x in rec[2]), flush=True)
             try:
-                records = run_arm(train_argv + flags, args.iters, on_record)
+                records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std)
             except UserError as e:
                 print(f"error: arm {name}: {e}", file=sys.stderr)
                 return 2

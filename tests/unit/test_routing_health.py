@@ -111,7 +111,7 @@ def test_tool_records_load_per_layer_and_iteration(tiny_corpus, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "rh" / "routing_health.csv")))
     assert [(r["arm"], r["iteration"], r["layer"]) for r in rows] == \
         [(a, str(i), str(layer)) for a in ("ds", "modern") for i in (1, 2, 3) for layer in (0,)]
-    assert all(float(r["max_over_mean"]) >= 1.0 for r in rows)
+    assert all(float(r["max_over_mean"]) >= 1.0 and 0.0 <= float(r["common_share"]) <= 1.0 for r in rows)
     assert all(float(r["dropped"]) == 0.0 for r in rows if r["arm"] == "modern")  # dropless
     assert os.path.getsize(tmp_path / "rh" / "routing_health.png") > 1000
     assert not (tmp_path / "nope").exists()
@@ -122,7 +122,7 @@ def test_tool_records_load_per_layer_and_iteration(tiny_corpus, tmp_path):
 
 
 def test_violations_apply_the_bounds_from_iteration_20():
-    records = [(1, 3.0, [(9.0, 0.9)]), (20, 2.0, [(2.0, 0.05), (2.1, 0.0)]), (21, 2.0, [(1.5, 0.06)])]
+    records = [(1, 3.0, [(9.0, 0.9, 0.1)]), (20, 2.0, [(2.0, 0.05, 0.1), (2.1, 0.0, 0.1)]), (21, 2.0, [(1.5, 0.06, 0.1)])]
     assert routing_health.violations(records) == [(20, 1, 2.1, 0.0), (21, 0, 1.5, 0.06)]
     assert "2 layer-iterations out of bounds (first: iteration 20)" in routing_health.summary("x", records)
 
