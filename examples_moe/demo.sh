@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: verify data -> train a SentencePiece BPE vocabulary (8000) on the novel corpus and tokenize it ->
 # train a small MoE GPT (6 layers, hidden 128, 16 experts on every other layer) in the modern recipe (RMSNorm, SwiGLU,
-# RoPE; sigmoid routing with aux-loss-free expert bias, dropless, top-2 of fine-grained experts + a shared expert)
+# RoPE; routers on centred inputs, sigmoid routing with aux-loss-free expert bias, dropless, top-2 of fine-grained
+# experts + a shared expert)
 # -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA and PIQA (EVAL_LIMIT documents
 # each) -> one line with validation ppl, load balance and the sample; the loss curve goes beside the checkpoint.
 # Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the dense GPT; ROUTER=deepspeed the
@@ -25,6 +26,7 @@ ROUTER=${ROUTER:-modern}              # modern | deepspeed
 TOPK=${TOPK:-2}                       # modern: experts per token (deepspeed: top-1)
 MOE_FFN=${MOE_FFN:-128}               # modern: each routed expert's width (fine-grained: a quarter of 4 x hidden)
 SHARED_FFN=${SHARED_FFN:-128}         # modern: the shared expert's width
+CENTER=${CENTER:-}                    # deepspeed: --moe-router-center-input keeps its routing balanced too
 BIAS_RATE=${BIAS_RATE:-1e-2}          # modern: expert-bias update per step (megatron-core's 1e-3 balances too late for 120 steps)
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
@@ -56,14 +58,16 @@ fi
 
 BLOCKS="--normalization RMSNorm --swiglu --position-embedding-type rope --ffn-hidden-size $FFN"
 case "$ROUTER" in
-  modern)    # megatron-core routing: dropless; the expert bias balances without a gradient, a small aux loss helps early
-    MOE="--moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate $BIAS_RATE
-         --moe-aux-loss-coeff 1e-3 --moe-router-topk $TOPK --moe-ffn-hidden-size $MOE_FFN
-         --moe-shared-expert-intermediate-size $SHARED_FFN"
+  modern)    # megatron-core routing, dropless, on centred router inputs (without centring every router collapses onto one
+             # expert by iteration 5-7: docs/routing_health.md); the expert bias and a small aux loss keep the rest even
+    MOE="--moe-router-center-input --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+         --moe-router-bias-update-rate $BIAS_RATE --moe-aux-loss-coeff 1e-3 --moe-router-topk $TOPK
+         --moe-ffn-hidden-size $MOE_FFN --moe-shared-expert-intermediate-size $SHARED_FFN"
     MEAN_PAIRS=$TOPK ;;
   deepspeed) # the old demo: DeepSpeed top-1, capacity 1.25, aux 0.01, GELU/LayerNorm/learned positions
     BLOCKS=""
-    MOE="--topk 1 --moe-train-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01"
+    MOE="--topk 1 --moe-train-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01
+         $CENTER"
     MEAN_PAIRS=1 ;;
   *) echo "error: ROUTER=$ROUTER: expected modern or deepspeed" >&2; exit 2 ;;
 esac

@@ -36,6 +36,9 @@ def parse(argv=None):
                         "'run' with the shared flags alone)")
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
+    p.add_argument("--center-router-input", choices=["ema", "batch"], default=None,
+                   help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
+                        "this micro-batch)")
     p.add_argument("--router-init-std", type=float, default=None,
                    help="experiment: draw every router weight from N(0, std^2) before the first step")
     p.add_argument("--plot-csv", nargs="+", default=None, metavar="CSV",
@@ -96,7 +99,34 @@ def reinit_routers(model, std):
             r.weight.normal_(0.0, std)
 
 
-def run_arm(train_argv, iters, on_record=None, router_init_std=None):
+def center_router_inputs(model, mode="ema", momentum=0.9):
+    """An experiment knob, not a training flag: every router sees its input minus a token mean, removing the common
+    direction the hidden states fall into early in training. mode 'ema': minus m, an exponential moving average of
+    past training inputs' token means (m = 0 at the first step; updated after use, so a batch never sees its own
+    mean). mode 'batch': in training minus this micro-batch's own token mean (detached; BatchNorm-style: a token's
+    routing then depends on the batch's mean, future positions included), m kept as the EMA for evaluation."""
+    import torch
+
+    from moe.gating import routers
+
+    def hook(router, args):
+        x = args[0]
+        m = getattr(router, "_health_mean", None)
+        training = router.training and torch.is_grad_enabled()
+        if training:
+            mean = x.detach().float().mean(0)
+        if training and mode == "batch":
+            y = x - mean.to(x.dtype)
+        else:
+            y = x - m.to(x.dtype) if m is not None else x
+        if training:
+            router._health_mean = mean if m is None else momentum * m + (1 - momentum) * mean
+        return (y,) + tuple(args[1:])
+
+    return [r.register_forward_pre_hook(hook) for r in routers(model)]
+
+
+def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None):
     """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
     after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
     from megatron.training import setup_from_argv, train_step
@@ -107,7 +137,9 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None):
                                                                   "--eval-interval", str(10 ** 9)])
     if router_init_std is not None:
         reinit_routers(st.model, router_init_std)
-    shares, hooks = common_direction_hooks(st.model)
+    shares, hooks = common_direction_hooks(st.model)  # registered first: the share of the input before centering
+    if center:
+        hooks += center_router_inputs(st.model, center)
     out = []
     try:
         for _ in range(iters):
@@ -252,7 +284,8 @@ def main(argv=None) -> int:
                       + " ".join(f"{100 * x[1]:.1f}%" for x in rec[2]) + " | common share "
                       + " ".join(f"{x[2]:.2f}" for x in rec[2]), flush=True)
             try:
-                records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std)
+                records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std,
+                                  args.center_router_input)
             except UserError as e:
                 print(f"error: arm {name}: {e}", file=sys.stderr)
                 return 2

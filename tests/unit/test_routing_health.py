@@ -23,7 +23,7 @@ DEMO_MODEL = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-head
               "--max-position-embeddings", "256", "--normalization", "RMSNorm", "--swiglu",
               "--position-embedding-type", "rope", "--ffn-hidden-size", "344", "--num-experts", "16",
               "--expert-interval", "2"]
-DEMO_ROUTER = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+DEMO_ROUTER = ["--moe-router-center-input", "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
                "--moe-router-bias-update-rate", "1e-2", "--moe-aux-loss-coeff", "1e-3", "--moe-router-topk", "2",
                "--moe-ffn-hidden-size", "128", "--moe-shared-expert-intermediate-size", "128"]
 # Bound at initialisation: tokens/expert max/mean of 2048 real tokens (4096 top-2 pairs) over 16 experts. Uniformly
@@ -43,7 +43,7 @@ def _demo_defaults():
 
 def test_demo_script_uses_the_recipe_tested_here():
     text, env = open(DEMO).read(), _demo_defaults()
-    moe = re.search(r'modern\)[^\n]*\n\s*MOE="([^"]*)"', text).group(1)
+    moe = re.search(r'modern\).*?MOE="([^"]*)"', text, flags=re.S).group(1)
     blocks = re.search(r'^BLOCKS="([^"]*)"', text, flags=re.M).group(1)
     expand = lambda s: re.sub(r"\$(\w+)", lambda m: env[m.group(1)], s).split()  # noqa: E731
     assert expand(moe) == DEMO_ROUTER
@@ -125,6 +125,31 @@ def test_violations_apply_the_bounds_from_iteration_20():
     records = [(1, 3.0, [(9.0, 0.9, 0.1)]), (20, 2.0, [(2.0, 0.05, 0.1), (2.1, 0.0, 0.1)]), (21, 2.0, [(1.5, 0.06, 0.1)])]
     assert routing_health.violations(records) == [(20, 1, 2.1, 0.0), (21, 0, 1.5, 0.06)]
     assert "2 layer-iterations out of bounds (first: iteration 20)" in routing_health.summary("x", records)
+
+
+@pytest.mark.parametrize("fields", [dict(topk=1), dict(topk=2, router_family="megatron", score_function="sigmoid",
+                                                      expert_bias=True)])
+def test_centred_router_routes_like_a_router_on_centred_inputs(fields):
+    """--moe-router-center-input against the same router fed x - mean by hand: training subtracts the micro-batch's
+    own mean (exact: the same fp32 ops) and folds it into input_mean (a plain mean over the first forwards);
+    evaluation subtracts input_mean. Both families."""
+    from moe.config import MoEConfig
+    from moe.gating import TopKRouter
+
+    torch.manual_seed(0)
+    centred = TopKRouter(MoEConfig(num_experts=4, drop_tokens=False, router_input_centering=True, **fields), 8)
+    plain = TopKRouter(MoEConfig(num_experts=4, drop_tokens=False, **fields), 8)
+    plain.weight.data.copy_(centred.weight.data)
+    xs = [torch.randn(32, 8) + 3.0 * torch.ones(8) for _ in range(2)]  # a strong common direction
+    for x in xs:
+        got, want = centred(x), plain(x - x.mean(0))
+        assert torch.equal(got.expert_TK, want.expert_TK) and torch.equal(got.gates_TK, want.gates_TK)
+    mean = (xs[0].mean(0) + xs[1].mean(0)) / 2  # two forwards: rate max(1/n, 0.1) = 1, 1/2
+    assert torch.allclose(centred.input_mean, mean, atol=1e-6)  # fp32 running mean of two means
+    centred.eval(), plain.eval()
+    x = torch.randn(5, 8)
+    assert torch.equal(centred(x).expert_TK, plain(x - centred.input_mean).expert_TK)
+    assert "input_mean" in centred.state_dict() and "input_mean" not in plain.state_dict()
 
 
 LOG = """\
