@@ -27,7 +27,7 @@ TOPK=${TOPK:-2}                       # modern: experts per token (deepspeed: to
 MOE_FFN=${MOE_FFN:-128}               # modern: each routed expert's width (fine-grained: a quarter of 4 x hidden)
 SHARED_FFN=${SHARED_FFN:-128}         # modern: the shared expert's width
 CENTER=${CENTER:-}                    # deepspeed: --moe-router-center-input keeps its routing balanced too
-BIAS_RATE=${BIAS_RATE:-1e-2}          # modern: expert-bias update per step (megatron-core's 1e-3 balances too late for 120 steps)
+BIAS_RATE=${BIAS_RATE:-1e-3}          # modern: expert-bias update per step (megatron-core's default; 1e-2 overshoots on centred inputs)
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)

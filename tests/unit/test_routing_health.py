@@ -24,7 +24,7 @@ DEMO_MODEL = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-head
               "--position-embedding-type", "rope", "--ffn-hidden-size", "344", "--num-experts", "16",
               "--expert-interval", "2"]
 DEMO_ROUTER = ["--moe-router-center-input", "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-               "--moe-router-bias-update-rate", "1e-2", "--moe-aux-loss-coeff", "1e-3", "--moe-router-topk", "2",
+               "--moe-router-bias-update-rate", "1e-3", "--moe-aux-loss-coeff", "1e-3", "--moe-router-topk", "2",
                "--moe-ffn-hidden-size", "128", "--moe-shared-expert-intermediate-size", "128"]
 # Bound at initialisation: tokens/expert max/mean of 2048 real tokens (4096 top-2 pairs) over 16 experts. Uniformly
 # random choices give ~1.3 (the largest of 16 counts of mean 256); real text is less even because a few frequent
