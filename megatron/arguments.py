@@ -104,6 +104,10 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-input-jitter-eps", type=float, default=None)
     g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32",
                    help="router GEMM, scores, top-k and losses in this dtype with autocast off (both routers)")
+    g.add_argument("--moe-router-center-input", action="store_true",  # issue 28, docs/routing_health.md
+                   help="experimental, off by default (docs/routing_health.md): route x minus the token mean (the "
+                        "micro-batch's in training, its moving average in evaluation). In training a token's expert "
+                        "choice then depends on the other tokens of its micro-batch, later positions included")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="capacity ceil(k*T/E*cf) per expert; without it the router is dropless")
 
@@ -129,7 +133,7 @@ def router_fields(args) -> dict:
     coefficient, capacity: ceil(k*T/E*cf) without a minimum, dropless without a capacity factor)."""
     megatron = (any(getattr(args, d) is not None for d in _MEGATRON_ROUTER_DESTS) or args.moe_router_pre_softmax
                 or args.moe_router_enable_expert_bias)
-    fields = dict(router_dtype=args.moe_router_dtype)
+    fields = dict(router_dtype=args.moe_router_dtype, router_input_centering=args.moe_router_center_input)
     if not megatron:
         return fields
     for dest, (default, flag) in _DEEPSPEED_ROUTER_FLAGS.items():

@@ -73,6 +73,8 @@ class MoEConfig:
     router_family: str = "deepspeed"  # 'deepspeed': DeepSpeed TopKGate's routing (the choices above); 'megatron':
     #   megatron-core TopKRouter's (the fields below; capacity ceil(k*T/E*cf) without min_capacity, no RTS)
     router_dtype: str = "fp32"  # 'fp32' or 'fp64': logits, scores, top-k and losses, with autocast off (both families)
+    router_input_centering: bool = False  # both families: the router sees x minus the token mean (training: this
+    #   micro-batch's, detached; evaluation: a moving average of the training means), --moe-router-center-input
     score_function: str = "softmax"  # megatron: 'softmax' or 'sigmoid' (DeepSeek-V3) scores of the logits
     pre_softmax: bool = False  # megatron softmax: top-k over softmax(logits) (True) or over the logits, then softmax
     #   over the chosen k (False; needs k >= 2)

@@ -422,13 +422,21 @@ class TopKRouter(nn.Module):
         self.register_buffer("local_tokens_per_expert", zeros_E.clone() if biased else None, persistent=False)
         self.register_buffer("global_tokens_per_expert", zeros_E.clone() if global_aux else None, persistent=False)
         self.register_buffer("ga_steps", torch.zeros(()) if global_aux else None, persistent=False)
+        # --moe-router-center-input: the moving average of training token means (evaluation subtracts it) and how
+        # many training forwards it has seen; persistent (checkpoints carry it)
+        centering = cfg.router_input_centering
+        self.register_buffer("input_mean", torch.zeros(hidden_size) if centering else None)
+        self.register_buffer("input_mean_count", torch.zeros(()) if centering else None)
 
     _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
+    _CENTERING_BUFFERS = ("input_mean", "input_mean_count")  # fp32 too (--moe-router-center-input)
+    INPUT_MEAN_MOMENTUM = 0.9  # the moving average's weight on its past (a plain mean over the first 10 forwards)
 
     def _apply(self, fn, recurse=True):
         """Module.to/.bfloat16()/.half() move the router's buffers but keep them fp32 (megatron-core's
         _maintain_float32_expert_bias): a bf16 bias would misroute near ties, bf16 counts stop being exact at 257."""
-        kept = {name: getattr(self, name) for name in self._FP32_BUFFERS if getattr(self, name) is not None}
+        kept = {name: getattr(self, name) for name in self._FP32_BUFFERS + self._CENTERING_BUFFERS
+                if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         for name, fp32 in kept.items():
             setattr(self, name, fp32.to(device=getattr(self, name).device))
@@ -438,9 +446,29 @@ class TopKRouter(nn.Module):
         """x_TD: [T, D] tokens, batch-first ([B, S] flattened: the B = num_sequences sequences one after another,
         which seq_aux_loss needs). Autocast is off throughout: every float here is in the router dtype."""
         with no_autocast(x_TD.device):
+            x_TD = self._centered(x_TD)
             if self.cfg.router_family == "megatron":
                 return self._route_megatron(x_TD, num_sequences)
             return self._route_deepspeed(x_TD)
+
+    def _centered(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """--moe-router-center-input (docs/routing_health.md): early in training the hidden states fall into one
+        common direction (its share of |x|^2 goes from ~0.03 to ~0.99 within a few steps), every token's logits then
+        move together and one expert takes them all, whatever the bias or aux loss. Subtracting the token mean
+        keeps what tells tokens apart. Training: this micro-batch's mean (detached; a token's routing depends on the
+        batch mean, as BatchNorm), folded into the moving average input_mean (not in a recompute or without
+        gradients); evaluation and no-grad forwards: input_mean. Per rank (not reduced over data parallel)."""
+        if self.input_mean is None or x_TD.shape[0] == 0:
+            return x_TD
+        if not (self.training and torch.is_grad_enabled()):
+            return x_TD - self.input_mean.to(x_TD.dtype)
+        mean_D = x_TD.detach().float().mean(dim=0)
+        if _counting():
+            with torch.no_grad():
+                self.input_mean_count += 1
+                rate = torch.clamp(1.0 / self.input_mean_count, min=1.0 - self.INPUT_MEAN_MOMENTUM)
+                self.input_mean += rate * (mean_D - self.input_mean)
+        return x_TD - mean_D.to(x_TD.dtype)
 
     def _route_deepspeed(self, x_TD: torch.Tensor) -> Routing:
         """DeepSpeed's TopKGate + top1/top2/topkgating order, so random draws line up:
