@@ -67,8 +67,10 @@ def expert_payloads(model, opt_state: dict, groups, optimizer, take_slice: Calla
             optim = optim_state.offloaded_expert_state(optimizer, moe_idx, gid)  # state in an offload store
             for n in names:
                 if n in opt_state:
-                    optim[n[len(prefix) + 1:]] = {k: (take_slice(v[i]) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                                  for k, v in opt_state[n].items()}
+                    # a 0-dim tensor (Adam's step count) is copied now: the next step increments it in place
+                    # before an asynchronous save writes it
+                    optim[n[len(prefix) + 1:]] = {k: (take_slice(v[i]) if v.dim() > 0 else v.detach().clone())
+                                                  if torch.is_tensor(v) else v for k, v in opt_state[n].items()}
             out.append((expert_path("", moe_idx, gid),
                         {"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size, "model": weights,
                          "optimizer": optim}))
