@@ -40,7 +40,6 @@ class TrainState:
     peak_flops: Optional[float] = None
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
     timers: dict = field(default_factory=dict)  # phase -> seconds summed since the last log line
-    last_saved: Optional[int] = None  # the iteration of the last checkpoint this run wrote
     checkpoints: Optional[object] = None  # megatron.checkpointing.CheckpointManager (--save, --async-save)
     # what the run holds outside its memory (the offload store's lock): closed by main() or on a failure
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)

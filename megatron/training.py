@@ -34,8 +34,7 @@ def maybe_save(st: TrainState, force: bool = False) -> None:
     """The save cadence, in one place (megatron.checkpointing.CheckpointManager): every --save-interval
     iterations, and when `force` (the run exits or ends) unless this iteration was just saved; with --async-save
     written behind the next steps. Nothing without --save."""
-    if st.checkpoints.maybe_save(st.iteration, force=force) is not None:
-        st.last_saved = st.iteration
+    st.checkpoints.maybe_save(st.iteration, force=force)
 
 
 # ------------------------------------------------------------------------------------------------ step

@@ -65,7 +65,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
         st.checkpoints = checkpoint_manager(st)
         _load_and_teacher(st)
         if st.iteration:  # the checkpoint just loaded is not written again (a resumed run that is already done)
-            st.checkpoints.last_saved = st.last_saved = st.iteration
+            st.checkpoints.last_saved = st.iteration
         if cfg.compile:
             st.model = torch.compile(model)
         return st

@@ -4,7 +4,6 @@ demo's log."""
 import csv
 import json
 import os
-import re
 import sys
 
 import pytest
@@ -17,7 +16,6 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import demo_summary  # noqa: E402
 import routing_health  # noqa: E402
 
-DEMO = os.path.join(ROOT, "examples_moe", "demo.sh")
 # the demo's model with the modern routing recipe studied in docs/routing_health.md (examples_moe/demo.sh still runs
 # DeepSpeed top-1: this recipe balances at init but was not shown to stay balanced, so the demo was not switched)
 DEMO_MODEL = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "256",
@@ -34,11 +32,6 @@ DEMO_ROUTER = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-ex
 # (tools/routing_health.py checks that from iteration 20 on). 2.5 leaves room for the seed, not for a collapse
 # (the old recipe's iteration-10 collapse was 6-14x).
 INIT_MAX_OVER_MEAN = 2.5
-
-
-def _demo_defaults():
-    """NAME -> default of every `NAME=${NAME:-default}` in demo.sh."""
-    return dict(re.findall(r'^(\w+)=\$\{\w+:-([^}]*)\}', open(DEMO).read(), flags=re.M))
 
 
 def _corpus_tokens(tokenizer, n_seq, seq_len):
