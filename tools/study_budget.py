@@ -2,15 +2,16 @@
 """The study's token budget from measured training throughput: the most tokens per run such that every run of
 examples_moe/run_study.sh (equal tokens for all) plus their zero-shot evaluations fit the wall-clock budget.
 
-    python tools/study_budget.py --minutes 100 --elapsed-seconds 420 --runs dense=2 moe=2 pr_moe=1 student=2 \\
-        --calibration dense=outputs/study/calib/dense.log moe=... pr_moe=... student=... \\
-        --kd-fraction 0.6 --tokens-per-iter 8192 --output outputs/study/budget.json
+    python tools/study_budget.py --minutes 150 --elapsed-seconds 420 --runs dense=3 moe=3 ds_moe=1 pr_moe=1 \\
+        student=2 --calibration dense=outputs/study/calibration/dense.log moe=... ds_moe=... pr_moe=... student=... \\
+        --kd-fraction 0.6 --tokens-per-iter 8192 --val-tokens-per-run 1740800 --output outputs/study/budget.json
 
 Throughput of each model kind = the tokens/s of the calibration log's last log line (steady state: the first
 steps include warm-up). The MoS student's distillation phase (kd-fraction of its tokens) also runs the teacher's
 forward, counted as a third of a PR-MoE training step per token (forward ~ 1/3 of forward + backward). Zero-shot
-evaluation of each run (full LAMBADA and PIQA, about EVAL_TOKENS scored tokens, forward only) is reserved at 3x the
-run's training throughput. The budget is rounded down to whole iterations.
+evaluation of each run (full LAMBADA and PIQA, about EVAL_TOKENS scored tokens, forward only) and its periodic
+validation (--val-tokens-per-run held-out tokens, forward only) are reserved at 3x the run's training throughput.
+The budget is rounded down to whole iterations.
 """
 import argparse
 import json
@@ -40,11 +41,11 @@ def _pairs(specs, flag, conv):
     return out
 
 
-def budget(minutes, elapsed_s, runs, tps, kd_fraction, tokens_per_iter):
+def budget(minutes, elapsed_s, runs, tps, kd_fraction, tokens_per_iter, val_tokens=0):
     """(tokens per run, planned seconds): solve minutes*60 - elapsed = tokens * seconds_per_token + eval reserve."""
     per_token = sum(n / tps[kind] for kind, n in runs.items())
     per_token += kd_fraction / (3.0 * tps["pr_moe"]) if "student" in runs else 0.0  # teacher forward of one MoS run
-    reserve = sum(n * EVAL_TOKENS / (3.0 * tps[kind]) for kind, n in runs.items())
+    reserve = sum(n * (EVAL_TOKENS + val_tokens) / (3.0 * tps[kind]) for kind, n in runs.items())
     left = minutes * 60.0 - elapsed_s - reserve
     if left <= 0:
         raise ValueError(f"--minutes {minutes:g}: nothing left for training after {elapsed_s:.0f} s spent and "
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", nargs="+", required=True, help="KIND=LOG: a short pretrain_gpt.py log per kind")
     p.add_argument("--kd-fraction", type=float, default=0.0, help="share of the student's tokens with the teacher")
     p.add_argument("--tokens-per-iter", type=int, required=True, help="global batch x sequence length")
+    p.add_argument("--val-tokens-per-run", type=int, default=0,
+                   help="held-out tokens each run validates on in all (validations x eval-iters x micro batch x seq)")
     p.add_argument("--output", required=True, help="budget JSON")
     args = p.parse_args(argv)
     try:
@@ -74,13 +77,13 @@ def main(argv=None) -> int:
             raise ValueError(f"--calibration has no log for {', '.join(missing)}")
         tps = {k: tokens_per_second(v) for k, v in logs.items()}
         tokens, planned = budget(args.minutes, args.elapsed_seconds, runs, tps, args.kd_fraction,
-                                 args.tokens_per_iter)
+                                 args.tokens_per_iter, args.val_tokens_per_run)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = {"tokens_per_run": tokens, "tokens_per_s": tps, "planned_minutes": round(planned / 60.0, 1),
            "minutes": args.minutes, "elapsed_seconds_before_training": round(args.elapsed_seconds),
-           "runs": runs, "kd_fraction": args.kd_fraction}
+           "runs": runs, "kd_fraction": args.kd_fraction, "val_tokens_per_run": args.val_tokens_per_run}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)

@@ -1,6 +1,9 @@
 """The study's tooling: the token budget from calibration logs (tools/study_budget.py) against the arithmetic
-written out, and the report's claim verdicts (tools/study_report.py) on hand-made numbers."""
+written out; the token-efficiency ratio, the figures and the claim verdicts (tools/study_report.py) on hand-made
+curves; tools/study_claims.py on a synthetic study JSON; active parameters (tools/study_params.py) against a model
+that has only the k experts a token uses."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +15,8 @@ from tests.inprocess import run_cli
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import study_budget  # noqa: E402
+import study_claims  # noqa: E402
+import study_params  # noqa: E402
 import study_report  # noqa: E402
 
 
@@ -27,13 +32,15 @@ def test_budget_cli_fits_the_minutes(tmp_path):
     out = tmp_path / "budget.json"
     r = run_cli("tools/study_budget.py", ["--minutes", "100", "--elapsed-seconds", "600",
                                           "--runs", "dense=2", "moe=2", "pr_moe=1", "student=2", "--kd-fraction", "0.6",
-                                          "--tokens-per-iter", "8192", "--calibration", *logs, "--output", str(out)])
+                                          "--tokens-per-iter", "8192", "--val-tokens-per-run", "300000",
+                                          "--calibration", *logs, "--output", str(out)])
     assert r.returncode == 0, r.stderr
     b = json.loads(out.read_text())
     assert b["tokens_per_s"] == {k: float(v) for k, v in tps.items()}  # the last log line of each calibration
     # seconds per token of all runs, the MoS teacher's forward (1/3 of a PR-MoE step) on 60% of its tokens
     per_token = 2 / 4000 + 2 / 3000 + 1 / 2500 + 2 / 2800 + 0.6 / (3 * 2500)
-    reserve = study_budget.EVAL_TOKENS * (2 / 12000 + 2 / 9000 + 1 / 7500 + 2 / 8400)
+    # zero-shot and periodic validation, forward only (1/3 of a training step per token)
+    reserve = (study_budget.EVAL_TOKENS + 300000) * (2 / 12000 + 2 / 9000 + 1 / 7500 + 2 / 8400)
     want = int((6000 - 600 - reserve) / per_token) // 8192 * 8192
     assert b["tokens_per_run"] == want and b["tokens_per_run"] % 8192 == 0
     assert b["planned_minutes"] <= 100 and b["planned_minutes"] > 99  # rounded down by less than one iteration
@@ -44,32 +51,145 @@ def test_budget_cli_fits_the_minutes(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: --minutes 0.5: nothing left")
 
 
-def _run(model, seed, loss, total=1.0e6, active=1.0e6):
-    return {"model": model, "seed": seed, "val_loss": loss, "total_params": total, "active_params": active}
+def test_tokens_to_reach_interpolates_the_first_crossing():
+    curve = [(100, 6.0), (200, 5.5), (300, 5.0)]
+    t, how = study_report.tokens_to_reach(curve, 5.2)  # 200 + (5.5-5.2)/(5.5-5.0) x 100; abs 1e-9: float rounding
+    assert how == "interpolated" and t == pytest.approx(260.0, abs=1e-9)
+    assert study_report.tokens_to_reach(curve, 5.5) == (200.0, "interpolated")  # reached exactly at a validation
+    assert study_report.tokens_to_reach(curve, 6.5) == (100.0, "at_or_before")  # below target at the first point
+    assert study_report.tokens_to_reach(curve, 4.9) == (None, "not_reached")
+    bumpy = [(300, 5.4), (100, 6.0), (400, 4.9), (200, 5.1)]  # unsorted; dips below 5.2 at 200, back up at 300
+    t, how = study_report.tokens_to_reach(bumpy, 5.2)
+    assert how == "interpolated" and t == pytest.approx(100 + 0.8 / 0.9 * 100, abs=1e-9)  # float rounding only
 
 
-def test_claim_verdicts_follow_the_issue_targets():
-    runs = [_run("dense", 1, 5.00), _run("dense", 2, 5.01), _run("moe", 1, 4.90, 4e6), _run("moe", 2, 4.91, 4e6),
-            _run("pr_moe", 1, 4.94, 2.9e6), _run("mos", 1, 4.98), _run("student_no_kd", 1, 5.02)]
-    (moe, _, _, ok1), (pr, _, _, ok2), (mos, _, _, ok3) = study_report.claims(runs)
-    assert ok1  # gap 0.10 >= max(0.03, 3 x spread 0.01)
-    assert ok2  # 4.94 <= 4.905 x 1.01 and 27.5% fewer params
-    assert ok3  # 4.98 <= 4.94 x 1.01 and 5.02 - 4.98 > 0.01
-    runs[1]["val_loss"] = 5.05  # seed spread 0.05: the 0.12 gap is below 3 x 0.05
-    assert not study_report.claims(runs)[0][3]
-    runs[4]["total_params"] = 3.5e6  # only 12.5% fewer parameters
-    assert not study_report.claims(runs)[1][3]
+def _run(model, seed, loss, total=1.0e6, active=1.0e6, curve=None, tokens=400):
+    return {"model": model, "seed": seed, "val_loss": loss, "total_params": total, "active_params": active,
+            "tokens": tokens, "val_curve": curve if curve is not None else [(tokens, loss)], "wall_seconds": 60,
+            "val_ppl": math.exp(loss), "tokens_per_s": None, "lambada_acc": None, "lambada_ppl": None,
+            "piqa_acc": None, "piqa_acc_norm": None}
+
+
+def _study(moe3_curve=((100, 5.5), (200, 5.2), (300, 5.0), (400, 4.95))):
+    """Dense 5.00/5.02/5.04 (mean 5.02, spread 0.04); MoE 4.80/4.82/4.83 (spread 0.03): gap 0.2033 >= 3 x 0.04."""
+    return [_run("dense", 1, 5.00), _run("dense", 2, 5.02), _run("dense", 3, 5.04),
+            _run("moe", 1, 4.80, 4e6, curve=[(100, 5.42), (200, 4.92), (300, 4.85), (400, 4.80)]),
+            _run("moe", 2, 4.82, 4e6, curve=[(100, 5.30), (200, 5.10), (300, 4.90), (400, 4.82)]),
+            _run("moe", 3, 4.83, 4e6, curve=list(moe3_curve)),
+            _run("ds_moe", 1, 4.95, 8e6), _run("pr_moe", 1, 4.85, 2.9e6), _run("mos", 1, 4.88, 2.5e6),
+            _run("student_no_kd", 1, 5.00, 2.5e6)]
+
+
+def test_summary_and_claims_on_hand_made_runs():
+    runs = _study()
+    s = study_report.summarize(runs)
+    g, te = s["moe_vs_dense"], s["token_efficiency"]
+    assert g["gap"] == pytest.approx(5.02 - 4.8166666, abs=1e-6) and g["larger_spread"] == pytest.approx(0.04)
+    assert g["gap_over_spread"] == pytest.approx((5.02 - 4.8166666) / 0.04, abs=1e-4)
+    # target 5.02: seed 1 crosses between 100 (5.42) and 200 (4.92): 100 + 0.40/0.50 x 100 = 180 -> 180/400;
+    # seed 2 between 200 (5.10) and 300 (4.90): 240 -> 0.6; seed 3 between 200 (5.2) and 300 (5.0): 290 -> 0.725
+    assert [x["ratio"] for x in te["per_seed"]] == pytest.approx([0.45, 0.6, 0.725])
+    assert te["mean_ratio"] == pytest.approx((0.45 + 0.6 + 0.725) / 3) and te["reached"] == 3
+    assert s["pr_moe_vs_moe"]["param_cut"] == pytest.approx(1 - 2.9 / 4)
+    assert s["mos_vs_teacher"]["loss_rel"] == pytest.approx(4.88 / 4.85 - 1)
+    verdicts = {c["claim"].split()[0] + str(i): c["pass"] for i, c in enumerate(study_report.claims(s))}
+    # gap 0.203 >= max(0.05, 0.12): PASS; ratio 0.592 <= 0.6: PASS; PR-MoE +0.69%, 27.5% fewer: PASS;
+    # MoS +0.62% of its teacher: PASS
+    assert list(verdicts.values()) == [True, True, True, True]
+    runs[2]["val_loss"] = 5.10  # dense spread 0.10: the gap 0.2366 is below 3 x 0.10
+    assert [c["pass"] for c in study_report.claims(study_report.summarize(runs))][0] is False
+
+
+def test_token_efficiency_not_reached_is_a_miss():
+    runs = _study(moe3_curve=[(100, 5.5), (200, 5.3), (300, 5.1), (400, 5.03)])  # never at or below 5.02
+    runs[5]["val_loss"] = 5.03
+    te = study_report.summarize(runs)["token_efficiency"]
+    assert [x["how"] for x in te["per_seed"]] == ["interpolated", "interpolated", "not_reached"]
+    assert te["mean_ratio"] is None and te["reached"] == 2
+    assert study_report.ratio_text(te["per_seed"][2]) == "not reached"
+    claim = study_report.claims(study_report.summarize(runs))[1]
+    assert claim["pass"] is False and "seed 3 not reached" in claim["measured"]
+
+
+def test_study_claims_prints_figures_and_verdicts(tmp_path, capsys):
+    runs = _study()
+    runs[7]["total_params"] = 3.5e6  # PR-MoE only 12.5% smaller than MoE: a MISS
+    summary = study_report.summarize(runs)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"version": 2, "runs": runs, "summary": summary,
+                                "claims": study_report.claims(summary)}))
+    assert study_claims.main([str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"study v2 ({path})"
+    assert "  dense: final val loss 5.0000, 5.0200, 5.0400; mean 5.0200; seed spread 0.0400 (3 seed(s))" in out
+    assert "  token-efficiency ratio, MoE seed 2: 0.600" in out
+    assert any(l.startswith("  MoE - dense gap: 0.2033 nats; larger seed spread 0.0400; gap / larger spread 5.08")
+               for l in out)
+    assert "  PR-MoE vs MoE: loss +0.69%, parameters -12.50% (3.50M vs 4.00M)" in out
+    verdicts = [l.split()[0] for l in out if l.startswith(("PASS", "MISS"))]
+    assert verdicts == ["PASS", "PASS", "MISS", "PASS"] and out[-1] == "3 of 4 targets met"
+    # a v1-style JSON (runs only) gives the same figures, computed from the runs
+    path.write_text(json.dumps({"runs": runs}))
+    assert study_claims.main([str(path)]) == 0
+    out1 = capsys.readouterr().out.splitlines()
+    assert out1[0] == f"study v1 ({path})" and out1[-1] == "3 of 4 targets met"
+
+
+def test_study_claims_unreadable_json_exits_2(tmp_path, capsys):
+    bad = tmp_path / "study.json"
+    bad.write_text("{not json")
+    assert study_claims.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad}: unreadable study JSON (JSONDecodeError")
+    bad.write_text(json.dumps({"version": 2}))  # no runs, no summary
+    assert study_claims.main([str(bad)]) == 2
+
+
+def test_report_markdown_json_fields_and_plot(tmp_path):
+    runs = _study()
+    summary = study_report.summarize(runs)
+    verdicts = study_report.claims(summary)
+    md = study_report.markdown(runs, summary, verdicts, "# header")
+    assert "| MoE (modern) | 1 | 4.00M | 1.00M | 400 | 4.8000 | 121.5 | n/a | 1.0 |" in md  # wall-clock 60 s
+    assert "| dense | 3 | 5.0000, 5.0200, 5.0400 | 5.0200 | 0.0400 |" in md  # per arm: losses, mean, spread
+    assert "seed 1 0.450, seed 2 0.600, seed 3 0.725; mean 0.592." in md
+    assert md.count("| PASS |") == 4
+    assert set(summary) == {"arms", "moe_vs_dense", "token_efficiency", "ds_moe_vs_moe", "pr_moe_vs_moe",
+                            "mos_vs_teacher"}
+    png = tmp_path / "p.png"
+    study_report.plot(runs, summary, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_log_parsing_handles_a_resumed_run(tmp_path):
     log = tmp_path / "train.log"
     line = " iteration {:8d}/       4 | consumed samples: {:10d} | consumed tokens: {:12d} | tokens/s: {} |\n"
-    log.write_text(line.format(2, 64, 16384, 900) + " validation loss at iteration 2 | lm loss value: 6.0E+00 |\n"
-                   + "exiting at iteration 2 (signal)\n" + line.format(4, 128, 32768, 1000)
+    moe = "   moe layer 0: aux 0.0100 | tokens/expert min 1 max 9 cv 0.500 | dropped {}%\n"
+    log.write_text(line.format(2, 64, 16384, 900) + moe.format("12.50")
+                   + " validation loss at iteration 2 | lm loss value: 6.0E+00 |\n"
+                   + "exiting at iteration 2 (signal)\n" + line.format(4, 128, 32768, 1000) + moe.format("0.00")
                    + " validation loss at iteration 4 | lm loss value: 5.0E+00 |\n"
                    + " validation loss at the end of training (validation set) | lm loss value: 4.9E+00 |\n")
     got = study_report.parse_log(str(log))
     assert got["curve"] == [(16384, 6.0), (32768, 4.9)] and got["val_loss"] == 4.9 and got["tokens"] == 32768
-    assert got["tokens_per_s"] == 1000
+    assert got["tokens_per_s"] == 1000 and got["dropped_pct"] == [(2, 12.5), (4, 0.0)]
+    (tmp_path / "wall_seconds").write_text("30\n45\n")
+    assert study_report.wall_seconds(str(tmp_path / "wall_seconds")) == 75
     with pytest.raises(ValueError, match="MODEL:SEED=DIR"):
         study_report.collect(["dense=somewhere"])
+
+
+def test_active_params_equal_a_model_with_only_k_experts():
+    """Active parameters of top-2 of 4 experts = all parameters of the same model with exactly 2 experts (every
+    expert used), an independent count."""
+    from megatron.config import ModelConfig
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    mcfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32, seq_length=8,
+                       max_position_embeddings=8, padded_vocab_size=64)
+    total4, active4 = study_params.param_counts(GPTModel(mcfg, MoEConfig(num_experts=(4,), topk=2)), 2)
+    total2, active2 = study_params.param_counts(GPTModel(mcfg, MoEConfig(num_experts=(2,), topk=2)), 2)
+    router_extra = 2 * 16  # the router's weight is [E, D]: 2 more experts = 32 more router weights (no bias)
+    assert total2 == active2 and active4 == total2 + router_extra
+    assert total4 - active4 == 2 * (2 * 16 * 32 + 32 + 16)  # two unused experts of fc1 [16x32]+32, fc2 [32x16]+16
