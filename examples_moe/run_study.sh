@@ -24,6 +24,7 @@
 #       EVAL_ITERS=2 SEEDS="1 2 3" bash examples_moe/run_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+{  # bash reads this whole block before running it, so editing the script during a study (hours) is safe
 
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo ./data)}
@@ -68,6 +69,19 @@ SEED0=${SEEDS%% *}
 N_SEEDS=$(wc -w <<< "$SEEDS")
 mkdir -p "$OUT"
 [ -f "$OUT/start_time" ] || date +%s > "$OUT/start_time"
+# a resumed study must keep the settings its finished runs used
+SETTINGS="hidden=$HIDDEN heads=$HEADS seq=$SEQ layers=$LAYERS/$STUDENT_LAYERS experts=$MOE_EXPERTS top$MOE_TOPK ffn=$MOE_FFN
+moe=$MOE_RECIPE_FLAGS
+ds=$DS_RECIPE_FLAGS
+pr=$PR_EXPERTS student=$STUDENT_EXPERTS batch=$MICRO_BATCH/$GLOBAL_BATCH kd=$KD_FRACTION seeds=$SEEDS
+tokens=$STUDY_TOKENS eval=$EVAL_POINTS x $EVAL_ITERS vocab=$VOCAB_SIZE"
+[ -f "$OUT/settings.txt" ] || echo "$SETTINGS" > "$OUT/settings.txt"
+if [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
+  echo "error: the settings differ from those $OUT was started with ($OUT/settings.txt):" >&2
+  diff <(cat "$OUT/settings.txt") <(echo "$SETTINGS") >&2 || true
+  echo "restore them, or delete $OUT (or set OUT=...) to start a new study" >&2
+  exit 2
+fi
 
 read -r -a MOE_RECIPE <<< "$MOE_RECIPE_FLAGS"
 read -r -a DS_RECIPE <<< "$DS_RECIPE_FLAGS"
@@ -206,3 +220,5 @@ mkdir -p "$DOCS"
     --recipe "modern MoE: top-$MOE_TOPK of $MOE_EXPERTS experts of FFN $MOE_FFN, $MOE_RECIPE_FLAGS; DeepSpeed arm: $DS_RECIPE_FLAGS" \
     --runs "${RUNS[@]}"
 "$PYTHON" tools/study_claims.py "$DOCS/study.json"
+exit
+}
