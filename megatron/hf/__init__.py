@@ -21,7 +21,9 @@ from megatron.errors import CheckpointError, ConfigError
 from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf, training_flags
 from megatron.hf.weights import SafetensorsReader, export_tensors, import_experts, import_tensors, write_shards
 
-__all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint"]
+__all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint",
+           "checkpoint_training_flags"]
+FLAGS_FILE = "hf_import_flags.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -181,7 +183,8 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     raw = json.load(open(os.path.join(hf_dir, "config.json")))
     configs = {**recorded(cfg, recorded_moe), "tokenizer": tokenizer, "parallel": {"tensor_model_parallel_size": 1},
                "converted_from": os.path.abspath(hf_dir), "hf_config": raw,
-               "training_flags": training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"])}
+               "training_flags": training_flags(cfg, recorded_moe, tokenizer["tokenizer_model"]) +
+               (["--tensor-model-parallel-size", str(target_tp)] if target_tp > 1 else [])}
     reader = SafetensorsReader(hf_dir)
     try:
         model = _model_without_experts(cfg, moe)  # the routed experts go from safetensors to their files
@@ -190,9 +193,40 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
         out = write_checkpoint(save, model.eval(), configs, experts)
     finally:
         reader.close()
-    with open(os.path.join(save, "hf_import_flags.txt"), "w") as f:  # beside the checkpoint, for --finetune
+    with open(os.path.join(save, FLAGS_FILE), "w") as f:  # beside the checkpoint, for --finetune
         f.write(shlex.join(configs["training_flags"]) + "\n")
     return out
+
+
+def checkpoint_training_flags(load: str) -> list:
+    """pretrain_gpt.py flags that rebuild the model of the --load checkpoint (--use-checkpoint-args): the ones an
+    import recorded (configs["training_flags"]), else, for a checkpoint trained here whose blocks a Hugging Face
+    family computes (e.g. continued from an import), the same flags made from its recorded configs. One-line
+    ConfigError for a checkpoint with neither."""
+    from megatron import checkpointing
+    from megatron.checkpointing import model_configs_from_checkpoint
+
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)
+    n = max(1, checkpointing.num_tp_shards(ckpt_dir))
+    # mmap: only the recorded configs are read, not the weights
+    payload = torch.load(checkpointing.dense_path(ckpt_dir, 0), map_location="cpu", mmap=True, weights_only=False)
+    configs = payload.get("configs") or {}
+    if configs.get("training_flags"):
+        return list(configs["training_flags"])
+    cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
+    try:
+        to_hf(cfg, moe, infer_architecture(cfg, moe))
+    except ConfigError as e:
+        raise ConfigError(f"--use-checkpoint-args: {ckpt_dir} records no training flags and its model is not a "
+                          f"Hugging Face family's ({e}); give the architecture flags instead") from None
+    tok = configs.get("tokenizer") or {}
+    hf_tok = tok.get("tokenizer_model") if tok.get("tokenizer_type") == "HuggingFaceTokenizer" else None
+    if moe is not None and configs["moe"].get("ep_size"):
+        import dataclasses
+        moe = dataclasses.replace(moe, ep_size=tuple(configs["moe"]["ep_size"]))
+    seq = (configs.get("data") or {}).get("seq_length")
+    flags = training_flags(cfg, moe, hf_tok, seq_length=seq)
+    return flags + (["--tensor-model-parallel-size", str(n)] if n > 1 else [])
 
 
 def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,

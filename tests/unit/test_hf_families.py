@@ -127,6 +127,51 @@ def test_recorded_training_flags_rebuild_the_imported_configs(tmp_path, name):
         assert moe == MoEConfig.from_recorded(configs["moe"])
 
 
+def _configs_of(argv):
+    from megatron.arguments import model_config_from_args, moe_config_from_args, parse_args
+
+    args = parse_args(argv + ["--train-iters", "1"])
+    return args, model_config_from_args(args, V), moe_config_from_args(args)
+
+
+def test_use_checkpoint_args_takes_the_recorded_architecture(tmp_path, capsys):
+    """--use-checkpoint-args --load IMPORT builds the imported configs with no model flags; a flag given on the command
+    line wins (and the resume check then names it); a checkpoint trained here whose blocks a family computes (no
+    recorded flags) gets the same flags made from its configs; one no family computes is refused in one line."""
+    import dataclasses
+
+    from megatron import checkpointing
+    from megatron.config import ModelConfig
+    from megatron.hf.configs import recorded
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    _, d = _hf_dir(tmp_path, "qwen3_moe")
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck"), "--target-ep", "2"]) == 0
+    _, configs = load_whole_model(str(tmp_path / "ck"))
+    args, model, moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ck")])
+    want = ModelConfig.from_recorded(configs["model"])
+    assert dataclasses.replace(model, seq_length=want.seq_length) == want
+    assert moe == MoEConfig.from_recorded(configs["moe"]) and moe.ep_size == (2,)
+    args, _, moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ck"),
+                                "--expert-model-parallel-size", "1"])
+    assert moe.ep_size == (1,)  # the command line comes after the recorded flags
+    # trained here with Qwen3-MoE's blocks: flags made from the recorded configs
+    cfg, moe = want, MoEConfig.from_recorded(configs["moe"], ep_size=1)
+    checkpointing.save_checkpoint(str(tmp_path / "here"), 5, GPTModel(cfg, moe, None), None, None, None, {},
+                                  recorded(cfg, moe))  # no training_flags, no hf_config
+    _, got, got_moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "here")])
+    assert dataclasses.replace(got, seq_length=cfg.seq_length) == cfg and got_moe == moe
+    # DeepSpeed routing (capacity, RTS) is no family's: one line
+    moe = MoEConfig(num_experts=4, topk=2, layer_freq=1)
+    checkpointing.save_checkpoint(str(tmp_path / "ds"), 1, GPTModel(cfg, moe, None), None, None, None, {},
+                                  recorded(cfg, moe))
+    from megatron.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^--use-checkpoint-args: .* records no training flags and its model is "
+                                          r"not a Hugging Face family's \(.*\); give the architecture flags instead$"):
+        _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ds")])
+
+
 @torch.no_grad()
 def test_import_reads_fused_expert_tensors(tmp_path):
     """transformers 5's in-memory form (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]) in the
