@@ -27,7 +27,7 @@ def _offline(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
-def _gpt2_tokenizer(d):
+def _gpt2_tokenizer(d, bos=False):
     """The GPT-2 BPE as a tokenizers-library tokenizer.json (byte-level BPE over the shared vocab/merges files;
     ids equal GPT-2's) with a tokenizer_config.json naming <|endoftext|>: what AutoTokenizer and the import read."""
     import json
@@ -40,22 +40,29 @@ def _gpt2_tokenizer(d):
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    if bos:  # Llama's convention: a <s> the post-processor puts before every encoded text
+        from tokenizers import processors
+
+        t.add_special_tokens([AddedToken("<s>", special=True)])
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                         special_tokens=[("<s>", t.token_to_id("<s>"))])
     t.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                          "eos_token": "<|endoftext|>",
-                                                         "bos_token": "<|endoftext|>"}))
+                                                         "bos_token": "<s>" if bos else "<|endoftext|>"}))
     return transformers.AutoTokenizer.from_pretrained(str(d))
 
 
 def _hf_dir(tmp_path, name):
     d = tmp_path / name
     d.mkdir()
-    tok = _gpt2_tokenizer(d)
-    assert tok.encode("Question: hello there") == [24361, 25, 23748, 612]  # GPT-2's ids
+    tok = _gpt2_tokenizer(d, bos=name.endswith("-bos"))
+    assert tok.encode("Question: hello there")[-4:] == [24361, 25, 23748, 612]  # GPT-2's ids
     common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                  max_position_embeddings=96, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                  max_position_embeddings=96, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=None, tie_word_embeddings=False)
-    cfg = {"llama": lambda: transformers.LlamaConfig(intermediate_size=48, num_hidden_layers=2, **common),
+    llama = lambda: transformers.LlamaConfig(intermediate_size=48, num_hidden_layers=2, **common)  # noqa: E731
+    cfg = {"llama": llama, "llama-bos": llama,
            "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
                intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, head_dim=8, num_experts=4,
                num_experts_per_tok=2, norm_topk_prob=True, **common)}[name]()
@@ -70,7 +77,7 @@ def _hf_dir(tmp_path, name):
     return str(d)
 
 
-@pytest.mark.parametrize("name", ["llama", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # ~30 s each
+@pytest.mark.parametrize("name", ["llama", "llama-bos", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # ~30 s each
 def test_harness_hf_model_equals_megatron_moe_on_the_import(tmp_path, real_data_dir, name):  # noqa: F811
     from lm_eval.tasks import TaskManager
 
@@ -99,3 +106,28 @@ def test_harness_hf_model_equals_megatron_moe_on_the_import(tmp_path, real_data_
     for key in (("lambada", "acc"), ("piqa", "acc"), ("piqa", "acc_norm")):
         assert ours[key] == theirs[key], (key, ours, theirs)
     assert ours[("lambada", "ppl")] == pytest.approx(theirs[("lambada", "ppl")], rel=1e-4), (ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-bos"])
+def test_each_request_type_equals_the_hf_model(tmp_path, name):
+    """The three request types one by one, the edge cases included: an empty context (the prefix token: BOS when
+    the tokenizer has one, else EOS), a rolling log-likelihood longer than the window (prefix token, BOS from the
+    post-processor in front of the text), greedy generate_until."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    d = _hf_dir(tmp_path, name)
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    theirs = HFLM(pretrained=d, dtype="float32", batch_size=4, device="cpu")
+    ours = harness.MegatronMoELM(load=str(tmp_path / "ck"), batch_size=4, device="cpu")
+    text = " ".join(["the quick brown fox jumps over the lazy dog and"] * 30)  # ~300 tokens > the 96 window
+    ll = [Instance(request_type="loglikelihood", doc={}, idx=0, arguments=(c, x))
+          for c, x in (("", " hello world"), ("Question: why?", " Because."), ("A", "<|endoftext|> B"))]
+    for a, b in zip(ours.loglikelihood(ll, disable_tqdm=True), theirs.loglikelihood(ll, disable_tqdm=True)):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]  # fp32 sums of ~1e-5 token differences
+    roll = [Instance(request_type="loglikelihood_rolling", doc={}, idx=0, arguments=(text,))]
+    (a,), (b,) = ours.loglikelihood_rolling(roll, disable_tqdm=True), theirs.loglikelihood_rolling(roll, True)
+    assert a == pytest.approx(b, rel=1e-5)
+    gen = [Instance(request_type="generate_until", doc={}, idx=0,
+                    arguments=("The quick brown", {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}))]
+    assert ours.generate_until(gen, disable_tqdm=True) == theirs.generate_until(gen, disable_tqdm=True)
