@@ -215,16 +215,50 @@ def test_import_for_target_tp_and_ep(tmp_path, capsys):
     assert "--target-ep 3: the expert count (4) is not divisible by it" in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
 @torch.no_grad()
 def test_greedy_generation_tokens_equal_transformers(tmp_path, name):
+    """32 new tokens, KV-cached decode (megatron.inference.generate, what tools/generate.py runs) vs transformers'
+    greedy generate: identical token ids (a near-tie between two tokens would need logits within ~1e-5)."""
     hf, d = _hf_dir(tmp_path, name)
     assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
     ours, _ = load_whole_model(str(tmp_path / "ck"))
     prompt = _ids(3)[0, :6].tolist()
-    mine = generate(ours, prompt, 16, temperature=0.0)  # KV-cached decode
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    mine = generate(ours, prompt, 32, temperature=0.0)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
     assert mine == theirs[0, len(prompt):].tolist()
+
+
+def test_generate_cli_text_equals_transformers(tmp_path, capsys):
+    """tools/generate.py --temperature 0 on an import with a byte-level BPE tokenizer.json prints the prompt and the
+    text of transformers' 32 greedy tokens (both stop at the end-of-document token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.conftest import ROOT, synthetic_docs
+    import importlib.util
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_docs(50), trainers.BpeTrainer(
+        vocab_size=V, special_tokens=["<|endoftext|>"]))  # the corpus' bytes only: V is small
+    assert tok.get_vocab_size() <= V
+    hf, d = _hf_dir(tmp_path, "qwen3_moe")
+    tok.save(os.path.join(d, "tokenizer.json"))
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(ROOT, "tools", "generate.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    prompt = "the cat sat"
+    capsys.readouterr()
+    assert tool.main(["--load", str(tmp_path / "ck"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                      "32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    eod = tok.token_to_id("<|endoftext|>")
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eod)[0, len(ids):]
+    new = out.tolist()[:out.tolist().index(eod) + 1] if eod in out.tolist() else out.tolist()  # both print it
+    assert len(new) >= 8 and printed == tok.decode(ids + new, skip_special_tokens=False), (printed, new)
 
 
 @torch.no_grad()
