@@ -80,6 +80,31 @@ def _ids(seed=0):
     return torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(seed))
 
 
+def _check_sha256sums(out):
+    """The export's SHA256SUMS lists every other file of the directory with its SHA-256 (hashlib, independently)."""
+    import hashlib
+
+    listed = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in open(out / "SHA256SUMS"))
+    assert sorted(listed) == sorted(n for n in os.listdir(out) if n != "SHA256SUMS")
+    for name, digest in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+
+
+def _check_import_manifest(save):
+    """The import is a checkpoint as the checkpointing package writes one: per-expert files, checksums.json listing
+    every file with its xxh3-64, each verified by the loader's own check."""
+    from megatron import checkpointing
+    from megatron.checkpointing.integrity import load_checkpoint_file, read_manifest
+
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(str(save))
+    files = read_manifest(ckpt_dir)
+    on_disk = {os.path.relpath(os.path.join(d, n), ckpt_dir) for d, _, ns in os.walk(ckpt_dir) for n in ns}
+    assert set(files) == on_disk - {"checksums.json"}
+    for rel in files:
+        load_checkpoint_file(ckpt_dir, os.path.join(ckpt_dir, rel))  # raises CorruptCheckpointError on a mismatch
+    assert not [n for n in os.listdir(save) if n.startswith(".")]  # no scratch file or temporary root left
+
+
 @pytest.mark.parametrize("name", list(_configs()))
 @torch.no_grad()
 def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
@@ -93,9 +118,11 @@ def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
     diff = (ours(ids).logits - want).abs().max().item()
     assert diff < ATOL, f"{name} import: {diff}"
     assert configs["hf_config"]["architectures"] == hf.config.architectures
+    _check_import_manifest(tmp_path / "ck")
     # export (auto: the imported architecture), then transformers loads it with the same logits
     assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out"),
                      "--max-shard-size-gb", "0.00002"]) == 0, capsys.readouterr().err
+    _check_sha256sums(tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
     assert type(back) is type(hf)
     diff = (back(ids).logits - want).abs().max().item()
