@@ -281,13 +281,16 @@ def checkpoint_training_flags(load: str) -> list:
     except ConfigError as e:
         raise ConfigError(f"--use-checkpoint-args: {ckpt_dir} records no training flags and its model is not a "
                           f"Hugging Face family's ({e}); give the architecture flags instead") from None
-    tok = configs.get("tokenizer") or {}
-    hf_tok = tok.get("tokenizer_model") if tok.get("tokenizer_type") == "HuggingFaceTokenizer" else None
     if moe is not None and configs["moe"].get("ep_size"):
         import dataclasses
         moe = dataclasses.replace(moe, ep_size=tuple(configs["moe"]["ep_size"]))
     seq = (configs.get("data") or {}).get("seq_length")
-    flags = training_flags(cfg, moe, hf_tok, seq_length=seq)
+    flags = training_flags(cfg, moe, None, seq_length=seq)
+    tok = configs.get("tokenizer") or {}  # the recorded tokenizer, whichever it is (later flags win)
+    for flag, key in (("--tokenizer-type", "tokenizer_type"), ("--vocab-file", "vocab_file"),
+                      ("--merge-file", "merge_file"), ("--tokenizer-model", "tokenizer_model"),
+                      ("--make-vocab-size-divisible-by", "make_vocab_size_divisible_by")):
+        flags += [flag, str(tok[key])] if tok.get(key) is not None else []
     return flags + (["--tensor-model-parallel-size", str(n)] if n > 1 else [])
 
 
