@@ -121,8 +121,8 @@ def _auto_format(load: str, architecture) -> str:
 
     from megatron import checkpointing
 
-    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)  # TP rank 0's dense file: the configs decide
-    payload, _ = checkpointing.load_dense(load, 0, max(1, checkpointing.num_tp_shards(ckpt_dir)))
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)  # TP rank 0's dense file (mapped): the configs decide
+    payload = checkpointing.load_checkpoint_file(ckpt_dir, checkpointing.dense_path(ckpt_dir, 0), mmap=True)
     configs = payload.get("configs") or {}
     cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
     arch = architecture or ((configs.get("hf_config") or {}).get("architectures") or [None])[0]

@@ -260,6 +260,29 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     return out
 
 
+class MappedStateDict:
+    """The `model` state dict of a dense checkpoint file loaded with torch.load(mmap=True), re-mapped after every
+    `remap_bytes` handed out: the pages a mapping has touched count in the process's RSS until the mapping goes, and
+    it goes with the last tensor viewing it (export copies each tensor into its output shard)."""
+
+    def __init__(self, path: str, sd: dict, remap_bytes: int = 256 * 2 ** 20):
+        self.path, self._sd, self.remap_bytes, self._read = path, sd, remap_bytes, 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sd
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._read >= self.remap_bytes:  # the file was verified when first loaded; nobody rewrites it in place
+            self._sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)["model"]
+            self._read = 0
+        t = self._sd[name]
+        self._read += t.numel() * t.element_size()
+        return t
+
+    def keys(self):
+        return self._sd.keys()
+
+
 def checkpoint_training_flags(load: str) -> list:
     """pretrain_gpt.py flags that rebuild the model of the --load checkpoint (--use-checkpoint-args): the ones an
     import recorded (configs["training_flags"]), else, for a checkpoint trained here whose blocks a Hugging Face
@@ -300,7 +323,13 @@ def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,
     from megatron import checkpointing
     from megatron.checkpointing import load_dense_whole, model_configs_from_checkpoint
 
-    payload, ckpt_dir = load_dense_whole(load)  # the dense part (TP shards merged); experts are read one by one
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)
+    if checkpointing.num_tp_shards(ckpt_dir) <= 1:  # the dense file read a window at a time (MappedStateDict)
+        path = checkpointing.dense_path(ckpt_dir, 0)
+        payload = checkpointing.load_checkpoint_file(ckpt_dir, path, mmap=True)  # verified, then mapped
+        payload["model"] = MappedStateDict(path, payload["model"])
+    else:
+        payload, ckpt_dir = load_dense_whole(load)  # TP shards merged in memory; experts are read one by one
     configs = payload.get("configs") or {}
     cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
 
