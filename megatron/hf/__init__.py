@@ -19,7 +19,8 @@ import torch
 
 from megatron.errors import CheckpointError, ConfigError
 from megatron.hf.configs import FAMILIES, from_hf, infer_architecture, recorded, to_hf, training_flags
-from megatron.hf.weights import SafetensorsReader, export_tensors, import_experts, import_tensors, write_shards
+from megatron.hf.weights import (SafetensorsReader, StoredDtype, export_tensors, import_experts, import_tensors,
+                                 write_shards)
 
 __all__ = ["FAMILIES", "import_hf", "export_hf", "hf_architecture", "hf_vocab_size", "write_checkpoint",
            "checkpoint_training_flags"]
@@ -248,7 +249,7 @@ def import_hf(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 1,
     backing = None
     try:  # the routed experts go from safetensors to their files; the rest through a file-backed mapping
         model, backing = _model_without_experts(cfg, moe, os.path.join(save, ".hf_import_dense.tmp"))
-        _fill(model, import_tensors(reader, cfg, moe, arch, hf_cfg, experts=False), hf_dir, backing.drop)
+        _fill(model, import_tensors(StoredDtype(reader), cfg, moe, arch, hf_cfg, experts=False), hf_dir, backing.drop)
         experts = import_experts(reader, cfg, moe, arch) if moe is not None else None
         out = write_checkpoint(save, model.eval(), configs, experts, backing)
     finally:

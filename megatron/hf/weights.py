@@ -60,7 +60,8 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, to_float32: bool = True) -> torch.Tensor:
+        """The tensor `name`, in fp32 (or as stored, `to_float32=False`)."""
         if name not in self.where:
             raise CheckpointError(f"--hf-dir {self.hf_dir}: tensor {name} is missing from the safetensors")
         shard = self.where[name]
@@ -71,12 +72,27 @@ class SafetensorsReader:
         self._read[shard] += t.numel() * t.element_size()
         if self._read[shard] >= self.remap_bytes:
             self._files.pop(shard).__exit__(None, None, None)
-        return t.to(torch.float32)
+        return t.to(torch.float32) if to_float32 else t
 
     def close(self) -> None:
         for f in self._files.values():
             f.__exit__(None, None, None)
         self._files.clear()
+
+
+class StoredDtype:
+    """A SafetensorsReader whose tensors keep their stored dtype (bf16 stays bf16): for import_tensors feeding
+    parameters, whose copy_ converts (exactly: every layout step is a cat, reshape or row permutation), so the
+    largest tensor is not held a second time in fp32."""
+
+    def __init__(self, reader: SafetensorsReader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name, to_float32=False)
 
 
 # ------------------------------------------------------------------------------------------------ layouts

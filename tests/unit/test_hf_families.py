@@ -199,6 +199,23 @@ def test_use_checkpoint_args_takes_the_recorded_architecture(tmp_path, capsys):
         _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ds")])
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+@torch.no_grad()
+def test_bf16_safetensors_import_exactly(tmp_path, name):
+    """bf16 shards (as the Hub's): the dense part is laid out in bf16 and converted by the parameters' copy_, the
+    experts in fp32; both exact, so the logits equal the fp32 transformers model holding the same bf16 values."""
+    hf, d = _hf_dir(tmp_path, name)
+    for p in hf.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+    import copy
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # hf keeps its fp32 buffers (RoPE)
+    assert cli.main(["import", "--hf-dir", str(tmp_path / "bf16"), "--save", str(tmp_path / "ck")]) == 0
+    ours, _ = load_whole_model(str(tmp_path / "ck"))
+    assert all(t.dtype == torch.float32 for t in ours.state_dict().values() if t.is_floating_point())
+    ids = _ids()
+    assert (ours(ids).logits - hf(ids).logits).abs().max().item() < ATOL
+
+
 @torch.no_grad()
 def test_import_reads_fused_expert_tensors(tmp_path):
     """transformers 5's in-memory form (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]) in the
