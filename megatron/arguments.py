@@ -480,7 +480,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimizer_offload_args(p)
     add_deepspeed_args(p)
     add_device_args(p)
+    add_checkpoint_architecture_args(p)
     return p
+
+
+def add_checkpoint_architecture_args(p: argparse.ArgumentParser) -> None:
+    """Issue 26: continue training an imported model without repeating its architecture flags."""
+    g = p.add_argument_group("architecture from the checkpoint")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model, MoE and tokenizer flags recorded in the --load checkpoint (a Hugging Face "
+                        "import, or a model a Hugging Face family computes); flags given on the command line come "
+                        "after them and win (an architecture that then differs from the checkpoint is refused "
+                        "naming the flag)")
+
+
+def _with_checkpoint_args(p: argparse.ArgumentParser, argv: list) -> list:
+    """argv with the --load checkpoint's recorded architecture flags in front (--use-checkpoint-args)."""
+    args = p.parse_args(argv)
+    if not args.use_checkpoint_args:
+        return argv
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args reads the --load checkpoint's flags; give --load")
+    from megatron.hf import checkpoint_training_flags
+
+    return checkpoint_training_flags(args.load) + argv
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> argparse.Namespace:
@@ -489,7 +512,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     p = build_parser()
     if extra_args_provider is not None:
         extra_args_provider(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _with_checkpoint_args(p, list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
     args.config_notes = []
     if args.deepspeed_config is not None and not args.deepspeed:

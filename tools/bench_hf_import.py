@@ -3,8 +3,12 @@
 straight to bf16 safetensors shards (no transformers model is built, so the writer's memory does not count).
 
     python tools/bench_hf_import.py --out /tmp/bench_hf [--layers 8 --hidden 1024 --experts 32 --moe-ffn 512]
+        [--vocab 32000] [--skip-export]
 
-Each conversion runs in its own process; peak RSS is that process's ru_maxrss. Prints one JSON line.
+Each conversion runs in its own process; peak RSS is that process's VmHWM (not ru_maxrss: Linux carries the
+forking parent's RSS across exec into it, so a bench process that just wrote GBs of shards would count). Prints one JSON line: the largest
+layer (a decoder layer or the embedding, fp32 as imported), the dense (non-expert) part, and for the import its peak
+RSS and that minus the largest layer (issue 26's target: <= 1.5 GB).
 """
 import argparse
 import json
@@ -77,7 +81,8 @@ def _run(args) -> dict:
     code = ("import resource, sys, time; sys.path.insert(0, %r); sys.argv = ['convert_hf'] + %r; "
             "import importlib.util as u; s = u.spec_from_file_location('c', %r); m = u.module_from_spec(s); "
             "s.loader.exec_module(m); t = time.time(); rc = m.main(sys.argv[1:]); "
-            "print('RESULT', rc, time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print('RESULT', rc, time.time() - t, hwm)"
             % (ROOT, args, os.path.join(ROOT, "tools", "convert_hf.py")))
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -99,17 +104,24 @@ def main() -> int:
     p.add_argument("--moe-ffn", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-mb", type=int, default=500)
+    p.add_argument("--skip-export", action="store_true", help="measure the import only")
     a = p.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     hf_dir, ck, out = (os.path.join(a.out, x) for x in ("hf", "ck", "export"))
     made = _write_model(hf_dir, a)
     h, f, e = a.hidden, a.moe_ffn, a.experts
-    largest_layer_fp32 = 4 * (e * 3 * h * f + 5 * h * h // 2 + e * h)  # experts + q/k/v/o (GQA 16:4) + router
+    # the largest "layer": a decoder layer (experts + q/k/v/o (GQA 16:4) + router) or the embedding (= the head)
+    largest_layer_fp32 = max(4 * (e * 3 * h * f + 5 * h * h // 2 + e * h), 4 * a.vocab * h)
+    dense_fp32 = 4 * (2 * a.vocab * h + a.layers * (5 * h * h // 2 + e * h))
     res = {**made, "largest_layer_fp32_gb": round(largest_layer_fp32 / 2 ** 30, 3),
+           "dense_part_fp32_gb": round(dense_fp32 / 2 ** 30, 3),
            "model_fp32_gb": round(made["hf_bytes"] * 2 / 2 ** 30, 2),
-           "import": _run(["import", "--hf-dir", hf_dir, "--save", ck]),
-           "export": _run(["export", "--load", ck, "--save", out, "--dtype", "bfloat16", "--max-shard-size-gb", "0.5"]),
-           "self_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+           "import": _run(["import", "--hf-dir", hf_dir, "--save", ck])}
+    res["import"]["above_largest_layer_gb"] = round(res["import"]["peak_rss_gb"] - largest_layer_fp32 / 2 ** 30, 2)
+    if not a.skip_export:
+        res["export"] = _run(["export", "--load", ck, "--save", out, "--dtype", "bfloat16",
+                              "--max-shard-size-gb", "0.5"])
+    res["self_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
     print(json.dumps(res))
     return 0
 

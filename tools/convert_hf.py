@@ -106,7 +106,9 @@ def _import(args) -> str:
     try:
         hf.import_hf(args.hf_dir, tmp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                      tokenizer_model=args.tokenizer_model, target_ep=args.target_ep, target_tp=args.target_tp)
-        return tp_tool.convert(tmp, args.save, args.target_tp, true_vocab_size=hf.hf_vocab_size(args.hf_dir))
+        out = tp_tool.convert(tmp, args.save, args.target_tp, true_vocab_size=hf.hf_vocab_size(args.hf_dir))
+        shutil.copyfile(os.path.join(tmp, hf.FLAGS_FILE), os.path.join(args.save, hf.FLAGS_FILE))
+        return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -119,7 +121,8 @@ def _auto_format(load: str, architecture) -> str:
 
     from megatron import checkpointing
 
-    payload, ckpt_dir = checkpointing.load_dense(load)  # the dense file only: the configs decide the format
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(load)  # TP rank 0's dense file (mapped): the configs decide
+    payload = checkpointing.load_checkpoint_file(ckpt_dir, checkpointing.dense_path(ckpt_dir, 0), mmap=True)
     configs = payload.get("configs") or {}
     cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
     arch = architecture or ((configs.get("hf_config") or {}).get("architectures") or [None])[0]

@@ -20,10 +20,11 @@ class _HashingWriter:
     """The file object torch.save writes through: each chunk is hashed (xxh3-64) and counted on its way to disk, so
     the checksum costs no second read."""
 
-    def __init__(self, f):
+    def __init__(self, f, after_write=None):
         import xxhash
 
         self.f, self.hash, self.bytes = f, xxhash.xxh3_64(), 0
+        self.after_write = after_write  # called after each chunk (megatron/hf: drops a file-backed model's pages)
         self.error: Optional[OSError] = None  # torch.save reports a failed write as a RuntimeError; this is why
 
     def write(self, chunk) -> int:
@@ -34,6 +35,8 @@ class _HashingWriter:
             self.error = e
             raise
         self.bytes += n
+        if self.after_write is not None:
+            self.after_write()
         return n
 
     def flush(self) -> None:
@@ -49,13 +52,14 @@ def _no_zip_crc32():
     return config.patch({"save.compute_crc32": False})
 
 
-def atomic_torch_save(obj, path: str, sync: bool = True) -> dict:
+def atomic_torch_save(obj, path: str, sync: bool = True, after_write=None) -> dict:
     """Writes `obj` to `path` (tmp file, fsync, rename); returns its manifest entry {"bytes", "xxh3_64"}. Without
-    `sync` the fsync is left to the caller (fsync_files: one pass over every file of a save)."""
+    `sync` the fsync is left to the caller (fsync_files: one pass over every file of a save). `after_write()` runs
+    after each chunk torch.save writes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
+        w = _HashingWriter(f, after_write)
         try:
             with _no_zip_crc32():
                 torch.save(obj, w)
@@ -118,10 +122,12 @@ def write_manifest_of(ckpt_dir: str, iteration: int) -> None:
     for dirpath, _, names in os.walk(ckpt_dir):
         for name in names:
             if name != MANIFEST:
+                h, n = xxhash.xxh3_64(), 0
                 with open(os.path.join(dirpath, name), "rb") as f:
-                    data = f.read()
-                files[os.path.relpath(os.path.join(dirpath, name), ckpt_dir)] = {
-                    "bytes": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+                    for chunk in iter(lambda: f.read(64 * 2 ** 20), b""):  # a file of GBs is never held whole
+                        h.update(chunk)
+                        n += len(chunk)
+                files[os.path.relpath(os.path.join(dirpath, name), ckpt_dir)] = {"bytes": n, "xxh3_64": h.hexdigest()}
     write_manifest(ckpt_dir, iteration, files)
 
 
@@ -188,9 +194,9 @@ def load_checkpoint_file(ckpt_dir: str, path: str, mmap: bool = False):
 
 
 def _verify(path: str, entry: dict) -> None:
-    """The file's size and xxh3-64 against its manifest entry (one sequential pass through a memory map)."""
-    import mmap
-
+    """The file's size and xxh3-64 against its manifest entry: one sequential pass, 64 MB at a time into one buffer
+    (not a memory map of the whole file: the pages a mapping has touched count in the process's peak RSS, a file of
+    GBs as a whole)."""
     import xxhash
 
     with open(path, "rb") as f:
@@ -199,13 +205,13 @@ def _verify(path: str, entry: dict) -> None:
             raise CorruptCheckpointError(f"checkpoint file {path} has {'fewer' if size < entry['bytes'] else 'more'}"
                                          f" bytes than recorded ({size if size < entry['bytes'] else 'more'}"
                                          f" vs {entry['bytes']}); the checkpoint is torn or corrupted")
-        if size == 0:
-            digest = xxhash.xxh3_64_hexdigest(b"")
-        else:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if hasattr(m, "madvise"):
-                    m.madvise(mmap.MADV_SEQUENTIAL)
-                digest = xxhash.xxh3_64_hexdigest(m)
+        h, buf = xxhash.xxh3_64(), memoryview(bytearray(min(size, 64 * 2 ** 20)))
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(buf[:n])
+        digest = h.hexdigest()
     if digest != entry["xxh3_64"]:
         raise CorruptCheckpointError(f"checkpoint file {path} does not match its checksum in {MANIFEST}; the "
                                      f"checkpoint is torn or corrupted")

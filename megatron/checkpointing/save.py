@@ -70,12 +70,14 @@ def prepare(root: str, iteration: int, model, optimizer, states: Dict[str, Optio
     return PendingSave(root, iteration, tmp, items, device, distributed, rank, snap.bytes if snap else 0, snap)
 
 
-def write(p: PendingSave) -> PendingSave:
+def write(p: PendingSave, after_write=None) -> PendingSave:
     """Phase 2 (no collectives, safe on a background thread): writes this rank's files into p.tmp. A failed write
-    (OSError) is recorded in p.failure, anything else in p.error; the payloads are released either way."""
+    (OSError) is recorded in p.failure, anything else in p.error; the payloads are released either way.
+    `after_write()` runs after each chunk written (atomic_torch_save)."""
+    hook = {"after_write": after_write} if after_write is not None else {}  # the plain call otherwise
     try:
         for rel, obj in p.items:
-            p.files[rel] = atomic_torch_save(obj, os.path.join(p.tmp, rel), sync=False)
+            p.files[rel] = atomic_torch_save(obj, os.path.join(p.tmp, rel), sync=False, **hook)
         fsync_files(os.path.join(p.tmp, rel) for rel in p.files)  # before commit's rename makes them the checkpoint
         for d in {os.path.dirname(os.path.join(p.tmp, rel)) for rel in p.files}:
             fsync_dir(d)  # their names too (a rank's own subdirectories; rank 0 fsyncs the temporary directory)

@@ -23,6 +23,8 @@ model_args (all optional but `load`):
         moe_expert_cache_bytes sets the cache (default 25%).
     max_gen_toks: default generation budget (256, as the harness's HF model); seed: sampling seed (1234);
     pad_multiple: scorer row padding (16); vocab_file, merge_file, tokenizer_model: tokenizer file overrides.
+    add_bos_token: as the harness's hf model: a Hugging Face tokenizer encodes with its post-processor (e.g. Llama's
+        BOS) unless false; the prefix token is its BOS when it has one (HarnessEncoding).
 
 The three request types (what the harness asks, and how it is answered):
     loglikelihood(context, continuation): the project's LoglikelihoodScorer (megatron/eval/scorer.py), which
@@ -69,6 +71,36 @@ def _batch_size(value) -> int:
     return size
 
 
+class HarnessEncoding:
+    """The tokenizer as lm-evaluation-harness's `hf` model encodes for a causal model (lm_eval 0.4.13, HFLM.tok_encode
+    and prefix_token_id): a Hugging Face tokenizer encodes as transformers does, special-token strings in the text
+    becoming their ids and with its post-processor (the default add_special_tokens=True: Llama-style tokenizers put
+    BOS before every context and rolling window) unless add_bos_token=False or the text already starts with the
+    prefix token's text; the prefix token (empty contexts,
+    rolling windows) is BOS when the tokenizer has one, else the end-of-document token. Other tokenizers (GPT-2 BPE,
+    SentencePiece) are unchanged: no special tokens, prefix = EOD. Everything else (eod: generation still stops at
+    the end-of-document token, as the harness's eot_token_id) goes to the tokenizer."""
+
+    def __init__(self, tokenizer, add_bos_token: Optional[bool] = None):
+        self._tok = tokenizer
+        self.hf = hasattr(tokenizer, "tokenize_like_transformers")
+        self.special = self.hf and add_bos_token is not False
+        bos = getattr(tokenizer, "bos", None) if self.hf else None
+        self.prefix = bos if bos is not None else tokenizer.eod  # the harness's prefix_token_id
+        self._prefix_text = tokenizer.detokenize([self.prefix]) if self.hf else None
+
+    def tokenize(self, text: str) -> List[int]:
+        if not self.hf:
+            return self._tok.tokenize(text)
+        return self._tok.tokenize_like_transformers(text, self.special and not text.startswith(self._prefix_text))
+
+    def tokenize_plain(self, text: str) -> List[int]:
+        return self._tok.tokenize_like_transformers(text, False) if self.hf else self._tok.tokenize(text)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 class MegatronMoELM(LM):
     """lm_eval LM over a megatron-moe checkpoint (see the module docstring for model_args)."""
 
@@ -77,7 +109,7 @@ class MegatronMoELM(LM):
                  max_length: Optional[int] = None, moe_offload: Optional[str] = None,
                  moe_expert_cache_bytes: str = "25%", max_gen_toks: int = 256, seed: int = 1234,
                  pad_multiple: int = 16, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
-                 tokenizer_model: Optional[str] = None, max_batch_size=None, **unused):
+                 tokenizer_model: Optional[str] = None, max_batch_size=None, add_bos_token=None, **unused):
         super().__init__()
         if unused:
             logger.warning("megatron_moe: ignoring model_args %s", ", ".join(sorted(unused)))
@@ -104,6 +136,8 @@ class MegatronMoELM(LM):
             tokenizer_overrides={"vocab_file": vocab_file, "merge_file": merge_file,
                                  "tokenizer_model": tokenizer_model},
             moe_overrides=moe_eval_overrides(self.token_dropping, eval_capacity_factor))
+        self.encoding = HarnessEncoding(self.tokenizer, None if add_bos_token is None else
+                                        str(add_bos_token).lower() in ("true", "1"))
         self.load = str(load)
         self.window = int(max_length or self.model.cfg.seq_length)
         if self.model.position_embeddings is not None and self.window > model_window(self.model):
@@ -132,16 +166,16 @@ class MegatronMoELM(LM):
 
     # ------------------------------------------------------------------------------------------ requests
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-        encoded = [encode_pair(self.tokenizer, *req.args[:2]) for req in requests]
+        encoded = [encode_pair(self.encoding, *req.args[:2]) for req in requests]
         return [(a.loglikelihood, a.is_greedy) for a in self._score(encoded, disable_tqdm, "loglikelihood")]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         windows: List[Request] = []
         owner: List[int] = []
         for i, req in enumerate(requests):
-            tokens = self.tokenizer.tokenize(req.args[0])
+            tokens = self.encoding.tokenize(req.args[0])
             for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.tokenizer.eod, max_seq_len=self.window, context_len=1)):
+                    token_list=tokens, prefix_token=self.encoding.prefix, max_seq_len=self.window, context_len=1)):
                 windows.append(Request(tuple(ctx), tuple(cont)))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -161,7 +195,7 @@ class MegatronMoELM(LM):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
             with self._autocast():
-                text = generate_until(self.model, self.tokenizer, context, until, int(kw["max_gen_toks"]),
+                text = generate_until(self.model, self.encoding, context, until, int(kw["max_gen_toks"]),
                                       temperature=temperature, top_k=int(kw.get("top_k") or 0),
                                       top_p=float(kw.get("top_p") or 1.0), generator=gen)
             out.append(text)

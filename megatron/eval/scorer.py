@@ -51,14 +51,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
 
     Trailing whitespace of the context moves onto the continuation; whole = tokenize(context + continuation),
     context ids = tokenize(context), continuation ids = whole[len(context ids):]. An empty context becomes the
-    end-of-document token (the harness's convention, so the first continuation token has something to condition on).
+    end-of-document token (the harness's convention, so the first continuation token has something to condition on),
+    or, when the continuation starts with that token, its first token.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    if context == "":
-        return Request((tokenizer.eod,), tuple(tokenizer.tokenize(continuation)))
+    if context == "":  # the continuation without special tokens, after the prefix token unless it starts with it
+        # (`prefix`, `tokenize_plain`: harness.HarnessEncoding's, where the harness's prefix_token_id is not the EOD)
+        prefix = getattr(tokenizer, "prefix", tokenizer.eod)
+        cont = getattr(tokenizer, "tokenize_plain", tokenizer.tokenize)(continuation)
+        return Request((prefix,), tuple(cont)) if cont[:1] != [prefix] else Request(tuple(cont[:1]), tuple(cont[1:]))
     whole = tokenizer.tokenize(context + continuation)
     context_ids = tokenizer.tokenize(context)
     return Request(tuple(context_ids), tuple(whole[len(context_ids):]))

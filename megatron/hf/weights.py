@@ -60,7 +60,8 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, to_float32: bool = True) -> torch.Tensor:
+        """The tensor `name`, in fp32 (or as stored, `to_float32=False`)."""
         if name not in self.where:
             raise CheckpointError(f"--hf-dir {self.hf_dir}: tensor {name} is missing from the safetensors")
         shard = self.where[name]
@@ -71,12 +72,27 @@ class SafetensorsReader:
         self._read[shard] += t.numel() * t.element_size()
         if self._read[shard] >= self.remap_bytes:
             self._files.pop(shard).__exit__(None, None, None)
-        return t.to(torch.float32)
+        return t.to(torch.float32) if to_float32 else t
 
     def close(self) -> None:
         for f in self._files.values():
             f.__exit__(None, None, None)
         self._files.clear()
+
+
+class StoredDtype:
+    """A SafetensorsReader whose tensors keep their stored dtype (bf16 stays bf16): for import_tensors feeding
+    parameters, whose copy_ converts (exactly: every layout step is a cat, reshape or row permutation), so the
+    largest tensor is not held a second time in fp32."""
+
+    def __init__(self, reader: SafetensorsReader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name, to_float32=False)
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -314,46 +330,53 @@ def export_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, moe, arch: str
         yield "lm_head.weight", sd["output_layer.weight"]
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
 def write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
                  dtype: torch.dtype = torch.float32) -> List[str]:
     """safetensors shards of at most max_shard_bytes (a larger single tensor gets a shard of its own) plus
-    model.safetensors.index.json when there is more than one; tensors are written as they come (one shard in
-    memory at a time)."""
-    from safetensors.torch import save_file
+    model.safetensors.index.json when there is more than one. Each tensor goes to disk as it comes, into its shard's
+    data file; a finished shard is its header (the safetensors format: 8-byte little-endian length, JSON, data) then
+    that file, copied in 64 MB chunks. So memory holds one tensor (in `dtype`), never a shard."""
+    import shutil
 
-    where: Dict[str, str] = {}
-    cur: Dict[str, torch.Tensor] = {}
-    size, total, n = 0, 0, 0
-    tmp_names = []
-
-    def flush():
-        nonlocal cur, size, n
-        if not cur:
-            return
-        n += 1
-        name = f"model-{n:05d}.safetensors.tmp"
-        save_file(cur, os.path.join(out_dir, name), metadata={"format": "pt"})
-        tmp_names.append((name, list(cur)))
-        cur, size = {}, 0
-
+    shards: List[Tuple[str, list]] = []  # (data file, [(name, shape, bytes)])
+    f, size, total = None, 0, 0
     for k, t in tensors:
-        t = t.detach().to(dtype).contiguous().clone()
+        t = t.detach().to(dtype).contiguous()
         b = t.numel() * t.element_size()
-        if cur and size + b > max_shard_bytes:
-            flush()
-        cur[k] = t
+        if f is not None and size + b > max_shard_bytes:
+            f.close()
+            f = None
+        if f is None:
+            shards.append((os.path.join(out_dir, f"model-{len(shards) + 1:05d}.safetensors.data.tmp"), []))
+            f, size = open(shards[-1][0], "wb"), 0
+        if b:
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, no copy
+        shards[-1][1].append((k, list(t.shape), b))
         size += b
         total += b
-    flush()
-    if n == 1:
-        os.replace(os.path.join(out_dir, tmp_names[0][0]), os.path.join(out_dir, SINGLE))
-        return [SINGLE]
-    files = []
-    for j, (tmp, keys) in enumerate(tmp_names, 1):
-        final = f"model-{j:05d}-of-{n:05d}.safetensors"
-        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
+        del t
+    if f is not None:
+        f.close()
+    n, files, where = len(shards), [], {}
+    for j, (data, entries) in enumerate(shards, 1):
+        final = SINGLE if n == 1 else f"model-{j:05d}-of-{n:05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for k, shape, b in entries:
+            header[k] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [off, off + b]}
+            off += b
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+        with open(os.path.join(out_dir, final + ".tmp"), "wb") as out, open(data, "rb") as src:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            shutil.copyfileobj(src, out, 64 * 2 ** 20)
+        os.replace(os.path.join(out_dir, final + ".tmp"), os.path.join(out_dir, final))
+        os.remove(data)
         files.append(final)
-        where.update({k: final for k in keys})
-    with open(os.path.join(out_dir, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": where}, f, indent=2)
+        where.update({k: final for k, _, _ in entries})
+    if n > 1:
+        with open(os.path.join(out_dir, INDEX), "w") as fi:
+            json.dump({"metadata": {"total_size": total}, "weight_map": where}, fi, indent=2)
     return files

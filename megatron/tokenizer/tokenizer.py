@@ -283,6 +283,7 @@ class HuggingFaceTokenizer(AbstractTokenizer):
             raise DataError(f"--tokenizer-model {path}: no end-of-document token (tokenizer_config.json eos_token "
                             f"{eos!r}, or one of {', '.join(self.EOD_CANDIDATES)}) in the vocabulary")
         self._eod = self._vocab[found]
+        self._bos = self._vocab.get(_hf_config_eos(os.path.dirname(os.path.abspath(file)), "bos_token"))
 
     @property
     def vocab_size(self) -> int:
@@ -303,16 +304,31 @@ class HuggingFaceTokenizer(AbstractTokenizer):
     def tokenize(self, text: str) -> List[int]:
         return self._rust.encode(text, add_special_tokens=False).ids
 
+    def tokenize_like_transformers(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        """transformers' `encode`: special-token strings in the text become their ids, and with add_special_tokens
+        the post-processor's tokens are added, e.g. Llama's BOS (what lm-evaluation-harness's `hf` model feeds a
+        causal model)."""
+        self._rust.encode_special_tokens = False
+        try:
+            return self._rust.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self._rust.encode_special_tokens = True
+
+    @property
+    def bos(self) -> Optional[int]:
+        """``bos_token`` of ``tokenizer_config.json`` beside the file, when in the vocabulary; else None."""
+        return self._bos
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._rust.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _hf_config_eos(directory: str) -> Optional[str]:
-    """``eos_token`` of ``tokenizer_config.json`` in `directory` (a string or an AddedToken dict), or None."""
+def _hf_config_eos(directory: str, key: str = "eos_token") -> Optional[str]:
+    """``eos_token`` (or `key`) of ``tokenizer_config.json`` in `directory` (a string or an AddedToken dict), or None."""
     path = os.path.join(directory, "tokenizer_config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token")
+            eos = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None

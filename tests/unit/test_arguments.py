@@ -251,6 +251,9 @@ ERROR_ONLY = {"--pipeline-model-parallel-size": (["2"], r"--pipeline-model-paral
 # Megatron-LM core flags that would change results and are refused in one line (issue 25)
 REFUSED = {"--apply-layernorm-1p": "zero-centred", "--rotary-interleaved": "interleaved RoPE",
            "--use-rope-scaling": "Llama-3.1 RoPE scaling"}
+# Flags that change what is parsed rather than one field: each with the test that covers it
+PARSE_ONLY = {"--use-checkpoint-args": "tests/unit/test_hf_families.py::test_use_checkpoint_args_*, "
+                                       "tests/dist/test_hf_continue_training.py"}
 SAMPLE_BASED = {"--train-samples", "--lr-warmup-samples", "--lr-decay-samples", "--rampup-batch-size"}
 
 EXTRA_PROVIDERS = []  # later issues register their flag groups here (MoS, offload)
@@ -265,7 +268,7 @@ def _all_flags():
 
 
 def test_flag_list_is_complete():
-    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY) | set(REFUSED)
+    listed = set(MAPPING) | set(NOTE_ONLY) | set(ERROR_ONLY) | set(REFUSED) | set(PARSE_ONLY)
     assert _all_flags() == listed, sorted(_all_flags() ^ listed)
 
 
@@ -291,6 +294,11 @@ def test_unsupported_value_is_one_config_error(flag):
 def test_result_changing_flag_is_refused_in_one_line(flag):
     with pytest.raises(ConfigError, match=f"^{flag}: .*{REFUSED[flag]}.*; drop the flag$"):
         train_config_from_args(parse_args(BASE + [flag]), 128, 1)
+
+
+def test_use_checkpoint_args_needs_load():
+    with pytest.raises(ConfigError, match=r"^--use-checkpoint-args reads the --load checkpoint's flags; give --load$"):
+        parse_args(BASE + ["--use-checkpoint-args"])
 
 
 def test_data_impl_other_than_mmap_is_a_config_error():

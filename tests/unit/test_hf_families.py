@@ -80,6 +80,31 @@ def _ids(seed=0):
     return torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(seed))
 
 
+def _check_sha256sums(out):
+    """The export's SHA256SUMS lists every other file of the directory with its SHA-256 (hashlib, independently)."""
+    import hashlib
+
+    listed = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in open(out / "SHA256SUMS"))
+    assert sorted(listed) == sorted(n for n in os.listdir(out) if n != "SHA256SUMS")
+    for name, digest in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+
+
+def _check_import_manifest(save):
+    """The import is a checkpoint as the checkpointing package writes one: per-expert files, checksums.json listing
+    every file with its xxh3-64, each verified by the loader's own check."""
+    from megatron import checkpointing
+    from megatron.checkpointing.integrity import load_checkpoint_file, read_manifest
+
+    ckpt_dir, _ = checkpointing.resolve_checkpoint_dir(str(save))
+    files = read_manifest(ckpt_dir)
+    on_disk = {os.path.relpath(os.path.join(d, n), ckpt_dir) for d, _, ns in os.walk(ckpt_dir) for n in ns}
+    assert set(files) == on_disk - {"checksums.json"}
+    for rel in files:
+        load_checkpoint_file(ckpt_dir, os.path.join(ckpt_dir, rel))  # raises CorruptCheckpointError on a mismatch
+    assert not [n for n in os.listdir(save) if n.startswith(".")]  # no scratch file or temporary root left
+
+
 @pytest.mark.parametrize("name", list(_configs()))
 @torch.no_grad()
 def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
@@ -93,9 +118,11 @@ def test_import_then_export_logits_equal_transformers(tmp_path, capsys, name):
     diff = (ours(ids).logits - want).abs().max().item()
     assert diff < ATOL, f"{name} import: {diff}"
     assert configs["hf_config"]["architectures"] == hf.config.architectures
+    _check_import_manifest(tmp_path / "ck")
     # export (auto: the imported architecture), then transformers loads it with the same logits
     assert cli.main(["export", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out"),
                      "--max-shard-size-gb", "0.00002"]) == 0, capsys.readouterr().err
+    _check_sha256sums(tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
     assert type(back) is type(hf)
     diff = (back(ids).logits - want).abs().max().item()
@@ -125,6 +152,68 @@ def test_recorded_training_flags_rebuild_the_imported_configs(tmp_path, name):
     assert (moe is None) == (configs["moe"] is None)
     if moe is not None:
         assert moe == MoEConfig.from_recorded(configs["moe"])
+
+
+def _configs_of(argv):
+    from megatron.arguments import model_config_from_args, moe_config_from_args, parse_args
+
+    args = parse_args(argv + ["--train-iters", "1"])
+    return args, model_config_from_args(args, V), moe_config_from_args(args)
+
+
+def test_use_checkpoint_args_takes_the_recorded_architecture(tmp_path, capsys):
+    """--use-checkpoint-args --load IMPORT builds the imported configs with no model flags; a flag given on the command
+    line wins (and the resume check then names it); a checkpoint trained here whose blocks a family computes (no
+    recorded flags) gets the same flags made from its configs; one no family computes is refused in one line."""
+    import dataclasses
+
+    from megatron import checkpointing
+    from megatron.config import ModelConfig
+    from megatron.hf.configs import recorded
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    _, d = _hf_dir(tmp_path, "qwen3_moe")
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck"), "--target-ep", "2"]) == 0
+    _, configs = load_whole_model(str(tmp_path / "ck"))
+    args, model, moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ck")])
+    want = ModelConfig.from_recorded(configs["model"])
+    assert dataclasses.replace(model, seq_length=want.seq_length) == want
+    assert moe == MoEConfig.from_recorded(configs["moe"]) and moe.ep_size == (2,)
+    args, _, moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ck"),
+                                "--expert-model-parallel-size", "1"])
+    assert moe.ep_size == (1,)  # the command line comes after the recorded flags
+    # trained here with Qwen3-MoE's blocks: flags made from the recorded configs
+    cfg, moe = want, MoEConfig.from_recorded(configs["moe"], ep_size=1)
+    checkpointing.save_checkpoint(str(tmp_path / "here"), 5, GPTModel(cfg, moe, None), None, None, None, {},
+                                  recorded(cfg, moe))  # no training_flags, no hf_config
+    _, got, got_moe = _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "here")])
+    assert dataclasses.replace(got, seq_length=cfg.seq_length) == cfg and got_moe == moe
+    # DeepSpeed routing (capacity, RTS) is no family's: one line
+    moe = MoEConfig(num_experts=4, topk=2, layer_freq=1)
+    checkpointing.save_checkpoint(str(tmp_path / "ds"), 1, GPTModel(cfg, moe, None), None, None, None, {},
+                                  recorded(cfg, moe))
+    from megatron.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^--use-checkpoint-args: .* records no training flags and its model is "
+                                          r"not a Hugging Face family's \(.*\); give the architecture flags instead$"):
+        _configs_of(["--use-checkpoint-args", "--load", str(tmp_path / "ds")])
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+@torch.no_grad()
+def test_bf16_safetensors_import_exactly(tmp_path, name):
+    """bf16 shards (as the Hub's): the dense part is laid out in bf16 and converted by the parameters' copy_, the
+    experts in fp32; both exact, so the logits equal the fp32 transformers model holding the same bf16 values."""
+    hf, d = _hf_dir(tmp_path, name)
+    for p in hf.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+    import copy
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # hf keeps its fp32 buffers (RoPE)
+    assert cli.main(["import", "--hf-dir", str(tmp_path / "bf16"), "--save", str(tmp_path / "ck")]) == 0
+    ours, _ = load_whole_model(str(tmp_path / "ck"))
+    assert all(t.dtype == torch.float32 for t in ours.state_dict().values() if t.is_floating_point())
+    ids = _ids()
+    assert (ours(ids).logits - hf(ids).logits).abs().max().item() < ATOL
 
 
 @torch.no_grad()
@@ -170,16 +259,50 @@ def test_import_for_target_tp_and_ep(tmp_path, capsys):
     assert "--target-ep 3: the expert count (4) is not divisible by it" in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
 @torch.no_grad()
 def test_greedy_generation_tokens_equal_transformers(tmp_path, name):
+    """32 new tokens, KV-cached decode (megatron.inference.generate, what tools/generate.py runs) vs transformers'
+    greedy generate: identical token ids (a near-tie between two tokens would need logits within ~1e-5)."""
     hf, d = _hf_dir(tmp_path, name)
     assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
     ours, _ = load_whole_model(str(tmp_path / "ck"))
     prompt = _ids(3)[0, :6].tolist()
-    mine = generate(ours, prompt, 16, temperature=0.0)  # KV-cached decode
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    mine = generate(ours, prompt, 32, temperature=0.0)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
     assert mine == theirs[0, len(prompt):].tolist()
+
+
+def test_generate_cli_text_equals_transformers(tmp_path, capsys):
+    """tools/generate.py --temperature 0 on an import with a byte-level BPE tokenizer.json prints the prompt and the
+    text of transformers' 32 greedy tokens (both stop at the end-of-document token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.conftest import ROOT, synthetic_docs
+    import importlib.util
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_docs(50), trainers.BpeTrainer(
+        vocab_size=V, special_tokens=["<|endoftext|>"]))  # the corpus' bytes only: V is small
+    assert tok.get_vocab_size() <= V
+    hf, d = _hf_dir(tmp_path, "qwen3_moe")
+    tok.save(os.path.join(d, "tokenizer.json"))
+    assert cli.main(["import", "--hf-dir", d, "--save", str(tmp_path / "ck")]) == 0
+    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(ROOT, "tools", "generate.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    prompt = "the cat sat"
+    capsys.readouterr()
+    assert tool.main(["--load", str(tmp_path / "ck"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                      "32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    eod = tok.token_to_id("<|endoftext|>")
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eod)[0, len(ids):]
+    new = out.tolist()[:out.tolist().index(eod) + 1] if eod in out.tolist() else out.tolist()  # both print it
+    assert len(new) >= 8 and printed == tok.decode(ids + new, skip_special_tokens=False), (printed, new)
 
 
 @torch.no_grad()
