@@ -36,8 +36,11 @@ class SafetensorsReader:
     shard; nothing but the requested tensor is materialised). The pages a mapping has touched count in the
     process's RSS until it is closed, so a shard is re-opened after every `remap_bytes` read from it."""
 
-    def __init__(self, hf_dir: str, remap_bytes: int = 256 * 2 ** 20):
+    def __init__(self, hf_dir: str, remap_bytes: int = 256 * 2 ** 20, keep_dtypes=None):
         self.remap_bytes = remap_bytes
+        # keep_dtypes (the expert store's reader): tensors of these dtypes are returned as stored, any other dtype
+        # is refused naming the tensor; None: every tensor is returned as float32 (the importer's model is fp32)
+        self.keep_dtypes = tuple(keep_dtypes) if keep_dtypes is not None else None
         self._read = {}
         from safetensors import safe_open
 
@@ -71,7 +74,13 @@ class SafetensorsReader:
         self._read[shard] += t.numel() * t.element_size()
         if self._read[shard] >= self.remap_bytes:
             self._files.pop(shard).__exit__(None, None, None)
-        return t.to(torch.float32)
+        if self.keep_dtypes is None:
+            return t.to(torch.float32)
+        if t.dtype not in self.keep_dtypes:
+            kept = ", ".join(str(d).removeprefix("torch.") for d in self.keep_dtypes)
+            raise ConfigError(f"--hf-dir {self.hf_dir}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, "
+                              f"which the expert store cannot hold ({kept}); convert the weights to bfloat16 first")
+        return t
 
     def close(self) -> None:
         for f in self._files.values():

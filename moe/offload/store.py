@@ -30,6 +30,9 @@ TENSOR_ALIGN = 64  # tensor alignment inside a record (cache lines; any dtype vi
 MANIFEST = "manifest.json"
 DATA_FILE = "experts.bin"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+# what a record's tensors may be: each keeps its dtype in the store (tagged in the manifest), and the model casts it
+# to its compute dtype when it runs the expert (moe.experts.expert_rows_forward_)
+STORE_DTYPES = tuple(_DTYPES.values())
 
 
 class OffloadError(ValueError):
@@ -117,6 +120,11 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     try:
         with open(tmp_data, "wb") as f:
             for layer, expert, tensors in records:
+                for name, t in tensors.items():
+                    if t.dtype not in STORE_DTYPES:
+                        raise OffloadError(f"--moe-expert-store {directory}: MoE layer {layer} expert {expert} tensor "
+                                           f"{name} is {str(t.dtype).removeprefix('torch.')}, which the store cannot "
+                                           f"hold ({', '.join(_DTYPES)}); convert the weights first")
                 specs, nbytes = _layout(tensors)
                 buf = pack_record(tensors, specs, nbytes)
                 f.write(memoryview(buf.numpy()))
@@ -139,10 +147,12 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
         os.replace(tmp_data, data_path)
         os.replace(tmp_man, man_path)
         _fsync_dir(directory)
-    except OSError as e:
+    except BaseException as e:
         for p in (tmp_data, tmp_man):
             if os.path.exists(p):
                 os.remove(p)
+        if not isinstance(e, OSError):
+            raise  # a refused record (dtype, a bad source tensor): nothing partial is left either
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
         raise OffloadError(f"--moe-expert-store {directory}: writing the expert store failed ({what}); "
                            f"free space or choose another directory") from None
