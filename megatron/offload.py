@@ -132,13 +132,44 @@ def hf_source(hf_dir: str, reader, arch: str, cfg, moe) -> dict:
 
 def hf_records(reader, cfg, moe, arch: str) -> Iterator[Tuple[int, int, Mapping[str, torch.Tensor]]]:
     """(MoE layer, expert, record tensors) read from safetensors one expert at a time through megatron.hf's name
-    mapping (import_experts: the names the importer writes into the checkpoint's expert files), in the weights'
-    own dtype; the zero biases the importer adds are written in that dtype too."""
-    from megatron.hf.weights import import_experts
+    mapping, in the weights' own dtype (the zero biases the importer adds are written in that dtype too); what the
+    importer writes into the checkpoint's expert files (megatron.hf.weights.import_experts), record for record.
 
-    for m, e, w in import_experts(reader, cfg, moe, arch):
-        dtype = w["experts.w1_eFD"].dtype
-        yield m, e, {name: (w[src] if name.startswith("w") else w[src].to(dtype)) for name, src in RECORD_TENSORS}
+    The Hub's per-expert form is read straight into the record buffer (gate and up into w1's two halves, down into
+    w2: moe.offload.store.Filler, one positioned read each, no intermediate copy); transformers 5's fused form and
+    experts whose tensors differ in dtype go through import_experts itself."""
+    from megatron.hf.configs import FAMILIES
+    from megatron.hf.weights import _expert_names, import_experts
+    from moe.offload.store import Filler
+
+    fam, f, h = FAMILIES[arch], moe.moe_ffn_hidden_size or cfg.ffn_hidden_size, cfg.hidden_size
+    layers = [(i, spec) for i, spec in enumerate(moe.layer_plan(cfg.num_layers)) if spec is not None]
+    names = [(spec.moe_index, e, _expert_names(fam, f"model.layers.{i}.", e)) for i, spec in layers
+             for e in range(spec.num_experts)]
+    direct = all(all(n in reader for n in gud) for _, _, gud in names)  # the per-expert form throughout
+    metas = {}
+    if direct:
+        for _, _, gud in names:
+            for n, want in zip(gud, ((f, h), (f, h), (h, f))):
+                dtype, shape = metas[n] = reader.meta(n)  # a dtype the store cannot hold: refused here, named
+                if shape != want:
+                    raise ConfigError(f"--hf-dir {reader.hf_dir}: {n} {shape} does not fit the config ({want})")
+        direct = all(len({metas[n][0] for n in gud}) == 1 for _, _, gud in names)
+    if not direct:
+        for m, e, w in import_experts(reader, cfg, moe, arch):
+            dtype = w["experts.w1_eFD"].dtype
+            yield m, e, {name: (w[src] if name.startswith("w") else w[src].to(dtype)) for name, src in RECORD_TENSORS}
+        return
+    for m, e, (g, u, d) in names:
+        dtype = metas[g][0]
+
+        def w1(view, g=g, u=u):
+            half = view.numel() // 2
+            reader.read_into(g, view[:half])
+            reader.read_into(u, view[half:])
+        yield m, e, {"w1_FD": Filler((2 * f, h), dtype, w1), "b1_F": torch.zeros(2 * f, dtype=dtype),
+                     "w2_DF": Filler((h, f), dtype, lambda view, d=d: reader.read_into(d, view)),
+                     "b2_D": torch.zeros(h, dtype=dtype)}
 
 
 def write_hf_expert_store(hf_dir: str, out: str) -> ExpertStore:

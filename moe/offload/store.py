@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -84,13 +84,67 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> Tuple[Tuple[TensorSpec, ...]
     return tuple(specs), _round_up(max(pos, 1), ALIGN)
 
 
-def pack_record(tensors: Mapping[str, torch.Tensor], specs: Tuple[TensorSpec, ...], nbytes: int) -> torch.Tensor:
-    """The record's bytes as a 1-D uint8 tensor (zero padding between tensors)."""
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
+@dataclass(frozen=True)
+class Filler:
+    """A record tensor given by what writes its bytes: `fill(view_u8)` puts them into the record buffer's slice
+    (a positioned read from a source file, say), so the writer makes no intermediate copy."""
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    fill: Callable[[torch.Tensor], None]
+
+
+def pack_record(tensors: Mapping[str, torch.Tensor], specs: Tuple[TensorSpec, ...], nbytes: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The record's bytes as a 1-D uint8 tensor (zero padding between tensors). `out`: a buffer of nbytes to fill
+    instead of a new one; its padding must be zero already (the tensors' slices are all overwritten)."""
+    buf = torch.zeros(nbytes, dtype=torch.uint8) if out is None else out
     for spec in specs:
-        src = tensors[spec.name].detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        buf[spec.offset:spec.offset + spec.nbytes].copy_(src)
+        t, view = tensors[spec.name], buf[spec.offset:spec.offset + spec.nbytes]
+        if isinstance(t, Filler):
+            t.fill(view)
+        else:
+            view.copy_(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
     return buf
+
+
+class _RecordWriter:
+    """Appends records to a new data file: O_DIRECT from one reused page-aligned buffer where the filesystem allows
+    it (no page-cache copy of what is written: a store is as large as the experts), buffered writes otherwise."""
+
+    def __init__(self, path: str):
+        self.fd, self.direct = None, False
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError:
+                self.fd = None
+        if self.fd is None:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._raw, self.buf, self.specs = None, None, None
+
+    def buffer(self, specs: Tuple[TensorSpec, ...], nbytes: int) -> torch.Tensor:
+        """A zero-padded nbytes buffer for a record of this layout (reused while the layout repeats)."""
+        if self.buf is None or self.buf.numel() != nbytes:
+            self._raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            skip = -self._raw.data_ptr() % ALIGN
+            self.buf, self.specs = self._raw[skip:skip + nbytes], None
+        if self.specs != specs:
+            self.buf.zero_()
+            self.specs = specs
+        return self.buf
+
+    def write(self, buf: torch.Tensor) -> None:
+        view, pos = memoryview(buf.numpy()), 0
+        while pos < len(view):
+            pos += os.write(self.fd, view[pos:])
+
+    def close(self, sync: bool) -> None:
+        if self.fd is not None:
+            if sync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
 
 
 def tensor_views(buffer_u8: torch.Tensor, record: Record) -> Dict[str, torch.Tensor]:
@@ -118,7 +172,8 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     entries: List[dict] = []
     pos = 0
     try:
-        with open(tmp_data, "wb") as f:
+        writer = _RecordWriter(tmp_data)
+        try:
             for layer, expert, tensors in records:
                 for name, t in tensors.items():
                     if t.dtype not in STORE_DTYPES:
@@ -126,16 +181,16 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
                                            f"{name} is {str(t.dtype).removeprefix('torch.')}, which the store cannot "
                                            f"hold ({', '.join(_DTYPES)}); convert the weights first")
                 specs, nbytes = _layout(tensors)
-                buf = pack_record(tensors, specs, nbytes)
-                f.write(memoryview(buf.numpy()))
+                buf = pack_record(tensors, specs, nbytes, out=writer.buffer(specs, nbytes))
+                writer.write(buf)
                 entries.append({"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
                                 "checksum": checksum(buf),
                                 "tensors": [{"name": s.name, "shape": list(s.shape),
                                              "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
                                             for s in specs]})
                 pos += nbytes
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            writer.close(sync=True)
         manifest = {"format": FORMAT, "version": VERSION, "source": source, "checkpoint": checkpoint,
                     "data_file": DATA_FILE,
                     "data_bytes": pos, "record_bytes": max((e["nbytes"] for e in entries), default=0),

@@ -248,3 +248,45 @@ def test_store_from_other_weights_is_stale_for_the_import(tmp_path, capsys):
 
     with pytest.raises(OffloadError, match=r"stale expert store.*MoE layer 1 expert 3 experts.w2_eDF differs"):
         _resident_and_offloaded(ck, tmp_path / "store")
+
+
+@pytest.mark.parametrize("form", ["fused", "mixed-dtype"])
+def test_general_path_fused_experts_and_mixed_dtypes(tmp_path, capsys, form):
+    """Safetensors the direct per-expert reads do not cover go through megatron.hf's import_experts: transformers 5's
+    fused form (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]), and experts whose gate/up/down differ
+    in dtype (each tensor keeps its own; gate and up are concatenated as torch.cat promotes). The store equals the
+    one written from the import byte for byte (fused), or value for value (mixed: the import holds fp32 only)."""
+    from safetensors.torch import load_file, save_file
+
+    hf, d = _hf_dir(tmp_path, "qwen2_moe")
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+    n = hf.config.num_experts
+    for i in range(hf.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        if form == "fused":
+            sd[p + "gate_up_proj"] = torch.stack([torch.cat((sd.pop(f"{p}{e}.gate_proj.weight"),
+                                                             sd.pop(f"{p}{e}.up_proj.weight"))) for e in range(n)])
+            sd[p + "down_proj"] = torch.stack([sd.pop(f"{p}{e}.down_proj.weight") for e in range(n)])
+        else:
+            sd[f"{p}1.down_proj.weight"] = sd[f"{p}1.down_proj.weight"].to(torch.bfloat16)
+    save_file(sd, path, metadata={"format": "pt"})
+    ck = str(tmp_path / "ck")
+    assert cli.main(["import", "--hf-dir", d, "--save", ck]) == 0, capsys.readouterr().err
+    tool = _offload_tool()
+    assert tool.main(["--hf-dir", d, "--out", str(tmp_path / "from_hf")]) == 0, capsys.readouterr().err
+    assert tool.main(["--load", ck, "--out", str(tmp_path / "from_ck")]) == 0, capsys.readouterr().err
+    if form == "fused":
+        assert _records(tmp_path / "from_hf") == _records(tmp_path / "from_ck")
+        assert (tmp_path / "from_hf" / "experts.bin").read_bytes() == \
+            (tmp_path / "from_ck" / "experts.bin").read_bytes()
+    else:
+        from megatron.offload import _read_record
+
+        a, b = ExpertStore.open(str(tmp_path / "from_hf")), ExpertStore.open(str(tmp_path / "from_ck"))
+        assert a.keys() == b.keys()
+        for key in a.keys():
+            ra, rb = _read_record(a, key), _read_record(b, key)
+            assert ra["w2_DF"].dtype == (torch.bfloat16 if key[1] == 1 else torch.float32)
+            assert all(torch.equal(ra[t].double(), rb[t].double()) for t in ra), key
+    _assert_offloaded_equals_resident(ck, tmp_path / "from_hf")
