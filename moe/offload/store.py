@@ -170,7 +170,8 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     `source` identifies what the records were made from (checked by ExpertStore.open(expected_source=...));
     `checkpoint` (the path they came from) is recorded for messages only. `fill_threads` > 0: records are packed
     (their Fillers run: reads), hashed and written (positioned writes) on that many threads, up to that many ahead
-    of the oldest unfinished one; the tensors a record names must then stay valid until later records are drawn (fresh tensors, Fillers).
+    of the oldest unfinished one; the tensors a record names must then stay valid until later records are drawn
+    (fresh tensors, Fillers).
     Raises OffloadError naming the file on an unwritable directory or a full disk; nothing partial remains.
     """
     try:

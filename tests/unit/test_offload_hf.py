@@ -224,9 +224,8 @@ def test_one_line_errors(tmp_path, capsys):
     from moe.offload import OffloadError, write_store
 
     with pytest.raises(OffloadError, match=r"MoE layer 0 expert 1 tensor w1_FD is int8, which the store cannot"):
-        write_store(str(tmp_path / "s5"), [(0, 0, {"w1_FD": torch.zeros(4)}), (0, 1, {"w1_FD": torch.zeros(4,
-                                                                                                     dtype=torch.int8)})],
-                    {})
+        write_store(str(tmp_path / "s5"), [(0, 0, {"w1_FD": torch.zeros(4)}),
+                                           (0, 1, {"w1_FD": torch.zeros(4, dtype=torch.int8)})], {})
     assert not os.listdir(tmp_path / "s5")
 
 
