@@ -26,6 +26,7 @@ project's reads are O_DIRECT into the cache's own slots.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -187,6 +188,7 @@ def _run_model(task: dict) -> dict:
                 info["decode_stats"] = _stats(loaded.runtime.summary())
         finally:
             loaded.close()
+        del loaded  # before the next load: two models alive at once would inflate the peak RSS
         loaded = b.Loaded("resident" if frac is None else "offload", task["ckpt"], task["store"], None,
                           fraction=frac, prefetch="none")
         try:  # layer-major: one block of all micro-batches (each expert read once per block)
@@ -304,8 +306,6 @@ def main(argv=None) -> int:
     print(f"disk (O_DIRECT, aio, 1 GiB, cold): read {read_gbps:.2f} GB/s, write {write_gbps:.2f} GB/s")
 
     if "convert" in rows or not os.path.isfile(os.path.join(store, "manifest.json")):
-        import shutil
-
         shutil.rmtree(store, ignore_errors=True)
         r = run({"kind": "convert", "hf_dir": hf_dir, "store": store})
         out["convert"] = r
@@ -317,8 +317,6 @@ def main(argv=None) -> int:
                   f"{r['seconds']:.1f} s = {gbps:.2f} GB/s, {100 * gbps / read_gbps:.0f}% of the disk's read GB/s "
                   f"(target >= 50%); peak RSS {r['peak_rss'] / 1e9:.2f} GB")
     if "import" in rows or not os.path.isfile(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-        import shutil
-
         shutil.rmtree(ckpt, ignore_errors=True)
         r = run({"kind": "import", "hf_dir": hf_dir, "ckpt": ckpt})
         out["import"] = r
@@ -352,8 +350,6 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---|")
     ref_tokens = None
     for name, frac, extra in tasks:
-        import shutil
-
         shutil.rmtree(offl, ignore_errors=True)
         r = run({**common, **extra})
         r.update(method=name, resident=frac)

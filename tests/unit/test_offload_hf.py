@@ -289,3 +289,31 @@ def test_general_path_fused_experts_and_mixed_dtypes(tmp_path, capsys, form):
             assert ra["w2_DF"].dtype == (torch.bfloat16 if key[1] == 1 else torch.float32)
             assert all(torch.equal(ra[t].double(), rb[t].double()) for t in ra), key
     _assert_offloaded_equals_resident(ck, tmp_path / "from_hf")
+
+
+def test_layer_major_scoring_of_an_untied_import(tmp_path, capsys):
+    """Imported models have an untied LM head (Qwen3-MoE here): the scorer applies it to the selected rows, so
+    layer-major blocks run (each expert read once per block: bytes read <= the store once per block) and the
+    answers equal the resident model's one-micro-batch-at-a-time answers exactly."""
+    from megatron.eval.scorer import LoglikelihoodScorer, Request
+
+    _, d = _hf_dir(tmp_path, "qwen3_moe")
+    ck = str(tmp_path / "ck")
+    assert cli.main(["import", "--hf-dir", d, "--save", ck]) == 0, capsys.readouterr().err
+    assert _offload_tool().main(["--hf-dir", d, "--out", str(tmp_path / "store")]) == 0
+    gen = torch.Generator().manual_seed(3)
+    reqs = [Request(tuple(torch.randint(1, V, (int(n),), generator=gen).tolist()), (int(c),))
+            for n, c in zip(torch.randint(5, 15, (12,), generator=gen), torch.randint(1, V, (12,), generator=gen))]
+    store = ExpertStore.open(str(tmp_path / "store"))
+    ref, off, rt = _resident_and_offloaded(ck, tmp_path / "store", str(2 * store.record_bytes))  # k = 2 slots
+    try:
+        want = LoglikelihoodScorer(ref, 64, 4, 16).score(reqs)
+        scorer = LoglikelihoodScorer(off, 64, 4, 16, layer_major_block=3)
+        assert len(scorer.micro_batches([list(r.context) for r in reqs])) == 3  # one padded length: one block
+        assert scorer.tied_head  # the head-on-rows path, which layer-major needs, is taken for the untied head
+        before = rt.summary()["bytes_read"]  # (the scorer's head check ran two forwards)
+        assert scorer.score(reqs) == want
+        # 3 micro-batches, one block: each expert read at most once (k = 2 slots: nothing stays resident between)
+        assert rt.summary()["bytes_read"] - before <= store.total_bytes()
+    finally:
+        rt.close()
