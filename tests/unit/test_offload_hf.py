@@ -32,8 +32,9 @@ except RuntimeError as e:  # no libaio: offload cannot read
     AIO_ERROR = str(e).splitlines()[0]
 pytestmark = pytest.mark.skipif(AIO_ERROR is not None, reason=f"aio op not built: {AIO_ERROR}")
 
-MOE_FAMILIES = ["qwen3_moe", "qwen3_moe-no-renorm-step2", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3",
-                "deepseek_v3-q-full"]
+# every MoE family in the fast suite; the second variants of Qwen3-MoE and DeepSeek-V3 with `make test-all`
+MOE_FAMILIES = ["qwen3_moe", pytest.param("qwen3_moe-no-renorm-step2", marks=pytest.mark.slow), "mixtral",
+                "qwen2_moe", "olmoe", "deepseek_v3", pytest.param("deepseek_v3-q-full", marks=pytest.mark.slow)]
 TOOL = os.path.join("tools", "offload_experts.py")
 
 
@@ -107,7 +108,7 @@ def _is_moe_layer(cfg, i):
     return True
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_half_precision_records_stay_half_and_offload_is_bitwise(tmp_path, capsys, dtype):
     """A bf16/fp16 Hugging Face model: the store from safetensors keeps the dtype (half the bytes of the fp32 store
     the imported checkpoint gives), its records equal that store's value for value, and the imported (fp32) model
