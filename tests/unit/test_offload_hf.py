@@ -180,6 +180,12 @@ def test_generate_cli_and_harness_model_offload_an_import(tmp_path, capsys):
         assert resident.loglikelihood(reqs, True) == offloaded.loglikelihood(reqs, True)
     finally:
         offloaded.model.offload.close()
+    from megatron.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="moe_offload=nvme needs moe_offload_dir=DIR"):
+        harness.MegatronMoELM.create_from_arg_string(f"load={ck},device=cpu,moe_offload=nvme")
+    with pytest.raises(ConfigError, match="names the store itself"):
+        harness.MegatronMoELM.create_from_arg_string(f"load={ck},device=cpu,moe_offload={store},moe_offload_dir=x")
 
 
 def _one_line(capsys, rc):
