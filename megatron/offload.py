@@ -72,8 +72,8 @@ def _records(ckpt_dir: str, configs: dict) -> Iterator[Tuple[int, int, Mapping[s
             if missing:
                 raise checkpointing.CheckpointError(f"{path}: lacks {missing[0]} (offload supports the built-in "
                                                     f"GELU MLP experts)")
-            # fp32, the dtype the resident model's expert parameters have after loading
-            yield m, e, {name: weights[src].float() for name, src in RECORD_TENSORS}
+            # in the dtype the checkpoint holds them (the model casts to its compute dtype when it runs them)
+            yield m, e, {name: weights[src] for name, src in RECORD_TENSORS}
 
 
 def write_expert_store(load: str, out: str) -> ExpertStore:
@@ -94,12 +94,150 @@ def write_expert_store(load: str, out: str) -> ExpertStore:
 
 def open_or_write_store(ckpt_dir: str, iteration: int, configs: dict, directory: str) -> ExpertStore:
     """The store in `directory` for this checkpoint: written now when the directory is missing or empty,
-    otherwise opened and checked (foreign or stale stores are refused with one line)."""
+    otherwise opened and checked (foreign or stale stores are refused with one line). A store written from a
+    Hugging Face directory (`--hf-dir`) is accepted for a checkpoint imported from it: see check_hf_store."""
+    if os.path.isdir(directory) and os.listdir(directory):
+        store = ExpertStore.open(directory)
+        if "hf_dir" in store.source:
+            check_hf_store(store, ckpt_dir, configs)
+            return store
     source = checkpoint_source(ckpt_dir, iteration, configs)
     if not os.path.isdir(directory) or not os.listdir(directory):
         logger.info("--moe-expert-store %s is empty: writing the expert store from %s", directory, ckpt_dir)
         write_store(directory, _records(ckpt_dir, configs), source, checkpoint=os.path.abspath(ckpt_dir))
     return ExpertStore.open(directory, expected_source=source)
+
+
+# ------------------------------------------------------------------ the store straight from Hugging Face safetensors
+def hf_source(hf_dir: str, reader, arch: str, cfg, moe) -> dict:
+    """What identifies a store written from `hf_dir`: its architecture, expert shapes and a fingerprint of its
+    safetensors shards (names, sizes, the header of each: every tensor's name, dtype, shape and offsets)."""
+    import struct
+
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for shard in sorted(set(reader.where.values())):
+        path = os.path.join(hf_dir, shard)
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            h.update(f"{shard};{os.path.getsize(path)};".encode())
+            h.update(f.read(min(n, 100 << 20)))
+    plan = moe.layer_plan(cfg.num_layers)
+    return {"hf_dir": os.path.abspath(hf_dir), "architecture": arch,
+            "num_experts": [spec.num_experts for spec in plan if spec is not None],
+            "hidden_size": cfg.hidden_size, "moe_ffn_hidden_size": moe.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+            "fingerprint": h.hexdigest()}
+
+
+def hf_records(reader, cfg, moe, arch: str) -> Iterator[Tuple[int, int, Mapping[str, torch.Tensor]]]:
+    """(MoE layer, expert, record tensors) read from safetensors one expert at a time through megatron.hf's name
+    mapping, in the weights' own dtype (the zero biases the importer adds are written in that dtype too); what the
+    importer writes into the checkpoint's expert files (megatron.hf.weights.import_experts), record for record.
+
+    The Hub's per-expert form is read straight into the record buffer (gate and up into w1's two halves, down into
+    w2: moe.offload.store.Filler, one positioned read each, no intermediate copy); transformers 5's fused form and
+    experts whose tensors differ in dtype go through import_experts itself."""
+    from megatron.hf.configs import FAMILIES
+    from megatron.hf.weights import _expert_names, import_experts
+    from moe.offload.store import Filler
+
+    fam, f, h = FAMILIES[arch], moe.moe_ffn_hidden_size or cfg.ffn_hidden_size, cfg.hidden_size
+    layers = [(i, spec) for i, spec in enumerate(moe.layer_plan(cfg.num_layers)) if spec is not None]
+    names = [(spec.moe_index, e, _expert_names(fam, f"model.layers.{i}.", e)) for i, spec in layers
+             for e in range(spec.num_experts)]
+    direct = all(all(n in reader for n in gud) for _, _, gud in names)  # the per-expert form throughout
+    metas = {}
+    if direct:
+        for _, _, gud in names:
+            for n, want in zip(gud, ((f, h), (f, h), (h, f))):
+                dtype, shape = metas[n] = reader.meta(n)  # a dtype the store cannot hold: refused here, named
+                if shape != want:
+                    raise ConfigError(f"--hf-dir {reader.hf_dir}: {n} {shape} does not fit the config ({want})")
+        direct = all(len({metas[n][0] for n in gud}) == 1 for _, _, gud in names)
+    if not direct:
+        for m, e, w in import_experts(reader, cfg, moe, arch):
+            dtype = w["experts.w1_eFD"].dtype
+            yield m, e, {name: (w[src] if name.startswith("w") else w[src].to(dtype)) for name, src in RECORD_TENSORS}
+        return
+    for m, e, (g, u, d) in names:
+        dtype = metas[g][0]
+
+        def w1(view, g=g, u=u):
+            half = view.numel() // 2
+            reader.read_into(g, view[:half])
+            reader.read_into(u, view[half:])
+        yield m, e, {"w1_FD": Filler((2 * f, h), dtype, w1), "b1_F": torch.zeros(2 * f, dtype=dtype),
+                     "w2_DF": Filler((h, f), dtype, lambda view, d=d: reader.read_into(d, view)),
+                     "b2_D": torch.zeros(h, dtype=dtype)}
+
+
+def write_hf_expert_store(hf_dir: str, out: str) -> ExpertStore:
+    """tools/offload_experts.py --hf-dir: the expert store of a Hugging Face MoE directory (one of megatron.hf's
+    families) written from its safetensors one tensor at a time, no model built; records keep the weights' dtype."""
+    from megatron.hf import FAMILIES, hf_architecture
+    from megatron.hf.configs import from_hf
+    from megatron.hf.weights import SafetensorsReader
+    from megatron.hf_interop import _transformers
+    from moe.offload.store import STORE_DTYPES
+
+    arch = hf_architecture(hf_dir)
+    if arch not in FAMILIES:
+        raise ConfigError(f"--hf-dir {hf_dir}: architecture {arch!r} is not supported by the expert store; "
+                          f"supported: {', '.join(a for a, f in FAMILIES.items() if f != 'llama')}")
+    hf_cfg = _transformers().AutoConfig.from_pretrained(hf_dir)
+    if getattr(hf_cfg, "quantization_config", None):
+        raise ConfigError(f"--hf-dir {hf_dir}: quantization_config ({hf_cfg.quantization_config.get('quant_method')}"
+                          f" weights) is not supported; dequantize to bf16/fp32 first")
+    cfg, moe = from_hf(hf_cfg, arch)
+    if moe is None:
+        raise OffloadError(f"--hf-dir {hf_dir}: {arch} is a dense model; it has no experts to offload")
+    if os.path.isdir(out) and os.listdir(out):
+        raise OffloadError(f"--out {out}: directory is not empty; give a new or empty directory")
+    reader = SafetensorsReader(hf_dir, keep_dtypes=STORE_DTYPES)
+    try:
+        t0 = time.perf_counter()
+        # reads on 4 threads (positioned reads of several records in flight: the disk's queue stays busy) while
+        # this thread hashes and writes (O_DIRECT) the records in order
+        store = write_store(out, hf_records(reader, cfg, moe, arch), hf_source(hf_dir, reader, arch, cfg, moe),
+                            checkpoint=os.path.abspath(hf_dir), fill_threads=4)
+    finally:
+        reader.close()
+    logger.info("expert store: %d records, %.1f MB written from %s to %s in %.1f s", len(store.records),
+                store.total_bytes() / 1e6, hf_dir, out, time.perf_counter() - t0)
+    return store
+
+
+def _read_record(store: ExpertStore, key: Tuple[int, int]) -> Mapping[str, torch.Tensor]:
+    from moe.offload.store import tensor_views
+
+    rec = store.records[key]
+    with open(store.data_path, "rb") as f:
+        f.seek(rec.offset)
+        buf = torch.frombuffer(bytearray(f.read(rec.nbytes)), dtype=torch.uint8)
+    return tensor_views(buf, rec)
+
+
+def check_hf_store(store: ExpertStore, ckpt_dir: str, configs: dict) -> None:
+    """A store written from safetensors serves a checkpoint when it has the checkpoint's expert layout and holds its
+    weights: the first and last expert of every MoE layer are compared with the checkpoint's expert files, value for
+    value (a bf16 store against the fp32 checkpoint it was imported into: the cast is exact). A checkpoint trained
+    after the import, or imported from other weights, fails this with one line (stale)."""
+    sizes = list(moe_layer_sizes(configs))
+    stale = (f"{os.path.join(store.directory, 'manifest.json')}: stale expert store, written from "
+             f"{store.source.get('hf_dir')}, does not hold the experts of {ckpt_dir}")
+    fix = "; rewrite it (tools/offload_experts.py --load) or use another --moe-expert-store"
+    if store.source.get("num_experts") != sizes or store.source.get("hidden_size") != configs["model"]["hidden_size"]:
+        raise OffloadError(f"{stale} (experts per layer {store.source.get('num_experts')} vs {sizes}){fix}")
+    for m, n in enumerate(sizes):
+        for e in sorted({0, n - 1}):
+            path = checkpointing.expert_path(ckpt_dir, m, e)
+            weights = checkpointing.load_checkpoint_file(ckpt_dir, path)["model"]
+            rec = _read_record(store, (m, e))
+            for name, src in RECORD_TENSORS:
+                a, b = weights[src], rec[name]
+                if a.shape != b.shape or not torch.equal(a.double(), b.double()):  # exact in either dtype
+                    raise OffloadError(f"{stale} (MoE layer {m} expert {e} {src} differs){fix}")
 
 
 class OffloadRuntime:
@@ -163,6 +301,10 @@ def build_offloaded_model(mcfg, moe_cfg, payload: dict, ckpt_dir: str, iteration
             layer.experts = OffloadedExperts(cache, layer.layer_index, layer.num_experts, mcfg.hidden_size,
                                              layer.experts.w2_eDF.shape[-1], activation=layer.experts.activation)
             moe_blocks.append((idx, layer.layer_index))
+    for mod in model.modules():  # buffers first: a module's _apply may carry a buffer over (the router's fp32
+        for n, b in list(mod._buffers.items()):  # expert bias), which a meta tensor cannot be copied out of
+            if b is not None and b.is_meta:
+                mod._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device=device)
     model.to_empty(device=device)
     for mod in model.modules():
         if hasattr(mod, "init_buffers"):

@@ -5,6 +5,7 @@ side by side with the all-resident model, naive on-demand reads, torch.load(mmap
     python tools/bench_offload.py [--work-dir /nvme/bench_offload] [--num-experts 32] [--repeats 3]
     python tools/bench_offload.py --train [--work-dir /nvme/bench_offload_train] [--num-experts 64] [--steps 4]
         [--rounds 3]
+    python tools/bench_offload.py --hf [--work-dir /nvme/bench_offload_hf] ...   (tools/bench_offload_hf.py)
 
 --train (training, expert Adam state on NVMe): step time and peak RSS of a MoE GPT (default 6 layers, hidden 512,
 64 experts of ffn 2048 every other layer: 403M expert parameters, 3.2 GB of expert Adam state) with in-memory
@@ -457,6 +458,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--train" in argv:
         return train_main(argv)
+    if "--hf" in argv:  # an imported Hugging Face model vs transformers + accelerate (tools/bench_offload_hf.py)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_offload_hf",
+                                                      os.path.join(os.path.dirname(__file__), "bench_offload_hf.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default=os.path.join("outputs", "bench_offload"))
     p.add_argument("--load", default=None, help="benchmark this MoE checkpoint instead of a random-init model "

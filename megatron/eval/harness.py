@@ -19,8 +19,9 @@ model_args (all optional but `load`):
     device: cpu, cuda, cuda:1 (default: the harness's --device, whose default cuda falls back to the CPU when
         there is no GPU, else cuda when available).
     max_length: model window in tokens (default: the checkpoint's --seq-length).
-    moe_offload: an expert-store directory: experts stay on disk and are read through a cache (moe/offload);
-        moe_expert_cache_bytes sets the cache (default 25%).
+    moe_offload: nvme (the store in moe_offload_dir, alias moe_expert_store: the CLIs' --moe-offload nvme
+        --moe-offload-dir DIR), or an expert-store directory itself: experts stay on disk and are read through a
+        cache (moe/offload); moe_expert_cache_bytes sets the cache (default 25%).
     max_gen_toks: default generation budget (256, as the harness's HF model); seed: sampling seed (1234);
     pad_multiple: scorer row padding (16); vocab_file, merge_file, tokenizer_model: tokenizer file overrides.
     add_bos_token: as the harness's hf model: a Hugging Face tokenizer encodes with its post-processor (e.g. Llama's
@@ -107,7 +108,8 @@ class MegatronMoELM(LM):
     def __init__(self, load: str, batch_size=16, dropless: Optional[bool] = None,
                  eval_capacity_factor: Optional[float] = None, dtype: str = "fp32", device: Optional[str] = None,
                  max_length: Optional[int] = None, moe_offload: Optional[str] = None,
-                 moe_expert_cache_bytes: str = "25%", max_gen_toks: int = 256, seed: int = 1234,
+                 moe_expert_cache_bytes: str = "25%", moe_offload_dir: Optional[str] = None,
+                 moe_expert_store: Optional[str] = None, max_gen_toks: int = 256, seed: int = 1234,
                  pad_multiple: int = 16, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
                  tokenizer_model: Optional[str] = None, max_batch_size=None, add_bos_token=None, **unused):
         super().__init__()
@@ -127,6 +129,14 @@ class MegatronMoELM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         offload = None
+        store_dir = moe_offload_dir or moe_expert_store
+        if str(moe_offload) in ("nvme", "none", "None", "") or moe_offload is None:
+            if str(moe_offload) == "nvme" and not store_dir:
+                raise ConfigError("moe_offload=nvme needs moe_offload_dir=DIR (the expert store)")
+            moe_offload = store_dir if str(moe_offload) == "nvme" else None
+        elif store_dir:
+            raise ConfigError(f"moe_offload={moe_offload} names the store itself; drop moe_offload_dir or pass "
+                              f"moe_offload=nvme")
         if moe_offload:
             from moe.offload import OffloadConfig
 

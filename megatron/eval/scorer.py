@@ -211,7 +211,7 @@ class LoglikelihoodScorer:
             n = rows.shape[0]
             pad = -(-max(n, 1) // self.HEAD_ROWS) * self.HEAD_ROWS - n
             rows = F.pad(rows, (0, 0, 0, pad))  # [N + pad, h]: a GEMM shape that keeps rows independent
-            logits = F.linear(rows, self.model.word_embeddings.weight)[:n]  # [N, V]
+            logits = F.linear(rows, self._head_weight())[:n]  # [N, V]
         return list(torch.split(logits, [end - start for _, start, end in spans]))
 
     def _final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -224,11 +224,16 @@ class LoglikelihoodScorer:
             handle.remove()
         return captured[0]
 
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head [V, h]: the word embedding, or an untied output layer (imported Qwen/Mixtral/... models)."""
+        w = getattr(self.model, "output_weight", None)
+        return w if isinstance(w, torch.Tensor) else self.model.word_embeddings.weight
+
     @torch.no_grad()
     def _check_tied_head(self) -> None:
         """The head-on-selected-rows path must reproduce the model's logits (guards against an untied head)."""
         n = min(8, self.window)
-        vocab = self.model.word_embeddings.weight.shape[0]
+        vocab = self._head_weight().shape[0]
         tokens = (torch.arange(n, device=self.device) * 7919 % vocab).unsqueeze(0)  # [1, n]
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # same draws in both passes (MoE random token selection)
@@ -236,7 +241,7 @@ class LoglikelihoodScorer:
             ref = self.model(tokens).logits[0].float()  # [n, V]
             torch.manual_seed(0)
             hidden = self._final_hidden(tokens)[0]
-        mine = F.linear(hidden, self.model.word_embeddings.weight).float()
+        mine = F.linear(hidden, self._head_weight()).float()
         if ref.shape != mine.shape or not torch.allclose(ref, mine, rtol=1e-3, atol=1e-3):
             logger.warning("the model's logits are not final_layernorm output x word_embeddings; scoring with "
                            "full logits (slower)")

@@ -9,7 +9,13 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from moe.experts import _offsets, expert_rows_forward_
+from moe.experts import _autocast_on, _offsets, expert_rows_forward_
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class OffloadedExperts(nn.Module):
@@ -43,7 +49,9 @@ class OffloadedExperts(nn.Module):
         prepared = []
         for x_ND, counts in jobs:
             counts = [int(c) for c in counts]
-            x_ND = x_ND.contiguous()
+            # the compute dtype the resident layer would use (moe.experts.compute_dtype with weights in the model's
+            # dtype, which is x's): the store's records keep their own dtype (bf16, fp16, fp32) and are cast to it
+            x_ND = x_ND.to(_compute_dtype(x_ND)).contiguous()
             prepared.append((x_ND, _offsets(counts), x_ND.new_empty(x_ND.shape[0], self.ffn_hidden_size),
                              x_ND.new_empty(x_ND.shape[0], self.hidden_size)))
         needed = sorted({i for _, counts in jobs for i, c in enumerate(counts) if int(c) > 0})

@@ -18,8 +18,10 @@ import fcntl
 import json
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -30,6 +32,9 @@ TENSOR_ALIGN = 64  # tensor alignment inside a record (cache lines; any dtype vi
 MANIFEST = "manifest.json"
 DATA_FILE = "experts.bin"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+# what a record's tensors may be: each keeps its dtype in the store (tagged in the manifest), and the model casts it
+# to its compute dtype when it runs the expert (moe.experts.expert_rows_forward_)
+STORE_DTYPES = tuple(_DTYPES.values())
 
 
 class OffloadError(ValueError):
@@ -81,13 +86,73 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> Tuple[Tuple[TensorSpec, ...]
     return tuple(specs), _round_up(max(pos, 1), ALIGN)
 
 
-def pack_record(tensors: Mapping[str, torch.Tensor], specs: Tuple[TensorSpec, ...], nbytes: int) -> torch.Tensor:
-    """The record's bytes as a 1-D uint8 tensor (zero padding between tensors)."""
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
+@dataclass(frozen=True)
+class Filler:
+    """A record tensor given by what writes its bytes: `fill(view_u8)` puts them into the record buffer's slice
+    (a positioned read from a source file, say), so the writer makes no intermediate copy."""
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    fill: Callable[[torch.Tensor], None]
+
+
+def pack_record(tensors: Mapping[str, torch.Tensor], specs: Tuple[TensorSpec, ...], nbytes: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The record's bytes as a 1-D uint8 tensor (zero padding between tensors). `out`: a buffer of nbytes to fill
+    instead of a new one; its padding must be zero already (the tensors' slices are all overwritten)."""
+    buf = torch.zeros(nbytes, dtype=torch.uint8) if out is None else out
     for spec in specs:
-        src = tensors[spec.name].detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        buf[spec.offset:spec.offset + spec.nbytes].copy_(src)
+        t, view = tensors[spec.name], buf[spec.offset:spec.offset + spec.nbytes]
+        if isinstance(t, Filler):
+            t.fill(view)
+        else:
+            view.copy_(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
     return buf
+
+
+class _RecordWriter:
+    """Appends records to a new data file: O_DIRECT from one reused page-aligned buffer where the filesystem allows
+    it (no page-cache copy of what is written: a store is as large as the experts), buffered writes otherwise."""
+
+    def __init__(self, path: str):
+        self.fd, self.direct = None, False
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError:
+                self.fd = None
+        if self.fd is None:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._free: List[list] = []  # [raw, aligned view, specs of the zero-padded layout it holds]
+
+    def buffer(self, specs: Tuple[TensorSpec, ...], nbytes: int) -> list:
+        """A free zero-padded nbytes buffer for a record of this layout ([raw, view, specs]; give it back with
+        `release`): buffers are reused, and re-zeroed only when the layout changes."""
+        slot = self._free.pop() if self._free else [None, None, None]
+        if slot[1] is None or slot[1].numel() != nbytes:
+            slot[0] = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            skip = -slot[0].data_ptr() % ALIGN
+            slot[1], slot[2] = slot[0][skip:skip + nbytes], None
+        if slot[2] != specs:
+            slot[1].zero_()
+            slot[2] = specs
+        return slot
+
+    def release(self, slot: list) -> None:
+        self._free.append(slot)
+
+    def write_at(self, buf: torch.Tensor, offset: int) -> None:
+        """Positioned write (several may run at once on different threads: their ranges never overlap)."""
+        view, pos = memoryview(buf.numpy()), 0
+        while pos < len(view):
+            pos += os.pwrite(self.fd, view[pos:], offset + pos)
+
+    def close(self, sync: bool) -> None:
+        if self.fd is not None:
+            if sync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
 
 
 def tensor_views(buffer_u8: torch.Tensor, record: Record) -> Dict[str, torch.Tensor]:
@@ -99,11 +164,14 @@ def tensor_views(buffer_u8: torch.Tensor, record: Record) -> Dict[str, torch.Ten
 
 
 def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, torch.Tensor]]],
-                source: dict, checkpoint: Optional[str] = None) -> "ExpertStore":
-    """Writes every (layer, expert, {name: tensor}) record and the manifest into `directory` atomically.
+                source: dict, checkpoint: Optional[str] = None, fill_threads: int = 0) -> "ExpertStore":
+    """Writes every (layer, expert, {name: tensor or Filler}) record and the manifest into `directory` atomically.
 
     `source` identifies what the records were made from (checked by ExpertStore.open(expected_source=...));
-    `checkpoint` (the path they came from) is recorded for messages only.
+    `checkpoint` (the path they came from) is recorded for messages only. `fill_threads` > 0: records are packed
+    (their Fillers run: reads), hashed and written (positioned writes) on that many threads, up to that many ahead
+    of the oldest unfinished one; the tensors a record names must then stay valid until later records are drawn
+    (fresh tensors, Fillers).
     Raises OffloadError naming the file on an unwritable directory or a full disk; nothing partial remains.
     """
     try:
@@ -115,19 +183,53 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
     entries: List[dict] = []
     pos = 0
     try:
-        with open(tmp_data, "wb") as f:
+        writer = _RecordWriter(tmp_data)
+        pool = ThreadPoolExecutor(fill_threads) if fill_threads > 0 else None
+        pending: deque = deque()  # (slot, future, entry) in record order
+
+        def job(tensors, specs, nbytes, buf, offset):
+            pack_record(tensors, specs, nbytes, out=buf)
+            digest = checksum(buf)
+            writer.write_at(buf, offset)
+            return digest
+
+        def finish_one():
+            slot, fut, entry = pending.popleft()
+            entry["checksum"] = fut.result()  # a failed read or write surfaces here, in order
+            writer.release(slot)
+
+        try:
             for layer, expert, tensors in records:
+                for name, t in tensors.items():
+                    if t.dtype not in STORE_DTYPES:
+                        raise OffloadError(f"--moe-expert-store {directory}: MoE layer {layer} expert {expert} tensor "
+                                           f"{name} is {str(t.dtype).removeprefix('torch.')}, which the store cannot "
+                                           f"hold ({', '.join(_DTYPES)}); convert the weights first")
                 specs, nbytes = _layout(tensors)
-                buf = pack_record(tensors, specs, nbytes)
-                f.write(memoryview(buf.numpy()))
-                entries.append({"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
-                                "checksum": checksum(buf),
-                                "tensors": [{"name": s.name, "shape": list(s.shape),
-                                             "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
-                                            for s in specs]})
+                if len(pending) > fill_threads:
+                    finish_one()  # at most fill_threads + 1 record buffers exist
+                slot = writer.buffer(specs, nbytes)
+                entry = {"layer": int(layer), "expert": int(expert), "offset": pos, "nbytes": nbytes,
+                         "checksum": None,
+                         "tensors": [{"name": s.name, "shape": list(s.shape),
+                                      "dtype": str(s.dtype).removeprefix("torch."), "offset": s.offset}
+                                     for s in specs]}
+                if pool is not None:  # filled (read), hashed and written on a thread, several records in flight
+                    pending.append((slot, pool.submit(job, tensors, specs, nbytes, slot[1], pos), entry))
+                else:
+                    done = Future()
+                    done.set_result(job(tensors, specs, nbytes, slot[1], pos))
+                    pending.append((slot, done, entry))
+                entries.append(entry)
                 pos += nbytes
-            f.flush()
-            os.fsync(f.fileno())
+            while pending:
+                finish_one()
+        finally:
+            if pool is not None:
+                for _, fut, _ in pending:
+                    fut.cancel()
+                pool.shutdown(wait=True)
+            writer.close(sync=True)
         manifest = {"format": FORMAT, "version": VERSION, "source": source, "checkpoint": checkpoint,
                     "data_file": DATA_FILE,
                     "data_bytes": pos, "record_bytes": max((e["nbytes"] for e in entries), default=0),
@@ -139,10 +241,12 @@ def write_store(directory: str, records: Iterable[Tuple[int, int, Mapping[str, t
         os.replace(tmp_data, data_path)
         os.replace(tmp_man, man_path)
         _fsync_dir(directory)
-    except OSError as e:
+    except BaseException as e:
         for p in (tmp_data, tmp_man):
             if os.path.exists(p):
                 os.remove(p)
+        if not isinstance(e, OSError):
+            raise  # a refused record (dtype, a bad source tensor): nothing partial is left either
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
         raise OffloadError(f"--moe-expert-store {directory}: writing the expert store failed ({what}); "
                            f"free space or choose another directory") from None
