@@ -398,7 +398,7 @@ def export_tensors(sd: Dict[str, torch.Tensor], cfg: ModelConfig, moe, arch: str
         yield "lm_head.weight", sd["output_layer.weight"]
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}  # torch dtype -> safetensors header name
 
 
 def write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
@@ -433,7 +433,7 @@ def write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: str, max_
         final = SINGLE if n == 1 else f"model-{j:05d}-of-{n:05d}.safetensors"
         header, off = {"__metadata__": {"format": "pt"}}, 0
         for k, shape, b in entries:
-            header[k] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [off, off + b]}
+            header[k] = {"dtype": _ST_NAMES[dtype], "shape": shape, "data_offsets": [off, off + b]}
             off += b
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
