@@ -1,0 +1,152 @@
+"""Expert tensor parallelism and the folded expert grid on gloo: the MoE layer with each expert's FFN split over
+2 ETP ranks, with tokens de-duplicated over TP, and with EP folded over TP, equals the ETP = 1 layer on one process
+(outputs, aux loss, load statistics, input / router / expert gradients, the expert shards merged back)."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe import MoEConfig, MoELayer
+from moe.experts import etp_merge, etp_shard
+from tests.dist.launcher import run_distributed_jobs
+
+D, FF, E, T = 8, 12, 4, 10
+
+ROUTERS = {
+    "deepspeed_top2_capacity": dict(topk=2, train_capacity_factor=1.0, min_capacity=1, second_expert_sampling=False),
+    "deepspeed_top1_dropless": dict(topk=1, drop_tokens=False, use_rts=False),
+    "sigmoid_bias_top2": dict(topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                              drop_tokens=False, load_balancing_type="aux_loss", topk_scaling_factor=2.0),
+}
+
+
+def _subgroups(world, size, stride):
+    """Groups of `size` ranks at `stride` (collective: every rank creates all); returns this rank's."""
+    rank, mine = dist.get_rank(), None
+    starts = [s for s in range(world) if (s // stride) % size == 0]
+    for s in starts:
+        ranks = [s + i * stride for i in range(size)]
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def _reference(router, activation, seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=E, ep_size=1, **ROUTERS[router])
+    ref = MoELayer(D, FF, E, cfg, activation=activation)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in (ref.experts.b1_eF, ref.experts.b2_eD):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        ref.router.weight.copy_(torch.randn(ref.router.weight.shape, generator=g))
+    return cfg, ref
+
+
+def _copy_shards(layer, ref, ep_rank, etp_rank, etp_size, gated):
+    e = layer.num_local_experts
+    with torch.no_grad():
+        layer.router.weight.copy_(ref.router.weight)
+        for name, dim in (("w1_eFD", 1), ("b1_eF", 1), ("w2_eDF", 2), ("b2_eD", 1)):
+            full = getattr(ref.experts, name)[ep_rank * e:(ep_rank + 1) * e]
+            two = gated and name in ("w1_eFD", "b1_eF")
+            getattr(layer.experts, name).copy_(etp_shard(full, dim, etp_size, etp_rank, two))
+
+
+def _merged_grads(layer, ep_group, etp_group):
+    """Every expert parameter's gradient gathered over ETP (merged) and EP (stacked): the ETP = 1 layout."""
+    out = {}
+    gated = layer.experts.activation == "swiglu"
+    for name, dim in (("w1_eFD", 1), ("b1_eF", 1), ("w2_eDF", 2), ("b2_eD", 1)):
+        g = getattr(layer.experts, name).grad
+        for group, merge in ((etp_group, True), (ep_group, False)):
+            if group is None:
+                continue
+            parts = [torch.empty_like(g) for _ in range(group.size())]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            g = etp_merge(parts, dim, gated and name in ("w1_eFD", "b1_eF")) if merge else torch.cat(parts)
+        out[name] = g
+    return out
+
+
+def _worker(rank, world, router, activation, tp, etp, ep):
+    """Attention grid TP x DP (TP fastest), expert grid ETP x EP x EDP (ETP fastest) over the same ranks. TP ranks
+    hold the same tokens (de-duplicated by the layer); DP ranks other tokens. Returns the max abs errors."""
+    torch.manual_seed(0)
+    cfg, ref = _reference(router, activation)
+    tp_group = _subgroups(world, tp, 1) if tp > 1 else None
+    etp_group = _subgroups(world, etp, 1) if etp > 1 else None
+    ep_group = _subgroups(world, ep, etp) if ep > 1 else None
+    layer = MoELayer(D, FF, E, MoEConfig(num_experts=E, ep_size=ep, **ROUTERS[router]), ep_group=ep_group,
+                     activation=activation, etp_group=etp_group, dedup_group=tp_group)
+    ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+    etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
+    _copy_shards(layer, ref, ep_rank, etp_rank, etp, activation == "swiglu")
+    dp = world // tp
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(T, D, generator=g) for _ in range(dp)]
+    ts = [torch.randn(T, D, generator=g) for _ in range(dp)]
+    mine = rank // tp  # this rank's DP index: TP ranks share the tokens
+
+    x = xs[mine].clone().requires_grad_(True)
+    y, stats = layer(x)
+    loss = ((y - ts[mine]) ** 2).sum(-1).mean() + 0.1 * stats.aux_loss
+    loss.backward()
+
+    ref_loss, ref_out = 0.0, None
+    ref_x = [xi.clone().requires_grad_(True) for xi in xs]
+    for i, (xi, ti) in enumerate(zip(ref_x, ts)):
+        yi, si = ref(xi)
+        ref_loss = ref_loss + ((yi - ti) ** 2).sum(-1).mean() + 0.1 * si.aux_loss
+        if i == mine:
+            ref_out = (yi.detach(), si)
+    ref_loss.backward()
+    errs = {"y": (y - ref_out[0]).abs().max().item(),
+            "aux": (stats.aux_loss - ref_out[1].aux_loss).abs().item(),
+            "tokens_per_expert": (stats.tokens_per_expert - ref_out[1].tokens_per_expert).abs().max().item(),
+            "dx": (x.grad - ref_x[mine].grad).abs().max().item()}
+    # router: identical on TP ranks (full gradient each); summed over DP = the reference's
+    rg = layer.router.weight.grad.clone()
+    dist.all_reduce(rg)
+    rg /= tp
+    errs["router"] = (rg - ref.router.weight.grad).abs().max().item()
+    # experts: each shard's gradient covers the tokens of its expert-DP replicas: summed over them
+    grads = _merged_grads(layer, ep_group, etp_group)
+    for name, gm in grads.items():  # equal on the ETP x EP ranks of one replica: the world sum counts each ETP x EP
+        dist.all_reduce(gm)
+        gm /= etp * ep
+        errs[name] = (gm - getattr(ref.experts, name).grad).abs().max().item()
+    return errs
+
+
+# (router, activation, TP, ETP, EP) on 2 ranks, then 4 ranks
+CASES_2 = [(r, a, 2, 2, 1) for r in ROUTERS for a in ("swiglu", "gelu_tanh")]
+CASES_2 += [("deepspeed_top2_capacity", "swiglu", 2, 1, 2),  # EP folded over TP (EP 2 with DP 1), ETP 1
+            ("sigmoid_bias_top2", "gelu_tanh", 1, 2, 1)]  # ETP over DP ranks (distinct tokens, no de-dup)
+CASES_4 = [("deepspeed_top2_capacity", "swiglu", 2, 2, 2), ("sigmoid_bias_top2", "gelu_tanh", 2, 2, 1),
+           ("deepspeed_top1_dropless", "swiglu", 2, 1, 2), ("deepspeed_top2_capacity", "gelu_tanh", 1, 2, 2)]
+# fp32 throughout; the parallel layer sums the ETP partials and the TP slices in another order than the reference:
+# a few ulps of the O(1) values. 2e-5 absolute covers it with room; a wrong shard or a missing sum is O(0.1).
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def results_2():
+    return run_distributed_jobs([(_worker, c) for c in CASES_2], world_size=2)
+
+
+@pytest.fixture(scope="module")
+def results_4():
+    return run_distributed_jobs([(_worker, c) for c in CASES_4], world_size=4)
+
+
+@pytest.mark.parametrize("i", range(len(CASES_2)), ids=[f"{r}-{a}-tp{t}-etp{e}-ep{p}" for r, a, t, e, p in CASES_2])
+def test_etp_equals_etp1_on_2_ranks(results_2, i):
+    for errs in results_2[i]:  # [job][rank]
+        assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("i", range(len(CASES_4)), ids=[f"{r}-{a}-tp{t}-etp{e}-ep{p}" for r, a, t, e, p in CASES_4])
+def test_etp_with_ep_on_4_ranks(results_4, i):
+    for errs in results_4[i]:
+        assert max(errs.values()) < TOL, errs
