@@ -123,6 +123,9 @@ MAPPING = {
     "--tensor-model-parallel-size": (["2"], "parallel.tensor_model_parallel_size", 2),
     "--sequence-parallel": ([], "parallel.sequence_parallel", True),
     "--context-parallel-size": (["2"], "parallel.context_parallel_size", 2),
+    "--expert-tensor-parallel-size": (["2"], "parallel.expert_tensor_parallel_size", 2),
+    "--enable-expert-tensor-parallelism": (["--tensor-model-parallel-size", "2"],
+                                           "parallel.expert_tensor_parallel_size", 2),  # ETP = TP
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
