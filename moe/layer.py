@@ -112,6 +112,9 @@ class MoELayer(nn.Module):
             over its ranks (GroupedMLPExperts etp_size), partial outputs summed over it (forward_folded).
         dedup_group: the TP group when its ranks hold the same tokens (TP > 1 without --sequence-parallel) and the
             experts are on the folded grid: each rank dispatches 1/TP of the tokens, outputs all-gathered back.
+        expert_grid: the experts are laid out on the folded expert grid (megatron/parallel_state.py), not
+            replicated over TP / CP (None: whenever etp_group or dedup_group is given); their parameters carry
+            expert_folded=True, so the caller neither sums their gradients over TP / CP nor skips their files there.
     With cfg.shared_expert_ffn_hidden_size a SharedExpert of that width runs beside the routed experts.
         pad_to_capacity: capacity mode, single rank: run every expert on exactly C rows (empty slots computed and
             discarded) so no shape depends on the routing: no host sync. None = on for CUDA inputs with resident
@@ -136,7 +139,8 @@ class MoELayer(nn.Module):
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
                  activation: str = "gelu_tanh", bias: bool = True, dp_group=None,
                  pad_to_capacity: Optional[bool] = None, grouped_mm: Optional[str] = None,
-                 cpu_fast_paths: Optional[bool] = None, etp_group=None, dedup_group=None):
+                 cpu_fast_paths: Optional[bool] = None, etp_group=None, dedup_group=None,
+                 expert_grid: Optional[bool] = None):
         super().__init__()
         activation = cfg.expert_activation or activation
         # capacity mode: give every expert exactly C rows (Megatron-LM's --moe-pad-expert-input-to-capacity), so no
@@ -176,10 +180,10 @@ class MoELayer(nn.Module):
                                              etp_rank=0 if etp_group is None else dist.get_rank(etp_group))
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
+        self.expert_grid = (etp_group is not None or dedup_group is not None) if expert_grid is None else expert_grid
         for p in self.experts.parameters():
             p.ep_size = ep_size  # the caller reduces each expert grad over the expert-DP group of this EP size
-            p.expert_folded = etp_group is not None or dedup_group is not None  # on the expert grid: not summed
-            #                                                 over TP/CP as replicas (megatron/context_parallel.py)
+            p.expert_folded = self.expert_grid  # not TP/CP replicas (megatron/context_parallel.py)
         self.residual = None
         if cfg.mlp_type == "residual":
             mlp = (MLP(hidden_size, ffn_hidden_size, activation, init_method, output_layer_init_method)

@@ -76,7 +76,7 @@ def _expert_grid_groups(groups, ep_size: int) -> dict:
     """MoELayer's etp_group and dedup_group on the folded expert grid (issue 27); {} otherwise."""
     if groups is None or not getattr(groups, "expert_folded", False):
         return {}
-    return {"etp_group": groups.etp_group(ep_size), "dedup_group": groups.token_dedup_group}
+    return {"etp_group": groups.etp_group(ep_size), "dedup_group": groups.token_dedup_group, "expert_grid": True}
 
 
 class TransformerLayer(torch.nn.Module):
