@@ -3,6 +3,7 @@ ETP shard: layer_{L}_expert_{E}_mp_rank_{ETP rank}_...), so a checkpoint written
 other (each rank reads the files of the experts it holds, merging and cutting ETP shards when the sizes differ)."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -127,10 +128,13 @@ def read_expert_files(model, ckpt_dir: str, keep_optimizer: bool = True) -> Dict
                 if not keep_optimizer and isinstance(payload, dict):
                     payload.pop("optimizer", None)
                 return payload
-            payload = read(etp_rank if etp > 1 else 0)
+            # this rank's shard when the checkpoint has one (saved at this ETP size, or a larger one), else shard 0;
+            # the payload says the size it was saved at
+            first = etp_rank if os.path.exists(expert_path(ckpt_dir, moe_idx, gid, etp_rank)) else 0
+            payload = read(first)
             saved = payload.get("etp_size", 1) if isinstance(payload, dict) else 1
             if saved != etp:  # saved at another ETP size: every shard of it, merged and cut for this rank
-                pieces = [payload if r == (etp_rank if etp > 1 else 0) else read(r) for r in range(saved)]
+                pieces = [payload if r == first else read(r) for r in range(saved)]
                 payload = reshard_etp(pieces, dims or payload.get("etp_dims", {}), etp, etp_rank)
             out[(moe_idx, gid)] = payload
     return out
