@@ -9,7 +9,7 @@ from moe import MoEConfig, MoELayer
 from moe.experts import etp_merge, etp_shard
 from tests.dist.launcher import run_distributed_jobs
 
-D, FF, E, T = 8, 12, 4, 10
+D, FF, E, T = 8, 16, 4, 10  # F = 16: each ETP=2 shard (8 columns, 16 gated rows) suits torch._grouped_mm
 
 ROUTERS = {
     "deepspeed_top2_capacity": dict(topk=2, train_capacity_factor=1.0, min_capacity=1, second_expert_sampling=False),
@@ -69,7 +69,7 @@ def _merged_grads(layer, ep_group, etp_group):
     return out
 
 
-def _worker(rank, world, router, activation, tp, etp, ep):
+def _worker(rank, world, router, activation, tp, etp, ep, grouped_mm="off"):
     """Attention grid TP x DP (TP fastest), expert grid ETP x EP x EDP (ETP fastest) over the same ranks. TP ranks
     hold the same tokens (de-duplicated by the layer); DP ranks other tokens. Returns the max abs errors."""
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _worker(rank, world, router, activation, tp, etp, ep):
     etp_group = _subgroups(world, etp, 1) if etp > 1 else None
     ep_group = _subgroups(world, ep, etp) if ep > 1 else None
     layer = MoELayer(D, FF, E, MoEConfig(num_experts=E, ep_size=ep, **ROUTERS[router]), ep_group=ep_group,
-                     activation=activation, etp_group=etp_group, dedup_group=tp_group)
+                     activation=activation, etp_group=etp_group, dedup_group=tp_group, grouped_mm=grouped_mm)
     ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
     etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
     _copy_shards(layer, ref, ep_rank, etp_rank, etp, activation == "swiglu")
@@ -88,6 +88,9 @@ def _worker(rank, world, router, activation, tp, etp, ep):
     ts = [torch.randn(T, D, generator=g) for _ in range(dp)]
     mine = rank // tp  # this rank's DP index: TP ranks share the tokens
 
+    with torch.no_grad():  # the inference path (per-expert rows, GroupedMLPExperts.forward under no_grad)
+        y_inf = layer(xs[mine])[0]
+        ref_inf = ref(xs[mine])[0]
     x = xs[mine].clone().requires_grad_(True)
     y, stats = layer(x)
     loss = ((y - ts[mine]) ** 2).sum(-1).mean() + 0.1 * stats.aux_loss
@@ -101,7 +104,7 @@ def _worker(rank, world, router, activation, tp, etp, ep):
         if i == mine:
             ref_out = (yi.detach(), si)
     ref_loss.backward()
-    errs = {"y": (y - ref_out[0]).abs().max().item(),
+    errs = {"y": (y - ref_out[0]).abs().max().item(), "y_no_grad": (y_inf - ref_inf).abs().max().item(),
             "aux": (stats.aux_loss - ref_out[1].aux_loss).abs().item(),
             "tokens_per_expert": (stats.tokens_per_expert - ref_out[1].tokens_per_expert).abs().max().item(),
             "dx": (x.grad - ref_x[mine].grad).abs().max().item()}
@@ -121,6 +124,7 @@ def _worker(rank, world, router, activation, tp, etp, ep):
 
 # (router, activation, TP, ETP, EP) on 2 ranks, then 4 ranks
 CASES_2 = [(r, a, 2, 2, 1) for r in ROUTERS for a in ("swiglu", "gelu_tanh")]
+CASES_2 += [("deepspeed_top2_capacity", a, 2, 2, 1, "on") for a in ("swiglu", "gelu_tanh")]  # torch._grouped_mm
 CASES_2 += [("deepspeed_top2_capacity", "swiglu", 2, 1, 2),  # EP folded over TP (EP 2 with DP 1), ETP 1
             ("sigmoid_bias_top2", "gelu_tanh", 1, 2, 1)]  # ETP over DP ranks (distinct tokens, no de-dup)
 CASES_4 = [("deepspeed_top2_capacity", "swiglu", 2, 2, 2), ("sigmoid_bias_top2", "gelu_tanh", 2, 2, 1),
@@ -140,13 +144,17 @@ def results_4():
     return run_distributed_jobs([(_worker, c) for c in CASES_4], world_size=4)
 
 
-@pytest.mark.parametrize("i", range(len(CASES_2)), ids=[f"{r}-{a}-tp{t}-etp{e}-ep{p}" for r, a, t, e, p in CASES_2])
+def _ids(cases):
+    return [f"{c[0]}-{c[1]}-tp{c[2]}-etp{c[3]}-ep{c[4]}" + ("-grouped_mm" if len(c) > 5 else "") for c in cases]
+
+
+@pytest.mark.parametrize("i", range(len(CASES_2)), ids=_ids(CASES_2))
 def test_etp_equals_etp1_on_2_ranks(results_2, i):
     for errs in results_2[i]:  # [job][rank]
         assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("i", range(len(CASES_4)), ids=[f"{r}-{a}-tp{t}-etp{e}-ep{p}" for r, a, t, e, p in CASES_4])
+@pytest.mark.parametrize("i", range(len(CASES_4)), ids=_ids(CASES_4))
 def test_etp_with_ep_on_4_ranks(results_4, i):
     for errs in results_4[i]:
         assert max(errs.values()) < TOL, errs

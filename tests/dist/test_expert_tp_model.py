@@ -70,11 +70,11 @@ def _train(groups, case, ep, zero):
     return log, _gathered(model, groups, ep)
 
 
-def _worker(rank, world, case, tp, etp, ep, sp, zero):
+def _worker(rank, world, case, tp, etp, ep, sp, zero, cp=1):
     """(ETP = 1 replicated run, folded run) on the same ranks and data."""
-    ref_groups = parallel_state.initialize(tp, (1,), sequence_parallel=sp)
+    ref_groups = parallel_state.initialize(tp, (1,), sequence_parallel=sp, cp_size=cp)
     ref = _train(ref_groups, case, 1, zero)
-    groups = parallel_state.initialize(tp, (ep,), etp_size=etp, sequence_parallel=sp)
+    groups = parallel_state.initialize(tp, (ep,), etp_size=etp, sequence_parallel=sp, cp_size=cp)
     assert groups.expert_folded
     return ref, _train(groups, case, ep, zero)
 
@@ -84,7 +84,9 @@ CASES_2 = [("llama-sigmoid-bias-swiglu", 2, 2, 1, False, 0),   # ETP = TP, token
            ("gpt2-deepspeed-capacity-gelu", 2, 2, 1, True, 0),  # with --sequence-parallel (no de-dup needed)
            ("gpt2-deepspeed-capacity-gelu", 1, 2, 1, False, 0),  # ETP over DP ranks
            ("llama-sigmoid-bias-swiglu", 2, 1, 2, False, 0),   # EP folded over TP (EP 2, DP 1)
-           ("llama-sigmoid-bias-swiglu", 1, 2, 1, False, 2)]   # ETP with ZeRO-2 over DP
+           ("llama-sigmoid-bias-swiglu", 1, 2, 1, False, 2),   # ETP with ZeRO-2 over DP
+           ("llama-sigmoid-bias-swiglu", 1, 2, 1, False, 0, 2),  # ETP over the CP pair (--context-parallel-size 2)
+           ("gpt2-deepspeed-capacity-gelu", 1, 1, 2, False, 0, 2)]  # EP folded over CP
 CASES_4 = [("llama-sigmoid-bias-swiglu", 2, 2, 2, False, 0),   # TP 2 x DP 2, expert grid ETP 2 x EP 2
            ("gpt2-deepspeed-capacity-gelu", 2, 1, 4, True, 1)]  # EP 4 over TP x DP with SP, ZeRO-1
 # fp32; the folded run sums ETP partials, TP slices and expert-DP gradients in another order: ~1e-7 relative per
@@ -109,14 +111,17 @@ def results_2():
     return run_distributed_jobs([(_worker, c) for c in CASES_2], world_size=2)
 
 
-@pytest.mark.parametrize("i", range(len(CASES_2)), ids=[f"{c[0]}-tp{c[1]}-etp{c[2]}-ep{c[3]}-sp{int(c[4])}-zero{c[5]}"
-                                                         for c in CASES_2])
+def _ids(cases):
+    return [f"{c[0]}-tp{c[1]}-etp{c[2]}-ep{c[3]}-sp{int(c[4])}-zero{c[5]}" + (f"-cp{c[6]}" if len(c) > 6 else "")
+            for c in cases]
+
+
+@pytest.mark.parametrize("i", range(len(CASES_2)), ids=_ids(CASES_2))
 def test_folded_training_equals_replicated_2_ranks(results_2, i):
     _check(results_2[i])
 
 
 @pytest.mark.slow  # four processes on the shared cores
-@pytest.mark.parametrize("i", range(len(CASES_4)), ids=[f"{c[0]}-tp{c[1]}-etp{c[2]}-ep{c[3]}-sp{int(c[4])}-zero{c[5]}"
-                                                         for c in CASES_4])
+@pytest.mark.parametrize("i", range(len(CASES_4)), ids=_ids(CASES_4))
 def test_folded_training_equals_replicated_4_ranks(i):
     _check(run_distributed_jobs([(_worker, CASES_4[i])], world_size=4)[0])
