@@ -122,6 +122,24 @@ def _worker(rank, world, router, activation, tp, etp, ep, grouped_mm="off"):
     return errs
 
 
+def _deepspeed_worker(rank, world):
+    """The DeepSpeed drop-in with enable_expert_tensor_parallelism=True over a TP pair (the same tokens on both
+    ranks) against the drop-in without it, from the same seed: output, l_aux, exp_counts, input gradient."""
+    from moe import MoE
+    out = []
+    for etp in (False, True):
+        torch.manual_seed(0)
+        layer = MoE(D, num_experts=E, k=1, ffn_hidden_size=FF, min_capacity=1,
+                    enable_expert_tensor_parallelism=etp, tp_group=dist.group.WORLD if etp else None)
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        torch.manual_seed(1)  # the same RTS draws
+        y, l_aux, counts = layer(x)
+        y.square().sum().backward()
+        out.append((y.detach(), l_aux.detach(), counts, x.grad))
+    return {"y": (out[0][0] - out[1][0]).abs().max().item(), "aux": (out[0][1] - out[1][1]).abs().item(),
+            "counts": (out[0][2] - out[1][2]).abs().max().item(), "dx": (out[0][3] - out[1][3]).abs().max().item()}
+
+
 # (router, activation, TP, ETP, EP) on 2 ranks, then 4 ranks
 CASES_2 = [(r, a, 2, 2, 1) for r in ROUTERS for a in ("swiglu", "gelu_tanh")]
 CASES_2 += [("deepspeed_top2_capacity", a, 2, 2, 1, "on") for a in ("swiglu", "gelu_tanh")]  # torch._grouped_mm
@@ -136,7 +154,9 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def results_2():
-    return run_distributed_jobs([(_worker, c) for c in CASES_2], world_size=2)
+    from tests.dist.test_expert_tp_audit import _worker as audit
+    return run_distributed_jobs([(_worker, c) for c in CASES_2] + [(_deepspeed_worker, ()), (audit, ())],
+                                world_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +174,18 @@ def test_etp_equals_etp1_on_2_ranks(results_2, i):
         assert max(errs.values()) < TOL, errs
 
 
+def test_deepspeed_dropin_expert_tensor_parallelism(results_2):
+    for errs in results_2[len(CASES_2)]:
+        assert max(errs.values()) < TOL, errs
+
+
+def test_folded_path_bf16_and_one_sync(results_2):
+    """tests/dist/test_expert_tp_audit.py's audit, run in this module's spawn."""
+    from tests.dist.test_expert_tp_audit import check
+    check(results_2[len(CASES_2) + 1])
+
+
+@pytest.mark.slow  # four processes on the shared cores: ~20 s
 @pytest.mark.parametrize("i", range(len(CASES_4)), ids=_ids(CASES_4))
 def test_etp_with_ep_on_4_ranks(results_4, i):
     for errs in results_4[i]:

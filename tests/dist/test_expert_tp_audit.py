@@ -1,7 +1,9 @@
 """The folded expert path under bf16 autocast with fp32 (LayerNorm) input, on 2 gloo ranks (TP = 2, tokens
 de-duplicated): with ETP = 2 and with EP = 2 folded over TP, forward + backward of a MoE layer costs the same ONE
 host sync as the EP path (dispatch.counts_to_host: the de-duplicated counts and the ETP peers' counts travel in it),
-every expert GEMM is bf16, and every all-to-all carries bf16."""
+every expert GEMM is bf16, and every all-to-all carries bf16. Run by tests/dist/test_expert_tp.py (one spawn
+for both); alone here only as a slow test."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -50,9 +52,15 @@ def _audit(mode, drop_tokens):
     return {"syncs": [f"{s.op} @ {s.site}" for s in audit.syncs], "sent": sent, "expert": expert}
 
 
-def test_folded_path_bf16_and_one_sync():
-    for by_case in run_distributed(_worker, 2):
+def check(per_rank):
+    """Asserts on _worker's result of every rank (tests/dist/test_expert_tp.py runs it in its own spawn)."""
+    for by_case in per_rank:
         for case, r in by_case.items():
             assert r["sent"] and set(r["sent"]) == {torch.bfloat16}, (case, r)  # rows out and partials back
             assert r["expert"] == {torch.bfloat16}, (case, r)
             assert len(r["syncs"]) == 1 and "counts_to_host" in r["syncs"][0], (case, r["syncs"])
+
+
+@pytest.mark.slow  # the same audit in tests/dist/test_expert_tp.py's spawn runs in the fast suite
+def test_folded_path_bf16_and_one_sync_alone():
+    check(run_distributed(_worker, 2))

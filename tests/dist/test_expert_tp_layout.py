@@ -48,6 +48,7 @@ def _groups_worker(rank, world):
             "sp_folded": g3.expert_folded, "sp_ep": ranks(g3.ep_group(2)) if g3.ep_group(2) else None}
 
 
+@pytest.mark.slow  # a 4-process spawn on the shared cores: ~15 s
 def test_groups_built_on_4_ranks():
     out = run_distributed(_groups_worker, 4)
     for rank, r in enumerate(out):
