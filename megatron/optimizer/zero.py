@@ -259,7 +259,9 @@ class ZeroOptimizer(MegatronOptimizer):
                         full[k].copy_(st[k])
                 step = st["step"].detach()
             for p, off in zip(b.params, b.offsets):
-                out[p] = {"step": step,  # views of the fresh buffers: state_dict copies them
+                # each parameter its own step tensor: a plain AdamW loading this increments every one in place, and
+                # one tensor shared by a bucket's parameters (as torch.save keeps it) would count N steps per step
+                out[p] = {"step": step.clone(),  # the rest: views of the fresh buffers (state_dict copies them)
                           **{k: full[k][off:off + p.numel()].view_as(p) for k in _STATE_KEYS}}
         return out
 

@@ -44,10 +44,11 @@ def test_shard_merge_round_trip_and_payload_reshard():
     assert shards[1]["model"]["w2_eDF"].shape == (4, 3)
 
 
-@pytest.mark.slow  # five 2-process CLI runs in one spawn: ~40 s on the shared cores
+@pytest.mark.slow  # seven 2-process CLI runs in one spawn: ~40 s on the shared cores
 def test_etp2_checkpoint_resumes_at_etp1_and_back(tiny_corpus, tmp_path):
     """DP=2 on 2 ranks: ETP 2 (experts split over the two DP ranks) and ETP 1 each train 3 steps and save; each
-    checkpoint resumes at the other ETP size to step 6. Every continuation equals ETP 2 resuming its own checkpoint
+    checkpoint resumes at the other ETP size to step 6 (and an ETP 2 checkpoint written under ZeRO-1, whose expert
+    Adam state is gathered over the grid's expert-DP group, resumes at ETP 1 without ZeRO). Every continuation equals ETP 2 resuming its own checkpoint
     (losses of steps 4-6 and the validation loss, 1e-5: fp32 sums in another order), which needs the Adam moments
     resharded exactly as the weights."""
     base = tiny_train_argv(tiny_corpus, tmp_path, *MOE)
@@ -59,13 +60,15 @@ def test_etp2_checkpoint_resumes_at_etp1_and_back(tiny_corpus, tmp_path):
         (_run, (base + etp2 + ["--train-iters", "6", "--load", s2],)),  # the reference continuation
         (_run, (base + ["--train-iters", "6", "--load", s2],)),  # ETP 2 -> 1
         (_run, (base + etp2 + ["--train-iters", "6", "--load", s1],)),  # ETP 1 -> 2
+        (_run, (base + etp2 + ["--zero-stage", "1", "--train-iters", "3", "--save", s2 + "z"],)),
+        (_run, (base + ["--train-iters", "6", "--load", s2 + "z"],)),  # ETP 2 under ZeRO-1 -> ETP 1 without
     ], world_size=2)
     assert sorted(f for f in os.listdir(os.path.join(s2, "iter_0000003")) if "expert_0_" in f) == [
         "layer_0_expert_0_mp_rank_00_model_states.pt", "layer_0_expert_0_mp_rank_01_model_states.pt"]
     torch.testing.assert_close(torch.tensor(runs[0][0]["losses"]), torch.tensor(runs[1][0]["losses"]),
                                rtol=1e-5, atol=1e-5)
     ref = runs[2][0]
-    for got in (runs[3][0], runs[4][0]):
+    for got in (runs[3][0], runs[4][0], runs[6][0]):
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
         assert abs(got["val"] - ref["val"]) < 1e-5, (got["val"], ref["val"])
 
