@@ -88,6 +88,7 @@ def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, o
     Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
     each size's squared norm over that group only. Parameters replicated over TP (LayerNorms, row-parallel
     biases, MoE layers) have equal grads on every TP rank and are counted once (split.replicated).
+    On the folded expert grid each EP size's experts are summed over its ETP x EP group (expert_norm_group).
     """
     out = [(split.tp, groups.tp_group if groups.tp_size > 1 else None)]
     experts = by_ep_size(split.expert)

@@ -323,6 +323,13 @@ def mine_pairs(cand: torch.Tensor, mine: torch.Tensor, num_mine: int, start: int
     return cand.index_select(0, order) - start * k
 
 
+def etp_gather_counts(counts_e: torch.Tensor, group) -> torch.Tensor:
+    """[Q, e] rows every ETP peer holds for each local expert (an all_gather of fixed size: no sync)."""
+    parts = [torch.empty_like(counts_e) for _ in range(group.size())]
+    dist.all_gather(parts, counts_e.contiguous(), group=group)
+    return torch.stack(parts)
+
+
 def etp_gather_rows(rows_RD: torch.Tensor, peer_rows: List[int], group) -> torch.Tensor:
     """Every ETP peer's rows, concatenated in peer order (this rank's R rows sent to each peer; backward sums the
     peers' gradients of this rank's rows). peer_rows[q]: rows peer q holds."""

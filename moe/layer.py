@@ -122,6 +122,8 @@ class MoELayer(nn.Module):
         grouped_mm, cpu_fast_paths: the built-in experts' GEMM choices (GroupedMLPExperts).
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
+    On the folded expert grid (etp_group / dedup_group) see forward_folded: a TP all-gather of the outputs, ETP
+    gathers of rows and returns of partial sums, and the EP all-to-alls in between.
     The layer never all-reduces gradients.
 
     Gradient scaling (for the caller's reduction): with DP ranks = D, ep_size = N (EP splits DP, so the
@@ -337,11 +339,7 @@ class MoELayer(nn.Module):
             start, stop, counts_E = 0, num_tokens, routing.counts_E
         recv_Pe = dispatch.exchange_counts(counts_E, self.ep_group) if self.ep_size > 1 else None  # 2.
         local_e = recv_Pe.sum(dim=0) if recv_Pe is not None else counts_E
-        peers_Qe = None
-        if self.etp_size > 1:
-            parts = [torch.empty_like(local_e) for _ in range(self.etp_size)]
-            dist.all_gather(parts, local_e.contiguous(), group=self.etp_group)
-            peers_Qe = torch.stack(parts)
+        peers_Qe = dispatch.etp_gather_counts(local_e, self.etp_group) if self.etp_size > 1 else None
         host = dispatch.counts_to_host(*[c for c in (counts_E, recv_Pe, peers_Qe) if c is not None])  # 3.
         counts = host[0]
         if self.dedup_group is not None:  # 4.
