@@ -23,6 +23,8 @@ CASES = {  # name: (model kwargs, MoE kwargs)
                                               bias_update_rate=1e-2, **MOE)),
     "gpt2-deepspeed-capacity-gelu": ({}, dict(MOE, drop_tokens=True, train_capacity_factor=1.0, min_capacity=1,
                                               second_expert_sampling=False, use_rts=False)),
+    "llama-recompute-full": (dict(LLAMA, recompute_granularity="full", recompute_method="uniform",
+                                  recompute_num_layers=1), dict(router_family="megatron", **MOE)),
 }
 STEPS = 3
 
@@ -86,7 +88,8 @@ CASES_2 = [("llama-sigmoid-bias-swiglu", 2, 2, 1, False, 0),   # ETP = TP, token
            ("llama-sigmoid-bias-swiglu", 2, 1, 2, False, 0),   # EP folded over TP (EP 2, DP 1)
            ("llama-sigmoid-bias-swiglu", 1, 2, 1, False, 2),   # ETP with ZeRO-2 over DP
            ("llama-sigmoid-bias-swiglu", 1, 2, 1, False, 0, 2),  # ETP over the CP pair (--context-parallel-size 2)
-           ("gpt2-deepspeed-capacity-gelu", 1, 1, 2, False, 0, 2)]  # EP folded over CP
+           ("gpt2-deepspeed-capacity-gelu", 1, 1, 2, False, 0, 2),  # EP folded over CP
+           ("llama-recompute-full", 2, 2, 1, False, 0)]  # the folded layer's collectives re-run in the recompute
 CASES_4 = [("llama-sigmoid-bias-swiglu", 2, 2, 2, False, 0),   # TP 2 x DP 2, expert grid ETP 2 x EP 2
            ("gpt2-deepspeed-capacity-gelu", 2, 1, 4, True, 1)]  # EP 4 over TP x DP with SP, ZeRO-1
 # fp32; the folded run sums ETP partials, TP slices and expert-DP gradients in another order: ~1e-7 relative per
