@@ -140,6 +140,18 @@ def read_expert_files(model, ckpt_dir: str, keep_optimizer: bool = True) -> Dict
     return out
 
 
+def read_whole_expert(ckpt_dir: str, moe_layer: int, expert_id: int, mmap: bool = False) -> dict:
+    """One expert's verified payload as ETP = 1 holds it, for one-process readers (Hugging Face export, offload
+    stores): its file, or every ETP rank's file merged (reshard_etp) when it was saved with ETP > 1."""
+    payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_layer, expert_id), mmap=mmap)
+    saved = payload.get("etp_size", 1) if isinstance(payload, dict) else 1
+    if saved == 1:
+        return payload
+    pieces = [payload] + [integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_layer, expert_id, r),
+                                                         mmap=mmap) for r in range(1, saved)]
+    return reshard_etp(pieces, payload.get("etp_dims", {}), 1, 0)
+
+
 def load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[dict] = None) -> Dict[str, dict]:
     """Reads this rank's expert files (unless given as `experts`); fills the local expert slices when `load_weights`.
 

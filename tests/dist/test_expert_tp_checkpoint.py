@@ -67,6 +67,16 @@ def test_etp2_checkpoint_resumes_at_etp1_and_back(tiny_corpus, tmp_path):
         "layer_0_expert_0_mp_rank_00_model_states.pt", "layer_0_expert_0_mp_rank_01_model_states.pt"]
     torch.testing.assert_close(torch.tensor(runs[0][0]["losses"]), torch.tensor(runs[1][0]["losses"]),
                                rtol=1e-5, atol=1e-5)
+    # one-process readers merge the ETP shards: the whole-model loader and read_whole_expert (HF export, offload)
+    from megatron.checkpointing import build_model_from_checkpoint, read_whole_expert
+    whole2, whole1 = (build_model_from_checkpoint(s).model.state_dict() for s in (s2, s1))
+    for k in whole1:
+        torch.testing.assert_close(whole2[k], whole1[k], rtol=1e-5, atol=1e-5, msg=k)
+    it2, it1 = os.path.join(s2, "iter_0000003"), os.path.join(s1, "iter_0000003")
+    one2, one1 = read_whole_expert(it2, 0, 3)["model"], read_whole_expert(it1, 0, 3)["model"]
+    assert one2.keys() == one1.keys()
+    for k in one1:
+        torch.testing.assert_close(one2[k], one1[k], rtol=1e-5, atol=1e-5, msg=k)
     ref = runs[2][0]
     for got in (runs[3][0], runs[4][0], runs[6][0]):
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
