@@ -75,10 +75,8 @@ def reduce_gradients(split: ParamSplit, groups: ParallelGroups) -> None:
 
 
 def _expert_dp(groups: ParallelGroups, ep: int):
-    """The group expert gradients of EP size `ep` are summed over (None: nothing to sum)."""
-    if groups.expert_folded:
-        return groups.expert_dp_group(ep)
-    return groups.expert_dp_group(ep) if groups.dp_size > 1 else None
+    """The group expert gradients of EP size `ep` are summed over (may span TP ranks: token de-duplication)."""
+    return groups.expert_dp_group(ep)
 
 
 def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, object]]:

@@ -9,9 +9,11 @@ PP groups stride TP x CP x DP. Groups built (each rank keeps the one it belongs 
   dense gradients are reduced over when CP > 1: each CP rank holds other tokens of the same sequences);
 - pp_group   : same (tp, cp, dp), PP ranks;          - tp_cp_group: same (dp, pp), TP x CP ranks;
 - per EP size: ep_group = EP consecutive ranks of this rank's DP group, expert_dp_group = the ranks of the DP group
-  with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1).
-With CP = PP = 1 every group is the one the project built before (TP, DP, EP, expert-DP), in the same creation
-order.
+  with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1); with TP > 1
+  and no sequence parallelism the TP ranks dispatch disjoint token slices, so expert_dp_group also spans the TP
+  ranks (each TP replica of an expert saw other tokens).
+With CP = PP = 1 every group is the one the project built before (TP, DP, EP, expert-DP; expert-DP spanning TP
+since issue 27's token de-duplication), in the same creation order.
 
 Expert grid (Megatron-LM's "MoE parallel folding", used when --expert-tensor-parallel-size > 1 or an EP size does
 not divide DP): the experts lay the S = TP x CP x DP ranks of each pipeline stage out on their own grid, ETP fastest,
@@ -138,9 +140,10 @@ class ParallelGroups:
 
     @property
     def token_dedup_group(self):
-        """The TP group when its ranks hold the same tokens and the experts are folded (TP > 1, no sequence
-        parallelism): each of its ranks dispatches its 1/TP slice of the tokens (moe/layer.py); else None."""
-        if self.expert_folded and self.tp_size > 1 and not self.sequence_parallel:
+        """The TP group when its ranks hold the same tokens (TP > 1 without sequence parallelism): each of its ranks
+        dispatches its 1/TP slice of the tokens (moe/layer.py), on the expert grid or with experts replicated over
+        TP (whose expert-DP groups then span the TP ranks: _expert_rank_lists); else None."""
+        if self.tp_size > 1 and not self.sequence_parallel:
             return self.tp_group
         return None
 
@@ -228,13 +231,21 @@ def _new_groups(rank_lists: List[List[int]], rank: int, timeout=None):
     return mine
 
 
-def _expert_rank_lists(layout: RankLayout, ep_size: int):
+def _expert_rank_lists(layout: RankLayout, ep_size: int, span_tp: bool = False):
     """(EP groups, expert-DP groups): inside every DP group, consecutive chunks of ep_size ranks, and the ranks with
-    the same slot across chunks. Example world 8, TP 1, EP 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}."""
+    the same slot across chunks. Example world 8, TP 1, EP 4: EP {0..3},{4..7}; expert-DP {0,4},{1,5},{2,6},{3,7}.
+    span_tp (TP ranks dispatch disjoint token slices: ParallelGroups.token_dedup_group): an expert-DP group holds
+    that slot's ranks of every TP rank too, so the TP slices' partial expert gradients are summed with the replicas'.
+    Example world 4, TP 2, DP 2, EP 1: expert-DP {0,1,2,3} (else {0,2},{1,3})."""
     ep, edp = [], []
     for dp_ranks in layout.groups(("dp",)):
         ep += [dp_ranks[c:c + ep_size] for c in range(0, len(dp_ranks), ep_size)]
-        edp += [dp_ranks[slot::ep_size] for slot in range(ep_size)]
+        if not span_tp:
+            edp += [dp_ranks[slot::ep_size] for slot in range(ep_size)]
+    if span_tp:
+        for ranks in layout.groups(("tp", "dp")):
+            edp += [[r for r in ranks if layout.coords(r)["dp"] % ep_size == slot] for slot in range(ep_size)]
+        edp.sort(key=lambda g: g[0])
     return ep, edp
 
 
@@ -293,7 +304,7 @@ def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,), timeout_minutes
             grid = expert_layout(layout, ep, etp_size)
             ep_lists, edp_lists = grid.groups(("ep",)), grid.groups(("edp",))
         else:
-            ep_lists, edp_lists = _expert_rank_lists(layout, ep)
+            ep_lists, edp_lists = _expert_rank_lists(layout, ep, span_tp=tp_size > 1 and not sequence_parallel)
         ep_groups[ep], edp_groups[ep] = _new_groups(ep_lists, rank, timeout), _new_groups(edp_lists, rank, timeout)
         if folded:
             etp_groups[ep] = _new_groups(grid.groups(("etp",)), rank, timeout) if etp_size > 1 else None

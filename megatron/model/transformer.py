@@ -42,9 +42,9 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                            groups.tp_group if groups is not None else None, activation=cfg.activation,
                            bias=cfg.add_bias_linear, sequence_parallel=sequence_parallel(groups))
     # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
-    # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank. On the folded
-    # expert grid (--expert-tensor-parallel-size > 1, or EP folded over TP/CP; megatron/parallel_state.py) the
-    # experts are laid out over the stage's ranks on their own and each TP rank dispatches its slice of the tokens.
+    # tokens, and dispatches its 1/TP slice of them (DeepSpeed's drop_tokens) through the same experts; expert
+    # parallelism runs among the ranks that share a TP rank. On the folded expert grid (--expert-tensor-parallel-size
+    # > 1, or EP folded over TP/CP; megatron/parallel_state.py) the experts are laid out over the stage's ranks.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
 
     i, num_experts, ep_size = spec  # per-layer EP sizes: each MoE layer uses its own EP group
@@ -73,10 +73,13 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
 
 
 def _expert_grid_groups(groups, ep_size: int) -> dict:
-    """MoELayer's etp_group and dedup_group on the folded expert grid (issue 27); {} otherwise."""
-    if groups is None or not getattr(groups, "expert_folded", False):
+    """MoELayer's etp_group, dedup_group and expert_grid (issue 27): TP ranks holding the same tokens dispatch
+    disjoint slices of them (their experts' gradients are summed over an expert-DP group spanning TP)."""
+    if groups is None:
         return {}
-    return {"etp_group": groups.etp_group(ep_size), "dedup_group": groups.token_dedup_group, "expert_grid": True}
+    folded = getattr(groups, "expert_folded", False)
+    return {"etp_group": groups.etp_group(ep_size) if folded else None,
+            "dedup_group": getattr(groups, "token_dedup_group", None), "expert_grid": folded}
 
 
 class TransformerLayer(torch.nn.Module):

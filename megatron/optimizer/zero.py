@@ -135,7 +135,7 @@ class ZeroOptimizer(MegatronOptimizer):
 
     def _shard_group(self, ep_size: Optional[int]):
         g = self.groups
-        if g is not None and ep_size is not None and g.expert_folded:  # the folded grid's expert-DP (issue 27)
+        if g is not None and ep_size is not None:  # expert-DP: may span TP (and CP, on the expert grid), issue 27
             return g.expert_dp_group(ep_size)
         if g is None or g.dp_size == 1:
             return None

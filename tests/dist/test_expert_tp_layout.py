@@ -30,6 +30,14 @@ def test_expert_grid_rank_order():
     assert parallel_state.expert_layout(parallel_state.RankLayout(2, 1, 1, 1), 2, 1).groups(("ep",)) == [[0, 1]]
 
 
+def test_replicated_experts_expert_dp_spans_tp():
+    """Without the grid, TP ranks still dispatch disjoint token slices (no SP): expert-DP spans the TP ranks."""
+    layout = parallel_state.RankLayout(tp=2, cp=1, dp=2, pp=1)
+    assert parallel_state._expert_rank_lists(layout, 1, span_tp=True) == ([[0], [2], [1], [3]], [[0, 1, 2, 3]])
+    assert parallel_state._expert_rank_lists(layout, 2, span_tp=True) == ([[0, 2], [1, 3]], [[0, 1], [2, 3]])
+    assert parallel_state._expert_rank_lists(layout, 2) == ([[0, 2], [1, 3]], [[0], [2], [1], [3]])
+
+
 def test_when_the_grid_is_used():
     assert not parallel_state.expert_folded(2, 1, 4, (2,), 1)  # EP divides DP, ETP 1: experts replicated over TP
     assert parallel_state.expert_folded(2, 1, 4, (2,), 2)  # ETP > 1
