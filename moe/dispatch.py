@@ -342,4 +342,4 @@ def etp_reduce_rows(partial_MD: torch.Tensor, peer_rows: List[int], num_rows: in
     added (in fp32, then the compute dtype): the ETP partial-sum reduction (a reduce-scatter of variable sizes)."""
     q = group.size()
     back = all_to_all(partial_MD, [num_rows] * q, list(peer_rows), group)
-    return back.view(q, num_rows, -1).float().sum(dim=0).to(partial_MD.dtype)
+    return back.view(q, num_rows, back.shape[-1]).float().sum(dim=0).to(partial_MD.dtype)

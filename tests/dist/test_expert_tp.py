@@ -140,6 +140,25 @@ def _deepspeed_worker(rank, world):
             "counts": (out[0][2] - out[1][2]).abs().max().item(), "dx": (out[0][3] - out[1][3]).abs().max().item()}
 
 
+def _one_token_worker(rank, world):
+    """One token over a TP pair (generation's decode step at micro-batch 1): rank 1's slice is empty; with and
+    without ETP, the output and the input gradient still equal the ETP = 1 layer's."""
+    errs = {}
+    for etp in (False, True):
+        cfg, ref = _reference("deepspeed_top2_capacity", "swiglu")
+        layer = MoELayer(D, FF, E, cfg, activation="swiglu", dedup_group=dist.group.WORLD,
+                         etp_group=dist.group.WORLD if etp else None)
+        _copy_shards(layer, ref, 0, rank if etp else 0, 2 if etp else 1, True)
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(4))
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        for lay, xi in ((layer, xs[0]), (ref, xs[1])):
+            lay(xi)[0].square().sum().backward()
+        with torch.no_grad():
+            errs[f"y{int(etp)}"] = (layer(x)[0] - ref(x)[0]).abs().max().item()
+        errs[f"dx{int(etp)}"] = (xs[0].grad - xs[1].grad).abs().max().item()
+    return errs
+
+
 # (router, activation, TP, ETP, EP) on 2 ranks, then 4 ranks
 CASES_2 = [(r, a, 2, 2, 1) for r in ROUTERS for a in ("swiglu", "gelu_tanh")]
 CASES_2 += [("deepspeed_top2_capacity", a, 2, 2, 1, "on") for a in ("swiglu", "gelu_tanh")]  # torch._grouped_mm
@@ -155,8 +174,8 @@ TOL = 2e-5
 @pytest.fixture(scope="module")
 def results_2():
     from tests.dist.test_expert_tp_audit import _worker as audit
-    return run_distributed_jobs([(_worker, c) for c in CASES_2] + [(_deepspeed_worker, ()), (audit, ())],
-                                world_size=2)
+    return run_distributed_jobs([(_worker, c) for c in CASES_2] + [(_deepspeed_worker, ()), (audit, ()),
+                                                                   (_one_token_worker, ())], world_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +202,11 @@ def test_folded_path_bf16_and_one_sync(results_2):
     """tests/dist/test_expert_tp_audit.py's audit, run in this module's spawn."""
     from tests.dist.test_expert_tp_audit import check
     check(results_2[len(CASES_2) + 1])
+
+
+def test_one_token_leaves_a_tp_rank_empty(results_2):
+    for errs in results_2[len(CASES_2) + 2]:
+        assert max(errs.values()) < TOL, errs
 
 
 @pytest.mark.slow  # four processes on the shared cores: ~20 s
