@@ -226,6 +226,50 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron-LM's name for --zero-stage 1")
     _add_grad_reduce_args(p)
     _add_sequence_context_parallel_args(p)
+    _add_expert_tensor_parallel_args(p)
+
+
+# ---------------------------------------------------------------- expert tensor parallelism (issue 27)
+def _add_expert_tensor_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's --expert-tensor-parallel-size and Megatron-DeepSpeed's --enable-expert-tensor-parallelism
+    (ETP = the TP size): ParallelConfig.expert_tensor_parallel_size."""
+    g = p.add_argument_group("expert tensor parallelism")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="ranks splitting each expert's FFN (column-parallel fc1, row-parallel fc2); > 1 lays the "
+                        "experts out on their own ETP x EP x expert-DP grid over each stage's TP x CP x DP ranks "
+                        "(default 1: experts replicated over TP)")
+    g.add_argument("--enable-expert-tensor-parallelism", action="store_true",
+                   help="Megatron-DeepSpeed's spelling: --expert-tensor-parallel-size = --tensor-model-parallel-size")
+
+
+def expert_tensor_parallel_size(args) -> int:
+    """--expert-tensor-parallel-size, or the TP size under --enable-expert-tensor-parallelism (both: must agree)."""
+    etp, tp = args.expert_tensor_parallel_size, args.tensor_model_parallel_size
+    if args.enable_expert_tensor_parallelism:
+        if etp is not None and etp != tp:
+            raise ConfigError(f"--enable-expert-tensor-parallelism sets the expert TP size to "
+                              f"--tensor-model-parallel-size ({tp}), but --expert-tensor-parallel-size is {etp}; "
+                              f"give one of them")
+        return tp
+    return 1 if etp is None else etp
+
+
+def validate_expert_tensor_parallel(cfg: TrainConfig) -> None:
+    """What --expert-tensor-parallel-size > 1 needs, each refused in one line (degrees: parallel_state)."""
+    etp = cfg.parallel.expert_tensor_parallel_size
+    if etp == 1:
+        return
+    if cfg.moe is None:
+        raise ConfigError(f"--expert-tensor-parallel-size ({etp}) splits experts, but the model is dense "
+                          f"(--num-experts 1); add experts or use 1")
+    m = cfg.model
+    ffn = cfg.moe.moe_ffn_hidden_size if cfg.moe.moe_ffn_hidden_size is not None else m.ffn_hidden_size
+    for value, flag in ((ffn, "--moe-ffn-hidden-size (or --ffn-hidden-size)"), (m.hidden_size, "--hidden-size")):
+        if value % etp:
+            raise ConfigError(f"{flag} ({value}) must be divisible by --expert-tensor-parallel-size ({etp})")
+    if cfg.optimizer_offload.enabled:
+        raise ConfigError(f"--moe-offload-optimizer nvme with --expert-tensor-parallel-size ({etp}) is not "
+                          f"supported (offload records hold whole experts); use one of them")
 
 
 # ---------------------------------------------------------------- sequence and context parallelism (issue 27)
@@ -738,6 +782,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             zero_stage=max(args.zero_stage, 1) if args.use_distributed_optimizer else args.zero_stage,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
             sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size(args),
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -787,8 +832,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks that span several concerns; runs before any group or module is built."""
     tp = cfg.parallel.tensor_model_parallel_size
     dp = parallel_state.validate_sizes(world_size, tp, cfg.moe.ep_size if cfg.moe is not None else (1,),
-                                       cp_size=cfg.parallel.context_parallel_size)
+                                       cp_size=cfg.parallel.context_parallel_size,
+                                       etp_size=cfg.parallel.expert_tensor_parallel_size)
     validate_sequence_context_parallel(cfg)
+    validate_expert_tensor_parallel(cfg)
     d = cfg.data
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "

@@ -170,6 +170,7 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10  # timeout of every process group (minutes; NCCL's default 10)
     sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
     context_parallel_size: int = 1  # --context-parallel-size: ranks splitting each sequence for attention (CP)
+    expert_tensor_parallel_size: int = 1  # --expert-tensor-parallel-size: ranks splitting each expert's FFN (ETP)
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:

@@ -82,4 +82,6 @@ def finalize_model_grads(model: torch.nn.Module, groups) -> None:
     cp_group: Optional[object] = getattr(groups, "cp_group", None)
     if cp_group is None or tp_size(cp_group) == 1:
         return
-    sum_grads_over([p for p in model.parameters() if p.requires_grad], cp_group)
+    # experts on the folded grid (issue 27) are not CP replicas: their expert-DP group spans the CP ranks instead
+    sum_grads_over([p for p in model.parameters() if p.requires_grad and not getattr(p, "expert_folded", False)],
+                   cp_group)

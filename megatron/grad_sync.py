@@ -66,10 +66,17 @@ def reduce_gradients(split: ParamSplit, groups: ParallelGroups) -> None:
     all-to-all backward brings them); summing over the expert-DP replicas then covers all DP ranks, and
     dividing by DP turns the sum of per-rank means into the global mean.
     Communication: one all-reduce per dtype over the DP group, and per EP size over its expert-DP group.
+    On the folded expert grid (parallel_state) the expert-DP group spans TP and CP ranks as well (each holds other
+    tokens of the batch: TP slices after de-duplication, CP chunks): the same sum over it, divided by DP.
     """
     allreduce_grads(split.dense, groups.dp_group, groups.dp_size)
     for ep, ps in by_ep_size(split.expert).items():
-        allreduce_grads(ps, groups.expert_dp_group(ep) if groups.dp_size > 1 else None, groups.dp_size)
+        allreduce_grads(ps, _expert_dp(groups, ep), groups.dp_size)
+
+
+def _expert_dp(groups: ParallelGroups, ep: int):
+    """The group expert gradients of EP size `ep` are summed over (may span TP ranks: token de-duplication)."""
+    return groups.expert_dp_group(ep)
 
 
 def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, object]]:
@@ -79,11 +86,12 @@ def norm_groups(split: ParamSplit, groups: ParallelGroups) -> List[Tuple[list, o
     Per-layer EP sizes (PR-MoE): each size's experts are split over its own EP group, so clip_grad_norm sums
     each size's squared norm over that group only. Parameters replicated over TP (LayerNorms, row-parallel
     biases, MoE layers) have equal grads on every TP rank and are counted once (split.replicated).
+    On the folded expert grid each EP size's experts are summed over its ETP x EP group (expert_norm_group).
     """
     out = [(split.tp, groups.tp_group if groups.tp_size > 1 else None)]
-    single = groups.dp_size == 1
     experts = by_ep_size(split.expert)
-    return out + [(experts[ep], None if single or ep == 1 else groups.ep_group(ep)) for ep in sorted(experts)]
+    # folded grid: every expert shard once over ETP x EP (ETP shards are disjoint pieces, none replicated)
+    return out + [(experts[ep], groups.expert_norm_group(ep)) for ep in sorted(experts)]
 
 
 class _Bucket:
@@ -109,8 +117,7 @@ class OverlappedReducer:
 
     def __init__(self, split: ParamSplit, groups: ParallelGroups, bucket_size: int):
         families = [(split.dense, groups.dp_group)]
-        families += [(ps, groups.expert_dp_group(ep) if groups.dp_size > 1 else None)
-                     for ep, ps in by_ep_size(split.expert).items()]
+        families += [(ps, _expert_dp(groups, ep)) for ep, ps in by_ep_size(split.expert).items()]
         self.buckets: List[_Bucket] = []
         for params, group in families:
             by_dtype: Dict[torch.dtype, list] = {}

@@ -67,7 +67,7 @@ def _records(ckpt_dir: str, configs: dict) -> Iterator[Tuple[int, int, Mapping[s
     for m, n in enumerate(moe_layer_sizes(configs)):
         for e in range(n):
             path = checkpointing.expert_path(ckpt_dir, m, e)
-            weights = checkpointing.load_checkpoint_file(ckpt_dir, path)["model"]
+            weights = checkpointing.read_whole_expert(ckpt_dir, m, e)["model"]  # ETP shards merged
             missing = [src for _, src in RECORD_TENSORS if src not in weights]
             if missing:
                 raise checkpointing.CheckpointError(f"{path}: lacks {missing[0]} (offload supports the built-in "

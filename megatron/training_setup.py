@@ -148,6 +148,7 @@ def setup_from_argv(argv=None):
     groups = parallel_state.initialize(cfg.parallel.tensor_model_parallel_size,
                                        cfg.moe.ep_size if cfg.moe else (1,), timeout,
                                        cp_size=cfg.parallel.context_parallel_size,
+                                       etp_size=cfg.parallel.expert_tensor_parallel_size,
                                        sequence_parallel=cfg.parallel.sequence_parallel)
     st = setup_train_state(cfg, groups, device, tokenizer)
     with closed_on_error(st.resources):

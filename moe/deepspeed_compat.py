@@ -44,9 +44,12 @@ class MoE(nn.Module):
     4*hidden_size) as stacked weights; a user `expert` module is deep-copied per local expert. ep_group=None with
     ep_size > 1 builds groups of consecutive ranks, like DeepSpeed. use_residual=True is Residual-MoE (ResidualMix):
     a dense copy of `expert` (or an MLP of width ffn_hidden_size) mixed in per token.
-    use_tutel is accepted and ignored (one warning); enable_expert_tensor_parallelism=True is refused (ValueError):
-    experts here are replicated over tensor parallelism. Beyond DeepSpeed: ffn_hidden_size, ep_group, and `cfg`
-    (a MoEConfig, which then replaces the routing arguments) for this project's other routing choices.
+    use_tutel is accepted and ignored (one warning). enable_expert_tensor_parallelism=True splits each built-in
+    expert's FFN over `tp_group` (DeepSpeed takes it from its mpu: the model's TP group, whose ranks hold the same
+    tokens): expert tensor parallelism with ETP = TP; each TP rank dispatches 1/TP of the tokens and the outputs are
+    all-gathered (MoELayer.forward_folded); with ep_size > 1 pass ep_group too (the ranks with this TP rank, one per
+    EP slot, as DeepSpeed's expert groups under an mpu). Beyond DeepSpeed: ffn_hidden_size, ep_group, tp_group, and
+    `cfg` (a MoEConfig, which then replaces the routing arguments) for this project's other routing choices.
     """
 
     _warned_tutel = False
@@ -56,11 +59,16 @@ class MoE(nn.Module):
                  min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: Optional[str] = None,
                  drop_tokens: bool = True, use_rts: bool = True, use_tutel: bool = False,
                  enable_expert_tensor_parallelism: bool = False, top2_2nd_expert_sampling: bool = True,
-                 ffn_hidden_size: Optional[int] = None, ep_group=None, cfg: Optional[MoEConfig] = None):
+                 ffn_hidden_size: Optional[int] = None, ep_group=None, cfg: Optional[MoEConfig] = None,
+                 tp_group=None):
         super().__init__()
+        folded = {}
         if enable_expert_tensor_parallelism:
-            raise ValueError("enable_expert_tensor_parallelism=True is not supported: experts are replicated over "
-                             "tensor parallelism here (DeepSpeed's default); pass False")
+            if tp_group is None or (ep_size > 1 and ep_group is None):
+                raise ValueError("enable_expert_tensor_parallelism=True needs tp_group= (the model's tensor-parallel "
+                                 "group, DeepSpeed's mpu) and, with ep_size > 1, ep_group= (the ranks of this TP "
+                                 "rank, one per EP slot); pass them or enable_expert_tensor_parallelism=False")
+            folded = {"etp_group": tp_group, "dedup_group": tp_group}
         if use_tutel and not MoE._warned_tutel:
             MoE._warned_tutel = True
             logging.getLogger(__name__).warning("use_tutel=True is ignored: this MoE dispatches by sorting tokens "
@@ -75,7 +83,7 @@ class MoE(nn.Module):
             ep_group = _default_ep_group(ep_size)
         self.num_experts, self.ep_size, self.use_residual = num_experts, ep_size, use_residual
         self.moe = MoELayer(hidden_size, ffn_hidden_size or 4 * hidden_size, num_experts, cfg,
-                            ep_group=ep_group, expert=expert)
+                            ep_group=ep_group, expert=expert, **folded)
 
     def load_deepspeed_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
         """Loads a deepspeed.moe.layer.MoE state_dict (this rank's): gate.wg -> router, deepspeed_experts.{i} ->

@@ -234,3 +234,112 @@ def regroup_by_source_rank(y_RD: torch.Tensor, perm) -> torch.Tensor:
 def combine_ep(y_RD: torch.Tensor, send_splits: List[int], recv_splits: List[int], group) -> torch.Tensor:
     """Return expert outputs to the ranks that own the tokens (reverse of dispatch_ep)."""
     return all_to_all(y_RD, send_splits, recv_splits, group)
+
+
+# ---- token de-duplication over TP, and expert tensor parallelism (the folded expert grid) --------------------
+# Q = ETP size. Under tensor parallelism without sequence parallelism every TP rank holds the same T tokens: each
+# dispatches only its slice (token_slice) and the outputs are all-gathered back. Under ETP every rank of the ETP
+# group computes a slice of each expert's FFN for the rows of all of them: rows go to every peer (a variable-size
+# all-gather written as one all_to_all_single) and the partial outputs come back to their owner and are summed (the
+# matching reduce-scatter).
+
+def token_slice(num_tokens: int, size: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of rank's slice of num_tokens tokens cut into `size` pieces of ceil(T / size) (the last ones
+    may be shorter or empty)."""
+    per = -(-num_tokens // size)
+    start = min(rank * per, num_tokens)
+    return start, min(start + per, num_tokens)
+
+
+def _gather_padded(x: torch.Tensor, num_rows: int, group) -> torch.Tensor:
+    """Every rank's [n_r, ...] piece (n_r from token_slice) -> the [num_rows, ...] concatenation on every rank."""
+    size = group.size()
+    per = -(-num_rows // size)
+    padded = x.new_zeros((per,) + tuple(x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    spans = [token_slice(num_rows, size, r) for r in range(size)]
+    return torch.cat([part[:stop - start] for part, (start, stop) in zip(parts, spans)])
+
+
+class _SliceTokens(torch.autograd.Function):
+    """x[start:stop] of tokens every rank of `group` holds alike; backward all-gathers the slices' gradients (each
+    rank's consumers saw only its slice), so every rank gets the whole, equal gradient."""
+
+    @staticmethod
+    def forward(ctx, x, start: int, stop: int, group):
+        ctx.num_rows, ctx.group = x.shape[0], group
+        return x[start:stop].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_padded(grad, ctx.num_rows, ctx.group), None, None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Each rank's slice -> all slices on every rank; backward keeps this rank's slice of the (equal) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, num_rows: int, start: int, stop: int, group):
+        ctx.span = (start, stop)
+        return _gather_padded(x, num_rows, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, stop = ctx.span
+        return grad[start:stop].contiguous(), None, None, None, None
+
+
+def slice_tokens(x: torch.Tensor, start: int, stop: int, group) -> torch.Tensor:
+    """This TP rank's token rows [start, stop) (differentiable; see _SliceTokens)."""
+    return _SliceTokens.apply(x, start, stop, group)
+
+
+def gather_tokens(x: torch.Tensor, num_rows: int, start: int, stop: int, group) -> torch.Tensor:
+    """The TP ranks' token slices concatenated on every rank (differentiable; see _GatherTokens)."""
+    return _GatherTokens.apply(x, num_rows, start, stop, group)
+
+
+def slice_candidates(routing: Routing, start: int, stop: int):
+    """(candidates, mine, counts_E) for the tokens [start, stop): the routing's pair list or slot table, which of its
+    entries are kept pairs of those tokens, and how many per expert (device tensors: no sync)."""
+    k, num_experts = routing.expert_TK.shape[1], routing.counts_E.shape[0]
+    cand = routing.pair_idx_N
+    mine = (cand >= start * k) & (cand < stop * k)
+    if routing.capacity is None:  # dropless: every pair kept
+        chosen = routing.expert_TK[start:stop].reshape(-1)  # (not bincount: on CUDA it syncs to size its output)
+        counts_E = torch.zeros(num_experts, dtype=torch.int64, device=chosen.device).scatter_add_(
+            0, chosen, torch.ones_like(chosen, dtype=torch.int64))
+    else:  # the [E*C] slot table, empty slots hold T*K (outside every slice)
+        counts_E = mine.view(num_experts, -1).sum(dim=1)
+    return cand, mine, counts_E
+
+
+def mine_pairs(cand: torch.Tensor, mine: torch.Tensor, num_mine: int, start: int, k: int) -> torch.Tensor:
+    """The [n] kept pairs of this slice, grouped by expert, as indices into the slice's [T_slice * K] pairs
+    (num_mine from the host counts, so no sync: a stable sort moves the others last)."""
+    order = torch.argsort((~mine).to(torch.uint8), stable=True)[:num_mine]
+    return cand.index_select(0, order) - start * k
+
+
+def etp_gather_counts(counts_e: torch.Tensor, group) -> torch.Tensor:
+    """[Q, e] rows every ETP peer holds for each local expert (an all_gather of fixed size: no sync)."""
+    parts = [torch.empty_like(counts_e) for _ in range(group.size())]
+    dist.all_gather(parts, counts_e.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def etp_gather_rows(rows_RD: torch.Tensor, peer_rows: List[int], group) -> torch.Tensor:
+    """Every ETP peer's rows, concatenated in peer order (this rank's R rows sent to each peer; backward sums the
+    peers' gradients of this rank's rows). peer_rows[q]: rows peer q holds."""
+    q = group.size()
+    return all_to_all(rows_RD.repeat(q, 1), list(peer_rows), [rows_RD.shape[0]] * q, group)
+
+
+def etp_reduce_rows(partial_MD: torch.Tensor, peer_rows: List[int], num_rows: int, group) -> torch.Tensor:
+    """Inverse of etp_gather_rows for the outputs: each peer's partial sums of this rank's rows come back and are
+    added (in fp32, then the compute dtype): the ETP partial-sum reduction (a reduce-scatter of variable sizes)."""
+    q = group.size()
+    back = all_to_all(partial_MD, [num_rows] * q, list(peer_rows), group)
+    return back.view(q, num_rows, back.shape[-1]).float().sum(dim=0).to(partial_MD.dtype)

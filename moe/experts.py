@@ -379,13 +379,27 @@ class GroupedMLPExperts(nn.Module):
     order and keeps its own: EP ranks get distinct experts (not copies of one rank's draws), the
     model equals the EP=1 model from the same seed, and the modules built afterwards see the same
     generator state at any EP size.
+
+    Expert tensor parallelism (etp_size > 1, this rank etp_rank of them; Megatron-LM's ETP): each expert's FFN is
+    split F-wise, f = F / etp_size. fc1 is column-parallel: w1_eFD keeps rows [r f, (r+1) f) (swiglu: the gate rows
+    and the up rows of that range, stored [gate_r; up_r], so silu(gate) * up pairs the same columns), b1_eF the same
+    entries. fc2 is row-parallel: w2_eDF keeps columns [r f, (r+1) f). b2_eD is split D-wise (columns
+    [r d, (r+1) d), d = D / etp_size) and added to those columns only, so the sum of the ranks' outputs carries it
+    once and no expert parameter is replicated over ETP. forward then returns this rank's PARTIAL output: the caller
+    sums it over the ETP group (moe/layer.py). The full weights are drawn and sliced, so the experts equal the
+    ETP = 1 ones from the same seed. Each sharded parameter records `etp_dim` (its split dim in the stacked tensor)
+    and `etp_gated` (w1/b1 of a gated activation: two halves split alike) for checkpoint resharding.
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
                  init_method: Optional[Callable] = None, output_layer_init_method: Optional[Callable] = None,
                  first_expert: int = 0, num_experts: Optional[int] = None, activation: str = "gelu_tanh",
-                 bias: bool = True, grouped_mm: Optional[str] = None, cpu_fast_paths: Optional[bool] = None):
+                 bias: bool = True, grouped_mm: Optional[str] = None, cpu_fast_paths: Optional[bool] = None,
+                 etp_size: int = 1, etp_rank: int = 0):
         super().__init__()
+        if ffn_hidden_size % etp_size or hidden_size % etp_size:
+            raise ValueError(f"--expert-tensor-parallel-size ({etp_size}) must divide the expert FFN width "
+                             f"({ffn_hidden_size}) and the hidden size ({hidden_size}); pick a divisor of both")
         if grouped_mm is not None and grouped_mm not in GROUPED_MM_MODES:
             raise ValueError(f"grouped_mm ({grouped_mm!r}) must be one of {GROUPED_MM_MODES}")
         # None = the process defaults (moe.experts.GROUPED_MM read at each forward; CPU_FAST_PATHS)
@@ -397,20 +411,27 @@ class GroupedMLPExperts(nn.Module):
         if not 0 <= first_expert <= total - e:
             raise ValueError(f"local experts {first_expert}..{first_expert + e - 1} are outside 0..{total - 1}")
         self.num_local_experts, self.activation, self.bias = e, activation, bias
-        self.w1_eFD = nn.Parameter(torch.empty(e, F1, D))
-        self.b1_eF = nn.Parameter(torch.zeros(e, F1))
-        self.w2_eDF = nn.Parameter(torch.empty(e, D, F_))
-        self.b2_eD = nn.Parameter(torch.zeros(e, D))
+        self.etp_size, self.etp_rank, self.hidden_size = etp_size, etp_rank, D
+        f, d = F_ // etp_size, D // etp_size
+        self.w1_eFD = nn.Parameter(torch.empty(e, F1 // etp_size, D))
+        self.b1_eF = nn.Parameter(torch.zeros(e, F1 // etp_size))
+        self.w2_eDF = nn.Parameter(torch.empty(e, D, f))
+        self.b2_eD = nn.Parameter(torch.zeros(e, d))
+        gated = activation in GATED
         with torch.no_grad():
-            w1, w2 = torch.empty_like(self.w1_eFD[0]), torch.empty_like(self.w2_eDF[0])
+            w1, w2 = torch.empty(F1, D), torch.empty(D, F_)
             for g in range(total):
                 (init_method or _default_init)(w1)
                 (output_layer_init_method or init_method or _default_init)(w2)
                 if first_expert <= g < first_expert + e:
-                    self.w1_eFD[g - first_expert].copy_(w1)
-                    self.w2_eDF[g - first_expert].copy_(w2)
+                    self.w1_eFD[g - first_expert].copy_(etp_shard(w1, 0, etp_size, etp_rank, gated))
+                    self.w2_eDF[g - first_expert].copy_(etp_shard(w2, 1, etp_size, etp_rank))
         for p in self.parameters():
             _tag_stacked(p, e)
+        if etp_size > 1:
+            for p, dim, two in ((self.w1_eFD, 1, gated), (self.b1_eF, 1, gated), (self.w2_eDF, 2, False),
+                                (self.b2_eD, 1, False)):
+                p.etp_dim, p.etp_gated = dim, two
         if not bias:  # --disable-bias-linear: the biases stay zero (frozen), so the stacked layout is kept
             self.b1_eF.requires_grad_(False)
             self.b2_eD.requires_grad_(False)
@@ -423,13 +444,41 @@ class GroupedMLPExperts(nn.Module):
         tensor when the caller has it (see grouped_mlp) -> [N, D] in compute_dtype."""
         if not (torch.is_grad_enabled() and (x_ND.requires_grad or self.w1_eFD.requires_grad)):
             # inference (no_grad / inference_mode / frozen): the per-expert path that offload matches bitwise
-            return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_eD,
+            return grouped_mlp_inference(x_ND, counts, self.w1_eFD, self.b1_eF, self.w2_eDF, self.b2_full(),
                                          self.activation)
         # without biases (frozen at zero) the training path skips them: no [N, F] bias rows to write and read
-        b1, b2 = (self.b1_eF, self.b2_eD) if self.bias else (None, None)
+        b1, b2 = (self.b1_eF, self.b2_full()) if self.bias else (None, None)
         return grouped_mlp(x_ND, counts, self.w1_eFD, b1, self.w2_eDF, b2, self.recycler,
                            self.activation, counts_e=counts_e, grouped_mm=self.grouped_mm,
                            cpu_fast_paths=self.cpu_fast_paths)
+
+
+    def b2_full(self) -> torch.Tensor:
+        """[e, D] fc2 bias as added by this rank: its D-slice in place, zeros elsewhere (ETP = 1: b2_eD itself)."""
+        if self.etp_size == 1:
+            return self.b2_eD
+        d = self.b2_eD.shape[1]
+        return F.pad(self.b2_eD, (self.etp_rank * d, self.hidden_size - (self.etp_rank + 1) * d))
+
+
+def etp_shard(t: torch.Tensor, dim: int, etp_size: int, etp_rank: int, gated: bool = False) -> torch.Tensor:
+    """Rank etp_rank's piece of a whole expert tensor along `dim`; `gated` (swiglu fc1 [gate; up]): the same
+    piece of each half, concatenated [gate_r; up_r]. The inverse is etp_merge."""
+    if etp_size == 1:
+        return t
+    if gated:
+        return torch.cat([h.chunk(etp_size, dim)[etp_rank] for h in t.chunk(2, dim)], dim)
+    return t.chunk(etp_size, dim)[etp_rank]
+
+
+def etp_merge(pieces: Sequence[torch.Tensor], dim: int, gated: bool = False) -> torch.Tensor:
+    """The whole tensor from every ETP rank's piece, in rank order (inverse of etp_shard)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if gated:
+        halves = [p.chunk(2, dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
+    return torch.cat(list(pieces), dim)
 
 
 class ModuleExperts(nn.Module):

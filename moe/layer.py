@@ -108,6 +108,13 @@ class MoELayer(nn.Module):
             None: the model passes its dense MLP's, so one expert is the model's MLP.
         dp_group: data-parallel group, for the router's global_aux_loss counts (TopKRouter); None = one rank.
         bias: biases in the built-in experts and the shared expert (False: --disable-bias-linear).
+        etp_group: expert-tensor-parallel group (--expert-tensor-parallel-size; None: 1): each expert's FFN split
+            over its ranks (GroupedMLPExperts etp_size), partial outputs summed over it (forward_folded).
+        dedup_group: the TP group when its ranks hold the same tokens (TP > 1 without --sequence-parallel) and the
+            experts are on the folded grid: each rank dispatches 1/TP of the tokens, outputs all-gathered back.
+        expert_grid: the experts are laid out on the folded expert grid (megatron/parallel_state.py), not
+            replicated over TP / CP (None: whenever etp_group or dedup_group is given); their parameters carry
+            expert_folded=True, so the caller neither sums their gradients over TP / CP nor skips their files there.
     With cfg.shared_expert_ffn_hidden_size a SharedExpert of that width runs beside the routed experts.
         pad_to_capacity: capacity mode, single rank: run every expert on exactly C rows (empty slots computed and
             discarded) so no shape depends on the routing: no host sync. None = on for CUDA inputs with resident
@@ -115,6 +122,8 @@ class MoELayer(nn.Module):
         grouped_mm, cpu_fast_paths: the built-in experts' GEMM choices (GroupedMLPExperts).
     Communication: with ep_size > 1, forward runs one all_to_all of counts and two variable-size
     all_to_all_single of tokens over ep_group; backward runs the two token all-to-alls in reverse.
+    On the folded expert grid (etp_group / dedup_group) see forward_folded: a TP all-gather of the outputs, ETP
+    gathers of rows and returns of partial sums, and the EP all-to-alls in between.
     The layer never all-reduces gradients.
 
     Gradient scaling (for the caller's reduction): with DP ranks = D, ep_size = N (EP splits DP, so the
@@ -132,7 +141,8 @@ class MoELayer(nn.Module):
                  output_layer_init_method: Optional[Callable] = None, expert: Optional[nn.Module] = None,
                  activation: str = "gelu_tanh", bias: bool = True, dp_group=None,
                  pad_to_capacity: Optional[bool] = None, grouped_mm: Optional[str] = None,
-                 cpu_fast_paths: Optional[bool] = None):
+                 cpu_fast_paths: Optional[bool] = None, etp_group=None, dedup_group=None,
+                 expert_grid: Optional[bool] = None):
         super().__init__()
         activation = cfg.expert_activation or activation
         # capacity mode: give every expert exactly C rows (Megatron-LM's --moe-pad-expert-input-to-capacity), so no
@@ -156,17 +166,26 @@ class MoELayer(nn.Module):
         self.ep_group, self.ep_size = ep_group, ep_size
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
         self.num_local_experts = num_experts // ep_size
+        self.etp_group, self.dedup_group = etp_group, dedup_group
+        self.etp_size = 1 if etp_group is None else etp_group.size()
+        if self.etp_size > 1 and expert is not None:
+            raise ValueError(f"--expert-tensor-parallel-size ({self.etp_size}) splits the built-in MLP experts only; "
+                             f"a user `expert` module cannot be split: use 1 or drop `expert`")
         self.router = TopKRouter(cfg, hidden_size, init_method, num_experts=num_experts, dp_group=dp_group)
         if expert is None:
             self.experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
                                              init_method, output_layer_init_method,
                                              first_expert=self.ep_rank * self.num_local_experts,
                                              num_experts=num_experts, activation=activation, bias=bias,
-                                             grouped_mm=grouped_mm, cpu_fast_paths=cpu_fast_paths)
+                                             grouped_mm=grouped_mm, cpu_fast_paths=cpu_fast_paths,
+                                             etp_size=self.etp_size,
+                                             etp_rank=0 if etp_group is None else dist.get_rank(etp_group))
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
+        self.expert_grid = (etp_group is not None or dedup_group is not None) if expert_grid is None else expert_grid
         for p in self.experts.parameters():
             p.ep_size = ep_size  # the caller reduces each expert grad over the expert-DP group of this EP size
+            p.expert_folded = self.expert_grid  # not TP/CP replicas (megatron/context_parallel.py)
         self.residual = None
         if cfg.mlp_type == "residual":
             mlp = (MLP(hidden_size, ffn_hidden_size, activation, init_method, output_layer_init_method)
@@ -187,7 +206,9 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.hidden_size)
         routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)  # [B, S, D]: B sequences
         x_TD_c = self._to_compute_dtype(x_TD)  # cast before dispatch: the all-to-all carries the compute dtype
-        if self.ep_size == 1:
+        if self.etp_group is not None or self.dedup_group is not None:
+            y_TD = self.forward_folded(x_TD_c, routing)
+        elif self.ep_size == 1:
             y_TD = self.forward_local(x_TD_c, routing)
         else:
             y_TD = self.forward_ep(x_TD_c, routing)
@@ -291,3 +312,69 @@ class MoELayer(nn.Module):
         y_RD = self._run_experts(rows_RD, counts_e, recv_counts_Pe.sum(dim=0))
         y_ND = dispatch.combine_ep(dispatch.regroup_by_source_rank(y_RD, perm), send_splits, recv_splits, group)
         return dispatch.unpermute_tokens(y_ND, routing, x_TD.shape[0], pair_idx_N)
+
+    def forward_folded(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Expert path on the folded grid: token de-duplication over TP, EP all-to-all, expert tensor parallelism.
+
+        1. de-dup (dedup_group): this TP rank keeps its token slice [start, stop) and the kept pairs of it (the
+           routing of all T tokens is the same on every TP rank, so drops, aux loss and statistics are those of
+           ETP = 1); the slice's per-expert counts are computed on the device;
+        2. EP (ep_size > 1): all_to_all the counts; ETP: all_gather every ETP peer's per-local-expert counts;
+        3. ONE device->host copy of all of them (the layer's one host sync, as forward_ep);
+        4. local prep: the slice's kept pairs grouped by expert, their rows gathered;
+        5. EP all_to_all of the rows, regrouped by local expert;
+        6. ETP: the rows of every ETP peer gathered (dispatch.etp_gather_rows), regrouped by local expert;
+        7. experts: this rank's F-slice of every local expert -> partial outputs;
+        8. ETP: partial outputs back to their owners and summed (dispatch.etp_reduce_rows);
+        9. EP all_to_all back, combine with the gates;
+        10. all_gather the slices' outputs over TP (de-dup's inverse).
+        Backward mirrors each step (the slice's backward all-gathers the input and gate gradients).
+        """
+        num_tokens, k = routing.expert_TK.shape
+        if self.dedup_group is not None:  # 1.
+            start, stop = dispatch.token_slice(num_tokens, self.dedup_group.size(), dist.get_rank(self.dedup_group))
+            cand, mine, counts_E = dispatch.slice_candidates(routing, start, stop)
+            x_TD = dispatch.slice_tokens(x_TD, start, stop, self.dedup_group)
+        else:
+            start, stop, counts_E = 0, num_tokens, routing.counts_E
+        recv_Pe = dispatch.exchange_counts(counts_E, self.ep_group) if self.ep_size > 1 else None  # 2.
+        local_e = recv_Pe.sum(dim=0) if recv_Pe is not None else counts_E
+        peers_Qe = dispatch.etp_gather_counts(local_e, self.etp_group) if self.etp_size > 1 else None
+        host = dispatch.counts_to_host(*[c for c in (counts_E, recv_Pe, peers_Qe) if c is not None])  # 3.
+        counts = host[0]
+        if self.dedup_group is not None:  # 4.
+            pair_idx_N = dispatch.mine_pairs(cand, mine, sum(counts), start, k)
+            routing = routing._replace(pair_idx_N=pair_idx_N, counts_E=counts_E, capacity=None,
+                                       expert_TK=routing.expert_TK[start:stop],
+                                       gates_TK=dispatch.slice_tokens(routing.gates_TK, start, stop,
+                                                                      self.dedup_group))
+        else:
+            pair_idx_N = self._kept_pairs(routing, counts)
+        rows_ND = dispatch.permute_tokens(x_TD, routing, pair_idx_N)
+        counts_e, perm = counts, None
+        if recv_Pe is not None:  # 5.
+            send_splits, recv_splits, counts_e = dispatch.ep_splits(counts, host[1], self.ep_size)
+            rows_ND, perm = dispatch.group_by_local_expert(
+                dispatch.dispatch_ep(rows_ND, send_splits, recv_splits, self.ep_group), recv_Pe)
+        y_ND = self._run_experts_etp(rows_ND, counts_e, local_e, peers_Qe, host[-1])  # 6.-8.
+        if recv_Pe is not None:  # 9.
+            y_ND = dispatch.combine_ep(dispatch.regroup_by_source_rank(y_ND, perm), send_splits, recv_splits,
+                                       self.ep_group)
+        y_TD = dispatch.unpermute_tokens(y_ND, routing, stop - start, pair_idx_N)
+        if self.dedup_group is not None:  # 10.
+            y_TD = dispatch.gather_tokens(y_TD, num_tokens, start, stop, self.dedup_group)
+        return y_TD
+
+    def _run_experts_etp(self, rows_RD, counts_e, counts_e_dev, peers_Qe, peers_host) -> torch.Tensor:
+        """The local experts on this rank's rows grouped by local expert; under ETP on every peer's rows, this
+        rank's partial outputs summed with the peers' (steps 6-8 of forward_folded)."""
+        if peers_Qe is None:
+            return self._run_experts(rows_RD, counts_e, counts_e_dev)
+        e = self.num_local_experts
+        peer_rows = [sum(peers_host[q * e:(q + 1) * e]) for q in range(self.etp_size)]
+        all_MD, perm = dispatch.group_by_local_expert(
+            dispatch.etp_gather_rows(rows_RD, peer_rows, self.etp_group), peers_Qe)
+        total_e = [sum(peers_host[q * e + j] for q in range(self.etp_size)) for j in range(e)]
+        partial_MD = self._run_experts(all_MD, total_e, peers_Qe.sum(dim=0))
+        return dispatch.etp_reduce_rows(dispatch.regroup_by_source_rank(partial_MD, perm), peer_rows,
+                                        rows_RD.shape[0], self.etp_group)

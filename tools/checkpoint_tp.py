@@ -73,8 +73,8 @@ def convert(load: str, save: str, target_tp: int, true_vocab_size=None) -> str:
     for r in range(target_tp):
         os.makedirs(os.path.dirname(checkpointing.dense_path(tmp, r)), exist_ok=True)
         torch.save(shard(whole, layout, r, target_tp), checkpointing.dense_path(tmp, r))
-    for f in sorted(os.listdir(ckpt_dir)):  # experts are replicated over TP: one file each serves every rank
-        if re.fullmatch(r"layer_\d+_expert_\d+_mp_rank_00_model_states\.pt", f):
+    for f in sorted(os.listdir(ckpt_dir)):  # expert files do not depend on TP (one per expert and ETP rank)
+        if re.fullmatch(r"layer_\d+_expert_\d+_mp_rank_\d\d_model_states\.pt", f):
             shutil.copyfile(os.path.join(ckpt_dir, f), os.path.join(tmp, f))
     checkpointing.write_manifest_of(tmp, iteration)  # the converted checkpoint is verified at load like any other
     os.replace(tmp, final)

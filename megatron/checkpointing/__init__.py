@@ -7,7 +7,7 @@ manager (maybe_save, async), read (what --load names, --load-fallback), load (in
 (TP merge/split), whole_model (build_model_from_checkpoint), faults (tools/fault_inject.py).
 """
 from megatron.checkpointing.experts import (expert_param_names, is_expert_param_name, moe_layers,
-                                            read_expert_files)
+                                            read_expert_files, read_whole_expert)
 from megatron.checkpointing.faults import FAULT_ENV
 from megatron.checkpointing.integrity import (checkpoint_complete, load_checkpoint_file, read_manifest,
                                               write_manifest_of)
@@ -34,7 +34,7 @@ __all__ = [
     "iteration_dirs", "iteration_of", "load_candidates", "load_checkpoint_file", "load_dense", "load_dense_whole",
     "load_model_state", "load_optimizer_state", "load_training_checkpoint", "merge_shards",
     "model_configs_from_checkpoint", "moe_layers", "nothing_to_load", "num_tp_shards", "partition_layout",
-    "read_expert_files", "read_manifest", "read_training_checkpoint", "read_tracker", "read_tracker_or_none",
+    "read_expert_files", "read_whole_expert", "read_manifest", "read_training_checkpoint", "read_tracker", "read_tracker_or_none",
     "resolve_checkpoint_dir", "restore_rng", "save_checkpoint", "set_rng_state", "shard", "write_manifest_of",
     "write_tracker",
 ]

@@ -1,13 +1,15 @@
-"""Expert files: one per (MoE layer, global expert id) holding that expert's weights and Adam state, so a checkpoint
-written at one EP size loads at any other (each rank reads the files of the experts it holds)."""
+"""Expert files: one per (MoE layer, global expert id, ETP rank) holding that expert's weights and Adam state (its
+ETP shard: layer_{L}_expert_{E}_mp_rank_{ETP rank}_...), so a checkpoint written at one EP and ETP size loads at any
+other (each rank reads the files of the experts it holds, merging and cutting ETP shards when the sizes differ)."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from moe.experts import is_expert_param
+from moe.experts import etp_merge, etp_shard, is_expert_param
 from moe.layer import MoELayer
 
 from megatron.checkpointing import integrity, optim_state
@@ -52,14 +54,18 @@ def expert_payloads(model, opt_state: dict, groups, optimizer, take_slice: Calla
     whose storage holds only its bytes (payload.exact_view; a plain view would make torch.save write the whole
     stacked tensor)."""
     out = []
-    if model_tp_rank(model) != 0 or getattr(groups, "cp_rank", 0) != 0:  # experts are replicated over CP too
-        return out
+    # experts replicated over TP and CP: TP rank 0 of CP rank 0 writes; on the folded grid (issue 27) the expert-DP
+    # group alone says who holds a replica
+    replica = model_tp_rank(model) != 0 or getattr(groups, "cp_rank", 0) != 0
     params = dict(model.named_parameters())
     for moe_idx, prefix, layer in moe_layers(model):
+        if replica and not layer.expert_grid:
+            continue
         edp_group = groups.expert_dp_group(layer.ep_size) if groups is not None else None
         if edp_group is not None and dist.get_rank(edp_group) != 0:
             continue
         names = expert_param_names(model, prefix)
+        etp = _etp_info(model, prefix, names)
         e = layer.num_local_experts
         for i in range(e):
             gid = layer.ep_rank * e + i
@@ -71,10 +77,39 @@ def expert_payloads(model, opt_state: dict, groups, optimizer, take_slice: Calla
                     # before an asynchronous save writes it
                     optim[n[len(prefix) + 1:]] = {k: (take_slice(v[i]) if v.dim() > 0 else v.detach().clone())
                                                   if torch.is_tensor(v) else v for k, v in opt_state[n].items()}
-            out.append((expert_path("", moe_idx, gid),
+            out.append((expert_path("", moe_idx, gid, layer_etp_rank(layer)),
                         {"moe_layer": moe_idx, "expert_id": gid, "num_experts": e * layer.ep_size, "model": weights,
-                         "optimizer": optim}))
+                         "optimizer": optim, "etp_size": layer.etp_size, "etp_rank": layer_etp_rank(layer),
+                         "etp_dims": etp}))
     return out
+
+
+def layer_etp_rank(layer) -> int:
+    return getattr(layer.experts, "etp_rank", 0)
+
+
+def _etp_info(model, prefix: str, names: List[str]) -> Dict[str, Tuple[int, bool]]:
+    """{name in the layer: (split dim of ONE expert's tensor, gated halves)} of the ETP-sharded expert parameters."""
+    params = dict(model.named_parameters())
+    return {n[len(prefix) + 1:]: (params[n].etp_dim - 1, bool(params[n].etp_gated))
+            for n in names if hasattr(params[n], "etp_dim")}
+
+
+def reshard_etp(payloads: List[dict], dims: Dict[str, Tuple[int, bool]], etp_size: int, etp_rank: int) -> dict:
+    """One expert's payload for ETP rank `etp_rank` of `etp_size`, from the files of every ETP rank it was saved at
+    (in rank order): each sharded tensor (weights, Adam's exp_avg / exp_avg_sq) merged along its dim (etp_merge),
+    then cut for this rank (etp_shard); Adam's step count and unsharded entries from the first file."""
+    def one(key, pieces):
+        if key not in dims or not torch.is_tensor(pieces[0]) or pieces[0].dim() == 0:
+            return pieces[0]
+        dim, gated = dims[key]
+        return etp_shard(etp_merge(pieces, dim, gated), dim, etp_size, etp_rank, gated).clone()
+
+    first = payloads[0]
+    model = {k: one(k, [p["model"][k] for p in payloads]) for k in first["model"]}
+    optim = {k: {s: one(k, [p["optimizer"][k][s] for p in payloads]) for s in st}
+             for k, st in first.get("optimizer", {}).items()}
+    return {**first, "model": model, "optimizer": optim, "etp_size": etp_size, "etp_rank": etp_rank}
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -83,14 +118,38 @@ def read_expert_files(model, ckpt_dir: str, keep_optimizer: bool = True) -> Dict
     Without `keep_optimizer` each payload's Adam state is dropped as soon as its file is read (expert optimizer state
     offloaded to NVMe: it is re-read one file at a time into the store, never all in memory at once)."""
     out = {}
-    for moe_idx, _, layer in moe_layers(model):
+    for moe_idx, prefix, layer in moe_layers(model):
         e = layer.num_local_experts
+        etp, etp_rank = layer.etp_size, layer_etp_rank(layer)
+        dims = _etp_info(model, prefix, expert_param_names(model, prefix))
         for gid in range(layer.ep_rank * e, (layer.ep_rank + 1) * e):
-            payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid), mmap=True)
-            if not keep_optimizer and isinstance(payload, dict):
-                payload.pop("optimizer", None)
+            def read(r):
+                payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_idx, gid, r), mmap=True)
+                if not keep_optimizer and isinstance(payload, dict):
+                    payload.pop("optimizer", None)
+                return payload
+            # this rank's shard when the checkpoint has one (saved at this ETP size, or a larger one), else shard 0;
+            # the payload says the size it was saved at
+            first = etp_rank if os.path.exists(expert_path(ckpt_dir, moe_idx, gid, etp_rank)) else 0
+            payload = read(first)
+            saved = payload.get("etp_size", 1) if isinstance(payload, dict) else 1
+            if saved != etp:  # saved at another ETP size: every shard of it, merged and cut for this rank
+                pieces = [payload if r == first else read(r) for r in range(saved)]
+                payload = reshard_etp(pieces, dims or payload.get("etp_dims", {}), etp, etp_rank)
             out[(moe_idx, gid)] = payload
     return out
+
+
+def read_whole_expert(ckpt_dir: str, moe_layer: int, expert_id: int, mmap: bool = False) -> dict:
+    """One expert's verified payload as ETP = 1 holds it, for one-process readers (Hugging Face export, offload
+    stores): its file, or every ETP rank's file merged (reshard_etp) when it was saved with ETP > 1."""
+    payload = integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_layer, expert_id), mmap=mmap)
+    saved = payload.get("etp_size", 1) if isinstance(payload, dict) else 1
+    if saved == 1:
+        return payload
+    pieces = [payload] + [integrity.load_checkpoint_file(ckpt_dir, expert_path(ckpt_dir, moe_layer, expert_id, r),
+                                                         mmap=mmap) for r in range(1, saved)]
+    return reshard_etp(pieces, payload.get("etp_dims", {}), 1, 0)
 
 
 def load_experts(model, ckpt_dir: str, load_weights: bool, experts: Optional[dict] = None) -> Dict[str, dict]:

@@ -2,7 +2,8 @@
 
     SAVE/latest_checkpointed_iteration.txt                              the newest complete iteration (a number)
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt                     dense state of TP rank 00
-    SAVE/iter_0000100/layer_{L}_expert_{E}_mp_rank_00_model_states.pt   expert E of MoE layer L (+ its Adam state)
+    SAVE/iter_0000100/layer_{L}_expert_{E}_mp_rank_{R}_model_states.pt  expert E of MoE layer L (+ its Adam state);
+                                                                        R = its ETP rank (00 without ETP)
     SAVE/iter_0000100/checksums.json                                    size and xxh3-64 of every file, written last
     SAVE/.tmp_iter_0000100/                                             a save in progress (renamed when complete)
 """

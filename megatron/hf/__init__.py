@@ -335,8 +335,7 @@ def export_hf(load: str, out_dir: str, architecture: Optional[str] = None,
     cfg, moe = model_configs_from_checkpoint(configs, ckpt_dir)
 
     def expert(layer: int, moe_index: int, e: int):
-        path = checkpointing.expert_path(ckpt_dir, moe_index, e)
-        return checkpointing.load_checkpoint_file(ckpt_dir, path)["model"]
+        return checkpointing.read_whole_expert(ckpt_dir, moe_index, e)["model"]  # ETP shards merged
 
     base = configs.get("hf_config") or {}
     arch = architecture or (base.get("architectures") or [None])[0] or infer_architecture(cfg, moe)

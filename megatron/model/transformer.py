@@ -42,7 +42,9 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                            groups.tp_group if groups is not None else None, activation=cfg.activation,
                            bias=cfg.add_bias_linear, sequence_parallel=sequence_parallel(groups))
     # MoE layers are replicated over tensor parallelism (DeepSpeed-MoE's default): every TP rank routes the same
-    # tokens through the same experts; expert parallelism runs among the ranks that share a TP rank.
+    # tokens, and dispatches its 1/TP slice of them (DeepSpeed's drop_tokens) through the same experts; expert
+    # parallelism runs among the ranks that share a TP rank. On the folded expert grid (--expert-tensor-parallel-size
+    # > 1, or EP folded over TP/CP; megatron/parallel_state.py) the experts are laid out over the stage's ranks.
     from moe import MoELayer  # megatron/model may import moe/ (STYLE §2); lazily, to keep dense imports light
 
     i, num_experts, ep_size = spec  # per-layer EP sizes: each MoE layer uses its own EP group
@@ -56,16 +58,28 @@ def build_mlp(layer_idx: int, cfg: ModelConfig, moe_cfg, groups, init_method, ou
                      activation=cfg.activation,  # experts compute the dense MLP's function (unless a checkpoint
                      #                             recorded another: MoEConfig.expert_activation)
                      bias=cfg.add_bias_linear,
-                     dp_group=groups.dp_group if groups is not None else None)  # global_aux_loss counts
+                     dp_group=groups.dp_group if groups is not None else None,  # global_aux_loss counts
+                     **_expert_grid_groups(groups, ep_size))
     layer.layer_index = i  # names this layer's expert files in checkpoints (megatron/checkpointing.py)
     # --sequence-parallel / CP: each rank routes its own sequence chunk through the (TP/CP-replicated) experts, no
     # gather; the router's loss statistics are summed over the chunks' ranks (moe/gating.py sp_group) and every
     # parameter's gradient, a partial sum over this rank's tokens, is summed after the backward (over TP: marked
     # sequence_parallel; over CP: every parameter, megatron/context_parallel.py)
     layer.router.sp_group = token_group(groups)
-    if sequence_parallel(groups):
-        mark_sequence_parallel(layer.parameters())
+    if sequence_parallel(groups):  # (experts on the folded grid are not TP replicas: their grads stay as they are)
+        folded = set(layer.experts.parameters()) if getattr(groups, "expert_folded", False) else set()
+        mark_sequence_parallel([p for p in layer.parameters() if p not in folded])
     return layer
+
+
+def _expert_grid_groups(groups, ep_size: int) -> dict:
+    """MoELayer's etp_group, dedup_group and expert_grid (issue 27): TP ranks holding the same tokens dispatch
+    disjoint slices of them (their experts' gradients are summed over an expert-DP group spanning TP)."""
+    if groups is None:
+        return {}
+    folded = getattr(groups, "expert_folded", False)
+    return {"etp_group": groups.etp_group(ep_size) if folded else None,
+            "dedup_group": getattr(groups, "token_dedup_group", None), "expert_grid": folded}
 
 
 class TransformerLayer(torch.nn.Module):

@@ -135,6 +135,8 @@ class ZeroOptimizer(MegatronOptimizer):
 
     def _shard_group(self, ep_size: Optional[int]):
         g = self.groups
+        if g is not None and ep_size is not None:  # expert-DP: may span TP (and CP, on the expert grid), issue 27
+            return g.expert_dp_group(ep_size)
         if g is None or g.dp_size == 1:
             return None
         return g.dp_group if ep_size is None else g.expert_dp_group(ep_size)
@@ -223,11 +225,10 @@ class ZeroOptimizer(MegatronOptimizer):
                     experts.setdefault(b.ep_size, []).append(piece)
                 else:
                     (tp if is_tensor_parallel_param(p) else replicated).append(piece)
-        multi = g is not None and g.dp_size > 1
         parts = [(replicated, (self._shard_group(None),)),
                  (tp, (self._shard_group(None), g.tp_group if g is not None and g.tp_size > 1 else None))]
         for ep in sorted({b.ep_size for b in self.buckets if b.ep_size is not None}):
-            parts.append((experts.get(ep, []), (self._shard_group(ep), g.ep_group(ep) if multi and ep > 1 else None)))
+            parts.append((experts.get(ep, []), (self._shard_group(ep), g.expert_norm_group(ep) if g is not None else None)))
         return parts
 
     # -------------------------------------------------------------------------------------- checkpoints
@@ -258,7 +259,9 @@ class ZeroOptimizer(MegatronOptimizer):
                         full[k].copy_(st[k])
                 step = st["step"].detach()
             for p, off in zip(b.params, b.offsets):
-                out[p] = {"step": step,  # views of the fresh buffers: state_dict copies them
+                # each parameter its own step tensor: a plain AdamW loading this increments every one in place, and
+                # one tensor shared by a bucket's parameters (as torch.save keeps it) would count N steps per step
+                out[p] = {"step": step.clone(),  # the rest: views of the fresh buffers (state_dict copies them)
                           **{k: full[k][off:off + p.numel()].view_as(p) for k in _STATE_KEYS}}
         return out
 

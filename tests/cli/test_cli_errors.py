@@ -42,9 +42,10 @@ SINGLE_CHECKS = [
     # experts % EP: MoEConfig only (MoELayer no longer repeats it)
     (["--num-experts", "3", "--moe-expert-parallel-size", "2"], "2",
      "--num-experts (3) must be divisible by --moe-expert-parallel-size (2)"),
-    # EP must divide DP: parallel_state.validate_sizes
+    # EP x ETP must divide the stage's TP x CP x DP ranks (the expert grid): parallel_state.validate_sizes
     (["--num-experts", "2", "--moe-expert-parallel-size", "2"], "1",
-     "--moe-expert-parallel-size (2) must divide the data-parallel size (1)"),
+     "--moe-expert-parallel-size (2) x --expert-tensor-parallel-size (1) = 2 must divide the ranks of a pipeline "
+     "stage"),
     # top-k range: MoEConfig only
     (["--num-experts", "2", "--topk", "3"], "1", "--topk (3) must be between 1 and the smallest --num-experts (2)"),
     # fp16 vs bf16: OptimizerConfig only (validate no longer repeats it)

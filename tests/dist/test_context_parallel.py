@@ -47,6 +47,11 @@ def _run(model, moe, groups):
     total = out.loss.mean() + (moe.loss_coeff * aux + moe.z_loss_coeff * z if moe is not None else 0.0)
     total.backward()
     finalize_model_grads(model, groups)
+    if groups is not None and groups.token_dedup_group is not None:  # TP without SP: TP ranks dispatched disjoint
+        # token slices (issue 27); the expert-DP reduction (its group spans TP) sums their expert gradients
+        from megatron.tensor_parallel.layers import sum_grads_over
+        from moe.experts import is_expert_param
+        sum_grads_over([p for p in model.parameters() if is_expert_param(p)], groups.tp_group)
     active = model.cp_group is not None and all(layer.self_attention.cp_group is not None for layer in model.layers)
     return {"cp_active": active, "loss": out.loss.detach(), "aux": aux.detach(), "z": z.detach(),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}

@@ -54,7 +54,7 @@ def _cases():
     }
 
 
-def _run(model, moe, tp_group, logits: bool):
+def _run(model, moe, tp_group, logits: bool, dedup: bool = False):
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 96, (2, 12), generator=g)
     labels = torch.randint(0, 96, (2, 12), generator=g)
@@ -64,6 +64,10 @@ def _run(model, moe, tp_group, logits: bool):
     total = out.loss.mean() + (moe.loss_coeff * aux + moe.z_loss_coeff * z if moe is not None else 0.0)
     total.backward()
     allreduce_sequence_parallel_grads(model, tp_group)  # no-op without SP (no marked parameters)
+    if dedup:  # SP off: TP ranks dispatched disjoint token slices (issue 27); the expert-DP reduction sums over TP
+        from megatron.tensor_parallel.layers import sum_grads_over
+        from moe.experts import is_expert_param
+        sum_grads_over([p for p in model.parameters() if is_expert_param(p)], tp_group)
     if moe is not None and moe.expert_bias:
         gating.step_routers(model)  # the bias update from the counted (TP-summed under SP) kept pairs
     res = {"loss": out.loss.detach(), "aux": aux.detach(), "z": z.detach(),
@@ -82,7 +86,7 @@ def _sp_vs_off(rank, world_size):
         runs = []
         for gr in (groups, sp_groups):
             torch.manual_seed(11)
-            runs.append(_run(GPTModel(cfg, moe, gr), moe, groups.tp_group, logits))
+            runs.append(_run(GPTModel(cfg, moe, gr), moe, groups.tp_group, logits, gr.token_dedup_group is not None))
         out[name] = runs
     return out
 

@@ -43,7 +43,7 @@ def test_per_layer_ep_sizes_parsed_and_validated():
     assert cfg.moe.ep_size == (1, 2, 4)
     assert [cfg.moe.ep_size_for_layer(i) for i in range(3)] == [1, 2, 4]
     validate(cfg, world_size=4)
-    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size"):
+    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) x --expert-tensor-parallel-size \(1\) = 4 must divide the ranks"):
         validate(cfg, world_size=2)
     # without process groups, a layer with EP > 1 cannot be built: the error names the flag and the layer
     with pytest.raises(ValueError, match=r"--moe-expert-parallel-size \(2\) of MoE layer 1"):

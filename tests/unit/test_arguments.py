@@ -123,6 +123,9 @@ MAPPING = {
     "--tensor-model-parallel-size": (["2"], "parallel.tensor_model_parallel_size", 2),
     "--sequence-parallel": ([], "parallel.sequence_parallel", True),
     "--context-parallel-size": (["2"], "parallel.context_parallel_size", 2),
+    "--expert-tensor-parallel-size": (["2"], "parallel.expert_tensor_parallel_size", 2),
+    "--enable-expert-tensor-parallelism": (["--tensor-model-parallel-size", "2"],
+                                           "parallel.expert_tensor_parallel_size", 2),  # ETP = TP
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
@@ -347,7 +350,7 @@ def test_cross_concern_validation_names_flags():
         validate(cfg, world_size=4)
     args = parse_args(BASE + ["--num-experts", "4", "--moe-expert-parallel-size", "4", "--global-batch-size", "8"])
     cfg = train_config_from_args(args, 128, dp_size=2)
-    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) must divide the data-parallel size \(2\)"):
+    with pytest.raises(ConfigError, match=r"--moe-expert-parallel-size \(4\) x --expert-tensor-parallel-size \(1\) = 4 must divide the ranks of a pipeline stage: world size \(2\)"):
         validate(cfg, world_size=2)
     with pytest.raises(ValueError, match="--fp16 and --bf16"):
         train_config_from_args(parse_args(BASE + ["--fp16", "--bf16"]), 128, 1)

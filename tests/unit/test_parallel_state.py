@@ -48,11 +48,11 @@ def test_expert_groups_live_inside_dp_groups():
     (dict(world_size=12, tp_size=2, ep_sizes=(1,), cp_size=2, pp_size=2),
      r"world size \(12\) must be divisible by --tensor-model-parallel-size \(2\) x --context-parallel-size \(2\) x "
      r"--pipeline-model-parallel-size \(2\) = 8"),
-    (dict(world_size=16, tp_size=2, ep_sizes=(4,), cp_size=2, pp_size=2),
-     r"--moe-expert-parallel-size \(4\) must divide the data-parallel size \(2\) = world size \(16\) / "
-     r"\(--tensor-model-parallel-size \(2\) x --context-parallel-size \(2\) x --pipeline-model-parallel-size \(2\)\), "
-     r"with --expert-tensor-parallel-size \(1\)"),
-    (dict(world_size=4, tp_size=1, ep_sizes=(1,), etp_size=2), r"--expert-tensor-parallel-size \(2\)"),
+    (dict(world_size=16, tp_size=2, ep_sizes=(4,), cp_size=2, pp_size=2, etp_size=4),
+     r"--moe-expert-parallel-size \(4\) x --expert-tensor-parallel-size \(4\) = 16 must divide the ranks of a "
+     r"pipeline stage: world size \(16\) / --pipeline-model-parallel-size \(2\) = --tensor-model-parallel-size "
+     r"\(2\) x --context-parallel-size \(2\) x data-parallel \(2\) = 8"),
+    (dict(world_size=4, tp_size=1, ep_sizes=(4,), etp_size=2), r"--expert-tensor-parallel-size \(2\) = 8 must"),
 ])
 def test_sizes_validated_in_one_line_naming_every_factor(kw, msg):
     with pytest.raises(ConfigError, match=msg) as e:
