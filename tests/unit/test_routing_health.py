@@ -158,3 +158,113 @@ def test_demo_summary_reads_the_log_and_writes_the_curve(tmp_path, capsys):
     assert os.path.getsize(png) > 1000
     parsed = demo_summary.parse_log(LOG)
     assert parsed["train"] == [(10, 7.5), (120, 5.8)] and parsed["valid"] == [(40, 6.5)]
+
+
+def _brute_causal_centered(x_TD, num_sequences, eps=1e-6):
+    """float64 loop: each token minus the mean of its sequence's earlier tokens, then RMS 1 (the first token only
+    scaled)."""
+    x = x_TD.double().view(num_sequences, -1, x_TD.shape[-1])
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            y = x[b, t] - x[b, :t].mean(0) if t > 0 else x[b, t]
+            out[b, t] = y / torch.sqrt(y.pow(2).mean() + eps)
+    return out.view(x_TD.shape)
+
+
+def test_causal_centring_is_the_mean_of_earlier_tokens_removed():
+    """moe.gating.causal_centered against a float64 loop over positions (fp32 cumulative sums over 24 positions:
+    atol 1e-5 on RMS-1 outputs, ~100 fp32 ulps); the same for the router: its choice equals a plain router fed the
+    loop's output."""
+    from moe.config import MoEConfig
+    from moe.gating import TopKRouter, causal_centered
+
+    torch.manual_seed(0)
+    x = torch.randn(3 * 24, 16) + 4.0 * torch.randn(16)  # 3 sequences of 24 with a strong common direction
+    want = _brute_causal_centered(x, 3)
+    assert torch.allclose(causal_centered(x, 3).double(), want, atol=1e-5)
+    fields = dict(num_experts=8, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                  drop_tokens=False)
+    centred = TopKRouter(MoEConfig(router_input_centering="causal", **fields), 16)
+    plain = TopKRouter(MoEConfig(**fields), 16)
+    plain.weight.data.copy_(centred.weight.data)
+    got, ref = centred(x, num_sequences=3), plain(want.float(), num_sequences=3)
+    assert torch.equal(got.expert_TK, ref.expert_TK)
+    assert torch.allclose(got.gates_TK, ref.gates_TK, atol=1e-6)
+    assert "input_mean" not in centred.state_dict()  # no state: training, evaluation and generation agree
+
+
+def _routing_per_position(model, tokens):
+    """{router index: (expert_TK, gates_TK) as [B, S, K]} of one training-mode forward."""
+    from moe.gating import routers
+
+    got, hooks = {}, []
+    for i, r in enumerate(routers(model)):
+        hooks.append(r.register_forward_hook(
+            lambda mod, args, out, i=i: got.__setitem__(i, (out.expert_TK.view(*tokens.shape, -1),
+                                                           out.gates_TK.detach().view(*tokens.shape, -1)))))
+    model(tokens, labels=tokens)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("centering", ["causal", "batch"])
+def test_causal_centring_routes_without_later_tokens(centering):
+    """The leak check: in training mode, a token's routing (experts and gates) is unchanged when every LATER token
+    of the micro-batch changes, with --moe-router-center-input causal; with 'batch' (the micro-batch mean) the
+    earlier tokens' gates move, so the check can fail. Causal attention keeps earlier positions' hidden states
+    bitwise equal; the gates get atol 1e-6 for a different summation order in the cumulative sums."""
+    from megatron.config import ModelConfig
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=16,
+                      max_position_embeddings=16, padded_vocab_size=64, normalization="RMSNorm",
+                      position_embedding_type="rope", activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0)
+    moe = MoEConfig(num_experts=4, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                    drop_tokens=False, router_input_centering=centering)
+    model = GPTModel(cfg, moe).train()
+    tokens = torch.randint(0, 64, (2, 16))
+    cut = 9
+    changed = tokens.clone()
+    changed[:, cut:] = torch.randint(0, 64, (2, 16 - cut))
+    a, b = _routing_per_position(model, tokens), _routing_per_position(model, changed)
+    assert a.keys() == b.keys() and len(a) == 1
+    (ea, ga), (eb, gb) = a[0], b[0]
+    same = torch.equal(ea[:, :cut], eb[:, :cut]) and torch.allclose(ga[:, :cut], gb[:, :cut], atol=1e-6)
+    assert same == (centering == "causal")
+    assert not torch.equal(ga[:, cut:], gb[:, cut:])  # the later tokens did change
+
+
+def test_generation_with_causal_centring_recomputes_the_window():
+    """The KV cache does not keep the earlier tokens' router inputs: generation drops it for such a model, so a
+    cached and an uncached call sample the same tokens."""
+    from megatron.config import ModelConfig
+    from megatron.inference import generate, routes_on_earlier_tokens
+    from megatron.model import GPTModel
+    from moe.config import MoEConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=32,
+                      max_position_embeddings=32, padded_vocab_size=64)
+    moe = MoEConfig(num_experts=4, topk=2, router_family="megatron", score_function="sigmoid", drop_tokens=False,
+                    router_input_centering="causal")
+    model = GPTModel(cfg, moe).eval()
+    assert routes_on_earlier_tokens(model) and not routes_on_earlier_tokens(GPTModel(cfg, None))
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate(model, [1, 2, 3], use_cache=True, **kw) == generate(model, [1, 2, 3], use_cache=False, **kw)
+
+
+def test_bare_center_input_flag_keeps_batch_centring():
+    """The bare flag keeps its old meaning (batch); 'causal' is the value the demo gives; off by default."""
+    import argparse
+
+    from megatron.arguments import add_moe_router_args
+
+    p = argparse.ArgumentParser()
+    add_moe_router_args(p)
+    assert p.parse_args(["--moe-router-center-input"]).moe_router_center_input == "batch"
+    assert p.parse_args(["--moe-router-center-input", "causal"]).moe_router_center_input == "causal"
+    assert p.parse_args([]).moe_router_center_input is False
