@@ -36,11 +36,14 @@ def parse(argv=None):
                         "'run' with the shared flags alone)")
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
-    p.add_argument("--center-router-input", choices=["ema", "batch", "prefix", "prefix_norm"], default=None,
+    p.add_argument("--center-router-input", choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj"], default=None,
                    help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
                         "this micro-batch; prefix: of the same sequence's earlier tokens)")
     p.add_argument("--freeze-router", action="store_true",
                    help="experiment: router weights get no gradient (they keep their initial values)")
+    p.add_argument("--diagnose", type=int, nargs="*", default=None, metavar="ITER",
+                   help="experiment: at these iterations print, per MoE layer, what fills its fullest expert (top "
+                        "token ids, early positions)")
     p.add_argument("--center-momentum", type=float, default=0.9, help="experiment: the ema's weight on its past")
     p.add_argument("--attribute", action="store_true",
                    help="experiment: also write attribution.csv, which part of the residual stream (embedding, "
@@ -118,10 +121,15 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
 
     def hook(router, args, kwargs):
         x = args[0]
-        if mode in ("prefix", "prefix_norm"):
+        if mode in ("prefix", "prefix_norm", "prefix_proj"):
             xs = x.view(kwargs.get("num_sequences", 1), -1, x.shape[-1])
             prev = torch.cumsum(xs.detach().float(), 1) - xs.detach().float()
             n = torch.arange(xs.shape[1], device=x.device).clamp(min=1).view(1, -1, 1)
+            if mode == "prefix_proj":  # the component along the earlier tokens' mean direction removed
+                u = prev / (prev.norm(dim=-1, keepdim=True) + 1e-6)
+                y = (xs - (xs * u).sum(-1, keepdim=True) * u).reshape(x.shape)
+                y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+                return (y,) + tuple(args[1:]), kwargs
             y = x - (prev / n).reshape(x.shape).to(x.dtype)
             if mode == "prefix_norm":  # each token's centred vector scaled to rms 1 (the logits keep their scale)
                 y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
@@ -193,8 +201,51 @@ def attribution_hooks(model):
     return rows, hooks
 
 
+def diagnose_hooks(model, tokenizer=None):
+    """Forward hooks keeping the last micro-batch's tokens and every router's expert choice; report() prints, per
+    MoE layer, the fullest expert's share of the pairs and which tokens/positions fill it."""
+    import torch
+
+    from moe.gating import routers
+
+    seen = {}
+
+    def keep_tokens(_, args):
+        seen["tokens"] = args[0].detach()
+
+    def keep_choice(i):
+        def hook(_, __, out):
+            seen[i] = out.expert_TK.detach()
+        return hook
+
+    hooks = [model.register_forward_pre_hook(keep_tokens)]
+    hooks += [r.register_forward_hook(keep_choice(i)) for i, r in enumerate(routers(model))]
+
+    def report(it):
+        tokens = seen["tokens"]
+        flat = tokens.reshape(-1)
+        pos = torch.arange(tokens.shape[-1]).repeat(tokens.shape[0])
+        for i in sorted(k for k in seen if isinstance(k, int)):
+            e_TK = seen[i]
+            counts = torch.bincount(e_TK.reshape(-1), minlength=int(e_TK.max()) + 1)
+            top = int(counts.argmax())
+            in_top = (e_TK == top).any(1)
+            ids, n = torch.unique(flat[in_top], return_counts=True)
+            order = n.argsort(descending=True)[:6]
+            freq = {int(t): int((flat == t).sum()) for t in ids[order]}
+            words = [(tokenizer.detokenize([int(t)]) if tokenizer is not None else str(int(t))) for t in ids[order]]
+            per_seq = in_top.view(tokens.shape[0], -1).float().mean(1)  # share of each sequence's tokens in it
+            print(f"  it {it} layer {i}: per-sequence share in the fullest expert "
+                  + " ".join(f"{100 * float(v):.0f}%" for v in per_seq.sort(descending=True).values))
+            print(f"  it {it} layer {i}: fullest expert {top}: {float(counts.max() / counts.float().mean()):.2f}x "
+                  f"mean, {int(in_top.sum())} of {flat.numel()} tokens, {100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
+                  f"positions < 16; top tokens " + ", ".join(
+                      f"{w!r} {int(c)}/{freq[int(t)]}" for w, t, c in zip(words, ids[order], n[order])), flush=True)
+    return hooks, report
+
+
 def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None, momentum=0.9, attribute=None,
-            freeze_router=False):
+            freeze_router=False, diagnose=None):
     """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
     after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
     from megatron.training import setup_from_argv, train_step
@@ -212,6 +263,10 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
     shares, hooks = common_direction_hooks(st.model)  # registered first: the share of the input before centering
     if center:
         hooks += center_router_inputs(st.model, center, momentum)
+    report = None
+    if diagnose:
+        more, report = diagnose_hooks(st.model, getattr(st, "tokenizer", None))
+        hooks += more
     attr_rows = None
     if attribute is not None:
         attr_rows, more = attribution_hooks(st.model)
@@ -225,6 +280,8 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
             # the common-direction share of the last micro-batch (its forward ran last), per layer
             out.append((st.iteration, m["lm_loss"], [(r, d, c) for (r, d), c in zip(rows, last)]))
             shares.clear()
+            if report is not None and st.iteration in diagnose:
+                report(st.iteration)
             if attr_rows is not None:
                 n_moe = len(rows)
                 for r in attr_rows[-n_moe:]:
@@ -376,7 +433,7 @@ def main(argv=None) -> int:
                         attr_f.flush()
                 records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std,
                                   args.center_router_input, args.center_momentum, attribute,
-                                  args.freeze_router)
+                                  args.freeze_router, args.diagnose)
             except UserError as e:
                 print(f"error: arm {name}: {e}", file=sys.stderr)
                 return 2
