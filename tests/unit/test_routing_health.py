@@ -266,3 +266,17 @@ def test_bare_center_input_flag_keeps_batch_centring():
     assert p.parse_args(["--moe-router-center-input"]).moe_router_center_input == "batch"
     assert p.parse_args(["--moe-router-center-input", "causal"]).moe_router_center_input == "causal"
     assert p.parse_args([]).moe_router_center_input is False
+
+
+@pytest.mark.parametrize("split", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                   ["--context-parallel-size", "2"]])
+def test_causal_centring_is_refused_when_sequences_are_split(split):
+    """A rank holding a chunk of each sequence lacks the earlier chunks' tokens: one ConfigError naming both flags."""
+    from megatron.arguments import parse_args, train_config_from_args, validate_sequence_context_parallel
+    from megatron.errors import ConfigError
+
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "10", "--num-experts", "4", "--moe-router-center-input", "causal", *split]
+    cfg = train_config_from_args(parse_args(argv), 128, dp_size=1)
+    with pytest.raises(ConfigError, match=r"--moe-router-center-input causal is not supported"):
+        validate_sequence_context_parallel(cfg)
