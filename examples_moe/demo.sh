@@ -8,6 +8,7 @@
 # Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the dense GPT; ROUTER=deepspeed the
 # old DeepSpeed top-1 recipe at capacity factor 1.25, whose early routing collapse docs/routing_health.md measures).
 set -euo pipefail
+export PYTHONUNBUFFERED=1  # the training log reaches the terminal (and train.log) as it is written
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
