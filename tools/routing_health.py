@@ -36,7 +36,8 @@ def parse(argv=None):
                         "'run' with the shared flags alone)")
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
-    p.add_argument("--center-router-input", choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj"], default=None,
+    p.add_argument("--center-router-input", default=None,
+                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj"],
                    help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
                         "this micro-batch; prefix: of the same sequence's earlier tokens)")
     p.add_argument("--freeze-router", action="store_true",
@@ -152,7 +153,8 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
 def attribution_hooks(model):
     """Forward hooks measuring which part of the residual stream carries the router inputs' common direction.
     The residual x entering MoE layer L's norm is emb + sum over earlier layers of (attn + mlp) + attn_L; with
-    m = mean_t x, component c's share of the common direction is mean_t(c) . m / |m|^2 (the shares sum to 1).
+    m = mean_t x, component c's share of the common direction is mean_t(c) . m / |m|^2 (the shares sum to 1 without
+    hidden dropout, which acts after the recorded outputs).
     Returns (rows: one dict per MoE layer and forward, hooks)."""
 
     rows, means = [], {}
@@ -238,7 +240,8 @@ def diagnose_hooks(model, tokenizer=None):
             print(f"  it {it} layer {i}: per-sequence share in the fullest expert "
                   + " ".join(f"{100 * float(v):.0f}%" for v in per_seq.sort(descending=True).values))
             print(f"  it {it} layer {i}: fullest expert {top}: {float(counts.max() / counts.float().mean()):.2f}x "
-                  f"mean, {int(in_top.sum())} of {flat.numel()} tokens, {100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
+                  f"mean, {int(in_top.sum())} of {flat.numel()} tokens, "
+                  f"{100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
                   f"positions < 16; top tokens " + ", ".join(
                       f"{w!r} {int(c)}/{freq[int(t)]}" for w, t, c in zip(words, ids[order], n[order])), flush=True)
     return hooks, report
@@ -395,6 +398,18 @@ def summary(name, records):
             + ("balanced" if not bad else f"{len(bad)} layer-iterations out of bounds (first: iteration {bad[0][0]})"))
 
 
+def attribution_writer(output_dir, name):
+    """A callback writing attribution rows to <output_dir>/attribution_<name>.csv as they come."""
+    f = open(os.path.join(output_dir, f"attribution_{name}.csv"), "w", newline="")
+    w = csv.DictWriter(f, ["iteration", "layer", "share", "emb", "attn", "mlp", "bias"])
+    w.writeheader()
+
+    def write(row):
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        f.flush()
+    return write
+
+
 def main(argv=None) -> int:
     from megatron.errors import UserError
 
@@ -422,15 +437,7 @@ def main(argv=None) -> int:
                       + " ".join(f"{100 * x[1]:.1f}%" for x in rec[2]) + " | common share "
                       + " ".join(f"{x[2]:.2f}" for x in rec[2]), flush=True)
             try:
-                attribute = None
-                if args.attribute:
-                    attr_f = open(os.path.join(args.output_dir, f"attribution_{name}.csv"), "w", newline="")
-                    attr_w = csv.DictWriter(attr_f, ["iteration", "layer", "share", "emb", "attn", "mlp", "bias"])
-                    attr_w.writeheader()
-
-                    def attribute(row, attr_w=attr_w, attr_f=attr_f):
-                        attr_w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-                        attr_f.flush()
+                attribute = attribution_writer(args.output_dir, name) if args.attribute else None
                 records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std,
                                   args.center_router_input, args.center_momentum, attribute,
                                   args.freeze_router, args.diagnose)
