@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # `make demo`: verify data -> train a SentencePiece BPE vocabulary (8000) on the novel corpus and tokenize it ->
-# train the study's small MoE GPT (examples_moe/run_study.sh: 6 layers, hidden 128, 16 experts top-1 on every
-# other layer) -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA (EVAL_TASKS=lambada,piqa adds PIQA).
-# Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the study's dense GPT).
+# train a small MoE GPT (6 layers, hidden 128, 16 experts on every other layer) in the modern recipe (RMSNorm, SwiGLU,
+# RoPE; routers on causally centred inputs, sigmoid routing with aux-loss-free expert bias, dropless, top-2 of
+# fine-grained experts + a shared expert)
+# -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA (EVAL_TASKS=lambada,piqa adds
+# PIQA) -> one line with validation ppl, load balance and the sample; the loss curve goes beside the checkpoint.
+# Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the dense GPT; ROUTER=deepspeed the
+# old DeepSpeed top-1 recipe at capacity factor 1.25, whose early routing collapse docs/routing_health.md measures).
 set -euo pipefail
+export PYTHONUNBUFFERED=1  # the training log reaches the terminal (and train.log) as it is written
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -16,8 +21,14 @@ NUM_LAYERS=${NUM_LAYERS:-6}
 HIDDEN=${HIDDEN:-128}
 HEADS=${HEADS:-4}
 SEQ=${SEQ:-256}
+FFN=${FFN:-344}                       # SwiGLU width of the dense MLPs (2/3 of 4 x hidden: a GELU MLP's FLOPs)
 NUM_EXPERTS=${NUM_EXPERTS:-16}
-TOPK=${TOPK:-1}
+ROUTER=${ROUTER:-modern}              # modern | deepspeed
+TOPK=${TOPK:-2}                       # modern: experts per token (deepspeed: top-1)
+MOE_FFN=${MOE_FFN:-128}               # modern: each routed expert's width (fine-grained: a quarter of 4 x hidden)
+SHARED_FFN=${SHARED_FFN:-128}         # modern: the shared expert's width
+CENTER=${CENTER:-causal}              # router input centring (docs/routing_health.md): causal | batch | off
+BIAS_RATE=${BIAS_RATE:-1e-2}          # modern: expert-bias update per step (10x megatron-core's 1e-3: docs/routing_health.md)
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)
@@ -46,25 +57,49 @@ else
   echo "== 2/5 reusing $TOK.model and ${PREFIX}_text_document.{bin,idx}"
 fi
 
-echo "== 3/5 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN, $NUM_EXPERTS experts top-$TOPK on every 2nd layer) for $TRAIN_ITERS iterations"
+BLOCKS="--normalization RMSNorm --swiglu --position-embedding-type rope --ffn-hidden-size $FFN"
+CENTER_FLAG=""
+[ "$CENTER" = off ] || CENTER_FLAG="--moe-router-center-input $CENTER"
+case "$ROUTER" in
+  modern)    # megatron-core routing, dropless, on causally centred router inputs (without centring every router collapses
+             # onto one expert by iteration 5-7: docs/routing_health.md); the expert bias and a small aux loss keep the
+             # rest even
+    MOE="$CENTER_FLAG --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+         --moe-router-bias-update-rate $BIAS_RATE --moe-aux-loss-coeff 1e-3 --moe-router-topk $TOPK
+         --moe-ffn-hidden-size $MOE_FFN --moe-shared-expert-intermediate-size $SHARED_FFN"
+    MEAN_PAIRS=$TOPK ;;
+  deepspeed) # the old demo: DeepSpeed top-1, capacity 1.25, aux 0.01, GELU/LayerNorm/learned positions, no centring
+    BLOCKS=""
+    MOE="--topk 1 --moe-train-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01"
+    MEAN_PAIRS=1 ;;
+  *) echo "error: ROUTER=$ROUTER: expected modern or deepspeed" >&2; exit 2 ;;
+esac
+[ "$NUM_EXPERTS" -gt 1 ] || MOE=""
+
+echo "== 3/5 training a ${NUM_LAYERS}-layer GPT (hidden $HIDDEN, $NUM_EXPERTS experts on every 2nd layer, $ROUTER routing) for $TRAIN_ITERS iterations"
 rm -rf "$OUT/checkpoints"
+# shellcheck disable=SC2086
 "$PYTHON" pretrain_gpt.py \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
-    --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
-    --num-experts "$NUM_EXPERTS" --topk "$TOPK" --expert-interval 2 --moe-train-capacity-factor 1.25 \
-    --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01 \
+    --seq-length "$SEQ" --max-position-embeddings "$SEQ" $BLOCKS \
+    --num-experts "$NUM_EXPERTS" --expert-interval 2 $MOE \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
     --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 8 --weight-decay 0.1 \
     --adam-beta2 0.95 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOK.model" \
     --data-path "${PREFIX}_text_document" --split 969,30,1 --num-workers 1 \
     --log-interval 10 --eval-interval 40 --eval-iters 8 \
-    --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@"
+    --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@" | tee "$OUT/train.log"
 
 echo "== 4/5 sample (temperature 0.7, top-k 40)"
 "$PYTHON" tools/generate.py --load "$OUT/checkpoints" --prompt "$PROMPT" --max-new-tokens 40 \
-    --temperature 0.7 --top-k 40 --seed 1
+    --temperature 0.7 --top-k 40 --seed 1 | tee "$OUT/sample.txt"
 
 echo "== 5/5 zero-shot $EVAL_TASKS (lm-evaluation-harness scoring)"
 "$PYTHON" tools/eval_zeroshot.py --load "$OUT/checkpoints" --tasks "$EVAL_TASKS" --data-dir "$DATA_DIR" \
     --micro-batch-size 16 --output "$OUT/eval_zeroshot.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
+
+# one line: validation ppl, the last logged iteration's expert load (mean = global batch x seq x top-k / experts), sample
+"$PYTHON" tools/demo_summary.py --log "$OUT/train.log" --png "$OUT/checkpoints/loss_curve.png" \
+    --sample-file "$OUT/sample.txt" \
+    $([ "$NUM_EXPERTS" -gt 1 ] && echo --tokens-per-expert-mean $((GLOBAL_BATCH * SEQ * MEAN_PAIRS / NUM_EXPERTS)))

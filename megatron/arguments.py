@@ -104,10 +104,13 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-input-jitter-eps", type=float, default=None)
     g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32",
                    help="router GEMM, scores, top-k and losses in this dtype with autocast off (both routers)")
-    g.add_argument("--moe-router-center-input", action="store_true",  # issue 28, docs/routing_health.md
-                   help="experimental, off by default (docs/routing_health.md): route x minus the token mean (the "
-                        "micro-batch's in training, its moving average in evaluation). In training a token's expert "
-                        "choice then depends on the other tokens of its micro-batch, later positions included")
+    g.add_argument("--moe-router-center-input", nargs="?", const="batch", default=False,  # issue 28
+                   choices=["causal", "batch"],
+                   help="off by default (docs/routing_health.md): route x minus a token mean. 'causal': minus the "
+                        "mean of the earlier tokens of the same sequence, scaled to RMS 1 per token (the same in "
+                        "training, evaluation and generation; the demo's recipe). 'batch' (the bare flag, "
+                        "experimental): the micro-batch's mean in training, so a token's choice depends on later "
+                        "positions and other sequences; its moving average in evaluation")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="capacity ceil(k*T/E*cf) per expert; without it the router is dropless")
 
@@ -303,6 +306,9 @@ def validate_sequence_context_parallel(cfg: TrainConfig) -> None:
     if sp_cp and cfg.curriculum is not None:
         raise ConfigError(f"{sp_cp} with the --deepspeed_config seqlen curriculum is not supported (the truncated "
                           f"lengths need not split into equal chunks); drop curriculum_learning")
+    if sp_cp and cfg.moe is not None and cfg.moe.router_input_centering == "causal":  # issue 28
+        raise ConfigError(f"{sp_cp} with --moe-router-center-input causal is not supported (a rank holds a chunk "
+                          f"of each sequence, without the earlier chunks' tokens); drop one of them")
     if par.sequence_parallel or cp > 1:
         chunks = (tp if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
         if seq % chunks != 0:

@@ -99,6 +99,14 @@ def model_window(model: GPTModel) -> int:
 
 
 @torch.no_grad()
+def routes_on_earlier_tokens(model) -> bool:
+    """Whether a router centres its input on the earlier tokens' (--moe-router-center-input causal): the KV cache
+    does not keep those inputs, so generation recomputes the whole window at each step instead."""
+    from moe.gating import routers
+
+    return any(r.cfg.router_input_centering == "causal" for r in routers(model))
+
+
 def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
              use_cache: bool = True, progress: bool = False, stop: Optional[Callable[[List[int]], bool]] = None,
@@ -111,6 +119,7 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
     window = model.cfg.max_position_embeddings if model.position_embeddings is not None else 1 << 30
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt_ids[-window:])
+    use_cache = use_cache and not routes_on_earlier_tokens(model)
     cache = model.new_kv_cache() if use_cache else None
     x = torch.tensor([ids], device=device)
     out: List[int] = []

@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 MLP_TYPES = ("standard", "residual")
 DROP_POLICIES = ("position", "probs", "any")
+ROUTER_INPUT_CENTERING = (False, "batch", "causal")  # --moe-router-center-input (docs/routing_health.md)
 RENORMALIZE = ("after_drop", "before_drop")
 RTS_SCOPES = ("top1", "train")
 AUX_LOSS_CHOICES = ("first", "all")
@@ -73,8 +74,10 @@ class MoEConfig:
     router_family: str = "deepspeed"  # 'deepspeed': DeepSpeed TopKGate's routing (the choices above); 'megatron':
     #   megatron-core TopKRouter's (the fields below; capacity ceil(k*T/E*cf) without min_capacity, no RTS)
     router_dtype: str = "fp32"  # 'fp32' or 'fp64': logits, scores, top-k and losses, with autocast off (both families)
-    router_input_centering: bool = False  # both families: the router sees x minus the token mean (training: this
-    #   micro-batch's, detached; evaluation: a moving average of the training means), --moe-router-center-input
+    router_input_centering: Union[bool, str] = False  # both families, --moe-router-center-input: the router sees x
+    #   minus a token mean. 'causal': minus the mean of the earlier tokens of its sequence, then RMS 1 per token (no
+    #   state); 'batch' (True): minus the micro-batch's mean in training (detached; later positions included), a
+    #   moving average of those in evaluation; False: x itself
     score_function: str = "softmax"  # megatron: 'softmax' or 'sigmoid' (DeepSeek-V3) scores of the logits
     pre_softmax: bool = False  # megatron softmax: top-k over softmax(logits) (True) or over the logits, then softmax
     #   over the chosen k (False; needs k >= 2)
@@ -161,6 +164,11 @@ class MoEConfig:
                                       LOAD_BALANCING_TYPES)):
             if value not in allowed:
                 raise ValueError(f"{flag} ({value!r}) must be one of {allowed}")
+        if self.router_input_centering is True:
+            object.__setattr__(self, "router_input_centering", "batch")
+        if self.router_input_centering not in ROUTER_INPUT_CENTERING:
+            raise ValueError(f"--moe-router-center-input ({self.router_input_centering!r}) must be one of "
+                             f"{ROUTER_INPUT_CENTERING}")
         k, experts = self.topk, min(self.num_experts)
         if self.router_family == "deepspeed":
             used = [flag for flag, on in (

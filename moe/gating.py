@@ -380,6 +380,29 @@ def switch_balance_loss(score_sum_E: torch.Tensor, tokens_E: torch.Tensor, k: in
     return torch.sum(score_sum_E * tokens_E) * (num_experts / (k * num_tokens * total_tokens))
 
 
+def causal_centered(x_TD: torch.Tensor, num_sequences: int = 1, eps: float = 1e-6) -> torch.Tensor:
+    """--moe-router-center-input causal (docs/routing_health.md): each token's router input minus the mean of the
+    router inputs of the EARLIER tokens of its own sequence (detached), scaled to RMS 1 per token.
+
+    Early in training the hidden states fall into one common direction (its share of |x|^2 goes from ~0.03 to ~0.99
+    within 5-7 steps, carried by the attention outputs), every token's logits move together and one expert takes
+    every token whatever the bias or aux loss. Subtracting the running mean of the earlier tokens removes that
+    direction using only positions <= t (no later position, no other sequence: the same in training, evaluation and
+    generation); the RMS scaling keeps the centred logits at their initial scale as the common share rises and falls,
+    so the expert bias's fixed step means the same throughout. A sequence's first token has no earlier token: its
+    input is only scaled. x_TD: [B*S, D], the B = num_sequences sequences one after another; fp32/fp64 (the
+    router's dtype). Cost: a cumulative sum and a norm over [T, D]; no host sync, no state."""
+    if x_TD.shape[0] == 0:
+        return x_TD
+    x_BSD = x_TD.view(max(num_sequences, 1), -1, x_TD.shape[-1])
+    detached = x_BSD.detach()
+    earlier_BSD = torch.cumsum(detached, dim=1) - detached  # sum over positions < t
+    count_1S1 = torch.arange(x_BSD.shape[1], device=x_TD.device, dtype=x_TD.dtype).clamp(min=1).view(1, -1, 1)
+    y_BSD = x_BSD - earlier_BSD / count_1S1
+    y_BSD = y_BSD * torch.rsqrt(y_BSD.square().mean(dim=-1, keepdim=True) + eps)
+    return y_BSD.reshape(x_TD.shape)
+
+
 class TopKRouter(nn.Module):
     """Linear router choosing k of E experts per token (fp32/fp64, autocast off), with capacity-based dropping.
 
@@ -424,9 +447,9 @@ class TopKRouter(nn.Module):
         self.register_buffer("ga_steps", torch.zeros(()) if global_aux else None, persistent=False)
         # --moe-router-center-input: the moving average of training token means (evaluation subtracts it) and how
         # many training forwards it has seen; persistent (checkpoints carry it)
-        centering = cfg.router_input_centering
-        self.register_buffer("input_mean", torch.zeros(hidden_size) if centering else None)
-        self.register_buffer("input_mean_count", torch.zeros(()) if centering else None)
+        batch_centering = cfg.router_input_centering == "batch"  # 'causal' keeps no state
+        self.register_buffer("input_mean", torch.zeros(hidden_size) if batch_centering else None)
+        self.register_buffer("input_mean_count", torch.zeros(()) if batch_centering else None)
 
     _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
     _CENTERING_BUFFERS = ("input_mean", "input_mean_count")  # fp32 too (--moe-router-center-input)
@@ -446,13 +469,16 @@ class TopKRouter(nn.Module):
         """x_TD: [T, D] tokens, batch-first ([B, S] flattened: the B = num_sequences sequences one after another,
         which seq_aux_loss needs). Autocast is off throughout: every float here is in the router dtype."""
         with no_autocast(x_TD.device):
-            x_TD = self._centered(x_TD)
+            if self.cfg.router_input_centering == "causal":
+                x_TD = causal_centered(x_TD.to(self.dtype), num_sequences)
+            else:
+                x_TD = self._centered(x_TD)
             if self.cfg.router_family == "megatron":
                 return self._route_megatron(x_TD, num_sequences)
             return self._route_deepspeed(x_TD)
 
     def _centered(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """--moe-router-center-input (docs/routing_health.md): early in training the hidden states fall into one
+        """--moe-router-center-input batch (docs/routing_health.md): early in training the hidden states fall into one
         common direction (its share of |x|^2 goes from ~0.03 to ~0.99 within a few steps), every token's logits then
         move together and one expert takes them all, whatever the bias or aux loss. Subtracting the token mean
         keeps what tells tokens apart. Training: this micro-batch's mean (detached; a token's routing depends on the

@@ -36,9 +36,19 @@ def parse(argv=None):
                         "'run' with the shared flags alone)")
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
-    p.add_argument("--center-router-input", choices=["ema", "batch"], default=None,
+    p.add_argument("--center-router-input", default=None,
+                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj"],
                    help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
-                        "this micro-batch)")
+                        "this micro-batch; prefix: of the same sequence's earlier tokens)")
+    p.add_argument("--freeze-router", action="store_true",
+                   help="experiment: router weights get no gradient (they keep their initial values)")
+    p.add_argument("--diagnose", type=int, nargs="*", default=None, metavar="ITER",
+                   help="experiment: at these iterations print, per MoE layer, what fills its fullest expert (top "
+                        "token ids, early positions)")
+    p.add_argument("--center-momentum", type=float, default=0.9, help="experiment: the ema's weight on its past")
+    p.add_argument("--attribute", action="store_true",
+                   help="experiment: also write attribution.csv, which part of the residual stream (embedding, "
+                        "attention, MLP, their output biases) carries the router input's common direction")
     p.add_argument("--router-init-std", type=float, default=None,
                    help="experiment: draw every router weight from N(0, std^2) before the first step")
     p.add_argument("--plot-csv", nargs="+", default=None, metavar="CSV",
@@ -104,13 +114,27 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
     direction the hidden states fall into early in training. mode 'ema': minus m, an exponential moving average of
     past training inputs' token means (m = 0 at the first step; updated after use, so a batch never sees its own
     mean). mode 'batch': in training minus this micro-batch's own token mean (detached; BatchNorm-style: a token's
-    routing then depends on the batch's mean, future positions included), m kept as the EMA for evaluation."""
+    routing then depends on the batch's mean, future positions included), m kept as the EMA for evaluation.
+    mode 'prefix': x_t minus the mean of x_0..x_{t-1} of its own sequence (causal; x_0 as it is)."""
     import torch
 
     from moe.gating import routers
 
-    def hook(router, args):
+    def hook(router, args, kwargs):
         x = args[0]
+        if mode in ("prefix", "prefix_norm", "prefix_proj"):
+            xs = x.view(kwargs.get("num_sequences", 1), -1, x.shape[-1])
+            prev = torch.cumsum(xs.detach().float(), 1) - xs.detach().float()
+            n = torch.arange(xs.shape[1], device=x.device).clamp(min=1).view(1, -1, 1)
+            if mode == "prefix_proj":  # the component along the earlier tokens' mean direction removed
+                u = prev / (prev.norm(dim=-1, keepdim=True) + 1e-6)
+                y = (xs - (xs * u).sum(-1, keepdim=True) * u).reshape(x.shape)
+                y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+                return (y,) + tuple(args[1:]), kwargs
+            y = x - (prev / n).reshape(x.shape).to(x.dtype)
+            if mode == "prefix_norm":  # each token's centred vector scaled to rms 1 (the logits keep their scale)
+                y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+            return (y,) + tuple(args[1:]), kwargs
         m = getattr(router, "_health_mean", None)
         training = router.training and torch.is_grad_enabled()
         if training:
@@ -121,12 +145,110 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
             y = x - m.to(x.dtype) if m is not None else x
         if training:
             router._health_mean = mean if m is None else momentum * m + (1 - momentum) * mean
-        return (y,) + tuple(args[1:])
+        return (y,) + tuple(args[1:]), kwargs
 
-    return [r.register_forward_pre_hook(hook) for r in routers(model)]
+    return [r.register_forward_pre_hook(hook, with_kwargs=True) for r in routers(model)]
 
 
-def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None):
+def attribution_hooks(model):
+    """Forward hooks measuring which part of the residual stream carries the router inputs' common direction.
+    The residual x entering MoE layer L's norm is emb + sum over earlier layers of (attn + mlp) + attn_L; with
+    m = mean_t x, component c's share of the common direction is mean_t(c) . m / |m|^2 (the shares sum to 1 without
+    hidden dropout, which acts after the recorded outputs).
+    Returns (rows: one dict per MoE layer and forward, hooks)."""
+
+    rows, means = [], {}
+
+    def mean_of(out):
+        out = out[0] if isinstance(out, tuple) else out
+        return out.detach().float().reshape(-1, out.shape[-1]).mean(0)
+
+    def save(key):
+        def hook(_, __, out):
+            means[key] = mean_of(out)
+        return hook
+
+    hooks = [model.word_embeddings.register_forward_hook(save("emb"))]
+    if getattr(model, "position_embeddings", None) is not None:
+        hooks.append(model.position_embeddings.register_forward_hook(save("pos")))
+
+    def bias_mean(mod):
+        """The constant output bias of a dense attention/MLP output projection (0 when none)."""
+        for name in ("dense", "dense_4h_to_h"):
+            lin = getattr(mod, name, None)
+            if lin is not None and getattr(lin, "bias", None) is not None:
+                return lin.bias.detach().float()
+        return None
+
+    for i, layer in enumerate(model.layers):
+        hooks.append(layer.self_attention.register_forward_hook(save(("attn", i))))
+        hooks.append(layer.mlp.register_forward_hook(save(("mlp", i))))
+        if hasattr(layer.mlp, "router"):
+            def pre(_, args, i=i):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                m = x.mean(0)
+                m2 = float(m.pow(2).sum())
+                row = {"layer": i, "share": m2 / float(x.pow(2).sum(1).mean())}
+                parts = {"emb": [means.get("emb"), means.get("pos")],
+                         "attn": [means.get(("attn", j)) for j in range(i + 1)],
+                         "mlp": [means.get(("mlp", j)) for j in range(i)],
+                         "bias": [bias_mean(model.layers[j].self_attention) for j in range(i + 1)]
+                         + [bias_mean(model.layers[j].mlp) for j in range(i)]
+                         + [bias_mean(model.layers[j].mlp.shared_expert.mlp) for j in range(i)
+                            if getattr(model.layers[j].mlp, "shared_expert", None) is not None]}
+                for k, vs in parts.items():
+                    row[k] = sum(float(v @ m) for v in vs if v is not None) / max(m2, 1e-30)
+                rows.append(row)
+            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(pre))
+    return rows, hooks
+
+
+def diagnose_hooks(model, tokenizer=None):
+    """Forward hooks keeping the last micro-batch's tokens and every router's expert choice; report() prints, per
+    MoE layer, the fullest expert's share of the pairs and which tokens/positions fill it."""
+    import torch
+
+    from moe.gating import routers
+
+    seen = {}
+
+    def keep_tokens(_, args):
+        seen["tokens"] = args[0].detach()
+
+    def keep_choice(i):
+        def hook(_, __, out):
+            seen[i] = out.expert_TK.detach()
+        return hook
+
+    hooks = [model.register_forward_pre_hook(keep_tokens)]
+    hooks += [r.register_forward_hook(keep_choice(i)) for i, r in enumerate(routers(model))]
+
+    def report(it):
+        tokens = seen["tokens"]
+        flat = tokens.reshape(-1)
+        pos = torch.arange(tokens.shape[-1]).repeat(tokens.shape[0])
+        for i in sorted(k for k in seen if isinstance(k, int)):
+            e_TK = seen[i]
+            counts = torch.bincount(e_TK.reshape(-1), minlength=int(e_TK.max()) + 1)
+            top = int(counts.argmax())
+            in_top = (e_TK == top).any(1)
+            ids, n = torch.unique(flat[in_top], return_counts=True)
+            order = n.argsort(descending=True)[:6]
+            freq = {int(t): int((flat == t).sum()) for t in ids[order]}
+            words = [(tokenizer.detokenize([int(t)]) if tokenizer is not None else str(int(t))) for t in ids[order]]
+            per_seq = in_top.view(tokens.shape[0], -1).float().mean(1)  # share of each sequence's tokens in it
+            print(f"  it {it} layer {i}: per-sequence share in the fullest expert "
+                  + " ".join(f"{100 * float(v):.0f}%" for v in per_seq.sort(descending=True).values))
+            print(f"  it {it} layer {i}: fullest expert {top}: {float(counts.max() / counts.float().mean()):.2f}x "
+                  f"mean, {int(in_top.sum())} of {flat.numel()} tokens, "
+                  f"{100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
+                  f"positions < 16; top tokens " + ", ".join(
+                      f"{w!r} {int(c)}/{freq[int(t)]}" for w, t, c in zip(words, ids[order], n[order])), flush=True)
+    return hooks, report
+
+
+def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None, momentum=0.9, attribute=None,
+            freeze_router=False, diagnose=None):
     """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
     after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
     from megatron.training import setup_from_argv, train_step
@@ -137,9 +259,21 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
                                                                   "--eval-interval", str(10 ** 9)])
     if router_init_std is not None:
         reinit_routers(st.model, router_init_std)
+    if freeze_router:
+        from moe.gating import routers
+        for r in routers(st.model):
+            r.weight.register_hook(lambda g: g * 0)
     shares, hooks = common_direction_hooks(st.model)  # registered first: the share of the input before centering
     if center:
-        hooks += center_router_inputs(st.model, center)
+        hooks += center_router_inputs(st.model, center, momentum)
+    report = None
+    if diagnose:
+        more, report = diagnose_hooks(st.model, getattr(st, "tokenizer", None))
+        hooks += more
+    attr_rows = None
+    if attribute is not None:
+        attr_rows, more = attribution_hooks(st.model)
+        hooks += more
     out = []
     try:
         for _ in range(iters):
@@ -149,6 +283,13 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
             # the common-direction share of the last micro-batch (its forward ran last), per layer
             out.append((st.iteration, m["lm_loss"], [(r, d, c) for (r, d), c in zip(rows, last)]))
             shares.clear()
+            if report is not None and st.iteration in diagnose:
+                report(st.iteration)
+            if attr_rows is not None:
+                n_moe = len(rows)
+                for r in attr_rows[-n_moe:]:
+                    attribute(dict(r, iteration=st.iteration))
+                attr_rows.clear()
             if on_record is not None:
                 on_record(out[-1])
         st.optimizer.synchronize()
@@ -257,6 +398,18 @@ def summary(name, records):
             + ("balanced" if not bad else f"{len(bad)} layer-iterations out of bounds (first: iteration {bad[0][0]})"))
 
 
+def attribution_writer(output_dir, name):
+    """A callback writing attribution rows to <output_dir>/attribution_<name>.csv as they come."""
+    f = open(os.path.join(output_dir, f"attribution_{name}.csv"), "w", newline="")
+    w = csv.DictWriter(f, ["iteration", "layer", "share", "emb", "attn", "mlp", "bias"])
+    w.writeheader()
+
+    def write(row):
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        f.flush()
+    return write
+
+
 def main(argv=None) -> int:
     from megatron.errors import UserError
 
@@ -284,8 +437,10 @@ def main(argv=None) -> int:
                       + " ".join(f"{100 * x[1]:.1f}%" for x in rec[2]) + " | common share "
                       + " ".join(f"{x[2]:.2f}" for x in rec[2]), flush=True)
             try:
+                attribute = attribution_writer(args.output_dir, name) if args.attribute else None
                 records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std,
-                                  args.center_router_input)
+                                  args.center_router_input, args.center_momentum, attribute,
+                                  args.freeze_router, args.diagnose)
             except UserError as e:
                 print(f"error: arm {name}: {e}", file=sys.stderr)
                 return 2

@@ -71,7 +71,7 @@ MAPPING = {
     "--moe-input-jitter-eps": (["0.1", "--moe-router-topk", "2", "--num-experts", "4"], "moe.input_jitter_eps",
                                0.1),
     "--moe-router-dtype": (["fp64", "--num-experts", "4"], "moe.router_dtype", "fp64"),
-    "--moe-router-center-input": (["--num-experts", "4"], "moe.router_input_centering", True),
+    "--moe-router-center-input": (["causal", "--num-experts", "4"], "moe.router_input_centering", "causal"),
     "--moe-expert-capacity-factor": (["1.5", "--moe-router-topk", "2", "--num-experts", "4"], "moe.drop_tokens",
                                      True),
     "--moe-pad-expert-input-to-capacity": (["--num-experts", "4"], "moe.pad_to_capacity", True),
