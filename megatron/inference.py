@@ -98,7 +98,6 @@ def model_window(model: GPTModel) -> int:
     return model.cfg.max_position_embeddings if model.position_embeddings is not None else model.cfg.seq_length
 
 
-@torch.no_grad()
 def routes_on_earlier_tokens(model) -> bool:
     """Whether a router centres its input on the earlier tokens' (--moe-router-center-input causal): the KV cache
     does not keep those inputs, so generation recomputes the whole window at each step instead."""
@@ -107,6 +106,7 @@ def routes_on_earlier_tokens(model) -> bool:
     return any(r.cfg.router_input_centering == "causal" for r in routers(model))
 
 
+@torch.no_grad()
 def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
              use_cache: bool = True, progress: bool = False, stop: Optional[Callable[[List[int]], bool]] = None,
