@@ -8,10 +8,12 @@ PP groups stride TP x CP x DP. Groups built (each rank keeps the one it belongs 
 - dp_group   : same (tp, cp, pp), DP ranks;             - dp_cp_group: same (tp, pp), DP x CP ranks (the group
   dense gradients are reduced over when CP > 1: each CP rank holds other tokens of the same sequences);
 - pp_group   : same (tp, cp, dp), PP ranks;          - tp_cp_group: same (dp, pp), TP x CP ranks;
+- embedding_group (PP > 1): the first and last rank of each PP group (the tied embedding's two copies);
 - per EP size: ep_group = EP consecutive ranks of this rank's DP group, expert_dp_group = the ranks of the DP group
   with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1).
 With CP = PP = 1 every group is the one the project built before (TP, DP, EP, expert-DP), in the same creation
-order. Expert tensor parallelism (ETP > 1, folding EP over TP/CP) and pipeline schedules are not built here.
+order. Expert tensor parallelism (ETP > 1, folding EP over TP/CP) is not built here; the pipeline schedules
+live in megatron/pipeline (EP groups lie inside a stage: they are carved out of DP groups, which share a pp rank).
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ class ParallelGroups:
     dp_cp_group: Optional[object] = None  # DP x CP ranks (equals dp_group's ranks when CP = 1)
     tp_cp_group: Optional[object] = None  # TP x CP ranks: the chunks of the same sequences under SP and CP
     sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
+    embedding_group: Optional[object] = None  # PP > 1: the first and last stage of this rank's pipeline (the tied
+    #                                           embedding / LM head copies' gradients are summed over it; Megatron's)
 
     @property
     def layout(self) -> RankLayout:
@@ -216,9 +220,12 @@ def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,), timeout_minutes
         ep_groups[ep], edp_groups[ep] = _new_groups(ep_lists, rank, timeout), _new_groups(edp_lists, rank, timeout)
     cp_group = _new_groups(layout.groups(("cp",)), rank, timeout) if cp_size > 1 else None
     dp_cp_group = _new_groups(layout.groups(("cp", "dp")), rank, timeout) if cp_size > 1 else dp_group
-    pp_group = _new_groups(layout.groups(("pp",)), rank, timeout) if pp_size > 1 else None
+    pp_lists = layout.groups(("pp",))
+    pp_group = _new_groups(pp_lists, rank, timeout) if pp_size > 1 else None
+    embedding_group = _new_groups([[g[0], g[-1]] for g in pp_lists], rank, timeout) if pp_size > 1 else None
     tp_cp_group = (_new_groups(layout.groups(("tp", "cp")), rank, timeout) if cp_size > 1 and tp_size > 1
                    else (cp_group if cp_size > 1 else tp_group))
     return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups,
                           cp_size=cp_size, pp_size=pp_size, etp_size=etp_size, cp_group=cp_group, pp_group=pp_group,
-                          dp_cp_group=dp_cp_group, tp_cp_group=tp_cp_group, sequence_parallel=sequence_parallel)
+                          dp_cp_group=dp_cp_group, tp_cp_group=tp_cp_group, sequence_parallel=sequence_parallel,
+                          embedding_group=embedding_group)
