@@ -119,7 +119,7 @@ class Pipeline:
         """Sums the word embedding's gradient over the first and last stage (the embedding and the tied LM head
         hold copies of one weight: Megatron-LM's _allreduce_word_embedding_grads)."""
         g = self.groups.embedding_group
-        if g is None or self.model.output_layer is not None or self.model.word_embeddings is None:
+        if g is None or self.model.cfg.untie_embeddings_and_output_weights:  # the same decision on both ends
             return
         w = self.model.word_embeddings.weight
         grad = w.grad if w.grad is not None else torch.zeros_like(w)
