@@ -61,7 +61,8 @@ def build_pipeline(cfg: TrainConfig, model, groups, device):
     from megatron.pipeline import Pipeline, rank_chunks
 
     return Pipeline(model, rank_chunks(cfg, groups.pp_rank), groups, device, cfg.moe, cfg.data.micro_batch_size,
-                    cfg.data.seq_length, cfg.model.hidden_size, cfg.parallel.pipeline_schedule)
+                    cfg.data.seq_length, cfg.model.hidden_size, cfg.parallel.pipeline_schedule,
+                    autocast=lambda: autocast_context(cfg, device))
 
 
 def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:

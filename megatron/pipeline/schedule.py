@@ -26,15 +26,16 @@ class Pipeline:
         moe_cfg: MoEConfig or None (aux/z loss coefficients).
         micro_batch_size, seq_length, hidden_size: the activation shape [b, s, h] sent between stages.
         schedule: "1f1b" or "gpipe" (one chunk per rank); several chunks always use interleaved 1F1B.
+        autocast: a context-manager factory every chunk's forward runs in (--bf16/--fp16 autocast; None: none).
     """
 
     def __init__(self, model, chunks: Sequence[Sequence[int]], groups, device, moe_cfg, micro_batch_size: int,
-                 seq_length: int, hidden_size: int, schedule: str = "1f1b"):
+                 seq_length: int, hidden_size: int, schedule: str = "1f1b", autocast=None):
         self.model, self.groups, self.device, self.schedule_name = model, groups, device, schedule
         self.pp_size, self.pp_rank = groups.pp_size, groups.pp_rank
         n_stages = self.pp_size * len(chunks)
         self.stage_ids = [v * self.pp_size + self.pp_rank for v in range(len(chunks))]
-        self.chunks = [GPTChunk(model, ids, first=s == 0, last=s == n_stages - 1, moe_cfg=moe_cfg)
+        self.chunks = [GPTChunk(model, ids, first=s == 0, last=s == n_stages - 1, moe_cfg=moe_cfg, autocast=autocast)
                        for s, ids in zip(self.stage_ids, chunks)]
         self.n_stages = n_stages
         if model.word_embeddings is not None and not model.pre_process:  # the tied head's copy on the last stage
@@ -45,11 +46,11 @@ class Pipeline:
         self._grad_scale = 1.0
 
     # ------------------------------------------------------------------------------------------- schedules
-    def _stage(self, chunk: GPTChunk, stage_id: int, batch: int) -> PipelineStage:
+    def _stage(self, chunk: GPTChunk, stage_id: int) -> PipelineStage:
         """A PipelineStage with static shapes (no shape inference: it would run a forward of its own, moving
-        router statistics and RNG streams)."""
+        router statistics and RNG streams). The activation keeps the parameters' dtype (the residual stream's,
+        autocast or not)."""
         b, s, h = self.shape
-        b = batch
         dtype = next(self.model.parameters()).dtype
         hidden = torch.empty(b, s, h, dtype=dtype, device=self.device, requires_grad=True)  # grads flow back
         inp = torch.empty(b, s, dtype=torch.long, device=self.device) if chunk.first else hidden
@@ -60,7 +61,7 @@ class Pipeline:
     def schedule(self, n_micro: int, training: bool):
         key = (n_micro, training)
         if key not in self._schedules:
-            stages = [self._stage(c, sid, self.shape[0]) for c, sid in zip(self.chunks, self.stage_ids)]
+            stages = [self._stage(c, sid) for c, sid in zip(self.chunks, self.stage_ids)]
             if len(stages) > 1:
                 sched = ScheduleInterleaved1F1B(stages, n_micro, loss_fn=self._loss, scale_grads=False)
             else:

@@ -3,6 +3,7 @@ a contiguous range of global layers, final norm + LM head + per-token loss (last
 backward through the chunk's output (Megatron-LM's MoEAuxLossAutoScaler)."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -39,8 +40,9 @@ class GPTChunk(torch.nn.Module):
     keywords to all stages); only the last reads them. Each call appends its MoE stats (detached) to `stats`.
     """
 
-    def __init__(self, model, layer_ids, first: bool, last: bool, moe_cfg=None):
+    def __init__(self, model, layer_ids, first: bool, last: bool, moe_cfg=None, autocast=None):
         super().__init__()
+        self.autocast = autocast or contextlib.nullcontext  # --bf16/--fp16: the non-pipeline step's autocast
         object.__setattr__(self, "gpt", model)  # not a submodule: the stage model owns (and names) the parameters
         held = dict(zip(model.layers.global_ids, model.layers))
         self.layers = torch.nn.ModuleList(held[i] for i in layer_ids)
@@ -54,6 +56,10 @@ class GPTChunk(torch.nn.Module):
         gpt = self.gpt
         if self.training != gpt.training:  # model.train()/eval() reach the stage model, which this chunk follows
             self.train(gpt.training)
+        with self.autocast():
+            return self._forward(gpt, x, labels)
+
+    def _forward(self, gpt, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         b, s = x.shape[:2]
         position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
         if self.first:
