@@ -39,7 +39,7 @@ def test_pp2_exact_resume_and_reshard_round_trip(tiny_corpus, tmp_path):
     s1, s2 = str(tmp_path / "straight"), str(tmp_path / "resumed")
     straight, first_half, resumed = run_distributed_jobs([
         (_train, (base + PP2 + ["--save", s1, "--save-interval", "2"],)),
-        (_train, (base + PP2 + ["--train-iters", "2", "--save", s2],)),
+        (_train, (base + PP2 + ["--exit-interval", "2", "--save", s2],)),
         (_train, (base + PP2 + ["--load", s2, "--save", s2],)),
     ], 2)
     it4 = os.path.join(s1, "iter_0000004")
