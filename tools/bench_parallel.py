@@ -11,9 +11,11 @@ median of --steps timed steps is reported. Per-rank peak memory is the process's
 gradients, Adam state, activations, communication buffers). Activation memory is measured, not modelled: the
 peak over a step of the bytes autograd holds for the backward (saved-tensor hooks; parameters excluded), on the
 rank that holds the most (the first stage under 1F1B: it has the most micro-batches in flight).
-Bubble: with the step time T_p of PP=p on m micro-batches and the step time T_1 of the same global batch at PP=1
-(one rank doing all p stages' work), the busy fraction of a stage is (T_1 / p) / T_p and the measured bubble is
-1 - that (it includes the P2P time and any stage imbalance: the LM head and embedding sit on the end stages).
+Bubble: each rank's idle fraction over the timed steps, from the kernel's accounting of its main thread
+(/proc/self/schedstat; one compute thread per rank): busy = CPU time, waiting-to-run = run-queue time (another job
+holds the core: contention, not the pipeline), idle = wall - busy - waiting-to-run (blocked in a receive or a
+collective), bubble = idle / (busy + idle). It includes P2P time and stage imbalance (the LM head and the embedding
+sit on the end stages), and is compared with 1F1B's (p-1)/(m+p-1).
 Numbers from a shared machine are contended (other jobs take cores): compare variants of one run only.
 On one GPU none of this shows scaling (one device runs one rank): see docs/design.md for the formulas.
 """
@@ -54,6 +56,13 @@ def _rss_peak_mib() -> float:
     return float("nan")
 
 
+def _schedstat():
+    """(CPU seconds, run-queue seconds) of this process's main thread so far."""
+    with open("/proc/self/schedstat") as f:
+        cpu_ns, wait_ns, _ = f.read().split()
+    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
+
+
 def child(spec: dict) -> None:
     """One variant on this rank: build from flags, warm up, time steps; rank 0 prints every rank's JSON."""
     import torch.distributed as dist
@@ -83,8 +92,10 @@ def child(spec: dict) -> None:
 
     def pack(t):
         return _Held(t, 0 if t.data_ptr() in params else t.numel() * t.element_size())
-    times = []
+    times, sched = [], None
     for i in range(spec["steps"]):
+        if i == 1:
+            sched = (_schedstat(), time.perf_counter())
         t0 = time.perf_counter()
         if i == 0:  # the activation peak of one step (the hooks cost a little time: not a timed step's)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
@@ -92,7 +103,12 @@ def child(spec: dict) -> None:
             continue
         train_step(st, it)
         times.append(time.perf_counter() - t0)
+    (cpu0, rq0), t0 = sched
+    cpu1, rq1 = _schedstat()
+    wall = time.perf_counter() - t0
+    idle = max(0.0, wall - (cpu1 - cpu0) - (rq1 - rq0))
     mine = {"rank": groups.rank, "step_s": statistics.median(times), "rss_peak_mib": _rss_peak_mib(),
+            "idle_fraction": idle / max(idle + cpu1 - cpu0, 1e-9), "runqueue_fraction": (rq1 - rq0) / wall,
             "activation_peak_mib": _Held.peak / 2**20,
             "tokens_per_s": cfg.data.global_batch_size * seq / statistics.median(times)}
     out = [None] * world
@@ -125,8 +141,8 @@ def run(argv: list, world: int, args) -> list:
     return json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
 
 
-def _per_rank(results: list, key: str) -> str:
-    return " / ".join(f"{r[key]:.0f}" for r in results)
+def _per_rank(results: list, key: str, digits: int = 0) -> str:
+    return " / ".join(f"{r[key]:.{digits}f}" for r in results)
 
 
 def base(args, world_dp: int, micro: int) -> list:
@@ -153,15 +169,17 @@ def throughput(args) -> None:
 
 def bubble(args) -> None:
     p = 2
-    print(f"\n### pipeline bubble, PP={p} (1F1B) vs one rank doing both stages (same threads per rank)")
-    print("| m | T_1 s | T_2 s | measured bubble 1-(T_1/2)/T_2 | 1F1B formula (p-1)/(m+p-1) | ratio |")
+    print(f"\n### pipeline bubble, PP={p} (1F1B) {args.pp_extra}: idle fraction of each rank's step (schedstat: "
+          f"this rank's own run-queue time removed)")
+    print("| m | step s | idle rank 0 / rank 1 | run-queue share rank 0 / rank 1 | 1F1B (p-1)/(m+p-1) | "
+          "max idle / formula |")
     print("|---|---|---|---|---|---|")
     for m in args.micro_batches:
-        t1 = run(base(args, 1, m), 1, args)[0]["step_s"]
-        t2 = run(base(args, 1, m) + ["--pipeline-model-parallel-size", str(p)], p, args)[0]["step_s"]
-        measured, formula = 1 - (t1 / p) / t2, (p - 1) / (m + p - 1)
-        print(f"| {m} | {t1:.2f} | {t2:.2f} | {measured:.3f} | {formula:.3f} | {measured / formula:.2f}x |",
-              flush=True)
+        res = run(base(args, 1, m) + ["--pipeline-model-parallel-size", str(p)] + args.pp_extra.split(), p, args)
+        formula = (p - 1) / (m + p - 1)
+        worst = max(r["idle_fraction"] for r in res)
+        print(f"| {m} | {res[0]['step_s']:.2f} | {_per_rank(res, 'idle_fraction', 3)} | "
+              f"{_per_rank(res, 'runqueue_fraction', 2)} | {formula:.3f} | {worst / formula:.2f}x |", flush=True)
 
 
 def activations(args) -> None:
@@ -183,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--micro", type=int, default=8, help="micro-batches per step (throughput, activations)")
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16], help="m for the bubble table")
+    ap.add_argument("--pp-extra", default="", help="extra flags of the bubble runs, e.g. "
+                    "'--decoder-first-pipeline-num-layers 6' (the last stage also holds the LM head)")
     ap.add_argument("--threads", type=int, default=1, help="threads per rank")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
