@@ -155,8 +155,8 @@ def throughput(args) -> None:
     w = args.world
     variants = {"DP": [], "PP": ["--pipeline-model-parallel-size", str(w)], "TP": ["--tensor-model-parallel-size", str(w)],
                 "CP": ["--context-parallel-size", str(w)]}
-    print(f"\n### {w} ranks, global batch {args.micro * 1} sequences of {args.seq_length} tokens per DP rank group "
-          f"x DP ({args.micro} micro-batches of 1 per step at PP/TP/CP={w})")
+    print(f"\n### {w} ranks, global batch {args.micro} sequences of {args.seq_length} tokens (PP/TP/CP={w}: "
+          f"{args.micro} micro-batches of 1 per step; DP={w}: {args.micro // w} per rank)")
     print("| variant | tokens/s | step s | peak RSS MiB per rank | activation peak MiB per rank |")
     print("|---|---|---|---|---|")
     for name, extra in variants.items():
