@@ -158,6 +158,9 @@ class GPTModel(torch.nn.Module):
         parallelism, parallel_output=True returns this rank's vocabulary slice of the logits [b, s, V/tp] instead
         of gathering all of them (vocab-parallel losses such as the distillation KL use the slice).
         """
+        if isinstance(self.layers, LayerStack):
+            raise ValueError("this GPTModel is one pipeline stage (layer_ids given): run it through "
+                             "megatron.pipeline.Pipeline, or build the whole model")
         if self.cp_group is not None:
             return self._forward_context_parallel(tokens, labels, position_ids, kv_cache, return_logits,
                                                   parallel_output, distill_target)
