@@ -90,13 +90,15 @@ def test_pp2_1f1b_gpipe_dense_prmoe_uneven(tiny_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_ep2_zero1_recompute_and_pp2_x_tp2(tiny_corpus, tmp_path):
+def test_pp2_x_dp2_ep2_zero1_recompute_pp2_x_tp2_and_zero2(tiny_corpus, tmp_path):
     """Four ranks: PP=2 x DP=2 (EP=2 inside each stage, ZeRO-1, full recompute) against DP=2 x EP=2 on two ranks,
-    and PP=2 x TP=2 against TP=2 (rank r of a pipeline run holds what rank r % 2 of the reference holds)."""
+    PP=2 x TP=2 against TP=2, and PP=2 x DP=2 with ZeRO-2 (untied head) against DP=2 with ZeRO-2 (rank r of a
+    pipeline run holds what rank r % 2 of the reference holds)."""
     moe = ["--num-experts", "4", "--topk", "2", "--disable-moe-token-dropping", "--moe-expert-parallel-size", "2",
            "--disable-moe-top2-2nd-expert-sampling", "--zero-stage", "1", "--recompute-granularity", "full",
            "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-    cases = [moe, ["--tensor-model-parallel-size", "2"]]
+    zero2 = ["--zero-stage", "2", "--untie-embeddings-and-output-weights"]  # (ZeRO-2 frees the full gradients)
+    cases = [moe, ["--tensor-model-parallel-size", "2"], zero2]
     refs = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / f"r{i}", *c),))
                                  for i, c in enumerate(cases)], 2)
     pps = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / f"p{i}", *c,
