@@ -15,7 +15,8 @@ Bubble: each rank's idle fraction over the timed steps, from the kernel's accoun
 (/proc/self/schedstat; one compute thread per rank): busy = CPU time, waiting-to-run = run-queue time (another job
 holds the core: contention, not the pipeline), idle = wall - busy - waiting-to-run (blocked in a receive or a
 collective), bubble = idle / (busy + idle). It includes P2P time and stage imbalance (the LM head and the embedding
-sit on the end stages), and is compared with 1F1B's (p-1)/(m+p-1).
+sit on the end stages), and is compared with 1F1B's (p-1)/(m+p-1): the busiest stage's idle share is the bubble,
+what the other stages idle beyond it is imbalance.
 Numbers from a shared machine are contended (other jobs take cores): compare variants of one run only.
 On one GPU none of this shows scaling (one device runs one rank): see docs/design.md for the formulas.
 """
@@ -172,14 +173,15 @@ def bubble(args) -> None:
     print(f"\n### pipeline bubble, PP={p} (1F1B) {args.pp_extra}: idle fraction of each rank's step (schedstat: "
           f"this rank's own run-queue time removed)")
     print("| m | step s | idle rank 0 / rank 1 | run-queue share rank 0 / rank 1 | 1F1B (p-1)/(m+p-1) | "
-          "max idle / formula |")
-    print("|---|---|---|---|---|---|")
+          "bottleneck idle / formula | max idle / formula |")
+    print("|---|---|---|---|---|---|---|")
     for m in args.micro_batches:
         res = run(base(args, 1, m) + ["--pipeline-model-parallel-size", str(p)] + args.pp_extra.split(), p, args)
         formula = (p - 1) / (m + p - 1)
-        worst = max(r["idle_fraction"] for r in res)
-        print(f"| {m} | {res[0]['step_s']:.2f} | {_per_rank(res, 'idle_fraction', 3)} | "
-              f"{_per_rank(res, 'runqueue_fraction', 2)} | {formula:.3f} | {worst / formula:.2f}x |", flush=True)
+        idle = [r["idle_fraction"] for r in res]  # the busiest stage sets the pace: its idle time is the bubble;
+        print(f"| {m} | {res[0]['step_s']:.2f} | {_per_rank(res, 'idle_fraction', 3)} | "  # the rest is imbalance
+              f"{_per_rank(res, 'runqueue_fraction', 2)} | {formula:.3f} | {min(idle) / formula:.2f}x | "
+              f"{max(idle) / formula:.2f}x |", flush=True)
 
 
 def activations(args) -> None:
