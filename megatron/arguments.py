@@ -230,6 +230,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     _add_grad_reduce_args(p)
     _add_sequence_context_parallel_args(p)
     _add_expert_tensor_parallel_args(p)
+    _add_pipeline_args(p)
 
 
 # ---------------------------------------------------------------- expert tensor parallelism (issue 27)
@@ -273,6 +274,71 @@ def validate_expert_tensor_parallel(cfg: TrainConfig) -> None:
     if cfg.optimizer_offload.enabled:
         raise ConfigError(f"--moe-offload-optimizer nvme with --expert-tensor-parallel-size ({etp}) is not "
                           f"supported (offload records hold whole experts); use one of them")
+
+
+# ---------------------------------------------------------------- pipeline parallelism (issue 27)
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's pipeline flags (megatron/pipeline): ParallelConfig fields."""
+    g = p.add_argument_group("pipeline parallelism")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="stages the layers are split over (torch.distributed.pipelining schedules)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per model chunk: each rank holds several chunks, run by interleaved 1F1B")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers of the first stage (the other stages split the rest evenly)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers of the last stage (the other stages split the rest evenly)")
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default="1f1b",
+                   help="schedule without virtual stages (with them: interleaved 1F1B)")
+
+
+def pipeline_fields(args) -> dict:
+    return dict(pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                first_stage_layers=args.decoder_first_pipeline_num_layers,
+                last_stage_layers=args.decoder_last_pipeline_num_layers, pipeline_schedule=args.pipeline_schedule)
+
+
+def validate_pipeline(cfg: TrainConfig, dp_size: int) -> None:
+    """The layer split and the combinations pipeline parallelism needs, each refused in one line naming why."""
+    par = cfg.parallel
+    pp = par.pipeline_model_parallel_size
+    chunked = par.layers_per_virtual_stage is not None or par.first_stage_layers is not None \
+        or par.last_stage_layers is not None
+    if pp == 1 and not chunked:
+        return
+    from megatron.pipeline.layout import stage_layers  # (megatron/pipeline is below arguments: STYLE §2)
+
+    stage_layers(cfg.model.num_layers, pp, par.layers_per_virtual_stage, par.first_stage_layers,
+                 par.last_stage_layers)
+    flag = f"--pipeline-model-parallel-size {pp}"
+    refused = [(par.context_parallel_size > 1, f"--context-parallel-size {par.context_parallel_size}",
+                "context-parallel chunks are not sent between stages yet; use one of them"),
+               (par.sequence_parallel, "--sequence-parallel", "sequence-sharded activations are not sent between "
+                "stages yet; drop --sequence-parallel"),
+               (cfg.distill.enabled, "--mos/--kd", "the teacher's logits would have to reach the last stage; "
+                "distil at --pipeline-model-parallel-size 1"),
+               (cfg.optimizer.overlap_grad_reduce, "--overlap-grad-reduce", "the schedule runs every micro-batch's "
+                "backward inside torch.distributed.pipelining, with no last-micro-batch hook; drop it"),
+               (cfg.curriculum is not None, "the --deepspeed_config seqlen curriculum", "stages exchange "
+                "activations of one fixed shape; drop curriculum_learning"),
+               (cfg.compile, "--compile", "the stages run the model's chunks, not the compiled whole; drop it"),
+               (cfg.optimizer_offload.enabled, "--moe-offload-optimizer", "the expert-state swapper is not built "
+                "for pipeline stages (untested); offload at --pipeline-model-parallel-size 1"),
+               (par.zero_stage == 2 and not cfg.model.untie_embeddings_and_output_weights, "--zero-stage 2 with "
+                "tied embeddings", "the sharded grad norm would count the last stage's copy of the embedding twice; "
+                "use --zero-stage 1 or --untie-embeddings-and-output-weights")]
+    for bad, what, why in refused:
+        if bad and pp > 1:
+            raise ConfigError(f"{flag} with {what} is not supported: {why}")
+    if par.layers_per_virtual_stage is not None:
+        for gbs in rampup_batch_sizes(cfg.data):
+            n = gbs // (cfg.data.micro_batch_size * dp_size)
+            if n % max(1, n // pp) != 0:
+                raise ConfigError(f"--num-layers-per-virtual-pipeline-stage with {flag}: {n} micro-batches per step "
+                                  f"(--global-batch-size {gbs} / (--micro-batch-size {cfg.data.micro_batch_size} x "
+                                  f"data-parallel {dp_size})) must be a multiple of max(1, {n} // {pp}) "
+                                  f"(interleaved 1F1B's rounds); pick a multiple of {pp} micro-batches")
 
 
 # ---------------------------------------------------------------- sequence and context parallelism (issue 27)
@@ -354,7 +420,6 @@ def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
                    help="with --checkpoint-activations: DeepSpeed's checkpointing there, the same recompute here")
     g.add_argument("--create-moe-param-group", action="store_true",
                    help="expert parameters in their own optimizer groups (always the case here)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1: no pipeline parallelism")
     g.add_argument("--no-pipeline-parallel", action="store_true", help="no pipeline engine (always the case here)")
     g.add_argument("--data-impl", default="infer", help="mmap or infer: the indexed dataset is always mmap here")
     p.set_defaults(ds_gradient_accumulation_steps=None, wall_clock_breakdown=False, curriculum_learning=None,
@@ -602,7 +667,8 @@ def _flag_notes(args) -> list:
     if args.create_moe_param_group:
         notes.append("--create-moe-param-group: expert parameters always have their own optimizer groups here")
     if args.no_pipeline_parallel:
-        notes.append("--no-pipeline-parallel: there is no pipeline engine here; nothing to change")
+        notes.append("--no-pipeline-parallel: at --pipeline-model-parallel-size 1 there is no pipeline engine; "
+                     "nothing to change")
     if args.deepspeed_activation_checkpointing:
         notes.append("--deepspeed-activation-checkpointing: recompute is torch.utils.checkpoint here, the same "
                      "recompute as --checkpoint-activations" + ("" if args.checkpoint_activations else
@@ -704,9 +770,6 @@ def scheduler_config_from_args(args, data: DataConfig) -> SchedulerConfig:
     --train-tokens is Megatron-DeepSpeed's extra stop (whichever of it and the iteration count comes first); given
     alone it also sets the iteration count (tokens / (global batch x seq length), rounded up).
     """
-    if args.pipeline_model_parallel_size != 1:
-        raise ConfigError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline parallelism "
-                            f"does not exist here; use 1 (and tensor/expert/data parallelism)")
     if args.data_impl not in ("mmap", "infer"):
         raise ConfigError(f"--data-impl {args.data_impl}: only mmap (or infer) datasets exist here; convert with "
                             f"tools/preprocess_data.py and pass --data-impl mmap")
@@ -789,6 +852,7 @@ def train_config_from_args(args, padded_vocab_size: int, dp_size: int = 1) -> Tr
             distributed_timeout_minutes=args.distributed_timeout_minutes,
             sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
             expert_tensor_parallel_size=expert_tensor_parallel_size(args),
+            **pipeline_fields(args),
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -839,9 +903,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     dp = parallel_state.validate_sizes(world_size, tp, cfg.moe.ep_size if cfg.moe is not None else (1,),
                                        cp_size=cfg.parallel.context_parallel_size,
-                                       etp_size=cfg.parallel.expert_tensor_parallel_size)
+                                       etp_size=cfg.parallel.expert_tensor_parallel_size,
+                                       pp_size=cfg.parallel.pipeline_model_parallel_size)
     validate_sequence_context_parallel(cfg)
     validate_expert_tensor_parallel(cfg)
+    validate_pipeline(cfg, dp)
     d = cfg.data
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(f"--global-batch-size ({d.global_batch_size}) must be divisible by "

@@ -171,6 +171,11 @@ class ParallelConfig:
     sequence_parallel: bool = False  # --sequence-parallel: norm/dropout regions sharded along the sequence over TP
     context_parallel_size: int = 1  # --context-parallel-size: ranks splitting each sequence for attention (CP)
     expert_tensor_parallel_size: int = 1  # --expert-tensor-parallel-size: ranks splitting each expert's FFN (ETP)
+    pipeline_model_parallel_size: int = 1  # --pipeline-model-parallel-size: stages the layers are split over (PP)
+    layers_per_virtual_stage: Optional[int] = None  # --num-layers-per-virtual-pipeline-stage: interleaved chunks
+    first_stage_layers: Optional[int] = None  # --decoder-first-pipeline-num-layers (uneven first stage)
+    last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers (uneven last stage)
+    pipeline_schedule: str = "1f1b"  # --pipeline-schedule: 1f1b or gpipe (virtual stages: interleaved 1F1B)
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
@@ -179,6 +184,8 @@ class ParallelConfig:
             raise ConfigError(f"--distributed-timeout-minutes ({self.distributed_timeout_minutes}) must be > 0")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"--zero-stage ({self.zero_stage}) must be 0, 1 or 2")
+        if self.pipeline_model_parallel_size < 1:
+            raise ConfigError(f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ PP groups stride TP x CP x DP. Groups built (each rank keeps the one it belongs 
 - dp_group   : same (tp, cp, pp), DP ranks;             - dp_cp_group: same (tp, pp), DP x CP ranks (the group
   dense gradients are reduced over when CP > 1: each CP rank holds other tokens of the same sequences);
 - pp_group   : same (tp, cp, dp), PP ranks;          - tp_cp_group: same (dp, pp), TP x CP ranks;
+- embedding_group (PP > 1): the first and last rank of each PP group (the tied embedding's two copies);
 - per EP size: ep_group = EP consecutive ranks of this rank's DP group, expert_dp_group = the ranks of the DP group
   with the same slot in their EP chunk (EP x expert-DP = DP inside every (tp, cp, pp) slice; ETP = 1); with TP > 1
   and no sequence parallelism the TP ranks dispatch disjoint token slices, so expert_dp_group also spans the TP
@@ -27,6 +28,7 @@ then EP, then expert-DP (EDP = S / (ETP x EP)), independent of the attention gri
 - expert_mp_group: same (edp, pp), ETP x EP ranks: every expert shard once (the gradient norm is summed there).
 Without folding (ETP = 1, every EP size dividing DP) the layout above (experts replicated over TP and CP, EP inside
 the DP group) is kept, as existing checkpoints and launch scripts assume.
+The pipeline schedules live in megatron/pipeline; EP groups (folded or not) lie inside one stage.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ class ParallelGroups:
     expert_folded: bool = False
     etp_groups: Dict[int, Optional[object]] = field(default_factory=dict)  # keyed by EP size; None: ETP = 1
     expert_mp_groups: Dict[int, Optional[object]] = field(default_factory=dict)  # ETP x EP ranks, keyed by EP size
+    embedding_group: Optional[object] = None  # PP > 1: the first and last stage of this rank's pipeline (the tied
+    #                                           embedding / LM head copies' gradients are summed over it; Megatron's)
 
     @property
     def layout(self) -> RankLayout:
@@ -311,10 +315,13 @@ def initialize(tp_size: int = 1, ep_sizes: Sequence[int] = (1,), timeout_minutes
             emp_groups[ep] = _new_groups(grid.groups(("etp", "ep")), rank, timeout)
     cp_group = _new_groups(layout.groups(("cp",)), rank, timeout) if cp_size > 1 else None
     dp_cp_group = _new_groups(layout.groups(("cp", "dp")), rank, timeout) if cp_size > 1 else dp_group
-    pp_group = _new_groups(layout.groups(("pp",)), rank, timeout) if pp_size > 1 else None
+    pp_lists = layout.groups(("pp",))
+    pp_group = _new_groups(pp_lists, rank, timeout) if pp_size > 1 else None
+    embedding_group = _new_groups([[g[0], g[-1]] for g in pp_lists], rank, timeout) if pp_size > 1 else None
     tp_cp_group = (_new_groups(layout.groups(("tp", "cp")), rank, timeout) if cp_size > 1 and tp_size > 1
                    else (cp_group if cp_size > 1 else tp_group))
     return ParallelGroups(world_size, rank, tp_size, dp_size, tp_group, dp_group, ep_groups, edp_groups,
                           cp_size=cp_size, pp_size=pp_size, etp_size=etp_size, cp_group=cp_group, pp_group=pp_group,
                           dp_cp_group=dp_cp_group, tp_cp_group=tp_cp_group, sequence_parallel=sequence_parallel,
-                          expert_folded=folded, etp_groups=etp_groups, expert_mp_groups=emp_groups)
+                          expert_folded=folded, etp_groups=etp_groups, expert_mp_groups=emp_groups,
+                          embedding_group=embedding_group)

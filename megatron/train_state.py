@@ -41,6 +41,7 @@ class TrainState:
     teacher: Optional[object] = None  # moe.distill.TeacherRunner while distilling (MoS / KD)
     timers: dict = field(default_factory=dict)  # phase -> seconds summed since the last log line
     checkpoints: Optional[object] = None  # megatron.checkpointing.CheckpointManager (--save, --async-save)
+    pipeline: Optional[object] = None  # megatron.pipeline.Pipeline at --pipeline-model-parallel-size > 1
     # what the run holds outside its memory (the offload store's lock): closed by main() or on a failure
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 

@@ -109,7 +109,10 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     moe_logs: List[List] = []
     kd_sum = None
     t = time.perf_counter()
-    for i in range(n_micro):
+    if st.pipeline is not None:  # --pipeline-model-parallel-size > 1: the schedule runs every micro-batch
+        batches = [get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss) for _ in range(n_micro)]
+        lm_sum, moe_logs = st.pipeline.forward_backward(batches, scale or 1.0)
+    for i in range(n_micro if st.pipeline is None else 0):
         tokens, labels, mask = get_batch(next(data_iter), st.device, _eod(st), cfg.data.eod_mask_loss)
         # seqlen curriculum: every micro-batch cut to the scheduled length (Megatron-DeepSpeed's legacy curriculum)
         tokens, labels, mask = truncate(tokens, labels, mask, seqlen)
@@ -176,7 +179,8 @@ def evaluate(st: TrainState, make_iter: Callable[[], Iterator], eval_iters: int)
         except StopIteration:
             break
         tokens, labels, mask = get_batch(data, st.device, _eod(st), st.cfg.data.eod_mask_loss)
-        _, lm_loss, _, _ = forward_loss(st, tokens, labels, mask)
+        lm_loss = (st.pipeline.eval_loss(tokens, labels, mask) if st.pipeline is not None
+                   else forward_loss(st, tokens, labels, mask)[1])
         total += lm_loss.float()
         n += 1
     st.model.train()

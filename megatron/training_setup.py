@@ -46,7 +46,23 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def build_model(cfg: TrainConfig, groups, device) -> torch.nn.Module:
+    """The whole GPT, or at --pipeline-model-parallel-size > 1 this rank's stage of it (megatron/pipeline)."""
+    if groups is not None and groups.pp_size > 1:
+        from megatron.pipeline import build_stage_model
+
+        return build_stage_model(cfg, groups, device)
     return GPTModel(cfg.model, cfg.moe, groups).to(device)
+
+
+def build_pipeline(cfg: TrainConfig, model, groups, device):
+    """The schedules of this rank's stage (None at --pipeline-model-parallel-size 1)."""
+    if groups is None or groups.pp_size == 1:
+        return None
+    from megatron.pipeline import Pipeline, rank_chunks
+
+    return Pipeline(model, rank_chunks(cfg, groups.pp_rank), groups, device, cfg.moe, cfg.data.micro_batch_size,
+                    cfg.data.seq_length, cfg.model.hidden_size, cfg.parallel.pipeline_schedule,
+                    autocast=lambda: autocast_context(cfg, device))
 
 
 def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> TrainState:
@@ -62,6 +78,7 @@ def setup_train_state(cfg: TrainConfig, groups, device, tokenizer=None) -> Train
     with closed_on_error(resources):
         st = TrainState(cfg, model, optimizer, OptimizerParamScheduler(optimizer, cfg.optimizer, cfg.scheduler),
                         _loss_scaler(cfg), groups, device, tokenizer, resources=resources)
+        st.pipeline = build_pipeline(cfg, model, groups, device)
         st.checkpoints = checkpoint_manager(st)
         _load_and_teacher(st)
         if st.iteration:  # the checkpoint just loaded is not written again (a resumed run that is already done)
@@ -149,6 +166,7 @@ def setup_from_argv(argv=None):
                                        cfg.moe.ep_size if cfg.moe else (1,), timeout,
                                        cp_size=cfg.parallel.context_parallel_size,
                                        etp_size=cfg.parallel.expert_tensor_parallel_size,
+                                       pp_size=cfg.parallel.pipeline_model_parallel_size,
                                        sequence_parallel=cfg.parallel.sequence_parallel)
     st = setup_train_state(cfg, groups, device, tokenizer)
     with closed_on_error(st.resources):

@@ -2,6 +2,7 @@
 
     SAVE/latest_checkpointed_iteration.txt                              the newest complete iteration (a number)
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt                     dense state of TP rank 00
+    SAVE/iter_0000100/mp_rank_00_001/model_optim_rng.pt                 ... of TP rank 00, PP stage 001 (PP > 1)
     SAVE/iter_0000100/layer_{L}_expert_{E}_mp_rank_{R}_model_states.pt  expert E of MoE layer L (+ its Adam state);
                                                                         R = its ETP rank (00 without ETP)
     SAVE/iter_0000100/checksums.json                                    size and xxh3-64 of every file, written last
@@ -46,8 +47,11 @@ def tmp_iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f".tmp_iter_{iteration:07d}")
 
 
-def dense_path(ckpt_dir: str, tp_rank: int = 0) -> str:
-    return os.path.join(ckpt_dir, f"mp_rank_{tp_rank:02d}", DENSE_FILE)
+def dense_path(ckpt_dir: str, tp_rank: int = 0, pp_rank: Optional[int] = None) -> str:
+    """The dense file of (TP rank, PP rank): mp_rank_XX at --pipeline-model-parallel-size 1 (pp_rank None),
+    mp_rank_XX_YYY with pipeline stages (Megatron-LM's names)."""
+    rank_dir = f"mp_rank_{tp_rank:02d}" if pp_rank is None else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(ckpt_dir, rank_dir, DENSE_FILE)
 
 
 def expert_path(ckpt_dir: str, moe_layer: int, expert_id: int, tp_rank: int = 0) -> str:
@@ -144,6 +148,21 @@ def resolve_checkpoint_dir(load: str) -> Tuple[str, int]:
     return d, it
 
 
+def _rank_dirs(ckpt_dir: str) -> List[Tuple[int, Optional[int]]]:
+    """(tp rank, pp rank or None) of every mp_rank_XX[_YYY] directory of `ckpt_dir`."""
+    out = []
+    for d in os.listdir(ckpt_dir):
+        m = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", d)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)) if m.group(2) is not None else None))
+    return out
+
+
 def num_tp_shards(ckpt_dir: str) -> int:
-    """How many tensor-parallel ranks wrote `ckpt_dir` (its mp_rank_XX directories)."""
-    return len([d for d in os.listdir(ckpt_dir) if re.fullmatch(r"mp_rank_\d\d", d)])
+    """How many tensor-parallel ranks wrote `ckpt_dir` (its mp_rank_XX or mp_rank_XX_YYY directories)."""
+    return len({tp for tp, _ in _rank_dirs(ckpt_dir)})
+
+
+def num_pp_stages(ckpt_dir: str) -> int:
+    """How many pipeline stages wrote `ckpt_dir` (1: mp_rank_XX directories; else the YYY of mp_rank_XX_YYY)."""
+    return len({pp for _, pp in _rank_dirs(ckpt_dir) if pp is not None}) or 1

@@ -102,7 +102,8 @@ def configs_for_checkpoint(cfg) -> dict:
             "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None,
             "tokenizer": {k: (os.path.abspath(v) if k in ("vocab_file", "merge_file", "tokenizer_model") and v
                               else v) for k, v in dataclasses.asdict(cfg.tokenizer).items()},
-            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size},
+            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                         "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size},
             "data": {"seq_length": cfg.data.seq_length, "global_batch_size": cfg.data.global_batch_size,
                      "micro_batch_size": cfg.data.micro_batch_size, "seed": cfg.data.seed}}
 

@@ -152,6 +152,7 @@ def _payloads(iteration, model, optimizer, opt_state, states, configs, groups, s
             "configs": configs,
             "checkpoint_version": CHECKPOINT_VERSION,
         }
-        out.append((dense_path("", model_tp_rank(model)), payload))
+        pp = getattr(groups, "pp_size", 1) > 1  # each stage writes its own layers (global names) and optimizer state
+        out.append((dense_path("", model_tp_rank(model), groups.pp_rank if pp else None), payload))
     out.extend(expert_payloads(model, opt_state, groups, optimizer, take_slice))
     return out

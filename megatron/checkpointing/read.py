@@ -13,20 +13,45 @@ from megatron.checkpointing import experts as expert_files
 from megatron.checkpointing import integrity
 from megatron.checkpointing.integrity import checkpoint_complete
 from megatron.checkpointing.layout import (TRACKER, CorruptCheckpointError, dense_path, iter_dir, iteration_dirs,
-                                           iteration_of, log_rank0, num_tp_shards, read_tracker,
+                                           iteration_of, log_rank0, num_pp_stages, num_tp_shards, read_tracker,
                                            resolve_checkpoint_dir, write_tracker)
 from megatron.errors import CheckpointError
 
 
-def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1) -> Tuple[dict, str]:
-    """This TP rank's dense file; a checkpoint saved with another --tensor-model-parallel-size is refused."""
+def load_dense(load: str, tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1
+               ) -> Tuple[dict, str]:
+    """This (TP, PP) rank's dense file; a checkpoint saved with another --tensor-model-parallel-size is refused.
+
+    Saved with another --pipeline-model-parallel-size, the stages' files of this TP rank are merged (parameter
+    names carry global layer indices, so the union is the whole model's dense state; the caller keeps its part:
+    stage_view): counters, scheduler and configs come from stage 0, the RNG state from this rank's stage when it
+    exists. This reads every stage's file once per rank while loading."""
     ckpt_dir, _ = resolve_checkpoint_dir(load)
-    saved_tp = num_tp_shards(ckpt_dir)
+    saved_tp, saved_pp = num_tp_shards(ckpt_dir), num_pp_stages(ckpt_dir)
     if saved_tp and saved_tp != tp_size:
         raise CheckpointError(f"--tensor-model-parallel-size mismatch: checkpoint {ckpt_dir} was saved with "
                               f"{saved_tp} tensor-parallel rank(s), the flags give {tp_size}; convert it with "
-                              f"tools/checkpoint_tp.py --target-tp {tp_size}")
-    return integrity.load_checkpoint_file(ckpt_dir, dense_path(ckpt_dir, tp_rank)), ckpt_dir
+                              f"tools/checkpoint_reshard.py --target-tp {tp_size}")
+    if saved_pp == pp_size:
+        path = dense_path(ckpt_dir, tp_rank, pp_rank if pp_size > 1 else None)
+        return integrity.load_checkpoint_file(ckpt_dir, path), ckpt_dir
+    stages = [integrity.load_checkpoint_file(ckpt_dir, dense_path(ckpt_dir, tp_rank, p if saved_pp > 1 else None))
+              for p in range(saved_pp)]
+    merged = dict(stages[0])
+    for key in ("model", "optimizer"):
+        merged[key] = {k: v for st in stages for k, v in (st.get(key) or {}).items()}
+    merged["rng"] = stages[pp_rank if pp_rank < saved_pp else 0].get("rng")
+    return merged, ckpt_dir
+
+
+def stage_view(payload: dict, model) -> dict:
+    """`payload` with only the dense parameters (and their optimizer state) `model` holds: a pipeline stage
+    loading a checkpoint saved at another --pipeline-model-parallel-size (whose other entries are other stages')."""
+    own = set(model.state_dict())
+    out = dict(payload)
+    for key in ("model", "optimizer"):
+        out[key] = {k: v for k, v in (payload.get(key) or {}).items() if k in own}
+    return out
 
 
 def load_candidates(load: str) -> Tuple[List[Tuple[str, int]], Optional[str]]:
@@ -69,7 +94,11 @@ def _read_verified(ckpt_dir: str, model, groups, check=None, keep_optimizer: boo
     is reported as that (a CheckpointError naming the flag), not as the expert files it lacks. `keep_optimizer`: as
     read_expert_files."""
     try:
-        payload, _ = load_dense(ckpt_dir, groups.tp_rank, groups.tp_size)
+        pp_size = getattr(groups, "pp_size", 1)
+        payload, _ = load_dense(ckpt_dir, groups.tp_rank, groups.tp_size, groups.pp_rank if pp_size > 1 else 0,
+                                pp_size)
+        if pp_size > 1:
+            payload = stage_view(payload, model)
         if check is not None:
             check(payload, ckpt_dir)
         return (payload, expert_files.read_expert_files(model, ckpt_dir, keep_optimizer)), None

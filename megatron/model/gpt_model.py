@@ -14,7 +14,7 @@ sequence, rank i keeps i and 2N-1-i: megatron/context_parallel.py) through the w
 positions, attention reading the all-gathered keys/values; the per-token loss (and logits) are all-gathered back
 to [b, s] in natural order, so callers see the CP=1 outputs.
 """
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,37 @@ class ModelOutput(NamedTuple):
     kl: Optional[torch.Tensor] = None  # with a distill_target: per-token KL(teacher || student) [b, s], no gradient
 
 
+class LayerStack(torch.nn.Module):
+    """A pipeline stage's layers under their global indices (parameter names `<global index>.`), read in order as
+    a list: len(), iteration and positional indexing/slicing as nn.ModuleList's."""
+
+    def __init__(self, layers: Dict[int, torch.nn.Module]):
+        super().__init__()
+        for i in sorted(layers):
+            self.add_module(str(i), layers[i])
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, idx):
+        return list(self._modules.values())[idx]
+
+    @property
+    def global_ids(self) -> List[int]:
+        return [int(k) for k in self._modules]
+
+
 class GPTModel(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg=None, groups=None):
+    def __init__(self, cfg: ModelConfig, moe_cfg=None, groups=None, layer_ids: Optional[Sequence[int]] = None,
+                 pre_process: bool = True, post_process: bool = True):
+        """layer_ids / pre_process / post_process: one pipeline stage's part (megatron/pipeline): only the global
+        layers `layer_ids` (None: all), the embedding when pre_process, the final norm and head when post_process
+        (the word embedding too, as the tied head's weight). Every part is still built in order and the unused
+        ones dropped, so the random initialisation of each kept parameter equals the whole model's; the layers keep
+        their global indices in parameter names (`layers.<global index>.`), so checkpoints match the whole model."""
         super().__init__()
         self.cfg = cfg
         init = init_method_normal(cfg.init_method_std)
@@ -62,8 +91,18 @@ class GPTModel(torch.nn.Module):
             init(self.position_embeddings.weight)
         elif cfg.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base)
-        self.layers = torch.nn.ModuleList(
-            TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker) for i in range(cfg.num_layers))
+        if layer_ids is None:
+            self.layers = torch.nn.ModuleList(
+                TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker)
+                for i in range(cfg.num_layers))
+        else:  # built one at a time and dropped unless held: the RNG stream (and the init) of the whole model
+            keep = set(layer_ids)
+            held = {}
+            for i in range(cfg.num_layers):
+                layer = TransformerLayer(cfg, i, init, out_init, moe_cfg, groups, self.rng_tracker)
+                if i in keep:
+                    held[i] = layer
+            self.layers = LayerStack(held)
         self.final_layernorm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
         self.sequence_parallel = sequence_parallel(groups)
         self.cp_group = context_parallel_group(groups)
@@ -73,6 +112,13 @@ class GPTModel(torch.nn.Module):
         if cfg.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, self.tp_group, init,
                                                      bias=False, what="padded vocabulary size")
+        self.pre_process, self.post_process = pre_process, post_process
+        if not post_process:
+            self.final_layernorm = self.output_layer = None
+        if not pre_process:
+            self.position_embeddings = None
+            if not (post_process and self.output_layer is None):  # the tied head keeps the word embedding
+                self.word_embeddings = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -112,6 +158,9 @@ class GPTModel(torch.nn.Module):
         parallelism, parallel_output=True returns this rank's vocabulary slice of the logits [b, s, V/tp] instead
         of gathering all of them (vocab-parallel losses such as the distillation KL use the slice).
         """
+        if isinstance(self.layers, LayerStack):
+            raise ValueError("this GPTModel is one pipeline stage (layer_ids given): run it through "
+                             "megatron.pipeline.Pipeline, or build the whole model")
         if self.cp_group is not None:
             return self._forward_context_parallel(tokens, labels, position_ids, kv_cache, return_logits,
                                                   parallel_output, distill_target)
@@ -151,6 +200,14 @@ class GPTModel(torch.nn.Module):
         x, stats = run_layers(self.layers, x, rotary, kv_cache, self.cfg, self.rng_tracker)
         if kv_cache is not None:
             kv_cache.length += s
+        return self.head(x, labels, stats, return_logits, parallel_output, distill_target)
+
+    def head(self, x: torch.Tensor, labels: Optional[torch.Tensor], stats: List = (),
+             return_logits: Optional[bool] = None, parallel_output: bool = False,
+             distill_target: Optional[DistillTarget] = None) -> ModelOutput:
+        """The last layer's output [b, s, h] -> final norm, LM head and per-token loss (forward()'s tail; the
+        last pipeline stage calls it alone)."""
+        stats = list(stats)
         x = self.final_layernorm(x)
         if return_logits is None:
             return_logits = labels is None

@@ -123,7 +123,11 @@ class MegatronOptimizer:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clips the gradients by their global L2 norm (clip_grads.global_grad_norm); returns the norm before."""
         parts = self.norm_parts()
-        total = global_grad_norm(parts)
+        # pipeline parallelism: the last stage's copy of the tied embedding (the LM head) holds the same summed
+        # gradient as the first stage's and is clipped, but counted once (Megatron-LM's param_is_not_shared)
+        twice = {id(p.grad) for p in self.main_params() if getattr(p, "pipeline_duplicate", False)}
+        counted = [([g for g in grads if id(g) not in twice], groups) for grads, groups in parts] if twice else parts
+        total = global_grad_norm(counted, across=getattr(self.groups, "pp_group", None))
         clip_grads_([g for grads, _ in parts for g in grads], total, max_norm)
         return float(total)
 

@@ -10,11 +10,12 @@ ExpertBucket = Tuple[Iterable[torch.nn.Parameter], Optional[object]]  # (expert 
 NormPart = Tuple[List[torch.Tensor], Sequence[Optional[object]]]
 
 
-def global_grad_norm(parts: Sequence[NormPart], device=None) -> torch.Tensor:
+def global_grad_norm(parts: Sequence[NormPart], device=None, across=None) -> torch.Tensor:
     """sqrt(sum over parts of the part's squared L2 norm summed over its groups): a 0-dim fp32 tensor.
 
     Communication: one all_reduce per (part, group with more than one rank), in the order given, so every rank must
-    pass the same parts in the same order (even a part with no gradients on this rank: it contributes zero).
+    pass the same parts in the same order (even a part with no gradients on this rank: it contributes zero); then,
+    with `across` (the pipeline group: each stage holds other layers), one all_reduce of the total's square.
     """
     if device is None:
         device = next((g.device for grads, _ in parts for g in grads), torch.device("cpu"))
@@ -25,6 +26,8 @@ def global_grad_norm(parts: Sequence[NormPart], device=None) -> torch.Tensor:
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sq, group=group)
         total = total + sq
+    if across is not None and dist.get_world_size(across) > 1:
+        dist.all_reduce(total, group=across)
     return torch.sqrt(total)
 
 

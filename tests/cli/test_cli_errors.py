@@ -117,6 +117,7 @@ TOOLS = {
     "preprocess_data": ("run", None),
     "download_data": ("fetch", ["--data-dir", "D", "--only", "lambada"]),
     "checkpoint_tp": ("convert", ["--load", "CKPT", "--save", "OUT", "--target-tp", "1"]),
+    "checkpoint_reshard": ("convert", ["--load", "CKPT", "--save", "OUT", "--target-tp", "1", "--target-pp", "2"]),
     "train_tokenizer": ("train", None),
 }
 

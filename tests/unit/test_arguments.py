@@ -126,6 +126,11 @@ MAPPING = {
     "--expert-tensor-parallel-size": (["2"], "parallel.expert_tensor_parallel_size", 2),
     "--enable-expert-tensor-parallelism": (["--tensor-model-parallel-size", "2"],
                                            "parallel.expert_tensor_parallel_size", 2),  # ETP = TP
+    "--pipeline-model-parallel-size": (["2"], "parallel.pipeline_model_parallel_size", 2),
+    "--num-layers-per-virtual-pipeline-stage": (["1"], "parallel.layers_per_virtual_stage", 1),
+    "--decoder-first-pipeline-num-layers": (["1"], "parallel.first_stage_layers", 1),
+    "--decoder-last-pipeline-num-layers": (["1"], "parallel.last_stage_layers", 1),
+    "--pipeline-schedule": (["gpipe"], "parallel.pipeline_schedule", "gpipe"),
     "--distributed-backend": (["gloo"], "parallel.distributed_backend", "gloo"),
     "--compile": ([], "compile", True),
     "--deterministic": ([], "deterministic", True),
@@ -248,9 +253,7 @@ NOTE_ONLY = {
     "--data-impl": (["mmap"], "always read through mmap"),
 }
 # Flags whose only other accepted value is an error until the capability exists.
-ERROR_ONLY = {"--pipeline-model-parallel-size": (["2"], r"--pipeline-model-parallel-size 2: pipeline parallelism "
-                                                        r"does not exist here; use 1"),
-              "--rotary-scaling-factor": (["40"], r"--rotary-scaling-factor 40.0: RoPE scaling \(YaRN\) is not")}
+ERROR_ONLY = {"--rotary-scaling-factor": (["40"], r"--rotary-scaling-factor 40.0: RoPE scaling \(YaRN\) is not")}
 # Megatron-LM core flags that would change results and are refused in one line (issue 25)
 REFUSED = {"--apply-layernorm-1p": "zero-centred", "--rotary-interleaved": "interleaved RoPE",
            "--use-rope-scaling": "Llama-3.1 RoPE scaling"}

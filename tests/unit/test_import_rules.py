@@ -21,6 +21,8 @@ FORBIDDEN = {
     "megatron.optimizer": ["megatron.training", "megatron.arguments", "megatron.eval"],
     "megatron.checkpointing": ["megatron.training", "megatron.arguments", "megatron.eval"],
     "megatron.eval": ["megatron.training", "megatron.arguments"],
+    "megatron.pipeline": ["megatron.training", "megatron.arguments", "megatron.checkpointing", "megatron.data",
+                          "megatron.eval", "megatron.optimizer"],
 }
 
 
