@@ -322,6 +322,7 @@ def test_data_error_in_a_loader_worker_is_one_line(tiny_corpus, tmp_path):
                                                  r"the tokenizer's 5 ids", str(e.value)), str(e.value)
 
 
+@pytest.mark.slow  # a real SIGINT to a loader with workers: ~6 s
 def test_loader_worker_survives_ctrl_c(tiny_corpus, tmp_path):
     """A terminal's Ctrl-C sends SIGINT to the whole process group: the DataLoader worker ignores it, so the main
     process (--exit-signal-handler) can finish its step, save and exit instead of dying on a lost worker."""

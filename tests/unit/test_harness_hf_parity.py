@@ -110,7 +110,7 @@ def test_harness_hf_model_equals_megatron_moe_on_the_import(tmp_path, real_data_
     assert ours[("lambada", "ppl")] == pytest.approx(theirs[("lambada", "ppl")], rel=1e-4), (ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-bos"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("llama-bos", marks=pytest.mark.slow)])
 def test_each_request_type_equals_the_hf_model(tmp_path, name):
     """The three request types one by one, the edge cases included: an empty context (the prefix token: BOS when
     the tokenizer has one, else EOS), a rolling log-likelihood longer than the window (prefix token, BOS from the
