@@ -312,11 +312,7 @@ def validate_pipeline(cfg: TrainConfig, dp_size: int) -> None:
     stage_layers(cfg.model.num_layers, pp, par.layers_per_virtual_stage, par.first_stage_layers,
                  par.last_stage_layers)
     flag = f"--pipeline-model-parallel-size {pp}"
-    refused = [(par.context_parallel_size > 1, f"--context-parallel-size {par.context_parallel_size}",
-                "context-parallel chunks are not sent between stages yet; use one of them"),
-               (par.sequence_parallel, "--sequence-parallel", "sequence-sharded activations are not sent between "
-                "stages yet; drop --sequence-parallel"),
-               (cfg.distill.enabled, "--mos/--kd", "the teacher's logits would have to reach the last stage; "
+    refused = [(cfg.distill.enabled, "--mos/--kd", "the teacher's logits would have to reach the last stage; "
                 "distil at --pipeline-model-parallel-size 1"),
                (cfg.optimizer.overlap_grad_reduce, "--overlap-grad-reduce", "the schedule runs every micro-batch's "
                 "backward inside torch.distributed.pipelining, with no last-micro-batch hook; drop it"),

@@ -15,6 +15,16 @@ from megatron.pipeline.stage import GPTChunk
 SCHEDULES = ("1f1b", "gpipe")  # --pipeline-schedule; virtual stages always run interleaved 1F1B
 
 
+def local_seq_length(model, seq_length: int, groups) -> int:
+    """The sequence length of the activation a stage of `model` sends: the whole sequence, / CP (this CP rank's
+    load-balanced chunks), / TP with --sequence-parallel (this TP rank's part of them)."""
+    if model.cp_group is not None:
+        seq_length //= dist.get_world_size(model.cp_group)
+    if model.sequence_parallel:
+        seq_length //= groups.tp_size
+    return seq_length
+
+
 class Pipeline:
     """This rank's chunks of the pipeline and the schedules that run them (one per micro-batch count, built on
     first use: the count changes under --rampup-batch-size).
@@ -24,7 +34,8 @@ class Pipeline:
         chunks: [virtual rank] -> global layer ids of each chunk of this rank (megatron.pipeline.layout).
         groups: ParallelGroups (pp_group, embedding_group, dp_group used here).
         moe_cfg: MoEConfig or None (aux/z loss coefficients).
-        micro_batch_size, seq_length, hidden_size: the activation shape [b, s, h] sent between stages.
+        micro_batch_size, seq_length, hidden_size: the micro-batch [b, s] and the hidden size; the activation sent
+            between stages is [b, s', h] with s' = s / CP (this CP rank's chunks) / TP under --sequence-parallel.
         schedule: "1f1b" or "gpipe" (one chunk per rank); several chunks always use interleaved 1F1B.
         autocast: a context-manager factory every chunk's forward runs in (--bf16/--fp16 autocast; None: none).
     """
@@ -40,7 +51,8 @@ class Pipeline:
         self.n_stages = n_stages
         if model.word_embeddings is not None and not model.pre_process:  # the tied head's copy on the last stage
             model.word_embeddings.weight.pipeline_duplicate = True  # counted once in the grad norm (optimizer/base)
-        self.shape = (micro_batch_size, seq_length, hidden_size)
+        self.seq_length = seq_length
+        self.shape = (micro_batch_size, local_seq_length(model, seq_length, groups), hidden_size)
         self._schedules: Dict[Tuple[int, bool], object] = {}
         self._lm: List[torch.Tensor] = []  # this step's per-micro-batch lm losses (last stage)
         self._grad_scale = 1.0
@@ -50,9 +62,10 @@ class Pipeline:
         """A PipelineStage with static shapes (no shape inference: it would run a forward of its own, moving
         router statistics and RNG streams). The activation keeps the parameters' dtype (the residual stream's,
         autocast or not)."""
-        b, s, h = self.shape
+        b, s_local, h = self.shape
+        s = self.seq_length
         dtype = next(self.model.parameters()).dtype
-        hidden = torch.empty(b, s, h, dtype=dtype, device=self.device, requires_grad=True)  # grads flow back
+        hidden = torch.empty(b, s_local, h, dtype=dtype, device=self.device, requires_grad=True)  # grads flow back
         inp = torch.empty(b, s, dtype=torch.long, device=self.device) if chunk.first else hidden
         out = torch.empty(b, s, dtype=torch.float32, device=self.device, requires_grad=True) if chunk.last else hidden
         return PipelineStage(chunk, stage_id, self.n_stages, self.device, input_args=(inp,), output_args=(out,),

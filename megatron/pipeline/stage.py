@@ -7,7 +7,9 @@ import contextlib
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 
+from megatron.context_parallel import gather_sequence, local_indices
 from megatron.model.transformer import run_layers
 
 
@@ -35,9 +37,15 @@ class GPTChunk(torch.nn.Module):
     pre_process / post_process), with the embedding when `first` and the head when `last`.
 
     forward(x, labels): x is tokens [b, s] (int64) on the first chunk, else the previous chunk's activation
-    [b, s, h]; returns the activation [b, s, h] (fp32, the residual stream's dtype), or on the last chunk the
-    per-token cross entropy [b, s] (fp32). `labels` [b, s] reach every chunk as a keyword (the schedule passes
-    keywords to all stages); only the last reads them. Each call appends its MoE stats (detached) to `stats`.
+    [b, s', h]; returns the activation [b, s', h] (fp32, the residual stream's dtype), or on the last chunk the
+    per-token cross entropy [b, s] (fp32) of the whole sequence. `labels` [b, s] reach every chunk as a keyword
+    (the schedule passes keywords to all stages); the last reads them, every chunk takes the sequence length and
+    positions from them. Each call appends its MoE stats (detached) to `stats`.
+
+    s' is the sequence this rank's layers hold, as without PP (megatron/model/gpt_model.py): with
+    --context-parallel-size N this CP rank's load-balanced chunks (s/N tokens at their global positions; the last
+    chunk all-gathers the per-token loss back to [b, s], its backward taking this rank's part), and with
+    --sequence-parallel this TP rank's 1/tp of those (the embedding scatters, the head all-gathers).
     """
 
     def __init__(self, model, layer_ids, first: bool, last: bool, moe_cfg=None, autocast=None):
@@ -60,10 +68,14 @@ class GPTChunk(torch.nn.Module):
             return self._forward(gpt, x, labels)
 
     def _forward(self, gpt, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        b, s = x.shape[:2]
+        b, s = (labels if labels is not None else x).shape[:2]  # the whole sequence, whatever x holds of it
         position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
+        idx = None
+        if gpt.cp_group is not None:  # this CP rank's chunks, at their global positions
+            idx = local_indices(s, dist.get_rank(gpt.cp_group), dist.get_world_size(gpt.cp_group), x.device)
+            position_ids = position_ids[:, idx]
         if self.first:
-            x = gpt.embed(x, position_ids)
+            x = gpt.embed(x[:, idx] if idx is not None else x, position_ids)  # (SP: scattered along the sequence)
         rotary = gpt.rotary(position_ids) if gpt.rotary is not None else None
         x, stats = run_layers(self.layers, x, rotary, None, gpt.cfg, gpt.rng_tracker)
         if stats:
@@ -75,5 +87,8 @@ class GPTChunk(torch.nn.Module):
                     aux = aux + self.z_coeff * sum(st.z_loss for st in stats)
                 x = AuxLossToOutput.apply(x, aux, self)
         if self.last:
-            return gpt.head(x, labels, return_logits=False, parallel_output=True).loss
+            loss = gpt.head(x, labels[:, idx] if idx is not None else labels, return_logits=False,
+                            parallel_output=True).loss
+            # every CP rank computes the loss of the whole sequence: its gradient is complete, no reduction
+            return gather_sequence(loss, 1, gpt.cp_group, reduce_grad=False) if idx is not None else loss
         return x

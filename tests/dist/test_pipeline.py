@@ -34,15 +34,17 @@ def run_steps(rank, world_size, argv, steps=4):
     """`steps` train steps and a validation pass: what the comparison needs, on this rank."""
     st, train_iter, make_valid, _ = setup_from_argv(argv)
     try:
-        losses, moe, norms = [], [], []
+        losses, moe, norms, counts = [], [], [], []
         for _ in range(steps):
             m = train_step(st, train_iter)
             losses.append(m["lm_loss"])
             norms.append(m["grad_norm"])
             moe.append(summarize_moe(m["moe_raw"]))
+            counts.append([sum(per[i].tokens_per_expert.float() for per in m["moe_raw"])  # [MoE layer] summed
+                           for i in range(len(m["moe_raw"][0]))] if m["moe_raw"] else [])  # over micro-batches
         val = evaluate(st, make_valid, 2)
         model = st.model
-        return {"losses": losses, "norms": norms, "moe": moe, "val": val,
+        return {"losses": losses, "norms": norms, "moe": moe, "val": val, "counts": counts,
                 "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
     finally:

@@ -51,8 +51,6 @@ def test_splits_follow_megatron_lm():
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], 4,
      r"--zero-stage 2 with tied embeddings is not supported: .*use --zero-stage 1 or "
      r"--untie-embeddings-and-output-weights"),
-    (["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"], 4,
-     r"--pipeline-model-parallel-size 2 with --context-parallel-size 2 is not supported"),
 ])
 def test_bad_combinations_are_one_line(extra, world, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -64,5 +62,8 @@ def test_good_combinations_pass():
     for extra, world in ((["--pipeline-model-parallel-size", "2", "--zero-stage", "1"], 4),
                          (["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1"], 4),
                          (["--pipeline-model-parallel-size", "2", "--zero-stage", "2",
-                           "--untie-embeddings-and-output-weights"], 4)):
+                           "--untie-embeddings-and-output-weights"], 4),
+                         (["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"], 4),
+                         (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                           "--sequence-parallel"], 4)):
         configure(BASE + extra, world)
