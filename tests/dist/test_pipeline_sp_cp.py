@@ -4,13 +4,17 @@ scatters, or takes this CP rank's chunks of) the tokens, the last all-gathers fo
 per-token loss back to the whole sequence (CP), and finalize_model_grads sums the SP norms' gradients over TP and
 every gradient over CP after the schedule, as without PP.
 
-- PP=2 x TP=2 with --sequence-parallel against TP=2 with --sequence-parallel (rank r against rank r % 2: TP is
-  the fastest rank coordinate), MoE (4 experts, top-2, dropless, z-loss): per-step losses, logged MoE statistics,
-  grad norms, validation loss, every gradient of the last step and every weight after 4 steps.
-- PP=2 x CP=2 (MoE, megatron-core aux loss + z-loss) against CP=2 without PP (rank r against rank r % 2: all of
-  the above), and against one process: losses, grad norms, validation loss, gradients, weights, every MoE layer's
-  aux loss and dropped fraction, and its tokens per expert summed over the two CP ranks (each CP rank routes, and
-  logs, its own half of the sequence, as without PP).
+- PP=2 x TP=2 with --sequence-parallel (MoE: 4 experts, top-2, dropless, z-loss) against TP=2 with
+  --sequence-parallel (rank r against rank r % 2: TP is the fastest rank coordinate): per-step losses, logged MoE
+  statistics, grad norms, validation loss, every gradient of the last step and every weight after 4 steps; and
+  against TP=2 without SP (independent of SP's own pieces): all of that but the per-rank token statistics, and
+  the two TP ranks' tokens per expert summed equal to SP-off's (each SP rank routes its half of the sequence).
+- PP=2 x CP=2 (MoE, megatron-core aux loss + z-loss; RoPE, so every stage needs its CP chunks' positions)
+  against CP=2 without PP (rank r against rank r % 2: all of the above), and against one process: losses, grad
+  norms, validation loss, gradients, weights, every MoE layer's aux loss and dropped fraction, and its tokens per
+  expert summed over the two CP ranks (each CP rank routes, and logs, its own half of the sequence, as without PP).
+Both spawn 2 + 4 processes: ~35 s each on the shared 2-core machine, so both run in `make test-all` (slow);
+tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
 """
@@ -32,14 +36,6 @@ def _compare(refs, runs):
         assert_equal_runs(refs[rank % len(refs)], got)
 
 
-@pytest.mark.slow
-def test_pp2_x_tp2_sequence_parallel_moe(tiny_corpus, tmp_path):
-    sp = ["--tensor-model-parallel-size", "2", "--sequence-parallel", *MOE]
-    ref, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "r", *sp),))], 2)
-    got, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "p", *sp, *PP2),))], 4)
-    _compare(ref, got)
-
-
 def _routing_only_aux(run):
     """`run` with the per-rank token statistics left out of the MoE summaries (aux loss and dropped kept)."""
     out = copy.copy(run)
@@ -47,9 +43,35 @@ def _routing_only_aux(run):
     return out
 
 
+def _counts_sum_to(whole, runs):
+    """Each pipeline stage's pair of ranks 2s, 2s+1 (its two TP or CP ranks: the fastest rank coordinate, then PP)
+    routed halves of the tokens whose tokens per expert, summed, are `whole`'s (every MoE layer, every step)."""
+    assert whole["counts"][0]  # the MoE layers of both stages, every step
+    for pp_stage in (0, 1):
+        a, b = runs[2 * pp_stage], runs[2 * pp_stage + 1]
+        for step, ref in enumerate(whole["counts"]):
+            for layer, counts in enumerate(ref):
+                torch.testing.assert_close(a["counts"][step][layer] + b["counts"][step][layer], counts, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_pp2_x_tp2_sequence_parallel_moe(tiny_corpus, tmp_path):
+    tp = ["--tensor-model-parallel-size", "2", *MOE]
+    sp_ref, tp_ref = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "s", *tp,
+                                                                 "--sequence-parallel"),)),
+                                           (run_steps, (argv_for(tiny_corpus, tmp_path / "t", *tp),))], 2)
+    got, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "p", *tp, "--sequence-parallel",
+                                                       *PP2),))], 4)
+    _compare(sp_ref, got)
+    # SP off: an independent reference for what SP adds (its norm-gradient sums over TP, the scatter and gather)
+    _compare([_routing_only_aux(r) for r in tp_ref], [_routing_only_aux(g) for g in got])
+    _counts_sum_to(tp_ref[0], got)
+
+
 @pytest.mark.slow
 def test_pp2_x_cp2_moe_equals_cp2_and_one_process(tiny_corpus, tmp_path):
-    cp = [*MOE, "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2"]
+    cp = [*MOE, "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
+          "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu"]  # positions on every stage
     single = run_steps(0, 1, argv_for(tiny_corpus, tmp_path / "s", *cp))
     cp2, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "c", *cp,
                                                        "--context-parallel-size", "2"),))], 2)
@@ -57,10 +79,4 @@ def test_pp2_x_cp2_moe_equals_cp2_and_one_process(tiny_corpus, tmp_path):
                                                        "--context-parallel-size", "2"),))], 4)
     _compare(cp2, got)
     _compare([_routing_only_aux(single)], [_routing_only_aux(g) for g in got])
-    assert single["counts"][0]  # the MoE layers of both stages, every step
-    for pp_stage in (0, 1):  # ranks 2s, 2s+1: CP ranks 0 and 1 of pipeline stage s (TP=1, CP next-fastest)
-        halves = got[2 * pp_stage], got[2 * pp_stage + 1]
-        for step, ref in enumerate(single["counts"]):
-            for layer, whole in enumerate(ref):
-                torch.testing.assert_close(halves[0]["counts"][step][layer] + halves[1]["counts"][step][layer],
-                                           whole, rtol=0, atol=0)
+    _counts_sum_to(single, got)
