@@ -4,16 +4,18 @@ scatters, or takes this CP rank's chunks of) the tokens, the last all-gathers fo
 per-token loss back to the whole sequence (CP), and finalize_model_grads sums the SP norms' gradients over TP and
 every gradient over CP after the schedule, as without PP.
 
-- PP=2 x TP=2 with --sequence-parallel (MoE: 4 experts, top-2, dropless, z-loss) against TP=2 with
-  --sequence-parallel (rank r against rank r % 2: TP is the fastest rank coordinate): per-step losses, logged MoE
-  statistics, grad norms, validation loss, every gradient of the last step and every weight after 4 steps; and
-  against TP=2 without SP (independent of SP's own pieces): all of that but the per-rank token statistics, and
-  the two TP ranks' tokens per expert summed equal to SP-off's (each SP rank routes its half of the sequence).
-- PP=2 x CP=2 (MoE, megatron-core aux loss + z-loss; RoPE, so every stage needs its CP chunks' positions)
-  against CP=2 without PP (rank r against rank r % 2: all of the above), and against one process: losses, grad
-  norms, validation loss, gradients, weights, every MoE layer's aux loss and dropped fraction, and its tokens per
-  expert summed over the two CP ranks (each CP rank routes, and logs, its own half of the sequence, as without PP).
-Both spawn 2 + 4 processes: ~35 s each on the shared 2-core machine, so both run in `make test-all` (slow);
+- PP=2 x TP=2 with --sequence-parallel (MoE: 4 experts, top-2, dropless, sigmoid router with expert bias updated
+  from every stage's counts, aux and z-loss) against TP=2 with --sequence-parallel (rank r against rank r % 2: TP
+  is the fastest rank coordinate): per-step losses, logged MoE statistics, grad norms, validation loss, every
+  gradient of the last step and every weight (expert bias included) after 4 steps; and against TP=2 without SP
+  (independent of SP's own pieces): all of that but the per-rank token statistics, and the two TP ranks' tokens
+  per expert summed equal to SP-off's (each SP rank routes its half of the sequence).
+- PP=2 x CP=2, MoE with the softmax router (aux + z-loss; RoPE, so every stage needs its CP chunks' positions)
+  and with the sigmoid expert-bias router, against CP=2 without PP (rank r against rank r % 2: all of the above),
+  and against one process: losses, grad norms, validation loss, gradients, weights, every MoE layer's aux loss
+  and dropped fraction, and its tokens per expert summed over the two CP ranks (each CP rank routes, and logs,
+  its own half of the sequence, as without PP).
+Both spawn 2 + 4 processes: ~31 s / ~38 s on the shared 2-core machine, so both run in `make test-all` (slow);
 tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import run_distributed_jobs
-from tests.dist.test_pipeline import argv_for, assert_equal_runs, run_steps
+from tests.dist.test_pipeline import EXPERT_BIAS, argv_for, assert_equal_runs, run_steps
 
 MOE = ["--num-experts", "4", "--topk", "2", "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling",
        "--moe-z-loss-coeff", "1e-3"]
@@ -56,7 +58,7 @@ def _counts_sum_to(whole, runs):
 
 @pytest.mark.slow
 def test_pp2_x_tp2_sequence_parallel_moe(tiny_corpus, tmp_path):
-    tp = ["--tensor-model-parallel-size", "2", *MOE]
+    tp = ["--tensor-model-parallel-size", "2", *EXPERT_BIAS, "--moe-z-loss-coeff", "1e-3"]
     sp_ref, tp_ref = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "s", *tp,
                                                                  "--sequence-parallel"),)),
                                            (run_steps, (argv_for(tiny_corpus, tmp_path / "t", *tp),))], 2)
@@ -70,13 +72,16 @@ def test_pp2_x_tp2_sequence_parallel_moe(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_pp2_x_cp2_moe_equals_cp2_and_one_process(tiny_corpus, tmp_path):
-    cp = [*MOE, "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
-          "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu"]  # positions on every stage
-    single = run_steps(0, 1, argv_for(tiny_corpus, tmp_path / "s", *cp))
-    cp2, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "c", *cp,
-                                                       "--context-parallel-size", "2"),))], 2)
-    got, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "p", *cp, *PP2,
-                                                       "--context-parallel-size", "2"),))], 4)
-    _compare(cp2, got)
-    _compare([_routing_only_aux(single)], [_routing_only_aux(g) for g in got])
-    _counts_sum_to(single, got)
+    rope = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu"]  # positions on every stage
+    cases = [[*MOE, "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2", *rope],
+             [*EXPERT_BIAS, "--moe-z-loss-coeff", "1e-3"]]
+    singles = [run_steps(0, 1, argv_for(tiny_corpus, tmp_path / f"s{i}", *c)) for i, c in enumerate(cases)]
+    cp2 = ["--context-parallel-size", "2"]
+    cp2s = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / f"c{i}", *c, *cp2),))
+                                 for i, c in enumerate(cases)], 2)
+    pps = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / f"p{i}", *c, *PP2, *cp2),))
+                                for i, c in enumerate(cases)], 4)
+    for single, ref, got in zip(singles, cp2s, pps):
+        _compare(ref, got)
+        _compare([_routing_only_aux(single)], [_routing_only_aux(g) for g in got])
+        _counts_sum_to(single, got)
