@@ -4,18 +4,19 @@ scatters, or takes this CP rank's chunks of) the tokens, the last all-gathers fo
 per-token loss back to the whole sequence (CP), and finalize_model_grads sums the SP norms' gradients over TP and
 every gradient over CP after the schedule, as without PP.
 
-- PP=2 x TP=2 with --sequence-parallel (MoE: 4 experts, top-2, dropless, sigmoid router with expert bias updated
-  from every stage's counts, aux and z-loss) against TP=2 with --sequence-parallel (rank r against rank r % 2: TP
-  is the fastest rank coordinate): per-step losses, logged MoE statistics, grad norms, validation loss, every
-  gradient of the last step and every weight (expert bias included) after 4 steps; and against TP=2 without SP
-  (independent of SP's own pieces): all of that but the per-rank token statistics, and the two TP ranks' tokens
-  per expert summed equal to SP-off's (each SP rank routes its half of the sequence).
+- PP=2 x TP=2 with --sequence-parallel, 1F1B and interleaved (2 virtual stages of 1 layer per rank); MoE: 4
+  experts, top-2, dropless, sigmoid router with expert bias updated from every stage's counts, aux and z-loss;
+  against TP=2 with --sequence-parallel (rank r against rank r % 2: TP is the fastest rank coordinate): per-step
+  losses, logged MoE statistics, grad norms, validation loss, every gradient of the last step and every weight
+  (expert bias included) after 4 steps; and against TP=2 without SP (independent of SP's own pieces): all of that
+  but the per-rank token statistics, and the two TP ranks' tokens per expert summed equal to SP-off's (each SP
+  rank routes its half of the sequence).
 - PP=2 x CP=2, MoE with the softmax router (aux + z-loss; RoPE, so every stage needs its CP chunks' positions)
   and with the sigmoid expert-bias router, against CP=2 without PP (rank r against rank r % 2: all of the above),
   and against one process: losses, grad norms, validation loss, gradients, weights, every MoE layer's aux loss
   and dropped fraction, and its tokens per expert summed over the two CP ranks (each CP rank routes, and logs,
   its own half of the sequence, as without PP).
-Both spawn 2 + 4 processes: ~31 s / ~38 s on the shared 2-core machine, so both run in `make test-all` (slow);
+Both spawn 2 + 4 processes: ~30 s / ~40 s on the shared 2-core machine, so both run in `make test-all` (slow);
 tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
@@ -62,12 +63,14 @@ def test_pp2_x_tp2_sequence_parallel_moe(tiny_corpus, tmp_path):
     sp_ref, tp_ref = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "s", *tp,
                                                                  "--sequence-parallel"),)),
                                            (run_steps, (argv_for(tiny_corpus, tmp_path / "t", *tp),))], 2)
-    got, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "p", *tp, "--sequence-parallel",
-                                                       *PP2),))], 4)
-    _compare(sp_ref, got)
-    # SP off: an independent reference for what SP adds (its norm-gradient sums over TP, the scatter and gather)
-    _compare([_routing_only_aux(r) for r in tp_ref], [_routing_only_aux(g) for g in got])
-    _counts_sum_to(tp_ref[0], got)
+    pps = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / f"p{i}", *tp, "--sequence-parallel",
+                                                      *PP2, *extra),))
+                                for i, extra in enumerate(([], ["--num-layers-per-virtual-pipeline-stage", "1"]))], 4)
+    for got in pps:  # 1F1B, interleaved 1F1B (2 virtual stages of 1 layer per rank)
+        _compare(sp_ref, got)
+        # SP off: an independent reference for what SP adds (its norm-gradient sums over TP, the scatter and gather)
+        _compare([_routing_only_aux(r) for r in tp_ref], [_routing_only_aux(g) for g in got])
+        _counts_sum_to(tp_ref[0], got)
 
 
 @pytest.mark.slow
