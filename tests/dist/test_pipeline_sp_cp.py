@@ -16,12 +16,14 @@ every gradient over CP after the schedule, as without PP.
   and against one process: losses, grad norms, validation loss, gradients, weights, every MoE layer's aux loss
   and dropped fraction, and its tokens per expert summed over the two CP ranks (each CP rank routes, and logs,
   its own half of the sequence, as without PP).
-Both spawn 2 + 4 processes: ~30 s / ~40 s on the shared 2-core machine, so both run in `make test-all` (slow);
+- Exact resume at PP=2 x CP=2 and the checkpoint loaded in one process (validation loss).
+They spawn 2 + 4 processes: ~20-40 s each on the shared 2-core machine, so all run in `make test-all` (slow);
 tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -88,3 +90,26 @@ def test_pp2_x_cp2_moe_equals_cp2_and_one_process(tiny_corpus, tmp_path):
         _compare(ref, got)
         _compare([_routing_only_aux(single)], [_routing_only_aux(g) for g in got])
         _counts_sum_to(single, got)
+
+
+@pytest.mark.slow
+def test_pp2_x_cp2_exact_resume_and_load_at_one_process(tiny_corpus, tmp_path):
+    """Exact resume at PP=2 x CP=2 (MoE): 2 steps, save, 2 more
+    equal 4 straight, bit for bit (losses and weights on every rank); the checkpoint loads in one process with the
+    validation loss of the 4-rank run (rel 1e-5: CP's gathered attention sums in another order)."""
+    from tests.dist.test_pipeline_checkpoint import _train, _val
+
+    base = argv_for(tiny_corpus, tmp_path, *MOE)
+    par = [*PP2, "--context-parallel-size", "2"]
+    s1, s2 = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    straight, first_half, resumed = run_distributed_jobs([
+        (_train, (base + par + ["--save", s1, "--save-interval", "2"],)),
+        (_train, (base + par + ["--exit-interval", "2", "--save", s2],)),
+        (_train, (base + par + ["--load", s2, "--save", s2],)),
+    ], 4)
+    for rank in range(4):
+        assert first_half[rank]["losses"] + resumed[rank]["losses"] == straight[rank]["losses"]
+        for k, v in straight[rank]["weights"].items():
+            assert torch.equal(resumed[rank]["weights"][k], v), k
+    val = straight[0]["val"]
+    assert _val(0, 1, base + ["--load", os.path.join(s1, "iter_0000004")]) == pytest.approx(val, rel=1e-5)
