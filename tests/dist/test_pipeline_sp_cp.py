@@ -94,9 +94,9 @@ def test_pp2_x_cp2_moe_equals_cp2_and_one_process(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_pp2_x_cp2_exact_resume_and_load_at_one_process(tiny_corpus, tmp_path):
-    """Exact resume at PP=2 x CP=2 (MoE): 2 steps, save, 2 more
-    equal 4 straight, bit for bit (losses and weights on every rank); the checkpoint loads in one process with the
-    validation loss of the 4-rank run (rel 1e-5: CP's gathered attention sums in another order)."""
+    """Exact resume at PP=2 x CP=2 (MoE): 2 steps, save, 2 more equal 4 straight, bit for bit (losses and weights
+    on every rank); the checkpoint loads in one process with the validation loss of the 4-rank run (rel 1e-5: CP's
+    gathered attention sums in another order)."""
     from tests.dist.test_pipeline_checkpoint import _train, _val
 
     base = argv_for(tiny_corpus, tmp_path, *MOE)
