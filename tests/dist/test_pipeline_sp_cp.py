@@ -17,7 +17,8 @@ every gradient over CP after the schedule, as without PP.
   and dropped fraction, and its tokens per expert summed over the two CP ranks (each CP rank routes, and logs,
   its own half of the sequence, as without PP).
 - Exact resume at PP=2 x CP=2 and the checkpoint loaded in one process (validation loss).
-They spawn 2 + 4 processes: ~20-40 s each on the shared 2-core machine, so all run in `make test-all` (slow);
+- All three: PP=2 x CP=2 x TP=2 with --sequence-parallel (8 ranks) against CP=2 x TP=2 with SP (4 ranks).
+They spawn 2 + 4 (the last 4 + 8) processes: ~20-50 s each on the shared 2-core machine, so all run in `make test-all` (slow);
 tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
@@ -113,3 +114,14 @@ def test_pp2_x_cp2_exact_resume_and_load_at_one_process(tiny_corpus, tmp_path):
             assert torch.equal(resumed[rank]["weights"][k], v), k
     val = straight[0]["val"]
     assert _val(0, 1, base + ["--load", os.path.join(s1, "iter_0000004")]) == pytest.approx(val, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pp2_x_tp2_x_cp2_sequence_parallel_moe(tiny_corpus, tmp_path):
+    """Eight ranks: PP=2 x CP=2 x TP=2 with --sequence-parallel (the activation [b, s/(CP·TP), h]) against
+    CP=2 x TP=2 with --sequence-parallel on four (rank r against rank r % 4: TP, then CP, then PP)."""
+    par = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+           *EXPERT_BIAS, "--moe-z-loss-coeff", "1e-3"]
+    ref, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "r", *par),))], 4)
+    got, = run_distributed_jobs([(run_steps, (argv_for(tiny_corpus, tmp_path / "p", *par, *PP2),))], 8)
+    _compare(ref, got)
