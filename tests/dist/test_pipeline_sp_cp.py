@@ -18,8 +18,8 @@ every gradient over CP after the schedule, as without PP.
   its own half of the sequence, as without PP).
 - Exact resume at PP=2 x CP=2 and the checkpoint loaded in one process (validation loss).
 - All three: PP=2 x CP=2 x TP=2 with --sequence-parallel (8 ranks) against CP=2 x TP=2 with SP (4 ranks).
-They spawn 2 + 4 (the last 4 + 8) processes: ~20-50 s each on the shared 2-core machine, so all run in `make test-all` (slow);
-tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
+They spawn 2 + 4 (the last 4 + 8) processes: ~20-50 s each on the shared 2-core machine, so all run in
+`make test-all` (slow); tests/dist/test_pipeline_config.py checks (fast) that the combinations now validate.
 Tolerance: test_pipeline's rtol 1e-5 / atol 1e-6 (fp32; TP/CP/SP sum the same partial products in another order;
 the token counts are integers, compared exactly).
 """
