@@ -97,6 +97,9 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
                    help="aux-loss-free balancing (DeepSeek-V3): a per-expert bias for the choice, updated each step")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=None, help="default 1e-3")
+    g.add_argument("--moe-router-bias-update-type", choices=["sign", "proportional"], default=None,  # issue 28
+                   help="expert-bias step: rate * sign(mean load - load) (default, megatron-core) or 'proportional': "
+                        "rate * (mean load - load) / mean load (docs/routing_health.md)")
     g.add_argument("--moe-router-load-balancing-type", default=None,
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"], help="default aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
@@ -127,8 +130,8 @@ _DEEPSPEED_ROUTER_FLAGS = {
 }
 _MEGATRON_ROUTER_DESTS = ("moe_router_topk", "moe_router_score_function", "moe_router_topk_scaling_factor",
                           "moe_router_num_groups", "moe_router_group_topk", "moe_router_bias_update_rate",
-                          "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_input_jitter_eps",
-                          "moe_expert_capacity_factor")
+                          "moe_router_bias_update_type", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+                          "moe_input_jitter_eps", "moe_expert_capacity_factor")
 
 
 def router_fields(args) -> dict:
@@ -167,6 +170,7 @@ def router_fields(args) -> dict:
         expert_bias=args.moe_router_enable_expert_bias,
         bias_update_rate=(args.moe_router_bias_update_rate if args.moe_router_bias_update_rate is not None
                           else 1e-3),
+        bias_update_type=args.moe_router_bias_update_type or "sign",
         load_balancing_type=args.moe_router_load_balancing_type or "aux_loss",
         input_jitter_eps=args.moe_input_jitter_eps,
     )

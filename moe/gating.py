@@ -615,7 +615,8 @@ def step_routers(model_or_routers, dp_group=None) -> None:
     1. one all-reduce (SUM over dp_group: every rank with other tokens, EP ranks included) of every router's kept
        pairs per expert since the last call, concatenated;
     2. expert_bias += bias_update_rate · sign(mean_e load - load_e) (megatron-core's get_updated_expert_bias,
-       DeepSeek-V3's aux-loss-free balancing); the counts restart from 0;
+       DeepSeek-V3's aux-loss-free balancing), or with bias_update_type 'proportional' (not in megatron-core)
+       bias_update_rate · (mean_e load - load_e) / max(mean_e load, 1); the counts restart from 0;
     3. global_aux_loss's accumulated counts restart from 0.
     Identical on every rank of dp_group, so the buffer stays replicated; it is a persistent buffer, so checkpoints
     carry it and a resumed run continues exactly.
@@ -627,8 +628,13 @@ def step_routers(model_or_routers, dp_group=None) -> None:
         if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(counts, group=dp_group)
         for r, c_E in zip(biased, counts.split([r.num_experts for r in biased])):
-            offset_E = c_E.sum() / c_E.numel() - c_E
-            r.expert_bias.add_(torch.sign(offset_E) * r.cfg.bias_update_rate)
+            mean = c_E.sum() / c_E.numel()
+            offset_E = mean - c_E
+            if r.cfg.bias_update_type == "proportional":  # issue 28: the step grows with the relative load gap
+                step_E = offset_E / mean.clamp(min=1.0)
+            else:
+                step_E = torch.sign(offset_E)
+            r.expert_bias.add_(step_E * r.cfg.bias_update_rate)
             r.local_tokens_per_expert.zero_()
     for r in found:
         if r.global_tokens_per_expert is not None:

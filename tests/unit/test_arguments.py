@@ -65,6 +65,8 @@ MAPPING = {
                                         "moe.expert_bias", True),
     "--moe-router-bias-update-rate": (["0.01", "--moe-router-topk", "2", "--num-experts", "4"],
                                       "moe.bias_update_rate", 0.01),
+    "--moe-router-bias-update-type": (["proportional", "--moe-router-topk", "2", "--num-experts", "4"],
+                                      "moe.bias_update_type", "proportional"),
     "--moe-router-load-balancing-type": (["seq_aux_loss", "--moe-router-topk", "2", "--num-experts", "4"],
                                          "moe.load_balancing_type", "seq_aux_loss"),
     "--moe-aux-loss-coeff": (["0.02", "--moe-router-topk", "2", "--num-experts", "4"], "moe.loss_coeff", 0.02),
