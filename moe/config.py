@@ -87,6 +87,8 @@ class MoEConfig:
     group_topk: Optional[int] = None  # ... of which each token may use the best this many (None = no limit)
     expert_bias: bool = False  # megatron sigmoid: aux-loss-free balancing; a per-expert bias added for the choice
     bias_update_rate: float = 1e-3  # expert bias += rate * sign(mean load - load) once per optimizer step
+    router_input_whitening: Optional[float] = None  # issue 28, --moe-router-input-whitening-momentum: with causal
+    #   centring, the router input times Sigma^-1/2 (Sigma: moving average of the centred inputs' covariance)
     bias_update_type: str = "sign"  # issue 28: 'sign' (megatron-core) or 'proportional': += rate * (mean - load)/mean
     load_balancing_type: str = "aux_loss"  # megatron: 'aux_loss' (micro-batch), 'seq_aux_loss' (per sequence),
     #   'global_aux_loss' (global batch) or 'none'
@@ -172,6 +174,10 @@ class MoEConfig:
         if self.router_input_centering not in ROUTER_INPUT_CENTERING:
             raise ValueError(f"--moe-router-center-input ({self.router_input_centering!r}) must be one of "
                              f"{ROUTER_INPUT_CENTERING}")
+        m = self.router_input_whitening
+        if m is not None and (self.router_input_centering != "causal" or not 0 <= m < 1):
+            raise ValueError(f"--moe-router-input-whitening-momentum ({m}) must be in [0, 1) and needs "
+                             f"--moe-router-center-input causal (got {self.router_input_centering!r})")
         k, experts = self.topk, min(self.num_experts)
         if self.router_family == "deepspeed":
             used = [flag for flag, on in (

@@ -74,6 +74,8 @@ MAPPING = {
                                0.1),
     "--moe-router-dtype": (["fp64", "--num-experts", "4"], "moe.router_dtype", "fp64"),
     "--moe-router-center-input": (["causal", "--num-experts", "4"], "moe.router_input_centering", "causal"),
+    "--moe-router-input-whitening-momentum": (["0.5", "--moe-router-center-input", "causal", "--num-experts", "4"],
+                                              "moe.router_input_whitening", 0.5),
     "--moe-expert-capacity-factor": (["1.5", "--moe-router-topk", "2", "--num-experts", "4"], "moe.drop_tokens",
                                      True),
     "--moe-pad-expert-input-to-capacity": (["--num-experts", "4"], "moe.pad_to_capacity", True),
