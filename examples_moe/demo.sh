@@ -29,7 +29,7 @@ MOE_FFN=${MOE_FFN:-128}               # modern: each routed expert's width (fine
 SHARED_FFN=${SHARED_FFN:-128}         # modern: the shared expert's width
 CENTER=${CENTER:-causal}              # router input centring (docs/routing_health.md): causal | batch | off
 BIAS_RATE=${BIAS_RATE:-1e-2}          # modern: expert-bias update per step (10x megatron-core's 1e-3: docs/routing_health.md)
-WHITEN=${WHITEN:-0.5}                 # modern + causal: router-input whitening momentum (docs/routing_health.md); off = none
+WHITEN=${WHITEN:-0.3}                 # modern + causal: router-input whitening momentum (docs/routing_health.md); off = none
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)

@@ -100,7 +100,7 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-input-whitening-momentum", type=float, default=None,  # issue 28
                    help="off by default; with --moe-router-center-input causal: the router input times Sigma^-1/2, "
                         "Sigma the moving average (this weight on its past, per training micro-batch, per rank) of "
-                        "the causally centred inputs' covariance (docs/routing_health.md; the demo uses 0.5)")
+                        "the causally centred inputs' covariance (docs/routing_health.md; the demo uses 0.3)")
     g.add_argument("--moe-router-bias-update-type", choices=["sign", "proportional"], default=None,  # issue 28
                    help="expert-bias step: rate * sign(mean load - load) (default, megatron-core) or 'proportional': "
                         "rate * (mean load - load) / mean load (docs/routing_health.md)")

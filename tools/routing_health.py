@@ -37,7 +37,7 @@ def parse(argv=None):
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
     p.add_argument("--center-router-input", default=None,
-                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj", "feature_std"],
+                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj", "feature_std", "whiten"],
                    help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
                         "this micro-batch; prefix: of the same sequence's earlier tokens)")
     p.add_argument("--freeze-router", action="store_true",
@@ -125,6 +125,19 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
 
     def hook(router, args, kwargs):
         x = args[0]
+        if mode == "whiten":  # with --moe-router-center-input causal: x times Sigma^-1/2, Sigma an EMA over past
+            # training batches of the covariance of the causally centred inputs (identity at the first step; updated
+            # after use); the router then centres and scales to RMS 1 as usual
+            from moe.gating import causal_centered
+            w = getattr(router, "_health_whiten", None)
+            y = x @ w.to(x.dtype) if w is not None else x
+            if router.training and torch.is_grad_enabled():
+                c = causal_centered(x.detach().double(), kwargs.get("num_sequences", 1))  # RMS 1 per token
+                cov = c.T @ c / c.shape[0]
+                router._health_cov = cov if w is None else momentum * router._health_cov + (1 - momentum) * cov
+                ev, vec = torch.linalg.eigh(router._health_cov)
+                router._health_whiten = (vec * ev.clamp(min=1e-3 * ev.max()).rsqrt()) @ vec.T
+            return (y,) + tuple(args[1:]), kwargs
         if mode == "feature_std":  # with --moe-router-center-input causal: each feature divided by its RMS over
             # past training batches' causally centred inputs (EMA; 1 at the first step; updated after use, so a
             # batch never sees its own statistics); the router then centres and scales to RMS 1 as usual

@@ -21,7 +21,7 @@ DEMO_MODEL = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-head
               "--max-position-embeddings", "256", "--normalization", "RMSNorm", "--swiglu",
               "--position-embedding-type", "rope", "--ffn-hidden-size", "344", "--num-experts", "16",
               "--expert-interval", "2"]
-DEMO_ROUTER = ["--moe-router-center-input", "causal", "--moe-router-input-whitening-momentum", "0.5",
+DEMO_ROUTER = ["--moe-router-center-input", "causal", "--moe-router-input-whitening-momentum", "0.3",
                "--moe-router-score-function", "sigmoid",
                "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2",
                "--moe-aux-loss-coeff", "1e-3",
