@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: verify data -> train a SentencePiece BPE vocabulary (8000) on the novel corpus and tokenize it ->
 # train a small MoE GPT (6 layers, hidden 128, 16 experts on every other layer) in the modern recipe (RMSNorm, SwiGLU,
-# RoPE; routers on causally centred inputs, sigmoid routing with aux-loss-free expert bias, dropless, top-2 of
-# fine-grained experts + a shared expert)
+# RoPE; routers on causally centred and whitened inputs, sigmoid routing with aux-loss-free expert bias, dropless,
+# top-2 of fine-grained experts + a shared expert)
 # -> validation perplexity and expert load -> a generated sample -> zero-shot LAMBADA (EVAL_TASKS=lambada,piqa adds
 # PIQA) -> one line with validation ppl, load balance and the sample; the loss curve goes beside the checkpoint.
 # Every knob below can be overridden from the environment (NUM_EXPERTS=1 trains the dense GPT; ROUTER=deepspeed the
@@ -29,6 +29,7 @@ MOE_FFN=${MOE_FFN:-128}               # modern: each routed expert's width (fine
 SHARED_FFN=${SHARED_FFN:-128}         # modern: the shared expert's width
 CENTER=${CENTER:-causal}              # router input centring (docs/routing_health.md): causal | batch | off
 BIAS_RATE=${BIAS_RATE:-1e-2}          # modern: expert-bias update per step (10x megatron-core's 1e-3: docs/routing_health.md)
+WHITEN=${WHITEN:-0.3}                 # modern + causal: router-input whitening momentum (docs/routing_health.md); off = none
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-120}       # 120 x 32 x 256 = 983k tokens (a third of the old demo's FLOPs per token)
@@ -60,10 +61,12 @@ fi
 BLOCKS="--normalization RMSNorm --swiglu --position-embedding-type rope --ffn-hidden-size $FFN"
 CENTER_FLAG=""
 [ "$CENTER" = off ] || CENTER_FLAG="--moe-router-center-input $CENTER"
+[ "$CENTER" != causal ] || [ "$WHITEN" = off ] || CENTER_FLAG="$CENTER_FLAG --moe-router-input-whitening-momentum $WHITEN"
 case "$ROUTER" in
   modern)    # megatron-core routing, dropless, on causally centred router inputs (without centring every router collapses
-             # onto one expert by iteration 5-7: docs/routing_health.md); the expert bias and a small aux loss keep the
-             # rest even
+             # onto one expert by iteration 5-7) that are whitened (without it one expert per layer takes 30-50% of the
+             # tokens at iterations 20-43: docs/routing_health.md); the expert bias and a small aux loss keep the rest
+             # even
     MOE="$CENTER_FLAG --moe-router-score-function sigmoid --moe-router-enable-expert-bias
          --moe-router-bias-update-rate $BIAS_RATE --moe-aux-loss-coeff 1e-3 --moe-router-topk $TOPK
          --moe-ffn-hidden-size $MOE_FFN --moe-shared-expert-intermediate-size $SHARED_FFN"

@@ -97,6 +97,13 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
                    help="aux-loss-free balancing (DeepSeek-V3): a per-expert bias for the choice, updated each step")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=None, help="default 1e-3")
+    g.add_argument("--moe-router-input-whitening-momentum", type=float, default=None,  # issue 28
+                   help="off by default; with --moe-router-center-input causal: the router input times Sigma^-1/2, "
+                        "Sigma the moving average (this weight on its past, per training micro-batch, per rank) of "
+                        "the causally centred inputs' covariance (docs/routing_health.md; the demo uses 0.3)")
+    g.add_argument("--moe-router-bias-update-type", choices=["sign", "proportional"], default=None,  # issue 28
+                   help="expert-bias step: rate * sign(mean load - load) (default, megatron-core) or 'proportional': "
+                        "rate * (mean load - load) / mean load (docs/routing_health.md)")
     g.add_argument("--moe-router-load-balancing-type", default=None,
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"], help="default aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
@@ -127,8 +134,8 @@ _DEEPSPEED_ROUTER_FLAGS = {
 }
 _MEGATRON_ROUTER_DESTS = ("moe_router_topk", "moe_router_score_function", "moe_router_topk_scaling_factor",
                           "moe_router_num_groups", "moe_router_group_topk", "moe_router_bias_update_rate",
-                          "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_input_jitter_eps",
-                          "moe_expert_capacity_factor")
+                          "moe_router_bias_update_type", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+                          "moe_input_jitter_eps", "moe_expert_capacity_factor")
 
 
 def router_fields(args) -> dict:
@@ -136,7 +143,8 @@ def router_fields(args) -> dict:
     coefficient, capacity: ceil(k*T/E*cf) without a minimum, dropless without a capacity factor)."""
     megatron = (any(getattr(args, d) is not None for d in _MEGATRON_ROUTER_DESTS) or args.moe_router_pre_softmax
                 or args.moe_router_enable_expert_bias)
-    fields = dict(router_dtype=args.moe_router_dtype, router_input_centering=args.moe_router_center_input)
+    fields = dict(router_dtype=args.moe_router_dtype, router_input_centering=args.moe_router_center_input,
+                  router_input_whitening=args.moe_router_input_whitening_momentum)
     if not megatron:
         return fields
     for dest, (default, flag) in _DEEPSPEED_ROUTER_FLAGS.items():
@@ -167,6 +175,7 @@ def router_fields(args) -> dict:
         expert_bias=args.moe_router_enable_expert_bias,
         bias_update_rate=(args.moe_router_bias_update_rate if args.moe_router_bias_update_rate is not None
                           else 1e-3),
+        bias_update_type=args.moe_router_bias_update_type or "sign",
         load_balancing_type=args.moe_router_load_balancing_type or "aux_loss",
         input_jitter_eps=args.moe_input_jitter_eps,
     )

@@ -17,6 +17,7 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
 ROUTER_FAMILIES = ("deepspeed", "megatron")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+BIAS_UPDATE_TYPES = ("sign", "proportional")
 ROUTER_DTYPES = ("fp32", "fp64")
 
 # What a checkpoint written before these fields existed (issue 14) was trained with; MoEConfig.from_recorded fills
@@ -86,6 +87,9 @@ class MoEConfig:
     group_topk: Optional[int] = None  # ... of which each token may use the best this many (None = no limit)
     expert_bias: bool = False  # megatron sigmoid: aux-loss-free balancing; a per-expert bias added for the choice
     bias_update_rate: float = 1e-3  # expert bias += rate * sign(mean load - load) once per optimizer step
+    router_input_whitening: Optional[float] = None  # issue 28, --moe-router-input-whitening-momentum: with causal
+    #   centring, the router input times Sigma^-1/2 (Sigma: moving average of the centred inputs' covariance)
+    bias_update_type: str = "sign"  # issue 28: 'sign' (megatron-core) or 'proportional': += rate * (mean - load)/mean
     load_balancing_type: str = "aux_loss"  # megatron: 'aux_loss' (micro-batch), 'seq_aux_loss' (per sequence),
     #   'global_aux_loss' (global batch) or 'none'
     input_jitter_eps: Optional[float] = None  # megatron: router input times U(1-eps, 1+eps) in training
@@ -161,7 +165,8 @@ class MoEConfig:
                                      ("--moe-router-dtype", self.router_dtype, ROUTER_DTYPES),
                                      ("--moe-router-score-function", self.score_function, SCORE_FUNCTIONS),
                                      ("--moe-router-load-balancing-type", self.load_balancing_type,
-                                      LOAD_BALANCING_TYPES)):
+                                      LOAD_BALANCING_TYPES),
+                                     ("--moe-router-bias-update-type", self.bias_update_type, BIAS_UPDATE_TYPES)):
             if value not in allowed:
                 raise ValueError(f"{flag} ({value!r}) must be one of {allowed}")
         if self.router_input_centering is True:
@@ -169,6 +174,10 @@ class MoEConfig:
         if self.router_input_centering not in ROUTER_INPUT_CENTERING:
             raise ValueError(f"--moe-router-center-input ({self.router_input_centering!r}) must be one of "
                              f"{ROUTER_INPUT_CENTERING}")
+        m = self.router_input_whitening
+        if m is not None and (self.router_input_centering != "causal" or not 0 <= m < 1):
+            raise ValueError(f"--moe-router-input-whitening-momentum ({m}) must be in [0, 1) and needs "
+                             f"--moe-router-center-input causal (got {self.router_input_centering!r})")
         k, experts = self.topk, min(self.num_experts)
         if self.router_family == "deepspeed":
             used = [flag for flag, on in (
@@ -177,6 +186,7 @@ class MoEConfig:
                 ("--moe-router-group-topk", self.group_topk is not None),
                 ("--moe-router-enable-expert-bias", self.expert_bias),
                 ("--moe-router-load-balancing-type", self.load_balancing_type != "aux_loss"),
+                ("--moe-router-bias-update-type", self.bias_update_type != "sign"),
                 ("--moe-router-topk-scaling-factor", self.topk_scaling_factor is not None),
                 ("--moe-input-jitter-eps", self.input_jitter_eps is not None)) if on]
             if used:

@@ -450,9 +450,18 @@ class TopKRouter(nn.Module):
         batch_centering = cfg.router_input_centering == "batch"  # 'causal' keeps no state
         self.register_buffer("input_mean", torch.zeros(hidden_size) if batch_centering else None)
         self.register_buffer("input_mean_count", torch.zeros(()) if batch_centering else None)
+        # --moe-router-input-whitening-momentum (issue 28): the moving covariance of the causally centred inputs,
+        # its forwards seen and W = Sigma^-1/2 (float64, persistent: checkpoints carry them; identity until the first
+        # training forward)
+        whiten = cfg.router_input_whitening is not None
+        self.register_buffer("input_cov", torch.zeros(hidden_size, hidden_size, dtype=torch.float64)
+                             if whiten else None)
+        self.register_buffer("input_cov_count", torch.zeros((), dtype=torch.float64) if whiten else None)
+        self.register_buffer("input_whiten", torch.eye(hidden_size, dtype=torch.float64) if whiten else None)
 
     _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
-    _CENTERING_BUFFERS = ("input_mean", "input_mean_count")  # fp32 too (--moe-router-center-input)
+    _CENTERING_BUFFERS = ("input_mean", "input_mean_count",  # fp32 too (--moe-router-center-input)
+                          "input_cov", "input_cov_count", "input_whiten")  # float64 (whitening) kept as they are
     INPUT_MEAN_MOMENTUM = 0.9  # the moving average's weight on its past (a plain mean over the first 10 forwards)
 
     def _apply(self, fn, recurse=True):
@@ -470,12 +479,38 @@ class TopKRouter(nn.Module):
         which seq_aux_loss needs). Autocast is off throughout: every float here is in the router dtype."""
         with no_autocast(x_TD.device):
             if self.cfg.router_input_centering == "causal":
-                x_TD = causal_centered(x_TD.to(self.dtype), num_sequences)
+                x_TD = x_TD.to(self.dtype)
+                if self.input_whiten is not None:
+                    x_TD = self._whitened(x_TD, num_sequences)
+                x_TD = causal_centered(x_TD, num_sequences)
             else:
                 x_TD = self._centered(x_TD)
             if self.cfg.router_family == "megatron":
                 return self._route_megatron(x_TD, num_sequences)
             return self._route_deepspeed(x_TD)
+
+    def _whitened(self, x_TD: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        """--moe-router-input-whitening-momentum m (docs/routing_health.md, issue 28): x · W, W = Sigma^-1/2 of the
+        moving covariance Sigma of causal_centered(x) (eigenvalues floored at 1e-3 x the largest). After the causal
+        centring the hidden states still grow a few dominant directions in which tokens differ; once those dominate
+        every token's RMS-scaled router input, one router row wins most tokens (max/mean 2-4 at iterations 20-43 of
+        the demo); W equalises the directions. W comes from earlier micro-batches only (a training forward folds its
+        own covariance in after use: Sigma += max(1/n, 1 - m) (cov - Sigma), then W is recomputed; not in a
+        recompute or without gradients), so no position sees a later one; evaluation and generation use W as it
+        is. Per rank (not reduced over data parallel), as 'batch' centring. Cost per training forward: a [D, D]
+        covariance and a float64 eigendecomposition of it (on CUDA, torch.linalg.eigh may synchronise)."""
+        y_TD = x_TD @ self.input_whiten.to(x_TD.dtype)
+        if self.training and _counting() and x_TD.shape[0] > 0:
+            with torch.no_grad():
+                c_TD = causal_centered(x_TD.detach().double(), num_sequences)
+                cov_DD = c_TD.T @ c_TD / c_TD.shape[0]
+                self.input_cov_count += 1
+                rate = torch.clamp(1.0 / self.input_cov_count, min=1.0 - self.cfg.router_input_whitening)
+                self.input_cov += rate * (cov_DD - self.input_cov)
+                ev_D, vec_DD = torch.linalg.eigh(self.input_cov)
+                floor = 1e-3 * ev_D.max()
+                self.input_whiten.copy_((vec_DD * torch.maximum(ev_D, floor).rsqrt()) @ vec_DD.T)
+        return y_TD
 
     def _centered(self, x_TD: torch.Tensor) -> torch.Tensor:
         """--moe-router-center-input batch (docs/routing_health.md): early in training the hidden states fall into one
@@ -615,7 +650,8 @@ def step_routers(model_or_routers, dp_group=None) -> None:
     1. one all-reduce (SUM over dp_group: every rank with other tokens, EP ranks included) of every router's kept
        pairs per expert since the last call, concatenated;
     2. expert_bias += bias_update_rate · sign(mean_e load - load_e) (megatron-core's get_updated_expert_bias,
-       DeepSeek-V3's aux-loss-free balancing); the counts restart from 0;
+       DeepSeek-V3's aux-loss-free balancing), or with bias_update_type 'proportional' (not in megatron-core)
+       bias_update_rate · (mean_e load - load_e) / max(mean_e load, 1); the counts restart from 0;
     3. global_aux_loss's accumulated counts restart from 0.
     Identical on every rank of dp_group, so the buffer stays replicated; it is a persistent buffer, so checkpoints
     carry it and a resumed run continues exactly.
@@ -627,8 +663,13 @@ def step_routers(model_or_routers, dp_group=None) -> None:
         if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(counts, group=dp_group)
         for r, c_E in zip(biased, counts.split([r.num_experts for r in biased])):
-            offset_E = c_E.sum() / c_E.numel() - c_E
-            r.expert_bias.add_(torch.sign(offset_E) * r.cfg.bias_update_rate)
+            mean = c_E.sum() / c_E.numel()
+            offset_E = mean - c_E
+            if r.cfg.bias_update_type == "proportional":  # issue 28: the step grows with the relative load gap
+                step_E = offset_E / mean.clamp(min=1.0)
+            else:
+                step_E = torch.sign(offset_E)
+            r.expert_bias.add_(step_E * r.cfg.bias_update_rate)
             r.local_tokens_per_expert.zero_()
     for r in found:
         if r.global_tokens_per_expert is not None:

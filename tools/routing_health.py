@@ -37,11 +37,14 @@ def parse(argv=None):
     p.add_argument("--output-dir", required=True, help="writes routing_health.csv and routing_health.png here")
     p.add_argument("--title", default="", help="the PNG's title")
     p.add_argument("--center-router-input", default=None,
-                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj"],
+                   choices=["ema", "batch", "prefix", "prefix_norm", "prefix_proj", "feature_std", "whiten"],
                    help="experiment: routers see their input minus a token mean (ema: of past batches; batch: of "
                         "this micro-batch; prefix: of the same sequence's earlier tokens)")
     p.add_argument("--freeze-router", action="store_true",
                    help="experiment: router weights get no gradient (they keep their initial values)")
+    p.add_argument("--router-lr-mult", type=float, default=None,
+                   help="experiment: each step, the router weights keep only this share of the optimizer's update "
+                        "(AdamW's update is linear in the LR: a router-only LR of LR x this)")
     p.add_argument("--diagnose", type=int, nargs="*", default=None, metavar="ITER",
                    help="experiment: at these iterations print, per MoE layer, what fills its fullest expert (top "
                         "token ids, early positions)")
@@ -122,6 +125,30 @@ def center_router_inputs(model, mode="ema", momentum=0.9):
 
     def hook(router, args, kwargs):
         x = args[0]
+        if mode == "whiten":  # with --moe-router-center-input causal: x times Sigma^-1/2, Sigma an EMA over past
+            # training batches of the covariance of the causally centred inputs (identity at the first step; updated
+            # after use); the router then centres and scales to RMS 1 as usual
+            from moe.gating import causal_centered
+            w = getattr(router, "_health_whiten", None)
+            y = x @ w.to(x.dtype) if w is not None else x
+            if router.training and torch.is_grad_enabled():
+                c = causal_centered(x.detach().double(), kwargs.get("num_sequences", 1))  # RMS 1 per token
+                cov = c.T @ c / c.shape[0]
+                router._health_cov = cov if w is None else momentum * router._health_cov + (1 - momentum) * cov
+                ev, vec = torch.linalg.eigh(router._health_cov)
+                router._health_whiten = (vec * ev.clamp(min=1e-3 * ev.max()).rsqrt()) @ vec.T
+            return (y,) + tuple(args[1:]), kwargs
+        if mode == "feature_std":  # with --moe-router-center-input causal: each feature divided by its RMS over
+            # past training batches' causally centred inputs (EMA; 1 at the first step; updated after use, so a
+            # batch never sees its own statistics); the router then centres and scales to RMS 1 as usual
+            from moe.gating import causal_centered
+            s = getattr(router, "_health_std", None)
+            y = x / s.to(x.dtype) if s is not None else x
+            if router.training and torch.is_grad_enabled():
+                c = causal_centered(x.detach().float(), kwargs.get("num_sequences", 1))  # RMS 1 per token
+                rms = c.pow(2).mean(0).sqrt() + 1e-6
+                router._health_std = rms if s is None else momentum * s + (1 - momentum) * rms
+            return (y,) + tuple(args[1:]), kwargs
         if mode in ("prefix", "prefix_norm", "prefix_proj"):
             xs = x.view(kwargs.get("num_sequences", 1), -1, x.shape[-1])
             prev = torch.cumsum(xs.detach().float(), 1) - xs.detach().float()
@@ -248,9 +275,10 @@ def diagnose_hooks(model, tokenizer=None):
 
 
 def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None, momentum=0.9, attribute=None,
-            freeze_router=False, diagnose=None):
+            freeze_router=False, diagnose=None, router_lr_mult=None):
     """[(iteration, lm loss, [(max/mean, dropped) per MoE layer])] over `iters` steps of one arm; on_record(record)
     after each step (the CSV grows as the run goes: a long run stopped early keeps what it measured)."""
+    import torch
     from megatron.training import setup_from_argv, train_step
 
     given = any(a.split("=", 1)[0] in ("--train-iters", "--train-tokens") for a in train_argv)
@@ -277,7 +305,14 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
     out = []
     try:
         for _ in range(iters):
+            if router_lr_mult is not None:
+                from moe.gating import routers
+                before = [r.weight.detach().clone() for r in routers(st.model)]
             m = train_step(st, train_iter)
+            if router_lr_mult is not None:
+                with torch.no_grad():
+                    for r, w0 in zip(routers(st.model), before):
+                        r.weight.copy_(w0 + router_lr_mult * (r.weight - w0))
             rows = layer_rows(m["moe_raw"])
             last = shares[-len(rows):] if len(shares) >= len(rows) else [float("nan")] * len(rows)
             # the common-direction share of the last micro-batch (its forward ran last), per layer
@@ -440,7 +475,8 @@ def main(argv=None) -> int:
                 attribute = attribution_writer(args.output_dir, name) if args.attribute else None
                 records = run_arm(train_argv + flags, args.iters, on_record, args.router_init_std,
                                   args.center_router_input, args.center_momentum, attribute,
-                                  args.freeze_router, args.diagnose)
+                                  args.freeze_router, args.diagnose,
+                                  args.router_lr_mult)
             except UserError as e:
                 print(f"error: arm {name}: {e}", file=sys.stderr)
                 return 2

@@ -217,3 +217,27 @@ def test_casting_the_model_keeps_the_router_buffers_fp32():
     assert set(dict(router.named_buffers())) == set(TopKRouter._FP32_BUFFERS)
     r = router(torch.randn(5, 8, dtype=torch.bfloat16))
     assert r.gates_TK.dtype == torch.float32
+
+
+def test_proportional_expert_bias_update_against_a_loop():
+    """--moe-router-bias-update-type proportional (issue 28): bias_e += rate * (mean - load_e) / mean, checked
+    against a float64 loop over experts on random routing; the default 'sign' step is unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    for kind in ("proportional", "sign"):
+        cfg = MoEConfig(num_experts=8, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                        bias_update_rate=0.05, bias_update_type=kind)
+        router = TopKRouter(cfg, 8)
+        with torch.no_grad():
+            router.expert_bias.copy_(torch.linspace(-0.1, 0.1, 8))
+        before = router.expert_bias.tolist()
+        router(x)
+        loads = router.local_tokens_per_expert.tolist()
+        assert sum(loads) == 64 * 2 and len(set(loads)) > 2  # uneven: the two rules differ
+        step_routers(router)
+        mean = sum(loads) / len(loads)
+        for e, (b, c) in enumerate(zip(before, loads)):
+            gap = mean - c
+            step = gap / mean if kind == "proportional" else (gap > 0) - (gap < 0)
+            # fp32 buffer: one rounding of b + step, 1e-6 absolute for |values| < 0.3
+            assert abs(router.expert_bias[e].item() - (b + 0.05 * step)) <= 1e-6, (kind, e)

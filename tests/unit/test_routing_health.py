@@ -21,7 +21,8 @@ DEMO_MODEL = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-head
               "--max-position-embeddings", "256", "--normalization", "RMSNorm", "--swiglu",
               "--position-embedding-type", "rope", "--ffn-hidden-size", "344", "--num-experts", "16",
               "--expert-interval", "2"]
-DEMO_ROUTER = ["--moe-router-center-input", "causal", "--moe-router-score-function", "sigmoid",
+DEMO_ROUTER = ["--moe-router-center-input", "causal", "--moe-router-input-whitening-momentum", "0.3",
+               "--moe-router-score-function", "sigmoid",
                "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2",
                "--moe-aux-loss-coeff", "1e-3",
                "--moe-router-topk", "2", "--moe-ffn-hidden-size", "128", "--moe-shared-expert-intermediate-size", "128"]
@@ -197,6 +198,44 @@ def test_causal_centring_is_the_mean_of_earlier_tokens_removed():
     assert torch.equal(got.expert_TK, ref.expert_TK)
     assert torch.allclose(got.gates_TK, ref.gates_TK, atol=1e-6)
     assert "input_mean" not in centred.state_dict()  # no state: training, evaluation and generation agree
+
+
+def test_input_whitening_against_a_float64_loop():
+    """--moe-router-input-whitening-momentum 0.5 (issue 28): over three training forwards the router's moving
+    covariance equals a float64 loop (per token: x_t minus the mean of its sequence's earlier tokens, RMS 1; the
+    covariance; Sigma = cov at the first forward, then 0.5 Sigma + 0.5 cov) to 1e-12 (float64 on both sides, same
+    order of reductions up to summation order), and each forward routes like a plain causal router fed x @ W_ref,
+    W_ref = Sigma^-1/2 of the EARLIER forwards (eigenvalues floored at 1e-3 x the largest; identity at the first):
+    same experts, gates to 1e-5 (fp32 x @ W on anisotropic inputs). Evaluation forwards leave the state alone."""
+    from moe.config import MoEConfig
+    from moe.gating import TopKRouter
+
+    torch.manual_seed(0)
+    fields = dict(num_experts=8, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                  drop_tokens=False, router_input_centering="causal")
+    whitened = TopKRouter(MoEConfig(router_input_whitening=0.5, **fields), 16)
+    plain = TopKRouter(MoEConfig(**fields), 16)
+    plain.weight.data.copy_(whitened.weight.data)
+    sigma, w_ref = None, torch.eye(16, dtype=torch.float64)
+    mix = torch.randn(16, 16) * torch.logspace(0, 1.5, 16)  # a few dominant directions
+    for step in range(3):
+        x = (torch.randn(3 * 24, 16) @ mix + 4.0 * torch.randn(16)).requires_grad_()
+        got = whitened(x, num_sequences=3)
+        ref = plain((x.detach().double() @ w_ref).float(), num_sequences=3)
+        assert torch.equal(got.expert_TK, ref.expert_TK), step
+        assert torch.allclose(got.gates_TK, ref.gates_TK, atol=1e-5), step
+        c = _brute_causal_centered(x.detach().double(), 3)
+        cov = c.T @ c / c.shape[0]
+        sigma = cov if sigma is None else 0.5 * sigma + 0.5 * cov
+        assert torch.allclose(whitened.input_cov, sigma, rtol=0, atol=1e-12), step
+        ev, vec = torch.linalg.eigh(sigma)
+        w_ref = (vec * ev.clamp(min=1e-3 * float(ev.max())).rsqrt()) @ vec.T
+        assert torch.allclose(whitened.input_whiten, w_ref, atol=1e-9), step
+    with torch.no_grad():
+        whitened(torch.randn(24, 16), num_sequences=1)  # no gradient: not folded in
+    assert float(whitened.input_cov_count) == 3 and torch.allclose(whitened.input_cov, sigma, atol=1e-12)
+    assert {"input_cov", "input_cov_count", "input_whiten"} <= set(whitened.state_dict())
+    assert "input_cov" not in plain.state_dict()  # default off: no new state
 
 
 def _routing_per_position(model, tokens):
