@@ -110,9 +110,11 @@ def routes_on_earlier_tokens(model) -> bool:
 def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod: Optional[int] = None,
              use_cache: bool = True, progress: bool = False, stop: Optional[Callable[[List[int]], bool]] = None,
-             generator: Optional[torch.Generator] = None) -> List[int]:
+             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> List[int]:
     """Autoregressive sampling with a KV cache; stops at `eod`, when `stop(new ids so far)` is true, or at the
-    model's window (tqdm bar with `progress`). `generator` (else one seeded with `seed`) draws the samples."""
+    model's window (tqdm bar with `progress`). `generator` (else one seeded with `seed`) draws the samples.
+    `vocab_size` (the tokenizer's): the padded rows of the output layer (--make-vocab-size-divisible-by x TP) are
+    not tokens and are never drawn."""
     if not prompt_ids:
         raise ConfigError("--prompt encodes to no tokens; give a non-empty prompt")
     device = next(model.parameters()).device
@@ -134,6 +136,8 @@ def generate(model: GPTModel, prompt_ids: List[int], max_new_tokens: int, temper
         if len(ids) >= window:
             break
         logits = model(x, kv_cache=cache).logits[:, -1]
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]
         nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
         out.append(nxt)
         ids.append(nxt)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             moe_overrides=moe_eval_overrides(args.moe_eval_token_dropping, args.moe_eval_capacity_factor))
         ids = tok.tokenize(args.prompt)
         new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       eod=tok.eod, use_cache=not args.no_kv_cache,
+                       eod=tok.eod, use_cache=not args.no_kv_cache, vocab_size=tok.vocab_size,
                        progress=not args.no_progress and args.max_new_tokens >= 32)
         stats = model.offload.summary() if model.offload is not None else None
         if stats is not None and args.stats_json:
