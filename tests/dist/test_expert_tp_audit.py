@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist.launcher import run_distributed
+from tests.dist.test_moe_ep_audit import audit_bf16_step
 
 D, FF, E = 16, 32, 4
 
@@ -17,8 +18,6 @@ def _worker(rank, world_size):
 
 
 def _audit(mode, drop_tokens):
-    from megatron.audit import DispatchAudit, cuda_autocast_rules
-    from moe import dispatch
     from moe.config import MoEConfig
     from moe.layer import MoELayer
 
@@ -29,27 +28,7 @@ def _audit(mode, drop_tokens):
                      ep_group=world if ep > 1 else None, etp_group=world if mode == "etp" else None,
                      dedup_group=world)
     x = torch.randn(25, D)  # the same tokens on both TP ranks; odd: the slices are 13 and 12 rows
-    sent = []
-    original = dispatch._AllToAll.forward
-
-    def recording(ctx, t, *args):
-        sent.append(t.dtype)
-        return original(ctx, t, *args)
-
-    dispatch._AllToAll.forward = staticmethod(recording)  # (this spawned process only)
-
-    def step():
-        with cuda_autocast_rules(torch.bfloat16):
-            y, stats = layer(torch.nn.functional.layer_norm(x, (D,)))
-        (y.float().square().mean() + stats.aux_loss).backward()
-
-    step()  # warm-up
-    sent.clear()
-    with DispatchAudit() as audit:
-        step()
-    dispatch._AllToAll.forward = staticmethod(original)
-    expert = {g.dtypes[0] for g in audit.gemms if g.site.startswith(("moe/experts.py", "moe/ops/"))}
-    return {"syncs": [f"{s.op} @ {s.site}" for s in audit.syncs], "sent": sent, "expert": expert}
+    return audit_bf16_step(layer, x)
 
 
 def check(per_rank):

@@ -12,16 +12,12 @@ def _worker(rank, world_size):
     return {drop_tokens: _audit(rank, world_size, drop_tokens) for drop_tokens in (True, False)}
 
 
-def _audit(rank, world_size, drop_tokens):
+def audit_bf16_step(layer, x):
+    """One forward + backward of `layer` on x under bf16 autocast with CUDA's fp32-LayerNorm rule, after a warm-up:
+    the audited host syncs, the dtypes every all-to-all carried and the expert GEMMs' dtypes."""
     from megatron.audit import DispatchAudit, cuda_autocast_rules
     from moe import dispatch
-    from moe.config import MoEConfig
-    from moe.layer import MoELayer
 
-    torch.manual_seed(0)
-    layer = MoELayer(D, FF, E, MoEConfig(num_experts=E, topk=2, ep_size=world_size, drop_tokens=drop_tokens),
-                     ep_group=dist.group.WORLD)
-    x = torch.randn(24 + 8 * rank, D)
     sent = []
     original = dispatch._AllToAll.forward
 
@@ -33,7 +29,7 @@ def _audit(rank, world_size, drop_tokens):
 
     def step():
         with cuda_autocast_rules(torch.bfloat16):
-            y, stats = layer(torch.nn.functional.layer_norm(x, (D,)))
+            y, stats = layer(torch.nn.functional.layer_norm(x, x.shape[-1:]))
         (y.float().square().mean() + stats.aux_loss).backward()
 
     step()  # warm-up
@@ -43,6 +39,17 @@ def _audit(rank, world_size, drop_tokens):
     dispatch._AllToAll.forward = staticmethod(original)
     expert = {g.dtypes[0] for g in audit.gemms if g.site.startswith(("moe/experts.py", "moe/ops/"))}
     return {"syncs": [f"{s.op} @ {s.site}" for s in audit.syncs], "sent": sent, "expert": expert}
+
+
+def _audit(rank, world_size, drop_tokens):
+    from moe.config import MoEConfig
+    from moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(D, FF, E, MoEConfig(num_experts=E, topk=2, ep_size=world_size, drop_tokens=drop_tokens),
+                     ep_group=dist.group.WORLD)
+    x = torch.randn(24 + 8 * rank, D)
+    return audit_bf16_step(layer, x)
 
 
 def test_ep2_bf16_all_to_all_and_one_sync():
