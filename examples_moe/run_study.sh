@@ -155,7 +155,8 @@ else
 fi
 ITERS=$(( (TOKENS + TOKENS_PER_ITER - 1) / TOKENS_PER_ITER ))
 KD_TOKENS=$("$PYTHON" -c "import sys; print(max(1, int(float(sys.argv[1]) * int(sys.argv[2]))))" "$KD_FRACTION" "$TOKENS")
-CADENCE=$(( ITERS / EVAL_POINTS > 0 ? ITERS / EVAL_POINTS : 1 ))   # log, validate and checkpoint EVAL_POINTS times
+CADENCE=$(( ITERS / EVAL_POINTS > 0 ? ITERS / EVAL_POINTS : 1 ))   # validate and checkpoint EVAL_POINTS times
+# every iteration is logged: its MoE lines give each layer's tokens/expert and drops (the balance bound, issue 28)
 echo "   $TOKENS tokens per run ($ITERS iterations of $TOKENS_PER_ITER tokens; validation every $CADENCE)"
 
 echo "== 3/6 LR range test (dense, seed $SEED0)"
@@ -179,7 +180,7 @@ train() {  # train NAME FLAGS...: skip when done, resume from the last checkpoin
   echo "== $name: training $TOKENS tokens${load:+ (resuming from $dir/checkpoints)}"
   t0=$(date +%s)
   "$PYTHON" pretrain_gpt.py "${MODEL[@]}" "${LR_FLAGS[@]}" "$@" --train-tokens "$TOKENS" \
-      --log-interval "$CADENCE" --eval-interval "$CADENCE" --save-interval "$CADENCE" --exit-signal-handler \
+      --log-interval 1 --eval-interval "$CADENCE" --save-interval "$CADENCE" --exit-signal-handler \
       --save "$dir/checkpoints" --tensorboard-dir "$dir/tb" "${load[@]}" >> "$dir/train.log" 2>&1 || rc=$?
   echo $(( $(date +%s) - t0 )) >> "$dir/wall_seconds"   # one line per invocation (resumes add lines)
   if [ "$rc" != 0 ]; then tail -n 5 "$dir/train.log" >&2; exit 1; fi

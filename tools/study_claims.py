@@ -51,6 +51,10 @@ def figure_lines(summary, labels=sr.LABELS):
     if mos:
         no_kd = "" if mos["no_kd"] is None else f"; vs the no-KD student {mos['mos_minus_no_kd']:+.4f} nats"
         lines.append(f"MoS vs its PR-MoE teacher: loss {_pct(mos['loss_rel'])}{no_kd}")
+    for b in summary.get("balance", []):
+        lines.append(f"routing balance, {labels.get(b['model'], b['model'])} seed {b['seed']}: worst max/mean "
+                     f"{b['worst_max_over_mean']:.2f}, worst dropped {b['worst_dropped_pct']:.2f}% over "
+                     f"{b['iterations']} iterations from {b['from_iteration']}; {b['over']} outside the bound")
     return lines
 
 

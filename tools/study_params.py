@@ -42,13 +42,18 @@ def from_flags(argv):
     return param_counts(model, cfg.moe.topk if cfg.moe is not None else 1)
 
 
-def from_checkpoint(load: str):
-    """(total, active) of a saved checkpoint (the architecture it records)."""
+def from_checkpoint(load: str, with_routers: bool = False):
+    """(total, active) of a saved checkpoint (the architecture it records); with_routers: (total, active,
+    [(experts, top-k) per MoE layer, in module order: the order of the training log's 'moe layer i' lines])."""
     from megatron.checkpointing import build_model_from_checkpoint
+    from moe.gating import routers
 
     loaded = build_model_from_checkpoint(load)
     moe = loaded.configs.get("moe")
-    return param_counts(loaded.model, moe["topk"] if moe else 1)
+    total, active = param_counts(loaded.model, moe["topk"] if moe else 1)
+    if not with_routers:
+        return total, active
+    return total, active, [(r.num_experts, r.k) for r in routers(loaded.model)]
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,11 @@ VAL_RE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9
 END_RE = re.compile(r"validation loss at the end of training \(validation set\) \| lm loss value: ([0-9.E+-]+)")
 LOG_RE = re.compile(r" iteration +(\d+)/ *\d+ .*?consumed tokens: +(\d+) .*?tokens/s: (\d+)")
 DROP_RE = re.compile(r"moe layer \d+: .*?dropped ([0-9.]+)%")
+LOAD_RE = re.compile(r"moe layer \d+: aux \S+ \| tokens/expert min \d+ max (\d+) cv \S+ \| dropped ([0-9.]+)%")
+# issue 28's routing-balance bound, checked on every logged iteration from BALANCE_FROM on (run_study.sh logs every
+# iteration): tokens/expert max/mean <= MAX_OVER_MEAN and dropped <= MAX_DROPPED_PCT in every MoE layer
+BALANCE_FROM, MAX_OVER_MEAN, MAX_DROPPED_PCT = 20, 2.0, 5.0
+BALANCED_RECIPE = ("moe", "pr_moe", "mos", "student_no_kd")  # the runs in the modern routing recipe
 
 # issue 28's targets
 TARGETS = {
@@ -57,15 +62,38 @@ def parse_log(path):
     if end:
         curve[tokens] = float(end[-1])
     tok_s = [t for _, _, t in logged]
-    dropped = []
+    dropped, load = [], {}
     for block in re.split(r"(?= iteration +\d+/)", text):  # the MoE lines follow their iteration's log line
         m = LOG_RE.match(block)
         found = [float(d) for d in DROP_RE.findall(block)]
         if m and found:
             dropped.append((int(m.group(1)), max(found)))
+            load[int(m.group(1))] = [(int(mx), float(d)) for mx, d in LOAD_RE.findall(block)]
     return {"curve": sorted(curve.items()), "val_loss": float(end[-1]) if end else float("nan"), "tokens": tokens,
             "tokens_per_s": statistics.median(tok_s[1:] or tok_s) if tok_s else float("nan"),
-            "dropped_pct": dropped}
+            "dropped_pct": dropped, "load": sorted(load.items()), "tokens_per_iter": per_iter}
+
+
+def balance(load, tokens_per_iter, layers, start=BALANCE_FROM):
+    """The routing-balance bound over the logged iterations >= start: load [(iteration, [(max tokens/expert,
+    dropped %) per MoE layer])] from parse_log, layers [(experts, top-k) per MoE layer]; an expert's mean load is
+    the iteration's routed pairs / experts = tokens_per_iter x top-k / experts (one process: the log's counts are
+    the whole global batch's). {iterations, worst_max_over_mean, worst_dropped_pct, over: iterations outside the
+    bound, first_over} or None without MoE lines."""
+    rows = [(it, per) for it, per in load if it >= start and per]
+    if not rows or not layers:
+        return None
+    if any(len(per) != len(layers) for _, per in rows):
+        raise ValueError(f"the log has MoE lines for {len(rows[0][1])} layers, the checkpoint {len(layers)} MoE layers")
+    worst_ratio, worst_drop, over = 0.0, 0.0, []
+    for it, per in rows:
+        ratios = [mx / (tokens_per_iter * k / e) for (mx, _), (e, k) in zip(per, layers)]
+        drop = max(d for _, d in per)
+        worst_ratio, worst_drop = max(worst_ratio, max(ratios)), max(worst_drop, drop)
+        if max(ratios) > MAX_OVER_MEAN or drop > MAX_DROPPED_PCT:
+            over.append(it)
+    return {"from_iteration": start, "iterations": len(rows), "worst_max_over_mean": worst_ratio,
+            "worst_dropped_pct": worst_drop, "over": len(over), "first_over": over[0] if over else None}
 
 
 def wall_seconds(path):
@@ -90,13 +118,14 @@ def collect(specs):
             raise ValueError(f"--runs {spec!r}: expected MODEL:SEED=DIR with MODEL one of {', '.join(MODELS)}")
         model, seed, d = m.group(1), int(m.group(2)), m.group(3)
         log = parse_log(os.path.join(d, "train.log"))
-        total, active = study_params.from_checkpoint(os.path.join(d, "checkpoints"))
+        total, active, layers = study_params.from_checkpoint(os.path.join(d, "checkpoints"), with_routers=True)
         ev = eval_metrics(os.path.join(d, "eval_zeroshot.json"))
         runs.append({"model": model, "seed": seed, "val_loss": log["val_loss"],
                      "val_ppl": math.exp(min(log["val_loss"], 30.0)), "tokens": log["tokens"],
                      "total_params": total, "active_params": active, "tokens_per_s": log["tokens_per_s"],
                      "wall_seconds": wall_seconds(os.path.join(d, "wall_seconds")),
                      "dropped_pct": log["dropped_pct"],
+                     "balance": balance(log["load"], log["tokens_per_iter"], layers),
                      "lambada_acc": ev.get(("lambada", "acc")), "lambada_ppl": ev.get(("lambada", "ppl")),
                      "piqa_acc": ev.get(("piqa", "acc")), "piqa_acc_norm": ev.get(("piqa", "acc_norm")),
                      "val_curve": log["curve"], "dir": d})
@@ -172,6 +201,9 @@ def summarize(runs):
                                 "loss_rel": pr["mean"] / moe["mean"] - 1, "pr_moe_params": pr["total_params"],
                                 "moe_params": moe["total_params"],
                                 "param_cut": 1 - pr["total_params"] / moe["total_params"]}
+    checked = [r for r in runs if r.get("balance")]
+    if checked:
+        out["balance"] = [{"model": r["model"], "seed": r["seed"], **r["balance"]} for r in checked]
     if "mos" in arms and "pr_moe" in arms:
         mos, teacher = arms["mos"]["mean"], arms["pr_moe"]["mean"]
         no_kd = arms["student_no_kd"]["mean"] if "student_no_kd" in arms else None
@@ -231,6 +263,19 @@ def claims(summary, targets=TARGETS):
                     "measured": f"{mos['mos']:.4f} vs teacher {mos['teacher']:.4f} ({100 * mos['loss_rel']:+.2f}%)"
                                 f"{no_kd}",
                     "pass": mos["loss_rel"] <= targets["mos_loss_rel"]})
+    modern = [b for b in summary.get("balance", []) if b["model"] in BALANCED_RECIPE]
+    if modern:
+        worst = max(modern, key=lambda b: b["worst_max_over_mean"])
+        out.append({"claim": "Routing balanced from iteration 20 in the modern recipe (MoE, PR-MoE, MoS, no-KD "
+                             "student)",
+                    "target": f"every MoE layer, every logged iteration >= {BALANCE_FROM}: tokens/expert max/mean <= "
+                              f"{MAX_OVER_MEAN:g}, dropped <= {MAX_DROPPED_PCT:g}%",
+                    "measured": f"worst max/mean {worst['worst_max_over_mean']:.2f} ({LABELS[worst['model']]} seed "
+                                f"{worst['seed']}), worst dropped "
+                                f"{max(b['worst_dropped_pct'] for b in modern):.2f}%; "
+                                f"{sum(b['over'] for b in modern)} of {sum(b['iterations'] for b in modern)} "
+                                f"iterations outside the bound over {len(modern)} runs",
+                    "pass": all(b["over"] == 0 for b in modern)})
     return out
 
 
@@ -257,6 +302,15 @@ def markdown(runs, summary, verdicts, header):
                       f"{te['dense_tokens']:.0f} tokens): "
                       + ", ".join(f"seed {s['seed']} {ratio_text(s)}" for s in te["per_seed"])
                       + f"; mean {_f(te['mean_ratio'], '%.3f')}."]
+    bal = summary.get("balance")
+    if bal:
+        lines += ["", f"## Routing balance (every logged iteration from {BALANCE_FROM} on, every MoE layer)", "",
+                  "tokens/expert max/mean (mean = routed pairs / experts) and dropped tokens; the bound is max/mean <= "
+                  f"{MAX_OVER_MEAN:g} and dropped <= {MAX_DROPPED_PCT:g}%.", "",
+                  "| run | seed | iterations checked | worst max/mean | worst dropped | iterations outside the bound "
+                  "| first outside |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {LABELS[b['model']]} | {b['seed']} | {b['iterations']} | {b['worst_max_over_mean']:.2f} | "
+                  f"{b['worst_dropped_pct']:.2f}% | {b['over']} | {_f(b['first_over'], '%d')} |" for b in bal]
     ds = summary.get("ds_moe_vs_moe")
     if ds:
         lines += ["", f"DeepSpeed top-1 MoE (study v1's recipe, 1 seed) {ds['ds_moe']:.4f} vs modern MoE mean "

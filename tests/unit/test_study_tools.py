@@ -193,3 +193,35 @@ def test_active_params_equal_a_model_with_only_k_experts():
     router_extra = 2 * 16  # the router's weight is [E, D]: 2 more experts = 32 more router weights (no bias)
     assert total2 == active2 and active4 == total2 + router_extra
     assert total4 - active4 == 2 * (2 * 16 * 32 + 32 + 16)  # two unused experts of fc1 [16x32]+32, fc2 [32x16]+16
+
+
+def test_balance_bound_from_the_logged_moe_lines(tmp_path):
+    """max/mean per layer with mean = tokens x top-k / experts, from iteration 20 on; one iteration over 2.0."""
+    line = " iteration {:8d}/      30 | consumed samples: {:10d} | consumed tokens: {:12d} | tokens/s: 100 |\n"
+    moe = "   moe layer {}: aux 0.0100 | tokens/expert min 1 max {} cv 0.500 | dropped {}%\n"
+    log = tmp_path / "train.log"
+    log.write_text("".join(line.format(it, it, it * 64) + moe.format(0, m0, "0.00") + moe.format(1, m1, d1)
+                           for it, m0, m1, d1 in ((10, 60, 60, "9.00"), (20, 30, 16, "5.00"), (21, 20, 17, "0.00"))))
+    parsed = study_report.parse_log(str(log))
+    assert parsed["tokens_per_iter"] == 64 and parsed["load"][1] == (20, [(30, 0.0), (16, 5.0)])
+    layers = [(4, 1), (16, 2)]  # means 64 x 1 / 4 = 16 and 64 x 2 / 16 = 8
+    got = study_report.balance(parsed["load"], parsed["tokens_per_iter"], layers)
+    # iteration 10 (3.75, 9% dropped) is before the bound applies; 20: 1.875 and 2.0 with 5% dropped: within;
+    # 21: 17 / 8 = 2.125: outside
+    assert got == {"from_iteration": 20, "iterations": 2, "worst_max_over_mean": 2.125, "worst_dropped_pct": 5.0,
+                   "over": 1, "first_over": 21}
+    assert study_report.balance(parsed["load"], 64, layers, start=22) is None
+    with pytest.raises(ValueError, match="2 layers, the checkpoint 1"):
+        study_report.balance(parsed["load"], 64, [(4, 1)])
+    runs = _study()
+    for r, over in zip(runs[3:], (0, 0, 0, 5)):  # MoE seeds 1-3 within, the DeepSpeed top-1 arm outside
+        r["balance"] = {**got, "over": over, "worst_max_over_mean": 1.5 + over}
+    s = study_report.summarize(runs)
+    claim = study_report.claims(s)[-1]
+    assert claim["claim"].startswith("Routing balanced") and claim["pass"] is True  # ds_moe is not judged
+    assert "0 of 6 iterations outside the bound over 3 runs" in claim["measured"]
+    runs[4]["balance"]["over"] = 2
+    claim = study_report.claims(study_report.summarize(runs))[-1]
+    assert claim["pass"] is False and "2 of 6" in claim["measured"]
+    assert "| MoE (DeepSpeed top-1) | 1 | 2 | 6.50 | 5.00% | 5 | 21 |" in study_report.markdown(
+        runs, study_report.summarize(runs), [], "# h")
