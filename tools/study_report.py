@@ -165,6 +165,27 @@ def token_efficiency(runs):
             "reached": sum(x is not None for x in ratios), "of": len(ratios)}
 
 
+def mean_curve(rs):
+    """[(tokens, mean loss)] over the token counts every run in rs validated at (they share the iterations)."""
+    common = set.intersection(*(set(t for t, _ in r["val_curve"]) for r in rs)) if rs else set()
+    return [(t, statistics.mean(dict(r["val_curve"])[t] for r in rs)) for t in sorted(common)]
+
+
+def gap_curve(runs):
+    """The MoE - dense gap along training: at each validation every dense and MoE seed shares, [{tokens, dense, moe
+    (seed means), gap, dense_equivalent}]; dense_equivalent = the tokens dense (mean curve) needs to reach the MoE's
+    mean loss there / those tokens (> 1: the MoE is worth that many dense tokens; the token-efficiency ratio's
+    inverse at the end), None when dense never gets there."""
+    dense, moe = mean_curve(_by(runs, "dense")), dict(mean_curve(_by(runs, "moe")))
+    out = []
+    for t, d in dense:
+        if t in moe:
+            reach, how = tokens_to_reach(dense, moe[t])
+            out.append({"tokens": t, "dense": d, "moe": moe[t], "gap": d - moe[t],
+                        "dense_equivalent": None if reach is None or how == "at_or_before" else reach / t})
+    return out
+
+
 def _by(runs, model):
     return [r for r in runs if r["model"] == model]
 
@@ -192,6 +213,7 @@ def summarize(runs):
                                "dense_spread": d["spread"], "moe_spread": m["spread"], "larger_spread": larger,
                                "gap_over_spread": gap / larger if larger else None}
         out["token_efficiency"] = token_efficiency(runs)
+        out["gap_curve"] = gap_curve(runs)
     if "ds_moe" in arms and "moe" in arms:
         ds = arms["ds_moe"]["mean"]
         out["ds_moe_vs_moe"] = {"ds_moe": ds, "moe_mean": arms["moe"]["mean"], "diff": ds - arms["moe"]["mean"]}
@@ -302,6 +324,14 @@ def markdown(runs, summary, verdicts, header):
                       f"{te['dense_tokens']:.0f} tokens): "
                       + ", ".join(f"seed {s['seed']} {ratio_text(s)}" for s in te["per_seed"])
                       + f"; mean {_f(te['mean_ratio'], '%.3f')}."]
+    gc = summary.get("gap_curve")
+    if gc:
+        lines += ["", "## The gap along training", "",
+                  "Seed means at each validation; dense-equivalent = tokens dense needs to reach the MoE's loss there "
+                  "/ those tokens (its inverse at the end is the token-efficiency ratio).", "",
+                  "| tokens | dense | MoE | gap (nats) | dense-equivalent |", "|---|---|---|---|---|"]
+        lines += [f"| {p['tokens']} | {p['dense']:.4f} | {p['moe']:.4f} | {p['gap']:+.4f} | "
+                  f"{_f(p['dense_equivalent'], '%.2fx')} |" for p in gc]
     bal = summary.get("balance")
     if bal:
         lines += ["", f"## Routing balance (every logged iteration from {BALANCE_FROM} on, every MoE layer)", "",

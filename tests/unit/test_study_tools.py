@@ -154,8 +154,8 @@ def test_report_markdown_json_fields_and_plot(tmp_path):
     assert "| dense | 3 | 5.0000, 5.0200, 5.0400 | 5.0200 | 0.0400 |" in md  # per arm: losses, mean, spread
     assert "seed 1 0.450, seed 2 0.600, seed 3 0.725; mean 0.592." in md
     assert md.count("| PASS |") == 4
-    assert set(summary) == {"arms", "moe_vs_dense", "token_efficiency", "ds_moe_vs_moe", "pr_moe_vs_moe",
-                            "mos_vs_teacher"}
+    assert set(summary) == {"arms", "moe_vs_dense", "token_efficiency", "gap_curve", "ds_moe_vs_moe",
+                            "pr_moe_vs_moe", "mos_vs_teacher"}
     png = tmp_path / "p.png"
     study_report.plot(runs, summary, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -225,3 +225,18 @@ def test_balance_bound_from_the_logged_moe_lines(tmp_path):
     assert claim["pass"] is False and "2 of 6" in claim["measured"]
     assert "| MoE (DeepSpeed top-1) | 1 | 2 | 6.50 | 5.00% | 5 | 21 |" in study_report.markdown(
         runs, study_report.summarize(runs), [], "# h")
+
+
+def test_gap_curve_and_dense_equivalent_tokens():
+    """Dense mean curve 6.0/5.5/5.0 at 100/200/300; MoE mean 5.75 at 100 (dense gets there at 150: 1.5x), 5.25 at
+    200 (dense at 250: 1.25x), 4.9 at 300 (dense never: None)."""
+    runs = [_run("dense", 1, 5.0, curve=[(100, 6.1), (200, 5.6), (300, 5.1)]),
+            _run("dense", 2, 5.0, curve=[(100, 5.9), (200, 5.4), (300, 4.9)]),
+            _run("moe", 1, 4.9, curve=[(100, 5.75), (200, 5.3), (300, 4.9), (400, 4.8)]),
+            _run("moe", 2, 4.9, curve=[(100, 5.75), (200, 5.2), (300, 4.9)])]
+    got = study_report.gap_curve(runs)
+    assert [p["tokens"] for p in got] == [100, 200, 300]  # 400: one MoE seed only
+    assert [p["gap"] for p in got] == pytest.approx([0.25, 0.25, 0.1])
+    assert [p["dense_equivalent"] for p in got[:2]] == pytest.approx([1.5, 1.25]) and got[2]["dense_equivalent"] is None
+    md = study_report.markdown(runs, study_report.summarize(runs), [], "# h")
+    assert "| 100 | 6.0000 | 5.7500 | +0.2500 | 1.50x |" in md and "| 300 | 5.0000 | 4.9000 | +0.1000 | n/a |" in md
