@@ -497,13 +497,23 @@ class TopKRouter(nn.Module):
         the demo); W equalises the directions. W comes from earlier micro-batches only (a training forward folds its
         own covariance in after use: Sigma += max(1/n, 1 - m) (cov - Sigma), then W is recomputed; not in a
         recompute or without gradients), so no position sees a later one; evaluation and generation use W as it
-        is. Per rank (not reduced over data parallel), as 'batch' centring. Cost per training forward: a [D, D]
-        covariance and a float64 eigendecomposition of it (on CUDA, torch.linalg.eigh may synchronise)."""
+        is. The covariance is taken over the whole data-parallel micro-batch (one SUM all-reduce over dp_group of
+        [D*D + 1] float64 per training forward, as global_aux_loss's counts), so every DP rank keeps the same Sigma
+        and W and routes as one process with the global micro-batch would. Cost per training forward: that
+        all-reduce and a float64 eigendecomposition of [D, D] (on CUDA, torch.linalg.eigh may synchronise): cheap
+        at D = 128, prohibitive at D = 7168 (a demo/study-scale fix, docs/routing_health.md)."""
         y_TD = x_TD @ self.input_whiten.to(x_TD.dtype)
         if self.training and _counting() and x_TD.shape[0] > 0:
             with torch.no_grad():
                 c_TD = causal_centered(x_TD.detach().double(), num_sequences)
-                cov_DD = c_TD.T @ c_TD / c_TD.shape[0]
+                group = self.dp_group
+                if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+                    d = c_TD.shape[1]
+                    flat = torch.cat([(c_TD.T @ c_TD).reshape(-1), c_TD.new_full((1,), c_TD.shape[0])])
+                    dist.all_reduce(flat, group=group)
+                    cov_DD = flat[:-1].view(d, d) / flat[-1]
+                else:
+                    cov_DD = c_TD.T @ c_TD / c_TD.shape[0]
                 self.input_cov_count += 1
                 rate = torch.clamp(1.0 / self.input_cov_count, min=1.0 - self.cfg.router_input_whitening)
                 self.input_cov += rate * (cov_DD - self.input_cov)

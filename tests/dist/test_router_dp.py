@@ -98,3 +98,47 @@ def test_aux_loss_is_per_micro_batch():
     """aux_loss (megatron-core's definition) balances each micro-batch: a 4x1 split is a different loss from 1x4,
     which is why the DP test compares equal micro-batches."""
     assert abs(train_step(_router("aux_loss"), _split(1))[0] - train_step(_router("aux_loss"), _split(4))[0]) > 1e-6
+
+
+def _whitened_router(group=None) -> TopKRouter:
+    cfg = MoEConfig(num_experts=E, topk=2, router_family="megatron", score_function="sigmoid", expert_bias=True,
+                    drop_tokens=False, router_input_centering="causal", router_input_whitening=0.5)
+    router = TopKRouter(cfg, D, dp_group=group)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(1)))
+    return router
+
+
+def _whitening_steps(router, shard, group=None):
+    """Three training forwards (each folds its covariance in, so the later ones route with W of the earlier ones);
+    per forward: (experts chosen, gates) of this rank's sequences; then the moving covariance and W."""
+    out = []
+    mix = torch.randn(D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.logspace(
+        0, 1.5, D, dtype=torch.float64)
+    for step in range(3):
+        x_BSD = torch.randn(GLOBAL_B, S, D, generator=torch.Generator().manual_seed(10 + step),
+                            dtype=torch.float64) @ mix
+        x_BSD = x_BSD[shard].float().requires_grad_()
+        r = router(x_BSD.reshape(-1, D), num_sequences=x_BSD.shape[0])
+        out.append((r.expert_TK.clone(), r.gates_TK.detach().clone()))
+    return out, router.input_cov.clone(), router.input_whiten.clone()
+
+
+def _whitening_worker(rank, world_size):
+    per = GLOBAL_B // world_size
+    return _whitening_steps(_whitened_router(dist.group.WORLD), slice(rank * per, (rank + 1) * per),
+                            dist.group.WORLD)
+
+
+def test_input_whitening_dp2_equals_one_process():
+    """--moe-router-input-whitening-momentum under DP=2: the covariance is all-reduced over the DP group, so both
+    ranks hold the same Sigma and W as one process whose micro-batch is the global batch, and route their halves
+    the same way (experts equal, gates to 1e-6); Sigma to 1e-12 (float64 sums in another order)."""
+    ref_routes, ref_cov, ref_w = _whitening_steps(_whitened_router(), slice(0, GLOBAL_B))
+    per = GLOBAL_B // 2
+    for rank, (routes, cov, w) in enumerate(run_distributed(_whitening_worker, 2)):
+        assert torch.allclose(cov, ref_cov, rtol=0, atol=1e-12) and torch.allclose(w, ref_w, rtol=0, atol=1e-9)
+        for (expert, gates), (ref_expert, ref_gates) in zip(routes, ref_routes):
+            rows = slice(rank * per * S, (rank + 1) * per * S)
+            assert torch.equal(expert, ref_expert[rows])
+            assert torch.allclose(gates, ref_gates[rows], rtol=0, atol=1e-6)
