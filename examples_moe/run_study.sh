@@ -220,7 +220,7 @@ mkdir -p "$DOCS"
 "$PYTHON" tools/study_report.py --output "$DOCS/study.md" --json "$DOCS/study.json" --plot "$DOCS/study_val_loss.png" \
     --budget "$OUT/budget.json" --lr-range-test "$OUT/lr_range_test" --wall-seconds $(( $(date +%s) - $(cat "$OUT/start_time") )) \
     --recipe "modern MoE: top-$MOE_TOPK of $MOE_EXPERTS experts of FFN $MOE_FFN, $MOE_RECIPE_FLAGS; DeepSpeed arm: $DS_RECIPE_FLAGS" \
-    --runs "${RUNS[@]}"
+    $([ -f "$DOCS/study_notes.md" ] && echo --notes "$DOCS/study_notes.md") --runs "${RUNS[@]}"
 "$PYTHON" tools/study_claims.py "$DOCS/study.json"
 exit
 }

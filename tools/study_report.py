@@ -421,6 +421,9 @@ def main(argv=None):
     p.add_argument("--lr-range-test", default=None, help="tools/lr_range_test.py's output directory")
     p.add_argument("--wall-seconds", type=float, default=None, help="the study's wall time")
     p.add_argument("--recipe", default=None, help="one line naming the MoE recipes, for the header")
+    p.add_argument("--notes", default=None,
+                   help="hand-written markdown appended to the report (the study's design and the reading of its "
+                        "results: docs/study_notes.md), so that regenerating the report keeps it")
     args = p.parse_args(argv)
     try:
         runs = collect(args.runs)
@@ -430,6 +433,13 @@ def main(argv=None):
     summary = summarize(runs)
     verdicts = claims(summary)
     md = markdown(runs, summary, verdicts, header_lines(args))
+    if args.notes:
+        try:
+            with open(args.notes) as f:
+                md += "\n" + f.read()
+        except OSError as e:
+            print(f"error: --notes {args.notes}: {e.strerror}", file=sys.stderr)
+            return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         f.write(md)

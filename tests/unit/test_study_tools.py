@@ -240,3 +240,20 @@ def test_gap_curve_and_dense_equivalent_tokens():
     assert [p["dense_equivalent"] for p in got[:2]] == pytest.approx([1.5, 1.25]) and got[2]["dense_equivalent"] is None
     md = study_report.markdown(runs, study_report.summarize(runs), [], "# h")
     assert "| 100 | 6.0000 | 5.7500 | +0.2500 | 1.50x |" in md and "| 300 | 5.0000 | 4.9000 | +0.1000 | n/a |" in md
+
+
+def test_report_appends_the_hand_written_notes(tmp_path, monkeypatch, capsys):
+    """--notes: the study's reading (docs/study_notes.md) follows the generated report, so a rerun keeps it; a
+    missing notes file is one line and exit 2, nothing written."""
+    monkeypatch.setattr(study_report, "collect", lambda specs: _study())
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Reading the results\n\nhand-written\n")
+    out = tmp_path / "study.md"
+    assert study_report.main(["--runs", "x", "--output", str(out), "--notes", str(notes)]) == 0
+    text = out.read_text()
+    assert text.index("## Issue 28's targets") < text.index("## Reading the results") and text.endswith("hand-written\n")
+    out.unlink()
+    capsys.readouterr()
+    assert study_report.main(["--runs", "x", "--output", str(out), "--notes", str(tmp_path / "none.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--notes" in err and not out.exists()
