@@ -33,6 +33,11 @@ def figure_lines(summary, labels=sr.LABELS):
     if g:
         lines.append(f"MoE - dense gap: {g['gap']:.4f} nats; larger seed spread {sr._f(g['larger_spread'])}; "
                      f"gap / larger spread {sr._f(g['gap_over_spread'], '%.2f')}")
+        if g.get("paired"):
+            p = g["paired"]
+            lines.append("MoE - dense gap paired by seed (same data order): "
+                         + ", ".join("%.4f (seed %s)" % (x["gap"], x["seed"]) for x in p["per_seed"])
+                         + f"; spread {sr._f(p['spread'])}")
     te = summary.get("token_efficiency")
     if te:
         for s in te["per_seed"]:

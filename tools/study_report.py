@@ -186,6 +186,20 @@ def gap_curve(runs):
     return out
 
 
+def paired_gaps(runs):
+    """Dense minus MoE per seed, for the seeds both arms ran: --seed sets the initialisation and the data order
+    (the same training samples in the same order for both arms of a seed), so the seed-to-seed variation common
+    to both arms cancels in the paired gap. {per_seed: [{seed, gap}], mean, spread (max - min)} or None."""
+    dense = {r["seed"]: r["val_loss"] for r in _by(runs, "dense")}
+    moe = {r["seed"]: r["val_loss"] for r in _by(runs, "moe")}
+    seeds = sorted(set(dense) & set(moe))
+    if not seeds:
+        return None
+    gaps = [dense[s] - moe[s] for s in seeds]
+    return {"per_seed": [{"seed": s, "gap": g} for s, g in zip(seeds, gaps)], "mean": statistics.mean(gaps),
+            "spread": max(gaps) - min(gaps) if len(gaps) > 1 else None}
+
+
 def _by(runs, model):
     return [r for r in runs if r["model"] == model]
 
@@ -211,7 +225,8 @@ def summarize(runs):
         larger = max(spreads) if len(spreads) == 2 else None  # both arms need >= 2 seeds
         out["moe_vs_dense"] = {"dense_mean": d["mean"], "moe_mean": m["mean"], "gap": gap,
                                "dense_spread": d["spread"], "moe_spread": m["spread"], "larger_spread": larger,
-                               "gap_over_spread": gap / larger if larger else None}
+                               "gap_over_spread": gap / larger if larger else None,
+                               "paired": paired_gaps(runs)}
         out["token_efficiency"] = token_efficiency(runs)
         out["gap_curve"] = gap_curve(runs)
     if "ds_moe" in arms and "moe" in arms:
@@ -245,6 +260,14 @@ def ratio_text(s):
     return ("<= " if s["how"] == "at_or_before" else "") + f"{s['ratio']:.3f}"
 
 
+def paired_text(p):
+    """'; paired by seed (same data order): gaps 0.161, 0.169, spread 0.008' or ''."""
+    if not p:
+        return ""
+    gaps = ", ".join("%.3f" % x["gap"] for x in p["per_seed"])
+    return f"; paired by seed (same data order): gaps {gaps}, spread {_f(p['spread'], '%.3f')}"
+
+
 def claims(summary, targets=TARGETS):
     """[{claim, target, measured, pass}] for issue 28's targets; a figure that cannot be computed is a miss."""
     out = []
@@ -257,7 +280,7 @@ def claims(summary, targets=TARGETS):
                               f"seed spread",
                     "measured": f"gap {g['gap']:.4f} (dense {g['dense_mean']:.4f} - MoE {g['moe_mean']:.4f}); "
                                 f"spreads dense {_f(g['dense_spread'])}, MoE {_f(g['moe_spread'])}; gap/spread "
-                                f"{_f(g['gap_over_spread'], '%.2f')}",
+                                f"{_f(g['gap_over_spread'], '%.2f')}" + paired_text(g.get("paired")),
                     "pass": need is not None and g["gap"] >= need})
     te = summary.get("token_efficiency")
     if te:
@@ -317,6 +340,11 @@ def markdown(runs, summary, verdicts, header):
     for m, a in summary["arms"].items():
         lines.append(f"| {LABELS[m]} | {len(a['seeds'])} | {', '.join(f'{v:.4f}' for v in a['val_loss'])} | "
                      f"{a['mean']:.4f} | {_f(a['spread'])} |")
+    pg = (summary.get("moe_vs_dense") or {}).get("paired")
+    if pg:
+        lines += ["", "Paired by seed (a seed sets both the initialisation and the data order, the same for both arms): "
+                      "dense − MoE = " + ", ".join(f"{x['gap']:.4f} (seed {x['seed']})" for x in pg["per_seed"])
+                  + f"; mean {pg['mean']:.4f}, spread {_f(pg['spread'])}."]
     te = summary.get("token_efficiency")
     if te:
         lines += ["", f"Token-efficiency ratio (tokens at which each MoE seed first reaches the dense mean's final "

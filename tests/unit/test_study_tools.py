@@ -257,3 +257,19 @@ def test_report_appends_the_hand_written_notes(tmp_path, monkeypatch, capsys):
     assert study_report.main(["--runs", "x", "--output", str(out), "--notes", str(tmp_path / "none.md")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--notes" in err and not out.exists()
+
+
+def test_paired_gap_by_seed():
+    """Dense 5.00/5.02/5.04 and MoE 4.80/4.82/4.83 of the same seeds: paired gaps 0.20, 0.20, 0.21 (spread 0.01),
+    in the summary, the claim's figures and the report; a seed only one arm ran is left out."""
+    runs = _study() + [_run("dense", 9, 6.0)]
+    p = study_report.summarize(runs)["moe_vs_dense"]["paired"]
+    assert [x["seed"] for x in p["per_seed"]] == [1, 2, 3]
+    assert [x["gap"] for x in p["per_seed"]] == pytest.approx([0.20, 0.20, 0.21])
+    assert p["spread"] == pytest.approx(0.01) and p["mean"] == pytest.approx(0.61 / 3)
+    s = study_report.summarize(_study())
+    assert "paired by seed (same data order): gaps 0.200, 0.200, 0.210, spread 0.010" in study_report.claims(s)[0][
+        "measured"]
+    assert "dense − MoE = 0.2000 (seed 1), 0.2000 (seed 2), 0.2100 (seed 3)" in study_report.markdown(
+        _study(), s, [], "# h")
+    assert study_report.paired_gaps([_run("dense", 1, 5.0)]) is None
