@@ -283,9 +283,12 @@ class SchedulerConfig:
             raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                               "exclusive; pick one")
         style = self.lr_decay_style
-        if style in ("lr-range-test", "one-cycle") and self.lr_warmup_iters > 0:
+        if style == "lr-range-test" and self.lr_warmup_iters > 0:
             raise ConfigError(f"--lr-warmup-iters/--lr-warmup-tokens ({self.lr_warmup_iters} steps) have no effect "
                              f"with --lr-decay-style {style}, which sets the LR from the first step; drop them")
+        if style == "one-cycle" and (self.lr_warmup_tokens or self.lr_warmup_samples):
+            raise ConfigError("--lr-decay-style one-cycle counts optimizer steps: warm it up with --lr-warmup-iters, "
+                              "not --lr-warmup-tokens/--lr-warmup-samples")
         if style == "lr-range-test":
             self._check_lr_range_test()
         if style == "one-cycle":

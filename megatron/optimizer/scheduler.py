@@ -56,7 +56,14 @@ class OptimizerParamScheduler:
         if self.style == "lr-range-test":
             return lr_range_test_lr(self.cfg, self.num_steps)
         if self.style == "one-cycle":
-            return one_cycle_lr(self.cfg, self.num_steps)
+            # --lr-warmup-iters (an addition to DeepSpeed's OneCycle, which starts at cycle_min_lr): the cycle's LR
+            # times steps / warmup over the first steps, as Megatron's warmup (0 for the first update). Without it
+            # the first Adam updates run at cycle_min_lr; in the CPU study that blew up some seeds around step 10
+            # (loss back to ~9, a gradient spike of 10-240x the clip in the first layers; docs/study_notes.md)
+            lr = one_cycle_lr(self.cfg, self.num_steps)
+            if self.warmup_steps > 0 and self.num_steps < self.warmup_steps:
+                lr *= self.num_steps / self.warmup_steps
+            return lr
         n = self._progress
         if self.warmup_tokens is None:
             if self.warmup_steps > 0 and n <= self.warmup_steps:

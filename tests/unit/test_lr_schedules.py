@@ -149,6 +149,24 @@ def test_resume_mid_cycle_is_exact(style, params):
     assert first + rest[1:] == straight  # bit for bit: LR and betas are functions of the step count alone
 
 
+def test_one_cycle_warmup_scales_the_first_steps():
+    """--lr-warmup-iters W with one-cycle: steps 0..W-1 run at the cycle's LR x step / W (Megatron's warmup,
+    LR 0 at the first update), then exactly DeepSpeed's OneCycle; beta1 keeps the cycle's values throughout."""
+    params, warm = ONE_CYCLE[0], 4
+    plain = _sequence(_scheduler("one-cycle", params))
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=0.0, betas=(0.9, 0.97))
+    cfg = SchedulerConfig(lr_decay_style="one-cycle", train_iters=STEPS, lr_warmup_iters=warm, **params)
+    warmed = _sequence(OptimizerParamScheduler(opt, OptimizerConfig(lr=1.0), cfg))
+    for k, ((lr, betas), (lr0, betas0)) in enumerate(zip(warmed, plain)):
+        assert betas == betas0
+        assert lr == pytest.approx(lr0 * k / warm if k < warm else lr0, rel=1e-12, abs=0.0), k
+    assert warmed[0][0] == 0.0 and warmed[warm][0] == plain[warm][0]
+    with pytest.raises(ConfigError, match=r"one-cycle counts optimizer steps.*--lr-warmup-iters"):
+        SchedulerConfig(lr_decay_style="one-cycle", train_iters=5, cycle_min_lr=0.1, cycle_max_lr=1.0,
+                        lr_warmup_tokens=64)
+
+
 def test_config_errors_name_the_flags():
     with pytest.raises(ConfigError, match=r"one-cycle needs --cycle-min-lr and --cycle-max-lr"):
         SchedulerConfig(lr_decay_style="one-cycle", train_iters=5)
