@@ -62,6 +62,10 @@ EVAL_LIMIT=${EVAL_LIMIT:-}               # examples per zero-shot task; empty = 
 EVAL_TASKS=${EVAL_TASKS:-lambada,piqa}   # zero-shot tasks
 EVAL_ITERS=${EVAL_ITERS:-25}             # validation micro-batches (25 x 16 x 256 = 102k held-out tokens)
 EVAL_POINTS=${EVAL_POINTS:-16}           # validations per run (same iterations for every run)
+# LR warmup in front of the range test's OneCycle (which starts at its min LR): without it, the study of 2026-12-06
+# blew up 4 of 6 dense/MoE runs at steps 9-19 (gradient norm 9-242 x the clip, in the first layers), and 3 of them
+# lagged ~300 iterations to the end; 100 steps removed the spike on the seeds measured (docs/study_notes.md)
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-100}
 
 TOK="$OUT/tokenizer/novels_sp$VOCAB_SIZE"
 PREFIX="$OUT/data/novels_sp${VOCAB_SIZE}_text_document"
@@ -75,7 +79,7 @@ SETTINGS="hidden=$HIDDEN heads=$HEADS seq=$SEQ layers=$LAYERS/$STUDENT_LAYERS ex
 moe=$MOE_RECIPE_FLAGS
 ds=$DS_RECIPE_FLAGS
 pr=$PR_EXPERTS student=$STUDENT_EXPERTS batch=$MICRO_BATCH/$GLOBAL_BATCH kd=$KD_FRACTION seeds=$SEEDS
-tokens=$STUDY_TOKENS eval=$EVAL_POINTS x $EVAL_ITERS vocab=$VOCAB_SIZE"
+tokens=$STUDY_TOKENS eval=$EVAL_POINTS x $EVAL_ITERS vocab=$VOCAB_SIZE warmup=$LR_WARMUP_ITERS"
 [ -f "$OUT/settings.txt" ] || echo "$SETTINGS" > "$OUT/settings.txt"
 if [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
   echo "error: the settings differ from those $OUT was started with ($OUT/settings.txt):" >&2
@@ -155,9 +159,10 @@ else
 fi
 ITERS=$(( (TOKENS + TOKENS_PER_ITER - 1) / TOKENS_PER_ITER ))
 KD_TOKENS=$("$PYTHON" -c "import sys; print(max(1, int(float(sys.argv[1]) * int(sys.argv[2]))))" "$KD_FRACTION" "$TOKENS")
+WARMUP=$(( LR_WARMUP_ITERS < ITERS / 4 ? LR_WARMUP_ITERS : ITERS / 4 ))  # a tiny smoke budget: a quarter of it
 CADENCE=$(( ITERS / EVAL_POINTS > 0 ? ITERS / EVAL_POINTS : 1 ))   # validate and checkpoint EVAL_POINTS times
 # every iteration is logged: its MoE lines give each layer's tokens/expert and drops (the balance bound, issue 28)
-echo "   $TOKENS tokens per run ($ITERS iterations of $TOKENS_PER_ITER tokens; validation every $CADENCE)"
+echo "   $TOKENS tokens per run ($ITERS iterations of $TOKENS_PER_ITER tokens; validation every $CADENCE; LR warmup $WARMUP)"
 
 echo "== 3/6 LR range test (dense, seed $SEED0)"
 if [ ! -f "$OUT/lr_range_test/one_cycle.flags" ]; then
@@ -179,7 +184,8 @@ train() {  # train NAME FLAGS...: skip when done, resume from the last checkpoin
   [ -f "$dir/checkpoints/latest_checkpointed_iteration.txt" ] && load=(--load "$dir/checkpoints")
   echo "== $name: training $TOKENS tokens${load:+ (resuming from $dir/checkpoints)}"
   t0=$(date +%s)
-  "$PYTHON" pretrain_gpt.py "${MODEL[@]}" "${LR_FLAGS[@]}" "$@" --train-tokens "$TOKENS" \
+  "$PYTHON" pretrain_gpt.py "${MODEL[@]}" "${LR_FLAGS[@]}" --lr-warmup-iters "$WARMUP" "$@" \
+      --train-tokens "$TOKENS" \
       --log-interval 1 --eval-interval "$CADENCE" --save-interval "$CADENCE" --exit-signal-handler \
       --save "$dir/checkpoints" --tensorboard-dir "$dir/tb" "${load[@]}" >> "$dir/train.log" 2>&1 || rc=$?
   echo $(( $(date +%s) - t0 )) >> "$dir/wall_seconds"   # one line per invocation (resumes add lines)
