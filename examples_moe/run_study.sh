@@ -64,7 +64,7 @@ EVAL_ITERS=${EVAL_ITERS:-25}             # validation micro-batches (25 x 16 x 2
 EVAL_POINTS=${EVAL_POINTS:-16}           # validations per run (same iterations for every run)
 # LR warmup in front of the range test's OneCycle (which starts at its min LR): without it, the study of 2026-12-06
 # blew up 4 of 6 dense/MoE runs at steps 9-19 (gradient norm 9-242 x the clip, in the first layers), and 3 of them
-# lagged ~300 iterations to the end; 100 steps removed the spike on the seeds measured (docs/study_notes.md)
+# lagged ~300 iterations to the end; with 100 steps no run spiked (largest gradient norm 3.3-12.4; docs/study_notes.md)
 LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-100}
 
 TOK="$OUT/tokenizer/novels_sp$VOCAB_SIZE"
