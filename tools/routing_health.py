@@ -231,32 +231,46 @@ def attribution_hooks(model):
 
 
 def diagnose_hooks(model, tokenizer=None):
-    """Forward hooks keeping the last micro-batch's tokens and every router's expert choice; report() prints, per
-    MoE layer, the fullest expert's share of the pairs and which tokens/positions fill it."""
+    """Forward hooks keeping every micro-batch's tokens and every router's expert choices since the last report;
+    report() prints, per MoE layer, the fullest expert's share of the iteration's pairs (all its micro-batches: the
+    global-batch view the bound is checked on) and which tokens/positions fill it, then starts over. A recompute's
+    forward (inside backward) is not recorded twice."""
     import torch
 
     from moe.gating import routers
 
-    seen = {}
+    seen = {"tokens": []}
+
+    def counting():
+        return torch._C._current_graph_task_id() == -1
 
     def keep_tokens(_, args):
-        seen["tokens"] = args[0].detach()
+        if counting():
+            seen["tokens"].append(args[0].detach())
 
     def keep_choice(i):
         def hook(_, __, out):
-            seen[i] = out.expert_TK.detach()
+            if counting():
+                seen.setdefault(i, []).append(out.expert_TK.detach())
         return hook
 
     hooks = [model.register_forward_pre_hook(keep_tokens)]
     hooks += [r.register_forward_hook(keep_choice(i)) for i, r in enumerate(routers(model))]
 
+    experts = [r.num_experts for r in routers(model)]
+
     def report(it):
-        tokens = seen["tokens"]
+        """Print iteration it's view (it None: print nothing), then forget what was kept."""
+        if it is None or not seen["tokens"]:
+            seen.clear()
+            seen["tokens"] = []
+            return
+        tokens = torch.cat(seen["tokens"])  # [B, S], the iteration's micro-batches one after another
         flat = tokens.reshape(-1)
         pos = torch.arange(tokens.shape[-1]).repeat(tokens.shape[0])
         for i in sorted(k for k in seen if isinstance(k, int)):
-            e_TK = seen[i]
-            counts = torch.bincount(e_TK.reshape(-1), minlength=int(e_TK.max()) + 1)
+            e_TK = torch.cat(seen[i])
+            counts = torch.bincount(e_TK.reshape(-1), minlength=experts[i])
             top = int(counts.argmax())
             in_top = (e_TK == top).any(1)
             ids, n = torch.unique(flat[in_top], return_counts=True)
@@ -271,6 +285,7 @@ def diagnose_hooks(model, tokenizer=None):
                   f"{100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
                   f"positions < 16; top tokens " + ", ".join(
                       f"{w!r} {int(c)}/{freq[int(t)]}" for w, t, c in zip(words, ids[order], n[order])), flush=True)
+        report(None)
     return hooks, report
 
 
@@ -318,8 +333,8 @@ def run_arm(train_argv, iters, on_record=None, router_init_std=None, center=None
             # the common-direction share of the last micro-batch (its forward ran last), per layer
             out.append((st.iteration, m["lm_loss"], [(r, d, c) for (r, d), c in zip(rows, last)]))
             shares.clear()
-            if report is not None and st.iteration in diagnose:
-                report(st.iteration)
+            if report is not None:  # every iteration: prints the asked ones, forgets the others
+                report(st.iteration if st.iteration in diagnose else None)
             if attr_rows is not None:
                 n_moe = len(rows)
                 for r in attr_rows[-n_moe:]:

@@ -110,6 +110,23 @@ def test_tool_records_load_per_layer_and_iteration(tiny_corpus, tmp_path):
     assert os.path.getsize(tmp_path / "re" / "routing_health.png") > 1000
 
 
+def test_diagnose_reports_the_whole_iteration(tiny_corpus, tmp_path, capsys):
+    """--diagnose reads every micro-batch of the iteration (2 here: micro 2, global 4), not only the last: its fullest
+    expert's load over the mean equals the CSV's max/mean, and it counts the global batch's 4 x 32 tokens."""
+    import re
+
+    train = tiny_train_argv(tiny_corpus, tmp_path, "--num-experts", "4", "--train-iters", "20")
+    arm = ["--arm", "modern=--moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-topk 1"]
+    assert routing_health.main(["--iters", "3", "--output-dir", str(tmp_path / "rh"), "--diagnose", "2", "3", *arm,
+                                "--", *train]) == 0
+    found = re.findall(r"it (\d) layer 0: fullest expert \d+: ([0-9.]+)x mean, \d+ of (\d+) tokens", capsys.readouterr().out)
+    csv_ratio = {r["iteration"]: float(r["max_over_mean"]) for r in csv.DictReader(open(tmp_path / "rh" / "routing_health.csv"))}
+    assert [it for it, _, _ in found] == ["2", "3"]
+    for it, ratio, tokens in found:
+        assert int(tokens) == 4 * 32
+        assert abs(float(ratio) - csv_ratio[it]) < 0.006, (it, ratio, csv_ratio[it])
+
+
 def test_violations_apply_the_bounds_from_iteration_20():
     records = [(1, 3.0, [(9.0, 0.9, 0.1)]), (20, 2.0, [(2.0, 0.05, 0.1), (2.1, 0.0, 0.1)]), (21, 2.0, [(1.5, 0.06, 0.1)])]
     assert routing_health.violations(records) == [(20, 1, 2.1, 0.0), (21, 0, 1.5, 0.06)]
