@@ -119,8 +119,10 @@ def test_diagnose_reports_the_whole_iteration(tiny_corpus, tmp_path, capsys):
     arm = ["--arm", "modern=--moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-topk 1"]
     assert routing_health.main(["--iters", "3", "--output-dir", str(tmp_path / "rh"), "--diagnose", "2", "3", *arm,
                                 "--", *train]) == 0
-    found = re.findall(r"it (\d) layer 0: fullest expert \d+: ([0-9.]+)x mean, \d+ of (\d+) tokens", capsys.readouterr().out)
-    csv_ratio = {r["iteration"]: float(r["max_over_mean"]) for r in csv.DictReader(open(tmp_path / "rh" / "routing_health.csv"))}
+    found = re.findall(r"it (\d) layer 0: fullest expert \d+: ([0-9.]+)x mean, \d+ of (\d+) tokens",
+                       capsys.readouterr().out)
+    rows = csv.DictReader(open(tmp_path / "rh" / "routing_health.csv"))
+    csv_ratio = {r["iteration"]: float(r["max_over_mean"]) for r in rows}
     assert [it for it, _, _ in found] == ["2", "3"]
     for it, ratio, tokens in found:
         assert int(tokens) == 4 * 32
