@@ -101,6 +101,11 @@ def add_moe_router_args(p: argparse.ArgumentParser) -> None:
                    help="off by default; with --moe-router-center-input causal: the router input times Sigma^-1/2, "
                         "Sigma the moving average (this weight on its past, per training micro-batch, per rank) of "
                         "the causally centred inputs' covariance (docs/routing_health.md; the demo uses 0.3)")
+    g.add_argument("--moe-router-input-whitening-refresh", action="store_true",  # issue 28
+                   help="with --moe-router-input-whitening-momentum: after each optimizer step, one more forward "
+                        "(no gradient) of the step's last micro-batch at the new parameters folds its covariance "
+                        "in, so the next step routes with a whitening of the current parameters; about one "
+                        "micro-batch forward per step (docs/routing_health.md)")
     g.add_argument("--moe-router-bias-update-type", choices=["sign", "proportional"], default=None,  # issue 28
                    help="expert-bias step: rate * sign(mean load - load) (default, megatron-core) or 'proportional': "
                         "rate * (mean load - load) / mean load (docs/routing_health.md)")
@@ -144,7 +149,8 @@ def router_fields(args) -> dict:
     megatron = (any(getattr(args, d) is not None for d in _MEGATRON_ROUTER_DESTS) or args.moe_router_pre_softmax
                 or args.moe_router_enable_expert_bias)
     fields = dict(router_dtype=args.moe_router_dtype, router_input_centering=args.moe_router_center_input,
-                  router_input_whitening=args.moe_router_input_whitening_momentum)
+                  router_input_whitening=args.moe_router_input_whitening_momentum,
+                  router_input_whitening_refresh=args.moe_router_input_whitening_refresh)
     if not megatron:
         return fields
     for dest, (default, flag) in _DEEPSPEED_ROUTER_FLAGS.items():
@@ -380,6 +386,10 @@ def validate_sequence_context_parallel(cfg: TrainConfig) -> None:
     if sp_cp and cfg.moe is not None and cfg.moe.router_input_centering == "causal":  # issue 28
         raise ConfigError(f"{sp_cp} with --moe-router-center-input causal is not supported (a rank holds a chunk "
                           f"of each sequence, without the earlier chunks' tokens); drop one of them")
+    if par.pipeline_model_parallel_size > 1 and cfg.moe is not None and cfg.moe.router_input_whitening_refresh:
+        raise ConfigError("--moe-router-input-whitening-refresh with --pipeline-model-parallel-size "
+                          f"{par.pipeline_model_parallel_size} is not supported (the refresh forward runs the whole "
+                          "model on one rank); drop --moe-router-input-whitening-refresh")
     if par.sequence_parallel or cp > 1:
         chunks = (tp if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
         if seq % chunks != 0:

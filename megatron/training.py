@@ -135,9 +135,13 @@ def train_step(st: TrainState, data_iter: Iterator) -> dict:
     # optimizer updates, so the next successful step gets the LR the skipped one would have had
     # the scheduler counts samples of this update and the tokens consumed before it (Megatron-DeepSpeed)
     lr = st.scheduler.step(1, samples=gbs, tokens=st.consumed_tokens) if result.stepped else st.scheduler.get_lr()
-    _tick(st, "optimizer", t)
+    t = _tick(st, "optimizer", t)
     if cfg.moe is not None:  # routers: expert-bias update (token counts summed over DP) and global-aux reset
         moe_gating.step_routers(st.model, st.groups.dp_group)
+        if cfg.moe.router_input_whitening_refresh and st.pipeline is None:  # the whitening at the new parameters
+            with autocast_context(st.cfg, st.device):  # (the last micro-batch's tokens; PP is refused)
+                moe_gating.refresh_whitening(st.model, lambda: st.model(tokens))
+            _tick(st, "router-refresh", t)
     st.iteration += 1
     st.consumed_samples += gbs
     st.consumed_tokens += gbs * seqlen

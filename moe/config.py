@@ -89,6 +89,8 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # expert bias += rate * sign(mean load - load) once per optimizer step
     router_input_whitening: Optional[float] = None  # issue 28, --moe-router-input-whitening-momentum: with causal
     #   centring, the router input times Sigma^-1/2 (Sigma: moving average of the centred inputs' covariance)
+    router_input_whitening_refresh: bool = False  # issue 28, --moe-router-input-whitening-refresh: after each
+    #   optimizer step, Sigma folds in the step's last micro-batch again at the new parameters (no gradient)
     bias_update_type: str = "sign"  # issue 28: 'sign' (megatron-core) or 'proportional': += rate * (mean - load)/mean
     load_balancing_type: str = "aux_loss"  # megatron: 'aux_loss' (micro-batch), 'seq_aux_loss' (per sequence),
     #   'global_aux_loss' (global batch) or 'none'
@@ -178,6 +180,9 @@ class MoEConfig:
         if m is not None and (self.router_input_centering != "causal" or not 0 <= m < 1):
             raise ValueError(f"--moe-router-input-whitening-momentum ({m}) must be in [0, 1) and needs "
                              f"--moe-router-center-input causal (got {self.router_input_centering!r})")
+        if self.router_input_whitening_refresh and m is None:
+            raise ValueError("--moe-router-input-whitening-refresh needs --moe-router-input-whitening-momentum "
+                             "(it refreshes that moving covariance)")
         k, experts = self.topk, min(self.num_experts)
         if self.router_family == "deepspeed":
             used = [flag for flag, on in (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -502,8 +502,9 @@ class TopKRouter(nn.Module):
         and W and routes as one process with the global micro-batch would. Cost per training forward: that
         all-reduce and a float64 eigendecomposition of [D, D] (on CUDA, torch.linalg.eigh may synchronise): cheap
         at D = 128, prohibitive at D = 7168 (a demo/study-scale fix, docs/routing_health.md)."""
-        y_TD = x_TD @ self.input_whiten.to(x_TD.dtype)
-        if self.training and _counting() and x_TD.shape[0] > 0:
+        refreshing = _REFRESH["on"]  # refresh_whitening: W is updated first, so deeper routers see this layer's new W
+        y_TD = None if refreshing else x_TD @ self.input_whiten.to(x_TD.dtype)
+        if ((self.training and _counting()) or refreshing) and x_TD.shape[0] > 0:
             with torch.no_grad():
                 c_TD = causal_centered(x_TD.detach().double(), num_sequences)
                 group = self.dp_group
@@ -520,7 +521,7 @@ class TopKRouter(nn.Module):
                 ev_D, vec_DD = torch.linalg.eigh(self.input_cov)
                 floor = 1e-3 * ev_D.max()
                 self.input_whiten.copy_((vec_DD * torch.maximum(ev_D, floor).rsqrt()) @ vec_DD.T)
-        return y_TD
+        return x_TD @ self.input_whiten.to(x_TD.dtype) if refreshing else y_TD
 
     def _centered(self, x_TD: torch.Tensor) -> torch.Tensor:
         """--moe-router-center-input batch (docs/routing_health.md): early in training the hidden states fall into one
@@ -645,6 +646,43 @@ class TopKRouter(nn.Module):
             aux_loss=aux_loss.float(), z_loss=z_loss.float(), tokens_per_expert_E=routed_E.detach(),
             dropped_fraction=1.0 - counts_E.sum().to(torch.float32) / num_pairs,
             capacity=capacity)
+
+
+_REFRESH = {"on": False}  # refresh_whitening's forward: the whitening folds in without gradients
+
+
+class _RefreshDone(Exception):
+    """Raised after the last whitened router of a refresh forward: nothing after it is needed."""
+
+
+@torch.no_grad()
+def refresh_whitening(model: nn.Module, forward: Callable[[], object]) -> bool:
+    """--moe-router-input-whitening-refresh (issue 28, docs/routing_health.md): after the optimizer step, forward()
+    (the model on the step's last micro-batch, tokens it has already trained on) runs without gradients up to the
+    last whitened router, and every whitened router folds that micro-batch's covariance in as a training forward
+    would (DP all-reduce included), then routes it with the new W, so that a deeper router's covariance is of the
+    inputs it will get next step; the next step's first micro-batch routes with a W of the current parameters
+    instead of the previous step's: during fast learning the stale W let a block of tokens into one expert (max/mean
+    up to 4.2 on the study configs). No position sees a later token. The expert-bias and global_aux_loss counts are
+    untouched (no gradients: not counted). Every rank of the model's groups must call it (collectives inside).
+    Returns whether a router was refreshed."""
+    whitened = [r for r in routers(model) if r.input_whiten is not None]
+    if not whitened:
+        return False
+
+    def stop(*_):
+        raise _RefreshDone
+
+    hook = whitened[-1].register_forward_hook(stop)
+    _REFRESH["on"] = True
+    try:
+        forward()
+    except _RefreshDone:
+        pass
+    finally:
+        _REFRESH["on"] = False
+        hook.remove()
+    return True
 
 
 def routers(model_or_routers: Union[nn.Module, Iterable[nn.Module]]):

@@ -241,8 +241,8 @@ def diagnose_hooks(model, tokenizer=None):
 
     seen = {"tokens": []}
 
-    def counting():
-        return torch._C._current_graph_task_id() == -1
+    def counting():  # a training forward: not a recompute, not --moe-router-input-whitening-refresh's
+        return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
     def keep_tokens(_, args):
         if counting():
@@ -354,11 +354,15 @@ def common_direction_hooks(model):
     """Forward pre-hooks on every router recording the common-direction share of its input x [T, D]:
     |mean_t x|^2 / mean_t |x|^2 (0 when tokens point every way, 1 when all are the same vector). A large share makes
     every token's logits move together, so one expert takes them all. Returns (list the shares go to, hooks)."""
+    import torch
+
     from moe.gating import routers
 
     shares = []
 
     def hook(_, args):
+        if not torch.is_grad_enabled():  # --moe-router-input-whitening-refresh's forward: not a training one
+            return
         x = args[0].detach().float()
         shares.append(float(x.mean(0).pow(2).sum() / x.pow(2).sum(1).mean()))
 

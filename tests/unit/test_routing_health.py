@@ -345,3 +345,86 @@ def test_causal_centring_is_refused_when_sequences_are_split(split):
     cfg = train_config_from_args(parse_args(argv), 128, dp_size=1)
     with pytest.raises(ConfigError, match=r"--moe-router-center-input causal is not supported"):
         validate_sequence_context_parallel(cfg)
+
+
+def test_whitening_refresh_is_refused_with_pipeline_parallelism():
+    """The refresh forward runs the whole model on one rank: with PP one ConfigError naming the flag."""
+    from megatron.arguments import parse_args, train_config_from_args, validate_sequence_context_parallel
+    from megatron.errors import ConfigError
+
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "10", "--num-experts", "4", "--moe-router-center-input", "causal",
+            "--moe-router-input-whitening-momentum", "0.3", "--moe-router-input-whitening-refresh",
+            "--pipeline-model-parallel-size", "2"]
+    cfg = train_config_from_args(parse_args(argv), 128, dp_size=1)
+    with pytest.raises(ConfigError, match=r"^--moe-router-input-whitening-refresh with --pipeline-model-parallel"):
+        validate_sequence_context_parallel(cfg)
+
+
+WHITENED = ["--num-experts", "4", "--moe-router-center-input", "causal", "--moe-router-input-whitening-momentum", "0.3",
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--hidden-dropout", "0",
+            "--attention-dropout", "0"]
+
+
+def _whitening_state(model):
+    from moe.gating import routers
+    return [(r.input_cov.clone(), r.input_cov_count.clone(), r.input_whiten.clone()) for r in routers(model)]
+
+
+def test_whitening_refresh_folds_in_like_a_training_forward(tiny_corpus, tmp_path):
+    """--moe-router-input-whitening-refresh (issue 28): refresh_whitening's no-gradient forward leaves router k's
+    covariance, count and W exactly as a training forward on the same tokens does in a copy of the model whose
+    routers before k already hold their refreshed W (each refreshed router routes with its new W, so the deeper ones
+    see the inputs of the next step); it does not count the tokens for the expert bias (a training forward does)
+    and does not run the layers after the last router (no logits). Two MoE layers."""
+    import copy
+
+    from megatron.training import setup_from_argv, train_step
+    from moe.gating import refresh_whitening, routers
+
+    st, train_iter, _, _ = setup_from_argv(tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", *WHITENED,
+                                                           "--expert-interval", "1"))
+    try:
+        train_step(st, train_iter)  # W is no longer the identity
+        tokens = next(train_iter)["text"][:, :-1].contiguous()
+        before = copy.deepcopy(st.model)
+        ended = []
+        hook = st.model.register_forward_hook(lambda *_: ended.append(1))  # the whole forward's end
+        assert refresh_whitening(st.model, lambda: st.model(tokens))
+        hook.remove()
+        assert ended == []  # stopped after the last router
+        got = _whitening_state(st.model)
+        assert len(got) == 2
+        for k in range(len(got)):
+            ref = copy.deepcopy(before)
+            for r_ref, (c, n, w) in zip(routers(ref)[:k], got[:k]):
+                r_ref.input_cov.copy_(c), r_ref.input_cov_count.copy_(n), r_ref.input_whiten.copy_(w)
+            ref(tokens)  # a training forward (gradients on)
+            c, n, w = _whitening_state(ref)[k]
+            assert torch.equal(got[k][1], n) and torch.equal(got[k][0], c) and torch.equal(got[k][2], w), k
+            assert all(float(r.local_tokens_per_expert.sum()) > 0 for r in routers(ref))  # training forwards count
+        assert all(float(r.local_tokens_per_expert.sum()) == 0 for r in routers(st.model))  # the refresh does not
+    finally:
+        st.resources.close()
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_train_step_refreshes_the_whitening_after_the_step(tiny_corpus, tmp_path, refresh):
+    """A training step of 2 micro-batches folds 2 covariances into each whitened router, 3 with the refresh flag
+    (the last micro-batch again, at the new parameters); the flag needs the whitening and is refused with PP."""
+    from megatron.training import setup_from_argv, train_step
+    from moe.config import MoEConfig
+    from moe.gating import routers
+
+    argv = tiny_train_argv(tiny_corpus, tmp_path, "--train-iters", "4", *WHITENED,
+                           *(["--moe-router-input-whitening-refresh"] if refresh else []))
+    st, train_iter, _, _ = setup_from_argv(argv)
+    try:
+        assert st.num_micro_batches == 2
+        for step in (1, 2):
+            train_step(st, train_iter)
+            assert [int(r.input_cov_count) for r in routers(st.model)] == [step * (3 if refresh else 2)]
+    finally:
+        st.resources.close()
+    with pytest.raises(ValueError, match="needs --moe-router-input-whitening-momentum"):
+        MoEConfig(num_experts=4, router_input_centering="causal", router_input_whitening_refresh=True)
