@@ -54,8 +54,11 @@ def parse(argv=None):
                         "attention, MLP, their output biases) carries the router input's common direction")
     p.add_argument("--router-init-std", type=float, default=None,
                    help="experiment: draw every router weight from N(0, std^2) before the first step")
-    p.add_argument("--plot-csv", nargs="+", default=None, metavar="CSV",
-                   help="no training: plot these routing_health.csv files (arms of separate runs) into --output-dir")
+    p.add_argument("--plot-csv", nargs="+", default=None, metavar="[LABEL=]CSV",
+                   help="no training: plot these routing_health.csv files (arms of separate runs) into --output-dir; "
+                        "LABEL= prefixes that file's arm names (arms of the same name from different runs)")
+    p.add_argument("--layer-max", action="store_true",
+                   help="plot one line per arm: each iteration's worst MoE layer (many arms or layers)")
     if argv is None:
         argv = sys.argv[1:]
     ours, train = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -396,6 +399,18 @@ def read_csv(path):
     return [(name, [recs[i] for i in sorted(recs)]) for name, recs in results.items()]
 
 
+def layer_max(results):
+    """Each arm's records with one pseudo-layer per iteration: the worst max/mean and dropped fraction over its MoE
+    layers and their mean common share (--layer-max: one line per arm)."""
+    out = []
+    for name, records in results:
+        merged = [(it, loss, [(max(x[0] for x in layers), max(x[1] for x in layers),
+                               sum(x[2] for x in layers) / len(layers) if all(len(x) > 2 for x in layers)
+                               else float("nan"))]) for it, loss, layers in records]
+        out.append((f"{name} (worst layer)", merged))
+    return out
+
+
 def write_png(png_path, results, title=""):
     import matplotlib
 
@@ -409,7 +424,7 @@ def write_png(png_path, results, title=""):
         n_layers = len(records[0][2]) if records else 0
         for i in range(n_layers):
             kw = dict(color=colors[a % len(colors)], alpha=0.8, linestyle=["-", "--", ":", "-."][i % 4],
-                      label=f"{name} layer {i}")
+                      label=f"{name} layer {i}" if n_layers > 1 else name)
             axes[0].plot(its, [layers[i][0] for _, _, layers in records], **kw)
             axes[1].plot(its, [100 * layers[i][1] for _, _, layers in records], **kw)
             axes[3].plot(its, [layers[i][2] if len(layers[i]) > 2 else float("nan") for _, _, layers in records],
@@ -472,10 +487,13 @@ def main(argv=None) -> int:
     csv_path, png_path = os.path.join(args.output_dir, "routing_health.csv"), os.path.join(args.output_dir,
                                                                                         "routing_health.png")
     if args.plot_csv:
-        results = [arm for path in args.plot_csv for arm in read_csv(path)]
+        results = []
+        for spec in args.plot_csv:
+            label, path = spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else ("", spec)
+            results += [(f"{label} {name}" if label else name, records) for name, records in read_csv(path)]
         for name, records in results:
             print(summary(name, records))
-        write_png(png_path, results, args.title)
+        write_png(png_path, layer_max(results) if args.layer_max else results, args.title)
         print(f"wrote {png_path}")
         return 0
     results = []

@@ -129,6 +129,26 @@ def test_diagnose_reports_the_whole_iteration(tiny_corpus, tmp_path, capsys):
         assert abs(float(ratio) - csv_ratio[it]) < 0.006, (it, ratio, csv_ratio[it])
 
 
+def test_plot_csv_labels_runs_and_plots_the_worst_layer(tmp_path, capsys):
+    """--plot-csv LABEL=CSV keeps same-named arms of separate runs apart; --layer-max plots each iteration's worst
+    layer (max/mean and dropped: the maxima over layers; common share: their mean)."""
+    path = tmp_path / "rh.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(routing_health.CSV_HEADER)
+        for it in (1, 2):
+            w.writerows(routing_health.csv_rows("base", (it, 7.0, [(1.5, 0.0, 0.2), (2.5 + it, 0.01, 0.4)])))
+    assert routing_health.main(["--output-dir", str(tmp_path / "png"), "--layer-max",
+                                "--plot-csv", f"moe={path}", f"pr={path}"]) == 0
+    out = capsys.readouterr().out
+    assert "moe base:" in out and "pr base:" in out
+    merged = routing_health.layer_max(routing_health.read_csv(path))
+    assert merged[0][0] == "base (worst layer)"
+    assert [(it, layers[0][:2]) for it, _, layers in merged[0][1]] == [(1, (3.5, 0.01)), (2, (4.5, 0.01))]
+    assert all(layers[0][2] == pytest.approx(0.3) for _, _, layers in merged[0][1])
+    assert os.path.getsize(tmp_path / "png" / "routing_health.png") > 1000
+
+
 def test_violations_apply_the_bounds_from_iteration_20():
     records = [(1, 3.0, [(9.0, 0.9, 0.1)]), (20, 2.0, [(2.0, 0.05, 0.1), (2.1, 0.0, 0.1)]), (21, 2.0, [(1.5, 0.06, 0.1)])]
     assert routing_health.violations(records) == [(20, 1, 2.1, 0.0), (21, 0, 1.5, 0.06)]
