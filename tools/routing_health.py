@@ -240,12 +240,10 @@ def diagnose_hooks(model, tokenizer=None):
     forward (inside backward) is not recorded twice."""
     import torch
 
+    from moe.gating import _counting as counting  # a training forward: not a recompute, not the whitening refresh
     from moe.gating import routers
 
     seen = {"tokens": []}
-
-    def counting():  # a training forward: not a recompute, not --moe-router-input-whitening-refresh's
-        return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
     def keep_tokens(_, args):
         if counting():
@@ -265,8 +263,7 @@ def diagnose_hooks(model, tokenizer=None):
     def report(it):
         """Print iteration it's view (it None: print nothing), then forget what was kept."""
         if it is None or not seen["tokens"]:
-            seen.clear()
-            seen["tokens"] = []
+            forget()
             return
         tokens = torch.cat(seen["tokens"])  # [B, S], the iteration's micro-batches one after another
         flat = tokens.reshape(-1)
@@ -288,7 +285,12 @@ def diagnose_hooks(model, tokenizer=None):
                   f"{100 * float((pos[in_top] < 16).float().mean()):.0f}% at "
                   f"positions < 16; top tokens " + ", ".join(
                       f"{w!r} {int(c)}/{freq[int(t)]}" for w, t, c in zip(words, ids[order], n[order])), flush=True)
-        report(None)
+        forget()
+
+    def forget():
+        seen.clear()
+        seen["tokens"] = []
+
     return hooks, report
 
 
