@@ -51,6 +51,7 @@ MOE_FFN=${MOE_FFN:-$((FFN / MOE_TOPK))}  # fine-grained experts: top-k x MOE_FFN
 # keeps the study configs' routing in bound through the warmup's fast loss drop (docs/routing_health.md, third pass):
 # add it here (or in MOE_RECIPE_FLAGS) for the next study; not in the default so the script reproduces the report.
 MOE_RECIPE_FLAGS=${MOE_RECIPE_FLAGS:-"--moe-router-center-input causal --moe-router-input-whitening-momentum 0.3 --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-2 --moe-aux-loss-coeff 1e-3"}
+DS_ARM=${DS_ARM:-1}                      # 0 leaves out the DeepSpeed top-1 arm (e.g. a rerun of the modern-recipe arms)
 DS_RECIPE_FLAGS=${DS_RECIPE_FLAGS:-"--topk 1 --moe-train-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01"}
 PR_EXPERTS=${PR_EXPERTS:-"4 4 16"}       # two-level pyramid (DeepSpeed-MoE's PR-MoE) + residual MLP: ~28% fewer params
 STUDENT_EXPERTS=${STUDENT_EXPERTS:-"4 16"}  # the PR-MoE teacher without one of its 4-expert MoE layers
@@ -212,13 +213,13 @@ for seed in $SEEDS; do
   train "dense_s$seed" "${DENSE[@]}" --seed "$seed"; RUNS+=("dense:$seed=$OUT/dense_s$seed")
   train "moe_s$seed" "${MOE[@]}" --seed "$seed"; RUNS+=("moe:$seed=$OUT/moe_s$seed")
 done
-train ds_moe "${DS_MOE[@]}" --seed "$SEED0"
+[ "$DS_ARM" = 0 ] || { train ds_moe "${DS_MOE[@]}" --seed "$SEED0"; RUNS+=("ds_moe:$SEED0=$OUT/ds_moe"); }
 train pr_moe "${PR_MOE[@]}" --seed "$SEED0"
 train mos "${STUDENT[@]}" --seed "$SEED0" --mos --load-teacher "$OUT/pr_moe/checkpoints" \
     --num-layers-teacher "$LAYERS" --num-experts-teacher $PR_EXPERTS --kd-temp 1.0 --kd-alpha-ce 1.0 \
     --kd-beta-ce 1.0 --mos-kd-stop-tokens "$KD_TOKENS"
 train student_no_kd "${STUDENT[@]}" --seed "$SEED0"
-RUNS+=("ds_moe:$SEED0=$OUT/ds_moe" "pr_moe:$SEED0=$OUT/pr_moe" "mos:$SEED0=$OUT/mos" "student_no_kd:$SEED0=$OUT/student_no_kd")
+RUNS+=("pr_moe:$SEED0=$OUT/pr_moe" "mos:$SEED0=$OUT/mos" "student_no_kd:$SEED0=$OUT/student_no_kd")
 
 echo "== 5/6 zero-shot evaluation"
 for spec in "${RUNS[@]}"; do evaluate "$(basename "${spec#*=}")"; done
