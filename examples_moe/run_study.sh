@@ -47,10 +47,10 @@ MOE_TOPK=${MOE_TOPK:-2}
 MOE_FFN=${MOE_FFN:-$((FFN / MOE_TOPK))}  # fine-grained experts: top-k x MOE_FFN = FFN active units
 # The modern MoE's routing recipe (megatron-core router flags; no top-k or expert width here, those are above).
 # The demo's routing recipe (docs/routing_health.md): causally centred, whitened router inputs, sigmoid + expert
-# bias 1e-2. The published study (docs/study.md) ran this recipe; --moe-router-input-whitening-refresh (added after it)
-# keeps the study configs' routing in bound through the warmup's fast loss drop (docs/routing_health.md, third pass):
-# add it here (or in MOE_RECIPE_FLAGS) for the next study; not in the default so the script reproduces the report.
-MOE_RECIPE_FLAGS=${MOE_RECIPE_FLAGS:-"--moe-router-center-input causal --moe-router-input-whitening-momentum 0.3 --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-2 --moe-aux-loss-coeff 1e-3"}
+# bias 1e-2, and --moe-router-input-whitening-refresh, which keeps the study configs' routing in bound through the
+# warmup's fast loss drop (docs/routing_health.md, third pass). The published study (docs/study.md) ran this recipe;
+# the run before it (docs/study_v2_no_refresh.md) ran it without the refresh.
+MOE_RECIPE_FLAGS=${MOE_RECIPE_FLAGS:-"--moe-router-center-input causal --moe-router-input-whitening-momentum 0.3 --moe-router-input-whitening-refresh --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-2 --moe-aux-loss-coeff 1e-3"}
 DS_ARM=${DS_ARM:-1}                      # 0 leaves out the DeepSpeed top-1 arm (e.g. a rerun of the modern-recipe arms)
 DS_RECIPE_FLAGS=${DS_RECIPE_FLAGS:-"--topk 1 --moe-train-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4 --moe-loss-coeff 0.01"}
 PR_EXPERTS=${PR_EXPERTS:-"4 4 16"}       # two-level pyramid (DeepSpeed-MoE's PR-MoE) + residual MLP: ~28% fewer params
