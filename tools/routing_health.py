@@ -492,7 +492,16 @@ def main(argv=None) -> int:
         results = []
         for spec in args.plot_csv:
             label, path = spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else ("", spec)
-            results += [(f"{label} {name}" if label else name, records) for name, records in read_csv(path)]
+            try:
+                arms = read_csv(path)
+            except OSError as e:
+                print(f"error: --plot-csv {path}: {e.strerror}", file=sys.stderr)
+                return 2
+            except (KeyError, ValueError) as e:
+                print(f"error: --plot-csv {path}: not a routing_health.csv ({e!r}); pass the CSV this tool wrote",
+                      file=sys.stderr)
+                return 2
+            results += [(f"{label} {name}" if label else name, records) for name, records in arms]
         for name, records in results:
             print(summary(name, records))
         write_png(png_path, layer_max(results) if args.layer_max else results, args.title)

@@ -149,6 +149,15 @@ def test_plot_csv_labels_runs_and_plots_the_worst_layer(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "png" / "routing_health.png") > 1000
 
 
+def test_plot_csv_bad_file_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for bad in (str(tmp_path / "missing.csv"), str(tmp_path / "other.csv")):
+        assert routing_health.main(["--output-dir", str(tmp_path / "png"), "--plot-csv", f"x={bad}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --plot-csv {bad}:") and "\n" not in err
+    assert not (tmp_path / "png" / "routing_health.png").exists()
+
+
 def test_violations_apply_the_bounds_from_iteration_20():
     records = [(1, 3.0, [(9.0, 0.9, 0.1)]), (20, 2.0, [(2.0, 0.05, 0.1), (2.1, 0.0, 0.1)]), (21, 2.0, [(1.5, 0.06, 0.1)])]
     assert routing_health.violations(records) == [(20, 1, 2.1, 0.0), (21, 0, 1.5, 0.06)]
