@@ -97,7 +97,7 @@ MODEL=(--hidden-size "$HIDDEN" --num-attention-heads "$HEADS" --seq-length "$SEQ
        --hidden-dropout 0.0 --attention-dropout 0.0 --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
        --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --expert-interval 2
        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOK.model" --data-path "$PREFIX"
-       --split 969,30,1 --num-workers 1 --eval-iters "$EVAL_ITERS" --peak-flops 1e11)
+       --split 969,30,1 --num-workers 1 --eval-iters "$EVAL_ITERS")
 DENSE=(--num-layers "$LAYERS")
 MOE=(--num-layers "$LAYERS" --num-experts "$MOE_EXPERTS" --moe-router-topk "$MOE_TOPK" --moe-ffn-hidden-size "$MOE_FFN"
      "${MOE_RECIPE[@]}")

@@ -43,7 +43,10 @@ def format_log(cfg: TrainConfig, at: Progress, world_size: int, peak_flops: Opti
             f"{m['grad_norm']:.3f} | loss scale: {m['loss_scale']:.1f} | tokens/s: {tok_s:.0f} | "
             f"TFLOP/s/device: {flops / 1e12:.3f}")
     if peak_flops:
-        line += f" | MFU: {100.0 * flops / peak_flops:.1f}%"
+        mfu = 100.0 * flops / peak_flops
+        line += f" | MFU: {mfu:.1f}%"
+        if mfu > 100.0:  # a --peak-flops below what the device does; the figure is not a utilisation
+            line += " (above 100%: the peak is too low, check --peak-flops)"
     if cfg.data.rampup_batch_size is not None:
         line += f" | global batch size: {m['batch_size']}"
     if cfg.curriculum is not None:
