@@ -102,6 +102,14 @@ def suggest(lrs, losses):
     return lr_at_min, max_lr, max_lr / MIN_RATIO
 
 
+def capped_by_max_lr(losses) -> bool:
+    """Whether the smoothed loss is lowest at the sweep's last step: it never turned up, so the suggestion is half
+    of --max-lr (where the sweep stopped), not half of the top of the usable range."""
+    sm = smooth(losses)
+    finite = [i for i, v in enumerate(sm) if math.isfinite(v)]
+    return min(finite, key=lambda i: sm[i]) == len(losses) - 1
+
+
 def one_cycle_flags(max_lr: float, min_lr: float, planned_iters=None) -> str:
     flags = f"--lr-decay-style one-cycle --cycle-min-lr {min_lr:.3g} --cycle-max-lr {max_lr:.3g}"
     if planned_iters:  # Smith's 1cycle: up over 45%, down over 45%, then the last 10% decaying below cycle_min_lr
@@ -187,6 +195,10 @@ def main(argv=None) -> int:
     print(f"wrote {csv_path} and {png_path} ({len(losses)} steps, LR {lrs[0]:.3g} .. {lrs[-1]:.3g})")
     print(f"smoothed loss is lowest at LR {lr_at_min:.3g}")
     print(f"suggested max LR: {max_lr:.3g}")
+    if capped_by_max_lr(losses):
+        print(f"note: the smoothed loss still falls at the last step (LR {lrs[-1]:.3g}): the top of the usable range "
+              f"lies above --max-lr ({args.max_lr:g}) and the suggestion is capped by it; a sweep to a larger "
+              f"--max-lr finds it")
     print(f"OneCycle flags: {one_cycle_flags(max_lr, min_lr, args.planned_iters)}")
     return 0
 

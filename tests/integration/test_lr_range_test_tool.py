@@ -42,5 +42,9 @@ def test_suggestion_rule_on_a_known_curve():
     losses = [5.0 - 10 * lr if lr < 0.08 else 5.0 - 0.8 + 200 * (lr - 0.08) for lr in lrs]
     at_min, max_lr, min_lr = lr_range_test.suggest(lrs, losses)
     assert 0.08 <= at_min <= 0.09 and max_lr == pytest.approx(at_min / 2) and min_lr == pytest.approx(max_lr / 10)
+    assert not lr_range_test.capped_by_max_lr(losses)
+    # a loss still falling at the last step (the study's dense sweep to 3e-2): the suggestion is capped by --max-lr
+    assert lr_range_test.capped_by_max_lr([7.0 - 0.01 * i for i in range(60)])
+    assert not lr_range_test.capped_by_max_lr([7.0 - 0.01 * i for i in range(50)] + [7.0] * 10)
     assert lr_range_test.strip_replaced(["--lr", "1", "--seq-length", "8", "--save=/x", "--exit-signal-handler",
                                          "--lr-decay-style", "cosine"]) == ["--seq-length", "8"]
