@@ -69,10 +69,13 @@ def collate_text(samples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, torch.Te
     return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64))}
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker init: a terminal's Ctrl-C reaches the whole process group, workers included; the main
-    process alone decides (--exit-signal-handler saves and exits), so a worker killed by it must not end the run."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: a terminal's Ctrl-C (SIGINT), SLURM's preemption or time limit and `pkill -f` (SIGTERM)
+    reach every process of the run, workers included; the main process alone decides (--exit-signal-handler finishes
+    the step, saves and exits), so a worker killed by them must not end the run first. The workers still end with it:
+    the loader shuts them down, and each exits when it sees its parent gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
@@ -84,7 +87,7 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_text,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, worker_init_fn=_ignore_sigint,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals,
         # a private generator: creating an iterator must not draw from the global torch RNG, or dropout
         # after a resume would differ from an uninterrupted run
         generator=torch.Generator(),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from megatron import checkpointing
 from tests.conftest import ROOT, tiny_train_argv
 from tests.inprocess import run_cli
@@ -19,9 +21,13 @@ def _argv(corpus, tmp_path, *extra):
                              "--save", str(tmp_path / "ck"), *extra)]
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_corpus, tmp_path):
-    proc = subprocess.Popen(_argv(tiny_corpus, tmp_path, "--exit-signal-handler"), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process-group-with-loader-workers"])
+def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_corpus, tmp_path, to_group):
+    """to_group: SLURM's preemption/time limit and `pkill -f pretrain_gpt.py` signal every process of the run, the
+    DataLoader workers included: they ignore it, so the main process still finishes the step and saves."""
+    extra = ("--num-workers", "2") if to_group else ()
+    proc = subprocess.Popen(_argv(tiny_corpus, tmp_path, "--exit-signal-handler", *extra), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=to_group)
     deadline, seen = time.time() + 120, 0
     for line in proc.stdout:  # wait until training is under way
         m = re.match(r"\s*iteration\s+(\d+)/", line)
@@ -30,7 +36,10 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_corpus, tmp_path):
             if seen >= 3:
                 break
         assert time.time() < deadline, "training did not start"
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)  # the workers exist once an iteration has run
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     m = re.search(r"exiting at iteration (\d+) \(--exit-signal-handler: SIGTERM received\)", out)
