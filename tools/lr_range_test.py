@@ -103,11 +103,12 @@ def suggest(lrs, losses):
 
 
 def capped_by_max_lr(losses) -> bool:
-    """Whether the smoothed loss is lowest at the sweep's last step: it never turned up, so the suggestion is half
-    of --max-lr (where the sweep stopped), not half of the top of the usable range."""
+    """Whether the smoothed loss is lowest in the sweep's last 5% of steps (at least the last step): it has not
+    turned up, so the suggestion is about half of --max-lr (where the sweep stopped), not half of the top of the
+    usable range."""
     sm = smooth(losses)
     finite = [i for i, v in enumerate(sm) if math.isfinite(v)]
-    return min(finite, key=lambda i: sm[i]) == len(losses) - 1
+    return min(finite, key=lambda i: sm[i]) >= len(losses) - max(1, math.ceil(0.05 * len(losses)))
 
 
 def one_cycle_flags(max_lr: float, min_lr: float, planned_iters=None) -> str:
@@ -196,8 +197,8 @@ def main(argv=None) -> int:
     print(f"smoothed loss is lowest at LR {lr_at_min:.3g}")
     print(f"suggested max LR: {max_lr:.3g}")
     if capped_by_max_lr(losses):
-        print(f"note: the smoothed loss still falls at the last step (LR {lrs[-1]:.3g}): the top of the usable range "
-              f"lies above --max-lr ({args.max_lr:g}) and the suggestion is capped by it; a sweep to a larger "
+        print(f"note: the smoothed loss is lowest at the end of the sweep (LR {lrs[-1]:.3g}): the top of the usable "
+              f"range lies above --max-lr ({args.max_lr:g}) and the suggestion is capped by it; a sweep to a larger "
               f"--max-lr finds it")
     print(f"OneCycle flags: {one_cycle_flags(max_lr, min_lr, args.planned_iters)}")
     return 0

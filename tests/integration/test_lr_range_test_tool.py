@@ -46,5 +46,7 @@ def test_suggestion_rule_on_a_known_curve():
     # a loss still falling at the last step (the study's dense sweep to 3e-2): the suggestion is capped by --max-lr
     assert lr_range_test.capped_by_max_lr([7.0 - 0.01 * i for i in range(60)])
     assert not lr_range_test.capped_by_max_lr([7.0 - 0.01 * i for i in range(50)] + [7.0] * 10)
+    # lowest 2 steps before the end of 60 (the dense sweep to 1e-1): inside the last 5%, no turn seen
+    assert lr_range_test.capped_by_max_lr([7.0 - 0.01 * i for i in range(58)] + [6.5, 6.6])
     assert lr_range_test.strip_replaced(["--lr", "1", "--seq-length", "8", "--save=/x", "--exit-signal-handler",
                                          "--lr-decay-style", "cosine"]) == ["--seq-length", "8"]
