@@ -5,7 +5,8 @@
 #   2. total and active parameters of every arm (tools/study_params.py; the MoE arms must match dense's active
 #      parameters within 2%), then a short calibration run per model kind -> tokens/s -> the token budget per run
 #      (tools/study_budget.py), the same for all runs, so that everything (evaluation included) fits the budget;
-#   3. an LR range test on the dense model -> OneCycle flags used by every run (tools/lr_range_test.py);
+#   3. an LR range test on the dense model -> OneCycle flags (tools/lr_range_test.py); the MoE arms run at
+#      MOE_LR_SCALE (0.5) x its min and max LR, the best of the peak LRs measured for each arm;
 #   4. dense and MoE in the modern recipe (SEEDS: 3 each), the DeepSpeed top-1 MoE of study v1 (1 seed), PR-MoE,
 #      the MoS student distilled from PR-MoE with staged KD and the same student without KD; every run is
 #      validated on the same held-out batches at the same iterations (EVAL_POINTS per run), so that the tokens at
@@ -69,6 +70,10 @@ EVAL_POINTS=${EVAL_POINTS:-16}           # validations per run (same iterations 
 # blew up 4 of 6 dense/MoE runs at steps 9-19 (gradient norm 9-242 x the clip, in the first layers), and 3 of them
 # lagged ~300 iterations to the end; with 100 steps no run spiked (largest gradient norm 3.3-12.4; docs/study_notes.md)
 LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-100}
+# The MoE arms (modern, DeepSpeed, PR-MoE, students) train at MOE_LR_SCALE x the range test's OneCycle LRs (min and
+# max). The range test (dense) cannot pick an LR at this scale: its loss is lowest at the end of any sweep (docs/study.md,
+# "Each arm at its own LR"). Full runs at three peak LRs each (seed 1234): dense best at 0.015 (1x), MoE best at 0.0075.
+MOE_LR_SCALE=${MOE_LR_SCALE:-0.5}
 
 TOK="$OUT/tokenizer/novels_sp$VOCAB_SIZE"
 PREFIX="$OUT/data/novels_sp${VOCAB_SIZE}_text_document"
@@ -83,6 +88,7 @@ moe=$MOE_RECIPE_FLAGS
 ds=$DS_RECIPE_FLAGS
 pr=$PR_EXPERTS student=$STUDENT_EXPERTS batch=$MICRO_BATCH/$GLOBAL_BATCH kd=$KD_FRACTION seeds=$SEEDS
 tokens=$STUDY_TOKENS eval=$EVAL_POINTS x $EVAL_ITERS vocab=$VOCAB_SIZE warmup=$LR_WARMUP_ITERS"
+[ "$MOE_LR_SCALE" = 1 ] || SETTINGS+=" moe_lr=x$MOE_LR_SCALE"  # 1: the line studies before the flag wrote
 [ -f "$OUT/settings.txt" ] || echo "$SETTINGS" > "$OUT/settings.txt"
 if [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
   echo "error: the settings differ from those $OUT was started with ($OUT/settings.txt):" >&2
@@ -167,8 +173,7 @@ CADENCE=$(( ITERS / EVAL_POINTS > 0 ? ITERS / EVAL_POINTS : 1 ))   # validate an
 # every iteration is logged: its MoE lines give each layer's tokens/expert and drops (the balance bound, issue 28)
 echo "   $TOKENS tokens per run ($ITERS iterations of $TOKENS_PER_ITER tokens; validation every $CADENCE; LR warmup $WARMUP)"
 
-# one LR for every arm, tuned on dense: at the published budget the MoE did better at half of it (docs/study.md,
-# "The LR is tuned for dense"; one seed)
+# the OneCycle of the dense range test; the MoE arms run at MOE_LR_SCALE x its LRs (above)
 echo "== 3/6 LR range test (dense, seed $SEED0)"
 if [ ! -f "$OUT/lr_range_test/one_cycle.flags" ]; then
   mkdir -p "$OUT/lr_range_test"
@@ -180,6 +185,13 @@ if [ ! -f "$OUT/lr_range_test/one_cycle.flags" ]; then
 fi
 read -r -a LR_FLAGS < "$OUT/lr_range_test/one_cycle.flags"
 echo "   ${LR_FLAGS[*]}"
+# the MoE arms' OneCycle bounds (appended after LR_FLAGS: the last value of a flag wins)
+read -r -a MOE_LR < <("$PYTHON" -c "
+import sys
+f, k = sys.argv[2:], float(sys.argv[1])
+print(' '.join(f'{n} {float(f[f.index(n) + 1]) * k:.6g}' for n in ('--cycle-min-lr', '--cycle-max-lr')))" \
+    "$MOE_LR_SCALE" "${LR_FLAGS[@]}")
+echo "   MoE arms (MOE_LR_SCALE=$MOE_LR_SCALE): ${MOE_LR[*]}"
 
 train() {  # train NAME FLAGS...: skip when done, resume from the last checkpoint when interrupted
   local name=$1; shift
@@ -213,14 +225,14 @@ echo "== 4/6 training (equal tokens for all)"
 RUNS=()
 for seed in $SEEDS; do
   train "dense_s$seed" "${DENSE[@]}" --seed "$seed"; RUNS+=("dense:$seed=$OUT/dense_s$seed")
-  train "moe_s$seed" "${MOE[@]}" --seed "$seed"; RUNS+=("moe:$seed=$OUT/moe_s$seed")
+  train "moe_s$seed" "${MOE[@]}" "${MOE_LR[@]}" --seed "$seed"; RUNS+=("moe:$seed=$OUT/moe_s$seed")
 done
-[ "$DS_ARM" = 0 ] || { train ds_moe "${DS_MOE[@]}" --seed "$SEED0"; RUNS+=("ds_moe:$SEED0=$OUT/ds_moe"); }
-train pr_moe "${PR_MOE[@]}" --seed "$SEED0"
-train mos "${STUDENT[@]}" --seed "$SEED0" --mos --load-teacher "$OUT/pr_moe/checkpoints" \
+[ "$DS_ARM" = 0 ] || { train ds_moe "${DS_MOE[@]}" "${MOE_LR[@]}" --seed "$SEED0"; RUNS+=("ds_moe:$SEED0=$OUT/ds_moe"); }
+train pr_moe "${PR_MOE[@]}" "${MOE_LR[@]}" --seed "$SEED0"
+train mos "${STUDENT[@]}" "${MOE_LR[@]}" --seed "$SEED0" --mos --load-teacher "$OUT/pr_moe/checkpoints" \
     --num-layers-teacher "$LAYERS" --num-experts-teacher $PR_EXPERTS --kd-temp 1.0 --kd-alpha-ce 1.0 \
     --kd-beta-ce 1.0 --mos-kd-stop-tokens "$KD_TOKENS"
-train student_no_kd "${STUDENT[@]}" --seed "$SEED0"
+train student_no_kd "${STUDENT[@]}" "${MOE_LR[@]}" --seed "$SEED0"
 RUNS+=("pr_moe:$SEED0=$OUT/pr_moe" "mos:$SEED0=$OUT/mos" "student_no_kd:$SEED0=$OUT/student_no_kd")
 
 echo "== 5/6 zero-shot evaluation"
@@ -230,7 +242,7 @@ echo "== 6/6 report"
 mkdir -p "$DOCS"
 "$PYTHON" tools/study_report.py --output "$DOCS/study.md" --json "$DOCS/study.json" --plot "$DOCS/study_val_loss.png" \
     --budget "$OUT/budget.json" --lr-range-test "$OUT/lr_range_test" --wall-seconds $(( $(date +%s) - $(cat "$OUT/start_time") )) \
-    --recipe "modern MoE: top-$MOE_TOPK of $MOE_EXPERTS experts of FFN $MOE_FFN, $MOE_RECIPE_FLAGS; DeepSpeed arm: $DS_RECIPE_FLAGS" \
+    --recipe "modern MoE: top-$MOE_TOPK of $MOE_EXPERTS experts of FFN $MOE_FFN, $MOE_RECIPE_FLAGS; DeepSpeed arm: $DS_RECIPE_FLAGS; MoE arms at $MOE_LR_SCALE x the range test's LRs (${MOE_LR[*]})" \
     $([ -f "$DOCS/study_notes.md" ] && echo --notes "$DOCS/study_notes.md") --runs "${RUNS[@]}"
 "$PYTHON" tools/study_claims.py "$DOCS/study.json"
 exit
