@@ -74,6 +74,10 @@ LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-100}
 # max). The range test (dense) cannot pick an LR at this scale: its loss is lowest at the end of any sweep (docs/study.md,
 # "Each arm at its own LR"). Full runs at three peak LRs each (seed 1234): dense best at 0.015 (1x), MoE best at 0.0075.
 MOE_LR_SCALE=${MOE_LR_SCALE:-0.5}
+if ! [[ "$MOE_LR_SCALE" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || ! awk -v x="$MOE_LR_SCALE" 'BEGIN { exit !(x > 0) }'; then
+  echo "error: MOE_LR_SCALE=$MOE_LR_SCALE: expected a positive number (0.5 = half the range test's LR; 1 = the same as dense)" >&2
+  exit 2
+fi
 
 TOK="$OUT/tokenizer/novels_sp$VOCAB_SIZE"
 PREFIX="$OUT/data/novels_sp${VOCAB_SIZE}_text_document"
@@ -186,11 +190,12 @@ fi
 read -r -a LR_FLAGS < "$OUT/lr_range_test/one_cycle.flags"
 echo "   ${LR_FLAGS[*]}"
 # the MoE arms' OneCycle bounds (appended after LR_FLAGS: the last value of a flag wins)
-read -r -a MOE_LR < <("$PYTHON" -c "
+MOE_LR_LINE=$("$PYTHON" -c "
 import sys
 f, k = sys.argv[2:], float(sys.argv[1])
 print(' '.join(f'{n} {float(f[f.index(n) + 1]) * k:.6g}' for n in ('--cycle-min-lr', '--cycle-max-lr')))" \
-    "$MOE_LR_SCALE" "${LR_FLAGS[@]}")
+    "$MOE_LR_SCALE" "${LR_FLAGS[@]}")  # an assignment: a failure stops the script (set -e)
+read -r -a MOE_LR <<< "$MOE_LR_LINE"
 echo "   MoE arms (MOE_LR_SCALE=$MOE_LR_SCALE): ${MOE_LR[*]}"
 
 train() {  # train NAME FLAGS...: skip when done, resume from the last checkpoint when interrupted

@@ -419,13 +419,10 @@ def plot(runs, summary, path):
     plt.close(fig)
 
 
-DEFAULT_TITLE = "CPU-scale study v2: dense vs MoE (3 seeds each) vs DeepSpeed top-1 MoE, PR-MoE and Mixture-of-Students"
-DEFAULT_ORIGIN = ("Made by `examples_moe/run_study.sh` (all settings are at the top of that script); study v1 "
-                  "(DeepSpeed top-1 MoE, 2 seeds) is in [study_v1.md](study_v1.md).")
-
-
 def header_lines(args):
-    h = [f"# {args.title or DEFAULT_TITLE}", "", args.origin or DEFAULT_ORIGIN]
+    h = ["# CPU-scale study v2: dense vs MoE (3 seeds each) vs DeepSpeed top-1 MoE, PR-MoE and Mixture-of-Students",
+         "", "Made by `examples_moe/run_study.sh` (all settings are at the top of that script); study v1 (DeepSpeed "
+         "top-1 MoE, 2 seeds) is in [study_v1.md](study_v1.md)."]
     if args.recipe:
         h.append(f"Recipes: {args.recipe}.")
     if args.budget and os.path.isfile(args.budget):
@@ -452,9 +449,6 @@ def main(argv=None):
     p.add_argument("--lr-range-test", default=None, help="tools/lr_range_test.py's output directory")
     p.add_argument("--wall-seconds", type=float, default=None, help="the study's wall time")
     p.add_argument("--recipe", default=None, help="one line naming the MoE recipes, for the header")
-    p.add_argument("--title", default=None, help="the report's title (default: the study v2 title)")
-    p.add_argument("--origin", default=None,
-                   help="the header's line saying what made the runs (default: examples_moe/run_study.sh)")
     p.add_argument("--notes", default=None,
                    help="hand-written markdown appended to the report (the study's design and the reading of its "
                         "results: docs/study_notes.md), so that regenerating the report keeps it")

@@ -142,3 +142,15 @@ def test_tools_report_user_errors_and_keep_bugs(name, monkeypatch):
     monkeypatch.setattr(mod, target, bug)
     with pytest.raises(ValueError, match="boom"):
         mod.main(argv)
+
+
+@pytest.mark.parametrize("scale", ["abc", "0", "-0.5"])
+def test_study_script_refuses_a_bad_moe_lr_scale_before_writing(tmp_path, scale):
+    """examples_moe/run_study.sh: MOE_LR_SCALE must be a positive number; anything else is one line naming it and exit
+    2 before the script writes anything (a non-number used to leave the MoE arms at the dense LR silently)."""
+    out = tmp_path / "study"
+    env = dict(os.environ, MOE_LR_SCALE=scale, OUT=str(out))
+    p = subprocess.run(["bash", "examples_moe/run_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"MOE_LR_SCALE={scale}" in p.stderr, p.stderr
+    assert not out.exists()

@@ -252,10 +252,6 @@ def test_report_appends_the_hand_written_notes(tmp_path, monkeypatch, capsys):
     assert study_report.main(["--runs", "x", "--output", str(out), "--notes", str(notes)]) == 0
     text = out.read_text()
     assert text.index("## Issue 28's targets") < text.index("## Reading the results") and text.endswith("hand-written\n")
-    assert text.startswith(f"# {study_report.DEFAULT_TITLE}\n\n{study_report.DEFAULT_ORIGIN}\n")
-    # a report of other runs (e.g. each arm at its own LR) names itself and what made them
-    assert study_report.main(["--runs", "x", "--output", str(out), "--title", "Per-arm LR", "--origin", "By hand."]) == 0
-    assert out.read_text().startswith("# Per-arm LR\n\nBy hand.\n") and "run_study.sh" not in out.read_text()
     out.unlink()
     capsys.readouterr()
     assert study_report.main(["--runs", "x", "--output", str(out), "--notes", str(tmp_path / "none.md")]) == 2
