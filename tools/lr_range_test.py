@@ -92,12 +92,15 @@ def smooth(losses, beta=SMOOTH_BETA):
     return out
 
 
+def smoothed_min_step(losses) -> int:
+    """The step at which the smoothed loss is lowest (finite values only)."""
+    sm = smooth(losses)
+    return min((i for i, v in enumerate(sm) if math.isfinite(v)), key=lambda i: sm[i])
+
+
 def suggest(lrs, losses):
     """(LR at the smoothed minimum, suggested cycle_max_lr, suggested cycle_min_lr) from one sweep."""
-    sm = smooth(losses)
-    finite = [i for i, v in enumerate(sm) if math.isfinite(v)]
-    best = min(finite, key=lambda i: sm[i])
-    lr_at_min = lrs[best]
+    lr_at_min = lrs[smoothed_min_step(losses)]
     max_lr = max(lrs[0], MAX_FRACTION * lr_at_min)  # inside the tested range
     return lr_at_min, max_lr, max_lr / MIN_RATIO
 
@@ -106,9 +109,7 @@ def capped_by_max_lr(losses) -> bool:
     """Whether the smoothed loss is lowest in the sweep's last 5% of steps (at least the last step): it has not
     turned up, so the suggestion is about half of --max-lr (where the sweep stopped), not half of the top of the
     usable range."""
-    sm = smooth(losses)
-    finite = [i for i, v in enumerate(sm) if math.isfinite(v)]
-    return min(finite, key=lambda i: sm[i]) >= len(losses) - max(1, math.ceil(0.05 * len(losses)))
+    return smoothed_min_step(losses) >= len(losses) - max(1, math.ceil(0.05 * len(losses)))
 
 
 def one_cycle_flags(max_lr: float, min_lr: float, planned_iters=None) -> str:
