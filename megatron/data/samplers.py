@@ -1,6 +1,8 @@
 """Resumable pretraining batch sampler and the DataLoader built on it."""
 
+import os
 import signal
+import threading
 from typing import Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
@@ -72,10 +74,24 @@ def collate_text(samples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, torch.Te
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker init: a terminal's Ctrl-C (SIGINT), SLURM's preemption or time limit and `pkill -f` (SIGTERM)
     reach every process of the run, workers included; the main process alone decides (--exit-signal-handler finishes
-    the step, saves and exits), so a worker killed by them must not end the run first. The workers still end with it:
-    the loader shuts them down, and each exits when it sees its parent gone."""
+    the step, saves and exits), so a worker killed by them must not end the run first.
+
+    SIGTERM from the worker's own parent still ends it: that is the loader's shutdown and multiprocessing's exit
+    handler, which terminates the daemonic workers of an iterator still alive at interpreter exit and then joins
+    them (a worker ignoring every SIGTERM hung that exit forever). The sender is only visible to ``sigwaitinfo``, so
+    SIGTERM is blocked in the worker and one thread waits for it. A worker also exits when it sees its parent gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: keep the default SIGTERM (the worker dies with the run)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                     name="dataloader-worker-sigterm").start()
+
+
+def _exit_on_sigterm_from(parent_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+            os._exit(0)  # as the default action would, without the loader reporting a worker killed by a signal
 
 
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,

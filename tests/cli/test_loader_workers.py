@@ -1,0 +1,67 @@
+"""The pretraining DataLoader's workers (real processes: the signal and the interpreter exit are the point): a
+SIGTERM from anyone but their parent (SLURM, `pkill -f`, a terminal) leaves them serving batches; their parent's
+SIGTERM (the loader's shutdown, multiprocessing's exit handler) ends them, so a script that still holds an iterator
+exits instead of hanging at interpreter exit."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from megatron.data.samplers import build_pretraining_data_loader
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="SIGTERM's sender needs sigwaitinfo")
+
+
+class _Counting(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"text": torch.full((5,), i, dtype=torch.long)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_ignore_a_sigterm_from_another_process_and_keep_serving_batches():
+    it = iter(build_pretraining_data_loader(_Counting(), 0, 2, 0, 1, num_workers=2))
+    assert next(it)["text"][:, 0].tolist() == [0, 1]
+    pids = [w.pid for w in it._workers]
+    for pid in pids:  # sent by `kill`, not by the workers' parent
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    time.sleep(0.5)
+    assert all(_alive(p) for p in pids)
+    assert [next(it)["text"][0, 0].item() for _ in range(4)] == [2, 4, 6, 8]
+    it._shutdown_workers()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_a_script_holding_a_live_iterator_exits():
+    """multiprocessing's exit handler terminates the daemonic workers and joins them; a worker that ignored every
+    SIGTERM hung that join forever (the suite itself hung after its last test)."""
+    script = textwrap.dedent("""
+        import torch
+        from megatron.data.samplers import build_pretraining_data_loader
+        from tests.cli.test_loader_workers import _Counting
+        IT = iter(build_pretraining_data_loader(_Counting(), 0, 2, 0, 1, num_workers=2))
+        next(IT)
+        print("holding", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "holding"
+    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr
