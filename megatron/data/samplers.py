@@ -1,5 +1,6 @@
 """Resumable pretraining batch sampler and the DataLoader built on it."""
 
+import functools
 import os
 import signal
 import threading
@@ -71,26 +72,27 @@ def collate_text(samples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, torch.Te
     return {"text": torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64))}
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(main_pid: int, worker_id: int) -> None:
     """DataLoader worker init: a terminal's Ctrl-C (SIGINT), SLURM's preemption or time limit and `pkill -f` (SIGTERM)
     reach every process of the run, workers included; the main process alone decides (--exit-signal-handler finishes
     the step, saves and exits), so a worker killed by them must not end the run first.
 
-    SIGTERM from the worker's own parent still ends it: that is the loader's shutdown and multiprocessing's exit
-    handler, which terminates the daemonic workers of an iterator still alive at interpreter exit and then joins
-    them (a worker ignoring every SIGTERM hung that exit forever). The sender is only visible to ``sigwaitinfo``, so
-    SIGTERM is blocked in the worker and one thread waits for it. A worker also exits when it sees its parent gone."""
+    SIGTERM from the process that owns the loader (``main_pid``; the worker's parent, which differs under the
+    forkserver start method) still ends it: that is the loader's shutdown and multiprocessing's exit handler, which
+    terminates the daemonic workers of an iterator still alive at interpreter exit and then joins them (a worker
+    ignoring every SIGTERM hung that exit forever). The sender is only visible to ``sigwaitinfo``, so SIGTERM is
+    blocked in the worker and one thread waits for it. A worker also exits when it sees its parent gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # not Linux: keep the default SIGTERM (the worker dies with the run)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+    threading.Thread(target=_exit_on_sigterm_from, args=({main_pid, os.getppid()},), daemon=True,
                      name="dataloader-worker-sigterm").start()
 
 
-def _exit_on_sigterm_from(parent_pid: int) -> None:
+def _exit_on_sigterm_from(owners: set) -> None:
     while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid in owners:
             os._exit(0)  # as the default action would, without the loader reporting a worker killed by a signal
 
 
@@ -103,7 +105,8 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_text,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(_ignore_stop_signals, os.getpid()),
         # a private generator: creating an iterator must not draw from the global torch RNG, or dropout
         # after a resume would differ from an uninterrupted run
         generator=torch.Generator(),

@@ -50,11 +50,14 @@ def test_workers_ignore_a_sigterm_from_another_process_and_keep_serving_batches(
     assert not any(_alive(p) for p in pids)
 
 
-def test_a_script_holding_a_live_iterator_exits():
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_a_script_holding_a_live_iterator_exits(start_method):
     """multiprocessing's exit handler terminates the daemonic workers and joins them; a worker that ignored every
-    SIGTERM hung that join forever (the suite itself hung after its last test)."""
-    script = textwrap.dedent("""
+    SIGTERM hung that join forever (the suite itself hung after its last test). Under forkserver the workers'
+    parent is the server, not the process that terminates them."""
+    script = textwrap.dedent(f"""
         import torch
+        torch.multiprocessing.set_start_method({start_method!r})
         from megatron.data.samplers import build_pretraining_data_loader
         from tests.cli.test_loader_workers import _Counting
         IT = iter(build_pretraining_data_loader(_Counting(), 0, 2, 0, 1, num_workers=2))
