@@ -50,7 +50,7 @@ def test_workers_ignore_a_sigterm_from_another_process_and_keep_serving_batches(
     assert not any(_alive(p) for p in pids)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_a_script_holding_a_live_iterator_exits(start_method):
     """multiprocessing's exit handler terminates the daemonic workers and joins them; a worker that ignored every
     SIGTERM hung that join forever (the suite itself hung after its last test). Under forkserver the workers'
