@@ -77,8 +77,9 @@ def _ignore_stop_signals(main_pid: int, worker_id: int) -> None:
     reach every process of the run, workers included; the main process alone decides (--exit-signal-handler finishes
     the step, saves and exits), so a worker killed by them must not end the run first.
 
-    SIGTERM from the process that owns the loader (``main_pid``; the worker's parent, which differs under the
-    forkserver start method) still ends it: that is the loader's shutdown and multiprocessing's exit handler, which
+    SIGTERM from the process that built the loader (``main_pid``) or from the worker's parent still ends it (the two
+    differ under the forkserver start method, where the parent is the server, and when the loader was built before a
+    fork): that is the loader's shutdown and multiprocessing's exit handler, which
     terminates the daemonic workers of an iterator still alive at interpreter exit and then joins them (a worker
     ignoring every SIGTERM hung that exit forever). The sender is only visible to ``sigwaitinfo``, so SIGTERM is
     blocked in the worker and one thread waits for it. A worker also exits when it sees its parent gone."""

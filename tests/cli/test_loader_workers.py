@@ -1,6 +1,6 @@
 """The pretraining DataLoader's workers (real processes: the signal and the interpreter exit are the point): a
-SIGTERM from anyone but their parent (SLURM, `pkill -f`, a terminal) leaves them serving batches; their parent's
-SIGTERM (the loader's shutdown, multiprocessing's exit handler) ends them, so a script that still holds an iterator
+SIGTERM from anyone but the process that built their loader or their parent (SLURM, `pkill -f`, a terminal) leaves
+them serving batches; that process's SIGTERM (the loader's shutdown, multiprocessing's exit handler) ends them, so a script that still holds an iterator
 exits instead of hanging at interpreter exit."""
 import os
 import signal
