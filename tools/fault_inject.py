@@ -79,9 +79,9 @@ def run_with_fault(nproc, flags, fault, rng, log):
         m = ITER_RE.match(line)
         if m:
             last = int(m.group(1))
-            m = STEP_MS_RE.search(line)
-            if m:
-                step_s = float(m.group(1)) / 1000
+            step_ms = STEP_MS_RE.search(line)
+            if step_ms:
+                step_s = float(step_ms.group(1)) / 1000
         m = LOADED_RE.search(line)
         if m:
             loaded = int(m.group(1))
