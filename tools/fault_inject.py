@@ -146,8 +146,16 @@ def main(argv=None) -> int:
         if banned in flags:
             print(f"error: {banned} is set by the harness; leave it out of the pretrain flags", file=sys.stderr)
             return 2
-    train_iters = int(flags[flags.index("--train-iters") + 1])
-    save_interval = int(flags[flags.index("--save-interval") + 1])
+    needed = {}
+    for name in ("--train-iters", "--save-interval"):  # the harness plans the kills around both
+        i = flags.index(name) if name in flags else -1
+        value = flags[i + 1] if 0 <= i < len(flags) - 1 else ""
+        if not value.isdigit() or int(value) < 1:
+            print(f"error: the pretrain flags need {name} N (a positive integer); the kills are planned around it",
+                  file=sys.stderr)
+            return 2
+        needed[name] = int(value)
+    train_iters, save_interval = needed["--train-iters"], needed["--save-interval"]
     max_lost = 2 * save_interval if "--async-save" in flags else save_interval  # steps a kill may cost
     os.makedirs(args.work_dir, exist_ok=True)
     ref, ck = os.path.join(args.work_dir, "reference"), os.path.join(args.work_dir, "faulty")

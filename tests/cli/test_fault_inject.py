@@ -42,3 +42,18 @@ def test_kills_during_asynchronous_writes_survived_exactly(tiny_corpus, tmp_path
     fires on that thread), mid-step and at the tracker lose nothing and the end state equals the uninterrupted run."""
     out = _run(tiny_corpus, tmp_path, 4, 5, 10, "--async-save")
     assert "(asynchronous writes)" in out
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--save-interval", "2"], "--train-iters"),
+    (["--train-iters", "4"], "--save-interval"),
+    (["--train-iters", "x", "--save-interval", "2"], "--train-iters"),
+    (["--train-iters", "4", "--save-interval"], "--save-interval"),
+    (["--train-iters", "4", "--save-interval", "2", "--save", "d"], "--save"),
+])
+def test_bad_pretrain_flags_are_one_line_and_exit_2(tmp_path, flags, named):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fault_inject.py"), "--work-dir",
+                        str(tmp_path / "fi"), "--", *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and named in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "fi").exists()  # nothing started
